@@ -1,0 +1,37 @@
+//! Validated identity types shared by every sigil crate.
+//!
+//! Nothing here does I/O or cryptography: these are the values that travel
+//! between the server, the agent, the store and the command line, each checked
+//! once at the boundary where it enters the system.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`spiffe_id`] | [`TrustDomain`] and [`SpiffeId`], per the SPIFFE ID standard |
+//! | [`selector`] | [`Selector`] (`type:value`) and the canonical [`Selectors`] set |
+//! | [`entry`] | registration [`Entry`] and its validation |
+//! | [`agent`] | the server's record of an attested agent |
+//! | [`bundle`] | the SPIFFE bundle document (JWKS with SPIFFE members) |
+//! | [`duration`] | human durations such as `30s` or `1h` |
+
+pub mod agent;
+pub mod bundle;
+pub mod duration;
+pub mod entry;
+pub mod selector;
+pub mod spiffe_id;
+
+pub use agent::AgentRecord;
+pub use bundle::{BundleDocument, Jwk};
+pub use entry::{Entry, EntryError, EntryId};
+pub use selector::{Selector, SelectorError, Selectors};
+pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
+
+/// The path under which sigil names its own components (`spiffe://<td>/sigil/...`).
+pub const SIGIL_PATH_PREFIX: &str = "/sigil";
+
+/// The SPIFFE ID path of the server (`spiffe://<td>/sigil/server`); entries
+/// parented to it are node aliases.
+pub const SERVER_PATH: &str = "/sigil/server";
+
+/// The path prefix of agent IDs (`spiffe://<td>/sigil/agent/<method>/...`).
+pub const AGENT_PATH_PREFIX: &str = "/sigil/agent";
