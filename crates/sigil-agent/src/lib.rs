@@ -1,1 +1,312 @@
-//! placeholder
+//! The sigil agent: one per node.
+//!
+//! It attests itself to the server (join token, bootstrapping trust from a
+//! bundle file or the CA fingerprint in the token), keeps its SVID and the
+//! workload SVIDs on disk so that restarts need neither a token nor the
+//! server, follows the server's push sync, generates workload keys locally
+//! and gets them signed in batches, renews everything at half-life with
+//! jitter, and serves the SPIFFE Workload API on a Unix socket.
+//!
+//! | module | role |
+//! |---|---|
+//! | [`config`] | the TOML config and its validation |
+//! | [`client`] | TLS connections to the server, trust bootstrap |
+//! | [`core`] | the task that owns entries and SVIDs |
+//! | [`persist`] | the on-disk state |
+//! | [`peer`] | kernel peer credentials and PID-reuse checks |
+//! | [`attest`] | the unix workload attestor |
+//! | [`workload`] | the SPIFFE Workload API |
+
+pub mod attest;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod metrics;
+pub mod peer;
+pub mod persist;
+mod time;
+pub mod workload;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use sigil_proto::server::v1 as pb;
+use sigil_svid::bundle::Bundle;
+use sigil_svid::keys::PrivateKey;
+use sigil_svid::tls::RotatingCert;
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::AgentConfig;
+
+use crate::attest::{UnixAttestor, UnixAttestorConfig};
+use crate::core::{Core, Snapshot};
+use crate::persist::{AgentIdentity, Persist};
+
+/// Everything that can go wrong in the agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Configuration is missing or wrong; the message says what to do.
+    #[error("{0}")]
+    Config(String),
+    /// Trust could not be established with the server.
+    #[error("bootstrap failed: {0}")]
+    Bootstrap(String),
+    /// The server refused the agent (bad or used token, banned, evicted).
+    #[error("the server refused this agent: {0}")]
+    Refused(String),
+    /// The server could not be reached or failed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A credential could not be made or parsed.
+    #[error(transparent)]
+    Svid(#[from] sigil_svid::SvidError),
+    /// A file could not be read or written.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Stored state does not parse.
+    #[error("corrupt agent state: {0}")]
+    Corrupt(String),
+}
+
+impl From<serde_json::Error> for AgentError {
+    fn from(e: serde_json::Error) -> Self {
+        AgentError::Corrupt(e.to_string())
+    }
+}
+
+impl AgentError {
+    /// Classifies a gRPC status from the server.
+    pub fn from_status(s: tonic::Status) -> Self {
+        match s.code() {
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::InvalidArgument => {
+                AgentError::Refused(s.message().to_owned())
+            }
+            _ => AgentError::Unavailable(format!("server error: {}", s.message())),
+        }
+    }
+}
+
+/// A running agent.
+pub struct AgentHandle {
+    /// The agent's SPIFFE ID.
+    pub agent_id: sigil_types::SpiffeId,
+    /// The Workload API socket.
+    pub socket_path: PathBuf,
+    /// Snapshots of what the agent serves.
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Metrics.
+    pub metrics: Arc<metrics::Metrics>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentHandle")
+            .field("agent_id", &self.agent_id)
+            .field("socket_path", &self.socket_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentHandle {
+    /// Stops the agent and waits for its tasks; the socket file is removed.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        let _ = std::fs::remove_file(&self.socket_path);
+    }
+
+    /// Whether the agent serves at least one SVID and its bundle.
+    pub fn ready(&self) -> bool {
+        !self.snapshots.borrow().bundle.x509_authorities.is_empty()
+    }
+}
+
+/// Reads a bootstrap bundle: SPIFFE bundle JSON or PEM certificates.
+pub fn load_trust_bundle(path: &Path, td: &sigil_types::TrustDomain) -> Result<Bundle, AgentError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AgentError::Config(format!("cannot read trust bundle {}: {e}", path.display())))?;
+    if text.trim_start().starts_with('{') {
+        Ok(Bundle::from_json(td.clone(), &text)?)
+    } else {
+        let mut b = Bundle::new(td.clone());
+        b.x509_authorities = sigil_svid::pem::pem_to_certs(&text)?;
+        Ok(b)
+    }
+}
+
+async fn attest(cfg: &AgentConfig, persist: &Persist) -> Result<(AgentIdentity, Bundle), AgentError> {
+    let Some(token) = cfg.join_token.as_deref() else {
+        return Err(AgentError::Config(format!(
+            "the agent has no valid SVID in {}; start it once with a join token (`sigil token generate` on the server)",
+            cfg.data_dir.display()
+        )));
+    };
+    let bundle = match (&cfg.trust_bundle_path, token.split('.').nth(2)) {
+        (Some(path), _) => load_trust_bundle(path, &cfg.trust_domain)?,
+        (None, Some(fp)) if !fp.is_empty() => {
+            client::bootstrap_bundle_by_fingerprint(&cfg.server_address, &cfg.trust_domain, fp).await?
+        }
+        _ => {
+            return Err(AgentError::Config(
+                "no way to trust the server: set trust_bundle_path or use a join token that carries the CA fingerprint".into(),
+            ));
+        }
+    };
+    let trust = Arc::new(ArcSwap::from_pointee(bundle));
+    let server_id = cfg
+        .trust_domain
+        .id_with_path(sigil_types::SERVER_PATH)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    let mut client = client::connect(&cfg.server_address, trust.clone(), server_id, None).await?;
+    let key = PrivateKey::generate_p256()?;
+    let csr = sigil_svid::x509::make_csr(&key)?;
+    let resp = client
+        .attest_join_token(pb::AttestJoinTokenRequest {
+            token: token.to_owned(),
+            csr,
+        })
+        .await
+        .map_err(AgentError::from_status)?
+        .into_inner();
+    let identity = AgentIdentity::new(resp.cert_chain, key)?;
+    let bundle = Bundle::from_json(cfg.trust_domain.clone(), &resp.bundle_json)?;
+    persist.save_identity(&identity)?;
+    persist.save_bundle(&bundle)?;
+    tracing::info!(agent = %identity.id, "attested to the server with a join token");
+    Ok((identity, bundle))
+}
+
+/// Binds the Workload API socket: every local user may connect (identity
+/// comes from attestation, not from file permissions).
+fn bind_public_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        AgentError::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot bind Workload API socket {}: {e}", path.display()),
+        ))
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}
+
+/// Starts the agent: restores or obtains its identity, then serves.
+pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
+    sigil_svid::install_crypto_provider();
+    let persist = Persist::open(&cfg.data_dir)?;
+    let now = SystemTime::now();
+    let saved = persist
+        .load_identity()?
+        .filter(|i| i.not_after > now)
+        .zip(persist.load_bundle(&cfg.trust_domain)?);
+    let (identity, bundle) = match saved {
+        Some(s) => {
+            tracing::info!(agent = %s.0.id, "restored the agent SVID from disk");
+            s
+        }
+        None => attest(&cfg, &persist).await?,
+    };
+    let server_id = cfg
+        .trust_domain
+        .id_with_path(sigil_types::SERVER_PATH)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key)?);
+    let cached = persist.load_cache(now)?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let trust = Arc::new(ArcSwap::from_pointee(bundle));
+    let (snapshot_tx, snapshots) = watch::channel(Arc::new(Snapshot {
+        entries: vec![],
+        svids: HashMap::new(),
+        bundle: trust.load_full(),
+        connected: false,
+    }));
+    let client: core::SharedClient = Arc::new(ArcSwap::from_pointee(None));
+    let mut core = Core {
+        server_id,
+        persist,
+        trust,
+        identity_renew_at: core::renewal_time(identity.not_before, identity.not_after),
+        cert,
+        client: client.clone(),
+        entries: cached
+            .entries
+            .into_iter()
+            .map(|e| (e.id.clone(), Arc::new(e)))
+            .collect(),
+        revision: cached.revision,
+        svids: HashMap::new(),
+        renew_at: HashMap::new(),
+        snapshot: snapshot_tx,
+        metrics: metrics.clone(),
+        dirty: false,
+        sign_retry_at: None,
+        identity,
+        cfg: cfg.clone(),
+    };
+    for s in cached.svids {
+        if core.entries.contains_key(&s.entry_id) {
+            core.renew_at
+                .insert(s.entry_id.clone(), core::renewal_time(s.not_before, s.not_after));
+            core.svids.insert(s.entry_id.clone(), Arc::new(s));
+        }
+    }
+    // Serve what is cached before the server is even contacted.
+    core.publish();
+    let agent_id = core.identity.id.clone();
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    tracker.spawn(core.run(cancel.clone()));
+
+    let listener = bind_public_socket(&cfg.socket_path)?;
+    let attestor = Arc::new(UnixAttestor::new(UnixAttestorConfig {
+        discover_workload_path: cfg.discover_workload_path,
+        workload_size_limit: 512 * 1024 * 1024,
+    }));
+    let svc = workload::service(workload::WorkloadService::new(
+        snapshots.clone(),
+        attestor,
+        client,
+        metrics.clone(),
+        cancel.clone(),
+    ));
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(peer::incoming(listener), c.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "Workload API stopped");
+        }
+    });
+    tracing::info!(agent = %agent_id, socket = %cfg.socket_path.display(), "agent started");
+    Ok(AgentHandle {
+        agent_id,
+        socket_path: cfg.socket_path.clone(),
+        snapshots,
+        metrics,
+        cancel,
+        tracker,
+    })
+}

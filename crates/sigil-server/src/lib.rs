@@ -1,1 +1,395 @@
-//! placeholder
+//! The sigil server: the CA and the registry of a trust domain.
+//!
+//! It attests agents (join tokens), issues their SVIDs, keeps every entry in
+//! an in-memory [`index`] fed by the store's change feed, pushes each agent
+//! exactly its authorized entries over a long-lived sync stream, signs CSRs
+//! and mints JWT-SVIDs for those entries only, and serves the admin API on a
+//! Unix socket.
+//!
+//! | module | role |
+//! |---|---|
+//! | [`config`] | the TOML config and its validation |
+//! | [`ca`] | X.509 and JWT authorities, rotation, the bundle |
+//! | [`index`] | entries in memory, authorized sets |
+//! | [`registry`] | the operations behind both APIs |
+//! | [`agent_api`] | what agents call, over mutual TLS |
+//! | [`admin_api`] | what operators call, over the admin socket |
+//! | [`tls`] | the TLS listener and peer identities |
+
+pub mod admin_api;
+pub mod agent_api;
+pub mod ca;
+pub mod config;
+pub mod error;
+pub mod index;
+pub mod metrics;
+pub mod registry;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sigil_store::{SqliteStore, Store};
+use sigil_svid::keys::PrivateKey;
+use sigil_svid::tls::RotatingCert;
+use sigil_svid::x509::SvidRequest;
+use sigil_types::SpiffeId;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::ServerConfig;
+pub use error::ServerError;
+
+use crate::ca::CaManager;
+use crate::index::EntryIndex;
+use crate::metrics::Metrics;
+
+/// Largest gRPC message the server accepts (a batch of CSRs or entries).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Everything the server's tasks share.
+pub struct ServerState {
+    /// The validated configuration.
+    pub config: ServerConfig,
+    /// The source of truth.
+    pub store: Arc<dyn Store>,
+    /// Authorities and bundle.
+    pub ca: Arc<CaManager>,
+    /// Entries in memory.
+    pub index: Arc<EntryIndex>,
+    /// `spiffe://<td>/sigil/server`.
+    pub server_id: SpiffeId,
+    /// The server's own SVID, presented to agents.
+    pub server_cert: Arc<RotatingCert>,
+    /// When the server SVID should be renewed.
+    server_cert_renew_at: std::sync::Mutex<SystemTime>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Wakes the change follower after a local write.
+    follower_wake: Notify,
+    /// Agents with an open sync stream (count per agent).
+    connected: std::sync::Mutex<std::collections::HashMap<SpiffeId, usize>>,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("trust_domain", &self.config.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerState {
+    /// Whether the server finished starting and can serve.
+    pub fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Prometheus text of the server's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.entries.set(self.index.len() as i64);
+        self.metrics.render()
+    }
+
+    /// Whether an agent holds an open sync stream to this server.
+    pub fn is_connected(&self, id: &SpiffeId) -> bool {
+        self.connected
+            .lock()
+            .map(|m| m.get(id).copied().unwrap_or(0) > 0)
+            .unwrap_or(false)
+    }
+
+    pub(crate) fn track_stream(&self, id: &SpiffeId, delta: isize) {
+        if let Ok(mut m) = self.connected.lock() {
+            let n = m.entry(id.clone()).or_insert(0);
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                m.remove(id);
+            }
+        }
+        self.metrics.sync_streams.inc_by(delta as i64);
+    }
+
+    /// Mints a fresh server SVID with the active authority.
+    fn renew_server_cert(&self, now: SystemTime) -> Result<(), ServerError> {
+        let (chain, key) = mint_server_svid(&self.ca, &self.server_id, self.config.default_x509_svid_ttl, now)?;
+        self.server_cert.update(chain, &key)?;
+        if let Ok(mut at) = self.server_cert_renew_at.lock() {
+            *at = now + self.config.default_x509_svid_ttl / 2;
+        }
+        Ok(())
+    }
+
+    /// Waits until the index has caught up with `revision`, waking the follower.
+    pub(crate) async fn settle(&self, revision: u64) {
+        self.follower_wake.notify_one();
+        self.index.wait_for(revision).await;
+    }
+}
+
+fn mint_server_svid(
+    ca: &CaManager,
+    id: &SpiffeId,
+    ttl: Duration,
+    now: SystemTime,
+) -> Result<(Vec<Vec<u8>>, PrivateKey), ServerError> {
+    let key = PrivateKey::generate_p256()?;
+    let leaf = ca.active().x509.sign_svid(
+        &SvidRequest {
+            spiffe_id: id,
+            dns_names: &[],
+            ttl,
+        },
+        &key.public_key_spki_der(),
+        now,
+    )?;
+    Ok((vec![leaf], key))
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    /// Shared state, for in-process callers (`sigil dev`, tests).
+    pub state: Arc<ServerState>,
+    /// The agent API's bound address.
+    pub agent_api_addr: SocketAddr,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl ServerHandle {
+    /// Stops every task and waits for them.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        let _ = std::fs::remove_file(&self.admin_socket);
+    }
+
+    /// A token cancelled when the server stops.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+/// Opens the store, loads the CA, builds the index and starts every listener
+/// and background task.
+pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    sigil_svid::install_crypto_provider();
+    sigil_svid::keys::ensure_private_dir(&config.data_dir)?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("sigil.db")).await?);
+    start_with_store(config, store).await
+}
+
+/// Like [`start`], with a store opened by the caller.
+pub async fn start_with_store(
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+) -> Result<ServerHandle, ServerError> {
+    sigil_svid::install_crypto_provider();
+    let now = SystemTime::now();
+    let ca = CaManager::load(
+        config.trust_domain.clone(),
+        store.clone(),
+        &config.data_dir.join("keys"),
+        config.ca_ttl,
+        config.bundle_refresh_hint,
+        now,
+    )
+    .await?;
+    let index = Arc::new(EntryIndex::new(store.list_entries().await?));
+    let server_id = config
+        .trust_domain
+        .id_with_path(sigil_types::SERVER_PATH)
+        .map_err(|e| ServerError::Internal(e.to_string()))?;
+    let (chain, key) = mint_server_svid(&ca, &server_id, config.default_x509_svid_ttl, now)?;
+    let server_cert = Arc::new(RotatingCert::new(chain, &key)?);
+    let state = Arc::new(ServerState {
+        server_cert_renew_at: std::sync::Mutex::new(now + config.default_x509_svid_ttl / 2),
+        config,
+        store,
+        ca,
+        index,
+        server_id,
+        server_cert,
+        metrics: Metrics::default(),
+        follower_wake: Notify::new(),
+        connected: std::sync::Mutex::new(Default::default()),
+        ready: std::sync::atomic::AtomicBool::new(false),
+    });
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    tracker.spawn(follow_changes(state.clone(), cancel.clone()));
+    tracker.spawn(rotate_loop(state.clone(), cancel.clone()));
+    tracker.spawn(prune_loop(state.clone(), cancel.clone()));
+
+    // Agent API over mutual TLS.
+    let listener = TcpListener::bind(state.config.bind_address).await?;
+    let agent_api_addr = listener.local_addr()?;
+    let tls_config = Arc::new(tls::server_config(state.ca.clone(), state.server_cert.clone())?);
+    let incoming = tls::incoming(listener, tls_config, cancel.clone());
+    let agent_service = agent_api::service(state.clone(), cancel.clone());
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(agent_service)
+            .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "agent API stopped");
+        }
+    });
+
+    // Admin API on a private Unix socket.
+    let admin_socket = state.config.admin_socket.clone();
+    let admin_listener = bind_private_socket(&admin_socket)?;
+    let admin_service = admin_api::service(state.clone());
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(admin_service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(admin_listener),
+                c.cancelled_owned(),
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+
+    state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!(
+        trust_domain = %state.config.trust_domain,
+        agent_api = %agent_api_addr,
+        admin_socket = %admin_socket.display(),
+        "server started"
+    );
+    Ok(ServerHandle {
+        state,
+        agent_api_addr,
+        admin_socket,
+        cancel,
+        tracker,
+    })
+}
+
+/// Binds a Unix socket only its owner can use: the parent directory is
+/// created 0700 if missing, a stale socket file is replaced, and the socket
+/// is made 0600.
+fn bind_private_socket(path: &std::path::Path) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        sigil_svid::keys::ensure_private_dir(dir)?;
+    }
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        ServerError::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot bind admin socket {}: {e}", path.display()),
+        ))
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Applies the store's change feed to the index, in revision order. Woken by
+/// local writes; a slow tick catches writes made by other servers.
+async fn follow_changes(state: Arc<ServerState>, cancel: CancellationToken) {
+    loop {
+        loop {
+            match state.store.changes_since(state.index.revision(), 1000).await {
+                Ok(changes) if changes.is_empty() => break,
+                Ok(changes) => {
+                    for c in changes {
+                        state.index.apply(c);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the change feed failed; retrying");
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = state.follower_wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn rotate_loop(state: Arc<ServerState>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(state.config.rotation_tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = SystemTime::now();
+        let activated = match state.ca.rotate(now).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(error = %e, "CA rotation failed; will retry");
+                continue;
+            }
+        };
+        if activated {
+            state.metrics.ca_activations.inc();
+        }
+        let due = state
+            .server_cert_renew_at
+            .lock()
+            .map(|at| now >= *at)
+            .unwrap_or(true);
+        if (activated || due)
+            && let Err(e) = state.renew_server_cert(now)
+        {
+            tracing::error!(error = %e, "renewing the server SVID failed; will retry");
+        }
+    }
+}
+
+async fn prune_loop(state: Arc<ServerState>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = ca::unix(SystemTime::now());
+        for id in state.index.expired(now) {
+            match state.store.delete_entry(&id).await {
+                Ok(_) => tracing::info!(entry = %id, "expired entry deleted"),
+                Err(e) => tracing::warn!(entry = %id, error = %e, "deleting expired entry failed"),
+            }
+        }
+        state.follower_wake.notify_one();
+        if let Err(e) = state.store.prune_join_tokens(now).await {
+            tracing::warn!(error = %e, "pruning join tokens failed");
+        }
+        // Keep a generous tail of the feed for followers; entries themselves
+        // are always in the entries table.
+        let keep_from = state.index.revision().saturating_sub(100_000);
+        if keep_from > 0
+            && let Err(e) = state.store.prune_changes(keep_from).await
+        {
+            tracing::warn!(error = %e, "pruning the change feed failed");
+        }
+    }
+}

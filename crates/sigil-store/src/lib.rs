@@ -1,1 +1,237 @@
-//! placeholder
+//! The server's persistent state: the [`Store`] trait, its SQLite
+//! implementation [`SqliteStore`], and the change feed.
+//!
+//! Every write to entries or agents gets a revision from one counter, allocated
+//! inside the writing transaction, and leaves a [`Change`] row with that
+//! revision. Revisions therefore become visible in commit order, so a follower
+//! that loads [`Store::list_entries`] and then polls [`Store::changes_since`]
+//! from the snapshot's revision never misses a write.
+
+mod codec;
+mod error;
+mod sqlite;
+
+use std::fmt;
+use std::str::FromStr;
+
+use sigil_types::{AgentRecord, Entry, EntryId, SpiffeId, TrustDomain};
+
+pub use error::StoreError;
+pub use sqlite::SqliteStore;
+
+/// Every entry, and the revision the set is consistent with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntrySnapshot {
+    /// The entries, ordered by id.
+    pub entries: Vec<Entry>,
+    /// The highest revision whose write the entries reflect; follow the feed
+    /// with `changes_since(revision, ..)` from here.
+    pub revision: u64,
+}
+
+/// One write in the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The revision the write was given.
+    pub revision: u64,
+    /// What changed.
+    pub kind: ChangeKind,
+}
+
+/// What a [`Change`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// An entry was created or updated; this is its new state.
+    EntryUpserted(Entry),
+    /// An entry was deleted; this is its last stored state.
+    EntryDeleted(Entry),
+    /// An agent was created, updated, banned or unbanned; read it with
+    /// [`Store::get_agent`].
+    AgentChanged(SpiffeId),
+    /// An agent was deleted (evicted).
+    AgentDeleted(SpiffeId),
+}
+
+/// A join token as stored: only its hash, never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    /// The hash of the token (the server chooses the hash; the store compares it exactly).
+    pub token_hash: String,
+    /// Unix time at and after which the token is refused.
+    pub expires_at: i64,
+    /// Unix time the token was generated.
+    pub created_at: i64,
+}
+
+/// Which credentials a signing authority issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorityKind {
+    /// An X.509 CA; its public part is the certificate DER.
+    X509,
+    /// A JWT signing key; its public part is the JWK JSON.
+    Jwt,
+}
+
+impl AuthorityKind {
+    /// The name stored in the database: `x509` or `jwt`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::X509 => "x509",
+            Self::Jwt => "jwt",
+        }
+    }
+}
+
+impl fmt::Display for AuthorityKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AuthorityKind {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "x509" => Ok(Self::X509),
+            "jwt" => Ok(Self::Jwt),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown authority kind {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Where an authority is in its rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorityState {
+    /// Published in the bundle but not yet signing, so peers trust it before it is used.
+    Prepared,
+    /// Signing new credentials.
+    Active,
+    /// No longer signing; kept in the bundle until what it signed has expired.
+    Retired,
+}
+
+impl AuthorityState {
+    /// The name stored in the database: `prepared`, `active` or `retired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Prepared => "prepared",
+            Self::Active => "active",
+            Self::Retired => "retired",
+        }
+    }
+}
+
+impl fmt::Display for AuthorityState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AuthorityState {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "prepared" => Ok(Self::Prepared),
+            "active" => Ok(Self::Active),
+            "retired" => Ok(Self::Retired),
+            other => Err(StoreError::Corrupt(format!(
+                "unknown authority state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// The public half of a signing authority and where it is in its rotation.
+/// The private key never enters the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityRecord {
+    /// A stable id, e.g. the key ID or the certificate's subject key ID.
+    pub id: String,
+    /// X.509 CA or JWT key.
+    pub kind: AuthorityKind,
+    /// Prepared, active or retired.
+    pub state: AuthorityState,
+    /// Certificate DER (X.509) or JWK JSON (JWT).
+    pub public: Vec<u8>,
+    /// Unix time from which the authority is valid.
+    pub not_before: i64,
+    /// Unix time after which the authority is no longer valid.
+    pub not_after: i64,
+    /// Unix time the authority was created.
+    pub created_at: i64,
+}
+
+/// The server's persistent state. Implementations must hand out revisions in
+/// commit order (see the crate docs).
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts a new entry; the store assigns `revision` (keeps the given id and created_at).
+    ///
+    /// [`StoreError::AlreadyExists`] if the id is taken or another entry has
+    /// the same parent ID, SPIFFE ID and selectors.
+    async fn create_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
+    /// Replaces an existing entry (NotFound otherwise); keeps the stored created_at; assigns a new revision.
+    async fn update_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
+    /// Deletes and returns the entry; NotFound if absent.
+    async fn delete_entry(&self, id: &EntryId) -> Result<Entry, StoreError>;
+    /// The entry with this id, if any.
+    async fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError>;
+    /// Every entry plus the revision they are consistent with (read in one transaction).
+    async fn list_entries(&self) -> Result<EntrySnapshot, StoreError>;
+    /// Changes with revision > `after`, ascending, at most `limit`.
+    async fn changes_since(&self, after: u64, limit: u32) -> Result<Vec<Change>, StoreError>;
+    /// The highest revision allocated so far.
+    async fn revision(&self) -> Result<u64, StoreError>;
+    /// Deletes change rows with revision <= `up_to` (the feed is bounded); returns how many.
+    async fn prune_changes(&self, up_to: u64) -> Result<u64, StoreError>;
+
+    /// Stores the agent record as given, replacing any with the same SPIFFE
+    /// ID; records [`ChangeKind::AgentChanged`].
+    async fn upsert_agent(&self, agent: AgentRecord) -> Result<(), StoreError>;
+    /// The agent with this SPIFFE ID, if any.
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError>;
+    /// Every agent, ordered by SPIFFE ID.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+    /// Deletes and returns the agent (NotFound if absent); records [`ChangeKind::AgentDeleted`].
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<AgentRecord, StoreError>;
+    /// Sets the agent's banned flag and returns the new record (NotFound if
+    /// absent); records [`ChangeKind::AgentChanged`].
+    async fn set_agent_banned(
+        &self,
+        id: &SpiffeId,
+        banned: bool,
+    ) -> Result<AgentRecord, StoreError>;
+
+    /// Stores a join token by its hash (the server never hands the store the token itself).
+    ///
+    /// [`StoreError::AlreadyExists`] if a token with this hash is stored.
+    async fn create_join_token(&self, token: JoinToken) -> Result<(), StoreError>;
+    /// Single use: atomically deletes and returns the token; NotFound if absent; TokenExpired if expires_at <= now (deleted too).
+    async fn consume_join_token(&self, token_hash: &str, now: i64)
+    -> Result<JoinToken, StoreError>;
+    /// Deletes expired tokens (expires_at <= now); returns how many.
+    async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// Stores (or replaces) the bundle JSON of a trust domain.
+    async fn put_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+        bundle_json: &str,
+    ) -> Result<(), StoreError>;
+    /// The bundle JSON of a trust domain, if stored.
+    async fn get_bundle(&self, trust_domain: &TrustDomain) -> Result<Option<String>, StoreError>;
+    /// Every stored bundle, ordered by trust domain.
+    async fn list_bundles(&self) -> Result<Vec<(TrustDomain, String)>, StoreError>;
+    /// Deletes a trust domain's bundle; NotFound if absent.
+    async fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<(), StoreError>;
+
+    /// Stores the authority, replacing any with the same id.
+    async fn put_authority(&self, authority: AuthorityRecord) -> Result<(), StoreError>;
+    /// Every authority, ordered by created_at, then id.
+    async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError>;
+    /// Deletes the authority with this id. Deleting one that is already gone
+    /// succeeds, so a rotation interrupted after the delete can simply retry.
+    async fn delete_authority(&self, id: &str) -> Result<(), StoreError>;
+}

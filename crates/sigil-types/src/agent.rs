@@ -16,6 +16,11 @@ pub struct AgentRecord {
     pub selectors: Selectors,
     /// Serial number (hex) of the agent's current SVID; older ones are refused.
     pub serial: String,
+    /// Serial (hex) of the SVID the current one replaced, still accepted until
+    /// the agent first uses the new one, so a renewal whose answer was lost
+    /// does not lock the agent out. Empty when none.
+    #[serde(default)]
+    pub previous_serial: String,
     /// Unix time at which the current agent SVID expires.
     pub expires_at: i64,
     /// A banned agent may not renew, sync, sign or attest again.

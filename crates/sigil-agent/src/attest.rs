@@ -1,0 +1,437 @@
+//! The `unix` workload attestor: selectors from the caller's process
+//! credentials and, optionally, its executable, named as SPIRE names them so
+//! registrations carry over unchanged.
+//!
+//! Everything here is read from `/proc/<pid>` after the connection was
+//! accepted; [`UnixAttestor::attest`] ends with
+//! [`PeerInfo::check_same_process`] so the selectors it returns are known to
+//! describe the process that connected, not a later owner of its PID.
+//!
+//! `unix:path` and `unix:sha256` name the binary the caller runs *now*. A
+//! caller may `exec` another binary after connecting; that binary then runs
+//! with the caller's own uid (a setuid `exec` is refused by the uid check), so
+//! the caller gains nothing it could not already take by tracing a process of
+//! its own uid. As in SPIRE, do not rely on `path`/`sha256` to separate
+//! workloads that share a uid.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use aws_lc_rs::digest;
+use nix::unistd::{Gid, Group, Uid, User};
+use sigil_types::{Selector, Selectors};
+
+use crate::peer::{self, PeerError, PeerInfo};
+
+/// The selector type this attestor emits.
+const SELECTOR_TYPE: &str = "unix";
+
+/// How many executable digests to remember. A node runs few distinct
+/// binaries; when the cache is full it is simply emptied, which costs some
+/// re-hashing but never a wrong answer.
+const HASH_CACHE_CAPACITY: usize = 256;
+
+/// Settings of the `unix` workload attestor.
+#[derive(Debug, Clone, Default)]
+pub struct UnixAttestorConfig {
+    /// Also emit `unix:path` and `unix:sha256` (reads `/proc/<pid>/exe` and
+    /// hashes the binary; costs I/O, cached by file identity).
+    pub discover_workload_path: bool,
+    /// Skip `unix:sha256` for binaries larger than this many bytes; 0 means
+    /// no limit (as in SPIRE).
+    pub workload_size_limit: u64,
+}
+
+/// What identifies one version of a file for the digest cache. `ctime` is in
+/// the key because an unprivileged user can restore `mtime` after rewriting a
+/// file but cannot set `ctime`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileKey {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Hex SHA-256 digests of executables, by file identity.
+#[derive(Debug, Default)]
+struct HashCache {
+    entries: Mutex<HashMap<FileKey, String>>,
+}
+
+impl HashCache {
+    fn get(&self, key: &FileKey) -> Option<String> {
+        // The map holds plain values; a panic elsewhere cannot leave it
+        // half-updated, so a poisoned lock is still usable.
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.get(key).cloned()
+    }
+
+    fn insert(&self, key: FileKey, digest: String) {
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= HASH_CACHE_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(key, digest);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// The `unix` workload attestor; cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct UnixAttestor {
+    config: UnixAttestorConfig,
+    cache: Arc<HashCache>,
+}
+
+impl UnixAttestor {
+    /// An attestor with the given settings and an empty digest cache.
+    pub fn new(config: UnixAttestorConfig) -> Self {
+        Self {
+            config,
+            cache: Arc::default(),
+        }
+    }
+
+    /// Selectors for the caller: `unix:uid`, `unix:gid`, `unix:user` and
+    /// `unix:group` (when the id has a name), `unix:supplementary_gid` and
+    /// `unix:supplementary_group` for each supplementary group, and with
+    /// `discover_workload_path` also `unix:path` and `unix:sha256`.
+    ///
+    /// The uid and gid are the effective ones, as in SPIRE and `SO_PEERCRED`;
+    /// if `/proc` disagrees with the ids recorded at connect the call fails
+    /// with [`PeerError::CredentialsChanged`]. The file I/O runs on tokio's
+    /// blocking pool.
+    pub async fn attest(&self, peer: &PeerInfo) -> Result<Selectors, PeerError> {
+        let peer = peer.clone();
+        let config = self.config.clone();
+        let cache = Arc::clone(&self.cache);
+        tokio::task::spawn_blocking(move || attest_blocking(&peer, &config, &cache))
+            .await
+            .map_err(|e| PeerError::Task(e.to_string()))?
+    }
+}
+
+fn attest_blocking(
+    peer: &PeerInfo,
+    config: &UnixAttestorConfig,
+    cache: &HashCache,
+) -> Result<Selectors, PeerError> {
+    let pid = peer.pid;
+    let status = peer::read_status(pid)?;
+    if status.uid != peer.uid || status.gid != peer.gid {
+        return Err(PeerError::CredentialsChanged { pid });
+    }
+
+    let mut out = Selectors::new();
+    push(&mut out, &format!("uid:{}", status.uid));
+    if let Some(name) = user_name(status.uid) {
+        push(&mut out, &format!("user:{name}"));
+    }
+    push(&mut out, &format!("gid:{}", status.gid));
+    if let Some(name) = group_name(status.gid) {
+        push(&mut out, &format!("group:{name}"));
+    }
+    for gid in &status.groups {
+        push(&mut out, &format!("supplementary_gid:{gid}"));
+        if let Some(name) = group_name(*gid) {
+            push(&mut out, &format!("supplementary_group:{name}"));
+        }
+    }
+
+    if config.discover_workload_path {
+        let exe = format!("/proc/{pid}/exe");
+        let target = std::fs::read_link(&exe).map_err(|e| peer::proc_error(pid, &exe, e))?;
+        match target.to_str() {
+            Some(path) => push(&mut out, &format!("path:{path}")),
+            // A lossy conversion could make two paths look alike.
+            None => {
+                tracing::warn!(pid, path = ?target, "executable path is not UTF-8; no unix:path selector")
+            }
+        }
+        if let Some(hex) = exe_sha256(pid, &exe, config.workload_size_limit, cache)? {
+            push(&mut out, &format!("sha256:{hex}"));
+        }
+    }
+
+    // Everything above was read by PID; it described the caller only if the
+    // caller still holds that PID now.
+    peer.check_same_process()?;
+    Ok(out)
+}
+
+/// Adds `unix:<value>`. A value the selector rules reject (a control
+/// character in a name, an over-long path) is left out with a warning: a
+/// missing selector can only make fewer entries match, never more.
+fn push(out: &mut Selectors, value: &str) {
+    match Selector::new(SELECTOR_TYPE, value) {
+        Ok(s) => out.insert(s),
+        Err(e) => tracing::warn!(error = %e, "skipping invalid unix selector"),
+    }
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    match User::from_uid(Uid::from_raw(uid)) {
+        Ok(user) => user.map(|u| u.name),
+        Err(e) => {
+            tracing::debug!(uid, error = %e, "user lookup failed");
+            None
+        }
+    }
+}
+
+fn group_name(gid: u32) -> Option<String> {
+    match Group::from_gid(Gid::from_raw(gid)) {
+        Ok(group) => group.map(|g| g.name),
+        Err(e) => {
+            tracing::debug!(gid, error = %e, "group lookup failed");
+            None
+        }
+    }
+}
+
+/// The hex SHA-256 of the caller's executable, or `None` when it is larger
+/// than `limit` (0: no limit).
+///
+/// `/proc/<pid>/exe` is opened rather than the path it names: that is the
+/// very file the process runs, even if the path was since replaced or lies
+/// in another mount namespace. Identity and content come from the same open
+/// file, so the cache key cannot describe a different file than was hashed.
+fn exe_sha256(
+    pid: i32,
+    exe: &str,
+    limit: u64,
+    cache: &HashCache,
+) -> Result<Option<String>, PeerError> {
+    let proc_err = |e| peer::proc_error(pid, exe, e);
+    let mut file = File::open(exe).map_err(proc_err)?;
+    let meta = file.metadata().map_err(proc_err)?;
+    if limit > 0 && meta.size() > limit {
+        tracing::debug!(
+            pid,
+            size = meta.size(),
+            limit,
+            "executable over size limit; no unix:sha256 selector"
+        );
+        return Ok(None);
+    }
+    let key = FileKey::of(&meta);
+    if let Some(hex) = cache.get(&key) {
+        return Ok(Some(hex));
+    }
+    let hex = sha256_hex(&mut file).map_err(proc_err)?;
+    cache.insert(key, hex.clone());
+    Ok(Some(hex))
+}
+
+fn sha256_hex(reader: &mut impl Read) -> io::Result<String> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => ctx.update(buf.get(..n).unwrap_or_default()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let digest = ctx.finish();
+    let mut hex = String::with_capacity(64);
+    for b in digest.as_ref() {
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    Ok(hex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    fn own_peer() -> PeerInfo {
+        PeerInfo::capture(
+            i32::try_from(std::process::id()).unwrap(),
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+            None,
+        )
+        .unwrap()
+    }
+
+    fn has(sel: &Selectors, s: &str) -> bool {
+        sel.contains(&s.parse().unwrap())
+    }
+
+    fn values_of<'a>(sel: &'a Selectors, prefix: &str) -> Vec<&'a str> {
+        sel.iter()
+            .filter(|s| s.kind() == "unix")
+            .filter_map(|s| s.value().strip_prefix(prefix))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn own_process_ids_and_names() {
+        let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+        let sel = attestor.attest(&own_peer()).await.unwrap();
+        let uid = nix::unistd::geteuid().as_raw();
+        let gid = nix::unistd::getegid().as_raw();
+        assert!(has(&sel, &format!("unix:uid:{uid}")), "{sel:?}");
+        assert!(has(&sel, &format!("unix:gid:{gid}")), "{sel:?}");
+        if uid == 0 {
+            assert!(has(&sel, "unix:user:root"), "{sel:?}");
+        }
+        if gid == 0 {
+            assert!(has(&sel, "unix:group:root"), "{sel:?}");
+        }
+        let groups = nix::unistd::getgroups().unwrap();
+        for g in &groups {
+            assert!(has(&sel, &format!("unix:supplementary_gid:{g}")), "{sel:?}");
+        }
+        assert_eq!(values_of(&sel, "supplementary_gid:").len(), groups.len());
+        assert!(values_of(&sel, "path:").is_empty());
+        assert!(values_of(&sel, "sha256:").is_empty());
+    }
+
+    #[tokio::test]
+    async fn own_process_path_and_digest() {
+        let attestor = UnixAttestor::new(UnixAttestorConfig {
+            discover_workload_path: true,
+            workload_size_limit: 0,
+        });
+        let sel = attestor.attest(&own_peer()).await.unwrap();
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(values_of(&sel, "path:"), vec![exe.to_str().unwrap()]);
+        let want = digest::digest(&digest::SHA256, &std::fs::read(&exe).unwrap());
+        let want: String = want.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(values_of(&sel, "sha256:"), vec![want.as_str()]);
+
+        // The second call is answered from the cache, with the same result.
+        assert_eq!(attestor.cache.len(), 1);
+        let again = attestor.attest(&own_peer()).await.unwrap();
+        assert_eq!(again, sel);
+        assert_eq!(attestor.cache.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn size_limit_skips_only_the_digest() {
+        let attestor = UnixAttestor::new(UnixAttestorConfig {
+            discover_workload_path: true,
+            workload_size_limit: 1,
+        });
+        let sel = attestor.attest(&own_peer()).await.unwrap();
+        assert_eq!(values_of(&sel, "path:").len(), 1);
+        assert!(values_of(&sel, "sha256:").is_empty());
+        assert_eq!(attestor.cache.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn mismatched_credentials_are_refused() {
+        let mut peer = own_peer();
+        peer.uid = peer.uid.wrapping_add(1);
+        let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+        let err = attestor.attest(&peer).await.unwrap_err();
+        assert!(
+            matches!(err, PeerError::CredentialsChanged { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn sha256_hex_matches_known_vector() {
+        let mut input: &[u8] = b"abc";
+        assert_eq!(
+            sha256_hex(&mut input).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn full_cache_is_emptied_not_grown() {
+        let cache = HashCache::default();
+        for i in 0..=HASH_CACHE_CAPACITY as u64 {
+            let key = FileKey {
+                dev: 1,
+                ino: i,
+                size: 0,
+                mtime: (0, 0),
+                ctime: (0, 0),
+            };
+            cache.insert(key, String::new());
+        }
+        assert_eq!(cache.len(), 1);
+    }
+
+    /// Needs root to start a process as another user; CI runs as root.
+    #[tokio::test]
+    async fn child_running_as_nobody() {
+        use std::os::unix::process::CommandExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping child_running_as_nobody: needs root to change uid");
+            return;
+        }
+        let mut child = Command::new("sleep")
+            .arg("60")
+            .uid(65534)
+            .gid(65534)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        // Until the exec completes /proc still shows the forked agent's ids.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while peer::read_status(pid).unwrap().uid != 65534 {
+            assert!(std::time::Instant::now() < deadline, "child did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let fd = peer::pidfd_open(pid).unwrap();
+        let peer = PeerInfo::capture(pid, 65534, 65534, Some(fd)).unwrap();
+        let attestor = UnixAttestor::new(UnixAttestorConfig {
+            discover_workload_path: true,
+            workload_size_limit: 0,
+        });
+        let sel = attestor.attest(&peer).await.unwrap();
+        assert!(has(&sel, "unix:uid:65534"), "{sel:?}");
+        assert!(has(&sel, "unix:gid:65534"), "{sel:?}");
+        assert!(!has(&sel, "unix:uid:0"), "{sel:?}");
+        let path = values_of(&sel, "path:");
+        assert_eq!(path.len(), 1);
+        assert!(path[0].ends_with("/sleep"), "{path:?}");
+
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let err = attestor.attest(&peer).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PeerError::ProcessGone { .. } | PeerError::PidReused { .. }
+            ),
+            "{err:?}"
+        );
+    }
+}

@@ -1,0 +1,450 @@
+//! The agent's one stateful task: it owns the agent SVID, the entries and the
+//! workload SVIDs, follows the server's push sync, signs and renews, and
+//! publishes every change as a new [`Snapshot`] over a `watch` channel that
+//! the Workload API streams wait on.
+//!
+//! While the server is unreachable it keeps serving the last SVIDs until
+//! they expire and retries with jittered exponential backoff.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use sigil_proto::convert::entry_from_proto;
+use sigil_proto::server::v1 as pb;
+use sigil_proto::server::v1::agent_api_client::AgentApiClient;
+use sigil_svid::bundle::Bundle;
+use sigil_svid::keys::PrivateKey;
+use sigil_svid::tls::RotatingCert;
+use sigil_types::{Entry, EntryId, SpiffeId};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use crate::config::AgentConfig;
+use crate::persist::{AgentIdentity, Persist, WorkloadSvid};
+use crate::{AgentError, client, time};
+
+/// Most CSRs sent in one signing request.
+const CSR_BATCH: usize = 500;
+
+/// What the Workload API serves from: entries, their SVIDs and the bundle.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Every entry this agent holds.
+    pub entries: Vec<Arc<Entry>>,
+    /// Valid SVIDs by entry.
+    pub svids: HashMap<EntryId, Arc<WorkloadSvid>>,
+    /// The trust bundle.
+    pub bundle: Arc<Bundle>,
+    /// Whether the agent is connected to the server now.
+    pub connected: bool,
+}
+
+/// The shared handle to the server connection, also used by the Workload API
+/// for JWT-SVIDs.
+pub type SharedClient = Arc<ArcSwap<Option<AgentApiClient<Channel>>>>;
+
+pub(crate) struct Core {
+    pub(crate) cfg: AgentConfig,
+    pub(crate) server_id: SpiffeId,
+    pub(crate) persist: Persist,
+    pub(crate) trust: Arc<ArcSwap<Bundle>>,
+    pub(crate) identity: AgentIdentity,
+    pub(crate) identity_renew_at: SystemTime,
+    pub(crate) cert: Arc<RotatingCert>,
+    pub(crate) client: SharedClient,
+    pub(crate) entries: HashMap<EntryId, Arc<Entry>>,
+    pub(crate) revision: u64,
+    pub(crate) svids: HashMap<EntryId, Arc<WorkloadSvid>>,
+    pub(crate) renew_at: HashMap<EntryId, SystemTime>,
+    pub(crate) snapshot: watch::Sender<Arc<Snapshot>>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) dirty: bool,
+    pub(crate) sign_retry_at: Option<SystemTime>,
+}
+
+/// Half of the lifetime, plus or minus up to 10% of it: when to renew.
+pub(crate) fn renewal_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    let mut r = [0u8; 2];
+    let _ = aws_lc_rs::rand::fill(&mut r);
+    // jitter in [-0.1, 0.1] of the lifetime
+    let frac = (u16::from_le_bytes(r) as f64 / u16::MAX as f64) * 0.2 - 0.1;
+    let offset = life.as_secs_f64() * (0.5 + frac);
+    not_before + Duration::from_secs_f64(offset.max(0.0))
+}
+
+impl Core {
+    pub(crate) fn publish(&mut self) {
+        let now = SystemTime::now();
+        let connected = self.client.load().is_some();
+        let snap = Snapshot {
+            entries: {
+                let mut v: Vec<_> = self.entries.values().cloned().collect();
+                v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+                v
+            },
+            svids: self
+                .svids
+                .iter()
+                .filter(|(_, s)| s.not_after > now)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            bundle: self.trust.load_full(),
+            connected,
+        };
+        self.metrics.cached_svids.set(snap.svids.len() as i64);
+        self.snapshot.send_replace(Arc::new(snap));
+    }
+
+    fn persist_cache(&self) {
+        let r = self.persist.save_cache(
+            self.revision,
+            self.entries.values().map(|e| e.as_ref()),
+            self.svids.values().map(|s| s.as_ref()),
+        );
+        if let Err(e) = r {
+            tracing::error!(error = %e, "saving the SVID cache failed");
+        }
+    }
+
+    async fn open_stream(&mut self) -> Result<Streaming<pb::SyncMessage>, AgentError> {
+        let mut client = client::connect(
+            &self.cfg.server_address,
+            self.trust.clone(),
+            self.server_id.clone(),
+            Some(self.cert.clone()),
+        )
+        .await?;
+        let resume = self.revision > 0;
+        let req = pb::SyncRequest {
+            revision: self.revision,
+            known_entry_ids: if resume {
+                self.entries.keys().map(|k| k.to_string()).collect()
+            } else {
+                vec![]
+            },
+        };
+        let stream = client.sync(req).await.map_err(AgentError::from_status)?.into_inner();
+        self.client.store(Arc::new(Some(client)));
+        Ok(stream)
+    }
+
+    fn apply(&mut self, m: pb::SyncMessage) {
+        if m.snapshot {
+            self.entries.clear();
+        }
+        for e in &m.upserted {
+            let Ok(id) = e.id.parse::<EntryId>() else {
+                tracing::warn!(id = %e.id, "ignoring an entry without a valid ID");
+                continue;
+            };
+            match entry_from_proto(e, move || id) {
+                Ok(entry) => {
+                    self.entries.insert(entry.id.clone(), Arc::new(entry));
+                }
+                Err(err) => tracing::warn!(error = %err, "ignoring an entry the server sent"),
+            }
+        }
+        for id in &m.deleted_ids {
+            if let Ok(id) = id.parse::<EntryId>() {
+                self.entries.remove(&id);
+            }
+        }
+        if !m.bundle_json.is_empty() {
+            match Bundle::from_json(self.cfg.trust_domain.clone(), &m.bundle_json) {
+                Ok(b) => {
+                    if *self.trust.load_full() != b {
+                        if let Err(e) = self.persist.save_bundle(&b) {
+                            tracing::error!(error = %e, "saving the bundle failed");
+                        }
+                        self.trust.store(Arc::new(b));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "ignoring a malformed bundle from the server"),
+            }
+        }
+        self.revision = m.revision;
+        self.svids.retain(|id, _| self.entries.contains_key(id));
+        self.renew_at.retain(|id, _| self.entries.contains_key(id));
+        self.dirty = true;
+        tracing::debug!(entries = self.entries.len(), revision = self.revision, "sync applied");
+    }
+
+    /// Renews the agent SVID when due; returns whether the connection must be
+    /// rebuilt to present the new one.
+    async fn maintain_identity(&mut self, now: SystemTime) -> bool {
+        if now < self.identity_renew_at {
+            return false;
+        }
+        let Some(mut client) = (**self.client.load()).clone() else {
+            return false;
+        };
+        let result = async {
+            let key = PrivateKey::generate_p256()?;
+            let csr = sigil_svid::x509::make_csr(&key)?;
+            let resp = client
+                .renew_agent(pb::RenewAgentRequest { csr })
+                .await
+                .map_err(AgentError::from_status)?
+                .into_inner();
+            AgentIdentity::new(resp.cert_chain, key)
+        }
+        .await;
+        match result {
+            Ok(identity) => {
+                if let Err(e) = self.cert.update(identity.chain.clone(), &identity.key) {
+                    tracing::error!(error = %e, "installing the renewed agent SVID failed");
+                    return false;
+                }
+                if let Err(e) = self.persist.save_identity(&identity) {
+                    tracing::error!(error = %e, "saving the renewed agent SVID failed");
+                }
+                self.identity_renew_at = renewal_time(identity.not_before, identity.not_after);
+                tracing::info!(agent = %identity.id, "agent SVID renewed");
+                self.identity = identity;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "agent SVID renewal failed; will retry");
+                self.identity_renew_at = now + self.cfg.min_backoff.max(Duration::from_secs(1));
+                false
+            }
+        }
+    }
+
+    /// Signs SVIDs for entries that have none, whose SVID no longer fits
+    /// the entry, or whose SVID is due for renewal.
+    async fn maintain_svids(&mut self, now: SystemTime) {
+        if self.sign_retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let due: Vec<Arc<Entry>> = self
+            .entries
+            .values()
+            .filter(|e| match self.svids.get(&e.id) {
+                None => true,
+                Some(s) => !s.fits(e) || self.renew_at.get(&e.id).is_none_or(|t| now >= *t),
+            })
+            .cloned()
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let Some(mut client) = (**self.client.load()).clone() else {
+            return;
+        };
+        for batch in due.chunks(CSR_BATCH) {
+            let mut keys = HashMap::new();
+            let mut params = Vec::with_capacity(batch.len());
+            for e in batch {
+                let key = match PrivateKey::generate_p256().and_then(|k| sigil_svid::x509::make_csr(&k).map(|c| (k, c))) {
+                    Ok((k, csr)) => {
+                        params.push(pb::X509svidParams {
+                            entry_id: e.id.to_string(),
+                            csr,
+                        });
+                        k
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "generating a workload key failed");
+                        continue;
+                    }
+                };
+                keys.insert(e.id.clone(), (key, e.clone()));
+            }
+            let resp = match client
+                .batch_new_x509svid(pb::BatchNewX509svidRequest { params })
+                .await
+            {
+                Ok(r) => r.into_inner(),
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "signing request failed; will retry");
+                    self.sign_retry_at = Some(now + self.cfg.min_backoff.max(Duration::from_secs(1)));
+                    return;
+                }
+            };
+            for r in resp.results {
+                let Ok(id) = r.entry_id.parse::<EntryId>() else { continue };
+                let Some((key, entry)) = keys.remove(&id) else { continue };
+                if !r.error.is_empty() {
+                    tracing::warn!(entry = %id, error = %r.error, "server refused to sign");
+                    continue;
+                }
+                let info = match r.cert_chain.first().map(|c| sigil_svid::x509::cert_info(c)) {
+                    Some(Ok(i)) => i,
+                    _ => {
+                        tracing::warn!(entry = %id, "server returned an unusable certificate");
+                        continue;
+                    }
+                };
+                let svid = WorkloadSvid {
+                    entry_id: id.clone(),
+                    spiffe_id: entry.spiffe_id.clone(),
+                    chain: r.cert_chain,
+                    key,
+                    not_before: info.not_before,
+                    not_after: info.not_after,
+                    dns_names: entry.dns_names.clone(),
+                    ttl: entry.x509_svid_ttl,
+                };
+                self.renew_at
+                    .insert(id.clone(), renewal_time(svid.not_before, svid.not_after));
+                self.svids.insert(id, Arc::new(svid));
+                self.metrics.svids_signed.inc();
+                self.dirty = true;
+            }
+        }
+        self.sign_retry_at = None;
+    }
+
+    fn next_wake(&self, now: SystemTime) -> SystemTime {
+        let mut t = self.identity_renew_at;
+        for r in self.renew_at.values() {
+            t = t.min(*r);
+        }
+        if let Some(r) = self.sign_retry_at {
+            t = t.min(r);
+        }
+        // Expiry of a served SVID changes what is served.
+        for s in self.svids.values() {
+            if s.not_after > now {
+                t = t.min(s.not_after);
+            }
+        }
+        t.max(now + Duration::from_millis(10))
+    }
+
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
+        let mut stream: Option<Streaming<pb::SyncMessage>> = None;
+        let mut retry_at = SystemTime::now();
+        self.publish();
+        loop {
+            let now = SystemTime::now();
+            if stream.is_none() && now >= retry_at {
+                match self.open_stream().await {
+                    Ok(s) => {
+                        tracing::info!(server = %self.cfg.server_address, "connected to the server");
+                        stream = Some(s);
+                        backoff.reset();
+                        self.dirty = true;
+                    }
+                    Err(e) => {
+                        let d = backoff.next();
+                        tracing::warn!(error = %e, retry_in = ?d, "server unreachable; serving cached SVIDs");
+                        retry_at = now + d;
+                        if self.client.load().is_some() {
+                            self.client.store(Arc::new(None));
+                            self.dirty = true;
+                        }
+                    }
+                }
+            }
+            let now = SystemTime::now();
+            if self.maintain_identity(now).await {
+                stream = None;
+                self.client.store(Arc::new(None));
+                retry_at = now;
+                continue;
+            }
+            self.maintain_svids(now).await;
+            if self.dirty {
+                self.dirty = false;
+                self.publish();
+                self.persist_cache();
+            }
+            let mut wake = self.next_wake(SystemTime::now());
+            if stream.is_none() {
+                wake = wake.min(retry_at);
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                msg = next_message(&mut stream) => match msg {
+                    Some(Ok(m)) => self.apply(m),
+                    Some(Err(status)) => {
+                        let d = backoff.next();
+                        if status.code() == tonic::Code::PermissionDenied {
+                            tracing::error!(error = %status.message(), "the server cut this agent off");
+                        } else {
+                            tracing::warn!(error = %status.message(), retry_in = ?d, "sync stream broke");
+                        }
+                        stream = None;
+                        retry_at = SystemTime::now() + d;
+                        self.client.store(Arc::new(None));
+                        self.dirty = true;
+                    }
+                    None => {
+                        stream = None;
+                        retry_at = SystemTime::now() + backoff.next();
+                        self.client.store(Arc::new(None));
+                        self.dirty = true;
+                    }
+                },
+                _ = tokio::time::sleep_until(time::instant_of(wake)) => {}
+            }
+        }
+    }
+}
+
+async fn next_message(stream: &mut Option<Streaming<pb::SyncMessage>>) -> Option<Result<pb::SyncMessage, tonic::Status>> {
+    match stream {
+        Some(s) => s.message().await.transpose(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Exponential backoff with full jitter.
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Self { min, max, current: min }
+    }
+    pub(crate) fn reset(&mut self) {
+        self.current = self.min;
+    }
+    pub(crate) fn next(&mut self) -> Duration {
+        let mut r = [0u8; 2];
+        let _ = aws_lc_rs::rand::fill(&mut r);
+        let frac = 0.5 + (u16::from_le_bytes(r) as f64 / u16::MAX as f64) * 0.5;
+        let d = self.current.mul_f64(frac);
+        self.current = (self.current * 2).min(self.max);
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_near_half_life() {
+        let start = SystemTime::now();
+        let end = start + Duration::from_secs(3600);
+        for _ in 0..100 {
+            let at = renewal_time(start, end).duration_since(start).unwrap().as_secs();
+            assert!((1440..=2160).contains(&at), "{at}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut last = Duration::ZERO;
+        for _ in 0..10 {
+            last = b.next();
+            assert!(last <= Duration::from_secs(2));
+        }
+        assert!(last >= Duration::from_secs(1));
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,53 @@
+//! Prometheus metrics of the agent, served at `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The agent's counters and gauges.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Workload SVIDs signed by the server for this agent.
+    pub svids_signed: Counter,
+    /// Workload SVIDs held in the cache.
+    pub cached_svids: Gauge,
+    /// Workload API calls answered with an identity.
+    pub workload_requests: Counter,
+    /// Workload API calls refused (no identity, bad request, attestation failure).
+    pub workload_refusals: Counter,
+    /// Open Workload API streams.
+    pub workload_streams: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sigil_agent");
+        let m = Self {
+            svids_signed: Counter::default(),
+            cached_svids: Gauge::default(),
+            workload_requests: Counter::default(),
+            workload_refusals: Counter::default(),
+            workload_streams: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("svids_signed", "Workload SVIDs signed for this agent", m.svids_signed.clone());
+        registry.register("cached_svids", "Workload SVIDs in the cache", m.cached_svids.clone());
+        registry.register("workload_requests", "Workload API calls answered", m.workload_requests.clone());
+        registry.register("workload_refusals", "Workload API calls refused", m.workload_refusals.clone());
+        registry.register("workload_streams", "Open Workload API streams", m.workload_streams.clone());
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

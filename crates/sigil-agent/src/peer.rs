@@ -1,0 +1,738 @@
+//! Who is at the other end of a Workload API connection, as the kernel tells it.
+//!
+//! A workload is identified only from what the kernel records about the
+//! process that called `connect()` (`SO_PEERCRED` and a pidfd from
+//! `SO_PEERPIDFD`), never from anything it sends. Attestation then reads
+//! `/proc/<pid>`, and that is only meaningful while the PID still names the
+//! process that connected: a caller could connect, hand the socket to a child
+//! and exit, so that a more privileged process reusing its PID gets attested
+//! in its place. [`PeerInfo`] keeps a pidfd and the start time taken at accept,
+//! and [`PeerInfo::check_same_process`], called after attestation, rejects the
+//! request unless the original process is still alive under that PID — the
+//! same guarantee as SPIRE's peertracker, but without its race when the
+//! kernel offers `SO_PEERPIDFD` (Linux 6.5 and later).
+//!
+//! The agent must run in the host PID namespace (or the workloads'), or the
+//! kernel reports PID 0 and every caller is refused.
+
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{getsockopt, sockopt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::time::Sleep;
+use tokio_stream::Stream;
+
+/// Why a caller could not be identified, or is no longer the process that
+/// connected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// The kernel would not say who the caller is: `SO_PEERCRED` failed, the
+    /// caller is in a PID namespace the agent cannot see (PID 0), or the
+    /// connection was not accepted through [`incoming`].
+    #[error("cannot identify the caller: {0}")]
+    Credentials(String),
+    /// The process that connected has exited (it may be a zombie not yet
+    /// reaped), so nothing read about its PID can be trusted.
+    #[error("the calling process {pid} has exited")]
+    ProcessGone {
+        /// The PID the kernel reported at connect.
+        pid: i32,
+    },
+    /// The PID now names a different process than the one that connected (its
+    /// start time changed).
+    #[error("PID {pid} now belongs to a different process than the caller")]
+    PidReused {
+        /// The PID the kernel reported at connect.
+        pid: i32,
+    },
+    /// The process's effective uid or gid in `/proc` differ from those the
+    /// kernel recorded at connect, for instance after it executed a setuid
+    /// binary, so `/proc` no longer describes the caller.
+    #[error("the calling process {pid} changed its uid or gid after connecting")]
+    CredentialsChanged {
+        /// The PID the kernel reported at connect.
+        pid: i32,
+    },
+    /// Reading the caller's `/proc` entries failed for a reason other than
+    /// the process being gone (permissions, a missing `/proc`, bad format).
+    #[error("reading /proc for the caller: {0}")]
+    Proc(#[source] io::Error),
+    /// The blocking task that reads `/proc` panicked or was cancelled.
+    #[error("attestation task failed: {0}")]
+    Task(String),
+}
+
+/// What the kernel says about the process at the other end of a Unix socket,
+/// captured at accept.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    /// Process ID of the caller, in the agent's PID namespace.
+    pub pid: i32,
+    /// Effective user ID of the caller when it connected.
+    pub uid: u32,
+    /// Effective group ID of the caller when it connected.
+    pub gid: u32,
+    /// A pidfd for the exact process that connected; `None` only when the
+    /// kernel offers neither `SO_PEERPIDFD` nor `pidfd_open`. Shared because
+    /// every request on a connection carries a clone of this value.
+    pidfd: Option<Arc<OwnedFd>>,
+    /// Field 22 of `/proc/<pid>/stat` (clock ticks after boot), read at accept.
+    start_time: u64,
+}
+
+impl PeerInfo {
+    /// Reads `SO_PEERCRED`, `SO_PEERPIDFD` (falling back to `pidfd_open(pid)`
+    /// right away on older kernels) and the process start time.
+    pub fn from_stream(stream: &UnixStream) -> Result<Self, PeerError> {
+        let creds = getsockopt(stream, sockopt::PeerCredentials)
+            .map_err(|e| PeerError::Credentials(format!("SO_PEERCRED: {e}")))?;
+        let pid = creds.pid();
+        if pid <= 0 {
+            // The kernel reports 0 when the caller's PID namespace is not ours
+            // or a descendant of it; its /proc entry is then out of reach.
+            return Err(PeerError::Credentials(
+                "the caller's PID is not visible from the agent's PID namespace".to_owned(),
+            ));
+        }
+        let pidfd = match getsockopt(stream, sockopt::PeerPidfd) {
+            Ok(fd) => Some(fd),
+            Err(Errno::ESRCH) => return Err(PeerError::ProcessGone { pid }),
+            Err(sockopt_err) => {
+                // Before Linux 6.5 there is no SO_PEERPIDFD. pidfd_open by PID
+                // can in principle land on a reused PID; the start time and
+                // uid/gid checks are then what catch it, as in SPIRE.
+                tracing::debug!(%sockopt_err, pid, "SO_PEERPIDFD unavailable, using pidfd_open");
+                match pidfd_open(pid) {
+                    Ok(fd) => Some(fd),
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                        return Err(PeerError::ProcessGone { pid });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, pid, "no pidfd for caller; PID reuse is detected by start time only");
+                        None
+                    }
+                }
+            }
+        };
+        Self::capture(pid, creds.uid(), creds.gid(), pidfd)
+    }
+
+    /// Records the start time for a process whose credentials and pidfd are
+    /// already known.
+    pub(crate) fn capture(
+        pid: i32,
+        uid: u32,
+        gid: u32,
+        pidfd: Option<OwnedFd>,
+    ) -> Result<Self, PeerError> {
+        let stat = read_stat(pid)?;
+        if stat.is_dead() {
+            return Err(PeerError::ProcessGone { pid });
+        }
+        let info = Self {
+            pid,
+            uid,
+            gid,
+            pidfd: pidfd.map(Arc::new),
+            start_time: stat.start_time,
+        };
+        // The start time just read belongs to the pidfd's process only if that
+        // process was still alive after the read: a live process's PID cannot
+        // have been handed to anyone else.
+        if let Some(fd) = &info.pidfd
+            && pidfd_exited(fd)?
+        {
+            return Err(PeerError::ProcessGone { pid });
+        }
+        Ok(info)
+    }
+
+    /// After attestation: `Err` unless the process that connected is still
+    /// alive, its PID has not been reused (start time unchanged) and its
+    /// effective uid/gid still match the ones recorded at connect.
+    ///
+    /// Call this after every attestor has read `/proc`; success proves all
+    /// those reads described the caller.
+    pub fn check_same_process(&self) -> Result<(), PeerError> {
+        let pid = self.pid;
+        if let Some(fd) = &self.pidfd
+            && pidfd_exited(fd)?
+        {
+            return Err(PeerError::ProcessGone { pid });
+        }
+        let stat = read_stat(pid)?;
+        if stat.start_time != self.start_time {
+            return Err(PeerError::PidReused { pid });
+        }
+        // Without a pidfd a zombie still has its /proc entry and start time.
+        if stat.is_dead() {
+            return Err(PeerError::ProcessGone { pid });
+        }
+        let status = read_status(pid)?;
+        if status.uid != self.uid || status.gid != self.gid {
+            return Err(PeerError::CredentialsChanged { pid });
+        }
+        Ok(())
+    }
+
+    /// Whether a pidfd pins the caller (tells which PID-reuse guard applies).
+    pub fn has_pidfd(&self) -> bool {
+        self.pidfd.is_some()
+    }
+}
+
+/// Whether the process behind a pidfd has exited: the kernel makes a pidfd
+/// readable once the process is a zombie or reaped.
+fn pidfd_exited(fd: &OwnedFd) -> Result<bool, PeerError> {
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    loop {
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(_) => {
+                return Ok(fds
+                    .first()
+                    .and_then(PollFd::revents)
+                    .is_some_and(|r| !r.is_empty()));
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(PeerError::Proc(io::Error::from(e))),
+        }
+    }
+}
+
+/// `pidfd_open(2)`, which nix 0.32 does not wrap.
+#[expect(
+    unsafe_code,
+    reason = "pidfd_open has no safe wrapper in nix 0.32 or std"
+)]
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes two integers and reads or writes no memory of
+    // ours; the result is checked before use.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw = i32::try_from(ret).map_err(|_| io::Error::other("pidfd_open returned a bad fd"))?;
+    // SAFETY: a non-negative pidfd_open result is a new descriptor (already
+    // close-on-exec) that nothing else owns, so OwnedFd may take it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// The fields of `/proc/<pid>/stat` the agent uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    /// Field 3: `R`, `S`, `Z` (zombie), `X` (dead), ...
+    state: char,
+    /// Field 22.
+    start_time: u64,
+}
+
+impl ProcStat {
+    fn is_dead(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Parses `/proc/<pid>/stat`. The command name (field 2) is in parentheses
+/// and may itself hold spaces and `)`, so fields are counted from the last `)`.
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    let (_, rest) = text.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // fields[0] is field 3 of the file.
+    let state = fields.first()?.chars().next()?;
+    let start_time = fields.get(22 - 3)?.parse().ok()?;
+    Some(ProcStat { state, start_time })
+}
+
+fn read_stat(pid: i32) -> Result<ProcStat, PeerError> {
+    let path = format!("/proc/{pid}/stat");
+    let text = read_proc(pid, &path)?;
+    parse_stat(&text).ok_or_else(|| {
+        PeerError::Proc(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path}: unexpected format"),
+        ))
+    })
+}
+
+/// The fields of `/proc/<pid>/status` the attestors use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ProcStatus {
+    /// Effective uid (second column of `Uid:`), the one `SO_PEERCRED` reports.
+    pub(crate) uid: u32,
+    /// Effective gid (second column of `Gid:`).
+    pub(crate) gid: u32,
+    /// Supplementary group IDs (`Groups:`), possibly empty.
+    pub(crate) groups: Vec<u32>,
+}
+
+fn parse_status(text: &str) -> Option<ProcStatus> {
+    let mut uid = None;
+    let mut gid = None;
+    let mut groups = None;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        match key {
+            "Uid" => uid = value.split_ascii_whitespace().nth(1)?.parse().ok(),
+            "Gid" => gid = value.split_ascii_whitespace().nth(1)?.parse().ok(),
+            "Groups" => {
+                groups = value
+                    .split_ascii_whitespace()
+                    .map(str::parse)
+                    .collect::<Result<Vec<u32>, _>>()
+                    .ok();
+            }
+            _ => {}
+        }
+    }
+    Some(ProcStatus {
+        uid: uid?,
+        gid: gid?,
+        groups: groups?,
+    })
+}
+
+/// Reads the caller's effective ids and supplementary groups.
+pub(crate) fn read_status(pid: i32) -> Result<ProcStatus, PeerError> {
+    let path = format!("/proc/{pid}/status");
+    let text = read_proc(pid, &path)?;
+    parse_status(&text).ok_or_else(|| {
+        PeerError::Proc(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path}: unexpected format"),
+        ))
+    })
+}
+
+/// Reads a `/proc/<pid>/…` file; a missing entry means the process is gone.
+fn read_proc(pid: i32, path: &str) -> Result<String, PeerError> {
+    fs::read_to_string(path).map_err(|e| proc_error(pid, path, e))
+}
+
+/// Maps an I/O error on `/proc/<pid>/…`: ENOENT (reaped) and ESRCH (exited
+/// while open) mean the process is gone; anything else keeps the path.
+pub(crate) fn proc_error(pid: i32, path: &str, e: io::Error) -> PeerError {
+    if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) {
+        PeerError::ProcessGone { pid }
+    } else {
+        PeerError::Proc(io::Error::new(e.kind(), format!("{path}: {e}")))
+    }
+}
+
+/// What the tonic connection layer attaches to every request on a
+/// [`PeerStream`].
+#[derive(Clone, Debug)]
+pub struct PeerConnectInfo {
+    /// The caller as captured at accept, or why it could not be captured.
+    pub peer: Result<PeerInfo, String>,
+}
+
+/// A Unix stream that carries the [`PeerInfo`] captured at accept, so tonic
+/// handlers can read it through [`peer_of`].
+#[derive(Debug)]
+pub struct PeerStream {
+    inner: UnixStream,
+    info: PeerConnectInfo,
+}
+
+impl PeerStream {
+    /// Wraps an accepted stream, capturing its peer at once: the earlier the
+    /// pidfd is taken, the less room for the caller to exit first.
+    pub fn new(stream: UnixStream) -> Self {
+        let peer = PeerInfo::from_stream(&stream).map_err(|e| {
+            tracing::warn!(error = %e, "could not identify Workload API caller");
+            e.to_string()
+        });
+        Self {
+            inner: stream,
+            info: PeerConnectInfo { peer },
+        }
+    }
+
+    /// The peer captured at accept.
+    pub fn peer(&self) -> &PeerConnectInfo {
+        &self.info
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = PeerConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+/// How long to stop accepting after the process or system ran out of file
+/// descriptors or memory; the listener stays readable meanwhile, so retrying
+/// at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The accepted connections of a Unix listener as [`PeerStream`]s; see
+/// [`incoming`].
+#[derive(Debug)]
+pub struct PeerIncoming {
+    listener: UnixListener,
+    backoff: Option<Pin<Box<Sleep>>>,
+}
+
+impl Stream for PeerIncoming {
+    type Item = io::Result<PeerStream>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if let Some(sleep) = &mut this.backoff {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.backoff = None;
+        }
+        match this.listener.poll_accept(cx) {
+            Poll::Ready(Ok((stream, _))) => Poll::Ready(Some(Ok(PeerStream::new(stream)))),
+            Poll::Ready(Err(e)) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
+                    tracing::warn!(error = %e, "accept failed; pausing the Workload API listener");
+                    this.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+                }
+                // tonic logs the error and keeps serving.
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Turns a listener into the connection stream for
+/// `tonic::transport::Server::serve_with_incoming`, capturing each caller's
+/// [`PeerInfo`] as it is accepted.
+pub fn incoming(listener: UnixListener) -> PeerIncoming {
+    PeerIncoming {
+        listener,
+        backoff: None,
+    }
+}
+
+/// The caller of a tonic request served over [`incoming`].
+pub fn peer_of<T>(req: &tonic::Request<T>) -> Result<PeerInfo, PeerError> {
+    match req.extensions().get::<PeerConnectInfo>() {
+        Some(PeerConnectInfo { peer: Ok(peer) }) => Ok(peer.clone()),
+        Some(PeerConnectInfo { peer: Err(e) }) => Err(PeerError::Credentials(e.clone())),
+        None => Err(PeerError::Credentials(
+            "the connection was not accepted through peer::incoming".to_owned(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command, Stdio};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_stream::StreamExt;
+
+    const HELPER_ENV: &str = "SIGIL_PEER_TEST_CONNECT";
+
+    /// Not a test: the child process for the tests below. The test binary
+    /// re-runs itself with only this function selected, so the child needs
+    /// nothing installed (no python3, no socat).
+    #[test]
+    #[ignore = "helper process, run by other tests"]
+    fn helper_connect_and_sleep() {
+        let Some(path) = std::env::var_os(HELPER_ENV) else {
+            return;
+        };
+        let _conn = std::os::unix::net::UnixStream::connect(path).unwrap();
+        std::thread::sleep(Duration::from_secs(60));
+    }
+
+    fn spawn_connecting_child(path: &std::path::Path) -> Child {
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "peer::tests::helper_connect_and_sleep",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env(HELPER_ENV, path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    async fn accept(listener: &UnixListener) -> UnixStream {
+        tokio::time::timeout(Duration::from_secs(30), listener.accept())
+            .await
+            .expect("child did not connect within 30s")
+            .unwrap()
+            .0
+    }
+
+    fn listener() -> (tempfile::TempDir, std::path::PathBuf, UnixListener) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        (dir, path, listener)
+    }
+
+    #[tokio::test]
+    async fn own_process_is_identified_and_alive() {
+        let (_dir, path, listener) = listener();
+        let _client = UnixStream::connect(&path).await.unwrap();
+        let server = accept(&listener).await;
+        let peer = PeerInfo::from_stream(&server).unwrap();
+        assert_eq!(peer.pid, i32::try_from(std::process::id()).unwrap());
+        assert_eq!(peer.uid, nix::unistd::geteuid().as_raw());
+        assert_eq!(peer.gid, nix::unistd::getegid().as_raw());
+        assert!(peer.has_pidfd(), "Linux 6.5+ offers SO_PEERPIDFD");
+        peer.check_same_process().unwrap();
+    }
+
+    #[tokio::test]
+    async fn pidfd_open_fallback_works_for_a_live_process() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let fd = pidfd_open(pid).unwrap();
+        let peer = PeerInfo::capture(
+            pid,
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+            Some(fd),
+        )
+        .unwrap();
+        peer.check_same_process().unwrap();
+    }
+
+    #[tokio::test]
+    async fn exited_child_is_rejected() {
+        let (_dir, path, listener) = listener();
+        let mut child = spawn_connecting_child(&path);
+        let server = accept(&listener).await;
+        let peer = PeerInfo::from_stream(&server).unwrap();
+        assert_eq!(peer.pid, i32::try_from(child.id()).unwrap());
+        assert!(peer.has_pidfd());
+        // A copy without the pidfd exercises the start-time-only guard.
+        let no_pidfd = PeerInfo {
+            pidfd: None,
+            ..peer.clone()
+        };
+        peer.check_same_process().unwrap();
+        no_pidfd.check_same_process().unwrap();
+
+        child.kill().unwrap();
+        child.wait().unwrap();
+        for p in [&peer, &no_pidfd] {
+            let err = p.check_same_process().unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    PeerError::ProcessGone { .. } | PeerError::PidReused { .. }
+                ),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn zombie_child_is_rejected() {
+        let (_dir, path, listener) = listener();
+        let mut child = spawn_connecting_child(&path);
+        let server = accept(&listener).await;
+        let peer = PeerInfo::from_stream(&server).unwrap();
+        let no_pidfd = PeerInfo {
+            pidfd: None,
+            ..peer.clone()
+        };
+        // Killed but not yet reaped: /proc/<pid> is still there with the same
+        // start time, so only the zombie state or the pidfd give it away.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(peer.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !read_stat(peer.pid).unwrap().is_dead() {
+            assert!(std::time::Instant::now() < deadline, "child did not die");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for p in [&peer, &no_pidfd] {
+            let err = p.check_same_process().unwrap_err();
+            assert!(matches!(err, PeerError::ProcessGone { .. }), "{err:?}");
+        }
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn changed_start_time_means_pid_reused() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let mut peer = PeerInfo::capture(
+            pid,
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+            None,
+        )
+        .unwrap();
+        peer.start_time += 1;
+        let err = peer.check_same_process().unwrap_err();
+        assert!(
+            matches!(err, PeerError::PidReused { pid: p } if p == pid),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn changed_uid_is_rejected() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let peer = PeerInfo::capture(
+            pid,
+            nix::unistd::geteuid().as_raw().wrapping_add(1),
+            nix::unistd::getegid().as_raw(),
+            None,
+        )
+        .unwrap();
+        let err = peer.check_same_process().unwrap_err();
+        assert!(
+            matches!(err, PeerError::CredentialsChanged { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn missing_process_is_gone() {
+        // PIDs above pid_max never exist.
+        let err = PeerInfo::capture(i32::MAX, 0, 0, None).unwrap_err();
+        assert!(matches!(err, PeerError::ProcessGone { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn parses_stat_with_awkward_command_names() {
+        let mut fields: Vec<String> = (4..=52).map(|n| n.to_string()).collect();
+        fields[22 - 4] = "987654".to_owned();
+        let tail = fields.join(" ");
+        for comm in ["sh", "a b", "x) (y", ") Z 1 2 3 ("] {
+            let line = format!("1234 ({comm}) S {tail}\n");
+            assert_eq!(
+                parse_stat(&line),
+                Some(ProcStat {
+                    state: 'S',
+                    start_time: 987_654
+                }),
+                "{line}"
+            );
+        }
+        assert_eq!(parse_stat("1234 (sh"), None);
+        assert_eq!(parse_stat("1234 (sh) S 1 2"), None);
+        let own = read_stat(i32::try_from(std::process::id()).unwrap()).unwrap();
+        assert!(!own.is_dead());
+    }
+
+    #[test]
+    fn parses_status() {
+        let text = "Name:\tx\nUid:\t1000\t1001\t1002\t1003\nGid:\t50\t51\t52\t53\nGroups:\t4 24 27 \nNgid:\t0\n";
+        assert_eq!(
+            parse_status(text),
+            Some(ProcStatus {
+                uid: 1001,
+                gid: 51,
+                groups: vec![4, 24, 27]
+            })
+        );
+        let no_groups = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n";
+        assert_eq!(parse_status(no_groups).map(|s| s.groups), Some(vec![]));
+        assert_eq!(parse_status("Uid:\t0\t0\t0\t0\nGroups:\n"), None);
+        assert_eq!(parse_status("Uid:\t0\nGid:\t0\t0\nGroups:\n"), None);
+    }
+
+    #[tokio::test]
+    async fn incoming_streams_carry_the_peer_and_relay_bytes() {
+        let (_dir, path, listener) = listener();
+        let mut incoming = incoming(listener);
+        let mut client = UnixStream::connect(&path).await.unwrap();
+        let mut conn = incoming.next().await.unwrap().unwrap();
+
+        let info = tonic::transport::server::Connected::connect_info(&conn);
+        let peer = info.peer.clone().unwrap();
+        assert_eq!(peer.pid, i32::try_from(std::process::id()).unwrap());
+
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        conn.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        conn.write_all(b"pong").await.unwrap();
+        conn.flush().await.unwrap();
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        conn.shutdown().await.unwrap();
+        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+
+        let mut req = tonic::Request::new(());
+        req.extensions_mut().insert(info);
+        assert_eq!(peer_of(&req).unwrap().pid, peer.pid);
+    }
+
+    #[test]
+    fn peer_of_without_or_with_failed_capture_is_an_error() {
+        let req = tonic::Request::new(());
+        assert!(matches!(peer_of(&req), Err(PeerError::Credentials(_))));
+        let mut req = tonic::Request::new(());
+        req.extensions_mut().insert(PeerConnectInfo {
+            peer: Err("SO_PEERCRED: EINVAL".to_owned()),
+        });
+        assert!(matches!(peer_of(&req), Err(PeerError::Credentials(e)) if e.contains("EINVAL")));
+    }
+}

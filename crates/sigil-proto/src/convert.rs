@@ -1,0 +1,358 @@
+//! Conversions between the wire messages of [`crate::server::v1`] and the
+//! validated types of [`sigil_types`].
+//!
+//! Going to the wire cannot fail. Coming from the wire parses every field and
+//! names the first bad one in the [`ConvertError`]; it does not run
+//! [`sigil_types::Entry::validate`], which needs the server's trust domain.
+
+use sigil_types::{
+    AgentRecord, EntryError, EntryId, Selector, SelectorError, Selectors, SpiffeId, SpiffeIdError,
+    TrustDomain,
+};
+
+use crate::server::v1 as pb;
+
+/// Why a wire message could not be turned into a [`sigil_types`] value. Each
+/// message names the offending field and value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConvertError {
+    /// The entry ID is not 1 to 255 characters of `A-Za-z0-9._-`.
+    #[error("invalid id: {reason}")]
+    BadEntryId {
+        /// What was given.
+        value: String,
+        /// Why it was refused.
+        reason: EntryError,
+    },
+    /// A SPIFFE ID field does not hold a valid SPIFFE ID.
+    #[error("invalid {field} {value:?}: {reason}")]
+    BadSpiffeId {
+        /// `spiffe_id` or `parent_id`.
+        field: &'static str,
+        /// What was given.
+        value: String,
+        /// Why it was refused.
+        reason: SpiffeIdError,
+    },
+    /// A selector is not of the form `type:value`.
+    #[error("invalid selector {value:?}: {reason}")]
+    BadSelector {
+        /// What was given.
+        value: String,
+        /// Why it was refused.
+        reason: SelectorError,
+    },
+    /// A `federates_with` member is not a trust domain name.
+    #[error("invalid federates_with {value:?}: {reason}")]
+    BadFederatesWith {
+        /// What was given.
+        value: String,
+        /// Why it was refused.
+        reason: SpiffeIdError,
+    },
+    /// A TTL or time field is negative.
+    #[error("{field} must not be negative, got {value}")]
+    Negative {
+        /// `x509_svid_ttl`, `jwt_svid_ttl` or `expires_at`.
+        field: &'static str,
+        /// What was given.
+        value: i64,
+    },
+}
+
+impl From<&sigil_types::Entry> for pb::Entry {
+    /// TTLs beyond `i64::MAX` (never valid) saturate; `expires_at: None`
+    /// becomes 0.
+    fn from(e: &sigil_types::Entry) -> Self {
+        Self {
+            id: e.id.to_string(),
+            spiffe_id: e.spiffe_id.to_string(),
+            parent_id: e.parent_id.to_string(),
+            selectors: e.selectors.to_strings(),
+            x509_svid_ttl: saturating_i64(e.x509_svid_ttl),
+            jwt_svid_ttl: saturating_i64(e.jwt_svid_ttl),
+            dns_names: e.dns_names.clone(),
+            federates_with: e.federates_with.iter().map(ToString::to_string).collect(),
+            admin: e.admin,
+            downstream: e.downstream,
+            hint: e.hint.clone(),
+            expires_at: e.expires_at.unwrap_or(0),
+            revision: e.revision,
+            created_at: e.created_at,
+        }
+    }
+}
+
+fn saturating_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Parses a wire entry. An empty `id` takes the value of `default_id` (the
+/// server assigns IDs to new entries); `expires_at` 0 means no expiry.
+/// Selectors are put in canonical order and duplicates dropped.
+pub fn entry_from_proto(
+    e: &pb::Entry,
+    default_id: impl FnOnce() -> EntryId,
+) -> Result<sigil_types::Entry, ConvertError> {
+    let id = if e.id.is_empty() {
+        default_id()
+    } else {
+        e.id.parse().map_err(|reason| ConvertError::BadEntryId {
+            value: e.id.clone(),
+            reason,
+        })?
+    };
+    let selectors = e
+        .selectors
+        .iter()
+        .map(|s| {
+            s.parse::<Selector>()
+                .map_err(|reason| ConvertError::BadSelector {
+                    value: s.clone(),
+                    reason,
+                })
+        })
+        .collect::<Result<Selectors, _>>()?;
+    let federates_with = e
+        .federates_with
+        .iter()
+        .map(|td| {
+            TrustDomain::new(td).map_err(|reason| ConvertError::BadFederatesWith {
+                value: td.clone(),
+                reason,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(sigil_types::Entry {
+        id,
+        spiffe_id: spiffe_id("spiffe_id", &e.spiffe_id)?,
+        parent_id: spiffe_id("parent_id", &e.parent_id)?,
+        selectors,
+        x509_svid_ttl: non_negative("x509_svid_ttl", e.x509_svid_ttl)?,
+        jwt_svid_ttl: non_negative("jwt_svid_ttl", e.jwt_svid_ttl)?,
+        dns_names: e.dns_names.clone(),
+        federates_with,
+        admin: e.admin,
+        downstream: e.downstream,
+        hint: e.hint.clone(),
+        expires_at: match non_negative("expires_at", e.expires_at)? {
+            0 => None,
+            _ => Some(e.expires_at),
+        },
+        revision: e.revision,
+        created_at: e.created_at,
+    })
+}
+
+fn spiffe_id(field: &'static str, value: &str) -> Result<SpiffeId, ConvertError> {
+    value.parse().map_err(|reason| ConvertError::BadSpiffeId {
+        field,
+        value: value.to_owned(),
+        reason,
+    })
+}
+
+fn non_negative(field: &'static str, value: i64) -> Result<u64, ConvertError> {
+    u64::try_from(value).map_err(|_| ConvertError::Negative { field, value })
+}
+
+impl From<&AgentRecord> for pb::Agent {
+    /// `connected` is false: whether the agent holds a sync stream is known
+    /// only to the server process, which sets it. `previous_serial` has no
+    /// wire field and is left out.
+    fn from(a: &AgentRecord) -> Self {
+        Self {
+            spiffe_id: a.spiffe_id.to_string(),
+            attestation_type: a.attestation_type.clone(),
+            selectors: a.selectors.to_strings(),
+            serial: a.serial.clone(),
+            expires_at: a.expires_at,
+            banned: a.banned,
+            can_reattest: a.can_reattest,
+            created_at: a.created_at,
+            updated_at: a.updated_at,
+            connected: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> sigil_types::Entry {
+        sigil_types::Entry {
+            id: "e1".parse().unwrap(),
+            spiffe_id: "spiffe://example.org/web".parse().unwrap(),
+            parent_id: "spiffe://example.org/sigil/agent/join_token/abc"
+                .parse()
+                .unwrap(),
+            selectors: Selectors::parse_all(["unix:uid:1000", "k8s:pod-label:app:web"]).unwrap(),
+            x509_svid_ttl: 3600,
+            jwt_svid_ttl: 300,
+            dns_names: vec!["web.example.org".into()],
+            federates_with: vec![TrustDomain::new("other.org").unwrap()],
+            admin: true,
+            downstream: false,
+            hint: "web".into(),
+            expires_at: Some(1_900_000_000),
+            revision: 42,
+            created_at: 1_700_000_000,
+        }
+    }
+
+    fn no_id() -> EntryId {
+        panic!("the default ID must not be used when the entry has one")
+    }
+
+    #[test]
+    fn entry_round_trips() {
+        let e = entry();
+        let wire = pb::Entry::from(&e);
+        assert_eq!(wire.id, "e1");
+        assert_eq!(wire.spiffe_id, "spiffe://example.org/web");
+        assert_eq!(
+            wire.selectors,
+            vec!["k8s:pod-label:app:web", "unix:uid:1000"]
+        );
+        assert_eq!(wire.federates_with, vec!["other.org"]);
+        assert_eq!((wire.x509_svid_ttl, wire.jwt_svid_ttl), (3600, 300));
+        assert_eq!(wire.expires_at, 1_900_000_000);
+        assert_eq!(entry_from_proto(&wire, no_id).unwrap(), e);
+
+        let mut e = entry();
+        e.expires_at = None;
+        e.federates_with.clear();
+        e.dns_names.clear();
+        let wire = pb::Entry::from(&e);
+        assert_eq!(wire.expires_at, 0);
+        assert_eq!(entry_from_proto(&wire, no_id).unwrap(), e);
+    }
+
+    #[test]
+    fn wire_form_is_canonicalised() {
+        let mut wire = pb::Entry::from(&entry());
+        wire.selectors = vec![
+            "unix:uid:1000".into(),
+            "k8s:pod-label:app:web".into(),
+            "unix:uid:1000".into(),
+        ];
+        wire.federates_with = vec!["spiffe://other.org".into()];
+        assert_eq!(entry_from_proto(&wire, no_id).unwrap(), entry());
+    }
+
+    #[test]
+    fn empty_id_takes_the_default() {
+        let mut wire = pb::Entry::from(&entry());
+        wire.id.clear();
+        let e = entry_from_proto(&wire, || "assigned".parse().unwrap()).unwrap();
+        assert_eq!(e.id.as_str(), "assigned");
+    }
+
+    #[test]
+    fn huge_ttl_saturates() {
+        let mut e = entry();
+        e.x509_svid_ttl = u64::MAX;
+        assert_eq!(pb::Entry::from(&e).x509_svid_ttl, i64::MAX);
+    }
+
+    /// A change that breaks one field of a valid wire entry.
+    type Breakage = fn(&mut pb::Entry);
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: [(Breakage, &str); 9] = [
+            (
+                |e| e.id = "a b".into(),
+                "invalid id: entry ID \"a b\" must be",
+            ),
+            (
+                |e| e.spiffe_id = "x".into(),
+                "invalid spiffe_id \"x\": scheme is missing or invalid",
+            ),
+            (
+                |e| e.spiffe_id = String::new(),
+                "invalid spiffe_id \"\": SPIFFE ID is empty",
+            ),
+            (
+                |e| e.parent_id = "spiffe://Example.org/a".into(),
+                "invalid parent_id \"spiffe://Example.org/a\": trust domain characters",
+            ),
+            (
+                |e| e.selectors.push("unix".into()),
+                "invalid selector \"unix\": selector \"unix\" must have the form type:value",
+            ),
+            (
+                |e| e.federates_with.push("bad domain".into()),
+                "invalid federates_with \"bad domain\": trust domain characters",
+            ),
+            (
+                |e| e.x509_svid_ttl = -1,
+                "x509_svid_ttl must not be negative, got -1",
+            ),
+            (
+                |e| e.jwt_svid_ttl = -5,
+                "jwt_svid_ttl must not be negative, got -5",
+            ),
+            (
+                |e| e.expires_at = -1,
+                "expires_at must not be negative, got -1",
+            ),
+        ];
+        for (mutate, want) in cases {
+            let mut wire = pb::Entry::from(&entry());
+            mutate(&mut wire);
+            let err = entry_from_proto(&wire, no_id).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn error_variants_carry_the_reason() {
+        let mut wire = pb::Entry::from(&entry());
+        wire.spiffe_id = "x".into();
+        assert_eq!(
+            entry_from_proto(&wire, no_id),
+            Err(ConvertError::BadSpiffeId {
+                field: "spiffe_id",
+                value: "x".into(),
+                reason: SpiffeIdError::WrongScheme,
+            })
+        );
+    }
+
+    #[test]
+    fn agent_converts() {
+        let a = AgentRecord {
+            spiffe_id: "spiffe://example.org/sigil/agent/join_token/abc"
+                .parse()
+                .unwrap(),
+            attestation_type: "join_token".into(),
+            selectors: Selectors::parse_all(["join_token:abc"]).unwrap(),
+            serial: "0a1b".into(),
+            previous_serial: "09ff".into(),
+            expires_at: 1_800_000_000,
+            banned: true,
+            can_reattest: false,
+            created_at: 1_700_000_000,
+            updated_at: 1_750_000_000,
+        };
+        let wire = pb::Agent::from(&a);
+        assert_eq!(
+            wire,
+            pb::Agent {
+                spiffe_id: "spiffe://example.org/sigil/agent/join_token/abc".into(),
+                attestation_type: "join_token".into(),
+                selectors: vec!["join_token:abc".into()],
+                serial: "0a1b".into(),
+                expires_at: 1_800_000_000,
+                banned: true,
+                can_reattest: false,
+                created_at: 1_700_000_000,
+                updated_at: 1_750_000_000,
+                connected: false,
+            }
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! The admin API, served on a Unix socket that only the server's user can
+//! open (mode 0600); callers are also checked by kernel peer credentials.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil_proto::convert::entry_from_proto;
+use sigil_proto::server::v1 as pb;
+use sigil_proto::server::v1::admin_api_server::{AdminApi, AdminApiServer};
+use sigil_types::{EntryId, Selectors, SpiffeId};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::ServerState;
+use crate::error::ServerError;
+use crate::index::{EntryFilter, SelectorMatch};
+use crate::registry::{MAX_BATCH, new_entry_id};
+
+/// Default and largest page of `ListEntries`.
+const DEFAULT_PAGE: usize = 500;
+const MAX_PAGE: usize = 5000;
+
+/// The tonic service of the admin API.
+pub fn service(state: Arc<ServerState>) -> AdminApiServer<AdminService> {
+    AdminApiServer::new(AdminService { state }).max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+}
+
+/// Implements [`AdminApi`].
+#[derive(Debug)]
+pub struct AdminService {
+    state: Arc<ServerState>,
+}
+
+/// Only root and the server's own user may administer it, whatever the
+/// socket's mode was changed to.
+fn check_caller<T>(req: &Request<T>) -> Result<(), Status> {
+    let uid = req
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+        .map(|c| c.uid());
+    let me = nix::unistd::geteuid().as_raw();
+    match uid {
+        Some(0) => Ok(()),
+        Some(u) if u == me => Ok(()),
+        Some(u) => Err(Status::permission_denied(format!(
+            "uid {u} may not use the admin API (only root and uid {me})"
+        ))),
+        None => Err(Status::permission_denied("caller credentials unavailable")),
+    }
+}
+
+fn parse_id(s: &str, field: &str) -> Result<SpiffeId, Status> {
+    s.parse()
+        .map_err(|e| Status::invalid_argument(format!("invalid {field} {s:?}: {e}")))
+}
+
+fn batch_len(n: usize) -> Result<(), Status> {
+    if n == 0 {
+        return Err(Status::invalid_argument("the batch is empty"));
+    }
+    if n > MAX_BATCH {
+        return Err(Status::invalid_argument(format!(
+            "a batch may carry at most {MAX_BATCH} items, got {n}"
+        )));
+    }
+    Ok(())
+}
+
+fn result_of(id: String, r: Result<sigil_types::Entry, ServerError>) -> pb::EntryResult {
+    match r {
+        Ok(e) => pb::EntryResult {
+            id: e.id.to_string(),
+            entry: Some(pb::Entry::from(&e)),
+            error: String::new(),
+        },
+        Err(e) => pb::EntryResult {
+            id,
+            entry: None,
+            error: Status::from(e).message().to_owned(),
+        },
+    }
+}
+
+fn agent_pb(state: &ServerState, a: &sigil_types::AgentRecord) -> pb::Agent {
+    let mut out = pb::Agent::from(a);
+    out.connected = state.is_connected(&a.spiffe_id);
+    out
+}
+
+#[tonic::async_trait]
+impl AdminApi for AdminService {
+    async fn batch_create_entry(
+        &self,
+        req: Request<pb::BatchCreateEntryRequest>,
+    ) -> Result<Response<pb::BatchEntryResponse>, Status> {
+        check_caller(&req)?;
+        let entries = req.into_inner().entries;
+        batch_len(entries.len())?;
+        let mut results = Vec::with_capacity(entries.len());
+        for e in entries {
+            let given = e.id.clone();
+            let fresh = new_entry_id()?;
+            let r = match entry_from_proto(&e, move || fresh) {
+                Err(err) => Err(ServerError::InvalidArgument(err.to_string())),
+                Ok(entry) => self.state.create_entry(entry).await,
+            };
+            results.push(result_of(given, r));
+        }
+        Ok(Response::new(pb::BatchEntryResponse { results }))
+    }
+
+    async fn batch_update_entry(
+        &self,
+        req: Request<pb::BatchUpdateEntryRequest>,
+    ) -> Result<Response<pb::BatchEntryResponse>, Status> {
+        check_caller(&req)?;
+        let entries = req.into_inner().entries;
+        batch_len(entries.len())?;
+        let mut results = Vec::with_capacity(entries.len());
+        for e in entries {
+            let given = e.id.clone();
+            let r = if given.is_empty() {
+                Err(ServerError::InvalidArgument("an update needs the entry id".into()))
+            } else {
+                let fresh = new_entry_id()?;
+                match entry_from_proto(&e, move || fresh) {
+                    Err(err) => Err(ServerError::InvalidArgument(err.to_string())),
+                    Ok(entry) => self.state.update_entry(entry).await,
+                }
+            };
+            results.push(result_of(given, r));
+        }
+        Ok(Response::new(pb::BatchEntryResponse { results }))
+    }
+
+    async fn batch_delete_entry(
+        &self,
+        req: Request<pb::BatchDeleteEntryRequest>,
+    ) -> Result<Response<pb::BatchEntryResponse>, Status> {
+        check_caller(&req)?;
+        let ids = req.into_inner().ids;
+        batch_len(ids.len())?;
+        let mut results = Vec::with_capacity(ids.len());
+        for id in ids {
+            let r = match id.parse::<EntryId>() {
+                Err(e) => Err(ServerError::InvalidArgument(e.to_string())),
+                Ok(parsed) => self.state.delete_entry(&parsed).await,
+            };
+            results.push(result_of(id, r));
+        }
+        Ok(Response::new(pb::BatchEntryResponse { results }))
+    }
+
+    async fn get_entry(&self, req: Request<pb::GetEntryRequest>) -> Result<Response<pb::Entry>, Status> {
+        check_caller(&req)?;
+        let id: EntryId = req
+            .get_ref()
+            .id
+            .parse()
+            .map_err(|e: sigil_types::EntryError| Status::invalid_argument(e.to_string()))?;
+        match self.state.index.get(&id) {
+            Some(e) => Ok(Response::new(pb::Entry::from(e.as_ref()))),
+            None => Err(Status::not_found(format!("entry {id} not found"))),
+        }
+    }
+
+    async fn list_entries(
+        &self,
+        req: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        check_caller(&req)?;
+        let r = req.into_inner();
+        let mut filter = EntryFilter::default();
+        if !r.spiffe_id.is_empty() {
+            filter.spiffe_id = Some(parse_id(&r.spiffe_id, "spiffe_id")?);
+        }
+        if !r.parent_id.is_empty() {
+            filter.parent_id = Some(parse_id(&r.parent_id, "parent_id")?);
+        }
+        if !r.selectors.is_empty() {
+            let sel = Selectors::parse_all(&r.selectors).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let mode: SelectorMatch = r.selector_match.parse().map_err(Status::invalid_argument)?;
+            filter.selectors = Some((sel, mode));
+        }
+        let after = if r.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                r.page_token
+                    .parse::<EntryId>()
+                    .map_err(|_| Status::invalid_argument("invalid page_token"))?,
+            )
+        };
+        let limit = match r.page_size as usize {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let (page, next) = self.state.index.list(&filter, after.as_ref(), limit);
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries: page.iter().map(|e| pb::Entry::from(e.as_ref())).collect(),
+            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        check_caller(&req)?;
+        let ttl = match req.get_ref().ttl {
+            0 => None,
+            t if t < 0 => return Err(Status::invalid_argument("ttl must not be negative")),
+            t => Some(Duration::from_secs(t as u64)),
+        };
+        let t = self.state.generate_join_token(ttl).await?;
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token: t.token,
+            expires_at: t.expires_at,
+            agent_id: t.agent_id.to_string(),
+        }))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        check_caller(&req)?;
+        let agents = self.state.store.list_agents().await.map_err(ServerError::from)?;
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: agents.iter().map(|a| agent_pb(&self.state, a)).collect(),
+        }))
+    }
+
+    async fn get_agent(&self, req: Request<pb::GetAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+        check_caller(&req)?;
+        let id = parse_id(&req.get_ref().spiffe_id, "spiffe_id")?;
+        match self.state.store.get_agent(&id).await.map_err(ServerError::from)? {
+            Some(a) => Ok(Response::new(agent_pb(&self.state, &a))),
+            None => Err(Status::not_found(format!("agent {id} not found"))),
+        }
+    }
+
+    async fn evict_agent(&self, req: Request<pb::GetAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+        check_caller(&req)?;
+        let id = parse_id(&req.get_ref().spiffe_id, "spiffe_id")?;
+        let a = self.state.evict_agent(&id).await?;
+        Ok(Response::new(pb::Agent::from(&a)))
+    }
+
+    async fn ban_agent(&self, req: Request<pb::GetAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+        check_caller(&req)?;
+        let id = parse_id(&req.get_ref().spiffe_id, "spiffe_id")?;
+        let a = self.state.ban_agent(&id).await?;
+        Ok(Response::new(agent_pb(&self.state, &a)))
+    }
+
+    async fn get_bundle(
+        &self,
+        req: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::GetBundleResponse>, Status> {
+        check_caller(&req)?;
+        Ok(Response::new(pb::GetBundleResponse {
+            bundle_json: self.state.ca.bundle().to_json(),
+            trust_domain: self.state.config.trust_domain.to_string(),
+        }))
+    }
+}

@@ -1,0 +1,296 @@
+//! The agent API (mutual TLS): bootstrap bundle, join-token attestation,
+//! renewal, the push sync, CSR signing and JWT minting.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use sigil_proto::server::v1 as pb;
+use sigil_proto::server::v1::agent_api_server::{AgentApi, AgentApiServer};
+use sigil_types::{AgentRecord, EntryId};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::ServerState;
+use crate::index::{Authorized, IndexEvent};
+use crate::tls::AgentPeer;
+
+/// The tonic service of the agent API.
+pub fn service(state: Arc<ServerState>, cancel: CancellationToken) -> AgentApiServer<AgentService> {
+    AgentApiServer::new(AgentService { state, cancel })
+        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+}
+
+/// Implements [`AgentApi`].
+#[derive(Debug)]
+pub struct AgentService {
+    state: Arc<ServerState>,
+    cancel: CancellationToken,
+}
+
+impl AgentService {
+    async fn agent<T>(&self, req: &Request<T>) -> Result<AgentRecord, Status> {
+        Ok(self
+            .state
+            .authenticate_agent(req.extensions().get::<AgentPeer>())
+            .await?)
+    }
+}
+
+type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentApi for AgentService {
+    async fn get_bundle(
+        &self,
+        _req: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::GetBundleResponse>, Status> {
+        Ok(Response::new(pb::GetBundleResponse {
+            bundle_json: self.state.ca.bundle().to_json(),
+            trust_domain: self.state.config.trust_domain.to_string(),
+        }))
+    }
+
+    async fn attest_join_token(
+        &self,
+        req: Request<pb::AttestJoinTokenRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        let req = req.into_inner();
+        let (id, chain) = self.state.attest_join_token(&req.token, &req.csr).await?;
+        Ok(Response::new(pb::AttestResponse {
+            spiffe_id: id.to_string(),
+            cert_chain: chain,
+            bundle_json: self.state.ca.bundle().to_json(),
+        }))
+    }
+
+    async fn renew_agent(
+        &self,
+        req: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        let agent = self.agent(&req).await?;
+        let chain = self.state.renew_agent(&agent, &req.get_ref().csr).await?;
+        Ok(Response::new(pb::AttestResponse {
+            spiffe_id: agent.spiffe_id.to_string(),
+            cert_chain: chain,
+            bundle_json: self.state.ca.bundle().to_json(),
+        }))
+    }
+
+    type SyncStream = SyncStream;
+
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let agent = self.agent(&req).await?;
+        let req = req.into_inner();
+        let mut known = HashMap::new();
+        if req.revision > 0 {
+            for id in &req.known_entry_ids {
+                let id: EntryId = id
+                    .parse()
+                    .map_err(|e: sigil_types::EntryError| Status::invalid_argument(e.to_string()))?;
+                known.insert(id, req.revision);
+            }
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let state = self.state.clone();
+        let cancel = self.cancel.clone();
+        tokio::spawn(async move {
+            state.track_stream(&agent.spiffe_id, 1);
+            let id = agent.spiffe_id.clone();
+            sync_loop(&state, agent, known, req.revision == 0, tx, cancel).await;
+            state.track_stream(&id, -1);
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn batch_new_x509svid(
+        &self,
+        req: Request<pb::BatchNewX509svidRequest>,
+    ) -> Result<Response<pb::BatchNewX509svidResponse>, Status> {
+        let agent = self.agent(&req).await?;
+        let params = req
+            .into_inner()
+            .params
+            .into_iter()
+            .map(|p| (p.entry_id, p.csr))
+            .collect();
+        let results = self
+            .state
+            .sign_x509_svids(&agent, params)?
+            .into_iter()
+            .map(|(entry_id, r)| match r {
+                Ok(chain) => pb::X509svidResult {
+                    entry_id,
+                    cert_chain: chain,
+                    error: String::new(),
+                },
+                Err(error) => pb::X509svidResult {
+                    entry_id,
+                    cert_chain: vec![],
+                    error,
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::BatchNewX509svidResponse { results }))
+    }
+
+    async fn new_jwtsvid(
+        &self,
+        req: Request<pb::NewJwtsvidRequest>,
+    ) -> Result<Response<pb::NewJwtsvidResponse>, Status> {
+        let agent = self.agent(&req).await?;
+        let req = req.into_inner();
+        let token = self.state.mint_jwt_svid(&agent, &req.entry_id, &req.audience)?;
+        Ok(Response::new(pb::NewJwtsvidResponse { token }))
+    }
+}
+
+/// What a sync stream has told its agent so far: entry ID → revision.
+type Sent = HashMap<EntryId, u64>;
+
+/// Computes the message that brings an agent holding `sent` to `auth`,
+/// updating `sent`. `None` when nothing changed.
+fn diff(sent: &mut Sent, auth: &Authorized, snapshot: bool, revision: u64) -> Option<pb::SyncMessage> {
+    let mut upserted = Vec::new();
+    for (id, e) in &auth.entries {
+        if sent.get(id) != Some(&e.revision) || snapshot {
+            upserted.push(pb::Entry::from(e.as_ref()));
+        }
+    }
+    let deleted_ids: Vec<String> = sent
+        .keys()
+        .filter(|id| !auth.entries.contains_key(*id))
+        .map(|id| id.to_string())
+        .collect();
+    sent.retain(|id, _| auth.entries.contains_key(id));
+    for (id, e) in &auth.entries {
+        sent.insert(id.clone(), e.revision);
+    }
+    if upserted.is_empty() && deleted_ids.is_empty() && !snapshot {
+        return None;
+    }
+    Some(pb::SyncMessage {
+        revision,
+        snapshot,
+        upserted,
+        deleted_ids: if snapshot { vec![] } else { deleted_ids },
+        bundle_json: String::new(),
+    })
+}
+
+/// One agent's sync stream: the first message at once (snapshot, or the
+/// changes since the agent's revision), then a message whenever an entry
+/// that concerns the agent or the bundle changes. Ends with PermissionDenied
+/// when the agent is banned or evicted.
+async fn sync_loop(
+    state: &ServerState,
+    mut agent: AgentRecord,
+    mut sent: Sent,
+    snapshot: bool,
+    tx: mpsc::Sender<Result<pb::SyncMessage, Status>>,
+    cancel: CancellationToken,
+) {
+    // Subscribe before computing the first set, so no change falls between.
+    let mut events = state.index.subscribe();
+    let mut bundle_rx = state.ca.subscribe_bundle();
+    let revision = state.index.revision();
+    let mut auth = state.index.authorized(&agent.spiffe_id, &agent.selectors);
+    let mut first = diff(&mut sent, &auth, snapshot, revision).unwrap_or(pb::SyncMessage {
+        revision,
+        ..Default::default()
+    });
+    first.bundle_json = bundle_rx.borrow_and_update().to_json();
+    if tx.send(Ok(first)).await.is_err() {
+        return;
+    }
+    state.metrics.sync_messages.inc();
+    tracing::debug!(agent = %agent.spiffe_id, entries = auth.entries.len(), "sync stream opened");
+    loop {
+        let mut recompute = false;
+        let mut agent_changed = false;
+        let mut bundle_json = String::new();
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = tx.send(Err(Status::unavailable("server is shutting down"))).await;
+                return;
+            }
+            _ = tx.closed() => return,
+            changed = bundle_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                bundle_json = bundle_rx.borrow_and_update().to_json();
+            }
+            ev = events.recv() => {
+                let mut next = Some(ev);
+                // Coalesce everything already queued into one message.
+                while let Some(ev) = next.take() {
+                    match ev {
+                        Ok(ev) => match ev.as_ref() {
+                            IndexEvent::Entry { old, new, .. } => {
+                                recompute |= old.as_ref().is_some_and(|e| auth.concerns(e))
+                                    || new.as_ref().is_some_and(|e| auth.concerns(e));
+                            }
+                            IndexEvent::Agent { id, .. } => {
+                                agent_changed |= *id == agent.spiffe_id;
+                            }
+                        },
+                        Err(RecvError::Lagged(_)) => recompute = true,
+                        Err(RecvError::Closed) => return,
+                    }
+                    next = match events.try_recv() {
+                        Ok(ev) => Some(Ok(ev)),
+                        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
+                        Err(_) => None,
+                    };
+                }
+            }
+        }
+        if agent_changed {
+            match state.store.get_agent(&agent.spiffe_id).await {
+                Ok(Some(record)) if !record.banned => {
+                    recompute |= record.selectors != agent.selectors;
+                    agent = record;
+                }
+                Ok(Some(_)) => {
+                    let _ = tx.send(Err(Status::permission_denied(format!("agent {} is banned", agent.spiffe_id)))).await;
+                    return;
+                }
+                Ok(None) => {
+                    let _ = tx.send(Err(Status::permission_denied(format!("agent {} was evicted", agent.spiffe_id)))).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-reading agent record failed");
+                    let _ = tx.send(Err(Status::unavailable("store unavailable"))).await;
+                    return;
+                }
+            }
+        }
+        let revision = state.index.revision();
+        let mut msg = None;
+        if recompute {
+            auth = state.index.authorized(&agent.spiffe_id, &agent.selectors);
+            msg = diff(&mut sent, &auth, false, revision);
+        }
+        if !bundle_json.is_empty() {
+            let m = msg.get_or_insert_with(|| pb::SyncMessage {
+                revision,
+                ..Default::default()
+            });
+            m.bundle_json = bundle_json;
+        }
+        if let Some(m) = msg {
+            if tx.send(Ok(m)).await.is_err() {
+                return;
+            }
+            state.metrics.sync_messages.inc();
+        }
+    }
+}

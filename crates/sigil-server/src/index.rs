@@ -1,0 +1,482 @@
+//! The in-memory entry index: every entry by ID and by parent, node aliases,
+//! and the authorized-set computation of the push sync.
+//!
+//! It is built once from a store snapshot and then kept current by applying
+//! the store's change feed in revision order, never by full reloads. Each
+//! applied change is broadcast so that sync streams can react at once.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, RwLock};
+
+use sigil_store::{Change, ChangeKind, EntrySnapshot};
+use sigil_types::{Entry, EntryId, Selectors, SpiffeId};
+use tokio::sync::{broadcast, watch};
+
+/// How many index events a slow subscriber may fall behind before it has to
+/// recompute from the index (which it can always do).
+const EVENT_BUFFER: usize = 4096;
+
+/// One change applied to the index.
+#[derive(Debug, Clone)]
+pub enum IndexEvent {
+    /// An entry was created (`old` = None), updated or deleted (`new` = None).
+    Entry {
+        /// The revision of the change.
+        revision: u64,
+        /// The entry before the change.
+        old: Option<Arc<Entry>>,
+        /// The entry after the change.
+        new: Option<Arc<Entry>>,
+    },
+    /// An agent record changed or was deleted (ban, eviction, renewal).
+    Agent {
+        /// The revision of the change.
+        revision: u64,
+        /// Which agent.
+        id: SpiffeId,
+    },
+}
+
+#[derive(Default)]
+struct IndexState {
+    revision: u64,
+    entries: BTreeMap<EntryId, Arc<Entry>>,
+    by_parent: HashMap<SpiffeId, BTreeSet<EntryId>>,
+    aliases: BTreeSet<EntryId>,
+}
+
+impl IndexState {
+    fn insert(&mut self, e: Arc<Entry>) {
+        self.by_parent
+            .entry(e.parent_id.clone())
+            .or_default()
+            .insert(e.id.clone());
+        if e.is_node_alias() {
+            self.aliases.insert(e.id.clone());
+        }
+        self.entries.insert(e.id.clone(), e);
+    }
+
+    fn remove(&mut self, id: &EntryId) -> Option<Arc<Entry>> {
+        let old = self.entries.remove(id)?;
+        if let Some(set) = self.by_parent.get_mut(&old.parent_id) {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_parent.remove(&old.parent_id);
+            }
+        }
+        self.aliases.remove(id);
+        Some(old)
+    }
+}
+
+/// The entries an agent is authorized for, and the IDs their tree hangs from.
+#[derive(Debug, Default, Clone)]
+pub struct Authorized {
+    /// The entries, by ID.
+    pub entries: HashMap<EntryId, Arc<Entry>>,
+    /// Every ID that parents something in the set: the agent ID, the matched
+    /// node aliases' IDs and the SPIFFE IDs of the entries themselves.
+    pub roots: HashSet<SpiffeId>,
+}
+
+impl Authorized {
+    /// Whether a change to this entry (old or new state) can alter the set.
+    pub fn concerns(&self, entry: &Entry) -> bool {
+        entry.is_node_alias()
+            || self.entries.contains_key(&entry.id)
+            || self.roots.contains(&entry.parent_id)
+    }
+}
+
+/// How `ListEntries` matches selectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelectorMatch {
+    /// The entry's selectors equal the given ones.
+    Exact,
+    /// The entry's selectors are a subset of the given ones (the workload view).
+    Subset,
+    /// The entry holds all the given selectors (and maybe more).
+    Superset,
+    /// The entry holds at least one of the given selectors.
+    Any,
+}
+
+impl std::str::FromStr for SelectorMatch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "exact" => Ok(Self::Exact),
+            "subset" => Ok(Self::Subset),
+            "" | "superset" => Ok(Self::Superset),
+            "any" => Ok(Self::Any),
+            other => Err(format!(
+                "selector match {other:?} must be one of exact, subset, superset, any"
+            )),
+        }
+    }
+}
+
+/// Filters of an entry listing; `None` fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct EntryFilter {
+    /// Exact SPIFFE ID.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Exact parent ID.
+    pub parent_id: Option<SpiffeId>,
+    /// Selectors and how to match them.
+    pub selectors: Option<(Selectors, SelectorMatch)>,
+}
+
+impl EntryFilter {
+    fn matches(&self, e: &Entry) -> bool {
+        if self.spiffe_id.as_ref().is_some_and(|id| *id != e.spiffe_id) {
+            return false;
+        }
+        if self.parent_id.as_ref().is_some_and(|id| *id != e.parent_id) {
+            return false;
+        }
+        match &self.selectors {
+            None => true,
+            Some((s, SelectorMatch::Exact)) => *s == e.selectors,
+            Some((s, SelectorMatch::Subset)) => e.selectors.is_subset_of(s),
+            Some((s, SelectorMatch::Superset)) => s.is_subset_of(&e.selectors),
+            Some((s, SelectorMatch::Any)) => s.iter().any(|x| e.selectors.contains(x)),
+        }
+    }
+}
+
+/// The index; shared by the APIs and fed by the change follower.
+pub struct EntryIndex {
+    state: RwLock<IndexState>,
+    events: broadcast::Sender<Arc<IndexEvent>>,
+    revision: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for EntryIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntryIndex")
+            .field("revision", &self.revision())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EntryIndex {
+    /// Builds the index from a consistent snapshot.
+    pub fn new(snapshot: EntrySnapshot) -> Self {
+        let mut state = IndexState {
+            revision: snapshot.revision,
+            ..IndexState::default()
+        };
+        for e in snapshot.entries {
+            state.insert(Arc::new(e));
+        }
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (revision, _) = watch::channel(snapshot.revision);
+        Self {
+            state: RwLock::new(state),
+            events,
+            revision,
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, IndexState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The revision of the last applied change.
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    /// Applies one change; changes at or below the current revision are
+    /// ignored, so replaying the feed is harmless.
+    pub fn apply(&self, change: Change) {
+        let event = {
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            if change.revision <= state.revision {
+                return;
+            }
+            state.revision = change.revision;
+            match change.kind {
+                ChangeKind::EntryUpserted(e) => {
+                    let old = state.remove(&e.id);
+                    let new = Arc::new(e);
+                    state.insert(new.clone());
+                    IndexEvent::Entry {
+                        revision: change.revision,
+                        old,
+                        new: Some(new),
+                    }
+                }
+                ChangeKind::EntryDeleted(e) => {
+                    let old = state.remove(&e.id).or_else(|| Some(Arc::new(e)));
+                    IndexEvent::Entry {
+                        revision: change.revision,
+                        old,
+                        new: None,
+                    }
+                }
+                ChangeKind::AgentChanged(id) | ChangeKind::AgentDeleted(id) => IndexEvent::Agent {
+                    revision: change.revision,
+                    id,
+                },
+                #[allow(unreachable_patterns)]
+                _ => return,
+            }
+        };
+        self.revision.send_replace(change.revision);
+        // No subscriber is fine: nobody is syncing.
+        let _ = self.events.send(Arc::new(event));
+    }
+
+    /// Waits until the index has applied `revision` (read-your-writes for the admin API).
+    pub async fn wait_for(&self, revision: u64) {
+        let mut rx = self.revision.subscribe();
+        let _ = rx.wait_for(|r| *r >= revision).await;
+    }
+
+    /// Subscribes to applied changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<IndexEvent>> {
+        self.events.subscribe()
+    }
+
+    /// One entry by ID.
+    pub fn get(&self, id: &EntryId) -> Option<Arc<Entry>> {
+        self.read().entries.get(id).cloned()
+    }
+
+    /// How many entries the index holds.
+    pub fn len(&self) -> usize {
+        self.read().entries.len()
+    }
+
+    /// Whether the index is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The entries authorized for an agent: those parented to its ID or to a
+    /// node alias its node selectors satisfy, and, recursively, those
+    /// parented to the SPIFFE ID of an entry already in the set.
+    pub fn authorized(&self, agent_id: &SpiffeId, node_selectors: &Selectors) -> Authorized {
+        let state = self.read();
+        let mut out = Authorized::default();
+        let mut queue: VecDeque<SpiffeId> = VecDeque::new();
+        out.roots.insert(agent_id.clone());
+        queue.push_back(agent_id.clone());
+        for alias_id in &state.aliases {
+            if let Some(alias) = state.entries.get(alias_id)
+                && alias.selectors.is_subset_of(node_selectors)
+                && out.roots.insert(alias.spiffe_id.clone())
+            {
+                queue.push_back(alias.spiffe_id.clone());
+            }
+        }
+        while let Some(parent) = queue.pop_front() {
+            let Some(children) = state.by_parent.get(&parent) else {
+                continue;
+            };
+            for child_id in children {
+                let Some(child) = state.entries.get(child_id) else {
+                    continue;
+                };
+                if child.is_node_alias() {
+                    continue;
+                }
+                out.entries.insert(child.id.clone(), child.clone());
+                if out.roots.insert(child.spiffe_id.clone()) {
+                    queue.push_back(child.spiffe_id.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// A page of entries in ID order after `after`, filtered; returns the
+    /// page and the ID to continue after, if more remain.
+    pub fn list(
+        &self,
+        filter: &EntryFilter,
+        after: Option<&EntryId>,
+        limit: usize,
+    ) -> (Vec<Arc<Entry>>, Option<EntryId>) {
+        let state = self.read();
+        let range = match after {
+            Some(id) => state
+                .entries
+                .range((std::ops::Bound::Excluded(id.clone()), std::ops::Bound::Unbounded)),
+            None => state.entries.range(..),
+        };
+        let mut page = Vec::new();
+        for (_, e) in range {
+            if !filter.matches(e) {
+                continue;
+            }
+            if page.len() == limit {
+                let next = page.last().map(|e: &Arc<Entry>| e.id.clone());
+                return (page, next);
+            }
+            page.push(e.clone());
+        }
+        (page, None)
+    }
+
+    /// Every entry with the same parent, SPIFFE ID and selectors as `e`,
+    /// other than `e` itself.
+    pub fn duplicate_of(&self, e: &Entry) -> Option<EntryId> {
+        let state = self.read();
+        state.by_parent.get(&e.parent_id)?.iter().find_map(|id| {
+            let other = state.entries.get(id)?;
+            (other.id != e.id && other.spiffe_id == e.spiffe_id && other.selectors == e.selectors)
+                .then(|| other.id.clone())
+        })
+    }
+
+    /// Entries whose `expires_at` is at or before `now` (Unix seconds).
+    pub fn expired(&self, now: i64) -> Vec<EntryId> {
+        self.read()
+            .entries
+            .values()
+            .filter(|e| e.expires_at.is_some_and(|t| t <= now))
+            .map(|e| e.id.clone())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, spiffe: &str, parent: &str, sel: &[&str]) -> Entry {
+        Entry {
+            id: id.parse().unwrap(),
+            spiffe_id: spiffe.parse().unwrap(),
+            parent_id: parent.parse().unwrap(),
+            selectors: Selectors::parse_all(sel).unwrap(),
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            dns_names: vec![],
+            federates_with: vec![],
+            admin: false,
+            downstream: false,
+            hint: String::new(),
+            expires_at: None,
+            revision: 0,
+            created_at: 0,
+        }
+    }
+
+    const AGENT: &str = "spiffe://td/sigil/agent/join_token/a1";
+    const SERVER: &str = "spiffe://td/sigil/server";
+
+    fn index() -> EntryIndex {
+        EntryIndex::new(EntrySnapshot {
+            entries: vec![
+                entry("direct", "spiffe://td/web", AGENT, &["unix:uid:1"]),
+                entry("nested", "spiffe://td/web/child", "spiffe://td/web", &["unix:uid:2"]),
+                entry("alias", "spiffe://td/nodes/eu", SERVER, &["node:region:eu"]),
+                entry("via-alias", "spiffe://td/db", "spiffe://td/nodes/eu", &["unix:uid:3"]),
+                entry("other-agent", "spiffe://td/x", "spiffe://td/sigil/agent/join_token/b2", &["unix:uid:4"]),
+                entry("alias-us", "spiffe://td/nodes/us", SERVER, &["node:region:us"]),
+                entry("via-us", "spiffe://td/us-only", "spiffe://td/nodes/us", &["unix:uid:5"]),
+            ],
+            revision: 7,
+        })
+    }
+
+    fn ids(a: &Authorized) -> Vec<String> {
+        let mut v: Vec<String> = a.entries.keys().map(|k| k.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn authorized_walks_agent_aliases_and_descendants() {
+        let idx = index();
+        let node = Selectors::parse_all(["node:region:eu", "node:zone:a"]).unwrap();
+        let a = idx.authorized(&AGENT.parse().unwrap(), &node);
+        assert_eq!(ids(&a), vec!["direct", "nested", "via-alias"]);
+        let none = Selectors::new();
+        let b = idx.authorized(&AGENT.parse().unwrap(), &none);
+        assert_eq!(ids(&b), vec!["direct", "nested"]);
+    }
+
+    #[test]
+    fn changes_apply_in_order_and_are_broadcast() {
+        let idx = index();
+        let mut rx = idx.subscribe();
+        let e = entry("new", "spiffe://td/new", AGENT, &["unix:uid:9"]);
+        idx.apply(Change {
+            revision: 8,
+            kind: ChangeKind::EntryUpserted(e.clone()),
+        });
+        // Replays are ignored.
+        idx.apply(Change {
+            revision: 8,
+            kind: ChangeKind::EntryDeleted(e.clone()),
+        });
+        assert_eq!(idx.revision(), 8);
+        assert!(idx.get(&"new".parse().unwrap()).is_some());
+        match &*rx.try_recv().unwrap() {
+            IndexEvent::Entry { revision, old, new } => {
+                assert_eq!(*revision, 8);
+                assert!(old.is_none());
+                assert_eq!(new.as_ref().unwrap().id.as_str(), "new");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(rx.try_recv().is_err());
+        idx.apply(Change {
+            revision: 9,
+            kind: ChangeKind::EntryDeleted(e),
+        });
+        assert!(idx.get(&"new".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn concerns_only_related_changes() {
+        let idx = index();
+        let a = idx.authorized(&AGENT.parse().unwrap(), &Selectors::new());
+        assert!(a.concerns(&entry("z", "spiffe://td/z", AGENT, &["a:b"])));
+        assert!(a.concerns(&entry("z", "spiffe://td/z", "spiffe://td/web/child", &["a:b"])));
+        assert!(!a.concerns(&entry("z", "spiffe://td/z", "spiffe://td/sigil/agent/x", &["a:b"])));
+        assert!(a.concerns(&entry("z", "spiffe://td/z", SERVER, &["a:b"])));
+    }
+
+    #[test]
+    fn list_pages_and_filters() {
+        let idx = index();
+        let (p1, next) = idx.list(&EntryFilter::default(), None, 3);
+        assert_eq!(p1.len(), 3);
+        let (p2, next2) = idx.list(&EntryFilter::default(), next.as_ref(), 3);
+        assert_eq!(p2.len(), 3);
+        let (p3, next3) = idx.list(&EntryFilter::default(), next2.as_ref(), 3);
+        assert_eq!(p3.len(), 1);
+        assert!(next3.is_none());
+        let f = EntryFilter {
+            parent_id: Some(SERVER.parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(idx.list(&f, None, 100).0.len(), 2);
+        let f = EntryFilter {
+            selectors: Some((Selectors::parse_all(["unix:uid:1", "unix:uid:2"]).unwrap(), SelectorMatch::Subset)),
+            ..Default::default()
+        };
+        assert_eq!(idx.list(&f, None, 100).0.len(), 2);
+        let f = EntryFilter {
+            selectors: Some((Selectors::parse_all(["unix:uid:1"]).unwrap(), SelectorMatch::Exact)),
+            ..Default::default()
+        };
+        assert_eq!(idx.list(&f, None, 100).0[0].id.as_str(), "direct");
+    }
+
+    #[test]
+    fn duplicates_are_found() {
+        let idx = index();
+        let mut dup = entry("another", "spiffe://td/web", AGENT, &["unix:uid:1"]);
+        assert_eq!(idx.duplicate_of(&dup).unwrap().as_str(), "direct");
+        dup.selectors = Selectors::parse_all(["unix:uid:99"]).unwrap();
+        assert!(idx.duplicate_of(&dup).is_none());
+    }
+}

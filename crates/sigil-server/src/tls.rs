@@ -1,0 +1,184 @@
+//! The agent API's TLS listener: rustls with SPIFFE verifiers, handing tonic
+//! connections that carry the peer's SPIFFE ID and certificate serial.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use sigil_svid::tls::{Authorize, RotatingCert, SpiffeClientVerifier, TrustRoots};
+use sigil_types::{SpiffeId, TrustDomain};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use crate::ca::CaManager;
+
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is at the other end of an agent API connection.
+#[derive(Debug, Clone)]
+pub struct AgentPeer {
+    /// The SPIFFE ID of the client certificate; `None` before attestation.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Serial number (hex) of the client certificate.
+    pub serial: Option<String>,
+    /// The remote address.
+    pub remote: SocketAddr,
+}
+
+/// A TLS connection with its peer information.
+pub struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    peer: AgentPeer,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = AgentPeer;
+    fn connect_info(&self) -> AgentPeer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The server's own bundle as the trust source of client verification; read
+/// at each handshake, so CA rotation needs no restart.
+#[derive(Debug)]
+pub struct OwnBundleTrust(pub Arc<CaManager>);
+
+impl TrustRoots for OwnBundleTrust {
+    fn roots_for(&self, td: &TrustDomain) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        if td != self.0.trust_domain() {
+            return Vec::new();
+        }
+        self.0
+            .bundle()
+            .x509_authorities
+            .iter()
+            .map(|d| rustls_pki_types::CertificateDer::from(d.clone()))
+            .collect()
+    }
+}
+
+/// The rustls config of the agent API: the server's SVID, client
+/// certificates optional (attestation comes before the agent has one) but,
+/// when presented, verified and required to be agent IDs of our trust domain.
+pub fn server_config(
+    ca: Arc<CaManager>,
+    cert: Arc<RotatingCert>,
+) -> Result<ServerConfig, crate::ServerError> {
+    let td = ca.trust_domain().clone();
+    let agent_prefix = td
+        .id_with_path(sigil_types::AGENT_PATH_PREFIX)
+        .map_err(|e| crate::ServerError::Internal(e.to_string()))?;
+    let verifier = SpiffeClientVerifier::new(
+        Arc::new(OwnBundleTrust(ca)),
+        Authorize::AnyPathPrefix(agent_prefix),
+        true,
+    );
+    let mut config = ServerConfig::builder()
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepts TCP connections, runs handshakes concurrently (a slow client
+/// never blocks others) and yields finished TLS connections.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    cancel: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+                let spiffe_id = sigil_svid::tls::peer_spiffe_id(certs);
+                let serial = certs
+                    .first()
+                    .and_then(|c| sigil_svid::x509::cert_info(c.as_ref()).ok())
+                    .map(|i| i.serial_hex);
+                let conn = TlsConn {
+                    inner: tls,
+                    peer: AgentPeer {
+                        spiffe_id,
+                        serial,
+                        remote,
+                    },
+                };
+                let _ = tx.send(Ok(conn)).await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

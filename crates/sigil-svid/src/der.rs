@@ -1,0 +1,109 @@
+//! A minimal DER reader: just enough to split concatenated certificates and
+//! to take a CSR apart into its signed bytes, algorithm and signature.
+//!
+//! Full parsing stays with x509-parser; this only finds element boundaries,
+//! which the higher-level parsers do not expose as raw bytes.
+
+use crate::SvidError;
+
+/// DER tag of a SEQUENCE.
+pub(crate) const TAG_SEQUENCE: u8 = 0x30;
+/// DER tag of a BIT STRING.
+pub(crate) const TAG_BIT_STRING: u8 = 0x03;
+
+/// One element: its tag, its whole encoding (header included) and its contents.
+pub(crate) struct Tlv<'a> {
+    pub(crate) tag: u8,
+    pub(crate) whole: &'a [u8],
+    pub(crate) contents: &'a [u8],
+}
+
+/// Reads the element at the start of `input`; returns it and the rest.
+pub(crate) fn read_tlv(input: &[u8]) -> Result<(Tlv<'_>, &[u8]), SvidError> {
+    let truncated = || SvidError::Der("truncated element".to_owned());
+    let (&tag, rest) = input.split_first().ok_or_else(truncated)?;
+    if tag & 0x1f == 0x1f {
+        return Err(SvidError::Der(
+            "multi-byte tags are not used here".to_owned(),
+        ));
+    }
+    let (&first, rest) = rest.split_first().ok_or_else(truncated)?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        // Four length octets already allow 4 GiB, far beyond any certificate.
+        if n == 0 || n > 4 {
+            return Err(SvidError::Der("unsupported length encoding".to_owned()));
+        }
+        let (octets, rest) = rest.split_at_checked(n).ok_or_else(truncated)?;
+        if octets[0] == 0 {
+            return Err(SvidError::Der("non-minimal length".to_owned()));
+        }
+        let len = octets
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        if len < 0x80 {
+            return Err(SvidError::Der("non-minimal length".to_owned()));
+        }
+        (len, rest)
+    };
+    let (contents, rest) = rest.split_at_checked(len).ok_or_else(truncated)?;
+    let header_len = input.len() - rest.len() - len;
+    let whole = &input[..header_len + len];
+    Ok((
+        Tlv {
+            tag,
+            whole,
+            contents,
+        },
+        rest,
+    ))
+}
+
+/// Reads an element that must carry `tag`.
+pub(crate) fn expect<'a>(
+    input: &'a [u8],
+    tag: u8,
+    what: &str,
+) -> Result<(Tlv<'a>, &'a [u8]), SvidError> {
+    let (tlv, rest) = read_tlv(input)?;
+    if tlv.tag != tag {
+        return Err(SvidError::Der(format!(
+            "expected {what} (tag {tag:#04x}), found tag {:#04x}",
+            tlv.tag
+        )));
+    }
+    Ok((tlv, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_and_long_lengths() {
+        let (tlv, rest) = read_tlv(&[0x30, 0x01, 0xaa, 0xbb]).unwrap();
+        assert_eq!(
+            (tlv.tag, tlv.contents, tlv.whole.len()),
+            (0x30, &[0xaa][..], 3)
+        );
+        assert_eq!(rest, &[0xbb]);
+
+        let mut long = vec![0x30, 0x81, 0x80];
+        long.extend(std::iter::repeat_n(0u8, 0x80));
+        let (tlv, rest) = read_tlv(&long).unwrap();
+        assert_eq!(tlv.contents.len(), 0x80);
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn rejects_truncation_and_non_minimal_lengths() {
+        assert!(read_tlv(&[]).is_err());
+        assert!(read_tlv(&[0x30]).is_err());
+        assert!(read_tlv(&[0x30, 0x02, 0x00]).is_err());
+        assert!(read_tlv(&[0x30, 0x81, 0x05, 0, 0, 0, 0, 0]).is_err());
+        assert!(read_tlv(&[0x30, 0x80]).is_err());
+        assert!(expect(&[0x02, 0x01, 0x00], TAG_SEQUENCE, "SEQUENCE").is_err());
+    }
+}

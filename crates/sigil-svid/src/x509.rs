@@ -1,0 +1,1142 @@
+//! X509-SVIDs: minting CA and leaf certificates (spiffe.md §2.1, §2.2),
+//! CSRs, the leaf rules and full SVID verification (§2.3).
+//!
+//! Certificates are minted with rcgen, read with x509-parser and path-validated
+//! with rustls-webpki on the aws-lc-rs algorithms; every certificate time is
+//! converted in this module ([`asn1_to_system_time`], [`to_offset`]).
+
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls_pki_types::{CertificateDer, SubjectPublicKeyInfoDer, TrustAnchor, UnixTime};
+use sigil_types::{SpiffeId, TrustDomain};
+use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::FromDer;
+use x509_parser::time::ASN1Time;
+
+use crate::SvidError;
+use crate::der::{self, TAG_BIT_STRING, TAG_SEQUENCE};
+use crate::keys::{PrivateKey, RcgenKey};
+
+/// How far `notBefore` is backdated, to tolerate clock skew between hosts (as SPIRE does).
+pub const BACKDATE: Duration = Duration::from_secs(10);
+
+/// The longest chain SPIFFE clients accept (rust-spiffe refuses longer ones).
+pub const MAX_CHAIN_LEN: usize = 16;
+
+/// The organization written into every subject sigil mints.
+const SUBJECT_ORG: &str = "sigil";
+
+/// The signature algorithms of the aws-lc-rs rustls provider, used for every
+/// chain and CSR check so there is one list of what sigil accepts.
+pub(crate) static SUPPORTED_ALGS: LazyLock<WebPkiSupportedAlgorithms> = LazyLock::new(|| {
+    rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+});
+
+/// What sigil needs to know about a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The certificate's SPIFFE ID, if it has exactly one URI SAN and that is a SPIFFE ID.
+    pub spiffe_id: Option<SpiffeId>,
+    /// The serial number as lowercase hex, without leading zero bytes.
+    pub serial_hex: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// Whether basicConstraints has cA=true.
+    pub is_ca: bool,
+    /// The subjectKeyIdentifier extension, if present.
+    pub subject_key_id: Option<Vec<u8>>,
+}
+
+/// Reads the facts sigil tracks about a DER certificate.
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, SvidError> {
+    let cert = parse_cert(der)?;
+    let spiffe_id = match uri_sans(&cert)?.as_slice() {
+        [one] => one.parse().ok(),
+        _ => None,
+    };
+    let subject_key_id = cert
+        .iter_extensions()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(kid) => Some(kid.0.to_vec()),
+            _ => None,
+        });
+    let validity = cert.validity();
+    Ok(CertInfo {
+        spiffe_id,
+        serial_hex: serial_hex(cert.raw_serial()),
+        not_before: asn1_to_system_time(validity.not_before),
+        not_after: asn1_to_system_time(validity.not_after),
+        is_ca: basic_constraints_ca(&cert)?,
+        subject_key_id,
+    })
+}
+
+/// What to put into a leaf X509-SVID.
+#[derive(Debug, Clone, Copy)]
+pub struct SvidRequest<'a> {
+    /// The workload's SPIFFE ID; must have a path.
+    pub spiffe_id: &'a SpiffeId,
+    /// Extra DNS SANs; the first also becomes the subject CN.
+    pub dns_names: &'a [String],
+    /// Requested lifetime; capped at the authority's own expiry.
+    pub ttl: Duration,
+}
+
+/// A signing authority: a CA certificate and its private key.
+#[derive(Clone)]
+pub struct X509Authority {
+    cert_der: Vec<u8>,
+    key: PrivateKey,
+    info: CertInfo,
+}
+
+impl std::fmt::Debug for X509Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X509Authority")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl X509Authority {
+    /// Self-signed root CA per spiffe.md §2.2: ECDSA P-256, cA=true (critical
+    /// basicConstraints), keyUsage keyCertSign+cRLSign critical, NO EKU, NO name
+    /// constraints, URI SAN spiffe://<td>, subject O=sigil, CN="sigil <td> CA
+    /// <first 8 hex of serial>" so successive authorities have distinct
+    /// subjects, random positive 128-bit serial, SKI set, notBefore = now-10s,
+    /// notAfter = now+ttl.
+    pub fn generate(td: &TrustDomain, ttl: Duration, now: SystemTime) -> Result<Self, SvidError> {
+        let serial = random_serial()?;
+        let serial_hex = serial_hex(&serial);
+        let mut params = CertificateParams::default();
+        params.not_before = to_offset(checked_sub(now, BACKDATE)?)?;
+        params.not_after = to_offset(checked_add(now, ttl)?)?;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.subject_alt_names = vec![uri_san(&td.id_string())?];
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, SUBJECT_ORG);
+        let short = serial_hex.get(..8).unwrap_or(&serial_hex);
+        dn.push(DnType::CommonName, format!("sigil {td} CA {short}"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = PrivateKey::generate_p256()?;
+        let cert = params
+            .self_signed(&RcgenKey(&key))
+            .map_err(|e| SvidError::Mint(e.to_string()))?;
+        Self::from_parts(cert.der().to_vec(), key)
+    }
+
+    /// Pairs a CA certificate with its key, checking the key matches the
+    /// certificate and the certificate may sign (cA=true, keyCertSign).
+    pub fn from_parts(cert_der: Vec<u8>, key: PrivateKey) -> Result<Self, SvidError> {
+        let info = cert_info(&cert_der)?;
+        let cert = parse_cert(&cert_der)?;
+        if !info.is_ca {
+            return Err(SvidError::NotCa(
+                "basicConstraints cA is not set".to_owned(),
+            ));
+        }
+        if let Some(ku) = key_usage(&cert)?
+            && !ku.key_cert_sign()
+        {
+            return Err(SvidError::NotCa("keyUsage lacks keyCertSign".to_owned()));
+        }
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_point() {
+            return Err(SvidError::KeyMismatch);
+        }
+        Ok(Self {
+            cert_der,
+            key,
+            info,
+        })
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// The CA's private key.
+    pub fn key(&self) -> &PrivateKey {
+        &self.key
+    }
+
+    /// Facts about the CA certificate.
+    pub fn info(&self) -> &CertInfo {
+        &self.info
+    }
+
+    /// Leaf X509-SVID per spiffe.md §2.1: exactly one URI SAN (the SPIFFE ID)
+    /// plus DNS SANs from dns_names; basicConstraints cA=false (present,
+    /// critical); keyUsage critical digitalSignature, keyEncipherment and
+    /// keyAgreement (as SPIRE sets them); EKU serverAuth+clientAuth; random
+    /// positive 128-bit serial; notBefore = now - 10s; notAfter = min(now + ttl,
+    /// CA notAfter); AKI = CA SKI, SKI set; subject O=sigil (+ CN = first DNS
+    /// name if any). Signed with the CA key. `subject_spki_der` is the
+    /// workload's public key (SubjectPublicKeyInfo DER, from a CSR).
+    pub fn sign_svid(
+        &self,
+        req: &SvidRequest<'_>,
+        subject_spki_der: &[u8],
+        now: SystemTime,
+    ) -> Result<Vec<u8>, SvidError> {
+        if req.spiffe_id.is_root() {
+            return Err(SvidError::LeafRootId(req.spiffe_id.to_string()));
+        }
+        if let Some(ca_id) = &self.info.spiffe_id
+            && !req.spiffe_id.is_member_of(&ca_id.trust_domain())
+        {
+            // Validators check a leaf against its own trust domain's bundle
+            // (§2.3 rule 1), so such a leaf could never be verified.
+            return Err(SvidError::Mint(format!(
+                "{} is not in the authority's trust domain {}",
+                req.spiffe_id,
+                ca_id.trust_domain()
+            )));
+        }
+        if self.info.not_after <= now {
+            return Err(SvidError::Mint(
+                "the signing authority has expired".to_owned(),
+            ));
+        }
+        let subject_key = rcgen::SubjectPublicKeyInfo::from_der(subject_spki_der)
+            .map_err(|e| SvidError::PublicKey(e.to_string()))?;
+
+        let mut params = CertificateParams::default();
+        params.not_before = to_offset(checked_sub(now, BACKDATE)?)?;
+        params.not_after = to_offset(checked_add(now, req.ttl)?.min(self.info.not_after))?;
+        params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
+        let mut sans = vec![uri_san(req.spiffe_id.as_str())?];
+        for name in req.dns_names {
+            let ia5 = name
+                .as_str()
+                .try_into()
+                .map_err(|e: rcgen::Error| SvidError::Mint(format!("DNS name {name:?}: {e}")))?;
+            sans.push(SanType::DnsName(ia5));
+        }
+        params.subject_alt_names = sans;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, SUBJECT_ORG);
+        if let Some(first) = req.dns_names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+            KeyUsagePurpose::KeyAgreement,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+
+        let ca_der = CertificateDer::from(self.cert_der.as_slice());
+        // The issuer's name and SKI are read back from the CA certificate, so
+        // the leaf's issuer and AKI match it byte for byte.
+        let issuer = Issuer::from_ca_cert_der(&ca_der, RcgenKey(&self.key))
+            .map_err(|e| SvidError::Mint(format!("authority certificate: {e}")))?;
+        let cert = params
+            .signed_by(&subject_key, &issuer)
+            .map_err(|e| SvidError::Mint(e.to_string()))?;
+        Ok(cert.der().to_vec())
+    }
+}
+
+/// Builds a PKCS#10 CSR for `key`, signed by it. Subject and SANs are left
+/// empty: the server decides the identity and only takes the public key.
+pub fn make_csr(key: &PrivateKey) -> Result<Vec<u8>, SvidError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params
+        .serialize_request(&RcgenKey(key))
+        .map_err(|e| SvidError::Mint(e.to_string()))?;
+    Ok(csr.der().to_vec())
+}
+
+/// Parses a CSR, verifies its self-signature (proof that the requester holds
+/// the private key) and returns its SubjectPublicKeyInfo DER.
+pub fn csr_public_key(csr_der: &[u8]) -> Result<Vec<u8>, SvidError> {
+    let (rest, req) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+            .map_err(|e| SvidError::Csr(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(SvidError::Csr("trailing bytes after the CSR".to_owned()));
+    }
+    let spki = req.certification_request_info.subject_pki.raw;
+
+    // x509-parser does not keep the signed bytes or the raw algorithm
+    // identifier, so take the outer structure apart here.
+    let (outer, _) = der::expect(csr_der, TAG_SEQUENCE, "CertificationRequest")?;
+    let (info, after_info) = der::expect(outer.contents, TAG_SEQUENCE, "CertificationRequestInfo")?;
+    let (alg, after_alg) = der::expect(after_info, TAG_SEQUENCE, "signatureAlgorithm")?;
+    let (sig, trailing) = der::expect(after_alg, TAG_BIT_STRING, "signature")?;
+    if !trailing.is_empty() {
+        return Err(SvidError::Csr(
+            "trailing data in CertificationRequest".to_owned(),
+        ));
+    }
+    let signature = match sig.contents.split_first() {
+        Some((0, bits)) => bits,
+        _ => {
+            return Err(SvidError::Csr(
+                "signature BIT STRING has unused bits".to_owned(),
+            ));
+        }
+    };
+
+    let spki_der = SubjectPublicKeyInfoDer::from(spki);
+    let public_key = webpki::RawPublicKeyEntity::try_from(&spki_der)
+        .map_err(|e| SvidError::PublicKey(format!("{e:?}")))?;
+    let mut known_algorithm = false;
+    for candidate in SUPPORTED_ALGS
+        .all
+        .iter()
+        .filter(|a| a.signature_alg_id().as_ref() == alg.contents)
+    {
+        known_algorithm = true;
+        match public_key.verify_signature(*candidate, info.whole, signature) {
+            Ok(()) => return Ok(spki.to_vec()),
+            // Several algorithms share one signature OID (ECDSA-SHA256 on P-256
+            // and on P-384); only the one fitting the key can succeed.
+            Err(webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)) => {}
+            Err(_) => return Err(SvidError::CsrSignature),
+        }
+    }
+    if known_algorithm {
+        Err(SvidError::PublicKey(
+            "the CSR's key does not fit its signature algorithm".to_owned(),
+        ))
+    } else {
+        Err(SvidError::Csr("unsupported signature algorithm".to_owned()))
+    }
+}
+
+/// Checks the X509-SVID leaf rules (spiffe.md §2.3 rules 2 and 3, §2.1): not a
+/// CA, no keyCertSign or cRLSign, digitalSignature set, exactly one URI SAN
+/// that is a SPIFFE ID with a path. Returns that ID. Does not check the chain.
+pub fn check_leaf_rules(leaf_der: &[u8]) -> Result<SpiffeId, SvidError> {
+    let cert = parse_cert(leaf_der)?;
+    if basic_constraints_ca(&cert)? {
+        return Err(SvidError::LeafIsCa);
+    }
+    match key_usage(&cert)? {
+        Some(ku) if ku.key_cert_sign() || ku.crl_sign() => return Err(SvidError::LeafCanSign),
+        Some(ku) if ku.digital_signature() => {}
+        _ => return Err(SvidError::LeafNoDigitalSignature),
+    }
+    leaf_spiffe_id(&cert)
+}
+
+/// Full validation of an X509-SVID: RFC 5280 path validation of `chain` (leaf
+/// first, then intermediates) against `roots` (DER CA certificates of the
+/// leaf's trust domain) at time `now`, with EKU clientAuth or serverAuth (or
+/// none); every certificate after the leaf must be a CA with keyCertSign
+/// (§2.2); then [`check_leaf_rules`]. Returns the leaf's SPIFFE ID.
+pub fn verify_svid(
+    chain: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    now: SystemTime,
+) -> Result<SpiffeId, SvidError> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(SvidError::EmptyChain);
+    };
+    if chain.len() > MAX_CHAIN_LEN {
+        return Err(SvidError::ChainTooLong(chain.len()));
+    }
+    if roots.is_empty() {
+        let td = cert_info(leaf)?.spiffe_id.map_or_else(
+            || "of the leaf".to_owned(),
+            |id| id.trust_domain().to_string(),
+        );
+        return Err(SvidError::NoRoots(td));
+    }
+    for (i, der) in intermediates.iter().enumerate() {
+        check_intermediate(der, i + 1)?;
+    }
+    let leaf_der = CertificateDer::from(leaf.as_slice());
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let root_ders: Vec<CertificateDer<'_>> = roots
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let anchors = trust_anchors(&root_ders)?;
+    let ee = webpki::EndEntityCert::try_from(&leaf_der).map_err(map_webpki_error)?;
+    ee.verify_for_usage(
+        SUPPORTED_ALGS.all,
+        &anchors,
+        &intermediates,
+        unix_time(now)?,
+        SvidEku,
+        None,
+        None,
+    )
+    .map_err(map_webpki_error)?;
+    check_leaf_rules(leaf)
+}
+
+/// Splits concatenated DER certificates (the Workload API's `x509_svid` and
+/// `bundle` format) into single certificates, each checked to parse.
+pub fn split_der_certs(concat: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
+    let mut rest = concat;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let (tlv, tail) = der::expect(rest, TAG_SEQUENCE, "Certificate")?;
+        parse_cert(tlv.whole)?;
+        out.push(tlv.whole.to_vec());
+        rest = tail;
+    }
+    if out.is_empty() {
+        return Err(SvidError::Der("no certificates".to_owned()));
+    }
+    Ok(out)
+}
+
+/// SHA-256 of `data` as lowercase hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
+}
+
+// --- helpers shared with the other modules ---------------------------------
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+/// Parses one DER certificate, refusing trailing bytes.
+pub(crate) fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| SvidError::CertParse(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(SvidError::CertParse(format!(
+            "{} trailing bytes after the certificate",
+            rest.len()
+        )));
+    }
+    Ok(cert)
+}
+
+/// The URI SANs of a certificate, in order.
+pub(crate) fn uri_sans<'a>(cert: &'a X509Certificate<'_>) -> Result<Vec<&'a str>, SvidError> {
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| SvidError::CertParse(format!("subjectAltName: {e}")))?;
+    Ok(san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(uri) => Some(*uri),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The single SPIFFE ID of a leaf: exactly one URI SAN, a SPIFFE ID with a path.
+pub(crate) fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
+    let uris = uri_sans(cert)?;
+    let [uri] = uris.as_slice() else {
+        return Err(SvidError::UriSanCount(uris.len()));
+    };
+    let id: SpiffeId = uri.parse().map_err(|reason| SvidError::BadUriSan {
+        uri: (*uri).to_owned(),
+        reason,
+    })?;
+    if id.is_root() {
+        return Err(SvidError::LeafRootId(id.to_string()));
+    }
+    Ok(id)
+}
+
+/// Trust anchors for webpki from DER root certificates.
+pub(crate) fn trust_anchors<'a>(
+    roots: &'a [CertificateDer<'a>],
+) -> Result<Vec<TrustAnchor<'a>>, SvidError> {
+    roots
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            webpki::anchor_from_trusted_cert(r)
+                .map_err(|e| SvidError::CertParse(format!("trusted root {i}: {e:?}")))
+        })
+        .collect()
+}
+
+/// Converts a certificate time.
+pub(crate) fn asn1_to_system_time(t: ASN1Time) -> SystemTime {
+    let secs = t.timestamp();
+    let magnitude = Duration::from_secs(secs.unsigned_abs());
+    if secs >= 0 {
+        UNIX_EPOCH + magnitude
+    } else {
+        UNIX_EPOCH - magnitude
+    }
+}
+
+/// Converts a `SystemTime` for webpki and rustls.
+pub(crate) fn unix_time(t: SystemTime) -> Result<UnixTime, SvidError> {
+    t.duration_since(UNIX_EPOCH)
+        .map(UnixTime::since_unix_epoch)
+        .map_err(|_| SvidError::Mint("time before 1970".to_owned()))
+}
+
+/// Converts a `SystemTime` for rcgen.
+fn to_offset(t: SystemTime) -> Result<OffsetDateTime, SvidError> {
+    let secs = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()),
+        Err(e) => i64::try_from(e.duration().as_secs()).map(|s| -s),
+    }
+    .map_err(|_| SvidError::Mint("time out of range".to_owned()))?;
+    OffsetDateTime::from_unix_timestamp(secs).map_err(|e| SvidError::Mint(e.to_string()))
+}
+
+fn checked_add(t: SystemTime, d: Duration) -> Result<SystemTime, SvidError> {
+    t.checked_add(d)
+        .ok_or_else(|| SvidError::Mint("time out of range".to_owned()))
+}
+
+fn checked_sub(t: SystemTime, d: Duration) -> Result<SystemTime, SvidError> {
+    t.checked_sub(d)
+        .ok_or_else(|| SvidError::Mint("time out of range".to_owned()))
+}
+
+fn uri_san(uri: &str) -> Result<SanType, SvidError> {
+    uri.try_into()
+        .map(SanType::URI)
+        .map_err(|e: rcgen::Error| SvidError::Mint(format!("URI SAN {uri:?}: {e}")))
+}
+
+/// 16 random bytes with the top bit cleared (a positive INTEGER) and never
+/// zero, as SPIRE does: serials in [1, 2^127).
+fn random_serial() -> Result<[u8; 16], SvidError> {
+    loop {
+        let mut serial = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut serial)
+            .map_err(|_| SvidError::Crypto("random number generator failed"))?;
+        serial[0] &= 0x7f;
+        if serial.iter().any(|&b| b != 0) {
+            return Ok(serial);
+        }
+    }
+}
+
+/// Hex of a serial's magnitude, without the leading zero bytes DER may add.
+fn serial_hex(raw: &[u8]) -> String {
+    let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
+    hex(&raw[start..])
+}
+
+fn basic_constraints_ca(cert: &X509Certificate<'_>) -> Result<bool, SvidError> {
+    let bc = cert
+        .basic_constraints()
+        .map_err(|e| SvidError::CertParse(format!("basicConstraints: {e}")))?;
+    Ok(bc.is_some_and(|b| b.value.ca))
+}
+
+fn key_usage<'a>(
+    cert: &'a X509Certificate<'_>,
+) -> Result<Option<&'a x509_parser::extensions::KeyUsage>, SvidError> {
+    Ok(cert
+        .key_usage()
+        .map_err(|e| SvidError::CertParse(format!("keyUsage: {e}")))?
+        .map(|ext| ext.value))
+}
+
+/// Every certificate after the leaf must be a CA allowed to sign (§2.2).
+pub(crate) fn check_intermediate(der: &[u8], index: usize) -> Result<(), SvidError> {
+    let cert = parse_cert(der)?;
+    let can_sign = key_usage(&cert)?.is_some_and(|ku| ku.key_cert_sign());
+    if basic_constraints_ca(&cert)? && can_sign {
+        Ok(())
+    } else {
+        Err(SvidError::IntermediateNotCa(index))
+    }
+}
+
+pub(crate) fn map_webpki_error(e: webpki::Error) -> SvidError {
+    match e {
+        webpki::Error::CertExpired { .. } => SvidError::Expired,
+        webpki::Error::CertNotValidYet { .. } => SvidError::NotYetValid,
+        webpki::Error::UnknownIssuer => SvidError::UntrustedIssuer,
+        webpki::Error::CaUsedAsEndEntity => SvidError::LeafIsCa,
+        other => SvidError::ChainInvalid(format!("{other:?}")),
+    }
+}
+
+/// EKU policy for SVIDs: absent, or containing serverAuth or clientAuth.
+///
+/// webpki applies it to every certificate of the path; CAs carry no EKU
+/// (spiffe.md §2.2), so they pass as "absent".
+pub(crate) struct SvidEku;
+
+const EKU_SERVER_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x01];
+const EKU_CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
+
+impl webpki::ExtendedKeyUsageValidator for SvidEku {
+    fn validate(&self, iter: webpki::KeyPurposeIdIter<'_, '_>) -> Result<(), webpki::Error> {
+        let server = webpki::KeyPurposeId::new(EKU_SERVER_AUTH);
+        let client = webpki::KeyPurposeId::new(EKU_CLIENT_AUTH);
+        let mut present = Vec::new();
+        for id in iter {
+            let id = id?;
+            if id == server || id == client {
+                return Ok(());
+            }
+            present.push(id.to_decoded_oid());
+        }
+        if present.is_empty() {
+            return Ok(());
+        }
+        Err(webpki::Error::RequiredEkuNotFoundContext(
+            webpki::RequiredEkuNotFoundContext {
+                required: webpki::KeyUsage::client_auth(),
+                present,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    fn now() -> SystemTime {
+        // A fixed instant keeps times reproducible; whole seconds avoid rounding.
+        UNIX_EPOCH + Duration::from_secs(1_750_000_000)
+    }
+
+    const DAY: Duration = Duration::from_secs(86_400);
+    const HOUR: Duration = Duration::from_secs(3_600);
+
+    fn ca() -> X509Authority {
+        X509Authority::generate(&td(), DAY, now()).unwrap()
+    }
+
+    fn mint(ca: &X509Authority, spiffe_id: &SpiffeId, dns: &[String], ttl: Duration) -> Vec<u8> {
+        let key = PrivateKey::generate_p256().unwrap();
+        let req = SvidRequest {
+            spiffe_id,
+            dns_names: dns,
+            ttl,
+        };
+        ca.sign_svid(&req, &key.public_key_spki_der(), now())
+            .unwrap()
+    }
+
+    /// A hand-built leaf signed by `ca`, for breaking one rule at a time.
+    fn hand_built(
+        ca: &X509Authority,
+        is_ca: IsCa,
+        usages: Vec<KeyUsagePurpose>,
+        uris: &[&str],
+    ) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.not_before = to_offset(now() - HOUR).unwrap();
+        params.not_after = to_offset(now() + HOUR).unwrap();
+        params.is_ca = is_ca;
+        params.key_usages = usages;
+        params.subject_alt_names = uris.iter().map(|u| uri_san(u).unwrap()).collect();
+        params.use_authority_key_identifier_extension = true;
+        let key = PrivateKey::generate_p256().unwrap();
+        let issuer =
+            Issuer::from_ca_cert_der(&CertificateDer::from(ca.cert_der()), RcgenKey(ca.key()))
+                .unwrap();
+        params
+            .signed_by(&RcgenKey(&key), &issuer)
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    fn parse(der: &[u8]) -> X509Certificate<'_> {
+        parse_cert(der).unwrap()
+    }
+
+    #[test]
+    fn ca_follows_section_2_2() {
+        let ca = ca();
+        let cert = parse(ca.cert_der());
+        let bc = cert.basic_constraints().unwrap().unwrap();
+        assert!(bc.critical && bc.value.ca);
+        let ku = cert.key_usage().unwrap().unwrap();
+        assert!(ku.critical && ku.value.key_cert_sign() && ku.value.crl_sign());
+        assert!(!ku.value.digital_signature());
+        assert!(cert.extended_key_usage().unwrap().is_none());
+        assert!(cert.name_constraints().unwrap().is_none());
+        assert_eq!(uri_sans(&cert).unwrap(), vec!["spiffe://example.org"]);
+        let info = ca.info();
+        assert_eq!(info.spiffe_id, Some(id("spiffe://example.org")));
+        assert!(info.subject_key_id.as_ref().is_some_and(|k| !k.is_empty()));
+        assert_eq!(info.not_before, now() - BACKDATE);
+        assert_eq!(info.not_after, now() + DAY);
+        assert_eq!(cert.raw_serial()[0] & 0x80, 0, "serial is positive");
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
+        assert_eq!(
+            cn,
+            format!("sigil example.org CA {}", &info.serial_hex[..8])
+        );
+        let org = cert
+            .subject()
+            .iter_organization()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
+        assert_eq!(org, "sigil");
+        assert_ne!(
+            ca.cert_der(),
+            self::ca().cert_der(),
+            "subjects/serials differ"
+        );
+        assert!(!format!("{ca:?}").contains("PrivateKey"));
+    }
+
+    #[test]
+    fn from_parts_checks_key_and_ca() {
+        let ca = ca();
+        assert!(X509Authority::from_parts(ca.cert_der().to_vec(), ca.key().clone()).is_ok());
+        let other = PrivateKey::generate_p256().unwrap();
+        assert_eq!(
+            X509Authority::from_parts(ca.cert_der().to_vec(), other).unwrap_err(),
+            SvidError::KeyMismatch
+        );
+        let leaf = mint(&ca, &id("spiffe://example.org/w"), &[], HOUR);
+        assert!(matches!(
+            X509Authority::from_parts(leaf, ca.key().clone()),
+            Err(SvidError::NotCa(_))
+        ));
+    }
+
+    #[test]
+    fn minted_leaf_verifies_against_its_root_only() {
+        let ca = ca();
+        let wid = id("spiffe://example.org/ns/web");
+        let leaf = mint(&ca, &wid, &[], HOUR);
+        let got = verify_svid(
+            std::slice::from_ref(&leaf),
+            &[ca.cert_der().to_vec()],
+            now(),
+        )
+        .unwrap();
+        assert_eq!(got, wid);
+
+        let stranger = self::ca();
+        assert_eq!(
+            verify_svid(
+                std::slice::from_ref(&leaf),
+                &[stranger.cert_der().to_vec()],
+                now()
+            )
+            .unwrap_err(),
+            SvidError::UntrustedIssuer
+        );
+        assert_eq!(
+            verify_svid(std::slice::from_ref(&leaf), &[], now()).unwrap_err(),
+            SvidError::NoRoots("example.org".to_owned())
+        );
+        assert_eq!(
+            verify_svid(&[], &[], now()).unwrap_err(),
+            SvidError::EmptyChain
+        );
+        // Trusting both authorities still finds the right one.
+        let roots = [stranger.cert_der().to_vec(), ca.cert_der().to_vec()];
+        assert_eq!(verify_svid(&[leaf], &roots, now()).unwrap(), wid);
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_leaves_are_rejected() {
+        let ca = ca();
+        let leaf = mint(&ca, &id("spiffe://example.org/w"), &[], HOUR);
+        let roots = [ca.cert_der().to_vec()];
+        assert_eq!(
+            verify_svid(std::slice::from_ref(&leaf), &roots, now() + 2 * HOUR).unwrap_err(),
+            SvidError::Expired
+        );
+        assert_eq!(
+            verify_svid(std::slice::from_ref(&leaf), &roots, now() - HOUR).unwrap_err(),
+            SvidError::NotYetValid
+        );
+        // Within the backdating window it is already valid.
+        assert!(verify_svid(&[leaf], &roots, now() - Duration::from_secs(5)).is_ok());
+    }
+
+    #[test]
+    fn leaf_follows_section_2_1() {
+        let ca = ca();
+        let dns = vec!["web.example.org".to_owned(), "web".to_owned()];
+        let leaf = mint(&ca, &id("spiffe://example.org/ns/web"), &dns, HOUR);
+        let cert = parse(&leaf);
+
+        let bc = cert.basic_constraints().unwrap().unwrap();
+        assert!(bc.critical && !bc.value.ca, "cA=false present and critical");
+        let ku = cert.key_usage().unwrap().unwrap();
+        assert!(ku.critical && ku.value.digital_signature());
+        assert!(!ku.value.key_cert_sign() && !ku.value.crl_sign());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+
+        let names = &cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names;
+        let dns_sans: Vec<_> = names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dns_sans, vec!["web.example.org", "web"]);
+        assert_eq!(
+            uri_sans(&cert).unwrap(),
+            vec!["spiffe://example.org/ns/web"]
+        );
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap();
+        assert_eq!(cn, "web.example.org");
+
+        let info = cert_info(&leaf).unwrap();
+        assert_eq!(info.not_before, now() - BACKDATE);
+        assert_eq!(info.not_after, now() + HOUR);
+        assert!(!info.is_ca);
+        let aki = cert
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(aki) => aki.key_identifier.clone(),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(Some(aki.0.to_vec()), ca.info().subject_key_id);
+        assert!(info.subject_key_id.is_some());
+        assert_eq!(
+            cert.issuer().as_raw(),
+            parse(ca.cert_der()).subject().as_raw()
+        );
+    }
+
+    #[test]
+    fn leaf_without_dns_has_no_cn() {
+        let ca = ca();
+        let leaf = mint(&ca, &id("spiffe://example.org/w"), &[], HOUR);
+        let cert = parse(&leaf);
+        assert!(cert.subject().iter_common_name().next().is_none());
+        assert_eq!(uri_sans(&cert).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn not_after_is_capped_at_the_ca() {
+        let ca = ca();
+        let leaf = mint(&ca, &id("spiffe://example.org/w"), &[], 30 * DAY);
+        assert_eq!(cert_info(&leaf).unwrap().not_after, ca.info().not_after);
+    }
+
+    #[test]
+    fn serials_are_positive_and_distinct() {
+        let ca = ca();
+        let wid = id("spiffe://example.org/w");
+        let a = mint(&ca, &wid, &[], HOUR);
+        let b = mint(&ca, &wid, &[], HOUR);
+        for der in [&a, &b] {
+            let raw = parse(der).raw_serial().to_vec();
+            assert!(raw.len() <= 20);
+            assert_eq!(raw[0] & 0x80, 0, "positive");
+            assert!(raw.iter().any(|&x| x != 0), "nonzero");
+        }
+        assert_ne!(
+            cert_info(&a).unwrap().serial_hex,
+            cert_info(&b).unwrap().serial_hex
+        );
+    }
+
+    #[test]
+    fn refuses_to_mint_root_or_foreign_ids() {
+        let ca = ca();
+        let key = PrivateKey::generate_p256().unwrap();
+        let spki = key.public_key_spki_der();
+        let root = id("spiffe://example.org");
+        let req = SvidRequest {
+            spiffe_id: &root,
+            dns_names: &[],
+            ttl: HOUR,
+        };
+        assert!(matches!(
+            ca.sign_svid(&req, &spki, now()),
+            Err(SvidError::LeafRootId(_))
+        ));
+        let foreign = id("spiffe://other.org/w");
+        let req = SvidRequest {
+            spiffe_id: &foreign,
+            ..req
+        };
+        assert!(matches!(
+            ca.sign_svid(&req, &spki, now()),
+            Err(SvidError::Mint(_))
+        ));
+        assert!(matches!(
+            ca.sign_svid(
+                &SvidRequest {
+                    spiffe_id: &id("spiffe://example.org/w"),
+                    dns_names: &[],
+                    ttl: HOUR
+                },
+                b"garbage",
+                now()
+            ),
+            Err(SvidError::PublicKey(_))
+        ));
+    }
+
+    /// One negative fixture per leaf rule (spiffe.md §2.3 rules 2 and 3, §2.1).
+    #[test]
+    fn leaf_rules_each_violation_is_rejected() {
+        use KeyUsagePurpose::*;
+        let ca = ca();
+        let good = ["spiffe://example.org/w"];
+        let roots = [ca.cert_der().to_vec()];
+
+        let ok = hand_built(&ca, IsCa::ExplicitNoCa, vec![DigitalSignature], &good);
+        assert_eq!(check_leaf_rules(&ok).unwrap(), id("spiffe://example.org/w"));
+        assert!(verify_svid(&[ok], &roots, now()).is_ok());
+
+        let cases: Vec<(&str, Vec<u8>, SvidError)> = vec![
+            (
+                "cA=true",
+                hand_built(
+                    &ca,
+                    IsCa::Ca(BasicConstraints::Unconstrained),
+                    vec![DigitalSignature],
+                    &good,
+                ),
+                SvidError::LeafIsCa,
+            ),
+            (
+                "keyCertSign",
+                hand_built(
+                    &ca,
+                    IsCa::ExplicitNoCa,
+                    vec![DigitalSignature, KeyCertSign],
+                    &good,
+                ),
+                SvidError::LeafCanSign,
+            ),
+            (
+                "cRLSign",
+                hand_built(
+                    &ca,
+                    IsCa::ExplicitNoCa,
+                    vec![DigitalSignature, CrlSign],
+                    &good,
+                ),
+                SvidError::LeafCanSign,
+            ),
+            (
+                "no digitalSignature",
+                hand_built(&ca, IsCa::ExplicitNoCa, vec![KeyAgreement], &good),
+                SvidError::LeafNoDigitalSignature,
+            ),
+            (
+                "no keyUsage",
+                hand_built(&ca, IsCa::ExplicitNoCa, vec![], &good),
+                SvidError::LeafNoDigitalSignature,
+            ),
+            (
+                "no URI SAN",
+                hand_built(&ca, IsCa::ExplicitNoCa, vec![DigitalSignature], &[]),
+                SvidError::UriSanCount(0),
+            ),
+            (
+                "two URI SANs",
+                hand_built(
+                    &ca,
+                    IsCa::ExplicitNoCa,
+                    vec![DigitalSignature],
+                    &["spiffe://example.org/a", "spiffe://example.org/b"],
+                ),
+                SvidError::UriSanCount(2),
+            ),
+            (
+                "root SPIFFE ID",
+                hand_built(
+                    &ca,
+                    IsCa::ExplicitNoCa,
+                    vec![DigitalSignature],
+                    &["spiffe://example.org"],
+                ),
+                SvidError::LeafRootId("spiffe://example.org".to_owned()),
+            ),
+        ];
+        for (name, der, want) in cases {
+            assert_eq!(check_leaf_rules(&der).unwrap_err(), want, "{name}");
+            // The full verifier applies the same rules after the chain check.
+            assert_eq!(
+                verify_svid(&[der], &roots, now()).unwrap_err(),
+                want,
+                "{name} (verify)"
+            );
+        }
+
+        let https = hand_built(
+            &ca,
+            IsCa::ExplicitNoCa,
+            vec![DigitalSignature],
+            &["https://example.org/w"],
+        );
+        assert!(matches!(
+            check_leaf_rules(&https),
+            Err(SvidError::BadUriSan { .. })
+        ));
+    }
+
+    #[test]
+    fn chain_through_an_intermediate() {
+        let root = ca();
+        // An intermediate CA signed by the root.
+        let int_key = PrivateKey::generate_p256().unwrap();
+        let mut params = CertificateParams::default();
+        params.not_before = to_offset(now() - HOUR).unwrap();
+        params.not_after = to_offset(now() + DAY).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.subject_alt_names = vec![uri_san("spiffe://example.org").unwrap()];
+        params.use_authority_key_identifier_extension = true;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "intermediate");
+        params.distinguished_name = dn;
+        let issuer =
+            Issuer::from_ca_cert_der(&CertificateDer::from(root.cert_der()), RcgenKey(root.key()))
+                .unwrap();
+        let int_der = params
+            .signed_by(&RcgenKey(&int_key), &issuer)
+            .unwrap()
+            .der()
+            .to_vec();
+        let int = X509Authority::from_parts(int_der.clone(), int_key).unwrap();
+
+        let wid = id("spiffe://example.org/w");
+        let leaf = mint(&int, &wid, &[], HOUR);
+        let roots = [root.cert_der().to_vec()];
+        assert_eq!(
+            verify_svid(&[leaf.clone(), int_der], &roots, now()).unwrap(),
+            wid
+        );
+        assert_eq!(
+            verify_svid(std::slice::from_ref(&leaf), &roots, now()).unwrap_err(),
+            SvidError::UntrustedIssuer
+        );
+        // A leaf in the intermediate position is refused (§2.2).
+        let other_leaf = mint(&root, &wid, &[], HOUR);
+        assert_eq!(
+            verify_svid(&[leaf, other_leaf], &roots, now()).unwrap_err(),
+            SvidError::IntermediateNotCa(1)
+        );
+    }
+
+    #[test]
+    fn csr_round_trip_and_tamper() {
+        let key = PrivateKey::generate_p256().unwrap();
+        let csr = make_csr(&key).unwrap();
+        assert_eq!(csr_public_key(&csr).unwrap(), key.public_key_spki_der());
+
+        // Flip one byte inside the signature (the last byte of the DER).
+        let mut bad = csr.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x01;
+        assert!(csr_public_key(&bad).is_err());
+
+        // Tampering with the signed part (the public key) must fail too.
+        let spki = key.public_key_spki_der();
+        let pos = csr
+            .windows(spki.len())
+            .position(|w| w == spki.as_slice())
+            .unwrap();
+        let mut swapped = csr.clone();
+        swapped[pos + spki.len() - 1] ^= 0x01;
+        assert!(csr_public_key(&swapped).is_err());
+
+        assert!(csr_public_key(b"").is_err());
+        let mut trailing = csr;
+        trailing.push(0);
+        assert!(csr_public_key(&trailing).is_err());
+    }
+
+    #[test]
+    fn csr_signature_flip_is_a_signature_error() {
+        let key = PrivateKey::generate_p256().unwrap();
+        let csr = make_csr(&key).unwrap();
+        // The ECDSA signature is a DER SEQUENCE of two INTEGERs at the end;
+        // flip a byte of the last INTEGER's value, keeping the encoding valid.
+        let mut bad = csr.clone();
+        let idx = bad.len() - 2;
+        bad[idx] ^= 0x40;
+        assert_eq!(csr_public_key(&bad).unwrap_err(), SvidError::CsrSignature);
+    }
+
+    #[test]
+    fn split_concatenated_der() {
+        let ca = ca();
+        let a = ca.cert_der().to_vec();
+        let b = mint(&ca, &id("spiffe://example.org/w"), &[], HOUR);
+        let concat = [a.clone(), b.clone()].concat();
+        assert_eq!(split_der_certs(&concat).unwrap(), vec![a.clone(), b]);
+        assert!(split_der_certs(&[]).is_err());
+        assert!(split_der_certs(&a[..a.len() - 1]).is_err());
+        let mut junk = a;
+        junk.push(0x30);
+        assert!(split_der_certs(&junk).is_err());
+    }
+
+    #[test]
+    fn sha256_is_lowercase_hex() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

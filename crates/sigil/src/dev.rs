@@ -1,0 +1,120 @@
+//! `sigil dev`: a server and an agent in one process, no config file, the
+//! invoking user registered, and the `export` lines for a second shell.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use sigil_types::{Entry, Selectors, TrustDomain};
+
+use crate::health;
+
+#[derive(Args, Debug)]
+pub(crate) struct DevArgs {
+    /// Where the database, keys and sockets live (default: $XDG_RUNTIME_DIR/sigil-dev or /tmp/sigil-dev-<uid>).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The trust domain.
+    #[arg(long, default_value = "example.org")]
+    trust_domain: String,
+    /// Lifetime of X509-SVIDs (short values show rotation; they renew at half-life).
+    #[arg(long, default_value = "1h")]
+    x509_svid_ttl: String,
+    /// Lifetime of the CA (rotation prepares at 1/2, activates at 5/6).
+    #[arg(long, default_value = "24h")]
+    ca_ttl: String,
+    /// Serve /healthz, /readyz and /metrics on this address.
+    #[arg(long)]
+    health_address: Option<SocketAddr>,
+}
+
+fn default_data_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("sigil-dev"),
+        _ => PathBuf::from(format!("/tmp/sigil-dev-{}", nix::unistd::getuid())),
+    }
+}
+
+pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let td = TrustDomain::new(&args.trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
+    let x509_ttl = sigil_types::duration::parse(&args.x509_svid_ttl).map_err(|e| anyhow::anyhow!("--x509-svid-ttl: {e}"))?;
+    let ca_ttl = sigil_types::duration::parse(&args.ca_ttl).map_err(|e| anyhow::anyhow!("--ca-ttl: {e}"))?;
+    if x509_ttl > ca_ttl / 2 {
+        anyhow::bail!("--x509-svid-ttl must not exceed half of --ca-ttl");
+    }
+    let dir = args.data_dir.unwrap_or_else(default_data_dir);
+    sigil_svid::keys::ensure_private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+
+    let mut scfg = sigil_server::ServerConfig::with_defaults(td.clone(), dir.join("server"));
+    scfg.bind_address = SocketAddr::from(([127, 0, 0, 1], 0));
+    scfg.admin_socket = dir.join("admin.sock");
+    scfg.default_x509_svid_ttl = x509_ttl;
+    scfg.agent_svid_ttl = x509_ttl;
+    scfg.ca_ttl = ca_ttl;
+    scfg.rotation_tick = Duration::from_secs(1).max(ca_ttl / 600).min(Duration::from_secs(10));
+    let server = sigil_server::start(scfg).await.context("starting the server")?;
+
+    let token = server.state.generate_join_token(None).await?;
+    let mut acfg = sigil_agent::AgentConfig::with_defaults(td.clone(), server.agent_api_addr.to_string(), dir.join("agent"));
+    acfg.socket_path = dir.join("agent.sock");
+    acfg.join_token = Some(token.token);
+    let agent = sigil_agent::start(acfg).await.context("starting the agent")?;
+
+    let uid = nix::unistd::getuid();
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .filter(|n| sigil_types::spiffe_id::validate_path(&format!("/{n}")).is_ok())
+        .unwrap_or_else(|| format!("uid-{uid}"));
+    let spiffe_id = td.id_with_path(&format!("/user/{name}"))?;
+    let entry = Entry {
+        id: sigil_server::registry::new_entry_id()?,
+        spiffe_id: spiffe_id.clone(),
+        parent_id: agent.agent_id.clone(),
+        selectors: Selectors::parse_all([format!("unix:uid:{uid}")])?,
+        x509_svid_ttl: 0,
+        jwt_svid_ttl: 0,
+        dns_names: vec![],
+        federates_with: vec![],
+        admin: false,
+        downstream: false,
+        hint: String::new(),
+        expires_at: None,
+        revision: 0,
+        created_at: 0,
+    };
+    if let Err(e) = server.state.create_entry(entry).await {
+        // On a restart the same registration is already there.
+        let status = tonic::Status::from(e);
+        if status.code() != tonic::Code::AlreadyExists {
+            anyhow::bail!("registering the current user: {}", status.message());
+        }
+    }
+
+    let cancel = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.health_address {
+        let bound = health::serve(addr, crate::run::server_health(server.state.clone()), cancel.clone()).await?;
+        tracing::info!(%bound, "health and metrics listening");
+    }
+
+    println!("sigil dev is running: trust domain {td}, data in {}", dir.display());
+    println!("  server (agent API) : {}", server.agent_api_addr);
+    println!("  agent              : {}", agent.agent_id);
+    println!("  your identity      : {spiffe_id} (for processes with selector unix:uid:{uid})");
+    println!();
+    println!("In another shell:");
+    println!("  export SPIFFE_ENDPOINT_SOCKET=unix://{}", agent.socket_path.display());
+    println!("  export SIGIL_ADMIN_SOCKET={}", server.admin_socket.display());
+    println!("  sigil svid fetch");
+    println!();
+    println!("Press Ctrl-C to stop.");
+
+    crate::shutdown_signal().await;
+    cancel.cancel();
+    agent.shutdown().await;
+    server.shutdown().await;
+    Ok(())
+}

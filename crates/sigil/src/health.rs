@@ -1,0 +1,85 @@
+//! `/healthz`, `/readyz` and `/metrics` over plain HTTP for `sigil server run`,
+//! `sigil agent run` and `sigil dev`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+/// What the health listener reports.
+pub trait HealthSource: Send + Sync + 'static {
+    /// Whether the component can do its job now.
+    fn ready(&self) -> bool;
+    /// Prometheus text exposition.
+    fn metrics(&self) -> String;
+}
+
+/// A readiness flag set once start-up completed.
+#[derive(Debug, Default)]
+pub struct ReadyFlag(AtomicBool);
+
+impl ReadyFlag {
+    /// Marks ready (or not).
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+    /// Whether ready.
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves the health endpoints on `addr` until `cancel`; returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    source: Arc<dyn HealthSource>,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let ready_src = source.clone();
+    let metrics_src = source;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let s = ready_src.clone();
+                async move {
+                    if s.ready() {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let s = metrics_src.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        s.metrics(),
+                    )
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "health listener stopped");
+        }
+    });
+    Ok(local)
+}

@@ -1,0 +1,71 @@
+//! `sigil server run` and `sigil agent run`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::health::{self, HealthSource};
+
+struct ServerHealth(Arc<sigil_server::ServerState>);
+
+impl HealthSource for ServerHealth {
+    fn ready(&self) -> bool {
+        self.0.ready()
+    }
+    fn metrics(&self) -> String {
+        self.0.metrics_text()
+    }
+}
+
+struct AgentHealth(tokio::sync::watch::Receiver<Arc<sigil_agent::core::Snapshot>>, Arc<sigil_agent::metrics::Metrics>);
+
+impl HealthSource for AgentHealth {
+    fn ready(&self) -> bool {
+        !self.0.borrow().bundle.x509_authorities.is_empty()
+    }
+    fn metrics(&self) -> String {
+        self.1.render()
+    }
+}
+
+/// Health source of a server, for the health listener.
+pub(crate) fn server_health(s: Arc<sigil_server::ServerState>) -> Arc<dyn HealthSource> {
+    Arc::new(ServerHealth(s))
+}
+
+/// Health source of an agent, for the health listener.
+pub(crate) fn agent_health(a: &sigil_agent::AgentHandle) -> Arc<dyn HealthSource> {
+    Arc::new(AgentHealth(a.snapshots.clone(), a.metrics.clone()))
+}
+
+pub(crate) async fn server(config: &Path) -> anyhow::Result<()> {
+    let cfg = sigil_server::ServerConfig::load(config)?;
+    let health_addr = cfg.health_address;
+    let handle = sigil_server::start(cfg).await.context("starting the server")?;
+    if let Some(addr) = health_addr {
+        let bound = health::serve(addr, server_health(handle.state.clone()), handle.cancel_token()).await?;
+        tracing::info!(%bound, "health and metrics listening");
+    }
+    crate::shutdown_signal().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+pub(crate) async fn agent(config: &Path, join_token: Option<String>) -> anyhow::Result<()> {
+    let mut cfg = sigil_agent::AgentConfig::load(config)?;
+    if join_token.is_some() {
+        cfg.join_token = join_token;
+    }
+    let health_addr = cfg.health_address;
+    let handle = sigil_agent::start(cfg).await.context("starting the agent")?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = health_addr {
+        let bound = health::serve(addr, agent_health(&handle), cancel.clone()).await?;
+        tracing::info!(%bound, "health and metrics listening");
+    }
+    crate::shutdown_signal().await;
+    cancel.cancel();
+    handle.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! Workload API commands: `svid fetch`, `jwt fetch`, `jwt validate`, and the
+//! agent healthcheck. They speak the standard SPIFFE Workload API, exactly
+//! as any SPIFFE client does.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use hyper_util::rt::TokioIo;
+use sigil_proto::workload as pb;
+use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tokio::net::UnixStream;
+use tonic::Request;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::admin::Output;
+
+/// How to reach the Workload API.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct SocketOpts {
+    /// The agent's Workload API socket, unix:///path (or a plain path).
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = crate::DEFAULT_AGENT_SOCKET)]
+    socket: String,
+}
+
+/// The filesystem path of a `unix:` endpoint address.
+pub(crate) fn socket_path(addr: &str) -> anyhow::Result<PathBuf> {
+    let path = if let Some(p) = addr.strip_prefix("unix://") {
+        if !p.starts_with('/') {
+            bail!("socket address {addr:?} must be unix:///absolute/path");
+        }
+        p
+    } else if let Some(p) = addr.strip_prefix("unix:") {
+        p
+    } else if addr.starts_with('/') {
+        addr
+    } else {
+        bail!("socket address {addr:?} must be unix:///absolute/path (TCP is not supported)");
+    };
+    Ok(PathBuf::from(path))
+}
+
+type Client = SpiffeWorkloadApiClient<InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, tonic::Status>>>;
+
+fn add_header(mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
+    req.metadata_mut()
+        .insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
+    Ok(req)
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Client> {
+    let path = socket_path(addr)?;
+    let p = path.clone();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to the Workload API at {}; is the agent running? (set --socket or SPIFFE_ENDPOINT_SOCKET)",
+                path.display()
+            )
+        })?;
+    Ok(SpiffeWorkloadApiClient::with_interceptor(
+        channel,
+        add_header as fn(Request<()>) -> Result<Request<()>, tonic::Status>,
+    ))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum SvidCommand {
+    /// Fetch this process's X509-SVIDs and print them (or write them as PEM files).
+    Fetch {
+        /// Write svid.N.pem, svid.N.key and bundle.N.pem into this directory.
+        #[arg(long)]
+        write: Option<PathBuf>,
+        #[command(flatten)]
+        socket: SocketOpts,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+}
+
+fn write_file(path: &Path, data: &[u8], private: bool) -> anyhow::Result<()> {
+    if private {
+        sigil_svid::keys::write_private_file(path, data)
+    } else {
+        std::fs::write(path, data)
+    }
+    .with_context(|| format!("writing {}", path.display()))
+}
+
+pub(crate) async fn svid(cmd: SvidCommand) -> anyhow::Result<()> {
+    let SvidCommand::Fetch { write, socket, output } = cmd;
+    let mut client = connect(&socket.socket).await?;
+    let mut stream = client
+        .fetch_x509svid(pb::X509svidRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
+    let resp = stream
+        .message()
+        .await
+        .map_err(status_err)?
+        .context("the Workload API closed the stream without an answer")?;
+    let mut json = Vec::new();
+    for (i, s) in resp.svids.iter().enumerate() {
+        let chain = sigil_svid::x509::split_der_certs(&s.x509_svid)?;
+        let bundle = sigil_svid::x509::split_der_certs(&s.bundle)?;
+        let info = chain
+            .first()
+            .map(|c| sigil_svid::x509::cert_info(c))
+            .transpose()?
+            .context("empty SVID chain")?;
+        if let Some(dir) = &write {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            write_file(&dir.join(format!("svid.{i}.pem")), sigil_svid::pem::certs_to_pem(&chain).as_bytes(), false)?;
+            let key = sigil_svid::keys::PrivateKey::from_pkcs8_der(&s.x509_svid_key)?;
+            write_file(&dir.join(format!("svid.{i}.key")), key.to_pem().as_bytes(), true)?;
+            write_file(&dir.join(format!("bundle.{i}.pem")), sigil_svid::pem::certs_to_pem(&bundle).as_bytes(), false)?;
+        }
+        let not_after = humantime::format_rfc3339_seconds(info.not_after).to_string();
+        match output {
+            Output::Text => {
+                println!("SPIFFE ID         : {}", s.spiffe_id);
+                println!("SVID valid until  : {not_after}");
+                println!("Intermediates     : {}", chain.len() - 1);
+                println!("CA certificates   : {}", bundle.len());
+                if !s.hint.is_empty() {
+                    println!("Hint              : {}", s.hint);
+                }
+                if let Some(dir) = &write {
+                    println!("Written to        : {}", dir.join(format!("svid.{i}.pem")).display());
+                }
+                println!();
+            }
+            Output::Json => json.push(serde_json::json!({
+                "spiffe_id": s.spiffe_id,
+                "not_after": not_after,
+                "hint": s.hint,
+                "svid_pem": sigil_svid::pem::certs_to_pem(&chain),
+                "bundle_pem": sigil_svid::pem::certs_to_pem(&bundle),
+            })),
+        }
+    }
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    Ok(())
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum JwtCommand {
+    /// Fetch JWT-SVIDs for an audience.
+    Fetch {
+        /// The audience (repeatable; all go into `aud`).
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        /// Only this SPIFFE ID (default: every identity of the caller).
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        #[command(flatten)]
+        socket: SocketOpts,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Validate a JWT-SVID against the agent's bundles (works while the server is down).
+    Validate {
+        /// The audience the token must carry.
+        #[arg(long)]
+        audience: String,
+        /// The token (default: read from standard input).
+        #[arg(long)]
+        token: Option<String>,
+        #[command(flatten)]
+        socket: SocketOpts,
+    },
+}
+
+pub(crate) async fn jwt(cmd: JwtCommand) -> anyhow::Result<()> {
+    match cmd {
+        JwtCommand::Fetch {
+            audience,
+            spiffe_id,
+            socket,
+            output,
+        } => {
+            let mut client = connect(&socket.socket).await?;
+            let r = client
+                .fetch_jwtsvid(pb::JwtsvidRequest {
+                    audience,
+                    spiffe_id: spiffe_id.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            match output {
+                Output::Text => {
+                    for s in &r.svids {
+                        println!("SPIFFE ID : {}", s.spiffe_id);
+                        println!("Token     : {}", s.svid);
+                        println!();
+                    }
+                }
+                Output::Json => {
+                    let v: Vec<_> = r
+                        .svids
+                        .iter()
+                        .map(|s| serde_json::json!({"spiffe_id": s.spiffe_id, "token": s.svid, "hint": s.hint}))
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+            }
+            Ok(())
+        }
+        JwtCommand::Validate { audience, token, socket } => {
+            let token = match token {
+                Some(t) => t,
+                None => {
+                    let mut s = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
+                    s.trim().to_owned()
+                }
+            };
+            let mut client = connect(&socket.socket).await?;
+            let r = client
+                .validate_jwtsvid(pb::ValidateJwtsvidRequest { audience, svid: token })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("SPIFFE ID : {}", r.spiffe_id);
+            if let Some(claims) = r.claims {
+                let mut keys: Vec<_> = claims.fields.keys().collect();
+                keys.sort();
+                for k in keys {
+                    println!("Claim     : {k} = {}", fmt_value(&claims.fields[k]));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn fmt_value(v: &prost_types::Value) -> String {
+    use prost_types::value::Kind;
+    match &v.kind {
+        Some(Kind::StringValue(s)) => s.clone(),
+        Some(Kind::NumberValue(n)) => format!("{n}"),
+        Some(Kind::BoolValue(b)) => b.to_string(),
+        Some(Kind::ListValue(l)) => format!("[{}]", l.values.iter().map(fmt_value).collect::<Vec<_>>().join(", ")),
+        Some(Kind::StructValue(_)) => "{…}".into(),
+        Some(Kind::NullValue(_)) | None => "null".into(),
+    }
+}
+
+/// The agent is healthy if its Workload API answers, with or without an
+/// identity for the caller.
+pub(crate) async fn agent_healthcheck(socket: &str) -> anyhow::Result<()> {
+    let mut client = connect(socket).await?;
+    match client.fetch_jwt_bundles(pb::JwtBundlesRequest {}).await {
+        Ok(mut s) => {
+            s.get_mut().message().await.map_err(status_err)?;
+            Ok(())
+        }
+        Err(s) if s.code() == tonic::Code::PermissionDenied => Ok(()),
+        Err(s) => Err(status_err(s)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses() {
+        assert_eq!(socket_path("unix:///tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
+        assert_eq!(socket_path("unix:/tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
+        assert_eq!(socket_path("/tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
+        for bad in ["unix://foo", "tcp://127.0.0.1:1", "relative"] {
+            assert!(socket_path(bad).is_err(), "{bad}");
+        }
+    }
+}
