@@ -123,7 +123,12 @@ pub(crate) mod danger {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn verify_tls13_signature(
             &self,
@@ -131,7 +136,12 @@ pub(crate) mod danger {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
             self.0.signature_verification_algorithms.supported_schemes()
@@ -156,7 +166,9 @@ pub async fn bootstrap_bundle_by_fingerprint(
     let resp = client
         .get_bundle(sigil_proto::server::v1::GetBundleRequest {})
         .await
-        .map_err(|s| AgentError::Unavailable(format!("fetching the bootstrap bundle: {}", s.message())))?
+        .map_err(|s| {
+            AgentError::Unavailable(format!("fetching the bootstrap bundle: {}", s.message()))
+        })?
         .into_inner();
     let bundle = Bundle::from_json(trust_domain.clone(), &resp.bundle_json)?;
     let want = fingerprint.to_ascii_lowercase();

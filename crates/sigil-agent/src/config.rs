@@ -105,7 +105,11 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// A configuration with every default, for `sigil dev` and tests.
-    pub fn with_defaults(trust_domain: TrustDomain, server_address: String, data_dir: PathBuf) -> Self {
+    pub fn with_defaults(
+        trust_domain: TrustDomain,
+        server_address: String,
+        data_dir: PathBuf,
+    ) -> Self {
         Self {
             trust_domain,
             server_address,
@@ -132,7 +136,9 @@ impl AgentConfig {
     /// Parses and validates TOML text; `path` only labels errors.
     pub fn parse(text: &str, path: Option<&Path>) -> Result<Self, ConfigError> {
         let file: AgentFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.map(Path::to_owned).unwrap_or_else(|| PathBuf::from("<inline>")),
+            path: path
+                .map(Path::to_owned)
+                .unwrap_or_else(|| PathBuf::from("<inline>")),
             message: e.to_string(),
         })?;
         let a = file.agent;
@@ -141,8 +147,8 @@ impl AgentConfig {
             key,
             message,
         };
-        let trust_domain =
-            TrustDomain::new(&a.trust_domain).map_err(|e| invalid("agent.trust_domain", e.to_string()))?;
+        let trust_domain = TrustDomain::new(&a.trust_domain)
+            .map_err(|e| invalid("agent.trust_domain", e.to_string()))?;
         let has_port = a
             .server_address
             .rsplit_once(':')
@@ -150,13 +156,19 @@ impl AgentConfig {
         if !has_port {
             return Err(invalid(
                 "agent.server_address",
-                format!("{:?} must be host:port, e.g. sigil-server.example.org:8081", a.server_address),
+                format!(
+                    "{:?} must be host:port, e.g. sigil-server.example.org:8081",
+                    a.server_address
+                ),
             ));
         }
         let health_address = a
             .health_address
             .as_deref()
-            .map(|h| h.parse().map_err(|e| invalid("agent.health_address", format!("{h:?}: {e}"))))
+            .map(|h| {
+                h.parse()
+                    .map_err(|e| invalid("agent.health_address", format!("{h:?}: {e}")))
+            })
             .transpose()?;
         Ok(Self {
             trust_domain,
@@ -191,9 +203,18 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         for (body, key) in [
-            ("trust_domain = \"example.org\"\nserver_address = \"nohost\"", "server_address"),
-            ("trust_domain = \"EX AMPLE\"\nserver_address = \"a:1\"", "trust_domain"),
-            ("trust_domain = \"e.org\"\nserver_address = \"a:1\"\nsocket = \"/x\"", "socket"),
+            (
+                "trust_domain = \"example.org\"\nserver_address = \"nohost\"",
+                "server_address",
+            ),
+            (
+                "trust_domain = \"EX AMPLE\"\nserver_address = \"a:1\"",
+                "trust_domain",
+            ),
+            (
+                "trust_domain = \"e.org\"\nserver_address = \"a:1\"\nsocket = \"/x\"",
+                "socket",
+            ),
         ] {
             let err = AgentConfig::parse(&format!("[agent]\n{body}\n"), Some(Path::new("a.toml")))
                 .unwrap_err()

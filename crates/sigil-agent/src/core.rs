@@ -128,7 +128,11 @@ impl Core {
                 vec![]
             },
         };
-        let stream = client.sync(req).await.map_err(AgentError::from_status)?.into_inner();
+        let stream = client
+            .sync(req)
+            .await
+            .map_err(AgentError::from_status)?
+            .into_inner();
         self.client.store(Arc::new(Some(client)));
         Ok(stream)
     }
@@ -171,7 +175,11 @@ impl Core {
         self.svids.retain(|id, _| self.entries.contains_key(id));
         self.renew_at.retain(|id, _| self.entries.contains_key(id));
         self.dirty = true;
-        tracing::debug!(entries = self.entries.len(), revision = self.revision, "sync applied");
+        tracing::debug!(
+            entries = self.entries.len(),
+            revision = self.revision,
+            "sync applied"
+        );
     }
 
     /// Renews the agent SVID when due; returns whether the connection must be
@@ -241,7 +249,9 @@ impl Core {
             let mut keys = HashMap::new();
             let mut params = Vec::with_capacity(batch.len());
             for e in batch {
-                let key = match PrivateKey::generate_p256().and_then(|k| sigil_svid::x509::make_csr(&k).map(|c| (k, c))) {
+                let key = match PrivateKey::generate_p256()
+                    .and_then(|k| sigil_svid::x509::make_csr(&k).map(|c| (k, c)))
+                {
                     Ok((k, csr)) => {
                         params.push(pb::X509svidParams {
                             entry_id: e.id.to_string(),
@@ -263,13 +273,18 @@ impl Core {
                 Ok(r) => r.into_inner(),
                 Err(status) => {
                     tracing::warn!(error = %status.message(), "signing request failed; will retry");
-                    self.sign_retry_at = Some(now + self.cfg.min_backoff.max(Duration::from_secs(1)));
+                    self.sign_retry_at =
+                        Some(now + self.cfg.min_backoff.max(Duration::from_secs(1)));
                     return;
                 }
             };
             for r in resp.results {
-                let Ok(id) = r.entry_id.parse::<EntryId>() else { continue };
-                let Some((key, entry)) = keys.remove(&id) else { continue };
+                let Ok(id) = r.entry_id.parse::<EntryId>() else {
+                    continue;
+                };
+                let Some((key, entry)) = keys.remove(&id) else {
+                    continue;
+                };
                 if !r.error.is_empty() {
                     tracing::warn!(entry = %id, error = %r.error, "server refused to sign");
                     continue;
@@ -390,7 +405,9 @@ impl Core {
     }
 }
 
-async fn next_message(stream: &mut Option<Streaming<pb::SyncMessage>>) -> Option<Result<pb::SyncMessage, tonic::Status>> {
+async fn next_message(
+    stream: &mut Option<Streaming<pb::SyncMessage>>,
+) -> Option<Result<pb::SyncMessage, tonic::Status>> {
     match stream {
         Some(s) => s.message().await.transpose(),
         None => std::future::pending().await,
@@ -406,7 +423,11 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     pub(crate) fn new(min: Duration, max: Duration) -> Self {
-        Self { min, max, current: min }
+        Self {
+            min,
+            max,
+            current: min,
+        }
     }
     pub(crate) fn reset(&mut self) {
         self.current = self.min;
@@ -430,7 +451,10 @@ mod tests {
         let start = SystemTime::now();
         let end = start + Duration::from_secs(3600);
         for _ in 0..100 {
-            let at = renewal_time(start, end).duration_since(start).unwrap().as_secs();
+            let at = renewal_time(start, end)
+                .duration_since(start)
+                .unwrap()
+                .as_secs();
             assert!((1440..=2160).contains(&at), "{at}");
         }
     }

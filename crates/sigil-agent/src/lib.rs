@@ -85,9 +85,9 @@ impl AgentError {
     /// Classifies a gRPC status from the server.
     pub fn from_status(s: tonic::Status) -> Self {
         match s.code() {
-            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated | tonic::Code::InvalidArgument => {
-                AgentError::Refused(s.message().to_owned())
-            }
+            tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::InvalidArgument => AgentError::Refused(s.message().to_owned()),
             _ => AgentError::Unavailable(format!("server error: {}", s.message())),
         }
     }
@@ -133,8 +133,9 @@ impl AgentHandle {
 
 /// Reads a bootstrap bundle: SPIFFE bundle JSON or PEM certificates.
 pub fn load_trust_bundle(path: &Path, td: &sigil_types::TrustDomain) -> Result<Bundle, AgentError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| AgentError::Config(format!("cannot read trust bundle {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        AgentError::Config(format!("cannot read trust bundle {}: {e}", path.display()))
+    })?;
     if text.trim_start().starts_with('{') {
         Ok(Bundle::from_json(td.clone(), &text)?)
     } else {
@@ -144,7 +145,10 @@ pub fn load_trust_bundle(path: &Path, td: &sigil_types::TrustDomain) -> Result<B
     }
 }
 
-async fn attest(cfg: &AgentConfig, persist: &Persist) -> Result<(AgentIdentity, Bundle), AgentError> {
+async fn attest(
+    cfg: &AgentConfig,
+    persist: &Persist,
+) -> Result<(AgentIdentity, Bundle), AgentError> {
     let Some(token) = cfg.join_token.as_deref() else {
         return Err(AgentError::Config(format!(
             "the agent has no valid SVID in {}; start it once with a join token (`sigil token generate` on the server)",
@@ -154,7 +158,8 @@ async fn attest(cfg: &AgentConfig, persist: &Persist) -> Result<(AgentIdentity, 
     let bundle = match (&cfg.trust_bundle_path, token.split('.').nth(2)) {
         (Some(path), _) => load_trust_bundle(path, &cfg.trust_domain)?,
         (None, Some(fp)) if !fp.is_empty() => {
-            client::bootstrap_bundle_by_fingerprint(&cfg.server_address, &cfg.trust_domain, fp).await?
+            client::bootstrap_bundle_by_fingerprint(&cfg.server_address, &cfg.trust_domain, fp)
+                .await?
         }
         _ => {
             return Err(AgentError::Config(
@@ -265,8 +270,10 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     };
     for s in cached.svids {
         if core.entries.contains_key(&s.entry_id) {
-            core.renew_at
-                .insert(s.entry_id.clone(), core::renewal_time(s.not_before, s.not_after));
+            core.renew_at.insert(
+                s.entry_id.clone(),
+                core::renewal_time(s.not_before, s.not_after),
+            );
             core.svids.insert(s.entry_id.clone(), Arc::new(s));
         }
     }

@@ -32,11 +32,31 @@ impl Default for Metrics {
             workload_streams: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("svids_signed", "Workload SVIDs signed for this agent", m.svids_signed.clone());
-        registry.register("cached_svids", "Workload SVIDs in the cache", m.cached_svids.clone());
-        registry.register("workload_requests", "Workload API calls answered", m.workload_requests.clone());
-        registry.register("workload_refusals", "Workload API calls refused", m.workload_refusals.clone());
-        registry.register("workload_streams", "Open Workload API streams", m.workload_streams.clone());
+        registry.register(
+            "svids_signed",
+            "Workload SVIDs signed for this agent",
+            m.svids_signed.clone(),
+        );
+        registry.register(
+            "cached_svids",
+            "Workload SVIDs in the cache",
+            m.cached_svids.clone(),
+        );
+        registry.register(
+            "workload_requests",
+            "Workload API calls answered",
+            m.workload_requests.clone(),
+        );
+        registry.register(
+            "workload_refusals",
+            "Workload API calls refused",
+            m.workload_refusals.clone(),
+        );
+        registry.register(
+            "workload_streams",
+            "Open Workload API streams",
+            m.workload_streams.clone(),
+        );
         Self { registry, ..m }
     }
 }

@@ -42,9 +42,9 @@ impl std::fmt::Debug for AgentIdentity {
 impl AgentIdentity {
     /// Builds the identity from a freshly issued chain.
     pub fn new(chain: Vec<Vec<u8>>, key: PrivateKey) -> Result<Self, AgentError> {
-        let leaf = chain
-            .first()
-            .ok_or_else(|| AgentError::Bootstrap("the server returned an empty agent SVID chain".into()))?;
+        let leaf = chain.first().ok_or_else(|| {
+            AgentError::Bootstrap("the server returned an empty agent SVID chain".into())
+        })?;
         let info = sigil_svid::x509::cert_info(leaf)?;
         let id = info
             .spiffe_id
@@ -93,7 +93,9 @@ impl std::fmt::Debug for WorkloadSvid {
 impl WorkloadSvid {
     /// Whether the SVID still matches what the entry asks for.
     pub fn fits(&self, e: &Entry) -> bool {
-        self.spiffe_id == e.spiffe_id && self.dns_names == e.dns_names && self.ttl == e.x509_svid_ttl
+        self.spiffe_id == e.spiffe_id
+            && self.dns_names == e.dns_names
+            && self.ttl == e.x509_svid_ttl
     }
 }
 
@@ -149,7 +151,9 @@ impl Persist {
     /// Uses (and creates, 0700) the directory.
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
         sigil_svid::keys::ensure_private_dir(dir)?;
-        Ok(Self { dir: dir.to_owned() })
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -176,7 +180,8 @@ impl Persist {
 
     /// Loads the agent's SVID and key, if saved.
     pub fn load_identity(&self) -> Result<Option<AgentIdentity>, AgentError> {
-        let (Some(key), Some(json)) = (self.read_opt("agent.key")?, self.read_opt("agent.json")?) else {
+        let (Some(key), Some(json)) = (self.read_opt("agent.key")?, self.read_opt("agent.json")?)
+        else {
             return Ok(None);
         };
         let key = PrivateKey::from_pem(&String::from_utf8_lossy(&key))?;
@@ -200,7 +205,10 @@ impl Persist {
         let Some(json) = self.read_opt("bundle.json")? else {
             return Ok(None);
         };
-        Ok(Some(Bundle::from_json(td.clone(), &String::from_utf8_lossy(&json))?))
+        Ok(Some(Bundle::from_json(
+            td.clone(),
+            &String::from_utf8_lossy(&json),
+        )?))
     }
 
     /// Saves entries and workload SVIDs.
@@ -244,7 +252,9 @@ impl Persist {
             let key = PrivateKey::from_pkcs8_der(&unb64(&s.key, "cache.json")?)?;
             let Some(leaf) = chain.first() else { continue };
             let info = sigil_svid::x509::cert_info(leaf)?;
-            let Some(spiffe_id) = info.spiffe_id else { continue };
+            let Some(spiffe_id) = info.spiffe_id else {
+                continue;
+            };
             if info.not_after <= now {
                 continue;
             }

@@ -15,7 +15,9 @@ use std::time::{Duration, SystemTime};
 
 use sigil_proto::server::v1 as spb;
 use sigil_proto::workload as pb;
-use sigil_proto::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+use sigil_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
 use sigil_svid::bundle::BundleSet;
 use sigil_types::{Entry, Selectors, SpiffeId};
 use tokio::sync::{mpsc, watch};
@@ -43,7 +45,9 @@ pub fn check_security_header(req: Request<()>) -> Result<Request<()>, Status> {
     if values.len() == 1 && values[0] == "true" {
         Ok(req)
     } else {
-        Err(Status::invalid_argument("security header missing from request"))
+        Err(Status::invalid_argument(
+            "security header missing from request",
+        ))
     }
 }
 
@@ -139,7 +143,9 @@ fn x509_response(snap: &Snapshot, matched: &[Arc<Entry>]) -> Option<pb::X509svid
     let bundle = snap.bundle.x509_der_concat();
     let mut svids = Vec::new();
     for e in matched {
-        let Some(s) = snap.svids.get(&e.id) else { continue };
+        let Some(s) = snap.svids.get(&e.id) else {
+            continue;
+        };
         // One SVID per SPIFFE ID; and hints must be unique (the first wins).
         if !seen_ids.insert(s.spiffe_id.clone()) {
             continue;
@@ -227,7 +233,11 @@ where
 
 fn bundle_map(snap: &Snapshot, jwt: bool) -> HashMap<String, Vec<u8>> {
     let b = &snap.bundle;
-    let value = if jwt { b.workload_jwks() } else { b.x509_der_concat() };
+    let value = if jwt {
+        b.workload_jwks()
+    } else {
+        b.x509_der_concat()
+    };
     HashMap::from([(b.trust_domain.id_string(), value)])
 }
 
@@ -254,17 +264,27 @@ impl SpiffeWorkloadApi for WorkloadService {
             // Entitled, but the SVID is still being signed: wait for it.
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => continue,
-                _ => return Err(self.refuse(Status::unavailable("X509-SVID not yet available; retry"))),
+                _ => {
+                    return Err(
+                        self.refuse(Status::unavailable("X509-SVID not yet available; retry"))
+                    );
+                }
             }
         };
         self.metrics.workload_requests.inc();
-        let stream = spawn_stream(rx, first, self.metrics.clone(), self.cancel.clone(), move |snap| {
-            let matched = matching(snap, &selectors);
-            if matched.is_empty() {
-                return Err(Status::permission_denied(NO_IDENTITY));
-            }
-            Ok(x509_response(snap, &matched))
-        });
+        let stream = spawn_stream(
+            rx,
+            first,
+            self.metrics.clone(),
+            self.cancel.clone(),
+            move |snap| {
+                let matched = matching(snap, &selectors);
+                if matched.is_empty() {
+                    return Err(Status::permission_denied(NO_IDENTITY));
+                }
+                Ok(x509_response(snap, &matched))
+            },
+        );
         Ok(Response::new(stream))
     }
 
@@ -285,15 +305,21 @@ impl SpiffeWorkloadApi for WorkloadService {
             crl: vec![],
             bundles: bundle_map(&snap, false),
         };
-        let stream = spawn_stream(rx, first, self.metrics.clone(), self.cancel.clone(), move |snap| {
-            if matching(snap, &selectors).is_empty() {
-                return Err(Status::permission_denied(NO_IDENTITY));
-            }
-            Ok(Some(pb::X509BundlesResponse {
-                crl: vec![],
-                bundles: bundle_map(snap, false),
-            }))
-        });
+        let stream = spawn_stream(
+            rx,
+            first,
+            self.metrics.clone(),
+            self.cancel.clone(),
+            move |snap| {
+                if matching(snap, &selectors).is_empty() {
+                    return Err(Status::permission_denied(NO_IDENTITY));
+                }
+                Ok(Some(pb::X509BundlesResponse {
+                    crl: vec![],
+                    bundles: bundle_map(snap, false),
+                }))
+            },
+        );
         Ok(Response::new(stream))
     }
 
@@ -301,17 +327,26 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        if req.get_ref().audience.is_empty() || req.get_ref().audience.iter().all(String::is_empty) {
+        if req.get_ref().audience.is_empty() || req.get_ref().audience.iter().all(String::is_empty)
+        {
             return Err(self.refuse(Status::invalid_argument("audience must be specified")));
         }
         let wanted: Option<SpiffeId> = match req.get_ref().spiffe_id.as_str() {
             "" => None,
             s => Some(s.parse().map_err(|e| {
-                self.refuse(Status::invalid_argument(format!("invalid requested SPIFFE ID: {e}")))
+                self.refuse(Status::invalid_argument(format!(
+                    "invalid requested SPIFFE ID: {e}"
+                )))
             })?),
         };
         let selectors = self.identify(&req).await.map_err(|s| self.refuse(s))?;
-        let mut audience: Vec<String> = req.get_ref().audience.iter().filter(|a| !a.is_empty()).cloned().collect();
+        let mut audience: Vec<String> = req
+            .get_ref()
+            .audience
+            .iter()
+            .filter(|a| !a.is_empty())
+            .cloned()
+            .collect();
         audience.sort();
         audience.dedup();
         let snap = self.snapshots.borrow().clone();
@@ -353,14 +388,20 @@ impl SpiffeWorkloadApi for WorkloadService {
         let first = pb::JwtBundlesResponse {
             bundles: bundle_map(&snap, true),
         };
-        let stream = spawn_stream(rx, first, self.metrics.clone(), self.cancel.clone(), move |snap| {
-            if matching(snap, &selectors).is_empty() {
-                return Err(Status::permission_denied(NO_IDENTITY));
-            }
-            Ok(Some(pb::JwtBundlesResponse {
-                bundles: bundle_map(snap, true),
-            }))
-        });
+        let stream = spawn_stream(
+            rx,
+            first,
+            self.metrics.clone(),
+            self.cancel.clone(),
+            move |snap| {
+                if matching(snap, &selectors).is_empty() {
+                    return Err(Status::permission_denied(NO_IDENTITY));
+                }
+                Ok(Some(pb::JwtBundlesResponse {
+                    bundles: bundle_map(snap, true),
+                }))
+            },
+        );
         Ok(Response::new(stream))
     }
 
@@ -402,7 +443,9 @@ impl WorkloadService {
             return Ok(token.clone());
         }
         let Some(mut client) = (**self.client.load()).clone() else {
-            return Err(Status::unavailable("could not fetch JWT-SVID: server unreachable"));
+            return Err(Status::unavailable(
+                "could not fetch JWT-SVID: server unreachable",
+            ));
         };
         let token = client
             .new_jwtsvid(spb::NewJwtsvidRequest {
@@ -429,7 +472,9 @@ impl WorkloadService {
 }
 
 /// JSON claims as a protobuf Struct.
-pub fn json_object_to_struct(m: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+pub fn json_object_to_struct(
+    m: &serde_json::Map<String, serde_json::Value>,
+) -> prost_types::Struct {
     prost_types::Struct {
         fields: m
             .iter()
@@ -460,20 +505,24 @@ mod tests {
     #[test]
     fn header_must_be_exactly_true() {
         let mut ok = Request::new(());
-        ok.metadata_mut().insert(SECURITY_HEADER, "true".parse().unwrap());
+        ok.metadata_mut()
+            .insert(SECURITY_HEADER, "true".parse().unwrap());
         assert!(check_security_header(ok).is_ok());
         let missing = Request::new(());
         let err = check_security_header(missing).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert_eq!(err.message(), "security header missing from request");
         let mut wrong = Request::new(());
-        wrong.metadata_mut().insert(SECURITY_HEADER, "TRUE".parse().unwrap());
+        wrong
+            .metadata_mut()
+            .insert(SECURITY_HEADER, "TRUE".parse().unwrap());
         assert!(check_security_header(wrong).is_err());
     }
 
     #[test]
     fn claims_convert_to_struct() {
-        let v: serde_json::Value = serde_json::json!({"sub": "spiffe://td/x", "aud": ["a", "b"], "exp": 5});
+        let v: serde_json::Value =
+            serde_json::json!({"sub": "spiffe://td/x", "aud": ["a", "b"], "exp": 5});
         let s = json_object_to_struct(v.as_object().unwrap());
         assert_eq!(s.fields.len(), 3);
         match &s.fields["aud"].kind {

@@ -49,7 +49,8 @@ pub mod convert;
 pub use convert::{ConvertError, entry_from_proto};
 
 /// The SPIFFE Workload API (`proto/workload.proto`, no package): messages,
-/// [`spiffe_workload_api_server`] and [`spiffe_workload_api_client`].
+/// [`spiffe_workload_api_server`](workload::spiffe_workload_api_server) and
+/// [`spiffe_workload_api_client`](workload::spiffe_workload_api_client).
 #[rustfmt::skip]
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod workload {
@@ -58,10 +59,12 @@ pub mod workload {
 
 /// sigil's own server API.
 pub mod server {
-    /// Package `sigil.server.v1` (`proto/server.proto`): the [`Entry`] and
-    /// [`Agent`] messages, `AgentApi` ([`agent_api_server`],
-    /// [`agent_api_client`]) and `AdminApi` ([`admin_api_server`],
-    /// [`admin_api_client`]).
+    /// Package `sigil.server.v1` (`proto/server.proto`): messages such as
+    /// [`Entry`](v1::Entry) and [`Agent`](v1::Agent), `AgentApi`
+    /// ([`agent_api_server`](v1::agent_api_server),
+    /// [`agent_api_client`](v1::agent_api_client)) and `AdminApi`
+    /// ([`admin_api_server`](v1::admin_api_server),
+    /// [`admin_api_client`](v1::admin_api_client)).
     #[rustfmt::skip]
     #[allow(missing_docs, unreachable_pub, clippy::all)]
     pub mod v1 {

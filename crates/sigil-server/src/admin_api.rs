@@ -121,7 +121,9 @@ impl AdminApi for AdminService {
         for e in entries {
             let given = e.id.clone();
             let r = if given.is_empty() {
-                Err(ServerError::InvalidArgument("an update needs the entry id".into()))
+                Err(ServerError::InvalidArgument(
+                    "an update needs the entry id".into(),
+                ))
             } else {
                 let fresh = new_entry_id()?;
                 match entry_from_proto(&e, move || fresh) {
@@ -152,7 +154,10 @@ impl AdminApi for AdminService {
         Ok(Response::new(pb::BatchEntryResponse { results }))
     }
 
-    async fn get_entry(&self, req: Request<pb::GetEntryRequest>) -> Result<Response<pb::Entry>, Status> {
+    async fn get_entry(
+        &self,
+        req: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<pb::Entry>, Status> {
         check_caller(&req)?;
         let id: EntryId = req
             .get_ref()
@@ -179,7 +184,8 @@ impl AdminApi for AdminService {
             filter.parent_id = Some(parse_id(&r.parent_id, "parent_id")?);
         }
         if !r.selectors.is_empty() {
-            let sel = Selectors::parse_all(&r.selectors).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let sel = Selectors::parse_all(&r.selectors)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let mode: SelectorMatch = r.selector_match.parse().map_err(Status::invalid_argument)?;
             filter.selectors = Some((sel, mode));
         }
@@ -226,29 +232,49 @@ impl AdminApi for AdminService {
         req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         check_caller(&req)?;
-        let agents = self.state.store.list_agents().await.map_err(ServerError::from)?;
+        let agents = self
+            .state
+            .store
+            .list_agents()
+            .await
+            .map_err(ServerError::from)?;
         Ok(Response::new(pb::ListAgentsResponse {
             agents: agents.iter().map(|a| agent_pb(&self.state, a)).collect(),
         }))
     }
 
-    async fn get_agent(&self, req: Request<pb::GetAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+    async fn get_agent(
+        &self,
+        req: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
         check_caller(&req)?;
         let id = parse_id(&req.get_ref().spiffe_id, "spiffe_id")?;
-        match self.state.store.get_agent(&id).await.map_err(ServerError::from)? {
+        match self
+            .state
+            .store
+            .get_agent(&id)
+            .await
+            .map_err(ServerError::from)?
+        {
             Some(a) => Ok(Response::new(agent_pb(&self.state, &a))),
             None => Err(Status::not_found(format!("agent {id} not found"))),
         }
     }
 
-    async fn evict_agent(&self, req: Request<pb::GetAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+    async fn evict_agent(
+        &self,
+        req: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
         check_caller(&req)?;
         let id = parse_id(&req.get_ref().spiffe_id, "spiffe_id")?;
         let a = self.state.evict_agent(&id).await?;
         Ok(Response::new(pb::Agent::from(&a)))
     }
 
-    async fn ban_agent(&self, req: Request<pb::GetAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+    async fn ban_agent(
+        &self,
+        req: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<pb::Agent>, Status> {
         check_caller(&req)?;
         let id = parse_id(&req.get_ref().spiffe_id, "spiffe_id")?;
         let a = self.state.ban_agent(&id).await?;

@@ -91,9 +91,9 @@ impl AgentApi for AgentService {
         let mut known = HashMap::new();
         if req.revision > 0 {
             for id in &req.known_entry_ids {
-                let id: EntryId = id
-                    .parse()
-                    .map_err(|e: sigil_types::EntryError| Status::invalid_argument(e.to_string()))?;
+                let id: EntryId = id.parse().map_err(|e: sigil_types::EntryError| {
+                    Status::invalid_argument(e.to_string())
+                })?;
                 known.insert(id, req.revision);
             }
         }
@@ -106,7 +106,9 @@ impl AgentApi for AgentService {
             sync_loop(&state, agent, known, req.revision == 0, tx, cancel).await;
             state.track_stream(&id, -1);
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn batch_new_x509svid(
@@ -146,7 +148,9 @@ impl AgentApi for AgentService {
     ) -> Result<Response<pb::NewJwtsvidResponse>, Status> {
         let agent = self.agent(&req).await?;
         let req = req.into_inner();
-        let token = self.state.mint_jwt_svid(&agent, &req.entry_id, &req.audience)?;
+        let token = self
+            .state
+            .mint_jwt_svid(&agent, &req.entry_id, &req.audience)?;
         Ok(Response::new(pb::NewJwtsvidResponse { token }))
     }
 }
@@ -156,7 +160,12 @@ type Sent = HashMap<EntryId, u64>;
 
 /// Computes the message that brings an agent holding `sent` to `auth`,
 /// updating `sent`. `None` when nothing changed.
-fn diff(sent: &mut Sent, auth: &Authorized, snapshot: bool, revision: u64) -> Option<pb::SyncMessage> {
+fn diff(
+    sent: &mut Sent,
+    auth: &Authorized,
+    snapshot: bool,
+    revision: u64,
+) -> Option<pb::SyncMessage> {
     let mut upserted = Vec::new();
     for (id, e) in &auth.entries {
         if sent.get(id) != Some(&e.revision) || snapshot {
@@ -259,11 +268,21 @@ async fn sync_loop(
                     agent = record;
                 }
                 Ok(Some(_)) => {
-                    let _ = tx.send(Err(Status::permission_denied(format!("agent {} is banned", agent.spiffe_id)))).await;
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "agent {} is banned",
+                            agent.spiffe_id
+                        ))))
+                        .await;
                     return;
                 }
                 Ok(None) => {
-                    let _ = tx.send(Err(Status::permission_denied(format!("agent {} was evicted", agent.spiffe_id)))).await;
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "agent {} was evicted",
+                            agent.spiffe_id
+                        ))))
+                        .await;
                     return;
                 }
                 Err(e) => {

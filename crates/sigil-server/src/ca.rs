@@ -241,7 +241,9 @@ impl CaManager {
         self.rotate_kind(&mut state.x509, now).await?;
         self.rotate_kind(&mut state.jwt, now).await?;
         let (Some(x), Some(j)) = (active_of(&state.x509), active_of(&state.jwt)) else {
-            return Err(ServerError::Internal("no active authority after rotation".into()));
+            return Err(ServerError::Internal(
+                "no active authority after rotation".into(),
+            ));
         };
         let active_changed = old_x509.as_deref() != Some(x.record.id.as_str());
         self.active.store(Arc::new(ActiveAuthorities {
@@ -281,7 +283,9 @@ impl CaManager {
         let expired: Vec<usize> = slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.record.not_after <= unix(now) && s.record.state != AuthorityState::Active)
+            .filter(|(_, s)| {
+                s.record.not_after <= unix(now) && s.record.state != AuthorityState::Active
+            })
             .map(|(i, _)| i)
             .collect();
         for i in expired.into_iter().rev() {
@@ -312,7 +316,8 @@ impl CaManager {
             // Down past the whole life of the authority: nothing it signed is
             // valid any more, so replace it at once.
             let slot = self.create::<A>(AuthorityState::Active, now).await?;
-            self.set_state(&mut slots[active], AuthorityState::Retired).await?;
+            self.set_state(&mut slots[active], AuthorityState::Retired)
+                .await?;
             tracing::warn!(authority = %slot.record.id, "active authority had expired; replaced");
             slots.push(slot);
             return Ok(true);
@@ -329,8 +334,10 @@ impl CaManager {
         if let Some(p) = prepared
             && remaining <= lifetime / 6
         {
-            self.set_state(&mut slots[active], AuthorityState::Retired).await?;
-            self.set_state(&mut slots[p], AuthorityState::Active).await?;
+            self.set_state(&mut slots[active], AuthorityState::Retired)
+                .await?;
+            self.set_state(&mut slots[p], AuthorityState::Active)
+                .await?;
             tracing::info!(authority = %slots[p].record.id, "authority activated");
             changed = true;
         }
@@ -400,7 +407,8 @@ mod tests {
     use sigil_store::SqliteStore;
 
     async fn manager(dir: &Path, ttl: Duration, now: SystemTime) -> Arc<CaManager> {
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("db.sqlite")).await.unwrap());
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.join("db.sqlite")).await.unwrap());
         CaManager::load(
             TrustDomain::new("example.org").unwrap(),
             store,
@@ -413,7 +421,11 @@ mod tests {
         .unwrap()
     }
 
-    fn count(list: &[(String, AuthorityKind, AuthorityState, i64)], kind: AuthorityKind, state: AuthorityState) -> usize {
+    fn count(
+        list: &[(String, AuthorityKind, AuthorityState, i64)],
+        kind: AuthorityKind,
+        state: AuthorityState,
+    ) -> usize {
         list.iter().filter(|a| a.1 == kind && a.2 == state).count()
     }
 
@@ -435,8 +447,14 @@ mod tests {
         // Half-life: the next authority is published but does not sign yet.
         ca.rotate(t0 + Duration::from_secs(310)).await.unwrap();
         let list = ca.authorities().await;
-        assert_eq!(count(&list, AuthorityKind::X509, AuthorityState::Prepared), 1);
-        assert_eq!(count(&list, AuthorityKind::Jwt, AuthorityState::Prepared), 1);
+        assert_eq!(
+            count(&list, AuthorityKind::X509, AuthorityState::Prepared),
+            1
+        );
+        assert_eq!(
+            count(&list, AuthorityKind::Jwt, AuthorityState::Prepared),
+            1
+        );
         assert_eq!(ca.bundle().x509_authorities.len(), 2);
         assert_eq!(ca.bundle().jwt_authorities.len(), 2);
         assert!(ca.bundle().sequence > seq0);
@@ -447,13 +465,30 @@ mod tests {
         assert!(changed);
         assert_ne!(ca.active().x509.cert_der(), first.as_slice());
         let list = ca.authorities().await;
-        assert_eq!(count(&list, AuthorityKind::X509, AuthorityState::Retired), 1);
+        assert_eq!(
+            count(&list, AuthorityKind::X509, AuthorityState::Retired),
+            1
+        );
         assert!(ca.bundle().x509_authorities.contains(&first));
 
-        // After the old one's expiry it leaves the bundle.
+        // After the old one's expiry it leaves the bundle; the active one
+        // (created at 310 s) is itself past half its life by then, so its
+        // successor is already published beside it.
         ca.rotate(t0 + Duration::from_secs(615)).await.unwrap();
-        assert!(!ca.bundle().x509_authorities.contains(&first));
-        assert_eq!(ca.bundle().x509_authorities.len(), 1);
+        let bundle = ca.bundle();
+        assert!(!bundle.x509_authorities.contains(&first));
+        assert!(
+            bundle
+                .x509_authorities
+                .iter()
+                .any(|c| c.as_slice() == ca.active().x509.cert_der())
+        );
+        assert_eq!(bundle.x509_authorities.len(), 2);
+        let list = ca.authorities().await;
+        assert_eq!(
+            count(&list, AuthorityKind::X509, AuthorityState::Retired),
+            0
+        );
     }
 
     #[tokio::test]
@@ -468,7 +503,10 @@ mod tests {
         let ca = manager(dir.path(), Duration::from_secs(3600), t0).await;
         assert_eq!(ca.active().x509.cert_der(), first.as_slice());
         let keys = dir.path().join("keys");
-        assert_eq!(std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         for f in std::fs::read_dir(&keys).unwrap() {
             let mode = f.unwrap().metadata().unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);

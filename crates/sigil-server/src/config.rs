@@ -180,7 +180,9 @@ impl ServerConfig {
     /// Parses and validates TOML text; `path` only labels errors.
     pub fn parse(text: &str, path: Option<&Path>) -> Result<Self, ConfigError> {
         let file: ServerFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.map(Path::to_owned).unwrap_or_else(|| PathBuf::from("<inline>")),
+            path: path
+                .map(Path::to_owned)
+                .unwrap_or_else(|| PathBuf::from("<inline>")),
             message: e.to_string(),
         })?;
         let s = file.server;
@@ -273,7 +275,10 @@ mod tests {
         for (text, key) in [
             ("trust_domain = \"Bad Domain\"", "trust_domain"),
             ("trust_domain = \"a.org\"\nca_ttl = \"10\"", "ca_ttl"),
-            ("trust_domain = \"a.org\"\nbind_address = \"nowhere\"", "bind_address"),
+            (
+                "trust_domain = \"a.org\"\nbind_address = \"nowhere\"",
+                "bind_address",
+            ),
             (
                 "trust_domain = \"a.org\"\nca_ttl = \"1h\"\ndefault_x509_svid_ttl = \"45m\"",
                 "default_x509_svid_ttl",

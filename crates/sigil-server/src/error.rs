@@ -44,8 +44,8 @@ impl From<ServerError> for Status {
             ServerError::Unauthenticated(m) => Status::unauthenticated(m),
             ServerError::NotFound(m) => Status::not_found(m),
             ServerError::Unavailable(m) => Status::unavailable(m),
-            ServerError::Store(S::NotFound(m)) => Status::not_found(m),
-            ServerError::Store(S::AlreadyExists(m)) => Status::already_exists(m),
+            ServerError::Store(e @ S::NotFound(_)) => Status::not_found(e.to_string()),
+            ServerError::Store(e @ S::AlreadyExists(_)) => Status::already_exists(e.to_string()),
             ServerError::Store(S::TokenExpired) => {
                 Status::permission_denied("join token has expired")
             }

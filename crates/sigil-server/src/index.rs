@@ -303,9 +303,10 @@ impl EntryIndex {
     ) -> (Vec<Arc<Entry>>, Option<EntryId>) {
         let state = self.read();
         let range = match after {
-            Some(id) => state
-                .entries
-                .range((std::ops::Bound::Excluded(id.clone()), std::ops::Bound::Unbounded)),
+            Some(id) => state.entries.range((
+                std::ops::Bound::Excluded(id.clone()),
+                std::ops::Bound::Unbounded,
+            )),
             None => state.entries.range(..),
         };
         let mut page = Vec::new();
@@ -374,12 +375,37 @@ mod tests {
         EntryIndex::new(EntrySnapshot {
             entries: vec![
                 entry("direct", "spiffe://td/web", AGENT, &["unix:uid:1"]),
-                entry("nested", "spiffe://td/web/child", "spiffe://td/web", &["unix:uid:2"]),
+                entry(
+                    "nested",
+                    "spiffe://td/web/child",
+                    "spiffe://td/web",
+                    &["unix:uid:2"],
+                ),
                 entry("alias", "spiffe://td/nodes/eu", SERVER, &["node:region:eu"]),
-                entry("via-alias", "spiffe://td/db", "spiffe://td/nodes/eu", &["unix:uid:3"]),
-                entry("other-agent", "spiffe://td/x", "spiffe://td/sigil/agent/join_token/b2", &["unix:uid:4"]),
-                entry("alias-us", "spiffe://td/nodes/us", SERVER, &["node:region:us"]),
-                entry("via-us", "spiffe://td/us-only", "spiffe://td/nodes/us", &["unix:uid:5"]),
+                entry(
+                    "via-alias",
+                    "spiffe://td/db",
+                    "spiffe://td/nodes/eu",
+                    &["unix:uid:3"],
+                ),
+                entry(
+                    "other-agent",
+                    "spiffe://td/x",
+                    "spiffe://td/sigil/agent/join_token/b2",
+                    &["unix:uid:4"],
+                ),
+                entry(
+                    "alias-us",
+                    "spiffe://td/nodes/us",
+                    SERVER,
+                    &["node:region:us"],
+                ),
+                entry(
+                    "via-us",
+                    "spiffe://td/us-only",
+                    "spiffe://td/nodes/us",
+                    &["unix:uid:5"],
+                ),
             ],
             revision: 7,
         })
@@ -439,8 +465,18 @@ mod tests {
         let idx = index();
         let a = idx.authorized(&AGENT.parse().unwrap(), &Selectors::new());
         assert!(a.concerns(&entry("z", "spiffe://td/z", AGENT, &["a:b"])));
-        assert!(a.concerns(&entry("z", "spiffe://td/z", "spiffe://td/web/child", &["a:b"])));
-        assert!(!a.concerns(&entry("z", "spiffe://td/z", "spiffe://td/sigil/agent/x", &["a:b"])));
+        assert!(a.concerns(&entry(
+            "z",
+            "spiffe://td/z",
+            "spiffe://td/web/child",
+            &["a:b"]
+        )));
+        assert!(!a.concerns(&entry(
+            "z",
+            "spiffe://td/z",
+            "spiffe://td/sigil/agent/x",
+            &["a:b"]
+        )));
         assert!(a.concerns(&entry("z", "spiffe://td/z", SERVER, &["a:b"])));
     }
 
@@ -460,12 +496,18 @@ mod tests {
         };
         assert_eq!(idx.list(&f, None, 100).0.len(), 2);
         let f = EntryFilter {
-            selectors: Some((Selectors::parse_all(["unix:uid:1", "unix:uid:2"]).unwrap(), SelectorMatch::Subset)),
+            selectors: Some((
+                Selectors::parse_all(["unix:uid:1", "unix:uid:2"]).unwrap(),
+                SelectorMatch::Subset,
+            )),
             ..Default::default()
         };
         assert_eq!(idx.list(&f, None, 100).0.len(), 2);
         let f = EntryFilter {
-            selectors: Some((Selectors::parse_all(["unix:uid:1"]).unwrap(), SelectorMatch::Exact)),
+            selectors: Some((
+                Selectors::parse_all(["unix:uid:1"]).unwrap(),
+                SelectorMatch::Exact,
+            )),
             ..Default::default()
         };
         assert_eq!(idx.list(&f, None, 100).0[0].id.as_str(), "direct");

@@ -117,7 +117,12 @@ impl ServerState {
 
     /// Mints a fresh server SVID with the active authority.
     fn renew_server_cert(&self, now: SystemTime) -> Result<(), ServerError> {
-        let (chain, key) = mint_server_svid(&self.ca, &self.server_id, self.config.default_x509_svid_ttl, now)?;
+        let (chain, key) = mint_server_svid(
+            &self.ca,
+            &self.server_id,
+            self.config.default_x509_svid_ttl,
+            now,
+        )?;
         self.server_cert.update(chain, &key)?;
         if let Ok(mut at) = self.server_cert_renew_at.lock() {
             *at = now + self.config.default_x509_svid_ttl / 2;
@@ -184,7 +189,8 @@ impl ServerHandle {
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     sigil_svid::install_crypto_provider();
     sigil_svid::keys::ensure_private_dir(&config.data_dir)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.data_dir.join("sigil.db")).await?);
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&config.data_dir.join("sigil.db")).await?);
     start_with_store(config, store).await
 }
 
@@ -234,7 +240,10 @@ pub async fn start_with_store(
     // Agent API over mutual TLS.
     let listener = TcpListener::bind(state.config.bind_address).await?;
     let agent_api_addr = listener.local_addr()?;
-    let tls_config = Arc::new(tls::server_config(state.ca.clone(), state.server_cert.clone())?);
+    let tls_config = Arc::new(tls::server_config(
+        state.ca.clone(),
+        state.server_cert.clone(),
+    )?);
     let incoming = tls::incoming(listener, tls_config, cancel.clone());
     let agent_service = agent_api::service(state.clone(), cancel.clone());
     let c = cancel.clone();
@@ -312,7 +321,11 @@ fn bind_private_socket(path: &std::path::Path) -> Result<UnixListener, ServerErr
 async fn follow_changes(state: Arc<ServerState>, cancel: CancellationToken) {
     loop {
         loop {
-            match state.store.changes_since(state.index.revision(), 1000).await {
+            match state
+                .store
+                .changes_since(state.index.revision(), 1000)
+                .await
+            {
                 Ok(changes) if changes.is_empty() => break,
                 Ok(changes) => {
                     for c in changes {

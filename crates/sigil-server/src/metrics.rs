@@ -44,15 +44,51 @@ impl Default for Metrics {
             ca_activations: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("x509_svids_signed", "X509-SVIDs signed for workloads", m.x509_svids_signed.clone());
-        registry.register("jwt_svids_minted", "JWT-SVIDs minted", m.jwt_svids_minted.clone());
-        registry.register("attestations", "Successful node attestations", m.attestations.clone());
-        registry.register("attestation_failures", "Refused node attestations", m.attestation_failures.clone());
-        registry.register("agent_renewals", "Agent SVID renewals", m.agent_renewals.clone());
-        registry.register("sync_streams", "Open agent sync streams", m.sync_streams.clone());
-        registry.register("sync_messages", "Sync messages pushed to agents", m.sync_messages.clone());
-        registry.register("entries", "Registration entries in the index", m.entries.clone());
-        registry.register("ca_activations", "Activations of a new X.509 authority", m.ca_activations.clone());
+        registry.register(
+            "x509_svids_signed",
+            "X509-SVIDs signed for workloads",
+            m.x509_svids_signed.clone(),
+        );
+        registry.register(
+            "jwt_svids_minted",
+            "JWT-SVIDs minted",
+            m.jwt_svids_minted.clone(),
+        );
+        registry.register(
+            "attestations",
+            "Successful node attestations",
+            m.attestations.clone(),
+        );
+        registry.register(
+            "attestation_failures",
+            "Refused node attestations",
+            m.attestation_failures.clone(),
+        );
+        registry.register(
+            "agent_renewals",
+            "Agent SVID renewals",
+            m.agent_renewals.clone(),
+        );
+        registry.register(
+            "sync_streams",
+            "Open agent sync streams",
+            m.sync_streams.clone(),
+        );
+        registry.register(
+            "sync_messages",
+            "Sync messages pushed to agents",
+            m.sync_messages.clone(),
+        );
+        registry.register(
+            "entries",
+            "Registration entries in the index",
+            m.entries.clone(),
+        );
+        registry.register(
+            "ca_activations",
+            "Activations of a new X.509 authority",
+            m.ca_activations.clone(),
+        );
         Self { registry, ..m }
     }
 }

@@ -26,10 +26,20 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], ServerError> {
 pub fn new_entry_id() -> Result<EntryId, ServerError> {
     let b: [u8; 16] = random_bytes()?;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
-        .parse()
-        .map_err(|e: sigil_types::EntryError| ServerError::Internal(e.to_string()))
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+    .parse()
+    .map_err(|e: sigil_types::EntryError| ServerError::Internal(e.to_string()))
 }
+
+/// One signing outcome: the entry ID and the DER chain, or why not.
+pub type SignResult = (String, Result<Vec<Vec<u8>>, String>);
 
 /// A freshly generated join token.
 #[derive(Debug, Clone)]
@@ -72,12 +82,18 @@ impl ServerState {
     fn agent_id_for_token(&self, token_id: &str) -> Result<SpiffeId, ServerError> {
         self.config
             .trust_domain
-            .id_with_path(&format!("{}/join_token/{token_id}", sigil_types::AGENT_PATH_PREFIX))
+            .id_with_path(&format!(
+                "{}/join_token/{token_id}",
+                sigil_types::AGENT_PATH_PREFIX
+            ))
             .map_err(|e| ServerError::Internal(e.to_string()))
     }
 
     /// Creates a single-use join token valid for `ttl` (the configured default when `None`).
-    pub async fn generate_join_token(&self, ttl: Option<Duration>) -> Result<NewJoinToken, ServerError> {
+    pub async fn generate_join_token(
+        &self,
+        ttl: Option<Duration>,
+    ) -> Result<NewJoinToken, ServerError> {
         let ttl = ttl.unwrap_or(self.config.join_token_ttl);
         if ttl.is_zero() || ttl > Duration::from_secs(30 * 24 * 3600) {
             return Err(ServerError::InvalidArgument(
@@ -138,7 +154,11 @@ impl ServerState {
         let spki = csr_public_key(csr)?;
         let parts = split_token(token)?;
         let now = SystemTime::now();
-        match self.store.consume_join_token(&token_hash(&parts), unix(now)).await {
+        match self
+            .store
+            .consume_join_token(&token_hash(&parts), unix(now))
+            .await
+        {
             Ok(_) => {}
             Err(sigil_store::StoreError::NotFound(_)) => {
                 return Err(ServerError::PermissionDenied(
@@ -146,7 +166,9 @@ impl ServerState {
                 ));
             }
             Err(sigil_store::StoreError::TokenExpired) => {
-                return Err(ServerError::PermissionDenied("join token has expired".into()));
+                return Err(ServerError::PermissionDenied(
+                    "join token has expired".into(),
+                ));
             }
             Err(e) => return Err(e.into()),
         }
@@ -154,7 +176,9 @@ impl ServerState {
         if let Some(existing) = self.store.get_agent(&agent_id).await?
             && existing.banned
         {
-            return Err(ServerError::PermissionDenied(format!("agent {agent_id} is banned")));
+            return Err(ServerError::PermissionDenied(format!(
+                "agent {agent_id} is banned"
+            )));
         }
         let leaf = self.sign_agent_svid(&agent_id, &spki, now)?;
         let info = sigil_svid::x509::cert_info(&leaf)?;
@@ -177,7 +201,12 @@ impl ServerState {
         Ok((agent_id, vec![leaf]))
     }
 
-    fn sign_agent_svid(&self, id: &SpiffeId, spki: &[u8], now: SystemTime) -> Result<Vec<u8>, ServerError> {
+    fn sign_agent_svid(
+        &self,
+        id: &SpiffeId,
+        spki: &[u8],
+        now: SystemTime,
+    ) -> Result<Vec<u8>, ServerError> {
         Ok(self.ca.active().x509.sign_svid(
             &SvidRequest {
                 spiffe_id: id,
@@ -190,9 +219,14 @@ impl ServerState {
     }
 
     /// Checks that a connection belongs to a current, unbanned agent.
-    pub async fn authenticate_agent(&self, peer: Option<&AgentPeer>) -> Result<AgentRecord, ServerError> {
+    pub async fn authenticate_agent(
+        &self,
+        peer: Option<&AgentPeer>,
+    ) -> Result<AgentRecord, ServerError> {
         let Some(peer) = peer else {
-            return Err(ServerError::Unauthenticated("no connection information".into()));
+            return Err(ServerError::Unauthenticated(
+                "no connection information".into(),
+            ));
         };
         let Some(id) = &peer.spiffe_id else {
             return Err(ServerError::Unauthenticated(
@@ -205,7 +239,9 @@ impl ServerState {
             )));
         };
         if record.banned {
-            return Err(ServerError::PermissionDenied(format!("agent {id} is banned")));
+            return Err(ServerError::PermissionDenied(format!(
+                "agent {id} is banned"
+            )));
         }
         let serial = peer.serial.as_deref().unwrap_or_default();
         if serial == record.serial {
@@ -220,7 +256,11 @@ impl ServerState {
     }
 
     /// Renews the calling agent's SVID.
-    pub async fn renew_agent(&self, agent: &AgentRecord, csr: &[u8]) -> Result<Vec<Vec<u8>>, ServerError> {
+    pub async fn renew_agent(
+        &self,
+        agent: &AgentRecord,
+        csr: &[u8],
+    ) -> Result<Vec<Vec<u8>>, ServerError> {
         let spki = csr_public_key(csr)?;
         let now = SystemTime::now();
         let leaf = self.sign_agent_svid(&agent.spiffe_id, &spki, now)?;
@@ -239,7 +279,7 @@ impl ServerState {
         &self,
         agent: &AgentRecord,
         params: Vec<(String, Vec<u8>)>,
-    ) -> Result<Vec<(String, Result<Vec<Vec<u8>>, String>)>, ServerError> {
+    ) -> Result<Vec<SignResult>, ServerError> {
         if params.len() > MAX_BATCH {
             return Err(ServerError::InvalidArgument(format!(
                 "a batch may carry at most {MAX_BATCH} CSRs, got {}",
@@ -252,7 +292,9 @@ impl ServerState {
         let mut out = Vec::with_capacity(params.len());
         for (entry_id, csr) in params {
             let result = (|| {
-                let id: EntryId = entry_id.parse().map_err(|e: sigil_types::EntryError| e.to_string())?;
+                let id: EntryId = entry_id
+                    .parse()
+                    .map_err(|e: sigil_types::EntryError| e.to_string())?;
                 let entry = authorized
                     .entries
                     .get(&id)
@@ -306,30 +348,31 @@ impl ServerState {
             .parse()
             .map_err(|e: sigil_types::EntryError| ServerError::InvalidArgument(e.to_string()))?;
         let authorized = self.index.authorized(&agent.spiffe_id, &agent.selectors);
-        let entry = authorized
-            .entries
-            .get(&id)
-            .ok_or_else(|| ServerError::PermissionDenied(format!("entry {id} is not authorized for this agent")))?;
+        let entry = authorized.entries.get(&id).ok_or_else(|| {
+            ServerError::PermissionDenied(format!("entry {id} is not authorized for this agent"))
+        })?;
         let ttl = match entry.jwt_svid_ttl {
             0 => self.config.default_jwt_svid_ttl,
             s => Duration::from_secs(s),
         };
-        let token = self
-            .ca
-            .active()
-            .jwt
-            .sign(&entry.spiffe_id, audience, ttl, SystemTime::now())?;
+        let token =
+            self.ca
+                .active()
+                .jwt
+                .sign(&entry.spiffe_id, audience, ttl, SystemTime::now())?;
         self.metrics.jwt_svids_minted.inc();
         Ok(token)
     }
 
     /// Validates and stores a new entry; returns it as stored.
     pub async fn create_entry(&self, mut entry: Entry) -> Result<Entry, ServerError> {
-        entry.validate(&self.config.trust_domain).map_err(|e| ServerError::InvalidArgument(e.to_string()))?;
+        entry
+            .validate(&self.config.trust_domain)
+            .map_err(|e| ServerError::InvalidArgument(e.to_string()))?;
         if let Some(other) = self.index.duplicate_of(&entry) {
-            return Err(ServerError::Store(sigil_store::StoreError::AlreadyExists(format!(
-                "entry {other} already has this parent ID, SPIFFE ID and selectors"
-            ))));
+            return Err(ServerError::Store(sigil_store::StoreError::AlreadyExists(
+                format!("entry {other} already has this parent ID, SPIFFE ID and selectors"),
+            )));
         }
         entry.created_at = unix(SystemTime::now());
         let stored = self.store.create_entry(entry).await?;
@@ -339,11 +382,13 @@ impl ServerState {
 
     /// Validates and replaces an existing entry.
     pub async fn update_entry(&self, entry: Entry) -> Result<Entry, ServerError> {
-        entry.validate(&self.config.trust_domain).map_err(|e| ServerError::InvalidArgument(e.to_string()))?;
+        entry
+            .validate(&self.config.trust_domain)
+            .map_err(|e| ServerError::InvalidArgument(e.to_string()))?;
         if let Some(other) = self.index.duplicate_of(&entry) {
-            return Err(ServerError::Store(sigil_store::StoreError::AlreadyExists(format!(
-                "entry {other} already has this parent ID, SPIFFE ID and selectors"
-            ))));
+            return Err(ServerError::Store(sigil_store::StoreError::AlreadyExists(
+                format!("entry {other} already has this parent ID, SPIFFE ID and selectors"),
+            )));
         }
         let stored = self.store.update_entry(entry).await?;
         self.settle(stored.revision).await;
@@ -375,7 +420,6 @@ impl ServerState {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,7 +428,13 @@ mod tests {
     fn token_format_is_checked() {
         assert!(split_token("0123456789abcdef.secret.fp").is_ok());
         assert!(split_token("0123456789abcdef.secret").is_ok());
-        for bad in ["", "nodots", "short.secret", "0123456789abcdef.", "0123456789abcdeg.s"] {
+        for bad in [
+            "",
+            "nodots",
+            "short.secret",
+            "0123456789abcdef.",
+            "0123456789abcdeg.s",
+        ] {
             assert!(split_token(bad).is_err(), "{bad}");
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! Certificates are minted with rcgen, read with x509-parser and path-validated
 //! with rustls-webpki on the aws-lc-rs algorithms; every certificate time is
-//! converted in this module ([`asn1_to_system_time`], [`to_offset`]).
+//! converted in this module (`asn1_to_system_time`, `to_offset`).
 
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -111,8 +111,8 @@ impl std::fmt::Debug for X509Authority {
 impl X509Authority {
     /// Self-signed root CA per spiffe.md §2.2: ECDSA P-256, cA=true (critical
     /// basicConstraints), keyUsage keyCertSign+cRLSign critical, NO EKU, NO name
-    /// constraints, URI SAN spiffe://<td>, subject O=sigil, CN="sigil <td> CA
-    /// <first 8 hex of serial>" so successive authorities have distinct
+    /// constraints, URI SAN `spiffe://<td>`, subject O=sigil, CN=`sigil <td> CA
+    /// <first 8 hex of serial>` so successive authorities have distinct
     /// subjects, random positive 128-bit serial, SKI set, notBefore = now-10s,
     /// notAfter = now+ttl.
     pub fn generate(td: &TrustDomain, ttl: Duration, now: SystemTime) -> Result<Self, SvidError> {
@@ -147,9 +147,9 @@ impl X509Authority {
                 "basicConstraints cA is not set".to_owned(),
             ));
         }
-        if let Some(ku) = key_usage(&cert)?
-            && !ku.key_cert_sign()
-        {
+        // §2.2 requires keyCertSign; check_intermediate holds chains to the
+        // same rule, so an authority without it could not be used as one.
+        if !key_usage(&cert)?.is_some_and(|ku| ku.key_cert_sign()) {
             return Err(SvidError::NotCa("keyUsage lacks keyCertSign".to_owned()));
         }
         if cert.public_key().subject_public_key.data.as_ref() != key.public_point() {

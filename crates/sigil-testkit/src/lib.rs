@@ -1,1 +1,221 @@
-//! placeholder
+//! Test helpers: a real sigil server and agent in this process, on a free
+//! loopback port and Unix sockets in a temporary directory. Nothing here is
+//! a mock: the server, agent, store, TLS and sockets are the product's own.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use sigil_agent::{AgentConfig, AgentHandle};
+use sigil_server::{ServerConfig, ServerHandle};
+use sigil_types::{Entry, Selectors, SpiffeId, TrustDomain};
+
+/// Settings of a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// Default X509-SVID lifetime.
+    pub x509_svid_ttl: Duration,
+    /// CA lifetime.
+    pub ca_ttl: Duration,
+    /// How often the CA manager looks at rotation.
+    pub rotation_tick: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            trust_domain: "example.org".into(),
+            x509_svid_ttl: Duration::from_secs(3600),
+            ca_ttl: Duration::from_secs(24 * 3600),
+            rotation_tick: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A server and an agent, each of which can be stopped and restarted.
+pub struct Cluster {
+    /// Root of every file of the cluster (mode 0755, so other uids can reach the socket).
+    pub dir: tempfile::TempDir,
+    /// Server configuration (reused on restart).
+    pub server_config: ServerConfig,
+    /// Agent configuration (reused on restart).
+    pub agent_config: AgentConfig,
+    server: Option<ServerHandle>,
+    agent: Option<AgentHandle>,
+    agent_id: SpiffeId,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("dir", &self.dir.path())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A loopback address with a port that was free a moment ago, so a restarted
+/// server can come back on the address the agent knows.
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+impl Cluster {
+    /// Starts a server, attests an agent to it with a join token, and waits
+    /// until the agent is connected.
+    pub async fn start(opts: ClusterOptions) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new().prefix("sigil-test-").tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let td = TrustDomain::new(&opts.trust_domain)?;
+        let mut server_config = ServerConfig::with_defaults(td.clone(), dir.path().join("server"));
+        server_config.bind_address = free_addr()?;
+        server_config.admin_socket = dir.path().join("admin.sock");
+        server_config.default_x509_svid_ttl = opts.x509_svid_ttl;
+        server_config.agent_svid_ttl = opts.x509_svid_ttl.max(Duration::from_secs(60));
+        server_config.ca_ttl = opts.ca_ttl;
+        server_config.rotation_tick = opts.rotation_tick;
+        let server = sigil_server::start(server_config.clone())
+            .await
+            .context("starting server")?;
+        let token = server.state.generate_join_token(None).await?;
+        let mut agent_config = AgentConfig::with_defaults(
+            td,
+            server.agent_api_addr.to_string(),
+            dir.path().join("agent"),
+        );
+        agent_config.socket_path = dir.path().join("agent.sock");
+        agent_config.join_token = Some(token.token);
+        agent_config.min_backoff = Duration::from_millis(100);
+        agent_config.max_backoff = Duration::from_secs(1);
+        let agent = sigil_agent::start(agent_config.clone())
+            .await
+            .context("starting agent")?;
+        let agent_id = agent.agent_id.clone();
+        let cluster = Self {
+            dir,
+            server_config,
+            agent_config,
+            server: Some(server),
+            agent: Some(agent),
+            agent_id,
+        };
+        cluster.wait_connected(true).await?;
+        Ok(cluster)
+    }
+
+    /// The running server.
+    pub fn server(&self) -> anyhow::Result<&ServerHandle> {
+        self.server.as_ref().context("server is stopped")
+    }
+
+    /// The running agent.
+    pub fn agent(&self) -> anyhow::Result<&AgentHandle> {
+        self.agent.as_ref().context("agent is stopped")
+    }
+
+    /// The agent's SPIFFE ID.
+    pub fn agent_id(&self) -> &SpiffeId {
+        &self.agent_id
+    }
+
+    /// `unix:///…` address of the Workload API, for SPIFFE clients.
+    pub fn socket_uri(&self) -> String {
+        format!("unix://{}", self.agent_config.socket_path.display())
+    }
+
+    /// The admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.server_config.admin_socket.clone()
+    }
+
+    /// Registers `spiffe://<td><path>` under the agent for these selectors.
+    pub async fn register(&self, path: &str, selectors: &[&str]) -> anyhow::Result<Entry> {
+        self.register_with(path, selectors, |_| {}).await
+    }
+
+    /// Like [`Cluster::register`], letting the caller adjust the entry first.
+    pub async fn register_with(
+        &self,
+        path: &str,
+        selectors: &[&str],
+        adjust: impl FnOnce(&mut Entry),
+    ) -> anyhow::Result<Entry> {
+        let mut entry = Entry {
+            id: sigil_server::registry::new_entry_id()?,
+            spiffe_id: self.server_config.trust_domain.id_with_path(path)?,
+            parent_id: self.agent_id.clone(),
+            selectors: Selectors::parse_all(selectors)?,
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            dns_names: vec![],
+            federates_with: vec![],
+            admin: false,
+            downstream: false,
+            hint: String::new(),
+            expires_at: None,
+            revision: 0,
+            created_at: 0,
+        };
+        adjust(&mut entry);
+        Ok(self.server()?.state.create_entry(entry).await?)
+    }
+
+    /// Waits until the agent serves an SVID for `spiffe_id`.
+    pub async fn wait_for_svid(&self, spiffe_id: &SpiffeId) -> anyhow::Result<()> {
+        let mut rx = self.agent()?.snapshots.clone();
+        let fut = rx.wait_for(|s| s.svids.values().any(|v| &v.spiffe_id == spiffe_id));
+        tokio::time::timeout(Duration::from_secs(15), fut)
+            .await
+            .context("timed out waiting for the SVID")??;
+        Ok(())
+    }
+
+    /// Waits until the agent's connection state is `connected`.
+    pub async fn wait_connected(&self, connected: bool) -> anyhow::Result<()> {
+        let mut rx = self.agent()?.snapshots.clone();
+        let fut = rx.wait_for(|s| s.connected == connected);
+        tokio::time::timeout(Duration::from_secs(15), fut)
+            .await
+            .with_context(|| format!("timed out waiting for connected={connected}"))??;
+        Ok(())
+    }
+
+    /// Stops the server (its data stays).
+    pub async fn stop_server(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+
+    /// Starts the server again on the same address and data.
+    pub async fn start_server(&mut self) -> anyhow::Result<()> {
+        let s = sigil_server::start(self.server_config.clone()).await?;
+        self.server = Some(s);
+        Ok(())
+    }
+
+    /// Stops the agent (its data stays).
+    pub async fn stop_agent(&mut self) {
+        if let Some(a) = self.agent.take() {
+            a.shutdown().await;
+        }
+    }
+
+    /// Starts the agent again from its saved state (no join token).
+    pub async fn start_agent(&mut self) -> anyhow::Result<()> {
+        let mut cfg = self.agent_config.clone();
+        cfg.join_token = None;
+        self.agent = Some(sigil_agent::start(cfg).await?);
+        Ok(())
+    }
+
+    /// Stops everything.
+    pub async fn shutdown(mut self) {
+        self.stop_agent().await;
+        self.stop_server().await;
+    }
+}

@@ -49,7 +49,9 @@ pub enum EntryError {
     #[error("spiffe_id and parent_id are both {0}; an entry cannot be its own parent")]
     SelfParent(String),
     /// A DNS name is not a valid host name.
-    #[error("invalid DNS name {0:?}: labels of letters, digits and '-', at most 63 bytes each, 253 in all; '*.' only as a prefix")]
+    #[error(
+        "invalid DNS name {0:?}: labels of letters, digits and '-', at most 63 bytes each, 253 in all; '*.' only as a prefix"
+    )]
     BadDnsName(String),
     /// Too many DNS names.
     #[error("an entry may have at most {MAX_DNS_NAMES} DNS names, got {0}")]
@@ -89,8 +91,7 @@ impl FromStr for EntryId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let ok = !s.is_empty()
             && s.len() <= 255
-            && s
-                .chars()
+            && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if ok {
             Ok(Self(s.to_owned()))
@@ -254,7 +255,9 @@ mod tests {
         Entry {
             id: "e1".parse().unwrap(),
             spiffe_id: "spiffe://example.org/web".parse().unwrap(),
-            parent_id: "spiffe://example.org/sigil/agent/join_token/abc".parse().unwrap(),
+            parent_id: "spiffe://example.org/sigil/agent/join_token/abc"
+                .parse()
+                .unwrap(),
             selectors: Selectors::parse_all(["unix:uid:1000"]).unwrap(),
             x509_svid_ttl: 0,
             jwt_svid_ttl: 0,
@@ -276,16 +279,41 @@ mod tests {
 
     #[test]
     fn each_rule_rejects() {
-        let cases: Vec<(Box<dyn Fn(&mut Entry)>, &str)> = vec![
-            (Box::new(|e| e.selectors = Selectors::new()), "at least one selector"),
-            (Box::new(|e| e.spiffe_id = "spiffe://example.org".parse().unwrap()), "has no path"),
-            (Box::new(|e| e.spiffe_id = "spiffe://other.org/web".parse().unwrap()), "not in the trust domain"),
-            (Box::new(|e| e.parent_id = "spiffe://other.org/x".parse().unwrap()), "parent_id"),
-            (Box::new(|e| e.parent_id = e.spiffe_id.clone()), "own parent"),
-            (Box::new(|e| e.dns_names = vec!["bad_name".into()]), "invalid DNS name"),
+        type Mutation = Box<dyn Fn(&mut Entry)>;
+        let cases: Vec<(Mutation, &str)> = vec![
+            (
+                Box::new(|e| e.selectors = Selectors::new()),
+                "at least one selector",
+            ),
+            (
+                Box::new(|e| e.spiffe_id = "spiffe://example.org".parse().unwrap()),
+                "has no path",
+            ),
+            (
+                Box::new(|e| e.spiffe_id = "spiffe://other.org/web".parse().unwrap()),
+                "not in the trust domain",
+            ),
+            (
+                Box::new(|e| e.parent_id = "spiffe://other.org/x".parse().unwrap()),
+                "parent_id",
+            ),
+            (
+                Box::new(|e| e.parent_id = e.spiffe_id.clone()),
+                "own parent",
+            ),
+            (
+                Box::new(|e| e.dns_names = vec!["bad_name".into()]),
+                "invalid DNS name",
+            ),
             (Box::new(|e| e.hint = "h".repeat(MAX_HINT_LEN + 1)), "hint"),
-            (Box::new(|e| e.federates_with = vec![TrustDomain::new("example.org").unwrap()]), "own trust domain"),
-            (Box::new(|e| e.x509_svid_ttl = MAX_TTL_SECS + 1), "x509_svid_ttl"),
+            (
+                Box::new(|e| e.federates_with = vec![TrustDomain::new("example.org").unwrap()]),
+                "own trust domain",
+            ),
+            (
+                Box::new(|e| e.x509_svid_ttl = MAX_TTL_SECS + 1),
+                "x509_svid_ttl",
+            ),
         ];
         for (mutate, want) in cases {
             let mut e = entry();
@@ -300,7 +328,17 @@ mod tests {
         for ok in ["a", "web.example.org", "*.example.org", "a-b.c9"] {
             assert!(is_valid_dns_name(ok), "{ok}");
         }
-        for bad in ["", "*.", "-a", "a-", "a..b", "a_b", "a b", "*.*.a", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "*.",
+            "-a",
+            "a-",
+            "a..b",
+            "a_b",
+            "a b",
+            "*.*.a",
+            &"a".repeat(64),
+        ] {
             assert!(!is_valid_dns_name(bad), "{bad}");
         }
     }

@@ -29,9 +29,7 @@ pub enum SelectorError {
     #[error("selector {0:?} has an empty value")]
     EmptyValue(String),
     /// The type holds a character outside `a-z 0-9 _ -`.
-    #[error(
-        "selector type {0:?} may only contain lowercase letters, digits, '_' and '-'"
-    )]
+    #[error("selector type {0:?} may only contain lowercase letters, digits, '_' and '-'")]
     BadType(String),
     /// The value holds a control character.
     #[error("selector {0:?} contains a control character")]
@@ -187,7 +185,9 @@ impl Selectors {
 
 impl fmt::Debug for Selectors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.0.iter().map(|s| s.to_string())).finish()
+        f.debug_list()
+            .entries(self.0.iter().map(|s| s.to_string()))
+            .finish()
     }
 }
 

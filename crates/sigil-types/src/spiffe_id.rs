@@ -364,9 +364,14 @@ mod tests {
     /// Vectors 46–47, 50–51.
     #[test]
     fn trust_domains_paths_and_lengths() {
-        assert_eq!(TrustDomain::new("trustdomain").unwrap().name(), "trustdomain");
         assert_eq!(
-            TrustDomain::new("spiffe://trustdomain/path").unwrap().name(),
+            TrustDomain::new("trustdomain").unwrap().name(),
+            "trustdomain"
+        );
+        assert_eq!(
+            TrustDomain::new("spiffe://trustdomain/path")
+                .unwrap()
+                .name(),
             "trustdomain"
         );
         assert_eq!(TrustDomain::new(""), Err(SpiffeIdError::MissingTrustDomain));
@@ -399,7 +404,11 @@ mod tests {
             ("/", SpiffeIdError::EmptySegment),
             ("$", SpiffeIdError::BadPathChar('$')),
         ] {
-            assert_eq!(td.id_with_path(&format!("/{seg}")), Err(want), "segment {seg:?}");
+            assert_eq!(
+                td.id_with_path(&format!("/{seg}")),
+                Err(want),
+                "segment {seg:?}"
+            );
         }
         assert_eq!(
             td.id_with_path("//foo"),

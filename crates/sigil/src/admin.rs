@@ -34,8 +34,10 @@ pub(crate) struct AdminOpts {
     output: Output,
 }
 
-pub(crate) async fn connect_admin(path: &PathBuf) -> anyhow::Result<AdminApiClient<Channel>> {
-    let p = path.clone();
+pub(crate) async fn connect_admin(
+    path: &std::path::Path,
+) -> anyhow::Result<AdminApiClient<Channel>> {
+    let p = path.to_owned();
     let channel = Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let p = p.clone();
@@ -173,9 +175,14 @@ fn parse_time(v: &str) -> anyhow::Result<i64> {
     if let Ok(n) = v.parse::<i64>() {
         return Ok(n);
     }
-    let t = humantime::parse_rfc3339_weak(v)
-        .map_err(|e| anyhow::anyhow!("--expires-at {v:?}: {e} (use RFC 3339, e.g. 2027-01-31T12:00:00Z, or Unix seconds)"))?;
-    Ok(t.duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0))
+    let t = humantime::parse_rfc3339_weak(v).map_err(|e| {
+        anyhow::anyhow!(
+            "--expires-at {v:?}: {e} (use RFC 3339, e.g. 2027-01-31T12:00:00Z, or Unix seconds)"
+        )
+    })?;
+    Ok(t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0))
 }
 
 /// Applies the flags that were given onto `e`.
@@ -191,7 +198,11 @@ fn apply_fields(e: &mut pb::Entry, f: &EntryFields) -> anyhow::Result<()> {
             .spiffe_id
             .parse()
             .map_err(|err| anyhow::anyhow!("--spiffe-id {:?}: {err}", e.spiffe_id))?;
-        e.parent_id = format!("spiffe://{}{}", id.trust_domain_name(), sigil_types::SERVER_PATH);
+        e.parent_id = format!(
+            "spiffe://{}{}",
+            id.trust_domain_name(),
+            sigil_types::SERVER_PATH
+        );
     }
     if !f.selectors.is_empty() {
         e.selectors = f.selectors.clone();
@@ -286,9 +297,16 @@ fn entry_json(e: &pb::Entry) -> serde_json::Value {
 
 fn print_entries(out: Output, entries: &[pb::Entry]) -> anyhow::Result<()> {
     match out {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&entries.iter().map(entry_json).collect::<Vec<_>>())?),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&entries.iter().map(entry_json).collect::<Vec<_>>())?
+        ),
         Output::Text => {
-            println!("Found {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+            println!(
+                "Found {} entr{}",
+                entries.len(),
+                if entries.len() == 1 { "y" } else { "ies" }
+            );
             for e in entries {
                 print_entry(e);
             }
@@ -306,7 +324,9 @@ fn report(out: Output, results: Vec<pb::EntryResult>, verb: &str) -> anyhow::Res
             let items: Vec<_> = results
                 .iter()
                 .map(|r| match &r.entry {
-                    Some(e) if r.error.is_empty() => serde_json::json!({"status": "ok", "entry": entry_json(e)}),
+                    Some(e) if r.error.is_empty() => {
+                        serde_json::json!({"status": "ok", "entry": entry_json(e)})
+                    }
                     _ => serde_json::json!({"status": "error", "id": r.id, "error": r.error}),
                 })
                 .collect();
@@ -321,9 +341,22 @@ fn report(out: Output, results: Vec<pb::EntryResult>, verb: &str) -> anyhow::Res
     }
     if let Some(first) = failed.first() {
         if failed.len() == 1 {
-            bail!("{}{}", if first.id.is_empty() { String::new() } else { format!("entry {}: ", first.id) }, first.error);
+            bail!(
+                "{}{}",
+                if first.id.is_empty() {
+                    String::new()
+                } else {
+                    format!("entry {}: ", first.id)
+                },
+                first.error
+            );
         }
-        bail!("{} of {} entries failed; first: {}", failed.len(), results.len(), first.error);
+        bail!(
+            "{} of {} entries failed; first: {}",
+            failed.len(),
+            results.len(),
+            first.error
+        );
     }
     Ok(())
 }
@@ -356,7 +389,9 @@ pub(crate) async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
         EntryCommand::Update(a) => {
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             let mut e = c
-                .get_entry(pb::GetEntryRequest { id: a.entry_id.clone() })
+                .get_entry(pb::GetEntryRequest {
+                    id: a.entry_id.clone(),
+                })
                 .await
                 .map_err(status_err)?
                 .into_inner();
@@ -380,7 +415,11 @@ pub(crate) async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
         EntryCommand::Show(a) => {
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             if let Some(id) = a.entry_id {
-                let e = c.get_entry(pb::GetEntryRequest { id }).await.map_err(status_err)?.into_inner();
+                let e = c
+                    .get_entry(pb::GetEntryRequest { id })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
                 return print_entries(a.opts.output, &[e]);
             }
             let mut all = Vec::new();
@@ -426,14 +465,18 @@ pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     let ttl = duration::parse(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
     let mut c = connect_admin(&opts.admin_socket).await?;
     let r = c
-        .create_join_token(pb::CreateJoinTokenRequest { ttl: ttl.as_secs() as i64 })
+        .create_join_token(pb::CreateJoinTokenRequest {
+            ttl: ttl.as_secs() as i64,
+        })
         .await
         .map_err(status_err)?
         .into_inner();
     match opts.output {
         Output::Json => println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"token": r.token, "agent_id": r.agent_id, "expires_at": r.expires_at}))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({"token": r.token, "agent_id": r.agent_id, "expires_at": r.expires_at})
+            )?
         ),
         Output::Text => {
             println!("Token    : {}", r.token);
@@ -483,9 +526,16 @@ fn print_agent(a: &pb::Agent) {
 
 fn print_agents(out: Output, agents: &[pb::Agent]) -> anyhow::Result<()> {
     match out {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&agents.iter().map(agent_json).collect::<Vec<_>>())?),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&agents.iter().map(agent_json).collect::<Vec<_>>())?
+        ),
         Output::Text => {
-            println!("Found {} agent{}", agents.len(), if agents.len() == 1 { "" } else { "s" });
+            println!(
+                "Found {} agent{}",
+                agents.len(),
+                if agents.len() == 1 { "" } else { "s" }
+            );
             for a in agents {
                 print_agent(a);
             }
@@ -496,26 +546,48 @@ fn print_agents(out: Output, agents: &[pb::Agent]) -> anyhow::Result<()> {
 
 pub(crate) async fn agent_list(o: AdminOpts) -> anyhow::Result<()> {
     let mut c = connect_admin(&o.admin_socket).await?;
-    let r = c.list_agents(pb::ListAgentsRequest {}).await.map_err(status_err)?.into_inner();
+    let r = c
+        .list_agents(pb::ListAgentsRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
     print_agents(o.output, &r.agents)
 }
 
 pub(crate) async fn agent_show(a: AgentIdArgs) -> anyhow::Result<()> {
     let mut c = connect_admin(&a.opts.admin_socket).await?;
-    let r = c.get_agent(pb::GetAgentRequest { spiffe_id: a.spiffe_id }).await.map_err(status_err)?.into_inner();
+    let r = c
+        .get_agent(pb::GetAgentRequest {
+            spiffe_id: a.spiffe_id,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
     print_agents(a.opts.output, &[r])
 }
 
 pub(crate) async fn agent_evict(a: AgentIdArgs) -> anyhow::Result<()> {
     let mut c = connect_admin(&a.opts.admin_socket).await?;
-    let r = c.evict_agent(pb::GetAgentRequest { spiffe_id: a.spiffe_id }).await.map_err(status_err)?.into_inner();
+    let r = c
+        .evict_agent(pb::GetAgentRequest {
+            spiffe_id: a.spiffe_id,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
     println!("Evicted agent {}", r.spiffe_id);
     Ok(())
 }
 
 pub(crate) async fn agent_ban(a: AgentIdArgs) -> anyhow::Result<()> {
     let mut c = connect_admin(&a.opts.admin_socket).await?;
-    let r = c.ban_agent(pb::GetAgentRequest { spiffe_id: a.spiffe_id }).await.map_err(status_err)?.into_inner();
+    let r = c
+        .ban_agent(pb::GetAgentRequest {
+            spiffe_id: a.spiffe_id,
+        })
+        .await
+        .map_err(status_err)?
+        .into_inner();
     println!("Banned agent {}", r.spiffe_id);
     Ok(())
 }
@@ -543,9 +615,16 @@ pub(crate) enum BundleCommand {
 }
 
 pub(crate) async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
-    let BundleCommand::Show { format, admin_socket } = cmd;
+    let BundleCommand::Show {
+        format,
+        admin_socket,
+    } = cmd;
     let mut c = connect_admin(&admin_socket).await?;
-    let r = c.get_bundle(pb::GetBundleRequest {}).await.map_err(status_err)?.into_inner();
+    let r = c
+        .get_bundle(pb::GetBundleRequest {})
+        .await
+        .map_err(status_err)?
+        .into_inner();
     match format {
         BundleFormat::Spiffe => {
             let v: serde_json::Value = serde_json::from_str(&r.bundle_json)?;
@@ -574,15 +653,24 @@ pub(crate) async fn healthcheck(a: HealthcheckArgs) -> anyhow::Result<()> {
     let started = SystemTime::now();
     if let Some(path) = a.admin_socket {
         let mut c = connect_admin(&path).await?;
-        c.get_bundle(pb::GetBundleRequest {}).await.map_err(status_err)?;
-        println!("server is healthy ({} ms)", started.elapsed().map(|d| d.as_millis()).unwrap_or(0));
+        c.get_bundle(pb::GetBundleRequest {})
+            .await
+            .map_err(status_err)?;
+        println!(
+            "server is healthy ({} ms)",
+            started.elapsed().map(|d| d.as_millis()).unwrap_or(0)
+        );
         return Ok(());
     }
     let socket = match a.socket {
         Some(s) => s,
-        None => std::env::var("SPIFFE_ENDPOINT_SOCKET").unwrap_or_else(|_| crate::DEFAULT_AGENT_SOCKET.to_owned()),
+        None => std::env::var("SPIFFE_ENDPOINT_SOCKET")
+            .unwrap_or_else(|_| crate::DEFAULT_AGENT_SOCKET.to_owned()),
     };
     crate::workload::agent_healthcheck(&socket).await?;
-    println!("agent is healthy ({} ms)", started.elapsed().map(|d| d.as_millis()).unwrap_or(0));
+    println!(
+        "agent is healthy ({} ms)",
+        started.elapsed().map(|d| d.as_millis()).unwrap_or(0)
+    );
     Ok(())
 }

@@ -38,14 +38,18 @@ fn default_data_dir() -> PathBuf {
 }
 
 pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let td = TrustDomain::new(&args.trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
-    let x509_ttl = sigil_types::duration::parse(&args.x509_svid_ttl).map_err(|e| anyhow::anyhow!("--x509-svid-ttl: {e}"))?;
-    let ca_ttl = sigil_types::duration::parse(&args.ca_ttl).map_err(|e| anyhow::anyhow!("--ca-ttl: {e}"))?;
+    let td =
+        TrustDomain::new(&args.trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
+    let x509_ttl = sigil_types::duration::parse(&args.x509_svid_ttl)
+        .map_err(|e| anyhow::anyhow!("--x509-svid-ttl: {e}"))?;
+    let ca_ttl =
+        sigil_types::duration::parse(&args.ca_ttl).map_err(|e| anyhow::anyhow!("--ca-ttl: {e}"))?;
     if x509_ttl > ca_ttl / 2 {
         anyhow::bail!("--x509-svid-ttl must not exceed half of --ca-ttl");
     }
     let dir = args.data_dir.unwrap_or_else(default_data_dir);
-    sigil_svid::keys::ensure_private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    sigil_svid::keys::ensure_private_dir(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
 
     let mut scfg = sigil_server::ServerConfig::with_defaults(td.clone(), dir.join("server"));
     scfg.bind_address = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -53,14 +57,24 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     scfg.default_x509_svid_ttl = x509_ttl;
     scfg.agent_svid_ttl = x509_ttl;
     scfg.ca_ttl = ca_ttl;
-    scfg.rotation_tick = Duration::from_secs(1).max(ca_ttl / 600).min(Duration::from_secs(10));
-    let server = sigil_server::start(scfg).await.context("starting the server")?;
+    scfg.rotation_tick = Duration::from_secs(1)
+        .max(ca_ttl / 600)
+        .min(Duration::from_secs(10));
+    let server = sigil_server::start(scfg)
+        .await
+        .context("starting the server")?;
 
     let token = server.state.generate_join_token(None).await?;
-    let mut acfg = sigil_agent::AgentConfig::with_defaults(td.clone(), server.agent_api_addr.to_string(), dir.join("agent"));
+    let mut acfg = sigil_agent::AgentConfig::with_defaults(
+        td.clone(),
+        server.agent_api_addr.to_string(),
+        dir.join("agent"),
+    );
     acfg.socket_path = dir.join("agent.sock");
     acfg.join_token = Some(token.token);
-    let agent = sigil_agent::start(acfg).await.context("starting the agent")?;
+    let agent = sigil_agent::start(acfg)
+        .await
+        .context("starting the agent")?;
 
     let uid = nix::unistd::getuid();
     let name = nix::unistd::User::from_uid(uid)
@@ -96,18 +110,32 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
 
     let cancel = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = args.health_address {
-        let bound = health::serve(addr, crate::run::server_health(server.state.clone()), cancel.clone()).await?;
+        let bound = health::serve(
+            addr,
+            crate::run::server_health(server.state.clone()),
+            cancel.clone(),
+        )
+        .await?;
         tracing::info!(%bound, "health and metrics listening");
     }
 
-    println!("sigil dev is running: trust domain {td}, data in {}", dir.display());
+    println!(
+        "sigil dev is running: trust domain {td}, data in {}",
+        dir.display()
+    );
     println!("  server (agent API) : {}", server.agent_api_addr);
     println!("  agent              : {}", agent.agent_id);
     println!("  your identity      : {spiffe_id} (for processes with selector unix:uid:{uid})");
     println!();
     println!("In another shell:");
-    println!("  export SPIFFE_ENDPOINT_SOCKET=unix://{}", agent.socket_path.display());
-    println!("  export SIGIL_ADMIN_SOCKET={}", server.admin_socket.display());
+    println!(
+        "  export SPIFFE_ENDPOINT_SOCKET=unix://{}",
+        agent.socket_path.display()
+    );
+    println!(
+        "  export SIGIL_ADMIN_SOCKET={}",
+        server.admin_socket.display()
+    );
     println!("  sigil svid fetch");
     println!();
     println!("Press Ctrl-C to stop.");

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::http::StatusCode;
@@ -11,30 +10,15 @@ use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 /// What the health listener reports.
-pub trait HealthSource: Send + Sync + 'static {
+pub(crate) trait HealthSource: Send + Sync + 'static {
     /// Whether the component can do its job now.
     fn ready(&self) -> bool;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
 }
 
-/// A readiness flag set once start-up completed.
-#[derive(Debug, Default)]
-pub struct ReadyFlag(AtomicBool);
-
-impl ReadyFlag {
-    /// Marks ready (or not).
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
-    }
-    /// Whether ready.
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
 /// Serves the health endpoints on `addr` until `cancel`; returns the bound address.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     source: Arc<dyn HealthSource>,
     cancel: CancellationToken,

@@ -18,7 +18,10 @@ impl HealthSource for ServerHealth {
     }
 }
 
-struct AgentHealth(tokio::sync::watch::Receiver<Arc<sigil_agent::core::Snapshot>>, Arc<sigil_agent::metrics::Metrics>);
+struct AgentHealth(
+    tokio::sync::watch::Receiver<Arc<sigil_agent::core::Snapshot>>,
+    Arc<sigil_agent::metrics::Metrics>,
+);
 
 impl HealthSource for AgentHealth {
     fn ready(&self) -> bool {
@@ -42,9 +45,16 @@ pub(crate) fn agent_health(a: &sigil_agent::AgentHandle) -> Arc<dyn HealthSource
 pub(crate) async fn server(config: &Path) -> anyhow::Result<()> {
     let cfg = sigil_server::ServerConfig::load(config)?;
     let health_addr = cfg.health_address;
-    let handle = sigil_server::start(cfg).await.context("starting the server")?;
+    let handle = sigil_server::start(cfg)
+        .await
+        .context("starting the server")?;
     if let Some(addr) = health_addr {
-        let bound = health::serve(addr, server_health(handle.state.clone()), handle.cancel_token()).await?;
+        let bound = health::serve(
+            addr,
+            server_health(handle.state.clone()),
+            handle.cancel_token(),
+        )
+        .await?;
         tracing::info!(%bound, "health and metrics listening");
     }
     crate::shutdown_signal().await;
@@ -58,7 +68,9 @@ pub(crate) async fn agent(config: &Path, join_token: Option<String>) -> anyhow::
         cfg.join_token = join_token;
     }
     let health_addr = cfg.health_address;
-    let handle = sigil_agent::start(cfg).await.context("starting the agent")?;
+    let handle = sigil_agent::start(cfg)
+        .await
+        .context("starting the agent")?;
     let cancel = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = health_addr {
         let bound = health::serve(addr, agent_health(&handle), cancel.clone()).await?;

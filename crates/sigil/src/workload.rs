@@ -41,11 +41,15 @@ pub(crate) fn socket_path(addr: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-type Client = SpiffeWorkloadApiClient<InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, tonic::Status>>>;
+type Client = SpiffeWorkloadApiClient<
+    InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, tonic::Status>>,
+>;
 
 fn add_header(mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
-    req.metadata_mut()
-        .insert("workload.spiffe.io", tonic::metadata::MetadataValue::from_static("true"));
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     Ok(req)
 }
 
@@ -99,7 +103,11 @@ fn write_file(path: &Path, data: &[u8], private: bool) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn svid(cmd: SvidCommand) -> anyhow::Result<()> {
-    let SvidCommand::Fetch { write, socket, output } = cmd;
+    let SvidCommand::Fetch {
+        write,
+        socket,
+        output,
+    } = cmd;
     let mut client = connect(&socket.socket).await?;
     let mut stream = client
         .fetch_x509svid(pb::X509svidRequest {})
@@ -122,10 +130,22 @@ pub(crate) async fn svid(cmd: SvidCommand) -> anyhow::Result<()> {
             .context("empty SVID chain")?;
         if let Some(dir) = &write {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            write_file(&dir.join(format!("svid.{i}.pem")), sigil_svid::pem::certs_to_pem(&chain).as_bytes(), false)?;
+            write_file(
+                &dir.join(format!("svid.{i}.pem")),
+                sigil_svid::pem::certs_to_pem(&chain).as_bytes(),
+                false,
+            )?;
             let key = sigil_svid::keys::PrivateKey::from_pkcs8_der(&s.x509_svid_key)?;
-            write_file(&dir.join(format!("svid.{i}.key")), key.to_pem().as_bytes(), true)?;
-            write_file(&dir.join(format!("bundle.{i}.pem")), sigil_svid::pem::certs_to_pem(&bundle).as_bytes(), false)?;
+            write_file(
+                &dir.join(format!("svid.{i}.key")),
+                key.to_pem().as_bytes(),
+                true,
+            )?;
+            write_file(
+                &dir.join(format!("bundle.{i}.pem")),
+                sigil_svid::pem::certs_to_pem(&bundle).as_bytes(),
+                false,
+            )?;
         }
         let not_after = humantime::format_rfc3339_seconds(info.not_after).to_string();
         match output {
@@ -138,7 +158,10 @@ pub(crate) async fn svid(cmd: SvidCommand) -> anyhow::Result<()> {
                     println!("Hint              : {}", s.hint);
                 }
                 if let Some(dir) = &write {
-                    println!("Written to        : {}", dir.join(format!("svid.{i}.pem")).display());
+                    println!(
+                        "Written to        : {}",
+                        dir.join(format!("svid.{i}.pem")).display()
+                    );
                 }
                 println!();
             }
@@ -222,7 +245,11 @@ pub(crate) async fn jwt(cmd: JwtCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        JwtCommand::Validate { audience, token, socket } => {
+        JwtCommand::Validate {
+            audience,
+            token,
+            socket,
+        } => {
             let token = match token {
                 Some(t) => t,
                 None => {
@@ -233,7 +260,10 @@ pub(crate) async fn jwt(cmd: JwtCommand) -> anyhow::Result<()> {
             };
             let mut client = connect(&socket.socket).await?;
             let r = client
-                .validate_jwtsvid(pb::ValidateJwtsvidRequest { audience, svid: token })
+                .validate_jwtsvid(pb::ValidateJwtsvidRequest {
+                    audience,
+                    svid: token,
+                })
                 .await
                 .map_err(status_err)?
                 .into_inner();
@@ -256,7 +286,14 @@ fn fmt_value(v: &prost_types::Value) -> String {
         Some(Kind::StringValue(s)) => s.clone(),
         Some(Kind::NumberValue(n)) => format!("{n}"),
         Some(Kind::BoolValue(b)) => b.to_string(),
-        Some(Kind::ListValue(l)) => format!("[{}]", l.values.iter().map(fmt_value).collect::<Vec<_>>().join(", ")),
+        Some(Kind::ListValue(l)) => format!(
+            "[{}]",
+            l.values
+                .iter()
+                .map(fmt_value)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         Some(Kind::StructValue(_)) => "{…}".into(),
         Some(Kind::NullValue(_)) | None => "null".into(),
     }
@@ -282,9 +319,18 @@ mod tests {
 
     #[test]
     fn socket_addresses() {
-        assert_eq!(socket_path("unix:///tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
-        assert_eq!(socket_path("unix:/tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
-        assert_eq!(socket_path("/tmp/a.sock").unwrap(), PathBuf::from("/tmp/a.sock"));
+        assert_eq!(
+            socket_path("unix:///tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
+        assert_eq!(
+            socket_path("unix:/tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
+        assert_eq!(
+            socket_path("/tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
         for bad in ["unix://foo", "tcp://127.0.0.1:1", "relative"] {
             assert!(socket_path(bad).is_err(), "{bad}");
         }

@@ -1,0 +1,295 @@
+//! Security invariants: who gets nothing, what is refused.
+
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use sigil_proto::workload::X509svidRequest;
+use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil_testkit::Cluster;
+use tokio::net::UnixStream;
+use tonic::transport::Endpoint;
+
+use crate::{PROMPT, cluster_with_me, init};
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_uid_gets_permission_denied() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to run a client as another uid (CI runs as root)");
+        return;
+    }
+    let (cluster, _me) = cluster_with_me(Default::default()).await;
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("sigil"))
+        .args(["svid", "fetch"])
+        .env("SPIFFE_ENDPOINT_SOCKET", cluster.socket_uri())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no identity issued") && stderr.contains("PermissionDenied"),
+        "{stderr}"
+    );
+    // The same command as this uid works.
+    let ok = std::process::Command::new(assert_cmd::cargo::cargo_bin("sigil"))
+        .args(["svid", "fetch"])
+        .env("SPIFFE_ENDPOINT_SOCKET", cluster.socket_uri())
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    cluster.shutdown().await;
+}
+
+use std::os::unix::process::CommandExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_security_header_is_invalid_argument() {
+    let (cluster, _me) = cluster_with_me(Default::default()).await;
+    let path = cluster.agent_config.socket_path.clone();
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
+        }))
+        .await
+        .unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let err = raw.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.message(), "security header missing from request");
+    cluster.shutdown().await;
+}
+
+fn second_agent_config(
+    cluster: &Cluster,
+    dir: &std::path::Path,
+    token: String,
+) -> sigil_agent::AgentConfig {
+    let mut cfg = cluster.agent_config.clone();
+    cfg.data_dir = dir.join("agent2");
+    cfg.socket_path = dir.join("agent2.sock");
+    cfg.join_token = Some(token);
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_works_once() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let token = cluster
+        .server()
+        .unwrap()
+        .state
+        .generate_join_token(None)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let first = sigil_agent::start(second_agent_config(
+        &cluster,
+        dir.path(),
+        token.token.clone(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(first.agent_id, token.agent_id);
+    first.shutdown().await;
+
+    let other = tempfile::tempdir().unwrap();
+    let err = sigil_agent::start(second_agent_config(&cluster, other.path(), token.token))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already used"), "{err}");
+    // A made-up token is refused the same way and records nothing.
+    let agents_before = cluster
+        .server()
+        .unwrap()
+        .state
+        .store
+        .list_agents()
+        .await
+        .unwrap()
+        .len();
+    let third = tempfile::tempdir().unwrap();
+    let fake = "0123456789abcdef.notasecret".to_owned();
+    let mut cfg = second_agent_config(&cluster, third.path(), fake);
+    cfg.trust_bundle_path = Some(third.path().join("bundle.json"));
+    std::fs::write(
+        third.path().join("bundle.json"),
+        cluster.server().unwrap().state.ca.bundle().to_json(),
+    )
+    .unwrap();
+    let err = sigil_agent::start(cfg).await.unwrap_err().to_string();
+    assert!(err.contains("unknown or was already used"), "{err}");
+    let agents_after = cluster
+        .server()
+        .unwrap()
+        .state
+        .store
+        .list_agents()
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(agents_before, agents_after);
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_banned_agent_is_cut_off() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let state = cluster.server().unwrap().state.clone();
+    let e1 = cluster
+        .register("/before-ban", &["unix:uid:4242"])
+        .await
+        .unwrap();
+    cluster.wait_for_svid(&e1.spiffe_id).await.unwrap();
+    assert!(state.is_connected(cluster.agent_id()));
+
+    state.ban_agent(cluster.agent_id()).await.unwrap();
+    cluster.wait_connected(false).await.unwrap();
+    let e2 = cluster
+        .register("/after-ban", &["unix:uid:4243"])
+        .await
+        .unwrap();
+    // The banned agent never learns of the new entry...
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let snap = cluster.agent().unwrap().snapshots.borrow().clone();
+    assert!(snap.entries.iter().all(|e| e.id != e2.id));
+    assert!(!state.is_connected(cluster.agent_id()));
+    // ...and its SVID no longer opens anything on the server.
+    let trust = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee((*snap.bundle).clone()));
+    let identity = sigil_agent::persist::Persist::open(&cluster.agent_config.data_dir)
+        .unwrap()
+        .load_identity()
+        .unwrap()
+        .unwrap();
+    let cert = std::sync::Arc::new(
+        sigil_svid::tls::RotatingCert::new(identity.chain, &identity.key).unwrap(),
+    );
+    let mut client = sigil_agent::client::connect(
+        &cluster.agent_config.server_address,
+        trust,
+        "spiffe://example.org/sigil/server".parse().unwrap(),
+        Some(cert),
+    )
+    .await
+    .unwrap();
+    let err = client
+        .sync(sigil_proto::server::v1::SyncRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("banned"), "{}", err.message());
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_agent_is_cut_off() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let state = cluster.server().unwrap().state.clone();
+    state.evict_agent(cluster.agent_id()).await.unwrap();
+    cluster.wait_connected(false).await.unwrap();
+    assert!(
+        state
+            .store
+            .get_agent(cluster.agent_id())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let e = cluster
+        .register("/after-evict", &["unix:uid:4244"])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        cluster
+            .agent()
+            .unwrap()
+            .snapshots
+            .borrow()
+            .entries
+            .iter()
+            .all(|x| x.id != e.id)
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_gets_only_its_own_entries() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let state = cluster.server().unwrap().state.clone();
+    // An entry under another (unknown) agent never reaches this one, and
+    // this agent cannot have it signed.
+    let foreign = cluster
+        .register_with("/foreign", &["unix:uid:1"], |e| {
+            e.parent_id = "spiffe://example.org/sigil/agent/join_token/ffffffffffffffff"
+                .parse()
+                .unwrap();
+        })
+        .await
+        .unwrap();
+    let mine = cluster.register("/mine", &["unix:uid:2"]).await.unwrap();
+    cluster.wait_for_svid(&mine.spiffe_id).await.unwrap();
+    let snap = cluster.agent().unwrap().snapshots.borrow().clone();
+    assert!(snap.entries.iter().any(|e| e.id == mine.id));
+    assert!(snap.entries.iter().all(|e| e.id != foreign.id));
+    let record = state
+        .store
+        .get_agent(cluster.agent_id())
+        .await
+        .unwrap()
+        .unwrap();
+    let key = sigil_svid::keys::PrivateKey::generate_p256().unwrap();
+    let csr = sigil_svid::x509::make_csr(&key).unwrap();
+    let results = state
+        .sign_x509_svids(
+            &record,
+            vec![
+                (foreign.id.to_string(), csr.clone()),
+                (mine.id.to_string(), csr),
+            ],
+        )
+        .unwrap();
+    assert!(
+        results[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("not authorized")
+    );
+    assert!(results[1].1.is_ok());
+    assert!(
+        state
+            .mint_jwt_svid(&record, foreign.id.as_str(), &["a".into()])
+            .is_err()
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_api_answers_promptly_when_nothing_matches() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let client = spiffe::WorkloadApiClient::connect_to(cluster.socket_uri())
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(PROMPT, client.fetch_x509_svid())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("no identity issued"), "{err}");
+    cluster.shutdown().await;
+}
