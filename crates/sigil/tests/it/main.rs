@@ -11,6 +11,7 @@
 
 mod cli;
 mod mtls;
+mod processes;
 mod resilience;
 mod security;
 mod workload_api;

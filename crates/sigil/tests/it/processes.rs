@@ -1,0 +1,297 @@
+//! The binary as an operator runs it: `sigil dev`, and `sigil server run` +
+//! `sigil agent run` as separate processes with their health endpoints.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sigil_testkit::free_addr;
+
+fn bin() -> std::path::PathBuf {
+    assert_cmd::cargo::cargo_bin("sigil")
+}
+
+/// Stops a child with SIGTERM and waits for it, killing it if it lingers.
+struct Guard(Child);
+
+impl Guard {
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.0.kill();
+                return self.0.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_path(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear", p.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "connect {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, out)
+}
+
+#[test]
+fn sigil_dev_quickstart_works_as_the_readme_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Guard(
+        Command::new(bin())
+            .args(["dev", "--data-dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let mut exports = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(kv) = line.trim().strip_prefix("export ") {
+            let (k, v) = kv.split_once('=').unwrap();
+            exports.push((k.to_owned(), v.to_owned()));
+        }
+        if line.contains("Press Ctrl-C") {
+            break;
+        }
+    }
+    let names: Vec<_> = exports.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["SPIFFE_ENDPOINT_SOCKET", "SIGIL_ADMIN_SOCKET"]);
+
+    let out = Command::new(bin())
+        .args(["svid", "fetch"])
+        .envs(exports.clone())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("SPIFFE ID         : spiffe://example.org/user/"),
+        "{text}"
+    );
+    let out = Command::new(bin())
+        .args(["entry", "show"])
+        .envs(exports.clone())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Found 1 entry"));
+    assert!(child.stop().success());
+
+    // A second start on the same data keeps the identity and the registration.
+    let mut child = Guard(
+        Command::new(bin())
+            .args(["dev", "--data-dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    for line in BufReader::new(stdout).lines() {
+        if line.unwrap().contains("Press Ctrl-C") {
+            break;
+        }
+    }
+    let out = Command::new(bin())
+        .args(["entry", "show"])
+        .envs(exports.clone())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Found 1 entry"),
+        "no duplicate registration"
+    );
+    let out = Command::new(bin())
+        .args(["svid", "fetch"])
+        .envs(exports)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(child.stop().success());
+}
+
+#[test]
+fn server_and_agent_processes_with_health_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let api = free_addr().unwrap();
+    let server_health = free_addr().unwrap();
+    let agent_health = free_addr().unwrap();
+    let admin = d.join("admin.sock");
+    std::fs::write(
+        d.join("server.toml"),
+        format!(
+            "[server]\ntrust_domain = \"example.org\"\nbind_address = \"{api}\"\nadmin_socket = \"{}\"\ndata_dir = \"{}\"\nhealth_address = \"{server_health}\"\n",
+            admin.display(),
+            d.join("server").display()
+        ),
+    )
+    .unwrap();
+    let mut server = Guard(
+        Command::new(bin())
+            .args(["server", "run", "--config"])
+            .arg(d.join("server.toml"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_path(&admin);
+    let (code, body) = http_get(server_health, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    let (code, _) = http_get(server_health, "/readyz");
+    assert_eq!(code, 200);
+
+    let out = Command::new(bin())
+        .args(["token", "generate", "-o", "json", "--admin-socket"])
+        .arg(&admin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tok: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let socket = d.join("agent.sock");
+    std::fs::write(
+        d.join("agent.toml"),
+        format!(
+            "[agent]\ntrust_domain = \"example.org\"\nserver_address = \"{api}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nhealth_address = \"{agent_health}\"\n",
+            d.join("agent").display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = Guard(
+        Command::new(bin())
+            .args(["agent", "run", "--config"])
+            .arg(d.join("agent.toml"))
+            .arg("--join-token")
+            .arg(tok["token"].as_str().unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_path(&socket);
+    let (code, _) = http_get(agent_health, "/readyz");
+    assert_eq!(code, 200);
+
+    let uid = nix::unistd::getuid();
+    let out = Command::new(bin())
+        .args([
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/proc",
+            "--selector",
+        ])
+        .arg(format!("unix:uid:{uid}"))
+        .arg("--parent-id")
+        .arg(tok["agent_id"].as_str().unwrap())
+        .arg("--admin-socket")
+        .arg(&admin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uri = format!("unix://{}", socket.display());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new(bin())
+            .args(["svid", "fetch", "--socket", &uri])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            assert!(String::from_utf8_lossy(&out.stdout).contains("spiffe://example.org/proc"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, metrics) = http_get(server_health, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("sigil_server_x509_svids_signed_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sigil_server_attestations_total 1"),
+        "{metrics}"
+    );
+    let (_, metrics) = http_get(agent_health, "/metrics");
+    assert!(
+        metrics.contains("sigil_agent_svids_signed_total 1"),
+        "{metrics}"
+    );
+    let out = Command::new(bin())
+        .args(["healthcheck", "--socket", &uri])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+
+    assert!(agent.stop().success());
+    assert!(server.stop().success());
+    assert!(
+        !admin.exists() && !socket.exists(),
+        "sockets are removed on shutdown"
+    );
+}
