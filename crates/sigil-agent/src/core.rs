@@ -66,8 +66,11 @@ pub(crate) struct Core {
     pub(crate) sign_retry_at: Option<SystemTime>,
 }
 
-/// Half of the lifetime, plus or minus up to 10% of it: when to renew.
+/// Half of the lifetime, plus or minus up to 10% of it: when to renew. The
+/// lifetime counts from issuance: `notBefore` is backdated for clock skew,
+/// which would otherwise pull renewal of short-lived SVIDs into the past.
 pub(crate) fn renewal_time(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let not_before = (not_before + sigil_svid::x509::BACKDATE).min(not_after);
     let life = not_after.duration_since(not_before).unwrap_or_default();
     let mut r = [0u8; 2];
     let _ = aws_lc_rs::rand::fill(&mut r);

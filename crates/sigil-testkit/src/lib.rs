@@ -22,6 +22,8 @@ pub struct ClusterOptions {
     pub ca_ttl: Duration,
     /// How often the CA manager looks at rotation.
     pub rotation_tick: Duration,
+    /// Agent SVID lifetime; by default the larger of the X509-SVID TTL and 1m.
+    pub agent_svid_ttl: Option<Duration>,
 }
 
 impl Default for ClusterOptions {
@@ -31,6 +33,7 @@ impl Default for ClusterOptions {
             x509_svid_ttl: Duration::from_secs(3600),
             ca_ttl: Duration::from_secs(24 * 3600),
             rotation_tick: Duration::from_secs(10),
+            agent_svid_ttl: None,
         }
     }
 }
@@ -75,7 +78,9 @@ impl Cluster {
         server_config.bind_address = free_addr()?;
         server_config.admin_socket = dir.path().join("admin.sock");
         server_config.default_x509_svid_ttl = opts.x509_svid_ttl;
-        server_config.agent_svid_ttl = opts.x509_svid_ttl.max(Duration::from_secs(60));
+        server_config.agent_svid_ttl = opts
+            .agent_svid_ttl
+            .unwrap_or_else(|| opts.x509_svid_ttl.max(Duration::from_secs(60)));
         server_config.ca_ttl = opts.ca_ttl;
         server_config.rotation_tick = opts.rotation_tick;
         let server = sigil_server::start(server_config.clone())

@@ -303,3 +303,159 @@ fn admin_commands_without_a_server_say_what_to_do() {
         .failure()
         .stderr(predicate::str::contains("is the server running"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_fetch_and_validate_from_the_command_line() {
+    let (cluster, _me) = crate::cluster_with_me(Default::default()).await;
+    let sock = cluster.socket_uri();
+    let out = tokio::task::spawn_blocking({
+        let sock = sock.clone();
+        move || {
+            sigil()
+                .args([
+                    "jwt",
+                    "fetch",
+                    "--audience",
+                    "api",
+                    "-o",
+                    "json",
+                    "--socket",
+                    &sock,
+                ])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = v[0]["token"].as_str().unwrap().to_owned();
+    let t = token.clone();
+    let s = sock.clone();
+    let ok = tokio::task::spawn_blocking(move || {
+        sigil()
+            .args(["jwt", "validate", "--audience", "api", "--socket", &s])
+            .write_stdin(t)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success() && text.contains("SPIFFE ID : spiffe://example.org/test"),
+        "{text}"
+    );
+    assert!(text.contains("Claim     : aud = api"), "{text}");
+    let bad = tokio::task::spawn_blocking(move || {
+        sigil()
+            .args([
+                "jwt",
+                "validate",
+                "--audience",
+                "other",
+                "--token",
+                &token,
+                "--socket",
+                &sock,
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("InvalidArgument"));
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_admin_requests_are_refused() {
+    use sigil_proto::server::v1 as pb;
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let path = cluster.admin_socket();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut admin = pb::admin_api_client::AdminApiClient::new(channel)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let agent = cluster.agent_id().to_string();
+    let entry = |i: usize| pb::Entry {
+        spiffe_id: format!("spiffe://example.org/w{i}"),
+        parent_id: agent.clone(),
+        selectors: vec![format!("unix:uid:{i}")],
+        ..Default::default()
+    };
+    // More than one batch may carry.
+    let err = admin
+        .batch_create_entry(pb::BatchCreateEntryRequest {
+            entries: (0..501).map(entry).collect(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("at most 500"), "{}", err.message());
+    // Larger than the message limit.
+    let mut huge = entry(1);
+    huge.hint = "x".repeat(5 * 1024 * 1024);
+    let err = admin
+        .batch_create_entry(pb::BatchCreateEntryRequest {
+            entries: vec![huge],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err:?}");
+    // Malformed fields, each with a message naming the field; nothing stored.
+    let mut bad_ttl = entry(2);
+    bad_ttl.x509_svid_ttl = -5;
+    let mut bad_id = entry(3);
+    bad_id.parent_id = "spiffe://example.org/".into();
+    let r = admin
+        .batch_create_entry(pb::BatchCreateEntryRequest {
+            entries: vec![bad_ttl, bad_id, entry(4)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        r.results[0].error.contains("x509_svid_ttl"),
+        "{}",
+        r.results[0].error
+    );
+    assert!(
+        r.results[1].error.contains("parent_id"),
+        "{}",
+        r.results[1].error
+    );
+    assert!(r.results[2].error.is_empty() && r.results[2].entry.is_some());
+    let list = admin
+        .list_entries(pb::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.entries.len(), 1);
+    let err = admin
+        .list_entries(pb::ListEntriesRequest {
+            selector_match: "sometimes".into(),
+            selectors: vec!["a:b".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("exact, subset, superset, any"));
+    cluster.shutdown().await;
+}

@@ -13,6 +13,7 @@ mod cli;
 mod mtls;
 mod processes;
 mod resilience;
+mod rotation;
 mod security;
 mod workload_api;
 

@@ -293,3 +293,61 @@ async fn workload_api_answers_promptly_when_nothing_matches() {
     assert!(err.to_string().contains("no identity issued"), "{err}");
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_bootstraps_from_a_bundle_file_and_refuses_a_wrong_one() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let state = cluster.server().unwrap().state.clone();
+    let dir = tempfile::tempdir().unwrap();
+
+    // A token without the fingerprint, and the bundle given as PEM.
+    let token = state.generate_join_token(None).await.unwrap();
+    let bare: String = token.token.split('.').take(2).collect::<Vec<_>>().join(".");
+    let pem = dir.path().join("bundle.pem");
+    std::fs::write(&pem, state.ca.bundle().x509_pem()).unwrap();
+    let mut cfg = second_agent_config(&cluster, dir.path(), bare.clone());
+    cfg.trust_bundle_path = Some(pem);
+    let agent = sigil_agent::start(cfg).await.unwrap();
+    assert_eq!(agent.agent_id, token.agent_id);
+    agent.shutdown().await;
+
+    // A bundle of some other CA: the server cannot be authenticated, the token is not spent.
+    let token = state.generate_join_token(None).await.unwrap();
+    let other = sigil_svid::x509::X509Authority::generate(
+        &sigil_types::TrustDomain::new("example.org").unwrap(),
+        Duration::from_secs(3600),
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let wrong = dir.path().join("wrong.pem");
+    std::fs::write(
+        &wrong,
+        sigil_svid::pem::certs_to_pem(&[other.cert_der().to_vec()]),
+    )
+    .unwrap();
+    let d2 = tempfile::tempdir().unwrap();
+    let bare: String = token.token.split('.').take(2).collect::<Vec<_>>().join(".");
+    let mut cfg = second_agent_config(&cluster, d2.path(), bare);
+    cfg.trust_bundle_path = Some(wrong);
+    assert!(sigil_agent::start(cfg).await.is_err());
+    // A fingerprint that does not match is refused before attesting.
+    let d3 = tempfile::tempdir().unwrap();
+    let forged = format!(
+        "{}.{}",
+        token.token.rsplit_once('.').unwrap().0,
+        "00".repeat(32)
+    );
+    let err = sigil_agent::start(second_agent_config(&cluster, d3.path(), forged))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fingerprint"), "{err}");
+    // The token survived both failures and still works.
+    let d4 = tempfile::tempdir().unwrap();
+    let agent = sigil_agent::start(second_agent_config(&cluster, d4.path(), token.token))
+        .await
+        .unwrap();
+    agent.shutdown().await;
+    cluster.shutdown().await;
+}
