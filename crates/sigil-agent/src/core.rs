@@ -248,6 +248,7 @@ impl Core {
         let Some(mut client) = (**self.client.load()).clone() else {
             return;
         };
+        let mut refused = false;
         for batch in due.chunks(CSR_BATCH) {
             let mut keys = HashMap::new();
             let mut params = Vec::with_capacity(batch.len());
@@ -290,6 +291,7 @@ impl Core {
                 };
                 if !r.error.is_empty() {
                     tracing::warn!(entry = %id, error = %r.error, "server refused to sign");
+                    refused = true;
                     continue;
                 }
                 let info = match r.cert_chain.first().map(|c| sigil_svid::x509::cert_info(c)) {
@@ -316,7 +318,10 @@ impl Core {
                 self.dirty = true;
             }
         }
-        self.sign_retry_at = None;
+        // Entries the server refused (say, an entry it had not yet applied)
+        // are tried again soon rather than at the next unrelated event.
+        self.sign_retry_at =
+            refused.then(|| now + self.cfg.min_backoff.max(Duration::from_secs(1)));
     }
 
     fn next_wake(&self, now: SystemTime) -> SystemTime {

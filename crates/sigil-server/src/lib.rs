@@ -130,6 +130,27 @@ impl ServerState {
         Ok(())
     }
 
+    /// Deletes entries whose `expires_at` is at or before `now` (Unix
+    /// seconds); returns how many were deleted.
+    pub async fn prune_expired_entries(&self, now: i64) -> usize {
+        let mut deleted = 0;
+        for id in self.index.expired(now) {
+            match self.store.delete_entry(&id).await {
+                Ok(_) => {
+                    deleted += 1;
+                    tracing::info!(entry = %id, "expired entry deleted");
+                }
+                Err(e) => tracing::warn!(entry = %id, error = %e, "deleting expired entry failed"),
+            }
+        }
+        if deleted > 0
+            && let Ok(rev) = self.store.revision().await
+        {
+            self.settle(rev).await;
+        }
+        deleted
+    }
+
     /// Waits until the index has caught up with `revision`, waking the follower.
     pub(crate) async fn settle(&self, revision: u64) {
         self.follower_wake.notify_one();
@@ -386,13 +407,7 @@ async fn prune_loop(state: Arc<ServerState>, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = ca::unix(SystemTime::now());
-        for id in state.index.expired(now) {
-            match state.store.delete_entry(&id).await {
-                Ok(_) => tracing::info!(entry = %id, "expired entry deleted"),
-                Err(e) => tracing::warn!(entry = %id, error = %e, "deleting expired entry failed"),
-            }
-        }
-        state.follower_wake.notify_one();
+        state.prune_expired_entries(now).await;
         if let Err(e) = state.store.prune_join_tokens(now).await {
             tracing::warn!(error = %e, "pruning join tokens failed");
         }

@@ -106,3 +106,32 @@ async fn agent_state_files_are_private() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_entries_are_deleted_and_leave_the_agent() {
+    let (cluster, _me) = cluster_with_me(Default::default()).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let e = cluster
+        .register_with("/short-lived", &["unix:uid:7777"], |e| {
+            e.expires_at = Some(now + 3600)
+        })
+        .await
+        .unwrap();
+    cluster.wait_for_svid(&e.spiffe_id).await.unwrap();
+    let state = cluster.server().unwrap().state.clone();
+    assert_eq!(state.prune_expired_entries(now).await, 0, "not yet expired");
+    assert_eq!(state.prune_expired_entries(now + 3600).await, 1);
+    assert!(state.index.get(&e.id).is_none());
+    let mut rx = cluster.agent().unwrap().snapshots.clone();
+    tokio::time::timeout(
+        crate::PROMPT,
+        rx.wait_for(|s| s.entries.iter().all(|x| x.id != e.id)),
+    )
+    .await
+    .expect("the deletion is pushed to the agent")
+    .unwrap();
+    cluster.shutdown().await;
+}
