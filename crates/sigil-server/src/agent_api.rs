@@ -168,7 +168,9 @@ fn diff(
 ) -> Option<pb::SyncMessage> {
     let mut upserted = Vec::new();
     for (id, e) in &auth.entries {
-        if sent.get(id) != Some(&e.revision) || snapshot {
+        // An entry's revision only grows, so one the agent holds at a
+        // revision at least this entry's is already current there.
+        if snapshot || sent.get(id).is_none_or(|held| e.revision > *held) {
             upserted.push(pb::Entry::from(e.as_ref()));
         }
     }

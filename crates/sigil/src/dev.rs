@@ -108,6 +108,16 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     }
 
+    // Print the instructions only once the identity can be fetched.
+    let mut snaps = agent.snapshots.clone();
+    let ready = snaps.wait_for(|s| s.svids.values().any(|v| v.spiffe_id == spiffe_id));
+    if tokio::time::timeout(Duration::from_secs(10), ready)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the agent does not hold the SVID yet; `sigil svid fetch` may need a retry");
+    }
+
     let cancel = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = args.health_address {
         let bound = health::serve(
