@@ -456,14 +456,21 @@ mod tests {
 
     #[test]
     fn renewal_is_near_half_life() {
-        let start = SystemTime::now();
-        let end = start + Duration::from_secs(3600);
+        let issued = SystemTime::now();
+        let start = issued - sigil_svid::x509::BACKDATE;
+        let end = issued + Duration::from_secs(3600);
         for _ in 0..100 {
             let at = renewal_time(start, end)
-                .duration_since(start)
+                .duration_since(issued)
                 .unwrap()
                 .as_secs();
             assert!((1440..=2160).contains(&at), "{at}");
+        }
+        // A 4 s SVID renews about 2 s after issuance, not at once.
+        for _ in 0..100 {
+            let short = renewal_time(start, issued + Duration::from_secs(4));
+            let after = short.duration_since(issued).unwrap().as_millis();
+            assert!((1590..=2410).contains(&after), "{after}");
         }
     }
 
