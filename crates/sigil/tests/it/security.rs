@@ -22,7 +22,11 @@ async fn another_uid_gets_permission_denied() {
         return;
     }
     let (cluster, _me) = cluster_with_me(Default::default()).await;
-    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("sigil"))
+    // The build directory may sit under a home only root can enter: run a
+    // copy from the cluster's world-readable directory.
+    let copy = cluster.dir.path().join("sigil");
+    std::fs::copy(assert_cmd::cargo::cargo_bin("sigil"), &copy).unwrap();
+    let out = std::process::Command::new(&copy)
         .args(["svid", "fetch"])
         .env("SPIFFE_ENDPOINT_SOCKET", cluster.socket_uri())
         .uid(65534)
