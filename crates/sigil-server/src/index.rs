@@ -350,22 +350,12 @@ mod tests {
     use super::*;
 
     fn entry(id: &str, spiffe: &str, parent: &str, sel: &[&str]) -> Entry {
-        Entry {
-            id: id.parse().unwrap(),
-            spiffe_id: spiffe.parse().unwrap(),
-            parent_id: parent.parse().unwrap(),
-            selectors: Selectors::parse_all(sel).unwrap(),
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
-            dns_names: vec![],
-            federates_with: vec![],
-            admin: false,
-            downstream: false,
-            hint: String::new(),
-            expires_at: None,
-            revision: 0,
-            created_at: 0,
-        }
+        Entry::new(
+            id.parse().unwrap(),
+            spiffe.parse().unwrap(),
+            parent.parse().unwrap(),
+            Selectors::parse_all(sel).unwrap(),
+        )
     }
 
     const AGENT: &str = "spiffe://td/sigil/agent/join_token/a1";

@@ -149,22 +149,12 @@ impl Cluster {
         selectors: &[&str],
         adjust: impl FnOnce(&mut Entry),
     ) -> anyhow::Result<Entry> {
-        let mut entry = Entry {
-            id: sigil_server::registry::new_entry_id()?,
-            spiffe_id: self.server_config.trust_domain.id_with_path(path)?,
-            parent_id: self.agent_id.clone(),
-            selectors: Selectors::parse_all(selectors)?,
-            x509_svid_ttl: 0,
-            jwt_svid_ttl: 0,
-            dns_names: vec![],
-            federates_with: vec![],
-            admin: false,
-            downstream: false,
-            hint: String::new(),
-            expires_at: None,
-            revision: 0,
-            created_at: 0,
-        };
+        let mut entry = Entry::new(
+            sigil_server::registry::new_entry_id()?,
+            self.server_config.trust_domain.id_with_path(path)?,
+            self.agent_id.clone(),
+            Selectors::parse_all(selectors)?,
+        );
         adjust(&mut entry);
         Ok(self.server()?.state.create_entry(entry).await?)
     }

@@ -163,6 +163,32 @@ pub struct Entry {
 pub const MAX_TTL_SECS: u64 = 366 * 24 * 3600;
 
 impl Entry {
+    /// An entry with the given identity, parent and selectors and every other
+    /// field at its default (server TTLs, no DNS names, no expiry).
+    pub fn new(
+        id: EntryId,
+        spiffe_id: SpiffeId,
+        parent_id: SpiffeId,
+        selectors: Selectors,
+    ) -> Self {
+        Self {
+            id,
+            spiffe_id,
+            parent_id,
+            selectors,
+            x509_svid_ttl: 0,
+            jwt_svid_ttl: 0,
+            dns_names: vec![],
+            federates_with: vec![],
+            admin: false,
+            downstream: false,
+            hint: String::new(),
+            expires_at: None,
+            revision: 0,
+            created_at: 0,
+        }
+    }
+
     /// Checks everything about the entry that does not need the store.
     pub fn validate(&self, trust_domain: &TrustDomain) -> Result<(), EntryError> {
         if self.selectors.is_empty() {

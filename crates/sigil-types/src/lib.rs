@@ -12,9 +12,11 @@
 //! | [`agent`] | the server's record of an attested agent |
 //! | [`bundle`] | the SPIFFE bundle document (JWKS with SPIFFE members) |
 //! | [`duration`] | human durations such as `30s` or `1h` |
+//! | [`config`] | the error of loading a configuration file |
 
 pub mod agent;
 pub mod bundle;
+pub mod config;
 pub mod duration;
 pub mod entry;
 pub mod selector;

@@ -84,22 +84,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         .filter(|n| sigil_types::spiffe_id::validate_path(&format!("/{n}")).is_ok())
         .unwrap_or_else(|| format!("uid-{uid}"));
     let spiffe_id = td.id_with_path(&format!("/user/{name}"))?;
-    let entry = Entry {
-        id: sigil_server::registry::new_entry_id()?,
-        spiffe_id: spiffe_id.clone(),
-        parent_id: agent.agent_id.clone(),
-        selectors: Selectors::parse_all([format!("unix:uid:{uid}")])?,
-        x509_svid_ttl: 0,
-        jwt_svid_ttl: 0,
-        dns_names: vec![],
-        federates_with: vec![],
-        admin: false,
-        downstream: false,
-        hint: String::new(),
-        expires_at: None,
-        revision: 0,
-        created_at: 0,
-    };
+    let entry = Entry::new(
+        sigil_server::registry::new_entry_id()?,
+        spiffe_id.clone(),
+        agent.agent_id.clone(),
+        Selectors::parse_all([format!("unix:uid:{uid}")])?,
+    );
     if let Err(e) = server.state.create_entry(entry).await {
         // On a restart the same registration is already there.
         let status = tonic::Status::from(e);
