@@ -355,3 +355,59 @@ async fn an_agent_bootstraps_from_a_bundle_file_and_refuses_a_wrong_one() {
     agent.shutdown().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_aliases_group_agents_by_node_selectors() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let state = cluster.server().unwrap().state.clone();
+    let record = state
+        .store
+        .get_agent(cluster.agent_id())
+        .await
+        .unwrap()
+        .unwrap();
+    let node_selector = record.selectors.iter().next().unwrap().to_string();
+    assert!(node_selector.starts_with("join_token:"), "{node_selector}");
+
+    let server_id = "spiffe://example.org/sigil/server";
+    cluster
+        .register_with("/nodes/group-a", &[&node_selector], |e| {
+            e.parent_id = server_id.parse().unwrap()
+        })
+        .await
+        .unwrap();
+    cluster
+        .register_with("/nodes/group-b", &["join_token:someone-else"], |e| {
+            e.parent_id = server_id.parse().unwrap()
+        })
+        .await
+        .unwrap();
+    let via_a = cluster
+        .register_with("/db", &["unix:uid:3306"], |e| {
+            e.parent_id = "spiffe://example.org/nodes/group-a".parse().unwrap()
+        })
+        .await
+        .unwrap();
+    let via_b = cluster
+        .register_with("/cache", &["unix:uid:6379"], |e| {
+            e.parent_id = "spiffe://example.org/nodes/group-b".parse().unwrap()
+        })
+        .await
+        .unwrap();
+    cluster.wait_for_svid(&via_a.spiffe_id).await.unwrap();
+    let snap = cluster.agent().unwrap().snapshots.borrow().clone();
+    assert!(
+        snap.entries.iter().any(|e| e.id == via_a.id),
+        "entry under a matching alias arrives"
+    );
+    assert!(
+        snap.entries.iter().all(|e| e.id != via_b.id),
+        "entry under another alias does not"
+    );
+    assert!(
+        snap.entries.iter().all(|e| !e.is_node_alias()),
+        "aliases themselves are not workload entries"
+    );
+    cluster.shutdown().await;
+}
