@@ -38,6 +38,95 @@ struct AgentSection {
     discover_workload_path: bool,
     #[serde(default)]
     health_address: Option<String>,
+    #[serde(default)]
+    k8s: Option<K8sFile>,
+    #[serde(default)]
+    k8s_psat: Option<PsatFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct K8sFile {
+    #[serde(default = "default_kubelet_url")]
+    kubelet_url: String,
+    #[serde(default = "default_kubelet_token")]
+    token_path: PathBuf,
+    #[serde(default)]
+    kubelet_ca_path: Option<PathBuf>,
+    #[serde(default)]
+    skip_kubelet_verification: bool,
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default = "default_proc_root")]
+    proc_root: PathBuf,
+    #[serde(default = "default_attempts")]
+    max_poll_attempts: u32,
+    #[serde(
+        default = "default_poll_interval",
+        with = "sigil_types::duration::serde_human"
+    )]
+    poll_retry_interval: Duration,
+    #[serde(default)]
+    disable_container_selectors: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PsatFile {
+    cluster: String,
+    #[serde(default = "default_psat_token")]
+    token_path: PathBuf,
+}
+
+fn default_kubelet_url() -> String {
+    "https://127.0.0.1:10250".to_owned()
+}
+fn default_kubelet_token() -> PathBuf {
+    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+}
+fn default_proc_root() -> PathBuf {
+    PathBuf::from("/proc")
+}
+fn default_attempts() -> u32 {
+    60
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_psat_token() -> PathBuf {
+    PathBuf::from("/var/run/secrets/tokens/sigil-agent")
+}
+
+/// Kubernetes workload attestation: pod selectors from the kubelet.
+#[derive(Debug, Clone)]
+pub struct K8sWorkloadConfig {
+    /// `https://…:10250` (secure port, with `token_path`) or `http://…:10255` (read-only port).
+    pub kubelet_url: String,
+    /// Service-account token sent to the secure port (re-read on every request).
+    pub token_path: PathBuf,
+    /// CA of the kubelet's serving certificate; the cluster CA when absent.
+    pub kubelet_ca_path: Option<PathBuf>,
+    /// Accept any kubelet certificate (only for clusters whose kubelet certificates are self-signed).
+    pub skip_kubelet_verification: bool,
+    /// Only pods of this node count; defaults to `$MY_NODE_NAME` (downward API).
+    pub node_name: Option<String>,
+    /// Where the host's `/proc` is mounted in the agent's container.
+    pub proc_root: PathBuf,
+    /// How many pod lists to examine for a container not yet listed.
+    pub max_poll_attempts: u32,
+    /// Pause between those attempts.
+    pub poll_retry_interval: Duration,
+    /// Leave out the `container-name` and `container-image` selectors.
+    pub disable_container_selectors: bool,
+}
+
+/// PSAT node attestation: the agent proves its node with a projected service-account token.
+#[derive(Debug, Clone)]
+pub struct PsatConfig {
+    /// The cluster name, as configured on the server.
+    pub cluster: String,
+    /// The projected token (re-read at every attestation; the kubelet rotates it).
+    pub token_path: PathBuf,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -70,6 +159,10 @@ pub struct AgentConfig {
     pub min_backoff: Duration,
     /// Largest reconnect delay.
     pub max_backoff: Duration,
+    /// Pod attestation through the kubelet, when set.
+    pub k8s: Option<K8sWorkloadConfig>,
+    /// PSAT node attestation instead of a join token, when set.
+    pub k8s_psat: Option<PsatConfig>,
 }
 
 impl AgentConfig {
@@ -90,6 +183,8 @@ impl AgentConfig {
             health_address: None,
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
+            k8s: None,
+            k8s_psat: None,
         }
     }
 
@@ -139,7 +234,61 @@ impl AgentConfig {
                     .map_err(|e| invalid("agent.health_address", format!("{h:?}: {e}")))
             })
             .transpose()?;
+        let k8s = a
+            .k8s
+            .map(|k| {
+                if !(k.kubelet_url.starts_with("https://") || k.kubelet_url.starts_with("http://")) {
+                    return Err(invalid(
+                        "agent.k8s.kubelet_url",
+                        format!("{:?} must start with https:// (secure port) or http:// (read-only port)", k.kubelet_url),
+                    ));
+                }
+                if k.max_poll_attempts == 0 {
+                    return Err(invalid("agent.k8s.max_poll_attempts", "must be at least 1".into()));
+                }
+                Ok(K8sWorkloadConfig {
+                    kubelet_url: k.kubelet_url,
+                    token_path: k.token_path,
+                    kubelet_ca_path: k.kubelet_ca_path,
+                    skip_kubelet_verification: k.skip_kubelet_verification,
+                    node_name: k.node_name.filter(|n| !n.is_empty()),
+                    proc_root: k.proc_root,
+                    max_poll_attempts: k.max_poll_attempts,
+                    poll_retry_interval: k.poll_retry_interval,
+                    disable_container_selectors: k.disable_container_selectors,
+                })
+            })
+            .transpose()?;
+        let k8s_psat = a
+            .k8s_psat
+            .map(|p| {
+                if p.cluster.is_empty() {
+                    return Err(invalid(
+                        "agent.k8s_psat.cluster",
+                        "must not be empty".into(),
+                    ));
+                }
+                Ok(PsatConfig {
+                    cluster: p.cluster,
+                    token_path: p.token_path,
+                })
+            })
+            .transpose()?;
+        if cfg!(not(feature = "k8s")) && (k8s.is_some() || k8s_psat.is_some()) {
+            return Err(invalid(
+                "agent.k8s",
+                "this agent was built without Kubernetes support (feature k8s)".into(),
+            ));
+        }
+        if k8s_psat.is_some() && a.join_token.is_some() {
+            return Err(invalid(
+                "agent.join_token",
+                "set either join_token or [agent.k8s_psat], not both".into(),
+            ));
+        }
         Ok(Self {
+            k8s,
+            k8s_psat,
             trust_domain,
             server_address: a.server_address,
             data_dir: a.data_dir,
@@ -167,6 +316,43 @@ mod tests {
         .unwrap();
         assert_eq!(c.socket_path, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    #[cfg(not(feature = "k8s"))]
+    fn kubernetes_sections_need_the_feature() {
+        let err = AgentConfig::parse(
+            "[agent]\ntrust_domain = \"example.org\"\nserver_address = \"s:8081\"\n[agent.k8s_psat]\ncluster = \"prod\"\n",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("without Kubernetes support"), "{err}");
+    }
+
+    #[test]
+    #[cfg(feature = "k8s")]
+    fn kubernetes_sections() {
+        let c = AgentConfig::parse(
+            "[agent]\ntrust_domain = \"example.org\"\nserver_address = \"s:8081\"\n[agent.k8s]\nnode_name = \"n1\"\npoll_retry_interval = \"250ms\"\n[agent.k8s_psat]\ncluster = \"prod\"\n",
+            None,
+        )
+        .unwrap();
+        let k = c.k8s.unwrap();
+        assert_eq!(k.kubelet_url, "https://127.0.0.1:10250");
+        assert_eq!(k.poll_retry_interval, Duration::from_millis(250));
+        assert_eq!(k.node_name.as_deref(), Some("n1"));
+        assert_eq!(
+            c.k8s_psat.unwrap().token_path,
+            PathBuf::from("/var/run/secrets/tokens/sigil-agent")
+        );
+        let err = AgentConfig::parse(
+            "[agent]\ntrust_domain = \"e.org\"\nserver_address = \"s:1\"\n[agent.k8s]\nkubelet_url = \"127.0.0.1:10250\"\n",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("kubelet_url"), "{err}");
     }
 
     #[test]

@@ -197,6 +197,13 @@ impl Core {
         let result = async {
             let key = PrivateKey::generate_p256()?;
             let csr = sigil_svid::x509::make_csr(&key)?;
+            // PSAT agents re-attest with a fresh token, so the server checks
+            // the pod and node again; others renew with their current SVID.
+            #[cfg(feature = "k8s")]
+            if let Some(psat) = &self.cfg.k8s_psat {
+                let resp = crate::k8s::attest_psat(&mut client, psat, csr).await?;
+                return AgentIdentity::new(resp.cert_chain, key);
+            }
             let resp = client
                 .renew_agent(pb::RenewAgentRequest { csr })
                 .await

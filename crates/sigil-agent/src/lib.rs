@@ -15,12 +15,15 @@
 //! | [`persist`] | the on-disk state |
 //! | [`peer`] | kernel peer credentials and PID-reuse checks |
 //! | [`attest`] | the unix workload attestor |
+//! | `k8s` | pod selectors from the kubelet; PSAT tokens (feature `k8s`) |
 //! | [`workload`] | the SPIFFE Workload API |
 
 pub mod attest;
 pub mod client;
 pub mod config;
 pub mod core;
+#[cfg(feature = "k8s")]
+pub mod k8s;
 pub mod metrics;
 pub mod peer;
 pub mod persist;
@@ -149,6 +152,32 @@ async fn attest(
     cfg: &AgentConfig,
     persist: &Persist,
 ) -> Result<(AgentIdentity, Bundle), AgentError> {
+    #[cfg(feature = "k8s")]
+    if let Some(psat) = &cfg.k8s_psat {
+        let Some(path) = &cfg.trust_bundle_path else {
+            return Err(AgentError::Config(
+                "PSAT attestation needs agent.trust_bundle_path (the server's bundle, e.g. from a ConfigMap)".into(),
+            ));
+        };
+        let trust = Arc::new(ArcSwap::from_pointee(load_trust_bundle(
+            path,
+            &cfg.trust_domain,
+        )?));
+        let server_id = cfg
+            .trust_domain
+            .id_with_path(sigil_types::SERVER_PATH)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let mut client = client::connect(&cfg.server_address, trust, server_id, None).await?;
+        let key = PrivateKey::generate_p256()?;
+        let csr = sigil_svid::x509::make_csr(&key)?;
+        let resp = k8s::attest_psat(&mut client, psat, csr).await?;
+        let identity = AgentIdentity::new(resp.cert_chain, key)?;
+        let bundle = Bundle::from_json(cfg.trust_domain.clone(), &resp.bundle_json)?;
+        persist.save_identity(&identity)?;
+        persist.save_bundle(&bundle)?;
+        tracing::info!(agent = %identity.id, "attested to the server with a projected service-account token");
+        return Ok((identity, bundle));
+    }
     let Some(token) = cfg.join_token.as_deref() else {
         return Err(AgentError::Config(format!(
             "the agent has no valid SVID in {}; start it once with a join token (`sigil token generate` on the server)",
@@ -290,13 +319,19 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         discover_workload_path: cfg.discover_workload_path,
         workload_size_limit: 512 * 1024 * 1024,
     }));
-    let svc = workload::service(workload::WorkloadService::new(
+    #[allow(unused_mut, reason = "extended only with the k8s feature")]
+    let mut workload_service = workload::WorkloadService::new(
         snapshots.clone(),
         attestor,
         client,
         metrics.clone(),
         cancel.clone(),
-    ));
+    );
+    #[cfg(feature = "k8s")]
+    if let Some(k) = &cfg.k8s {
+        workload_service = workload_service.with_pod_attestor(k8s::PodAttestor::new(k)?);
+    }
+    let svc = workload::service(workload_service);
     let c = cancel.clone();
     tracker.spawn(async move {
         let result = tonic::transport::Server::builder()

@@ -75,6 +75,8 @@ pub struct WorkloadService {
     jwt_cache: Mutex<HashMap<JwtKey, (String, SystemTime, SystemTime)>>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    #[cfg(feature = "k8s")]
+    pods: Option<Arc<crate::k8s::PodAttestor>>,
 }
 
 impl std::fmt::Debug for WorkloadService {
@@ -99,7 +101,16 @@ impl WorkloadService {
             jwt_cache: Mutex::new(HashMap::new()),
             metrics,
             cancel,
+            #[cfg(feature = "k8s")]
+            pods: None,
         }
+    }
+
+    /// Adds pod selectors from the kubelet to every caller's unix selectors.
+    #[cfg(feature = "k8s")]
+    pub fn with_pod_attestor(mut self, pods: Arc<crate::k8s::PodAttestor>) -> Self {
+        self.pods = Some(pods);
+        self
     }
 
     /// The caller's selectors, from its kernel credentials; refuses a caller
@@ -109,10 +120,21 @@ impl WorkloadService {
             tracing::warn!(error = %e, "cannot identify caller");
             Status::unavailable("workload attestation failed")
         })?;
-        let selectors = self.attestor.attest(&peer).await.map_err(|e| {
+        #[allow(unused_mut, reason = "extended only with the k8s feature")]
+        let mut selectors = self.attestor.attest(&peer).await.map_err(|e| {
             tracing::warn!(pid = peer.pid, error = %e, "workload attestation failed");
             Status::unavailable("workload attestation failed")
         })?;
+        #[cfg(feature = "k8s")]
+        if let Some(pods) = &self.pods {
+            let pod = pods.attest(peer.pid).await.map_err(|e| {
+                tracing::warn!(pid = peer.pid, error = %e, "pod attestation failed");
+                Status::unavailable("workload attestation failed")
+            })?;
+            for s in pod.iter() {
+                selectors.insert(s.clone());
+            }
+        }
         peer.check_same_process().map_err(|e| {
             tracing::warn!(pid = peer.pid, error = %e, "caller changed during attestation");
             Status::unavailable("workload attestation failed")

@@ -1,5 +1,5 @@
-//! The agent API (mutual TLS): bootstrap bundle, join-token attestation,
-//! renewal, the push sync, CSR signing and JWT minting.
+//! The agent API (mutual TLS): bootstrap bundle, join-token and PSAT
+//! attestation, renewal, the push sync, CSR signing and JWT minting.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -60,6 +60,22 @@ impl AgentApi for AgentService {
     ) -> Result<Response<pb::AttestResponse>, Status> {
         let req = req.into_inner();
         let (id, chain) = self.state.attest_join_token(&req.token, &req.csr).await?;
+        Ok(Response::new(pb::AttestResponse {
+            spiffe_id: id.to_string(),
+            cert_chain: chain,
+            bundle_json: self.state.ca.bundle().to_json(),
+        }))
+    }
+
+    async fn attest_psat(
+        &self,
+        req: Request<pb::AttestPsatRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        let req = req.into_inner();
+        let (id, chain) = self
+            .state
+            .attest_psat(&req.cluster, &req.token, &req.csr)
+            .await?;
         Ok(Response::new(pb::AttestResponse {
             spiffe_id: id.to_string(),
             cert_chain: chain,

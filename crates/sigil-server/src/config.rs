@@ -1,6 +1,7 @@
 //! Server configuration: the TOML file of `sigil server run`, validated into a
 //! typed runtime config. Every key is documented in docs/configuration.md.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +16,16 @@ pub const DEFAULT_BIND: &str = "0.0.0.0:8081";
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/server/admin.sock";
 /// Default data directory (database and keys).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/sigil/server";
+
+/// The token audience a PSAT cluster expects unless it names another
+/// (`sigil_k8s::psat::DEFAULT_AUDIENCE`).
+pub const DEFAULT_PSAT_AUDIENCE: &str = "sigil-server";
+/// The node labels a PSAT cluster turns into location selectors unless it
+/// names others (`sigil_k8s::psat::DEFAULT_TRUSTED_NODE_LABEL_KEYS`).
+pub const DEFAULT_PSAT_TRUSTED_NODE_LABEL_KEYS: [&str; 2] = [
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+];
 
 pub use sigil_types::config::ConfigError;
 
@@ -62,6 +73,54 @@ pub struct ServerSection {
     /// `spiffe_refresh_hint` published in the bundle.
     #[serde(default = "default_refresh_hint", with = "serde_human")]
     pub bundle_refresh_hint: Duration,
+    /// Kubernetes PSAT node attestation: one `[server.k8s_psat.<cluster>]`
+    /// table per cluster profile.
+    #[serde(default)]
+    pub k8s_psat: BTreeMap<String, PsatClusterSection>,
+}
+
+/// Keys of a `[server.k8s_psat.<cluster>]` table, as written by users.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PsatClusterSection {
+    /// Service accounts whose tokens may attest agents, `namespace:name`.
+    pub service_account_allow_list: Vec<String>,
+    /// The audience the agents' projected tokens must carry.
+    #[serde(default = "default_psat_audience")]
+    pub audience: String,
+    /// How tokens are verified.
+    #[serde(default)]
+    pub verification: PsatVerificationMode,
+    /// The cluster's JWKS (`kubectl get --raw /openid/v1/jwks`); offline_jwks only.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// The cluster's service account issuer (`iss`); offline_jwks only.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// Node labels that may become `k8s_psat:region:` / `k8s_psat:zone:`.
+    #[serde(default = "default_trusted_node_label_keys")]
+    pub trusted_node_label_keys: Vec<String>,
+    /// Node labels copied into `k8s_psat:agent_node_label:` selectors.
+    #[serde(default)]
+    pub allowed_node_label_keys: Vec<String>,
+    /// Pod labels copied into `k8s_psat:agent_pod_label:` selectors.
+    #[serde(default)]
+    pub allowed_pod_label_keys: Vec<String>,
+    /// A kubeconfig for the cluster's API server; absent: inferred
+    /// (`KUBECONFIG`, `~/.kube/config`, then the in-cluster service account).
+    #[serde(default)]
+    pub kube_config_file: Option<PathBuf>,
+}
+
+/// The `verification` key of a PSAT cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PsatVerificationMode {
+    /// Ask the API server (TokenReview) about every token.
+    #[default]
+    TokenReview,
+    /// Verify signatures against `jwks_file`; the API server is optional.
+    OfflineJwks,
 }
 
 fn default_bind() -> String {
@@ -87,6 +146,165 @@ fn default_join_token_ttl() -> Duration {
 }
 fn default_refresh_hint() -> Duration {
     Duration::from_secs(300)
+}
+fn default_psat_audience() -> String {
+    DEFAULT_PSAT_AUDIENCE.to_owned()
+}
+fn default_trusted_node_label_keys() -> Vec<String> {
+    DEFAULT_PSAT_TRUSTED_NODE_LABEL_KEYS
+        .iter()
+        .map(|k| (*k).to_owned())
+        .collect()
+}
+
+/// How the server verifies one PSAT cluster's tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PsatVerification {
+    /// A TokenReview per token; needs the cluster's API server.
+    TokenReview,
+    /// Signatures checked against the cluster's JWKS, read from `jwks_file`
+    /// at start; the API server is asked about the pod and node when reachable.
+    OfflineJwks {
+        /// The JWKS document (`{"keys":[…]}`).
+        jwks_file: PathBuf,
+        /// The exact `iss` of the cluster's tokens.
+        issuer: String,
+    },
+}
+
+/// One validated `[server.k8s_psat.<cluster>]` profile; the server builds a
+/// `sigil_k8s::psat::PsatVerifier` from it at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PsatCluster {
+    /// Service accounts whose tokens may attest agents, `namespace:name`.
+    pub service_account_allow_list: Vec<String>,
+    /// The audience the agents' tokens must carry.
+    pub audience: String,
+    /// How tokens are verified.
+    pub verification: PsatVerification,
+    /// Node labels that may become location selectors.
+    pub trusted_node_label_keys: Vec<String>,
+    /// Node labels copied into `k8s_psat:agent_node_label:` selectors.
+    pub allowed_node_label_keys: Vec<String>,
+    /// Pod labels copied into `k8s_psat:agent_pod_label:` selectors.
+    pub allowed_pod_label_keys: Vec<String>,
+    /// The kubeconfig of the cluster's API server; `None`: inferred.
+    pub kube_config_file: Option<PathBuf>,
+}
+
+impl PsatCluster {
+    /// A profile with the default audience and trusted label keys, no label
+    /// selectors and an inferred API client.
+    pub fn new(service_account_allow_list: Vec<String>, verification: PsatVerification) -> Self {
+        Self {
+            service_account_allow_list,
+            audience: DEFAULT_PSAT_AUDIENCE.to_owned(),
+            verification,
+            trusted_node_label_keys: default_trusted_node_label_keys(),
+            allowed_node_label_keys: Vec::new(),
+            allowed_pod_label_keys: Vec::new(),
+            kube_config_file: None,
+        }
+    }
+}
+
+/// Whether `name` can be a cluster profile name: it becomes a SPIFFE ID path
+/// segment of agent IDs and part of the `k8s_psat:cluster:` selector.
+pub(crate) fn check_psat_cluster_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(format!("{name:?} cannot be a SPIFFE ID path segment"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_'))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; a cluster name is a SPIFFE ID path segment \
+             (letters, digits, '.', '-', '_')"
+        ));
+    }
+    Ok(())
+}
+
+/// Validates one `[server.k8s_psat.<name>]` table into a [`PsatCluster`].
+/// What needs files or the API server (the JWKS, the kubeconfig, the label
+/// key rules) is checked when the server starts.
+fn psat_cluster(
+    name: &str,
+    s: PsatClusterSection,
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<PsatCluster, ConfigError> {
+    check_psat_cluster_name(name).map_err(|m| invalid("server.k8s_psat", m))?;
+    let msg = |m: &str| format!("{m} (in [server.k8s_psat.{name}])");
+    if cfg!(not(feature = "k8s")) {
+        return Err(invalid(
+            "server.k8s_psat",
+            msg("this server was built without Kubernetes support (cargo feature \"k8s\")"),
+        ));
+    }
+    if s.service_account_allow_list.is_empty() {
+        return Err(invalid(
+            "server.k8s_psat.service_account_allow_list",
+            msg("must name at least one service account (\"namespace:name\")"),
+        ));
+    }
+    for entry in &s.service_account_allow_list {
+        let ok = matches!(entry.split_once(':'),
+            Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains(':'));
+        if !ok {
+            return Err(invalid(
+                "server.k8s_psat.service_account_allow_list",
+                msg(&format!("{entry:?} is not of the form \"namespace:name\"")),
+            ));
+        }
+    }
+    if s.audience.is_empty() || s.audience.chars().any(char::is_control) {
+        return Err(invalid(
+            "server.k8s_psat.audience",
+            msg("must be a non-empty string"),
+        ));
+    }
+    let verification = match s.verification {
+        PsatVerificationMode::TokenReview => {
+            for (key, set) in [
+                ("server.k8s_psat.jwks_file", s.jwks_file.is_some()),
+                ("server.k8s_psat.issuer", s.issuer.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        key,
+                        msg("is only used with verification = \"offline_jwks\""),
+                    ));
+                }
+            }
+            PsatVerification::TokenReview
+        }
+        PsatVerificationMode::OfflineJwks => {
+            let jwks_file = s.jwks_file.ok_or_else(|| {
+                invalid(
+                    "server.k8s_psat.jwks_file",
+                    msg("is required with verification = \"offline_jwks\""),
+                )
+            })?;
+            let issuer = s.issuer.filter(|i| !i.is_empty()).ok_or_else(|| {
+                invalid(
+                    "server.k8s_psat.issuer",
+                    msg("is required with verification = \"offline_jwks\" (the tokens' iss)"),
+                )
+            })?;
+            PsatVerification::OfflineJwks { jwks_file, issuer }
+        }
+    };
+    Ok(PsatCluster {
+        service_account_allow_list: s.service_account_allow_list,
+        audience: s.audience,
+        verification,
+        trusted_node_label_keys: s.trusted_node_label_keys,
+        allowed_node_label_keys: s.allowed_node_label_keys,
+        allowed_pod_label_keys: s.allowed_pod_label_keys,
+        kube_config_file: s.kube_config_file,
+    })
 }
 
 /// The validated runtime configuration of a server.
@@ -116,6 +334,9 @@ pub struct ServerConfig {
     pub bundle_refresh_hint: Duration,
     /// How often the CA manager checks for rotation.
     pub rotation_tick: Duration,
+    /// Kubernetes PSAT cluster profiles by name (`[server.k8s_psat.<name>]`);
+    /// empty: `AttestPsat` refuses every cluster.
+    pub k8s_psat: BTreeMap<String, PsatCluster>,
 }
 
 impl ServerConfig {
@@ -134,6 +355,7 @@ impl ServerConfig {
             health_address: None,
             bundle_refresh_hint: default_refresh_hint(),
             rotation_tick: Duration::from_secs(10),
+            k8s_psat: BTreeMap::new(),
         }
     }
 
@@ -196,6 +418,11 @@ impl ServerConfig {
                 ),
             ));
         }
+        let mut k8s_psat = BTreeMap::new();
+        for (name, section) in s.k8s_psat {
+            let cluster = psat_cluster(&name, section, &invalid)?;
+            k8s_psat.insert(name, cluster);
+        }
         Ok(Self {
             trust_domain,
             bind_address,
@@ -209,6 +436,7 @@ impl ServerConfig {
             health_address,
             bundle_refresh_hint: s.bundle_refresh_hint,
             rotation_tick: Duration::from_secs(10),
+            k8s_psat,
         })
     }
 }
@@ -258,5 +486,157 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{err} should name {key}");
         }
+    }
+
+    const PSAT_HEAD: &str = "[server]\ntrust_domain = \"example.org\"\n";
+
+    #[cfg(feature = "k8s")]
+    #[test]
+    fn psat_cluster_gets_defaults() {
+        let c = ServerConfig::parse(
+            &format!(
+                "{PSAT_HEAD}[server.k8s_psat.eks-dev]\n\
+                 service_account_allow_list = [\"kube-system:sigil-agent\"]\n"
+            ),
+            None,
+        )
+        .unwrap();
+        let cluster = &c.k8s_psat["eks-dev"];
+        let mut want = PsatCluster::new(
+            vec!["kube-system:sigil-agent".into()],
+            PsatVerification::TokenReview,
+        );
+        assert_eq!(*cluster, want);
+        assert_eq!(cluster.audience, sigil_k8s::psat::DEFAULT_AUDIENCE);
+        assert_eq!(
+            cluster.trusted_node_label_keys,
+            sigil_k8s::psat::DEFAULT_TRUSTED_NODE_LABEL_KEYS
+        );
+        want.audience = "x".into();
+        assert_ne!(*cluster, want);
+    }
+
+    #[cfg(feature = "k8s")]
+    #[test]
+    fn psat_cluster_takes_every_key() {
+        let c = ServerConfig::parse(
+            &format!(
+                "{PSAT_HEAD}\
+                 [server.k8s_psat.eks-dev]\n\
+                 service_account_allow_list = [\"kube-system:sigil-agent\", \"sigil:agent\"]\n\
+                 audience = \"sigil-prod\"\n\
+                 verification = \"offline_jwks\"\n\
+                 jwks_file = \"/etc/sigil/eks-dev.jwks\"\n\
+                 issuer = \"https://oidc.example\"\n\
+                 trusted_node_label_keys = [\"node-restriction.kubernetes.io/zone\"]\n\
+                 allowed_node_label_keys = [\"topology.k8s.aws/zone-id\"]\n\
+                 allowed_pod_label_keys = [\"k8s-app\"]\n\
+                 kube_config_file = \"/etc/sigil/eks-dev.kubeconfig\"\n\
+                 [server.k8s_psat.gke]\n\
+                 service_account_allow_list = [\"sigil:agent\"]\n"
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.k8s_psat.len(), 2);
+        assert_eq!(
+            c.k8s_psat["eks-dev"],
+            PsatCluster {
+                service_account_allow_list: vec![
+                    "kube-system:sigil-agent".into(),
+                    "sigil:agent".into()
+                ],
+                audience: "sigil-prod".into(),
+                verification: PsatVerification::OfflineJwks {
+                    jwks_file: "/etc/sigil/eks-dev.jwks".into(),
+                    issuer: "https://oidc.example".into(),
+                },
+                trusted_node_label_keys: vec!["node-restriction.kubernetes.io/zone".into()],
+                allowed_node_label_keys: vec!["topology.k8s.aws/zone-id".into()],
+                allowed_pod_label_keys: vec!["k8s-app".into()],
+                kube_config_file: Some("/etc/sigil/eks-dev.kubeconfig".into()),
+            }
+        );
+        assert_eq!(
+            c.k8s_psat["gke"].verification,
+            PsatVerification::TokenReview
+        );
+    }
+
+    #[cfg(feature = "k8s")]
+    #[test]
+    fn psat_errors_name_the_key() {
+        let allow = "service_account_allow_list = [\"ns:sa\"]";
+        for (table, key) in [
+            ("audience = \"x\"", "service_account_allow_list"),
+            (
+                "service_account_allow_list = []",
+                "service_account_allow_list",
+            ),
+            (
+                "service_account_allow_list = [\"sigil-agent\"]",
+                "service_account_allow_list",
+            ),
+            (&format!("{allow}\naudiences = [\"x\"]"), "audiences"),
+            (&format!("{allow}\naudience = \"\""), "audience"),
+            (
+                &format!("{allow}\nverification = \"tokenreview\""),
+                "verification",
+            ),
+            (
+                &format!("{allow}\nverification = \"offline_jwks\"\nissuer = \"https://i\""),
+                "jwks_file",
+            ),
+            (
+                &format!("{allow}\nverification = \"offline_jwks\"\njwks_file = \"/j\""),
+                "issuer",
+            ),
+            (&format!("{allow}\njwks_file = \"/j\""), "jwks_file"),
+            (&format!("{allow}\nissuer = \"https://i\""), "issuer"),
+        ] {
+            let text = format!("{PSAT_HEAD}[server.k8s_psat.eks-dev]\n{table}\n");
+            let err = ServerConfig::parse(&text, Some(Path::new("s.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(key) && err.contains("s.toml"),
+                "{err} should name {key}"
+            );
+        }
+        let err = ServerConfig::parse(
+            &format!("{PSAT_HEAD}[server.k8s_psat.\"eks dev\"]\n{allow}\n"),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("server.k8s_psat") && err.contains("eks dev"),
+            "{err}"
+        );
+    }
+
+    #[cfg(not(feature = "k8s"))]
+    #[test]
+    fn psat_clusters_need_the_k8s_feature() {
+        let err = ServerConfig::parse(
+            &format!(
+                "{PSAT_HEAD}[server.k8s_psat.eks-dev]\n\
+                 service_account_allow_list = [\"kube-system:sigil-agent\"]\n"
+            ),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("server.k8s_psat") && err.contains("without Kubernetes support"),
+            "{err}"
+        );
+        // Without tables the k8s-less server parses as before.
+        assert!(
+            ServerConfig::parse(PSAT_HEAD, None)
+                .unwrap()
+                .k8s_psat
+                .is_empty()
+        );
     }
 }

@@ -30,9 +30,17 @@ pub enum ServerError {
     /// A bug or broken invariant; details go to the log, not the caller.
     #[error("internal error: {0}")]
     Internal(String),
-    /// The server is shutting down or not ready.
+    /// The server is shutting down or not ready, or a service it depends on
+    /// (a cluster's Kubernetes API server) is unreachable; worth retrying.
     #[error("{0}")]
     Unavailable(String),
+    /// The call needs a feature this server was built without.
+    #[error("{0}")]
+    Unimplemented(String),
+    /// The configuration was rejected when the server started (a PSAT
+    /// cluster's JWKS or kubeconfig); the error names the key.
+    #[error(transparent)]
+    Config(#[from] sigil_types::config::ConfigError),
 }
 
 impl From<ServerError> for Status {
@@ -44,6 +52,7 @@ impl From<ServerError> for Status {
             ServerError::Unauthenticated(m) => Status::unauthenticated(m),
             ServerError::NotFound(m) => Status::not_found(m),
             ServerError::Unavailable(m) => Status::unavailable(m),
+            ServerError::Unimplemented(m) => Status::unimplemented(m),
             ServerError::Store(e @ S::NotFound(_)) => Status::not_found(e.to_string()),
             ServerError::Store(e @ S::AlreadyExists(_)) => Status::already_exists(e.to_string()),
             ServerError::Store(S::TokenExpired) => {

@@ -1,6 +1,6 @@
 //! The sigil server: the CA and the registry of a trust domain.
 //!
-//! It attests agents (join tokens), issues their SVIDs, keeps every entry in
+//! It attests agents (join tokens, Kubernetes PSATs), issues their SVIDs, keeps every entry in
 //! an in-memory [`index`] fed by the store's change feed, pushes each agent
 //! exactly its authorized entries over a long-lived sync stream, signs CSRs
 //! and mints JWT-SVIDs for those entries only, and serves the admin API on a
@@ -12,6 +12,7 @@
 //! | [`ca`] | X.509 and JWT authorities, rotation, the bundle |
 //! | [`index`] | entries in memory, authorized sets |
 //! | [`registry`] | the operations behind both APIs |
+//! | [`psat`] | Kubernetes PSAT node attestation (cargo feature `k8s`) |
 //! | [`agent_api`] | what agents call, over mutual TLS |
 //! | [`admin_api`] | what operators call, over the admin socket |
 //! | [`tls`] | the TLS listener and peer identities |
@@ -23,6 +24,7 @@ pub mod config;
 pub mod error;
 pub mod index;
 pub mod metrics;
+pub mod psat;
 pub mod registry;
 pub mod tls;
 
@@ -74,6 +76,17 @@ pub struct ServerState {
     /// Agents with an open sync stream (count per agent).
     connected: std::sync::Mutex<std::collections::HashMap<SpiffeId, usize>>,
     ready: std::sync::atomic::AtomicBool,
+    /// One verifier per Kubernetes PSAT cluster profile.
+    #[cfg_attr(
+        not(feature = "k8s"),
+        expect(
+            dead_code,
+            reason = "without Kubernetes support there are no verifiers to ask"
+        )
+    )]
+    psat: psat::PsatVerifiers,
+    /// Serializes read-modify-write of re-attestable agent records with bans.
+    agent_writes: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -221,6 +234,8 @@ pub async fn start_with_store(
     store: Arc<dyn Store>,
 ) -> Result<ServerHandle, ServerError> {
     sigil_svid::install_crypto_provider();
+    // First, so that a bad JWKS or kubeconfig stops the start before anything listens.
+    let psat = psat::PsatVerifiers::build(&config.k8s_psat).await?;
     let now = SystemTime::now();
     let ca = CaManager::load(
         config.trust_domain.clone(),
@@ -250,6 +265,8 @@ pub async fn start_with_store(
         follower_wake: Notify::new(),
         connected: std::sync::Mutex::new(Default::default()),
         ready: std::sync::atomic::AtomicBool::new(false),
+        psat,
+        agent_writes: tokio::sync::Mutex::new(()),
     });
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -1,5 +1,6 @@
 //! The operations behind the agent and admin APIs: entries, join tokens,
-//! node attestation, agent SVIDs, signing for agents.
+//! join-token attestation, agent SVIDs, signing for agents. PSAT attestation
+//! is in [`crate::psat`].
 
 use std::time::{Duration, SystemTime};
 
@@ -201,7 +202,7 @@ impl ServerState {
         Ok((agent_id, vec![leaf]))
     }
 
-    fn sign_agent_svid(
+    pub(crate) fn sign_agent_svid(
         &self,
         id: &SpiffeId,
         spki: &[u8],
@@ -402,8 +403,9 @@ impl ServerState {
         Ok(deleted)
     }
 
-    /// Deletes an agent's record: its SVID stops working at once and, since
-    /// join tokens are single use, it needs a new token to come back.
+    /// Deletes an agent's record: its SVID stops working at once. A join-token
+    /// agent needs a new token to come back (join tokens are single use); a
+    /// PSAT agent comes back by attesting again, unless it is banned instead.
     pub async fn evict_agent(&self, id: &SpiffeId) -> Result<AgentRecord, ServerError> {
         let record = self.store.delete_agent(id).await?;
         self.settle(self.store.revision().await?).await;
@@ -413,7 +415,10 @@ impl ServerState {
 
     /// Bans an agent: it can no longer renew, sync, sign or attest again.
     pub async fn ban_agent(&self, id: &SpiffeId) -> Result<AgentRecord, ServerError> {
+        // Not while a re-attestation of this agent reads and rewrites its record.
+        let write_guard = self.agent_writes.lock().await;
         let record = self.store.set_agent_banned(id, true).await?;
+        drop(write_guard);
         self.settle(self.store.revision().await?).await;
         tracing::info!(agent = %id, "agent banned");
         Ok(record)

@@ -1,6 +1,10 @@
 //! Test helpers: a real sigil server and agent in this process, on a free
 //! loopback port and Unix sockets in a temporary directory. Nothing here is
 //! a mock: the server, agent, store, TLS and sockets are the product's own.
+//! [`fake_k8s`] adds fake Kubernetes endpoints (API server, kubelet) fed with
+//! recorded fixtures.
+
+pub mod fake_k8s;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -24,6 +28,8 @@ pub struct ClusterOptions {
     pub rotation_tick: Duration,
     /// Agent SVID lifetime; by default the larger of the X509-SVID TTL and 1m.
     pub agent_svid_ttl: Option<Duration>,
+    /// Pod attestation settings for the agent (a fake kubelet, a fake /proc).
+    pub agent_k8s: Option<sigil_agent::config::K8sWorkloadConfig>,
 }
 
 impl Default for ClusterOptions {
@@ -34,6 +40,7 @@ impl Default for ClusterOptions {
             ca_ttl: Duration::from_secs(24 * 3600),
             rotation_tick: Duration::from_secs(10),
             agent_svid_ttl: None,
+            agent_k8s: None,
         }
     }
 }
@@ -96,6 +103,7 @@ impl Cluster {
         agent_config.join_token = Some(token.token);
         agent_config.min_backoff = Duration::from_millis(100);
         agent_config.max_backoff = Duration::from_secs(1);
+        agent_config.k8s = opts.agent_k8s.clone();
         let agent = sigil_agent::start(agent_config.clone())
             .await
             .context("starting agent")?;

@@ -5,6 +5,8 @@
 mod admin;
 mod dev;
 mod health;
+#[cfg(feature = "k8s")]
+mod k8s;
 mod run;
 mod workload;
 
@@ -77,6 +79,12 @@ enum Command {
     },
     /// Check that a server (admin socket) or agent (Workload API socket) answers.
     Healthcheck(admin::HealthcheckArgs),
+    /// Kubernetes tools: explain what a pod's process is attested as.
+    #[cfg(feature = "k8s")]
+    K8s {
+        #[command(subcommand)]
+        command: k8s::K8sCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -156,6 +164,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Svid { command } => workload::svid(command).await,
         Command::Jwt { command } => workload::jwt(command).await,
         Command::Healthcheck(args) => admin::healthcheck(args).await,
+        #[cfg(feature = "k8s")]
+        Command::K8s { command } => k8s::run(command),
     }
 }
 

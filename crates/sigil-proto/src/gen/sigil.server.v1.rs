@@ -51,6 +51,18 @@ pub struct AttestJoinTokenRequest {
     pub csr: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AttestPsatRequest {
+    /// The cluster profile name configured on the server (\[server.k8s_psat.<cluster>\]).
+    #[prost(string, tag = "1")]
+    pub cluster: ::prost::alloc::string::String,
+    /// The projected service account token (a JWT), read afresh from its file.
+    #[prost(string, tag = "2")]
+    pub token: ::prost::alloc::string::String,
+    /// PKCS#10 CSR (DER) for the agent's key.
+    #[prost(bytes = "vec", tag = "3")]
+    pub csr: ::prost::alloc::vec::Vec<u8>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RenewAgentRequest {
     #[prost(bytes = "vec", tag = "1")]
     pub csr: ::prost::alloc::vec::Vec<u8>,
@@ -385,6 +397,30 @@ pub mod agent_api_client {
                 .insert(GrpcMethod::new("sigil.server.v1.AgentApi", "AttestJoinToken"));
             self.inner.unary(req, path, codec).await
         }
+        /// Node attestation with a Kubernetes projected service account token
+        /// (PSAT); returns the agent's SVID. May be called again by the same agent
+        /// with a fresh token (re-attestation), which keeps its agent ID.
+        pub async fn attest_psat(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AttestPsatRequest>,
+        ) -> std::result::Result<tonic::Response<super::AttestResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AgentApi/AttestPsat",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sigil.server.v1.AgentApi", "AttestPsat"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Renews the calling agent's SVID (authenticated by its current one).
         pub async fn renew_agent(
             &mut self,
@@ -510,6 +546,13 @@ pub mod agent_api_server {
         async fn attest_join_token(
             &self,
             request: tonic::Request<super::AttestJoinTokenRequest>,
+        ) -> std::result::Result<tonic::Response<super::AttestResponse>, tonic::Status>;
+        /// Node attestation with a Kubernetes projected service account token
+        /// (PSAT); returns the agent's SVID. May be called again by the same agent
+        /// with a fresh token (re-attestation), which keeps its agent ID.
+        async fn attest_psat(
+            &self,
+            request: tonic::Request<super::AttestPsatRequest>,
         ) -> std::result::Result<tonic::Response<super::AttestResponse>, tonic::Status>;
         /// Renews the calling agent's SVID (authenticated by its current one).
         async fn renew_agent(
@@ -695,6 +738,51 @@ pub mod agent_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = AttestJoinTokenSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AgentApi/AttestPsat" => {
+                    #[allow(non_camel_case_types)]
+                    struct AttestPsatSvc<T: AgentApi>(pub Arc<T>);
+                    impl<
+                        T: AgentApi,
+                    > tonic::server::UnaryService<super::AttestPsatRequest>
+                    for AttestPsatSvc<T> {
+                        type Response = super::AttestResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AttestPsatRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AgentApi>::attest_psat(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AttestPsatSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -459,3 +459,65 @@ async fn oversized_and_malformed_admin_requests_are_refused() {
     assert!(err.message().contains("exact, subset, superset, any"));
     cluster.shutdown().await;
 }
+
+fn fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/k8s")
+}
+
+#[test]
+fn k8s_selectors_explains_a_pod_and_a_non_pod() {
+    let f = fixtures();
+    let out = sigil()
+        .args(["k8s", "selectors", "--cgroup"])
+        .arg(f.join("cgroup/spire_cgroups_pid_in_pod.txt"))
+        .arg("--pods")
+        .arg(f.join("kubelet/spire_pod_list.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    for want in [
+        "k8s:ns:default",
+        "k8s:sa:default",
+        "k8s:pod-name:blog-24ck7",
+        "k8s:pod-uid:2c48913c-b29f-11e7-9350-020968147796",
+        "k8s:container-name:blog",
+        "k8s:node-name:k8s-node-1",
+        "k8s:pod-label:k8s-app:blog",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == want),
+            "missing {want} in {lines:?}"
+        );
+    }
+    sigil()
+        .args(["k8s", "selectors", "--cgroup"])
+        .arg(f.join("cgroup/spire_cgroups_pid_not_in_pod.txt"))
+        .arg("--pods")
+        .arg(f.join("kubelet/spire_pod_list.json"))
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("not in a pod"));
+    // A pod list from another node: the container is not found there.
+    sigil()
+        .args([
+            "k8s",
+            "selectors",
+            "--node-name",
+            "some-other-node",
+            "--cgroup",
+        ])
+        .arg(f.join("cgroup/spire_cgroups_pid_in_pod.txt"))
+        .arg("--pods")
+        .arg(f.join("kubelet/spire_pod_list.json"))
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("no k8s selectors"));
+}

@@ -10,6 +10,7 @@
 )]
 
 mod cli;
+mod kubernetes;
 mod mtls;
 mod processes;
 mod resilience;

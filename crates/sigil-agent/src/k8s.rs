@@ -1,0 +1,102 @@
+//! Kubernetes for the agent: pod selectors for callers that run in pods
+//! (from their cgroup and the kubelet's pod list), and the projected token
+//! of PSAT node attestation.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sigil_k8s::cgroup;
+use sigil_k8s::kubelet::{KubeletClient, KubeletSource, RetryPolicy};
+use sigil_types::Selectors;
+
+use crate::AgentError;
+use crate::config::K8sWorkloadConfig;
+
+/// Adds `k8s:` selectors for processes that run in a pod.
+pub struct PodAttestor {
+    kubelet: KubeletClient,
+    proc_root: PathBuf,
+}
+
+impl std::fmt::Debug for PodAttestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodAttestor")
+            .field("proc_root", &self.proc_root)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PodAttestor {
+    /// A pod attestor for the configured kubelet.
+    pub fn new(cfg: &K8sWorkloadConfig) -> Result<Arc<Self>, AgentError> {
+        let source = if cfg.kubelet_url.starts_with("http://") {
+            KubeletSource::ReadOnly {
+                url: cfg.kubelet_url.clone(),
+            }
+        } else {
+            KubeletSource::Secure {
+                url: cfg.kubelet_url.clone(),
+                token_path: cfg.token_path.clone(),
+                ca_path: cfg.kubelet_ca_path.clone(),
+                skip_verify: cfg.skip_kubelet_verification,
+            }
+        };
+        // The downward API hands the node name to the pod as an environment
+        // variable; only pods of this node may be matched.
+        let node_name = cfg
+            .node_name
+            .clone()
+            .or_else(|| std::env::var("MY_NODE_NAME").ok().filter(|n| !n.is_empty()));
+        let retry = RetryPolicy {
+            attempts: cfg.max_poll_attempts,
+            interval: cfg.poll_retry_interval,
+            ..RetryPolicy::default()
+        };
+        let kubelet = KubeletClient::new(source, node_name, retry)
+            .map_err(|e| AgentError::Config(format!("agent.k8s: {e}")))?
+            .with_disable_container_selectors(cfg.disable_container_selectors);
+        Ok(Arc::new(Self {
+            kubelet,
+            proc_root: cfg.proc_root.clone(),
+        }))
+    }
+
+    /// The pod selectors of process `pid`; empty when it is not in a pod.
+    pub async fn attest(&self, pid: i32) -> Result<Selectors, String> {
+        let root = self.proc_root.clone();
+        let info = tokio::task::spawn_blocking(move || cgroup::locate_pid(&root, pid))
+            .await
+            .map_err(|e| format!("cgroup lookup task failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        if !info.is_in_container() {
+            return Ok(Selectors::new());
+        }
+        match self.kubelet.attest(&info).await {
+            Ok(Some(s)) => Ok(s),
+            Ok(None) => Ok(Selectors::new()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Attests (or re-attests) the node with the projected service-account
+/// token, read afresh each time because the kubelet rotates it.
+pub async fn attest_psat(
+    client: &mut sigil_proto::server::v1::agent_api_client::AgentApiClient<
+        tonic::transport::Channel,
+    >,
+    cfg: &crate::config::PsatConfig,
+    csr: Vec<u8>,
+) -> Result<sigil_proto::server::v1::AttestResponse, AgentError> {
+    let token = sigil_k8s::psat::read_token(&cfg.token_path)
+        .map_err(|e| AgentError::Config(format!("agent.k8s_psat.token_path: {e}")))?;
+    Ok(client
+        .attest_psat(sigil_proto::server::v1::AttestPsatRequest {
+            cluster: cfg.cluster.clone(),
+            token,
+            csr,
+        })
+        .await
+        .map_err(AgentError::from_status)?
+        .into_inner())
+}

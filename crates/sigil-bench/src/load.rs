@@ -1,0 +1,892 @@
+//! The two load phases.
+//!
+//! *Latency* runs a server whose store is on disk (as in production), one
+//! real agent process, and workloads in this process: signing throughput
+//! through the agent API, entry create → workload holds the SVID, and the
+//! Workload API's first response under 1,000 concurrent clients, each beside
+//! the same client pattern against a plain tonic server.
+//!
+//! *Scale* runs a server preloaded with N entries spread over A agents (its
+//! store on tmpfs, so that preloading does not take N fsyncs), connects A
+//! simulated agents that each hold a sync stream, measures first syncs from
+//! 100 to 100,000 entries, server memory, the server's CPU per entry write
+//! with A streams open, and an agent's memory per cached SVID.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use sigil_proto::server::v1 as pb;
+use sigil_proto::server::v1::admin_api_client::AdminApiClient;
+use sigil_proto::server::v1::agent_api_client::AgentApiClient;
+use sigil_proto::workload as wpb;
+use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use sigil_svid::bundle::Bundle;
+use sigil_svid::keys::PrivateKey;
+use sigil_svid::tls::RotatingCert;
+use sigil_types::{Entry, Selectors, SpiffeId, TrustDomain};
+use tokio::net::UnixStream;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status, Streaming};
+
+use crate::Sizes;
+use crate::child::ChildProc;
+use crate::inproc::{sample_entry, sync_floor};
+use crate::report::{Budget, Report};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn td() -> anyhow::Result<TrustDomain> {
+    Ok(TrustDomain::new("example.org")?)
+}
+
+/// The `p`th percentile (nearest rank) of `v`, which this sorts.
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+// ------------------------------------------------------------ connections --
+
+/// Connects to a Unix socket, retrying while the listener's backlog is full
+/// (a burst of 1,000 connects can fill it; a real client retries too).
+async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    let mut attempt = 0;
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && attempt < 2000 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn unix_channel(path: &Path) -> anyhow::Result<Channel> {
+    let p = path.to_path_buf();
+    Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(connect_unix(&p).await?)) }
+        }))
+        .await
+        .with_context(|| format!("connecting to {}", path.display()))
+}
+
+type HeaderFn = fn(Request<()>) -> Result<Request<()>, Status>;
+type WlClient = SpiffeWorkloadApiClient<InterceptedService<Channel, HeaderFn>>;
+
+fn add_header(mut req: Request<()>) -> Result<Request<()>, Status> {
+    req.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    Ok(req)
+}
+
+async fn wl_connect(path: &Path) -> anyhow::Result<WlClient> {
+    Ok(SpiffeWorkloadApiClient::with_interceptor(
+        unix_channel(path).await?,
+        add_header as HeaderFn,
+    ))
+}
+
+/// A Workload API client and its open X509-SVID stream.
+type Held = (WlClient, Streaming<wpb::X509svidResponse>);
+
+/// Connects and waits for the first X509-SVID response.
+async fn first_response(path: PathBuf) -> anyhow::Result<(Duration, Held)> {
+    let t0 = Instant::now();
+    let mut client = wl_connect(&path).await?;
+    let mut stream = client
+        .fetch_x509svid(wpb::X509svidRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("FetchX509SVID: {}", s.message()))?
+        .into_inner();
+    let first = stream
+        .message()
+        .await?
+        .context("the stream ended before its first response")?;
+    ensure!(!first.svids.is_empty(), "first response without SVIDs");
+    Ok((t0.elapsed(), (client, stream)))
+}
+
+/// `n` clients connecting at once; returns their first-response latencies
+/// (ms) and keeps their streams open.
+async fn burst(path: &Path, n: usize) -> anyhow::Result<(Vec<f64>, Vec<Held>)> {
+    let barrier = Arc::new(tokio::sync::Barrier::new(n));
+    let mut set = JoinSet::new();
+    for _ in 0..n {
+        let b = barrier.clone();
+        let p = path.to_path_buf();
+        set.spawn(async move {
+            b.wait().await;
+            first_response(p).await
+        });
+    }
+    let mut lat = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
+    while let Some(r) = set.join_next().await {
+        let (d, h) = r??;
+        lat.push(ms(d));
+        held.push(h);
+    }
+    Ok((lat, held))
+}
+
+/// With `held` streams open, `n` new clients one after another.
+async fn loaded(path: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (d, h) = first_response(path.to_path_buf()).await?;
+        lat.push(ms(d));
+        drop(h);
+    }
+    Ok(lat)
+}
+
+type Admin = AdminApiClient<Channel>;
+
+async fn admin_create(admin: &mut Admin, entries: &[Entry]) -> anyhow::Result<Vec<pb::Entry>> {
+    let mut out = Vec::with_capacity(entries.len());
+    for chunk in entries.chunks(500) {
+        let resp = admin
+            .batch_create_entry(pb::BatchCreateEntryRequest {
+                entries: chunk.iter().map(pb::Entry::from).collect(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("BatchCreateEntry: {}", s.message()))?
+            .into_inner();
+        for r in resp.results {
+            ensure!(r.error.is_empty(), "creating an entry: {}", r.error);
+            out.push(r.entry.context("no entry in the result")?);
+        }
+    }
+    Ok(out)
+}
+
+async fn join_token(admin: &mut Admin) -> anyhow::Result<(String, SpiffeId)> {
+    let t = admin
+        .create_join_token(pb::CreateJoinTokenRequest { ttl: 4 * 3600 })
+        .await
+        .map_err(|s| anyhow::anyhow!("CreateJoinToken: {}", s.message()))?
+        .into_inner();
+    Ok((t.token, t.agent_id.parse()?))
+}
+
+/// What the simulated agents share: the server address and its bundle.
+struct AgentApi {
+    addr: String,
+    trust: Arc<ArcSwap<Bundle>>,
+    server_id: SpiffeId,
+    attest: AgentApiClient<Channel>,
+}
+
+impl AgentApi {
+    /// Trusts the server through the fingerprint in `token`, as an agent does.
+    async fn bootstrap(addr: &str, token: &str) -> anyhow::Result<Self> {
+        let td = td()?;
+        let fp = token
+            .split('.')
+            .nth(2)
+            .context("token without fingerprint")?;
+        let bundle = sigil_agent::client::bootstrap_bundle_by_fingerprint(addr, &td, fp).await?;
+        let trust = Arc::new(ArcSwap::from_pointee(bundle));
+        let server_id = td.id_with_path(sigil_types::SERVER_PATH)?;
+        let attest =
+            sigil_agent::client::connect(addr, trust.clone(), server_id.clone(), None).await?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            trust,
+            server_id,
+            attest,
+        })
+    }
+
+    /// Attests with `token` and opens a mutual-TLS channel with the new SVID.
+    async fn agent(&self, token: &str) -> anyhow::Result<(SpiffeId, AgentApiClient<Channel>)> {
+        let key = PrivateKey::generate_p256()?;
+        let csr = sigil_svid::x509::make_csr(&key)?;
+        let resp = self
+            .attest
+            .clone()
+            .attest_join_token(pb::AttestJoinTokenRequest {
+                token: token.to_owned(),
+                csr,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("AttestJoinToken: {}", s.message()))?
+            .into_inner();
+        let cert = Arc::new(RotatingCert::new(resp.cert_chain, &key)?);
+        let client = sigil_agent::client::connect(
+            &self.addr,
+            self.trust.clone(),
+            self.server_id.clone(),
+            Some(cert),
+        )
+        .await?;
+        Ok((resp.spiffe_id.parse()?, client))
+    }
+}
+
+/// A first sync (revision 0) on an open channel: time to the decoded snapshot.
+async fn first_sync(
+    client: &mut AgentApiClient<Channel>,
+) -> anyhow::Result<(Duration, pb::SyncMessage, Streaming<pb::SyncMessage>)> {
+    let t0 = Instant::now();
+    let mut stream = client
+        .sync(pb::SyncRequest {
+            revision: 0,
+            known_entry_ids: vec![],
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("Sync: {}", s.message()))?
+        .into_inner();
+    let first = stream
+        .message()
+        .await
+        .map_err(|s| anyhow::anyhow!("Sync: {}", s.message()))?
+        .context("sync stream ended")?;
+    Ok((t0.elapsed(), first, stream))
+}
+
+/// Follows an agent process's status lines.
+fn follow_agent(agent: &mut ChildProc) -> watch::Receiver<Value> {
+    let mut lines = agent.take_lines();
+    let (tx, rx) = watch::channel(Value::Null);
+    tokio::spawn(async move {
+        while let Some(line) = lines.recv().await {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                tx.send_replace(v);
+            }
+        }
+    });
+    rx
+}
+
+async fn wait_status(
+    rx: &watch::Receiver<Value>,
+    timeout: Duration,
+    what: &str,
+    f: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let mut rx = rx.clone();
+    let v = tokio::time::timeout(timeout, rx.wait_for(|v| v.get("error").is_some() || f(v)))
+        .await
+        .with_context(|| format!("timed out waiting for the agent: {what}"))?
+        .context("the agent process exited")?
+        .clone();
+    if let Some(e) = v.get("error") {
+        bail!("the agent process failed: {e}");
+    }
+    Ok(v)
+}
+
+fn spawn_agent(addr: &str, token: &str, dir: &Path) -> anyhow::Result<ChildProc> {
+    ChildProc::spawn(
+        "agent",
+        &[
+            "__agent".into(),
+            "--server".into(),
+            addr.into(),
+            "--token".into(),
+            token.into(),
+            "--data-dir".into(),
+            dir.join("data").display().to_string(),
+            "--socket".into(),
+            dir.join("agent.sock").display().to_string(),
+        ],
+    )
+}
+
+fn str_of<'a>(v: &'a Value, k: &str) -> anyhow::Result<&'a str> {
+    v.get(k)
+        .and_then(Value::as_str)
+        .with_context(|| format!("no {k} in {v}"))
+}
+
+fn num_of(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+// ----------------------------------------------------------------- latency --
+
+pub(crate) async fn latency_phase(
+    s: &Sizes,
+    report: &mut Report,
+    work: &Path,
+) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("sigil-bench-latency-")
+        .tempdir_in(work)?;
+    let td = td()?;
+    let mut server = ChildProc::spawn(
+        "server",
+        &[
+            "__server".into(),
+            "--data-dir".into(),
+            dir.path().join("server").display().to_string(),
+        ],
+    )?;
+    let ready = server.next_json(Duration::from_secs(120)).await?;
+    let addr = str_of(&ready, "agent_api")?.to_owned();
+    let mut admin =
+        AdminApiClient::new(unix_channel(Path::new(str_of(&ready, "admin_socket")?)).await?);
+    let uid = nix::unistd::getuid().as_raw();
+    let me = Selectors::parse_all([format!("unix:uid:{uid}")])?;
+
+    // One real agent process, and this process registered as its workload.
+    let (token, agent_id) = join_token(&mut admin).await?;
+    let mut base = sample_entry(&td, &agent_id, "wl", 0)?;
+    base.spiffe_id = td.id_with_path("/bench/workload")?;
+    base.selectors = me.clone();
+    admin_create(&mut admin, &[base]).await?;
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir)?;
+    let mut agent = spawn_agent(&addr, &token, &agent_dir)?;
+    let status = follow_agent(&mut agent);
+    wait_status(&status, Duration::from_secs(60), "first SVID", |v| {
+        v["connected"] == true && num_of(v, "svids") >= 1.0
+    })
+    .await?;
+    let socket = agent_dir.join("agent.sock");
+
+    // The plain gRPC baseline process.
+    let plain_socket = dir.path().join("plain.sock");
+    let mut plain = ChildProc::spawn(
+        "plain",
+        &[
+            "__plain".into(),
+            "--socket".into(),
+            plain_socket.display().to_string(),
+        ],
+    )?;
+    plain.next_json(Duration::from_secs(30)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    report.baseline(
+        "baseline.plain_grpc_rss",
+        plain.rss()? as f64 / MIB,
+        "MiB",
+        "resident memory of a tonic process serving a fixed Workload API answer on a Unix socket",
+    );
+    report.figure(
+        "agent.rss_idle",
+        agent.rss()? as f64 / MIB,
+        "MiB",
+        "baseline.plain_grpc_rss",
+        None,
+        "agent process with one entry and its SVID",
+    );
+
+    // Entry create -> workload holds the new SVID.
+    {
+        let mut client = wl_connect(&socket).await?;
+        let mut stream = client
+            .fetch_x509svid(wpb::X509svidRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("FetchX509SVID: {}", s.message()))?
+            .into_inner();
+        let (tx, ids) = watch::channel(HashSet::<String>::new());
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(m)) = stream.message().await {
+                tx.send_replace(m.svids.into_iter().map(|s| s.spiffe_id).collect());
+            }
+        });
+        let mut lat = Vec::with_capacity(s.latency_iterations);
+        for i in 0..s.latency_iterations {
+            let mut e = sample_entry(&td, &agent_id, "lat", i)?;
+            e.selectors = me.clone();
+            let want = e.spiffe_id.to_string();
+            let mut rx = ids.clone();
+            let t0 = Instant::now();
+            let created = admin_create(&mut admin, &[e]).await?;
+            tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| s.contains(&want)))
+                .await
+                .context("the workload never received the new SVID")??;
+            lat.push(ms(t0.elapsed()));
+            admin
+                .batch_delete_entry(pb::BatchDeleteEntryRequest {
+                    ids: created.iter().map(|e| e.id.clone()).collect(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("BatchDeleteEntry: {}", s.message()))?;
+            tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| !s.contains(&want)))
+                .await
+                .context("the deleted SVID was never withdrawn")??;
+        }
+        reader.abort();
+        let note = format!(
+            "{} entries created through the admin API (store on disk) while a FetchX509SVID stream waits; until that stream delivers the SVID",
+            lat.len()
+        );
+        for (name, p) in [("p50", 50.0), ("p99", 99.0), ("max", 100.0)] {
+            report.figure(
+                &format!("latency.entry_to_svid_{name}"),
+                percentile(&mut lat, p),
+                "ms",
+                "baseline.svid_crypto_floor",
+                (name == "p99").then_some(Budget::Max(1000.0)),
+                &note,
+            );
+        }
+    }
+
+    // Workload API first response: the plain baseline first, then the agent.
+    for (target, path) in [("plain", &plain_socket), ("agent", &socket)] {
+        let (mut b, held) = burst(path, s.clients).await?;
+        let mut l = loaded(path, s.loaded_iterations).await?;
+        let rss_loaded = if target == "agent" {
+            agent.rss()?
+        } else {
+            plain.rss()?
+        };
+        drop(held);
+        let burst_note = format!(
+            "{} clients connect at once; each from connect to first X509-SVID response",
+            s.clients
+        );
+        let loaded_note = format!(
+            "{} new clients one after another while {} streams stay open",
+            s.loaded_iterations, s.clients
+        );
+        if target == "plain" {
+            report.baseline(
+                "baseline.plain_grpc_burst_p50",
+                percentile(&mut b, 50.0),
+                "ms",
+                &burst_note,
+            );
+            report.baseline(
+                "baseline.plain_grpc_burst_p99",
+                percentile(&mut b, 99.0),
+                "ms",
+                &burst_note,
+            );
+            report.baseline(
+                "baseline.plain_grpc_loaded_p50",
+                percentile(&mut l, 50.0),
+                "ms",
+                &loaded_note,
+            );
+            report.baseline(
+                "baseline.plain_grpc_loaded_p99",
+                percentile(&mut l, 99.0),
+                "ms",
+                &loaded_note,
+            );
+            report.baseline(
+                "baseline.plain_grpc_rss_streams",
+                rss_loaded as f64 / MIB,
+                "MiB",
+                &format!("plain server with {} streams open", s.clients),
+            );
+        } else {
+            for (name, p) in [("p50", 50.0), ("p99", 99.0)] {
+                report.figure(
+                    &format!("workload.first_response_burst_{name}"),
+                    percentile(&mut b, p),
+                    "ms",
+                    &format!("baseline.plain_grpc_burst_{name}"),
+                    (name == "p99").then_some(Budget::Max(5.0)),
+                    &burst_note,
+                );
+            }
+            for (name, p) in [("p50", 50.0), ("p99", 99.0)] {
+                report.figure(
+                    &format!("workload.first_response_loaded_{name}"),
+                    percentile(&mut l, p),
+                    "ms",
+                    &format!("baseline.plain_grpc_loaded_{name}"),
+                    (name == "p99").then_some(Budget::Max(5.0)),
+                    &loaded_note,
+                );
+            }
+            report.figure(
+                "agent.rss_streams",
+                rss_loaded as f64 / MIB,
+                "MiB",
+                "baseline.plain_grpc_rss_streams",
+                None,
+                &format!("agent with {} Workload API streams open", s.clients),
+            );
+        }
+    }
+
+    // Signing throughput through the agent API.
+    {
+        let (token, _) = join_token(&mut admin).await?;
+        let api = AgentApi::bootstrap(&addr, &token).await?;
+        let (sim_id, client) = api.agent(&token).await?;
+        let entries: Vec<Entry> = (0..s.sign_batch)
+            .map(|i| sample_entry(&td, &sim_id, "sign", i))
+            .collect::<anyhow::Result<_>>()?;
+        let created = admin_create(&mut admin, &entries).await?;
+        let mut params = Vec::with_capacity(created.len());
+        for e in &created {
+            let key = PrivateKey::generate_p256()?;
+            params.push(pb::X509svidParams {
+                entry_id: e.id.clone(),
+                csr: sigil_svid::x509::make_csr(&key)?,
+            });
+        }
+        let params = Arc::new(params);
+        // Let the server settle after the entry writes.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let cpu0 = server.cpu_seconds()?;
+        let t0 = Instant::now();
+        let mut set = JoinSet::new();
+        for _ in 0..s.sign_concurrency {
+            let mut c = client.clone();
+            let params = params.clone();
+            let rounds = s.sign_rounds;
+            set.spawn(async move {
+                let mut n = 0usize;
+                for _ in 0..rounds {
+                    let resp = c
+                        .batch_new_x509svid(pb::BatchNewX509svidRequest {
+                            params: params.as_ref().clone(),
+                        })
+                        .await
+                        .map_err(|s| anyhow::anyhow!("BatchNewX509SVID: {}", s.message()))?
+                        .into_inner();
+                    for r in &resp.results {
+                        ensure!(r.error.is_empty(), "signing refused: {}", r.error);
+                    }
+                    n += resp.results.len();
+                }
+                Ok::<_, anyhow::Error>(n)
+            });
+        }
+        let mut total = 0usize;
+        while let Some(r) = set.join_next().await {
+            total += r??;
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = server.cpu_seconds()? - cpu0;
+        let note = format!(
+            "{total} CSRs in batches of {} on {} concurrent requests over one mTLS connection; key generation excluded",
+            s.sign_batch, s.sign_concurrency
+        );
+        report.figure(
+            "api.signing_throughput",
+            total as f64 / wall,
+            "CSRs/s",
+            "baseline.p256_sign",
+            Some(Budget::MinRatio(0.6)),
+            &note,
+        );
+        report.figure(
+            "api.signing_per_server_cpu_second",
+            total as f64 / cpu.max(0.01),
+            "CSRs/CPU-s",
+            "baseline.p256_sign_plus_verify",
+            None,
+            "the same run, divided by the server process's CPU time (all cores)",
+        );
+    }
+
+    agent.stop().await;
+    plain.stop().await;
+    server.stop().await;
+    Ok(())
+}
+
+// ------------------------------------------------------------------- scale --
+
+pub(crate) async fn scale_phase(
+    s: &Sizes,
+    report: &mut Report,
+    dir_root: &Path,
+) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("sigil-bench-scale-")
+        .tempdir_in(dir_root)?;
+    let mut server = ChildProc::spawn(
+        "server",
+        &[
+            "__server".into(),
+            "--data-dir".into(),
+            dir.path().join("server").display().to_string(),
+            "--preload-agents".into(),
+            s.agents.to_string(),
+            "--preload-entries".into(),
+            s.entries.to_string(),
+        ],
+    )?;
+    let ready = server.next_json(Duration::from_secs(3600)).await?;
+    let addr = str_of(&ready, "agent_api")?.to_owned();
+    let tokens: Vec<String> = ready["agents"]
+        .as_array()
+        .context("no agents")?
+        .iter()
+        .filter_map(|a| a["token"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        tokens.len() == s.agents,
+        "the server made {} tokens",
+        tokens.len()
+    );
+    report.baseline(
+        "baseline.entry_write_cpu_no_streams",
+        num_of(&ready, "preload_cpu_s") / s.entries.max(1) as f64 * 1e6,
+        "us",
+        &format!(
+            "server CPU per entry written while no agent is connected ({} entries preloaded in {:.1} s)",
+            s.entries,
+            num_of(&ready, "preload_wall_s")
+        ),
+    );
+
+    let api = Arc::new(AgentApi::bootstrap(&addr, &tokens[0]).await?);
+    let per_agent = s.entries / s.agents.max(1);
+    let (floor, bytes) = sync_floor(per_agent.max(1))?;
+    report.baseline(
+        "baseline.sync_floor_per_agent",
+        ms(floor),
+        "ms",
+        &format!("protobuf encode + decode + entry conversion of a {per_agent}-entry sync message ({bytes} bytes), in process"),
+    );
+
+    // A agents attest and open their sync streams, 8 at a time.
+    let sem = Arc::new(Semaphore::new(8));
+    let mut set = JoinSet::new();
+    for token in tokens {
+        let api = api.clone();
+        let sem = sem.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            let (_, mut client) = api.agent(&token).await?;
+            let (d, first, mut stream) = first_sync(&mut client).await?;
+            let n = first.upserted.len();
+            // Hold the stream open and drained, as an agent does.
+            tokio::spawn(async move {
+                let _client = client;
+                while let Ok(Some(_)) = stream.message().await {}
+            });
+            Ok::<_, anyhow::Error>((ms(d), n))
+        });
+    }
+    let mut lat = Vec::with_capacity(s.agents);
+    while let Some(r) = set.join_next().await {
+        let (d, n) = r??;
+        ensure!(
+            n >= per_agent,
+            "an agent got {n} entries, expected {per_agent}"
+        );
+        lat.push(d);
+    }
+    let note = format!(
+        "{} agents each authorized for {per_agent} of {} entries; Sync(revision 0) on an open mTLS channel until the snapshot is decoded",
+        s.agents, s.entries
+    );
+    for (name, p) in [("p50", 50.0), ("p99", 99.0), ("max", 100.0)] {
+        report.figure(
+            &format!("sync.first_sync_{per_agent}_entries_{name}"),
+            percentile(&mut lat, p),
+            "ms",
+            "baseline.sync_floor_per_agent",
+            (name == "p99").then_some(Budget::Max(1000.0)),
+            &note,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let registry_bytes = bytes as f64 / per_agent.max(1) as f64 * s.entries as f64;
+    report.baseline(
+        "baseline.registry_encoded",
+        registry_bytes / MIB,
+        "MiB",
+        &format!("the {} entries as protobuf", s.entries),
+    );
+    report.figure(
+        "server.rss",
+        server.rss()? as f64 / MIB,
+        "MiB",
+        "baseline.registry_encoded",
+        Some(Budget::Max(1024.0)),
+        &format!(
+            "{} entries, {} agents with open sync streams",
+            s.entries, s.agents
+        ),
+    );
+
+    // One agent authorized for M entries, for each M of the sweep.
+    let mut write_cpu = 0.0;
+    let mut written = 0usize;
+    for &m in &s.sweep {
+        server.send(&format!("big {m}")).await?;
+        let v = server.next_json(Duration::from_secs(3600)).await?;
+        write_cpu += num_of(&v, "cpu_s");
+        written += m;
+        let (_, mut client) = api.agent(str_of(&v, "token")?).await?;
+        let mut times = Vec::new();
+        let mut size = 0;
+        let mut first_entry = None;
+        for _ in 0..3 {
+            let (d, first, stream) = first_sync(&mut client).await?;
+            first_entry = first.upserted.first().map(|e| e.id.clone());
+            ensure!(
+                first.upserted.len() == m,
+                "got {} of {m} entries",
+                first.upserted.len()
+            );
+            size = prost::Message::encoded_len(&first);
+            drop(stream);
+            times.push(ms(d));
+        }
+        // One JWT-SVID minted through the agent API for one of these entries.
+        if let Some(entry) = first_entry {
+            let mut jwt = Vec::new();
+            for _ in 0..5 {
+                let t0 = Instant::now();
+                client
+                    .new_jwtsvid(pb::NewJwtsvidRequest {
+                        entry_id: entry.clone(),
+                        audience: vec!["bench".into()],
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("NewJWTSVID: {}", s.message()))?;
+                jwt.push(ms(t0.elapsed()));
+            }
+            report.figure(
+                &format!("api.jwt_mint_agent_with_{m}_entries"),
+                percentile(&mut jwt, 50.0),
+                "ms",
+                "baseline.jwt_sign_time",
+                None,
+                &format!("median of 5 NewJWTSVID calls on an open mTLS channel by an agent authorized for {m} entries"),
+            );
+        }
+        let (floor, _) = sync_floor(m)?;
+        report.baseline(
+            &format!("baseline.sync_floor_{m}"),
+            ms(floor),
+            "ms",
+            &format!("protobuf encode + decode + conversion of {m} entries, in process"),
+        );
+        report.figure(
+            &format!("sync.first_sync_{m}_entries"),
+            percentile(&mut times, 50.0),
+            "ms",
+            &format!("baseline.sync_floor_{m}"),
+            Some(Budget::Max(1000.0)),
+            &format!(
+                "median of 3; one agent authorized for {m} entries, registry of {} entries; message {size} bytes",
+                num_of(&v, "entries")
+            ),
+        );
+    }
+    if written > 0 {
+        report.figure(
+            "server.entry_write_cpu_with_streams",
+            write_cpu / written as f64 * 1e6,
+            "us",
+            "baseline.entry_write_cpu_no_streams",
+            None,
+            &format!(
+                "server CPU per entry written while {} agents hold sync streams (none concerned by the entries)",
+                s.agents
+            ),
+        );
+    }
+
+    // Agent memory: an idle agent, then one with K SVIDs.
+    server.send("big 0").await?;
+    let v = server.next_json(Duration::from_secs(60)).await?;
+    let idle_dir = dir.path().join("agent-idle");
+    std::fs::create_dir_all(&idle_dir)?;
+    let mut idle = spawn_agent(&addr, str_of(&v, "token")?, &idle_dir)?;
+    let st = follow_agent(&mut idle);
+    wait_status(&st, Duration::from_secs(60), "connected", |v| {
+        v["connected"] == true
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle = idle.rss()?;
+    idle.stop().await;
+
+    server.send(&format!("big {}", s.agent_svids)).await?;
+    let v = server.next_json(Duration::from_secs(3600)).await?;
+    let full_dir = dir.path().join("agent-full");
+    std::fs::create_dir_all(&full_dir)?;
+    let t0 = Instant::now();
+    let mut full = spawn_agent(&addr, str_of(&v, "token")?, &full_dir)?;
+    let st = follow_agent(&mut full);
+    let k = s.agent_svids as f64;
+    let last = wait_status(&st, Duration::from_secs(3600), "all SVIDs", |v| {
+        num_of(v, "svids") >= k
+    })
+    .await?;
+    let cold = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_full = full.rss()?;
+    let peak_full = full.peak_rss()?;
+    full.stop().await;
+    report.figure(
+        "agent.cold_start_svids_rate",
+        k / cold,
+        "SVIDs/s",
+        "baseline.svid_crypto_floor_rate",
+        None,
+        &format!(
+            "agent process start (join token) until it serves {} SVIDs ({cold:.1} s): attestation, sync, key generation, CSRs, signing",
+            s.agent_svids
+        ),
+    );
+    report.baseline(
+        "baseline.svid_payload",
+        num_of(&last, "svid_bytes") / k,
+        "B",
+        "DER certificate chain + PKCS#8 key of one cached SVID",
+    );
+    report.figure(
+        "agent.rss_per_cached_svid",
+        (rss_full as f64 - rss_idle as f64) / k,
+        "B",
+        "baseline.svid_payload",
+        Some(Budget::Max(4096.0)),
+        &format!(
+            "(RSS with {} entries and SVIDs {:.1} MiB - RSS of an idle agent {:.1} MiB) / {}; peak RSS {:.1} MiB",
+            s.agent_svids,
+            rss_full as f64 / MIB,
+            rss_idle as f64 / MIB,
+            s.agent_svids,
+            peak_full as f64 / MIB
+        ),
+    );
+
+    let total = s.entries + written + s.agent_svids;
+    report.baseline(
+        "baseline.registry_encoded_end",
+        registry_bytes / s.entries.max(1) as f64 * total as f64 / MIB,
+        "MiB",
+        &format!("{total} entries as protobuf"),
+    );
+    report.figure(
+        "server.rss_end",
+        server.rss()? as f64 / MIB,
+        "MiB",
+        "baseline.registry_encoded_end",
+        None,
+        &format!("{total} entries, {} agents connected", s.agents),
+    );
+    server.stop().await;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Runs the load generator at its tiny size and checks that the report has
+//! every figure with a plausible value. Nothing here is timed: no figure is
+//! compared with a threshold, only with zero and with its siblings.
+
+use std::collections::HashMap;
+use std::process::Command;
+
+#[test]
+fn quick_run_reports_every_figure() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sigil-bench"))
+        .args(["--quick", "--json"])
+        .output()
+        .expect("run sigil-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sigil-bench failed:\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the report is JSON");
+    assert_eq!(report["mode"], "quick");
+    assert!(report["machine"]["cpus"].as_u64().unwrap() >= 1);
+
+    let figures: HashMap<String, serde_json::Value> = report["figures"]
+        .as_array()
+        .expect("figures")
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap().to_owned(), f.clone()))
+        .collect();
+    let value = |name: &str| -> f64 {
+        let f = figures
+            .get(name)
+            .unwrap_or_else(|| panic!("figure {name} missing; stderr:\n{stderr}"));
+        f["value"].as_f64().unwrap()
+    };
+
+    let positive = [
+        "baseline.p256_keygen",
+        "baseline.p256_sign",
+        "baseline.p256_verify",
+        "baseline.tls_mtls_handshake_rustls",
+        "baseline.svid_crypto_floor",
+        "x509.mint_excl_keygen",
+        "x509.mint_incl_keygen",
+        "x509.csr_verify",
+        "x509.sign_csr",
+        "jwt.sign",
+        "jwt.validate",
+        "tls.mtls_handshake_spiffe",
+        "baseline.plain_grpc_rss",
+        "agent.rss_idle",
+        "latency.entry_to_svid_p50",
+        "baseline.plain_grpc_burst_p50",
+        "workload.first_response_burst_p50",
+        "workload.first_response_loaded_p50",
+        "agent.rss_streams",
+        "api.signing_throughput",
+        "api.signing_per_server_cpu_second",
+        "baseline.entry_write_cpu_no_streams",
+        "sync.first_sync_50_entries_p50",
+        "server.rss",
+        "sync.first_sync_100_entries",
+        "baseline.jwt_sign_time",
+        "api.jwt_mint_agent_with_100_entries",
+        "server.entry_write_cpu_with_streams",
+        "agent.cold_start_svids_rate",
+        "baseline.svid_payload",
+        "server.rss_end",
+    ];
+    for name in positive {
+        let v = value(name);
+        assert!(v.is_finite() && v > 0.0, "{name} = {v}");
+    }
+    // Memory per SVID is a difference of two RSS readings; it is finite but
+    // may be anything at this size.
+    assert!(value("agent.rss_per_cached_svid").is_finite());
+
+    for prefix in ["latency.entry_to_svid", "sync.first_sync_50_entries"] {
+        let (p50, p99, max) = (
+            value(&format!("{prefix}_p50")),
+            value(&format!("{prefix}_p99")),
+            value(&format!("{prefix}_max")),
+        );
+        assert!(p50 <= p99 && p99 <= max, "{prefix}: {p50} {p99} {max}");
+    }
+    for prefix in [
+        "workload.first_response_burst",
+        "workload.first_response_loaded",
+    ] {
+        assert!(value(&format!("{prefix}_p50")) <= value(&format!("{prefix}_p99")));
+    }
+
+    // Every non-baseline figure names a baseline of the same run and a ratio.
+    for (name, f) in &figures {
+        if let Some(b) = f["baseline"].as_str() {
+            assert!(figures.contains_key(b), "{name} refers to missing {b}");
+            assert!(f["ratio"].as_f64().is_some(), "{name} has no ratio");
+        }
+    }
+}

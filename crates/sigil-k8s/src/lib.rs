@@ -1,0 +1,11 @@
+//! Kubernetes support for sigil.
+//!
+//! | module | role |
+//! |---|---|
+//! | [`cgroup`] | `/proc/<pid>/cgroup` (and mountinfo fallback) → pod UID and container ID |
+//! | [`kubelet`] | the kubelet pod list: client, shared cache, pod lookup, `k8s:` selectors |
+//! | [`psat`] | projected service-account token node attestation (agent and server sides) |
+
+pub mod cgroup;
+pub mod kubelet;
+pub mod psat;
