@@ -11,3 +11,4 @@
 mod cgroup;
 mod kubelet;
 mod psat;
+mod rbac;
