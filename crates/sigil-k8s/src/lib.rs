@@ -5,7 +5,9 @@
 //! | [`cgroup`] | `/proc/<pid>/cgroup` (and mountinfo fallback) → pod UID and container ID |
 //! | [`kubelet`] | the kubelet pod list: client, shared cache, pod lookup, `k8s:` selectors |
 //! | [`psat`] | projected service-account token node attestation (agent and server sides) |
+//! | [`controller`] | the entry controller: `ClusterSPIFFEID` / `ClusterStaticEntry` resources to registration entries |
 
 pub mod cgroup;
+pub mod controller;
 pub mod kubelet;
 pub mod psat;

@@ -1,5 +1,7 @@
 //! `sigil k8s selectors`: what a process would be attested as in a pod, with
 //! the agent's own code, from a cgroup file and a kubelet pod list.
+//! `sigil k8s controller`: the entry controller (`ClusterSPIFFEID` and
+//! `ClusterStaticEntry` resources to registration entries).
 
 use std::path::PathBuf;
 
@@ -10,6 +12,30 @@ use clap::{Args, Subcommand};
 pub(crate) enum K8sCommand {
     /// Print the k8s selectors a process with this cgroup file gets from this pod list, or why none.
     Selectors(SelectorsArgs),
+    /// Run the entry controller: registration entries from the ClusterSPIFFEID and ClusterStaticEntry resources of a cluster, kept in sync with its pods.
+    Controller(ControllerArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ControllerArgs {
+    /// The server's admin socket (the controller runs next to the server).
+    #[arg(long, env = "SIGIL_ADMIN_SOCKET", default_value = crate::DEFAULT_ADMIN_SOCKET)]
+    admin_socket: PathBuf,
+    /// This cluster's name: the server's PSAT cluster profile ([server.k8s_psat.<name>]), used in agent IDs and entry IDs.
+    #[arg(long, required_unless_present = "print_crds")]
+    cluster_name: Option<String>,
+    /// The cluster's kubeconfig (default: KUBECONFIG, ~/.kube/config, then the in-cluster service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The cluster's DNS domain, for {{ .ClusterDomain }} in templates.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// A namespace whose pods get no entries (repeatable; replaces the default).
+    #[arg(long = "ignore-namespace", default_values_t = ["kube-system".to_owned(), "kube-public".to_owned()])]
+    ignore_namespaces: Vec<String>,
+    /// Print the CustomResourceDefinitions as YAML (for `kubectl apply -f -`) and exit.
+    #[arg(long)]
+    print_crds: bool,
 }
 
 #[derive(Args, Debug)]
@@ -28,8 +54,38 @@ pub(crate) struct SelectorsArgs {
     mountinfo: Option<PathBuf>,
 }
 
-pub(crate) fn run(cmd: K8sCommand) -> anyhow::Result<()> {
-    let K8sCommand::Selectors(a) = cmd;
+pub(crate) async fn run(cmd: K8sCommand) -> anyhow::Result<()> {
+    match cmd {
+        K8sCommand::Selectors(a) => selectors(a),
+        K8sCommand::Controller(a) => controller(a).await,
+    }
+}
+
+async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
+    use sigil_k8s::controller::{ControllerConfig, crds_yaml, kube_client};
+    if a.print_crds {
+        print!("{}", crds_yaml()?);
+        return Ok(());
+    }
+    let Some(cluster_name) = a.cluster_name else {
+        anyhow::bail!("--cluster-name is required");
+    };
+    sigil_k8s::controller::reconcile::check_cluster_name(&cluster_name)?;
+    let mut config = ControllerConfig::new(a.admin_socket, &cluster_name);
+    config.cluster_domain = a.cluster_domain;
+    config.ignore_namespaces = a.ignore_namespaces.into_iter().collect();
+    let client = kube_client(a.kubeconfig.as_deref()).await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        stop.cancel();
+    });
+    sigil_k8s::controller::run(client, config, shutdown).await?;
+    Ok(())
+}
+
+fn selectors(a: SelectorsArgs) -> anyhow::Result<()> {
     let cgroup = std::fs::read_to_string(&a.cgroup)
         .with_context(|| format!("reading {}", a.cgroup.display()))?;
     let pods = std::fs::read(&a.pods).with_context(|| format!("reading {}", a.pods.display()))?;

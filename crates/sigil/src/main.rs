@@ -165,7 +165,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Jwt { command } => workload::jwt(command).await,
         Command::Healthcheck(args) => admin::healthcheck(args).await,
         #[cfg(feature = "k8s")]
-        Command::K8s { command } => k8s::run(command),
+        Command::K8s { command } => k8s::run(command).await,
     }
 }
 

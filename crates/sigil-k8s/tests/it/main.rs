@@ -9,6 +9,7 @@
 )]
 
 mod cgroup;
+mod controller;
 mod kubelet;
 mod psat;
 mod rbac;
