@@ -207,8 +207,17 @@ async fn preload(
     Ok(())
 }
 
+/// User + system CPU time of this process, in seconds, at microsecond
+/// resolution (`/proc/<pid>/stat` counts whole clock ticks, too coarse for a
+/// few hundred entry writes).
 fn self_cpu() -> f64 {
-    cpu_seconds_of("/proc/self/stat").unwrap_or(0.0)
+    use nix::sys::resource::{UsageWho, getrusage};
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| {
+            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            secs(u.user_time()) + secs(u.system_time())
+        })
+        .unwrap_or(0.0)
 }
 
 pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {

@@ -163,6 +163,16 @@ impl Sizes {
     }
 }
 
+/// Free space the scale phase wants for its store (about 1 KiB per entry).
+const SCALE_DIR_MIN_FREE: u64 = 1 << 30;
+
+/// Bytes available to an unprivileged user under `path` (0 when unknown).
+fn free_bytes(path: &std::path::Path) -> u64 {
+    nix::sys::statvfs::statvfs(path)
+        .map(|v| v.blocks_available() * v.fragment_size())
+        .unwrap_or(0)
+}
+
 /// Lets 1,000 clients (two descriptors each, across processes) open sockets.
 fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -181,11 +191,15 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     inproc::measure(&mut report, sizes.rate_time, sizes.openssl_seconds)?;
     let work = o.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     load::latency_phase(&sizes, &mut report, &work).await?;
-    let shm = PathBuf::from("/dev/shm");
-    let scale_dir = o
-        .scale_dir
-        .clone()
-        .unwrap_or_else(|| if shm.is_dir() { shm } else { work.clone() });
+    let scale_dir = o.scale_dir.clone().unwrap_or_else(|| {
+        let shm = PathBuf::from("/dev/shm");
+        if free_bytes(&shm) >= SCALE_DIR_MIN_FREE {
+            shm
+        } else {
+            eprintln!("/dev/shm is missing or small; the scale phase's store goes to {} (entry writes will fsync)", work.display());
+            work.clone()
+        }
+    });
     load::scale_phase(&sizes, &mut report, &scale_dir).await?;
     report.loadavg_at_end = report::loadavg();
     if o.json {
