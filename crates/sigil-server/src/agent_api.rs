@@ -138,9 +138,12 @@ impl AgentApi for AgentService {
             .into_iter()
             .map(|p| (p.entry_id, p.csr))
             .collect();
-        let results = self
-            .state
-            .sign_x509_svids(&agent, params)?
+        // Up to 500 signatures: CPU work that must not stall the runtime.
+        let state = self.state.clone();
+        let signed = tokio::task::spawn_blocking(move || state.sign_x509_svids(&agent, params))
+            .await
+            .map_err(|e| Status::internal(format!("signing task failed: {e}")))??;
+        let results = signed
             .into_iter()
             .map(|(entry_id, r)| match r {
                 Ok(chain) => pb::X509svidResult {

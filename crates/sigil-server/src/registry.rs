@@ -287,7 +287,6 @@ impl ServerState {
                 params.len()
             )));
         }
-        let authorized = self.index.authorized(&agent.spiffe_id, &agent.selectors);
         let authority = self.ca.active().x509.clone();
         let now = SystemTime::now();
         let mut out = Vec::with_capacity(params.len());
@@ -296,12 +295,12 @@ impl ServerState {
                 let id: EntryId = entry_id
                     .parse()
                     .map_err(|e: sigil_types::EntryError| e.to_string())?;
-                let entry = authorized
-                    .entries
-                    .get(&id)
+                let entry = self
+                    .index
+                    .authorized_entry(&id, &agent.spiffe_id, &agent.selectors)
                     .ok_or_else(|| format!("entry {id} is not authorized for this agent"))?;
                 let spki = csr_public_key(&csr).map_err(|e| format!("invalid CSR: {e}"))?;
-                let ttl = self.x509_ttl(entry);
+                let ttl = self.x509_ttl(&entry);
                 let leaf = authority
                     .sign_svid(
                         &SvidRequest {
@@ -348,10 +347,14 @@ impl ServerState {
         let id: EntryId = entry_id
             .parse()
             .map_err(|e: sigil_types::EntryError| ServerError::InvalidArgument(e.to_string()))?;
-        let authorized = self.index.authorized(&agent.spiffe_id, &agent.selectors);
-        let entry = authorized.entries.get(&id).ok_or_else(|| {
-            ServerError::PermissionDenied(format!("entry {id} is not authorized for this agent"))
-        })?;
+        let entry = self
+            .index
+            .authorized_entry(&id, &agent.spiffe_id, &agent.selectors)
+            .ok_or_else(|| {
+                ServerError::PermissionDenied(format!(
+                    "entry {id} is not authorized for this agent"
+                ))
+            })?;
         let ttl = match entry.jwt_svid_ttl {
             0 => self.config.default_jwt_svid_ttl,
             s => Duration::from_secs(s),
