@@ -35,7 +35,7 @@
 //! # Permissions
 //!
 //! The controller runs next to the server (it needs the admin socket) with a
-//! Kubernetes identity allowed to `get`, `list` and `watch` pods, namespaces,
+//! Kubernetes identity allowed to `list` and `watch` pods, namespaces,
 //! nodes, `clusterspiffeids` and `clusterstaticentries`, and to `patch` the
 //! `status` subresource of the last two.
 
