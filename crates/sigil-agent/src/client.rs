@@ -94,63 +94,10 @@ pub(crate) async fn connect_with(
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
 
-/// TLS without server authentication, for one purpose only: fetching the
-/// bundle whose fingerprint the join token carries. Nothing read over such a
-/// connection is trusted until the fingerprint matched.
-pub(crate) mod danger {
-    use rustls::DigitallySignedStruct;
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-
-    /// Accepts any server certificate.
-    #[derive(Debug)]
-    pub(crate) struct NoServerAuth(pub(crate) std::sync::Arc<rustls::crypto::CryptoProvider>);
-
-    impl ServerCertVerifier for NoServerAuth {
-        fn verify_server_cert(
-            &self,
-            _end_entity: &CertificateDer<'_>,
-            _intermediates: &[CertificateDer<'_>],
-            _server_name: &ServerName<'_>,
-            _ocsp_response: &[u8],
-            _now: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-}
-
 /// Fetches the bundle without authenticating the server, then accepts it
-/// only if one of its X.509 authorities has the SHA-256 `fingerprint`.
+/// only if one of its X.509 authorities has the SHA-256 `fingerprint`:
+/// nothing read over that connection is trusted before the fingerprint
+/// matched, and the bundle is its only use.
 pub async fn bootstrap_bundle_by_fingerprint(
     address: &str,
     trust_domain: &TrustDomain,
@@ -159,7 +106,9 @@ pub async fn bootstrap_bundle_by_fingerprint(
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ClientConfig::builder()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(danger::NoServerAuth(provider)))
+        .with_custom_certificate_verifier(Arc::new(sigil_svid::tls::danger::NoServerVerification(
+            provider,
+        )))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let mut client = connect_with(address, config).await?;

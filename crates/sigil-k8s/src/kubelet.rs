@@ -31,7 +31,6 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -1024,7 +1023,7 @@ impl TlsSettings {
             .with_safe_default_protocol_versions()
             .map_err(|e| bad(e.to_string()))?;
         let verifier: Arc<dyn ServerCertVerifier> = if self.skip_verify {
-            Arc::new(danger::NoServerVerification(provider))
+            Arc::new(sigil_svid::tls::danger::NoServerVerification(provider))
         } else {
             let mut roots = RootCertStore::empty();
             for cert in CertificateDer::pem_slice_iter(ca) {
@@ -1104,61 +1103,6 @@ impl ServerCertVerifier for LoopbackVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
-    }
-}
-
-/// `skip_verify`: the kubelet's certificate is not checked at all.
-mod danger {
-    use super::*;
-
-    /// Accepts any server certificate; only the handshake signature is
-    /// checked (which proves nothing about who the server is).
-    #[derive(Debug)]
-    pub(super) struct NoServerVerification(pub(super) Arc<CryptoProvider>);
-
-    impl ServerCertVerifier for NoServerVerification {
-        fn verify_server_cert(
-            &self,
-            _end_entity: &CertificateDer<'_>,
-            _intermediates: &[CertificateDer<'_>],
-            _server_name: &ServerName<'_>,
-            _ocsp_response: &[u8],
-            _now: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                message,
-                cert,
-                dss,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
     }
 }
 
