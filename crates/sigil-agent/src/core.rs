@@ -352,7 +352,7 @@ impl Core {
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
         let mut stream: Option<Streaming<pb::SyncMessage>> = None;
         let mut retry_at = SystemTime::now();
-        self.publish();
+        // The cached state was published by `start` before the socket opened.
         loop {
             let now = SystemTime::now();
             if stream.is_none() && now >= retry_at {

@@ -67,6 +67,23 @@ fn batch_len(n: usize) -> Result<(), Status> {
     Ok(())
 }
 
+/// The entry a request carries. A create without an ID gets a fresh one
+/// (generated only then); an update must name its entry.
+fn entry_of(e: &pb::Entry, create: bool) -> Result<sigil_types::Entry, ServerError> {
+    let id = match (e.id.is_empty(), create) {
+        (true, true) => new_entry_id()?,
+        (true, false) => {
+            return Err(ServerError::InvalidArgument(
+                "an update needs the entry id".into(),
+            ));
+        }
+        (false, _) => e.id.parse().map_err(|err: sigil_types::EntryError| {
+            ServerError::InvalidArgument(format!("invalid id: {err}"))
+        })?,
+    };
+    entry_from_proto(e, move || id).map_err(|err| ServerError::InvalidArgument(err.to_string()))
+}
+
 fn result_of(id: String, r: Result<sigil_types::Entry, ServerError>) -> pb::EntryResult {
     match r {
         Ok(e) => pb::EntryResult {
@@ -99,13 +116,11 @@ impl AdminApi for AdminService {
         batch_len(entries.len())?;
         let mut results = Vec::with_capacity(entries.len());
         for e in entries {
-            let given = e.id.clone();
-            let fresh = new_entry_id()?;
-            let r = match entry_from_proto(&e, move || fresh) {
-                Err(err) => Err(ServerError::InvalidArgument(err.to_string())),
+            let r = match entry_of(&e, true) {
                 Ok(entry) => self.state.create_entry(entry).await,
+                Err(err) => Err(err),
             };
-            results.push(result_of(given, r));
+            results.push(result_of(e.id, r));
         }
         Ok(Response::new(pb::BatchEntryResponse { results }))
     }
@@ -119,19 +134,11 @@ impl AdminApi for AdminService {
         batch_len(entries.len())?;
         let mut results = Vec::with_capacity(entries.len());
         for e in entries {
-            let given = e.id.clone();
-            let r = if given.is_empty() {
-                Err(ServerError::InvalidArgument(
-                    "an update needs the entry id".into(),
-                ))
-            } else {
-                let fresh = new_entry_id()?;
-                match entry_from_proto(&e, move || fresh) {
-                    Err(err) => Err(ServerError::InvalidArgument(err.to_string())),
-                    Ok(entry) => self.state.update_entry(entry).await,
-                }
+            let r = match entry_of(&e, false) {
+                Ok(entry) => self.state.update_entry(entry).await,
+                Err(err) => Err(err),
             };
-            results.push(result_of(given, r));
+            results.push(result_of(e.id, r));
         }
         Ok(Response::new(pb::BatchEntryResponse { results }))
     }
