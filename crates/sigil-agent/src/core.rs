@@ -6,7 +6,7 @@
 //! While the server is unreachable it keeps serving the last SVIDs until
 //! they expire and retries with jittered exponential backoff.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,7 +17,7 @@ use sigil_proto::server::v1::agent_api_client::AgentApiClient;
 use sigil_svid::bundle::Bundle;
 use sigil_svid::keys::PrivateKey;
 use sigil_svid::tls::RotatingCert;
-use sigil_types::{Entry, EntryId, SpiffeId};
+use sigil_types::{Entry, EntryId, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
@@ -30,7 +30,10 @@ use crate::{AgentError, client, time};
 /// Most CSRs sent in one signing request.
 const CSR_BATCH: usize = 500;
 
-/// What the Workload API serves from: entries, their SVIDs and the bundle.
+/// Federated bundles by trust domain; never holds the agent's own.
+pub type FederatedBundles = BTreeMap<TrustDomain, Arc<Bundle>>;
+
+/// What the Workload API serves from: entries, their SVIDs and the bundles.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     /// Every entry this agent holds.
@@ -39,6 +42,9 @@ pub struct Snapshot {
     pub svids: HashMap<EntryId, Arc<WorkloadSvid>>,
     /// The trust bundle.
     pub bundle: Arc<Bundle>,
+    /// Bundles of foreign trust domains, served to workloads whose entries
+    /// federate with them.
+    pub federated: Arc<FederatedBundles>,
     /// Whether the agent is connected to the server now.
     pub connected: bool,
 }
@@ -52,6 +58,7 @@ pub(crate) struct Core {
     pub(crate) server_id: SpiffeId,
     pub(crate) persist: Persist,
     pub(crate) trust: Arc<ArcSwap<Bundle>>,
+    pub(crate) federated: Arc<FederatedBundles>,
     pub(crate) identity: AgentIdentity,
     pub(crate) identity_renew_at: SystemTime,
     pub(crate) cert: Arc<RotatingCert>,
@@ -97,9 +104,13 @@ impl Core {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             bundle: self.trust.load_full(),
+            federated: self.federated.clone(),
             connected,
         };
         self.metrics.cached_svids.set(snap.svids.len() as i64);
+        self.metrics
+            .federated_bundles
+            .set(snap.federated.len() as i64);
         self.snapshot.send_replace(Arc::new(snap));
     }
 
@@ -174,6 +185,9 @@ impl Core {
                 Err(e) => tracing::warn!(error = %e, "ignoring a malformed bundle from the server"),
             }
         }
+        if m.federated_bundles_changed {
+            self.apply_federated(&m.federated_bundles);
+        }
         self.revision = m.revision;
         self.svids.retain(|id, _| self.entries.contains_key(id));
         self.renew_at.retain(|id, _| self.entries.contains_key(id));
@@ -183,6 +197,27 @@ impl Core {
             revision = self.revision,
             "sync applied"
         );
+    }
+
+    /// Replaces the federated bundles with the server's complete set (see
+    /// [`merge_federated`]), saving and publishing them when they changed.
+    fn apply_federated(&mut self, sent: &HashMap<String, String>) {
+        let next = merge_federated(&self.cfg.trust_domain, &self.federated, sent);
+        if next == *self.federated {
+            return;
+        }
+        tracing::info!(
+            trust_domains = ?next.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            "federated bundles changed"
+        );
+        if let Err(e) = self
+            .persist
+            .save_federated(next.values().map(|b| b.as_ref()))
+        {
+            tracing::error!(error = %e, "saving the federated bundles failed");
+        }
+        self.federated = Arc::new(next);
+        self.dirty = true;
     }
 
     /// Renews the agent SVID when due; returns whether the connection must be
@@ -317,6 +352,7 @@ impl Core {
                     not_after: info.not_after,
                     dns_names: entry.dns_names.clone(),
                     ttl: entry.x509_svid_ttl,
+                    attributes: entry.attributes.clone(),
                 };
                 self.renew_at
                     .insert(id.clone(), renewal_time(svid.not_before, svid.not_after));
@@ -420,6 +456,54 @@ impl Core {
     }
 }
 
+/// The federated bundles after the server sent its complete set `sent`
+/// (trust domain name -> SPIFFE bundle JSON): trust domains not listed are
+/// dropped; a bundle that does not parse keeps the one `held` for its trust
+/// domain (if any); a bundle named like the agent's `own` trust domain is
+/// refused, so that federation can never replace the own trust bundle.
+pub(crate) fn merge_federated(
+    own: &TrustDomain,
+    held: &FederatedBundles,
+    sent: &HashMap<String, String>,
+) -> FederatedBundles {
+    let mut next = FederatedBundles::new();
+    for (name, json) in sent {
+        let td = match TrustDomain::new(name) {
+            Ok(td) => td,
+            Err(e) => {
+                tracing::warn!(trust_domain = %name, error = %e, "ignoring a federated bundle with an invalid trust domain name");
+                continue;
+            }
+        };
+        if &td == own {
+            tracing::warn!(trust_domain = %td, "ignoring a federated bundle named like this agent's own trust domain");
+            continue;
+        }
+        match Bundle::from_json(td.clone(), json) {
+            Ok(b) => {
+                let b = match held.get(&td) {
+                    Some(h) if **h == b => h.clone(),
+                    _ => Arc::new(b),
+                };
+                next.insert(td, b);
+            }
+            Err(e) => {
+                let previous = held.get(&td).cloned();
+                tracing::warn!(
+                    trust_domain = %td,
+                    error = %e,
+                    kept_previous = previous.is_some(),
+                    "ignoring a malformed federated bundle from the server"
+                );
+                if let Some(p) = previous {
+                    next.insert(td, p);
+                }
+            }
+        }
+    }
+    next
+}
+
 async fn next_message(
     stream: &mut Option<Streaming<pb::SyncMessage>>,
 ) -> Option<Result<pb::SyncMessage, tonic::Status>> {
@@ -492,5 +576,55 @@ mod tests {
         assert!(last >= Duration::from_secs(1));
         b.reset();
         assert!(b.next() <= Duration::from_millis(100));
+    }
+
+    fn bundle_of(name: &str) -> Bundle {
+        let now = SystemTime::now();
+        let td = TrustDomain::new(name).unwrap();
+        let mut b = Bundle::new(td.clone());
+        b.x509_authorities.push(
+            sigil_svid::x509::X509Authority::generate(&td, Duration::from_secs(3600), now)
+                .unwrap()
+                .cert_der()
+                .to_vec(),
+        );
+        b
+    }
+
+    #[test]
+    fn federated_bundles_are_replaced_as_a_set_and_bad_ones_keep_the_old() {
+        let own = TrustDomain::new("example.org").unwrap();
+        let (a, b) = (bundle_of("a.org"), bundle_of("b.org"));
+        let sent = HashMap::from([
+            ("a.org".to_owned(), a.to_json()),
+            ("b.org".to_owned(), b.to_json()),
+        ]);
+        let held = merge_federated(&own, &FederatedBundles::new(), &sent);
+        assert_eq!(held.len(), 2);
+        assert_eq!(*held[&a.trust_domain], a);
+
+        // a.org now malformed: the held one stays; b.org gone: dropped;
+        // c.org new; one named like the own trust domain: refused.
+        let c = bundle_of("c.org");
+        let sent = HashMap::from([
+            ("a.org".to_owned(), r#"{"keys": 5}"#.to_owned()),
+            ("c.org".to_owned(), c.to_json()),
+            ("example.org".to_owned(), bundle_of("example.org").to_json()),
+            ("not a td!".to_owned(), c.to_json()),
+        ]);
+        let next = merge_federated(&own, &held, &sent);
+        assert_eq!(
+            next.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            ["a.org", "c.org"]
+        );
+        assert!(Arc::ptr_eq(&next[&a.trust_domain], &held[&a.trust_domain]));
+        assert_eq!(*next[&c.trust_domain], c);
+        // A malformed bundle for a trust domain not held yet is just left out.
+        let next = merge_federated(
+            &own,
+            &FederatedBundles::new(),
+            &HashMap::from([("d.org".to_owned(), "{".to_owned())]),
+        );
+        assert!(next.is_empty());
     }
 }

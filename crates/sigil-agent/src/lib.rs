@@ -5,7 +5,9 @@
 //! workload SVIDs on disk so that restarts need neither a token nor the
 //! server, follows the server's push sync, generates workload keys locally
 //! and gets them signed in batches, renews everything at half-life with
-//! jitter, and serves the SPIFFE Workload API on a Unix socket.
+//! jitter, and serves the SPIFFE Workload API on a Unix socket, including
+//! the federated bundles of the trust domains a workload's entries federate
+//! with.
 //!
 //! | module | role |
 //! |---|---|
@@ -266,12 +268,20 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         .map_err(|e| AgentError::Config(e.to_string()))?;
     let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key)?);
     let cached = persist.load_cache(now)?;
+    let federated: Arc<core::FederatedBundles> = Arc::new(
+        persist
+            .load_federated(&cfg.trust_domain)?
+            .into_iter()
+            .map(|b| (b.trust_domain.clone(), Arc::new(b)))
+            .collect(),
+    );
     let metrics = Arc::new(metrics::Metrics::default());
     let trust = Arc::new(ArcSwap::from_pointee(bundle));
     let (snapshot_tx, snapshots) = watch::channel(Arc::new(Snapshot {
         entries: vec![],
         svids: HashMap::new(),
         bundle: trust.load_full(),
+        federated: federated.clone(),
         connected: false,
     }));
     let client: core::SharedClient = Arc::new(ArcSwap::from_pointee(None));
@@ -279,6 +289,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         server_id,
         persist,
         trust,
+        federated,
         identity_renew_at: core::renewal_time(identity.not_before, identity.not_after),
         cert,
         client: client.clone(),

@@ -19,6 +19,10 @@ pub struct Metrics {
     pub workload_refusals: Counter,
     /// Open Workload API streams.
     pub workload_streams: Gauge,
+    /// JWT-SVIDs held in the cache.
+    pub cached_jwt_svids: Gauge,
+    /// Federated bundles (foreign trust domains) held.
+    pub federated_bundles: Gauge,
 }
 
 impl Default for Metrics {
@@ -30,6 +34,8 @@ impl Default for Metrics {
             workload_requests: Counter::default(),
             workload_refusals: Counter::default(),
             workload_streams: Gauge::default(),
+            cached_jwt_svids: Gauge::default(),
+            federated_bundles: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -56,6 +62,16 @@ impl Default for Metrics {
             "workload_streams",
             "Open Workload API streams",
             m.workload_streams.clone(),
+        );
+        registry.register(
+            "cached_jwt_svids",
+            "JWT-SVIDs in the cache",
+            m.cached_jwt_svids.clone(),
+        );
+        registry.register(
+            "federated_bundles",
+            "Federated bundles of foreign trust domains held",
+            m.federated_bundles.clone(),
         );
         Self { registry, ..m }
     }

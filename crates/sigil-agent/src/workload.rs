@@ -7,10 +7,16 @@
 //! required, a caller without identity gets PermissionDenied "no identity
 //! issued", streams answer at once and then push a full response on every
 //! change, and never end with OK.
+//!
+//! Federated bundles go only to callers entitled to them: the bundle of a
+//! foreign trust domain is served (in `federated_bundles` of X509-SVID
+//! responses, in the bundle streams, and for ValidateJWTSVID) when one of the
+//! caller's matched entries federates with that trust domain.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use sigil_proto::server::v1 as spb;
@@ -18,7 +24,7 @@ use sigil_proto::workload as pb;
 use sigil_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use sigil_svid::bundle::BundleSet;
+use sigil_svid::bundle::{Bundle, BundleSet};
 use sigil_types::{Entry, Selectors, SpiffeId};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
@@ -38,6 +44,13 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 pub const NO_IDENTITY: &str = "no identity issued";
 /// How long a first response may wait for an SVID that is being signed.
 const FIRST_SVID_WAIT: Duration = Duration::from_secs(10);
+/// Most JWT-SVIDs the agent caches (SPIRE's agent uses the same bound); when
+/// full, the token that expires soonest makes room.
+pub const JWT_CACHE_LIMIT: usize = 1000;
+/// The claims ValidateJWTSVID returns for a token of a foreign (federated)
+/// trust domain; other claims are that domain's business and are dropped, as
+/// SPIRE does.
+pub const FOREIGN_JWT_CLAIMS: &[&str] = &["sub", "aud", "exp", "iat", "iss"];
 
 /// Rejects requests without `workload.spiffe.io: true`.
 pub fn check_security_header(req: Request<()>) -> Result<Request<()>, Status> {
@@ -67,12 +80,154 @@ pub fn service(svc: WorkloadService) -> WorkloadServer {
 
 type JwtKey = (SpiffeId, Vec<String>);
 
+/// One cached JWT-SVID (no `Debug`: the token is a credential).
+struct CachedJwt {
+    token: String,
+    expiry: SystemTime,
+    refresh_at: SystemTime,
+}
+
+/// JWT-SVIDs by (SPIFFE ID, sorted audiences), bounded by a hard limit.
+struct JwtCache {
+    tokens: HashMap<JwtKey, CachedJwt>,
+    limit: usize,
+}
+
+impl JwtCache {
+    fn new(limit: usize) -> Self {
+        Self {
+            tokens: HashMap::new(),
+            limit: limit.max(1),
+        }
+    }
+
+    /// The token for `key` if it is not yet due for refresh (half its life).
+    fn fresh(&self, key: &JwtKey, now: SystemTime) -> Option<String> {
+        self.tokens
+            .get(key)
+            .filter(|c| now < c.refresh_at && now < c.expiry)
+            .map(|c| c.token.clone())
+    }
+
+    /// The token for `key` if it has not expired, due for refresh or not.
+    fn valid(&self, key: &JwtKey, now: SystemTime) -> Option<&CachedJwt> {
+        self.tokens.get(key).filter(|c| now < c.expiry)
+    }
+
+    /// Caches a token; drops expired ones, and when the cache is full the
+    /// one that expires soonest.
+    fn insert(&mut self, key: JwtKey, token: String, expiry: SystemTime, now: SystemTime) {
+        let life = expiry.duration_since(now).unwrap_or_default();
+        self.tokens.retain(|_, c| c.expiry > now);
+        while self.tokens.len() >= self.limit && !self.tokens.contains_key(&key) {
+            let Some(soonest) = self
+                .tokens
+                .iter()
+                .min_by_key(|(_, c)| c.expiry)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.tokens.remove(&soonest);
+        }
+        self.tokens.insert(
+            key,
+            CachedJwt {
+                token,
+                expiry,
+                refresh_at: now + life / 2,
+            },
+        );
+    }
+
+    fn remove(&mut self, key: &JwtKey) {
+        self.tokens.remove(key);
+    }
+
+    fn len(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// Why a JWT-SVID could not be obtained from the server.
+#[derive(Debug)]
+enum JwtFetchError {
+    /// The server could not be reached (or is not answering); a cached
+    /// token that is still valid may be served instead.
+    Unreachable(String),
+    /// The server answered and refused; nothing cached is served.
+    Refused(String),
+}
+
+impl JwtFetchError {
+    fn from_status(s: &tonic::Status) -> Self {
+        use tonic::Code;
+        match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                Self::Unreachable(s.message().to_owned())
+            }
+            _ => Self::Refused(s.message().to_owned()),
+        }
+    }
+}
+
+fn lock(cache: &Mutex<JwtCache>) -> MutexGuard<'_, JwtCache> {
+    // The cache holds no invariant a panicking holder could break.
+    cache.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The cached token for `key` while it is fresh; otherwise one from `fetch`,
+/// cached until half its life. If the server is unreachable, a cached token
+/// that has not expired yet is served instead of an error.
+async fn cached_or_fetch<F, Fut>(
+    cache: &Mutex<JwtCache>,
+    key: JwtKey,
+    now: SystemTime,
+    fetch: F,
+) -> Result<String, Status>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<String, JwtFetchError>>,
+{
+    if let Some(token) = lock(cache).fresh(&key, now) {
+        return Ok(token);
+    }
+    match fetch().await {
+        Ok(token) => {
+            if let Ok(info) = sigil_svid::jwt::parse_jwt_unverified(&token) {
+                lock(cache).insert(key, token.clone(), info.expiry, now);
+            }
+            Ok(token)
+        }
+        Err(JwtFetchError::Unreachable(why)) => {
+            if let Some(c) = lock(cache).valid(&key, now) {
+                tracing::info!(
+                    spiffe_id = %key.0,
+                    error = %why,
+                    expires = %humantime::format_rfc3339_seconds(c.expiry),
+                    "server unreachable; serving the cached JWT-SVID until it expires"
+                );
+                return Ok(c.token.clone());
+            }
+            Err(Status::unavailable(format!(
+                "could not fetch JWT-SVID: {why}"
+            )))
+        }
+        Err(JwtFetchError::Refused(why)) => {
+            lock(cache).remove(&key);
+            Err(Status::unavailable(format!(
+                "could not fetch JWT-SVID: {why}"
+            )))
+        }
+    }
+}
+
 /// Implements [`SpiffeWorkloadApi`].
 pub struct WorkloadService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     attestor: Arc<UnixAttestor>,
     client: SharedClient,
-    jwt_cache: Mutex<HashMap<JwtKey, (String, SystemTime, SystemTime)>>,
+    jwt_cache: Mutex<JwtCache>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
     #[cfg(feature = "k8s")]
@@ -98,7 +253,7 @@ impl WorkloadService {
             snapshots,
             attestor,
             client,
-            jwt_cache: Mutex::new(HashMap::new()),
+            jwt_cache: Mutex::new(JwtCache::new(JWT_CACHE_LIMIT)),
             metrics,
             cancel,
             #[cfg(feature = "k8s")]
@@ -157,6 +312,17 @@ fn matching(snap: &Snapshot, selectors: &Selectors) -> Vec<Arc<Entry>> {
         .collect()
 }
 
+/// The federated bundles the caller is entitled to: those of every trust
+/// domain one of its matched entries federates with, that the agent holds.
+fn federated_for<'a>(snap: &'a Snapshot, matched: &[Arc<Entry>]) -> Vec<&'a Arc<Bundle>> {
+    let wanted: BTreeSet<_> = matched.iter().flat_map(|e| &e.federates_with).collect();
+    wanted
+        .into_iter()
+        .filter(|td| **td != snap.bundle.trust_domain)
+        .filter_map(|td| snap.federated.get(td))
+        .collect()
+}
+
 /// The X509-SVID response for the matched entries; `None` while none of
 /// them has an SVID yet.
 fn x509_response(snap: &Snapshot, matched: &[Arc<Entry>]) -> Option<pb::X509svidResponse> {
@@ -183,7 +349,10 @@ fn x509_response(snap: &Snapshot, matched: &[Arc<Entry>]) -> Option<pb::X509svid
     Some(pb::X509svidResponse {
         svids,
         crl: vec![],
-        federated_bundles: HashMap::new(),
+        federated_bundles: federated_for(snap, matched)
+            .into_iter()
+            .map(|b| (b.trust_domain.id_string(), b.x509_der_concat()))
+            .collect(),
     })
 }
 
@@ -253,14 +422,36 @@ where
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
 }
 
-fn bundle_map(snap: &Snapshot, jwt: bool) -> HashMap<String, Vec<u8>> {
-    let b = &snap.bundle;
-    let value = if jwt {
-        b.workload_jwks()
-    } else {
-        b.x509_der_concat()
+/// The own bundle plus the federated ones the caller is entitled to, keyed
+/// `spiffe://<td>`, as concatenated DER or as JWKS.
+fn bundle_map(snap: &Snapshot, matched: &[Arc<Entry>], jwt: bool) -> HashMap<String, Vec<u8>> {
+    let value = |b: &Bundle| {
+        if jwt {
+            b.workload_jwks()
+        } else {
+            b.x509_der_concat()
+        }
     };
-    HashMap::from([(b.trust_domain.id_string(), value)])
+    let mut map: HashMap<String, Vec<u8>> = federated_for(snap, matched)
+        .into_iter()
+        .map(|b| (b.trust_domain.id_string(), value(b)))
+        .collect();
+    // Inserted last: nothing can stand in for the own trust bundle.
+    map.insert(snap.bundle.trust_domain.id_string(), value(&snap.bundle));
+    map
+}
+
+/// What ValidateJWTSVID returns of a validated token's claims: all of them
+/// for the own trust domain, only [`FOREIGN_JWT_CLAIMS`] for another.
+fn returned_claims(
+    claims: &serde_json::Map<String, serde_json::Value>,
+    foreign: bool,
+) -> serde_json::Map<String, serde_json::Value> {
+    claims
+        .iter()
+        .filter(|(k, _)| !foreign || FOREIGN_JWT_CLAIMS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -319,13 +510,14 @@ impl SpiffeWorkloadApi for WorkloadService {
         let selectors = self.identify(&req).await.map_err(|s| self.refuse(s))?;
         let mut rx = self.snapshots.clone();
         let snap = rx.borrow_and_update().clone();
-        if matching(&snap, &selectors).is_empty() {
+        let matched = matching(&snap, &selectors);
+        if matched.is_empty() {
             return Err(self.refuse(Status::permission_denied(NO_IDENTITY)));
         }
         self.metrics.workload_requests.inc();
         let first = pb::X509BundlesResponse {
             crl: vec![],
-            bundles: bundle_map(&snap, false),
+            bundles: bundle_map(&snap, &matched, false),
         };
         let stream = spawn_stream(
             rx,
@@ -333,12 +525,13 @@ impl SpiffeWorkloadApi for WorkloadService {
             self.metrics.clone(),
             self.cancel.clone(),
             move |snap| {
-                if matching(snap, &selectors).is_empty() {
+                let matched = matching(snap, &selectors);
+                if matched.is_empty() {
                     return Err(Status::permission_denied(NO_IDENTITY));
                 }
                 Ok(Some(pb::X509BundlesResponse {
                     crl: vec![],
-                    bundles: bundle_map(snap, false),
+                    bundles: bundle_map(snap, &matched, false),
                 }))
             },
         );
@@ -403,12 +596,13 @@ impl SpiffeWorkloadApi for WorkloadService {
         let selectors = self.identify(&req).await.map_err(|s| self.refuse(s))?;
         let mut rx = self.snapshots.clone();
         let snap = rx.borrow_and_update().clone();
-        if matching(&snap, &selectors).is_empty() {
+        let matched = matching(&snap, &selectors);
+        if matched.is_empty() {
             return Err(self.refuse(Status::permission_denied(NO_IDENTITY)));
         }
         self.metrics.workload_requests.inc();
         let first = pb::JwtBundlesResponse {
-            bundles: bundle_map(&snap, true),
+            bundles: bundle_map(&snap, &matched, true),
         };
         let stream = spawn_stream(
             rx,
@@ -416,11 +610,12 @@ impl SpiffeWorkloadApi for WorkloadService {
             self.metrics.clone(),
             self.cancel.clone(),
             move |snap| {
-                if matching(snap, &selectors).is_empty() {
+                let matched = matching(snap, &selectors);
+                if matched.is_empty() {
                     return Err(Status::permission_denied(NO_IDENTITY));
                 }
                 Ok(Some(pb::JwtBundlesResponse {
-                    bundles: bundle_map(snap, true),
+                    bundles: bundle_map(snap, &matched, true),
                 }))
             },
         );
@@ -437,58 +632,66 @@ impl SpiffeWorkloadApi for WorkloadService {
         if req.get_ref().svid.is_empty() {
             return Err(self.refuse(Status::invalid_argument("svid must be specified")));
         }
-        self.identify(&req).await.map_err(|s| self.refuse(s))?;
+        let selectors = self.identify(&req).await.map_err(|s| self.refuse(s))?;
         let snap = self.snapshots.borrow().clone();
-        let mut set = BundleSet::default();
-        set.insert((*snap.bundle).clone());
+        let matched = matching(&snap, &selectors);
         let r = req.get_ref();
-        let v = sigil_svid::jwt::validate_jwt(&r.svid, &r.audience, &set, SystemTime::now())
-            .map_err(|e| self.refuse(Status::invalid_argument(e.to_string())))?;
+        let (spiffe_id, claims) =
+            validate_for(&snap, &matched, &r.svid, &r.audience, SystemTime::now())
+                .map_err(|e| self.refuse(Status::invalid_argument(e.to_string())))?;
         self.metrics.workload_requests.inc();
         Ok(Response::new(pb::ValidateJwtsvidResponse {
-            spiffe_id: v.spiffe_id.to_string(),
-            claims: Some(json_object_to_struct(&v.claims)),
+            spiffe_id: spiffe_id.to_string(),
+            claims: Some(json_object_to_struct(&claims)),
         }))
     }
 }
 
+/// ValidateJWTSVID's check: the token validated against the own bundle and
+/// the federated ones the caller is entitled to (a caller without entries
+/// gets the own bundle only), with the claims it may see.
+fn validate_for(
+    snap: &Snapshot,
+    matched: &[Arc<Entry>],
+    token: &str,
+    audience: &str,
+    now: SystemTime,
+) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), sigil_svid::SvidError> {
+    let mut set = BundleSet::default();
+    for b in federated_for(snap, matched) {
+        set.insert((**b).clone());
+    }
+    set.insert((*snap.bundle).clone());
+    let v = sigil_svid::jwt::validate_jwt(token, audience, &set, now)?;
+    let foreign = v.spiffe_id.trust_domain() != snap.bundle.trust_domain;
+    Ok((v.spiffe_id, returned_claims(&v.claims, foreign)))
+}
+
 impl WorkloadService {
     /// A cached JWT-SVID for (SPIFFE ID, audiences) when it is not past half
-    /// its life; otherwise a new one from the server.
+    /// its life; otherwise a new one from the server (or, while the server is
+    /// unreachable, the cached one until it expires).
     async fn jwt_for(&self, e: &Entry, audience: &[String]) -> Result<String, Status> {
         let key = (e.spiffe_id.clone(), audience.to_vec());
-        let now = SystemTime::now();
-        if let Ok(cache) = self.jwt_cache.lock()
-            && let Some((token, _, refresh_at)) = cache.get(&key)
-            && now < *refresh_at
-        {
-            return Ok(token.clone());
-        }
-        let Some(mut client) = (**self.client.load()).clone() else {
-            return Err(Status::unavailable(
-                "could not fetch JWT-SVID: server unreachable",
-            ));
+        let client = (**self.client.load()).clone();
+        let request = spb::NewJwtsvidRequest {
+            entry_id: e.id.to_string(),
+            audience: audience.to_vec(),
         };
-        let token = client
-            .new_jwtsvid(spb::NewJwtsvidRequest {
-                entry_id: e.id.to_string(),
-                audience: audience.to_vec(),
-            })
-            .await
-            .map_err(|s| Status::unavailable(format!("could not fetch JWT-SVID: {}", s.message())))?
-            .into_inner()
-            .token;
-        if let Ok(info) = sigil_svid::jwt::parse_jwt_unverified(&token)
-            && let Ok(mut cache) = self.jwt_cache.lock()
-        {
-            let life = info.expiry.duration_since(now).unwrap_or_default();
-            cache.retain(|_, (_, exp, _)| *exp > now);
-            // Bounded: one token per identity and audience set; evict all when huge.
-            if cache.len() > 10_000 {
-                cache.clear();
-            }
-            cache.insert(key, (token.clone(), info.expiry, now + life / 2));
-        }
+        let token = cached_or_fetch(&self.jwt_cache, key, SystemTime::now(), || async move {
+            let Some(mut client) = client else {
+                return Err(JwtFetchError::Unreachable("server unreachable".to_owned()));
+            };
+            client
+                .new_jwtsvid(request)
+                .await
+                .map(|r| r.into_inner().token)
+                .map_err(|s| JwtFetchError::from_status(&s))
+        })
+        .await?;
+        self.metrics
+            .cached_jwt_svids
+            .set(lock(&self.jwt_cache).len() as i64);
         Ok(token)
     }
 }
@@ -550,6 +753,329 @@ mod tests {
         match &s.fields["aud"].kind {
             Some(prost_types::value::Kind::ListValue(l)) => assert_eq!(l.values.len(), 2),
             other => panic!("{other:?}"),
+        }
+    }
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use sigil_svid::jwt::{JwtAuthority, JwtClaims};
+    use sigil_svid::keys::PrivateKey;
+    use sigil_svid::x509::{SvidRequest, X509Authority};
+    use sigil_types::TrustDomain;
+
+    use crate::core::FederatedBundles;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A trust domain's authorities and its bundle.
+    struct Domain {
+        ca: X509Authority,
+        jwt: JwtAuthority,
+        bundle: Bundle,
+    }
+
+    fn domain(name: &str) -> Domain {
+        let now = SystemTime::now();
+        let td = TrustDomain::new(name).unwrap();
+        let ca = X509Authority::generate(&td, HOUR, now).unwrap();
+        let jwt = JwtAuthority::generate(HOUR, now).unwrap();
+        let mut bundle = Bundle::new(td);
+        bundle.x509_authorities.push(ca.cert_der().to_vec());
+        bundle.jwt_authorities.push(jwt.public_jwk());
+        Domain { ca, jwt, bundle }
+    }
+
+    fn entry(id: &str, federates_with: &[&str]) -> Arc<Entry> {
+        let mut e = Entry::new(
+            id.parse().unwrap(),
+            format!("spiffe://example.org/{id}").parse().unwrap(),
+            "spiffe://example.org/agent".parse().unwrap(),
+            Selectors::parse_all([format!("unix:uid:{}", id.len())]).unwrap(),
+        );
+        e.federates_with = federates_with
+            .iter()
+            .map(|t| TrustDomain::new(t).unwrap())
+            .collect();
+        Arc::new(e)
+    }
+
+    fn svid(own: &Domain, e: &Entry) -> Arc<WorkloadSvid> {
+        let key = PrivateKey::generate_p256().unwrap();
+        let now = SystemTime::now();
+        let leaf = own
+            .ca
+            .sign_svid(
+                &SvidRequest::new(&e.spiffe_id, HOUR),
+                &key.public_key_spki_der(),
+                now,
+            )
+            .unwrap();
+        Arc::new(WorkloadSvid {
+            entry_id: e.id.clone(),
+            spiffe_id: e.spiffe_id.clone(),
+            chain: vec![leaf],
+            key,
+            not_before: now,
+            not_after: now + HOUR,
+            dns_names: vec![],
+            ttl: 0,
+            attributes: vec![],
+        })
+    }
+
+    fn snapshot(own: &Domain, entries: &[Arc<Entry>], federated: &[&Domain]) -> Snapshot {
+        Snapshot {
+            entries: entries.to_vec(),
+            svids: entries
+                .iter()
+                .map(|e| (e.id.clone(), svid(own, e)))
+                .collect(),
+            bundle: Arc::new(own.bundle.clone()),
+            federated: Arc::new(
+                federated
+                    .iter()
+                    .map(|d| (d.bundle.trust_domain.clone(), Arc::new(d.bundle.clone())))
+                    .collect::<FederatedBundles>(),
+            ),
+            connected: true,
+        }
+    }
+
+    #[test]
+    fn federated_bundles_reach_only_entries_that_federate_with_them() {
+        let own = domain("example.org");
+        let (other, fourth) = (domain("other.org"), domain("fourth.org"));
+        // `fed` federates with other.org (held) and third.org (not held).
+        let fed = entry("fed", &["other.org", "third.org"]);
+        let plain = entry("plain", &[]);
+        let snap = snapshot(&own, &[fed.clone(), plain.clone()], &[&other, &fourth]);
+
+        let r = x509_response(&snap, std::slice::from_ref(&plain)).unwrap();
+        assert!(r.federated_bundles.is_empty());
+        let r = x509_response(&snap, std::slice::from_ref(&fed)).unwrap();
+        assert_eq!(
+            r.federated_bundles,
+            HashMap::from([(
+                "spiffe://other.org".to_owned(),
+                other.ca.cert_der().to_vec()
+            )])
+        );
+        assert_eq!(r.svids[0].bundle, own.ca.cert_der());
+
+        let x509 = bundle_map(&snap, &[plain.clone(), fed.clone()], false);
+        assert_eq!(x509.len(), 2);
+        assert_eq!(x509["spiffe://example.org"], own.ca.cert_der());
+        assert_eq!(x509["spiffe://other.org"], other.ca.cert_der());
+        let jwt = bundle_map(&snap, std::slice::from_ref(&fed), true);
+        let jwks: serde_json::Value = serde_json::from_slice(&jwt["spiffe://other.org"]).unwrap();
+        assert_eq!(jwks["keys"][0]["kid"], other.jwt.kid());
+        assert_eq!(
+            bundle_map(&snap, std::slice::from_ref(&plain), true)
+                .keys()
+                .collect::<Vec<_>>(),
+            ["spiffe://example.org"]
+        );
+    }
+
+    #[test]
+    fn a_federated_bundle_never_stands_in_for_the_own_one() {
+        let own = domain("example.org");
+        let impostor = domain("example.org");
+        let e = entry("fed", &["example.org"]);
+        let snap = snapshot(&own, std::slice::from_ref(&e), &[&impostor]);
+        assert!(federated_for(&snap, std::slice::from_ref(&e)).is_empty());
+        let map = bundle_map(&snap, std::slice::from_ref(&e), false);
+        assert_eq!(map["spiffe://example.org"], own.ca.cert_der());
+        let token = impostor
+            .jwt
+            .sign(
+                &"spiffe://example.org/x".parse().unwrap(),
+                &["api".to_owned()],
+                HOUR,
+                SystemTime::now(),
+            )
+            .unwrap();
+        assert!(validate_for(&snap, &[e], &token, "api", SystemTime::now()).is_err());
+    }
+
+    #[test]
+    fn validate_accepts_federated_tokens_for_entitled_callers_and_strips_foreign_claims() {
+        let own = domain("example.org");
+        let other = domain("other.org");
+        let unknown = domain("unknown.org");
+        let fed = entry("fed", &["other.org"]);
+        let plain = entry("plain", &[]);
+        let snap = snapshot(&own, &[fed.clone(), plain.clone()], &[&other]);
+        let now = SystemTime::now();
+        let mut extra = serde_json::Map::new();
+        extra.insert("cluster".to_owned(), "east".into());
+        let claims = JwtClaims {
+            issuer: Some("https://oidc.other.org".to_owned()),
+            extra,
+        };
+        let aud = ["api".to_owned()];
+        let foreign = other
+            .jwt
+            .sign_with(
+                &"spiffe://other.org/db".parse().unwrap(),
+                &aud,
+                HOUR,
+                now,
+                &claims,
+            )
+            .unwrap();
+
+        let (id, got) =
+            validate_for(&snap, std::slice::from_ref(&fed), &foreign, "api", now).unwrap();
+        assert_eq!(id.as_str(), "spiffe://other.org/db");
+        let mut names: Vec<_> = got.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["aud", "exp", "iat", "iss", "sub"]);
+
+        // Not entitled to other.org's bundle, or a domain nobody federates with.
+        let err =
+            validate_for(&snap, std::slice::from_ref(&plain), &foreign, "api", now).unwrap_err();
+        assert!(err.to_string().contains("other.org"), "{err}");
+        let stranger = unknown
+            .jwt
+            .sign(&"spiffe://unknown.org/x".parse().unwrap(), &aud, HOUR, now)
+            .unwrap();
+        assert!(validate_for(&snap, &[fed.clone(), plain], &stranger, "api", now).is_err());
+        // A federated token still needs the right audience.
+        assert!(validate_for(&snap, std::slice::from_ref(&fed), &foreign, "other", now).is_err());
+
+        // The own trust domain's tokens keep every claim.
+        let local = own
+            .jwt
+            .sign_with(
+                &"spiffe://example.org/fed".parse().unwrap(),
+                &aud,
+                HOUR,
+                now,
+                &claims,
+            )
+            .unwrap();
+        let (_, got) = validate_for(&snap, &[], &local, "api", now).unwrap();
+        assert_eq!(got["cluster"], "east");
+    }
+
+    fn key(id: &str) -> JwtKey {
+        (
+            format!("spiffe://example.org/{id}").parse().unwrap(),
+            vec!["api".to_owned()],
+        )
+    }
+
+    #[test]
+    fn jwt_cache_is_bounded_and_evicts_the_soonest_expiring() {
+        let now = SystemTime::now();
+        let mut c = JwtCache::new(3);
+        c.insert(key("a"), "a".into(), now + 3 * HOUR, now);
+        c.insert(key("b"), "b".into(), now + HOUR, now);
+        c.insert(key("c"), "c".into(), now + 2 * HOUR, now);
+        c.insert(key("d"), "d".into(), now + 4 * HOUR, now);
+        assert_eq!(c.len(), 3);
+        assert!(
+            c.valid(&key("b"), now).is_none(),
+            "soonest expiring evicted"
+        );
+        for k in ["a", "c", "d"] {
+            assert!(c.fresh(&key(k), now).is_some(), "{k}");
+        }
+        // Replacing a held key evicts nothing.
+        c.insert(key("a"), "a2".into(), now + HOUR, now);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.fresh(&key("a"), now).unwrap(), "a2");
+        // Expired tokens go first, without evicting valid ones.
+        let later = now + 2 * HOUR + Duration::from_secs(1);
+        c.insert(key("e"), "e".into(), later + HOUR, later);
+        assert_eq!(c.len(), 2, "a and c expired");
+        assert!(c.valid(&key("d"), later).is_some());
+        // Fresh until half the life, valid until expiry.
+        assert!(c.fresh(&key("e"), later + HOUR / 2).is_none());
+        assert!(c.valid(&key("e"), later + HOUR / 2).is_some());
+        assert!(c.valid(&key("e"), later + HOUR).is_none());
+        assert_eq!(JwtCache::new(JWT_CACHE_LIMIT).limit, 1000);
+    }
+
+    #[tokio::test]
+    async fn cached_jwt_svids_are_served_while_the_server_is_unreachable() {
+        let own = domain("example.org");
+        let now = SystemTime::now();
+        let ttl = Duration::from_secs(100);
+        let token = own.jwt.sign(&key("w").0, &key("w").1, ttl, now).unwrap();
+        let cache = Mutex::new(JwtCache::new(10));
+        let calls = AtomicUsize::new(0);
+        let fetch = |r: Result<String, JwtFetchError>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move { r }
+        };
+
+        let got = cached_or_fetch(&cache, key("w"), now, || fetch(Ok(token.clone())))
+            .await
+            .unwrap();
+        assert_eq!(got, token);
+        // Before half-life: from the cache, the server is not asked.
+        let got = cached_or_fetch(&cache, key("w"), now + ttl / 4, || {
+            fetch(Err(JwtFetchError::Unreachable("down".into())))
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            (got.as_str(), calls.load(Ordering::SeqCst)),
+            (token.as_str(), 1)
+        );
+        // Due for refresh but the server is unreachable: the cached token,
+        // still valid, is served.
+        let got = cached_or_fetch(&cache, key("w"), now + ttl * 3 / 4, || {
+            fetch(Err(JwtFetchError::Unreachable("down".into())))
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            (got.as_str(), calls.load(Ordering::SeqCst)),
+            (token.as_str(), 2)
+        );
+        // Once it expired, the failure is the caller's.
+        let err = cached_or_fetch(&cache, key("w"), now + ttl + Duration::from_secs(1), || {
+            fetch(Err(JwtFetchError::Unreachable("down".into())))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.message().contains("could not fetch JWT-SVID: down"));
+        // A server that refuses (say, the entry is gone) is not overridden by
+        // the cache, and the cached token is dropped.
+        let err = cached_or_fetch(&cache, key("w"), now + ttl / 2, || {
+            fetch(Err(JwtFetchError::Refused("entry not authorized".into())))
+        })
+        .await
+        .unwrap_err();
+        assert!(err.message().contains("entry not authorized"));
+        assert!(lock(&cache).valid(&key("w"), now).is_none());
+    }
+
+    #[test]
+    fn transport_failures_count_as_unreachable_and_refusals_do_not() {
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::Unknown,
+        ] {
+            assert!(matches!(
+                JwtFetchError::from_status(&Status::new(code, "x")),
+                JwtFetchError::Unreachable(_)
+            ));
+        }
+        for code in [
+            tonic::Code::PermissionDenied,
+            tonic::Code::NotFound,
+            tonic::Code::InvalidArgument,
+        ] {
+            assert!(matches!(
+                JwtFetchError::from_status(&Status::new(code, "x")),
+                JwtFetchError::Refused(_)
+            ));
         }
     }
 }

@@ -424,6 +424,7 @@ fn plain_response() -> anyhow::Result<wpb::X509svidResponse> {
             spiffe_id: &id,
             dns_names: &[],
             ttl: Duration::from_secs(3600),
+            attributes: &[],
         },
         &key.public_key_spki_der(),
         now,

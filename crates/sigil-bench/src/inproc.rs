@@ -113,6 +113,7 @@ pub(crate) fn measure(
         spiffe_id: &id,
         dns_names: &[],
         ttl: Duration::from_secs(3600),
+        attributes: &[],
     };
     let key = PrivateKey::generate_p256()?;
     let spki = key.public_key_spki_der();
@@ -408,6 +409,7 @@ pub(crate) fn sync_floor(n: usize) -> anyhow::Result<(Duration, usize)> {
         upserted,
         deleted_ids: vec![],
         bundle_json: String::new(),
+        ..Default::default()
     };
     let mut best = Duration::MAX;
     let mut len = 0;
@@ -446,6 +448,7 @@ pub(crate) fn sample_entry(
         jwt_svid_ttl: 0,
         dns_names: vec![],
         federates_with: vec![],
+        attributes: vec![],
         admin: false,
         downstream: false,
         hint: String::new(),
@@ -501,6 +504,7 @@ fn tls_configs(ca: &X509Authority) -> anyhow::Result<[TlsPair; 2]> {
             spiffe_id: id,
             dns_names: dns,
             ttl: Duration::from_secs(3600),
+            attributes: &[],
         };
         let leaf = ca.sign_svid(&req, &key.public_key_spki_der(), now)?;
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));

@@ -7,6 +7,7 @@
 //! | [`crd`] | `ClusterSPIFFEID` and `ClusterStaticEntry` (group `identity.sigil`, `v1alpha1`, cluster-scoped), their status, and the CRD manifests of `deploy/crds/` |
 //! | [`template`] | the template language of `ClusterSPIFFEID` (Go-template field lookups, nothing else) |
 //! | [`reconcile`] | the pure core: objects → desired entries and statuses → create/update/delete |
+//! | [`federation`] | `ClusterFederatedTrustDomain` resources → the server's federation relationships |
 //! | [`admin`] | the server's admin API over its Unix socket: list entries, apply a plan in batches |
 //! | [`run`] | the running controller: watchers, debounced full reconciles, status updates |
 //!
@@ -29,6 +30,9 @@
 //!
 //! A `ClusterStaticEntry` is one entry, given literally.
 //!
+//! A `ClusterFederatedTrustDomain` is one federation relationship (see
+//! [`federation`] for which relationships the controller owns).
+//!
 //! The controller owns exactly the entries whose ID is `k8s-<cluster>-` and 32
 //! hex digits (see [`reconcile`]); it never changes any other entry.
 //!
@@ -36,18 +40,22 @@
 //!
 //! The controller runs next to the server (it needs the admin socket) with a
 //! Kubernetes identity allowed to `list` and `watch` pods, namespaces,
-//! nodes, `clusterspiffeids` and `clusterstaticentries`, and to `patch` the
-//! `status` subresource of the last two.
+//! nodes, `clusterspiffeids`, `clusterstaticentries` and
+//! `clusterfederatedtrustdomains`, and to `patch` the `status` subresource
+//! of the last three.
 
 pub mod admin;
 pub mod crd;
+pub mod federation;
 pub mod reconcile;
 pub mod run;
 pub mod template;
 
 pub use crd::{
-    ClusterSPIFFEID, ClusterSPIFFEIDSpec, ClusterSPIFFEIDStatus, ClusterStaticEntry,
-    ClusterStaticEntrySpec, ClusterStaticEntryStatus, Mode, crd_manifests, crds, crds_yaml,
+    ClusterFederatedTrustDomain, ClusterFederatedTrustDomainSpec,
+    ClusterFederatedTrustDomainStatus, ClusterSPIFFEID, ClusterSPIFFEIDSpec, ClusterSPIFFEIDStatus,
+    ClusterStaticEntry, ClusterStaticEntrySpec, ClusterStaticEntryStatus, Mode, crd_manifests,
+    crds, crds_yaml,
 };
 pub use reconcile::{Desired, Plan, Settings, Snapshot, plan, render};
 pub use run::{ControllerConfig, kube_client, run};

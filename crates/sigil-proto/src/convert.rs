@@ -51,6 +51,9 @@ pub enum ConvertError {
         /// Why it was refused.
         reason: SpiffeIdError,
     },
+    /// An `attributes` member is not a known attribute name.
+    #[error("invalid attributes member: {0}")]
+    BadAttribute(#[from] sigil_types::attribute::UnknownAttribute),
     /// A TTL or time field is negative.
     #[error("{field} must not be negative, got {value}")]
     Negative {
@@ -74,6 +77,7 @@ impl From<&sigil_types::Entry> for pb::Entry {
             jwt_svid_ttl: saturating_i64(e.jwt_svid_ttl),
             dns_names: e.dns_names.clone(),
             federates_with: e.federates_with.iter().map(ToString::to_string).collect(),
+            attributes: e.attributes.iter().map(ToString::to_string).collect(),
             admin: e.admin,
             downstream: e.downstream,
             hint: e.hint.clone(),
@@ -124,6 +128,13 @@ pub fn entry_from_proto(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let mut attributes = e
+        .attributes
+        .iter()
+        .map(|a| a.parse::<sigil_types::Attribute>())
+        .collect::<Result<Vec<_>, _>>()?;
+    attributes.sort();
+    attributes.dedup();
     Ok(sigil_types::Entry {
         id,
         spiffe_id: spiffe_id("spiffe_id", &e.spiffe_id)?,
@@ -133,6 +144,7 @@ pub fn entry_from_proto(
         jwt_svid_ttl: non_negative("jwt_svid_ttl", e.jwt_svid_ttl)?,
         dns_names: e.dns_names.clone(),
         federates_with,
+        attributes,
         admin: e.admin,
         downstream: e.downstream,
         hint: e.hint.clone(),
@@ -193,6 +205,10 @@ mod tests {
             jwt_svid_ttl: 300,
             dns_names: vec!["web.example.org".into()],
             federates_with: vec![TrustDomain::new("other.org").unwrap()],
+            attributes: vec![
+                sigil_types::Attribute::Cluster,
+                sigil_types::Attribute::Zone,
+            ],
             admin: true,
             downstream: false,
             hint: "web".into(),

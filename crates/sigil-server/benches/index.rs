@@ -43,6 +43,7 @@ fn entry(i: usize, parent: &SpiffeId) -> Entry {
         jwt_svid_ttl: 0,
         dns_names: vec![],
         federates_with: vec![],
+        attributes: vec![],
         admin: false,
         downstream: false,
         hint: String::new(),

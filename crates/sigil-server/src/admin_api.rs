@@ -7,12 +7,15 @@ use std::time::Duration;
 use sigil_proto::convert::entry_from_proto;
 use sigil_proto::server::v1 as pb;
 use sigil_proto::server::v1::admin_api_server::{AdminApi, AdminApiServer};
-use sigil_types::{EntryId, Selectors, SpiffeId};
+use sigil_types::{
+    BundleEndpointProfile, EntryId, FederationRelationship, Selectors, SpiffeId, TrustDomain,
+};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::ServerState;
 use crate::error::ServerError;
+use crate::federation::RefreshStatus;
 use crate::index::{EntryFilter, SelectorMatch};
 use crate::registry::{MAX_BATCH, new_entry_id};
 
@@ -297,5 +300,194 @@ impl AdminApi for AdminService {
             bundle_json: self.state.ca.bundle().to_json(),
             trust_domain: self.state.config.trust_domain.to_string(),
         }))
+    }
+
+    async fn list_federated_bundles(
+        &self,
+        req: Request<pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
+        check_caller(&req)?;
+        let bundles = self.state.federation.list_bundles().await?;
+        Ok(Response::new(pb::ListFederatedBundlesResponse {
+            bundles: bundles
+                .into_iter()
+                .map(|(td, bundle_json)| pb::FederatedBundle {
+                    trust_domain: td.to_string(),
+                    bundle_json,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_federated_bundle(
+        &self,
+        req: Request<pb::TrustDomainRequest>,
+    ) -> Result<Response<pb::FederatedBundle>, Status> {
+        check_caller(&req)?;
+        let td = parse_td(&req.get_ref().trust_domain)?;
+        let bundle_json = self.state.federation.get_bundle(&td).await?;
+        Ok(Response::new(pb::FederatedBundle {
+            trust_domain: td.to_string(),
+            bundle_json,
+        }))
+    }
+
+    async fn set_federated_bundle(
+        &self,
+        req: Request<pb::FederatedBundle>,
+    ) -> Result<Response<pb::FederatedBundle>, Status> {
+        check_caller(&req)?;
+        let r = req.get_ref();
+        let td = parse_td(&r.trust_domain)?;
+        let bundle_json = self
+            .state
+            .federation
+            .set_bundle(&td, &r.bundle_json)
+            .await?;
+        Ok(Response::new(pb::FederatedBundle {
+            trust_domain: td.to_string(),
+            bundle_json,
+        }))
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        req: Request<pb::TrustDomainRequest>,
+    ) -> Result<Response<pb::FederatedBundle>, Status> {
+        check_caller(&req)?;
+        let td = parse_td(&req.get_ref().trust_domain)?;
+        let bundle_json = self.state.federation.delete_bundle(&td).await?;
+        Ok(Response::new(pb::FederatedBundle {
+            trust_domain: td.to_string(),
+            bundle_json,
+        }))
+    }
+
+    async fn create_federation_relationship(
+        &self,
+        req: Request<pb::FederationRelationship>,
+    ) -> Result<Response<pb::FederationRelationship>, Status> {
+        check_caller(&req)?;
+        let r = req.get_ref();
+        let created = self
+            .state
+            .federation
+            .create_relationship(relationship_of(r)?, Some(&r.trust_domain_bundle_json))
+            .await?;
+        let (created, status) = self
+            .state
+            .federation
+            .get_relationship(&created.trust_domain)
+            .await?;
+        Ok(Response::new(relationship_pb(&created, &status)))
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        req: Request<pb::FederationRelationship>,
+    ) -> Result<Response<pb::FederationRelationship>, Status> {
+        check_caller(&req)?;
+        let r = req.get_ref();
+        let updated = self
+            .state
+            .federation
+            .update_relationship(relationship_of(r)?, Some(&r.trust_domain_bundle_json))
+            .await?;
+        let (updated, status) = self
+            .state
+            .federation
+            .get_relationship(&updated.trust_domain)
+            .await?;
+        Ok(Response::new(relationship_pb(&updated, &status)))
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        req: Request<pb::TrustDomainRequest>,
+    ) -> Result<Response<pb::FederationRelationship>, Status> {
+        check_caller(&req)?;
+        let td = parse_td(&req.get_ref().trust_domain)?;
+        let (r, status) = self.state.federation.get_relationship(&td).await?;
+        Ok(Response::new(relationship_pb(&r, &status)))
+    }
+
+    async fn list_federation_relationships(
+        &self,
+        req: Request<pb::ListFederationRelationshipsRequest>,
+    ) -> Result<Response<pb::ListFederationRelationshipsResponse>, Status> {
+        check_caller(&req)?;
+        let all = self.state.federation.list_relationships().await?;
+        Ok(Response::new(pb::ListFederationRelationshipsResponse {
+            relationships: all.iter().map(|(r, s)| relationship_pb(r, s)).collect(),
+        }))
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        req: Request<pb::TrustDomainRequest>,
+    ) -> Result<Response<pb::FederationRelationship>, Status> {
+        check_caller(&req)?;
+        let td = parse_td(&req.get_ref().trust_domain)?;
+        let r = self.state.federation.delete_relationship(&td).await?;
+        Ok(Response::new(relationship_pb(&r, &Default::default())))
+    }
+
+    async fn refresh_bundle(
+        &self,
+        req: Request<pb::TrustDomainRequest>,
+    ) -> Result<Response<pb::FederatedBundle>, Status> {
+        check_caller(&req)?;
+        let td = parse_td(&req.get_ref().trust_domain)?;
+        let bundle_json = self.state.federation.refresh(&td).await?;
+        Ok(Response::new(pb::FederatedBundle {
+            trust_domain: td.to_string(),
+            bundle_json,
+        }))
+    }
+}
+
+fn parse_td(s: &str) -> Result<TrustDomain, Status> {
+    if s.is_empty() {
+        return Err(Status::invalid_argument("trust_domain is required"));
+    }
+    // Accept `spiffe://td` too, as SPIRE's tools print it.
+    let name = s.strip_prefix("spiffe://").unwrap_or(s);
+    TrustDomain::new(name)
+        .map_err(|e| Status::invalid_argument(format!("invalid trust_domain {s:?}: {e}")))
+}
+
+/// The relationship a create or update request describes.
+fn relationship_of(r: &pb::FederationRelationship) -> Result<FederationRelationship, Status> {
+    let profile = BundleEndpointProfile::from_parts(
+        &r.bundle_endpoint_profile,
+        Some(r.endpoint_spiffe_id.as_str()),
+    )
+    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if r.bundle_endpoint_url.is_empty() {
+        return Err(Status::invalid_argument("bundle_endpoint_url is required"));
+    }
+    Ok(FederationRelationship {
+        trust_domain: parse_td(&r.trust_domain)?,
+        bundle_endpoint_url: r.bundle_endpoint_url.clone(),
+        profile,
+        from_config: false,
+    })
+}
+
+fn relationship_pb(r: &FederationRelationship, s: &RefreshStatus) -> pb::FederationRelationship {
+    pb::FederationRelationship {
+        trust_domain: r.trust_domain.to_string(),
+        bundle_endpoint_url: r.bundle_endpoint_url.clone(),
+        bundle_endpoint_profile: r.profile.name().to_owned(),
+        endpoint_spiffe_id: r
+            .profile
+            .endpoint_spiffe_id()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        trust_domain_bundle_json: String::new(),
+        from_config: r.from_config,
+        last_refresh: s.last_refresh.unwrap_or(0),
+        next_refresh: s.next_refresh.unwrap_or(0),
+        last_error: s.last_error.clone().unwrap_or_default(),
     }
 }

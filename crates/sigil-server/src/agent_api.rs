@@ -210,14 +210,24 @@ fn diff(
         snapshot,
         upserted,
         deleted_ids: if snapshot { vec![] } else { deleted_ids },
-        bundle_json: String::new(),
+        ..Default::default()
     })
 }
 
+/// The `federated_bundles` map of a sync message: trust domain name → JSON.
+fn federated_map(
+    set: &crate::federation::FederatedBundles,
+) -> std::collections::HashMap<String, String> {
+    set.iter()
+        .map(|(td, json)| (td.name().to_owned(), json.clone()))
+        .collect()
+}
+
 /// One agent's sync stream: the first message at once (snapshot, or the
-/// changes since the agent's revision), then a message whenever an entry
-/// that concerns the agent or the bundle changes. Ends with PermissionDenied
-/// when the agent is banned or evicted.
+/// changes since the agent's revision, with the bundle and every federated
+/// bundle), then a message whenever an entry that concerns the agent, the
+/// bundle or a federated bundle changes. Ends with PermissionDenied when the
+/// agent is banned or evicted.
 async fn sync_loop(
     state: &ServerState,
     mut agent: AgentRecord,
@@ -229,6 +239,7 @@ async fn sync_loop(
     // Subscribe before computing the first set, so no change falls between.
     let mut events = state.index.subscribe();
     let mut bundle_rx = state.ca.subscribe_bundle();
+    let mut federated_rx = state.federation.subscribe_bundles();
     let revision = state.index.revision();
     let mut auth = state.index.authorized(&agent.spiffe_id, &agent.selectors);
     let mut first = diff(&mut sent, &auth, snapshot, revision).unwrap_or(pb::SyncMessage {
@@ -236,6 +247,8 @@ async fn sync_loop(
         ..Default::default()
     });
     first.bundle_json = bundle_rx.borrow_and_update().to_json();
+    first.federated_bundles = federated_map(&federated_rx.borrow_and_update());
+    first.federated_bundles_changed = true;
     if tx.send(Ok(first)).await.is_err() {
         return;
     }
@@ -245,6 +258,7 @@ async fn sync_loop(
         let mut recompute = false;
         let mut agent_changed = false;
         let mut bundle_json = String::new();
+        let mut federated = None;
         tokio::select! {
             _ = cancel.cancelled() => {
                 let _ = tx.send(Err(Status::unavailable("server is shutting down"))).await;
@@ -256,6 +270,12 @@ async fn sync_loop(
                     return;
                 }
                 bundle_json = bundle_rx.borrow_and_update().to_json();
+            }
+            changed = federated_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                federated = Some(federated_map(&federated_rx.borrow_and_update()));
             }
             ev = events.recv() => {
                 let mut next = Some(ev);
@@ -325,6 +345,14 @@ async fn sync_loop(
                 ..Default::default()
             });
             m.bundle_json = bundle_json;
+        }
+        if let Some(set) = federated {
+            let m = msg.get_or_insert_with(|| pb::SyncMessage {
+                revision,
+                ..Default::default()
+            });
+            m.federated_bundles = set;
+            m.federated_bundles_changed = true;
         }
         if let Some(m) = msg {
             if tx.send(Ok(m)).await.is_err() {

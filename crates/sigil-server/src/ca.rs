@@ -6,6 +6,13 @@
 //! its life, and activated at five sixths. Retired authorities stay in the
 //! bundle until their own expiry, which is the latest moment anything they
 //! signed can be valid, because leaves never outlive their CA.
+//!
+//! New JWT authorities are of the configured key type (`jwt_key_type`:
+//! ES256 or RS256). Authorities of the other type that are already active or
+//! retired keep working until they retire and expire, so a change of type
+//! takes effect at the next rotation; a prepared authority of the other type,
+//! which has signed nothing yet, is replaced while there is still time to
+//! publish its successor before it would activate.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use sigil_store::{AuthorityKind, AuthorityRecord, AuthorityState, Store};
 use sigil_svid::bundle::Bundle;
-use sigil_svid::jwt::JwtAuthority;
+use sigil_svid::jwt::{JwtAuthority, JwtKeyType};
 use sigil_svid::keys::{PrivateKey, read_private_file, write_private_file};
 use sigil_svid::x509::X509Authority;
 use sigil_types::TrustDomain;
@@ -33,6 +40,12 @@ fn from_unix(secs: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
 }
 
+/// What new authorities are made of.
+struct Settings<'a> {
+    trust_domain: &'a TrustDomain,
+    jwt_key_type: JwtKeyType,
+}
+
 /// What every signing authority offers the rotation logic.
 trait Authority: Sized + Clone {
     const KIND: AuthorityKind;
@@ -42,8 +55,14 @@ trait Authority: Sized + Clone {
     fn not_after(&self) -> SystemTime;
     fn key(&self) -> &PrivateKey;
     fn public(&self) -> Vec<u8>;
-    fn generate(td: &TrustDomain, ttl: Duration, now: SystemTime) -> Result<Self, ServerError>;
+    fn generate(
+        settings: &Settings<'_>,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Self, ServerError>;
     fn restore(record: &AuthorityRecord, key: PrivateKey) -> Result<Self, ServerError>;
+    /// Whether the authority is what `settings` would create now.
+    fn fits(&self, settings: &Settings<'_>) -> bool;
 }
 
 impl Authority for X509Authority {
@@ -63,11 +82,18 @@ impl Authority for X509Authority {
     fn public(&self) -> Vec<u8> {
         self.cert_der().to_vec()
     }
-    fn generate(td: &TrustDomain, ttl: Duration, now: SystemTime) -> Result<Self, ServerError> {
-        Ok(X509Authority::generate(td, ttl, now)?)
+    fn generate(
+        settings: &Settings<'_>,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Self, ServerError> {
+        Ok(X509Authority::generate(settings.trust_domain, ttl, now)?)
     }
     fn restore(record: &AuthorityRecord, key: PrivateKey) -> Result<Self, ServerError> {
         Ok(X509Authority::from_parts(record.public.clone(), key)?)
+    }
+    fn fits(&self, _settings: &Settings<'_>) -> bool {
+        true
     }
 }
 
@@ -88,8 +114,19 @@ impl Authority for JwtAuthority {
     fn public(&self) -> Vec<u8> {
         serde_json::to_vec(&self.public_jwk()).unwrap_or_default()
     }
-    fn generate(_td: &TrustDomain, ttl: Duration, now: SystemTime) -> Result<Self, ServerError> {
-        Ok(JwtAuthority::generate(ttl, now)?)
+    fn generate(
+        settings: &Settings<'_>,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Self, ServerError> {
+        Ok(JwtAuthority::generate_with(
+            settings.jwt_key_type,
+            ttl,
+            now,
+        )?)
+    }
+    fn fits(&self, settings: &Settings<'_>) -> bool {
+        self.key_type() == settings.jwt_key_type
     }
     fn restore(record: &AuthorityRecord, key: PrivateKey) -> Result<Self, ServerError> {
         let kid = record
@@ -132,6 +169,7 @@ pub struct CaManager {
     keys_dir: PathBuf,
     ca_ttl: Duration,
     refresh_hint: Duration,
+    jwt_key_type: JwtKeyType,
     state: Mutex<CaState>,
     active: ArcSwap<ActiveAuthorities>,
     bundle_tx: watch::Sender<Arc<Bundle>>,
@@ -147,13 +185,15 @@ impl std::fmt::Debug for CaManager {
 
 impl CaManager {
     /// Loads the authority journal and keys, creating the first authorities
-    /// on a new server, and brings the rotation up to date with `now`.
+    /// on a new server, and brings the rotation up to date with `now`. New
+    /// JWT authorities are of `jwt_key_type`.
     pub async fn load(
         trust_domain: TrustDomain,
         store: Arc<dyn Store>,
         keys_dir: &Path,
         ca_ttl: Duration,
         refresh_hint: Duration,
+        jwt_key_type: JwtKeyType,
         now: SystemTime,
     ) -> Result<Arc<Self>, ServerError> {
         sigil_svid::keys::ensure_private_dir(keys_dir)?;
@@ -203,6 +243,7 @@ impl CaManager {
             keys_dir: keys_dir.to_owned(),
             ca_ttl,
             refresh_hint,
+            jwt_key_type,
             state: Mutex::new(state),
             active: ArcSwap::from_pointee(placeholder),
             bundle_tx,
@@ -299,9 +340,6 @@ impl CaManager {
         let active = slots
             .iter()
             .position(|s| s.record.state == AuthorityState::Active);
-        let prepared = slots
-            .iter()
-            .position(|s| s.record.state == AuthorityState::Prepared);
         let Some(active) = active else {
             // A new server, or one whose active authority was lost: start one now.
             let slot = self.create::<A>(AuthorityState::Active, now).await?;
@@ -312,6 +350,33 @@ impl CaManager {
         let a = &slots[active].record;
         let lifetime = (a.not_after - a.not_before).max(1);
         let remaining = a.not_after - unix(now);
+        // A prepared authority of a key type no longer configured has signed
+        // nothing: replace it, as long as its successor can still be
+        // published for a sixth of a lifetime before it activates.
+        if let Some(p) = slots.iter().position(|s| {
+            s.record.state == AuthorityState::Prepared && !s.authority.fits(&self.settings())
+        }) && remaining > lifetime / 3
+        {
+            let slot = slots.remove(p);
+            self.store.delete_authority(&slot.record.id).await?;
+            let _ = std::fs::remove_file(self.key_path(&slot.record.id));
+            tracing::info!(
+                authority = %slot.record.id,
+                "prepared authority of a key type no longer configured removed"
+            );
+            changed = true;
+        }
+        let Some(active) = slots
+            .iter()
+            .position(|s| s.record.state == AuthorityState::Active)
+        else {
+            return Err(ServerError::Internal(
+                "the active authority vanished".into(),
+            ));
+        };
+        let prepared = slots
+            .iter()
+            .position(|s| s.record.state == AuthorityState::Prepared);
         if remaining <= 0 && prepared.is_none() {
             // Down past the whole life of the authority: nothing it signed is
             // valid any more, so replace it at once.
@@ -349,7 +414,7 @@ impl CaManager {
         state: AuthorityState,
         now: SystemTime,
     ) -> Result<Slot<A>, ServerError> {
-        let authority = A::generate(&self.trust_domain, self.ca_ttl, now)?;
+        let authority = A::generate(&self.settings(), self.ca_ttl, now)?;
         let id = authority.id();
         // Key first, journal second: a journal record never points at a key
         // that was not written.
@@ -376,6 +441,13 @@ impl CaManager {
         slot.record.state = state;
         self.store.put_authority(slot.record.clone()).await?;
         Ok(())
+    }
+
+    fn settings(&self) -> Settings<'_> {
+        Settings {
+            trust_domain: &self.trust_domain,
+            jwt_key_type: self.jwt_key_type,
+        }
     }
 
     fn key_path(&self, id: &str) -> PathBuf {
@@ -407,6 +479,15 @@ mod tests {
     use sigil_store::SqliteStore;
 
     async fn manager(dir: &Path, ttl: Duration, now: SystemTime) -> Arc<CaManager> {
+        manager_with(dir, ttl, JwtKeyType::Es256, now).await
+    }
+
+    async fn manager_with(
+        dir: &Path,
+        ttl: Duration,
+        jwt_key_type: JwtKeyType,
+        now: SystemTime,
+    ) -> Arc<CaManager> {
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.join("db.sqlite")).await.unwrap());
         CaManager::load(
@@ -415,10 +496,97 @@ mod tests {
             &dir.join("keys"),
             ttl,
             Duration::from_secs(300),
+            jwt_key_type,
             now,
         )
         .await
         .unwrap()
+    }
+
+    fn jwt_ktys(ca: &CaManager) -> Vec<String> {
+        ca.bundle()
+            .jwt_authorities
+            .iter()
+            .map(|k| k.kty.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_fresh_server_signs_with_the_configured_jwt_key_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let ca = manager_with(dir.path(), Duration::from_secs(600), JwtKeyType::Rs256, t0).await;
+        assert_eq!(ca.active().jwt.alg(), "RS256");
+        let bundle = ca.bundle();
+        let jwk = &bundle.jwt_authorities[0];
+        assert_eq!(jwk.kty, "RSA");
+        assert!(jwk.n.is_some() && jwk.e.is_some() && jwk.x.is_none());
+        assert_eq!(jwk.key_use.as_deref(), Some("jwt-svid"));
+        assert_eq!(jwk.kid.as_deref(), Some(ca.active().jwt.kid()));
+        // The RSA key comes back after a restart.
+        drop(ca);
+        let ca = manager_with(dir.path(), Duration::from_secs(600), JwtKeyType::Rs256, t0).await;
+        assert_eq!(ca.active().jwt.alg(), "RS256");
+        assert_eq!(jwt_ktys(&ca), vec!["RSA"]);
+    }
+
+    #[tokio::test]
+    async fn a_key_type_switch_takes_effect_at_the_next_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let ttl = Duration::from_secs(600);
+        let ec_kid = {
+            let ca = manager_with(dir.path(), ttl, JwtKeyType::Es256, t0).await;
+            // Half-life: an EC successor is prepared.
+            ca.rotate(t0 + Duration::from_secs(310)).await.unwrap();
+            assert_eq!(jwt_ktys(&ca), vec!["EC", "EC"]);
+            ca.active().jwt.kid().to_owned()
+        };
+        // Restarted with rsa-2048 while there is still time before the
+        // activation: the EC successor, which signed nothing, is replaced by
+        // an RSA one, published beside the EC key that still signs.
+        let t1 = t0 + Duration::from_secs(320);
+        let ca = manager_with(dir.path(), ttl, JwtKeyType::Rs256, t1).await;
+        assert_eq!(ca.active().jwt.kid(), ec_kid);
+        assert_eq!(ca.active().jwt.alg(), "ES256");
+        let mut ktys = jwt_ktys(&ca);
+        ktys.sort();
+        assert_eq!(ktys, vec!["EC", "RSA"]);
+        // At five sixths the RSA key signs; the EC one verifies until it expires.
+        ca.rotate(t0 + Duration::from_secs(505)).await.unwrap();
+        assert_eq!(ca.active().jwt.alg(), "RS256");
+        assert!(
+            ca.bundle()
+                .jwt_authorities
+                .iter()
+                .any(|k| k.kid.as_deref() == Some(ec_kid.as_str()))
+        );
+        ca.rotate(t0 + Duration::from_secs(601)).await.unwrap();
+        assert!(jwt_ktys(&ca).iter().all(|k| k == "RSA"));
+    }
+
+    #[tokio::test]
+    async fn a_prepared_key_of_the_old_type_stays_when_too_close_to_activation() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let ttl = Duration::from_secs(600);
+        {
+            let ca = manager_with(dir.path(), ttl, JwtKeyType::Es256, t0).await;
+            ca.rotate(t0 + Duration::from_secs(310)).await.unwrap();
+        }
+        // 420 s: less than a third of the life remains, so replacing the
+        // prepared key would leave its successor too little time in the
+        // bundle before it signs; it activates as prepared.
+        let ca = manager_with(
+            dir.path(),
+            ttl,
+            JwtKeyType::Rs256,
+            t0 + Duration::from_secs(420),
+        )
+        .await;
+        assert_eq!(jwt_ktys(&ca), vec!["EC", "EC"]);
+        ca.rotate(t0 + Duration::from_secs(505)).await.unwrap();
+        assert_eq!(ca.active().jwt.alg(), "ES256");
     }
 
     fn count(

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use sigil_svid::jwt::JwtKeyType;
 use sigil_types::TrustDomain;
 use sigil_types::duration::serde_human;
 
@@ -27,6 +28,7 @@ pub const DEFAULT_PSAT_TRUSTED_NODE_LABEL_KEYS: [&str; 2] = [
     "topology.kubernetes.io/zone",
 ];
 
+pub use crate::federation::config::FederationConfig;
 pub use sigil_types::config::ConfigError;
 
 /// The `[server]` file format, as written by users.
@@ -77,6 +79,41 @@ pub struct ServerSection {
     /// table per cluster profile.
     #[serde(default)]
     pub k8s_psat: BTreeMap<String, PsatClusterSection>,
+    /// Key type of new JWT authorities: `ec-p256` (ES256, the default) or
+    /// `rsa-2048` (RS256, for clouds that accept only RSA).
+    #[serde(default)]
+    pub jwt_key_type: JwtKeyType,
+    /// The `iss` claim of JWT-SVIDs (an `https://` URL); none when absent.
+    #[serde(default)]
+    pub jwt_issuer: Option<String>,
+    /// OIDC discovery for cloud IAMs: `[server.oidc]`.
+    #[serde(default)]
+    pub oidc: Option<OidcSection>,
+    /// Federation: `[server.federation]` (docs/federation.md).
+    #[serde(default)]
+    pub federation: crate::federation::config::FederationSection,
+}
+
+/// Keys of the `[server.oidc]` table, as written by users.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcSection {
+    /// Where the discovery endpoints listen, e.g. `0.0.0.0:8443`.
+    pub address: String,
+    /// The issuer the document names; defaults to `server.jwt_issuer` and
+    /// must equal it.
+    #[serde(default)]
+    pub issuer: Option<String>,
+    /// The `jwks_uri` the document names; defaults to `<issuer>/keys`.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// PEM certificate chain to serve HTTPS with; without it (and
+    /// `key_file`) the endpoints are plain HTTP, for a TLS-terminating proxy.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// Keys of a `[server.k8s_psat.<cluster>]` table, as written by users.
@@ -307,6 +344,105 @@ fn psat_cluster(
     })
 }
 
+/// The validated `[server.oidc]` table: where and how the server serves
+/// OIDC discovery (`/.well-known/openid-configuration` and the JWKS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcConfig {
+    /// The listener address.
+    pub address: SocketAddr,
+    /// The issuer: equal to the `iss` of every JWT-SVID.
+    pub issuer: String,
+    /// The `jwks_uri` published in the discovery document.
+    pub jwks_uri: String,
+    /// The certificate and key of the HTTPS listener; `None`: plain HTTP.
+    pub tls: Option<OidcTls>,
+}
+
+/// The certificate files of the OIDC discovery listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcTls {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+/// Validates `[server.oidc]` against the JWT issuer.
+fn oidc_config(
+    s: OidcSection,
+    jwt_issuer: Option<&str>,
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<OidcConfig, ConfigError> {
+    let address = s
+        .address
+        .parse()
+        .map_err(|e| invalid("server.oidc.address", format!("{:?}: {e}", s.address)))?;
+    let issuer = match (s.issuer, jwt_issuer) {
+        (Some(i), Some(j)) if i != j => {
+            return Err(invalid(
+                "server.oidc.issuer",
+                format!(
+                    "{i:?} differs from server.jwt_issuer {j:?}; the discovery document's \
+                     issuer must be exactly the iss of the tokens (leave issuer out to use \
+                     jwt_issuer)"
+                ),
+            ));
+        }
+        (_, Some(j)) => j.to_owned(),
+        (Some(i), None) => {
+            return Err(invalid(
+                "server.oidc.issuer",
+                format!(
+                    "is set but server.jwt_issuer is not, so JWT-SVIDs would carry no iss \
+                     and no cloud would accept them; set server.jwt_issuer = {i:?} \
+                     (issuer here may then be left out)"
+                ),
+            ));
+        }
+        (None, None) => {
+            return Err(invalid(
+                "server.jwt_issuer",
+                "is required with [server.oidc]: the https:// URL the discovery document \
+                 is published under, e.g. \"https://oidc.example.org\""
+                    .into(),
+            ));
+        }
+    };
+    let jwks_uri = match s.jwks_uri {
+        Some(uri) => {
+            crate::oidc::validate_https_url(&uri)
+                .map_err(|m| invalid("server.oidc.jwks_uri", m))?;
+            uri
+        }
+        None => crate::oidc::default_jwks_uri(&issuer),
+    };
+    let tls = match (s.cert_file, s.key_file) {
+        (Some(cert_file), Some(key_file)) => Some(OidcTls {
+            cert_file,
+            key_file,
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                "server.oidc.key_file",
+                "is required with cert_file".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "server.oidc.cert_file",
+                "is required with key_file".into(),
+            ));
+        }
+    };
+    Ok(OidcConfig {
+        address,
+        issuer,
+        jwks_uri,
+        tls,
+    })
+}
+
 /// The validated runtime configuration of a server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -337,6 +473,15 @@ pub struct ServerConfig {
     /// Kubernetes PSAT cluster profiles by name (`[server.k8s_psat.<name>]`);
     /// empty: `AttestPsat` refuses every cluster.
     pub k8s_psat: BTreeMap<String, PsatCluster>,
+    /// Key type of JWT authorities created from now on; existing ones keep
+    /// signing until the next rotation (see docs/cloud-identity.md).
+    pub jwt_key_type: JwtKeyType,
+    /// The `iss` of JWT-SVIDs; `None`: tokens carry no `iss`.
+    pub jwt_issuer: Option<String>,
+    /// OIDC discovery; `None`: not served.
+    pub oidc: Option<OidcConfig>,
+    /// The bundle endpoint and the configured federation relationships.
+    pub federation: FederationConfig,
 }
 
 impl ServerConfig {
@@ -356,6 +501,10 @@ impl ServerConfig {
             bundle_refresh_hint: default_refresh_hint(),
             rotation_tick: Duration::from_secs(10),
             k8s_psat: BTreeMap::new(),
+            jwt_key_type: JwtKeyType::default(),
+            jwt_issuer: None,
+            oidc: None,
+            federation: FederationConfig::default(),
         }
     }
 
@@ -423,6 +572,14 @@ impl ServerConfig {
             let cluster = psat_cluster(&name, section, &invalid)?;
             k8s_psat.insert(name, cluster);
         }
+        let federation = crate::federation::config::parse(s.federation, &trust_domain, &invalid)?;
+        if let Some(issuer) = &s.jwt_issuer {
+            crate::oidc::validate_issuer(issuer).map_err(|m| invalid("server.jwt_issuer", m))?;
+        }
+        let oidc = s
+            .oidc
+            .map(|o| oidc_config(o, s.jwt_issuer.as_deref(), &invalid))
+            .transpose()?;
         Ok(Self {
             trust_domain,
             bind_address,
@@ -437,6 +594,10 @@ impl ServerConfig {
             bundle_refresh_hint: s.bundle_refresh_hint,
             rotation_tick: Duration::from_secs(10),
             k8s_psat,
+            jwt_key_type: s.jwt_key_type,
+            jwt_issuer: s.jwt_issuer,
+            oidc,
+            federation,
         })
     }
 }
@@ -638,5 +799,121 @@ mod tests {
                 .k8s_psat
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn jwt_settings_default_to_ec_without_issuer_or_discovery() {
+        let c = ServerConfig::parse(PSAT_HEAD, None).unwrap();
+        assert_eq!(c.jwt_key_type, JwtKeyType::Es256);
+        assert_eq!(c.jwt_issuer, None);
+        assert_eq!(c.oidc, None);
+    }
+
+    #[test]
+    fn oidc_table_takes_every_key_and_defaults_jwks_uri() {
+        let c = ServerConfig::parse(
+            &format!(
+                "{PSAT_HEAD}jwt_key_type = \"rsa-2048\"\n\
+                 jwt_issuer = \"https://oidc.example.org/td/\"\n\
+                 [server.oidc]\n\
+                 address = \"127.0.0.1:8443\"\n\
+                 cert_file = \"/etc/sigil/oidc.crt\"\n\
+                 key_file = \"/etc/sigil/oidc.key\"\n"
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.jwt_key_type, JwtKeyType::Rs256);
+        assert_eq!(
+            c.jwt_issuer.as_deref(),
+            Some("https://oidc.example.org/td/")
+        );
+        assert_eq!(
+            c.oidc,
+            Some(OidcConfig {
+                address: "127.0.0.1:8443".parse().unwrap(),
+                issuer: "https://oidc.example.org/td/".into(),
+                jwks_uri: "https://oidc.example.org/td/keys".into(),
+                tls: Some(OidcTls {
+                    cert_file: "/etc/sigil/oidc.crt".into(),
+                    key_file: "/etc/sigil/oidc.key".into(),
+                }),
+            })
+        );
+        // The same issuer spelled out, a jwks_uri elsewhere, plain HTTP.
+        let c = ServerConfig::parse(
+            &format!(
+                "{PSAT_HEAD}jwt_issuer = \"https://oidc.example.org\"\n\
+                 [server.oidc]\n\
+                 address = \"0.0.0.0:8080\"\n\
+                 issuer = \"https://oidc.example.org\"\n\
+                 jwks_uri = \"https://keys.example.org/sigil/jwks.json\"\n"
+            ),
+            None,
+        )
+        .unwrap();
+        let oidc = c.oidc.unwrap();
+        assert_eq!(oidc.jwks_uri, "https://keys.example.org/sigil/jwks.json");
+        assert_eq!(oidc.tls, None);
+    }
+
+    #[test]
+    fn jwt_and_oidc_errors_name_the_key() {
+        let oidc = "[server.oidc]\naddress = \"127.0.0.1:8443\"\n";
+        let iss = "jwt_issuer = \"https://oidc.example.org\"\n";
+        for (text, key) in [
+            ("jwt_key_type = \"rsa-4096\"\n".to_owned(), "jwt_key_type"),
+            (
+                "jwt_issuer = \"http://oidc.example.org\"\n".to_owned(),
+                "jwt_issuer",
+            ),
+            (
+                "jwt_issuer = \"https://oidc.example.org/?a=b\"\n".to_owned(),
+                "jwt_issuer",
+            ),
+            (
+                "jwt_issuer = \"https://oidc.example.org/#x\"\n".to_owned(),
+                "jwt_issuer",
+            ),
+            ("jwt_issuer = \"https://\"\n".to_owned(), "jwt_issuer"),
+            (
+                "jwt_issuer = \"https://u:p@oidc.example.org\"\n".to_owned(),
+                "jwt_issuer",
+            ),
+            (oidc.to_owned(), "server.jwt_issuer"),
+            (
+                format!("{oidc}issuer = \"https://oidc.example.org\"\n"),
+                "server.oidc.issuer",
+            ),
+            (
+                format!("{iss}{oidc}issuer = \"https://oidc.example.org/\"\n"),
+                "server.oidc.issuer",
+            ),
+            (
+                format!("{iss}[server.oidc]\naddress = \"nowhere\"\n"),
+                "server.oidc.address",
+            ),
+            (
+                format!("{iss}{oidc}jwks_uri = \"http://oidc.example.org/keys\"\n"),
+                "server.oidc.jwks_uri",
+            ),
+            (
+                format!("{iss}{oidc}cert_file = \"/c.pem\"\n"),
+                "server.oidc.key_file",
+            ),
+            (
+                format!("{iss}{oidc}key_file = \"/k.pem\"\n"),
+                "server.oidc.cert_file",
+            ),
+            (format!("{iss}{oidc}path_prefix = \"/x\"\n"), "path_prefix"),
+        ] {
+            let err = ServerConfig::parse(&format!("{PSAT_HEAD}{text}"), Some(Path::new("s.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(key) && err.contains("s.toml"),
+                "{err} should name {key}"
+            );
+        }
     }
 }

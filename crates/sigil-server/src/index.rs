@@ -214,31 +214,37 @@ impl EntryIndex {
                     let old = state.remove(&e.id);
                     let new = Arc::new(e);
                     state.insert(new.clone());
-                    IndexEvent::Entry {
+                    Some(IndexEvent::Entry {
                         revision: change.revision,
                         old,
                         new: Some(new),
-                    }
+                    })
                 }
                 ChangeKind::EntryDeleted(e) => {
                     let old = state.remove(&e.id).or_else(|| Some(Arc::new(e)));
-                    IndexEvent::Entry {
+                    Some(IndexEvent::Entry {
                         revision: change.revision,
                         old,
                         new: None,
-                    }
+                    })
                 }
-                ChangeKind::AgentChanged(id) | ChangeKind::AgentDeleted(id) => IndexEvent::Agent {
-                    revision: change.revision,
-                    id,
-                },
-                #[allow(unreachable_patterns)]
-                _ => return,
+                ChangeKind::AgentChanged(id) | ChangeKind::AgentDeleted(id) => {
+                    Some(IndexEvent::Agent {
+                        revision: change.revision,
+                        id,
+                    })
+                }
+                // Bundles and federation relationships are not entries; the
+                // change follower hands them to federation. The revision
+                // still advances, or the follower would read them forever.
+                _ => None,
             }
         };
         self.revision.send_replace(change.revision);
         // No subscriber is fine: nobody is syncing.
-        let _ = self.events.send(Arc::new(event));
+        if let Some(event) = event {
+            let _ = self.events.send(Arc::new(event));
+        }
     }
 
     /// Waits until the index has applied `revision` (read-your-writes for the admin API).
@@ -456,6 +462,26 @@ mod tests {
             ],
             revision: 7,
         })
+    }
+
+    #[tokio::test]
+    async fn bundle_and_federation_changes_advance_the_revision_only() {
+        let idx = index();
+        let mut events = idx.subscribe();
+        let td = sigil_types::TrustDomain::new("other.org").unwrap();
+        for (revision, kind) in [
+            (8, ChangeKind::BundleChanged(td.clone())),
+            (9, ChangeKind::FederationChanged(td.clone())),
+            (10, ChangeKind::FederationDeleted(td.clone())),
+            (11, ChangeKind::BundleDeleted(td)),
+        ] {
+            idx.apply(Change { revision, kind });
+            assert_eq!(idx.revision(), revision);
+        }
+        // Waiters on the revision are released; no entry event was sent.
+        idx.wait_for(11).await;
+        assert!(events.try_recv().is_err());
+        assert_eq!(idx.len(), 7);
     }
 
     fn ids(a: &Authorized) -> Vec<String> {

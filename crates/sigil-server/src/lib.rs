@@ -16,14 +16,18 @@
 //! | [`agent_api`] | what agents call, over mutual TLS |
 //! | [`admin_api`] | what operators call, over the admin socket |
 //! | [`tls`] | the TLS listener and peer identities |
+//! | [`federation`] | the bundle endpoint and federation with other trust domains |
+//! | [`oidc`] | OIDC discovery and the JWKS for cloud IAMs |
 
 pub mod admin_api;
 pub mod agent_api;
 pub mod ca;
 pub mod config;
 pub mod error;
+pub mod federation;
 pub mod index;
 pub mod metrics;
+pub mod oidc;
 pub mod psat;
 pub mod registry;
 pub mod tls;
@@ -33,7 +37,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sigil_store::{SqliteStore, Store};
+use sigil_store::{ChangeKind, SqliteStore, Store};
 use sigil_svid::keys::PrivateKey;
 use sigil_svid::tls::RotatingCert;
 use sigil_svid::x509::SvidRequest;
@@ -63,6 +67,8 @@ pub struct ServerState {
     pub ca: Arc<CaManager>,
     /// Entries in memory.
     pub index: Arc<EntryIndex>,
+    /// Federation relationships and the federated bundles.
+    pub federation: Arc<federation::Federation>,
     /// `spiffe://<td>/sigil/server`.
     pub server_id: SpiffeId,
     /// The server's own SVID, presented to agents.
@@ -178,15 +184,10 @@ fn mint_server_svid(
     now: SystemTime,
 ) -> Result<(Vec<Vec<u8>>, PrivateKey), ServerError> {
     let key = PrivateKey::generate_p256()?;
-    let leaf = ca.active().x509.sign_svid(
-        &SvidRequest {
-            spiffe_id: id,
-            dns_names: &[],
-            ttl,
-        },
-        &key.public_key_spki_der(),
-        now,
-    )?;
+    let leaf =
+        ca.active()
+            .x509
+            .sign_svid(&SvidRequest::new(id, ttl), &key.public_key_spki_der(), now)?;
     Ok((vec![leaf], key))
 }
 
@@ -199,6 +200,11 @@ pub struct ServerHandle {
     pub agent_api_addr: SocketAddr,
     /// The admin socket.
     pub admin_socket: PathBuf,
+    /// The OIDC discovery listener's bound address, when `[server.oidc]` is set.
+    pub oidc_addr: Option<SocketAddr>,
+    /// The SPIFFE bundle endpoint's bound address, when
+    /// `[server.federation.bundle_endpoint]` is set.
+    pub bundle_endpoint_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -243,6 +249,7 @@ pub async fn start_with_store(
         &config.data_dir.join("keys"),
         config.ca_ttl,
         config.bundle_refresh_hint,
+        config.jwt_key_type,
         now,
     )
     .await?;
@@ -253,12 +260,24 @@ pub async fn start_with_store(
         .map_err(|e| ServerError::Internal(e.to_string()))?;
     let (chain, key) = mint_server_svid(&ca, &server_id, config.default_x509_svid_ttl, now)?;
     let server_cert = Arc::new(RotatingCert::new(chain, &key)?);
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let federation = federation::Federation::new(
+        config.trust_domain.clone(),
+        store.clone(),
+        ca.clone(),
+        &config.federation,
+        cancel.clone(),
+        tracker.clone(),
+    )
+    .await?;
     let state = Arc::new(ServerState {
         server_cert_renew_at: std::sync::Mutex::new(now + config.default_x509_svid_ttl / 2),
         config,
         store,
         ca,
         index,
+        federation,
         server_id,
         server_cert,
         metrics: Metrics::default(),
@@ -268,8 +287,6 @@ pub async fn start_with_store(
         psat,
         agent_writes: tokio::sync::Mutex::new(()),
     });
-    let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
 
     tracker.spawn(follow_changes(state.clone(), cancel.clone()));
     tracker.spawn(rotate_loop(state.clone(), cancel.clone()));
@@ -314,6 +331,47 @@ pub async fn start_with_store(
         }
     });
 
+    // OIDC discovery for cloud IAMs, when configured.
+    let oidc_addr = match &state.config.oidc {
+        Some(oidc_config) => {
+            let bound = oidc::bind(
+                oidc_config,
+                state.ca.clone(),
+                state.config.ca_ttl,
+                cancel.clone(),
+            )
+            .await;
+            let (addr, serve) = bound.inspect_err(|_| cancel.cancel())?;
+            tracker.spawn(serve);
+            Some(addr)
+        }
+        None => None,
+    };
+
+    // The SPIFFE bundle endpoint and the pollers of federated bundles.
+    let bundle_endpoint_addr = match &state.config.federation.bundle_endpoint {
+        Some(endpoint) => Some(
+            federation::endpoint::serve(
+                endpoint,
+                state.ca.clone(),
+                state.server_cert.clone(),
+                cancel.clone(),
+                &tracker,
+            )
+            .await
+            .inspect_err(|_| cancel.cancel())?,
+        ),
+        None => None,
+    };
+    state
+        .federation
+        .start()
+        .await
+        .inspect_err(|_| cancel.cancel())?;
+
+    if let Some(addr) = bundle_endpoint_addr {
+        tracing::info!(address = %addr, "SPIFFE bundle endpoint listening");
+    }
     state.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(
         trust_domain = %state.config.trust_domain,
@@ -325,6 +383,8 @@ pub async fn start_with_store(
         state,
         agent_api_addr,
         admin_socket,
+        oidc_addr,
+        bundle_endpoint_addr,
         cancel,
         tracker,
     })
@@ -367,6 +427,18 @@ async fn follow_changes(state: Arc<ServerState>, cancel: CancellationToken) {
                 Ok(changes) if changes.is_empty() => break,
                 Ok(changes) => {
                     for c in changes {
+                        // Federation first, so that once the index shows a
+                        // revision, what it changed is visible everywhere.
+                        match &c.kind {
+                            ChangeKind::BundleChanged(td) | ChangeKind::BundleDeleted(td) => {
+                                state.federation.reload_bundle(td).await;
+                            }
+                            ChangeKind::FederationChanged(td)
+                            | ChangeKind::FederationDeleted(td) => {
+                                state.federation.reconcile(td).await;
+                            }
+                            _ => {}
+                        }
                         state.index.apply(c);
                     }
                 }

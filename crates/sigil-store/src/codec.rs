@@ -3,7 +3,7 @@
 
 use std::error::Error;
 
-use sigil_types::{Entry, Selectors, TrustDomain};
+use sigil_types::{Attribute, Entry, Selectors, TrustDomain};
 
 use crate::StoreError;
 
@@ -18,6 +18,15 @@ pub(crate) const ENTRY_DELETED: &str = "entry_deleted";
 pub(crate) const AGENT_CHANGED: &str = "agent_changed";
 /// `changes.kind` of a deleted agent.
 pub(crate) const AGENT_DELETED: &str = "agent_deleted";
+
+/// `changes.kind` of a stored bundle.
+pub(crate) const BUNDLE_CHANGED: &str = "bundle_changed";
+/// `changes.kind` of a deleted bundle.
+pub(crate) const BUNDLE_DELETED: &str = "bundle_deleted";
+/// `changes.kind` of a created or updated federation relationship.
+pub(crate) const FEDERATION_CHANGED: &str = "federation_changed";
+/// `changes.kind` of a deleted federation relationship.
+pub(crate) const FEDERATION_DELETED: &str = "federation_deleted";
 
 /// A u64 as the database's signed 64-bit integer; larger values would wrap,
 /// so they are refused rather than stored wrong.
@@ -66,6 +75,16 @@ pub(crate) fn federates_with_json(tds: &[TrustDomain]) -> Result<String, StoreEr
 
 /// Parses trust domains written by [`federates_with_json`].
 pub(crate) fn parse_federates_with(text: &str) -> Result<Vec<TrustDomain>, DecodeError> {
+    Ok(serde_json::from_str(text)?)
+}
+
+/// Attribute names as a JSON array.
+pub(crate) fn attributes_json(attributes: &[Attribute]) -> Result<String, StoreError> {
+    json(attributes, "attributes")
+}
+
+/// Parses attribute names written by [`attributes_json`].
+pub(crate) fn parse_attributes(text: &str) -> Result<Vec<Attribute>, DecodeError> {
     Ok(serde_json::from_str(text)?)
 }
 

@@ -14,7 +14,7 @@ mod sqlite;
 use std::fmt;
 use std::str::FromStr;
 
-use sigil_types::{AgentRecord, Entry, EntryId, SpiffeId, TrustDomain};
+use sigil_types::{AgentRecord, Entry, EntryId, FederationRelationship, SpiffeId, TrustDomain};
 
 pub use error::StoreError;
 pub use sqlite::SqliteStore;
@@ -50,6 +50,16 @@ pub enum ChangeKind {
     AgentChanged(SpiffeId),
     /// An agent was deleted (evicted).
     AgentDeleted(SpiffeId),
+    /// A trust domain's bundle was stored (the server's own or a federated
+    /// one); read it with [`Store::get_bundle`].
+    BundleChanged(TrustDomain),
+    /// A trust domain's bundle was deleted.
+    BundleDeleted(TrustDomain),
+    /// A federation relationship was created or updated; read it with
+    /// [`Store::get_federation_relationship`].
+    FederationChanged(TrustDomain),
+    /// A federation relationship was deleted.
+    FederationDeleted(TrustDomain),
 }
 
 /// A join token as stored: only its hash, never the token itself.
@@ -214,7 +224,8 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes expired tokens (expires_at <= now); returns how many.
     async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError>;
 
-    /// Stores (or replaces) the bundle JSON of a trust domain.
+    /// Stores (or replaces) the bundle JSON of a trust domain; records
+    /// [`ChangeKind::BundleChanged`].
     async fn put_bundle(
         &self,
         trust_domain: &TrustDomain,
@@ -224,8 +235,31 @@ pub trait Store: Send + Sync + 'static {
     async fn get_bundle(&self, trust_domain: &TrustDomain) -> Result<Option<String>, StoreError>;
     /// Every stored bundle, ordered by trust domain.
     async fn list_bundles(&self) -> Result<Vec<(TrustDomain, String)>, StoreError>;
-    /// Deletes a trust domain's bundle; NotFound if absent.
+    /// Deletes a trust domain's bundle; NotFound if absent; records
+    /// [`ChangeKind::BundleDeleted`].
     async fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<(), StoreError>;
+
+    /// Stores a federation relationship, replacing any for the same trust
+    /// domain; records [`ChangeKind::FederationChanged`].
+    async fn put_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<(), StoreError>;
+    /// The relationship with this trust domain, if any.
+    async fn get_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>, StoreError>;
+    /// Every relationship, ordered by trust domain.
+    async fn list_federation_relationships(
+        &self,
+    ) -> Result<Vec<FederationRelationship>, StoreError>;
+    /// Deletes and returns the relationship (NotFound if absent); records
+    /// [`ChangeKind::FederationDeleted`]. The trust domain's bundle stays.
+    async fn delete_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<FederationRelationship, StoreError>;
 
     /// Stores the authority, replacing any with the same id.
     async fn put_authority(&self, authority: AuthorityRecord) -> Result<(), StoreError>;

@@ -4,7 +4,10 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use sigil_types::{AgentRecord, Entry, EntryId, SpiffeId, TrustDomain};
+use sigil_types::{
+    AgentRecord, BundleEndpointProfile, Entry, EntryId, FederationRelationship, SpiffeId,
+    TrustDomain,
+};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteRow, SqliteSynchronous,
@@ -27,13 +30,18 @@ const MAX_READERS: u32 = 4;
 macro_rules! entry_cols {
     () => {
         "id, spiffe_id, parent_id, selectors, x509_svid_ttl, jwt_svid_ttl, dns_names, \
-         federates_with, admin, downstream, hint, expires_at, revision, created_at"
+         federates_with, admin, downstream, hint, expires_at, revision, created_at, attributes"
     };
 }
 macro_rules! agent_cols {
     () => {
         "spiffe_id, attestation_type, selectors, serial, previous_serial, expires_at, banned, \
          can_reattest, created_at, updated_at"
+    };
+}
+macro_rules! federation_cols {
+    () => {
+        "trust_domain, bundle_endpoint_url, profile, endpoint_spiffe_id, from_config"
     };
 }
 macro_rules! authority_cols {
@@ -157,6 +165,7 @@ struct EntryColumns {
     jwt_svid_ttl: i64,
     dns_names: String,
     federates_with: String,
+    attributes: String,
     revision: i64,
 }
 
@@ -168,6 +177,7 @@ impl EntryColumns {
             jwt_svid_ttl: codec::to_i64("jwt_svid_ttl", entry.jwt_svid_ttl)?,
             dns_names: codec::dns_names_json(&entry.dns_names)?,
             federates_with: codec::federates_with_json(&entry.federates_with)?,
+            attributes: codec::attributes_json(&entry.attributes)?,
             revision: codec::to_i64("revision", entry.revision)?,
         })
     }
@@ -240,6 +250,7 @@ fn decode_entry(row: &SqliteRow) -> Result<Entry, DecodeError> {
         jwt_svid_ttl: codec::to_u64(row.try_get("jwt_svid_ttl")?)?,
         dns_names: codec::parse_dns_names(row.try_get("dns_names")?)?,
         federates_with: codec::parse_federates_with(row.try_get("federates_with")?)?,
+        attributes: codec::parse_attributes(row.try_get("attributes")?)?,
         admin: row.try_get("admin")?,
         downstream: row.try_get("downstream")?,
         hint: row.try_get("hint")?,
@@ -286,6 +297,25 @@ fn decode_authority(row: &SqliteRow) -> Result<AuthorityRecord, DecodeError> {
     })
 }
 
+fn federation_from_row(row: &SqliteRow) -> Result<FederationRelationship, StoreError> {
+    let td: String = row.try_get("trust_domain")?;
+    decode_federation(row)
+        .map_err(|e| StoreError::Corrupt(format!("federation relationship {td}: {e}")))
+}
+
+fn decode_federation(row: &SqliteRow) -> Result<FederationRelationship, DecodeError> {
+    let endpoint_id: &str = row.try_get("endpoint_spiffe_id")?;
+    Ok(FederationRelationship {
+        trust_domain: TrustDomain::new(row.try_get::<&str, _>("trust_domain")?)?,
+        bundle_endpoint_url: row.try_get("bundle_endpoint_url")?,
+        profile: BundleEndpointProfile::from_parts(
+            row.try_get::<&str, _>("profile")?,
+            Some(endpoint_id),
+        )?,
+        from_config: row.try_get("from_config")?,
+    })
+}
+
 fn change_from_row(row: &SqliteRow) -> Result<Change, StoreError> {
     let revision: i64 = row.try_get("revision")?;
     decode_change(row).map_err(|e| StoreError::Corrupt(format!("change {revision}: {e}")))
@@ -303,6 +333,10 @@ fn decode_change(row: &SqliteRow) -> Result<Change, DecodeError> {
         codec::ENTRY_DELETED => ChangeKind::EntryDeleted(payload()?),
         codec::AGENT_CHANGED => ChangeKind::AgentChanged(subject.parse()?),
         codec::AGENT_DELETED => ChangeKind::AgentDeleted(subject.parse()?),
+        codec::BUNDLE_CHANGED => ChangeKind::BundleChanged(TrustDomain::new(subject)?),
+        codec::BUNDLE_DELETED => ChangeKind::BundleDeleted(TrustDomain::new(subject)?),
+        codec::FEDERATION_CHANGED => ChangeKind::FederationChanged(TrustDomain::new(subject)?),
+        codec::FEDERATION_DELETED => ChangeKind::FederationDeleted(TrustDomain::new(subject)?),
         other => return Err(format!("unknown change kind {other:?}").into()),
     };
     Ok(Change {
@@ -342,7 +376,7 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO entries (",
             entry_cols!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .bind(entry.id.as_str())
         .bind(entry.spiffe_id.as_str())
@@ -358,6 +392,7 @@ impl Store for SqliteStore {
         .bind(entry.expires_at)
         .bind(cols.revision)
         .bind(entry.created_at)
+        .bind(&cols.attributes)
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -389,7 +424,7 @@ impl Store for SqliteStore {
         sqlx::query(
             "UPDATE entries SET spiffe_id = ?, parent_id = ?, selectors = ?, x509_svid_ttl = ?, \
              jwt_svid_ttl = ?, dns_names = ?, federates_with = ?, admin = ?, downstream = ?, \
-             hint = ?, expires_at = ?, revision = ? WHERE id = ?",
+             hint = ?, expires_at = ?, revision = ?, attributes = ? WHERE id = ?",
         )
         .bind(entry.spiffe_id.as_str())
         .bind(entry.parent_id.as_str())
@@ -403,6 +438,7 @@ impl Store for SqliteStore {
         .bind(&entry.hint)
         .bind(entry.expires_at)
         .bind(cols.revision)
+        .bind(&cols.attributes)
         .bind(entry.id.as_str())
         .execute(&mut *tx)
         .await
@@ -658,6 +694,8 @@ impl Store for SqliteStore {
         trust_domain: &TrustDomain,
         bundle_json: &str,
     ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let revision = next_revision(&mut tx).await?;
         sqlx::query(
             "INSERT INTO bundles (trust_domain, bundle_json, updated_at) VALUES (?, ?, ?) \
              ON CONFLICT (trust_domain) DO UPDATE SET bundle_json = excluded.bundle_json, \
@@ -666,8 +704,17 @@ impl Store for SqliteStore {
         .bind(trust_domain.name())
         .bind(bundle_json)
         .bind(unix_now())
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await?;
+        record_change(
+            &mut tx,
+            revision,
+            codec::BUNDLE_CHANGED,
+            trust_domain.name(),
+            None,
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -694,14 +741,125 @@ impl Store for SqliteStore {
     }
 
     async fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let revision = next_revision(&mut tx).await?;
         let done = sqlx::query("DELETE FROM bundles WHERE trust_domain = ?")
             .bind(trust_domain.name())
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("bundle for {trust_domain}")));
         }
+        record_change(
+            &mut tx,
+            revision,
+            codec::BUNDLE_DELETED,
+            trust_domain.name(),
+            None,
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn put_federation_relationship(
+        &self,
+        relationship: FederationRelationship,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
+        let revision = next_revision(&mut tx).await?;
+        let endpoint_id = relationship
+            .profile
+            .endpoint_spiffe_id()
+            .map(|id| id.as_str().to_owned())
+            .unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO federation_relationships (trust_domain, bundle_endpoint_url, profile, \
+             endpoint_spiffe_id, from_config, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (trust_domain) DO UPDATE SET \
+             bundle_endpoint_url = excluded.bundle_endpoint_url, profile = excluded.profile, \
+             endpoint_spiffe_id = excluded.endpoint_spiffe_id, \
+             from_config = excluded.from_config, updated_at = excluded.updated_at",
+        )
+        .bind(relationship.trust_domain.name())
+        .bind(&relationship.bundle_endpoint_url)
+        .bind(relationship.profile.name())
+        .bind(endpoint_id)
+        .bind(relationship.from_config)
+        .bind(unix_now())
+        .execute(&mut *tx)
+        .await?;
+        record_change(
+            &mut tx,
+            revision,
+            codec::FEDERATION_CHANGED,
+            relationship.trust_domain.name(),
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<Option<FederationRelationship>, StoreError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            federation_cols!(),
+            " FROM federation_relationships WHERE trust_domain = ?"
+        ))
+        .bind(trust_domain.name())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(federation_from_row).transpose()
+    }
+
+    async fn list_federation_relationships(
+        &self,
+    ) -> Result<Vec<FederationRelationship>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            federation_cols!(),
+            " FROM federation_relationships ORDER BY trust_domain"
+        ))
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(federation_from_row)
+        .collect()
+    }
+
+    async fn delete_federation_relationship(
+        &self,
+        trust_domain: &TrustDomain,
+    ) -> Result<FederationRelationship, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let revision = next_revision(&mut tx).await?;
+        let row = sqlx::query(concat!(
+            "DELETE FROM federation_relationships WHERE trust_domain = ? RETURNING ",
+            federation_cols!()
+        ))
+        .bind(trust_domain.name())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!(
+                "federation relationship with {trust_domain}"
+            )));
+        };
+        let relationship = federation_from_row(&row)?;
+        record_change(
+            &mut tx,
+            revision,
+            codec::FEDERATION_DELETED,
+            trust_domain.name(),
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(relationship)
     }
 
     async fn put_authority(&self, authority: AuthorityRecord) -> Result<(), StoreError> {
@@ -790,7 +948,7 @@ mod tests {
         let store = SqliteStore::open_in_memory().await.unwrap();
         sqlx::query(
             "INSERT INTO entries VALUES ('bad', 'not-an-id', 'spiffe://td/p', '[]', 0, 0, '[]', \
-             '[]', 0, 0, '', NULL, 1, 0)",
+             '[]', 0, 0, '', NULL, 1, 0, '[]')",
         )
         .execute(&store.writer)
         .await

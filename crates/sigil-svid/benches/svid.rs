@@ -85,6 +85,7 @@ fn x509(c: &mut Criterion) {
         spiffe_id: &id,
         dns_names: &[],
         ttl: Duration::from_secs(3600),
+        attributes: &[],
     };
     let key = PrivateKey::generate_p256().unwrap();
     let spki = key.public_key_spki_der();
@@ -198,6 +199,7 @@ fn tls_configs() -> [(Arc<ClientConfig>, Arc<ServerConfig>); 2] {
             spiffe_id: id,
             dns_names: dns,
             ttl: Duration::from_secs(3600),
+            attributes: &[],
         };
         let leaf = ca.sign_svid(&req, &key.public_key_spki_der(), now).unwrap();
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec()));

@@ -390,7 +390,7 @@ mod tests {
         assert_eq!(x509["y"].as_str().unwrap().len(), 43);
         assert_eq!(x509["x5c"], json!([STANDARD.encode(ca.cert_der())]));
         // The coordinates are those of the certificate's key.
-        let point = ca.key().public_point();
+        let point = ca.key().ec_public_point("test").unwrap();
         assert_eq!(x509["x"], json!(URL_SAFE_NO_PAD.encode(&point[1..33])));
 
         let jwt = &v["keys"][1];
@@ -457,6 +457,7 @@ mod tests {
                     spiffe_id: &id,
                     dns_names: &[],
                     ttl: DAY,
+                    attributes: &[],
                 },
                 &key.public_key_spki_der(),
                 now(),

@@ -1,5 +1,7 @@
-//! A minimal DER reader: just enough to split concatenated certificates and
-//! to take a CSR apart into its signed bytes, algorithm and signature.
+//! A minimal DER reader and writer: just enough to split concatenated
+//! certificates, to take a CSR apart into its signed bytes, algorithm and
+//! signature, to read an RSA public key's modulus and exponent, and to encode
+//! and decode the SVID attributes extension.
 //!
 //! Full parsing stays with x509-parser; this only finds element boundaries,
 //! which the higher-level parsers do not expose as raw bytes.
@@ -10,6 +12,10 @@ use crate::SvidError;
 pub(crate) const TAG_SEQUENCE: u8 = 0x30;
 /// DER tag of a BIT STRING.
 pub(crate) const TAG_BIT_STRING: u8 = 0x03;
+/// DER tag of an INTEGER.
+pub(crate) const TAG_INTEGER: u8 = 0x02;
+/// DER tag of a UTF8String.
+pub(crate) const TAG_UTF8_STRING: u8 = 0x0c;
 
 /// One element: its tag, its whole encoding (header included) and its contents.
 pub(crate) struct Tlv<'a> {
@@ -77,6 +83,24 @@ pub(crate) fn expect<'a>(
     Ok((tlv, rest))
 }
 
+/// Appends one element with the minimal (DER) length encoding.
+pub(crate) fn write_tlv(tag: u8, contents: &[u8], out: &mut Vec<u8>) {
+    out.push(tag);
+    match u8::try_from(contents.len()) {
+        Ok(short) if short < 0x80 => out.push(short),
+        _ => {
+            let bytes = contents.len().to_be_bytes();
+            let skip = bytes.iter().take_while(|&&b| b == 0).count();
+            let significant = &bytes[skip..];
+            // At most size_of::<usize>() octets, so the count fits in 7 bits.
+            let count = u8::try_from(significant.len()).unwrap_or(0x7f);
+            out.push(0x80 | count);
+            out.extend_from_slice(significant);
+        }
+    }
+    out.extend_from_slice(contents);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +119,28 @@ mod tests {
         let (tlv, rest) = read_tlv(&long).unwrap();
         assert_eq!(tlv.contents.len(), 0x80);
         assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn write_uses_minimal_lengths_and_reads_back() {
+        for len in [0usize, 1, 0x7f, 0x80, 0xff, 0x100, 0x1_0000] {
+            let contents = vec![0x5a; len];
+            let mut out = Vec::new();
+            write_tlv(TAG_SEQUENCE, &contents, &mut out);
+            let header = match len {
+                0..=0x7f => 2,
+                0x80..=0xff => 3,
+                0x100..=0xffff => 4,
+                _ => 5,
+            };
+            assert_eq!(out.len(), header + len, "len {len}");
+            let (tlv, rest) = read_tlv(&out).unwrap();
+            assert_eq!((tlv.tag, tlv.contents), (TAG_SEQUENCE, contents.as_slice()));
+            assert!(rest.is_empty());
+        }
+        let mut out = Vec::new();
+        write_tlv(TAG_UTF8_STRING, b"ab", &mut out);
+        assert_eq!(out, [0x0c, 0x02, b'a', b'b']);
     }
 
     #[test]

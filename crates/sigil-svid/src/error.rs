@@ -2,6 +2,8 @@
 
 use sigil_types::SpiffeIdError;
 
+use crate::keys::KeyAlgorithm;
+
 /// Why a key, certificate, token or bundle operation failed.
 ///
 /// Messages name the rule that was broken (with its spiffe.md section where
@@ -10,9 +12,22 @@ use sigil_types::SpiffeIdError;
 #[non_exhaustive]
 pub enum SvidError {
     // --- keys -------------------------------------------------------------
-    /// A private key is not an unencrypted ECDSA P-256 PKCS#8 key.
-    #[error("private key rejected: {0} (expected an unencrypted ECDSA P-256 PKCS#8 key)")]
+    /// A private key is not an unencrypted ECDSA P-256 or RSA (2048 to 8192
+    /// bits) PKCS#8 key.
+    #[error("private key rejected: {0} (expected an unencrypted ECDSA P-256 or RSA PKCS#8 key)")]
     KeyRejected(String),
+    /// An operation that needs an ECDSA P-256 key (certificates, CSRs, TLS,
+    /// ES256) was given a key of another algorithm, or RS256 signing was asked
+    /// of a P-256 key.
+    #[error("{operation} needs an {needs} key; this key is {found}")]
+    WrongKeyAlgorithm {
+        /// What the key was needed for.
+        operation: &'static str,
+        /// The kind of key it needs: `ECDSA P-256` or `RSA`.
+        needs: &'static str,
+        /// The key's actual algorithm.
+        found: KeyAlgorithm,
+    },
     /// The system random number generator or a signing primitive failed.
     #[error("cryptographic operation failed: {0}")]
     Crypto(&'static str),
@@ -169,6 +184,34 @@ pub enum SvidError {
     /// An empty audience list, or an empty audience string, was given.
     #[error("JWT audience must be a non-empty list of non-empty strings")]
     JwtEmptyAudience,
+    /// The token's `iss` claim is missing, not a string, or not the issuer the
+    /// validator requires.
+    #[error(
+        "JWT issuer {} does not match the required issuer {expected:?}",
+        found.as_deref().unwrap_or("(none)")
+    )]
+    JwtIssuer {
+        /// The issuer the validator requires.
+        expected: String,
+        /// The token's `iss` as JSON text (a string is quoted), or `None` when absent.
+        found: Option<String>,
+    },
+    /// An extra claim given for minting has the name of a registered claim
+    /// (`sub`, `aud`, `exp`, `iat`, `nbf`, `iss`, `jti`), which only sigil sets.
+    #[error(
+        "extra JWT claim {0:?} would override a registered claim (sub, aud, exp, iat, nbf, iss, jti); \
+         set the issuer through JwtClaims::issuer"
+    )]
+    JwtReservedClaim(String),
+    /// A JWT authority key type is not one of the configuration strings.
+    #[error("unknown JWT key type {0:?}; expected \"ec-p256\" or \"rsa-2048\"")]
+    JwtKeyType(String),
+
+    // --- SVID attributes extension ------------------------------------------
+    /// Identity attributes to put into an X509-SVID are invalid (an empty or
+    /// duplicate name), or the extension in a certificate is malformed.
+    #[error("invalid SVID attributes: {0}")]
+    SvidAttributes(String),
 
     // --- bundles (spiffe.md §4.1) -----------------------------------------
     /// The bundle document is not valid JSON of the right shape (for example no `keys`).

@@ -1,8 +1,10 @@
-//! JWT-SVIDs (spiffe.md §3): minting with ES256 and validation per §3.3.
+//! JWT-SVIDs (spiffe.md §3): minting with ES256 or RS256, and validation per §3.3.
 //!
 //! Headers and claims are checked here, by hand, before any key is touched;
 //! jsonwebtoken is used only to verify the signature with the authority's key.
 
+use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -15,7 +17,7 @@ use sigil_types::bundle::USE_JWT_SVID;
 use sigil_types::{Jwk, SpiffeId, TrustDomain};
 
 use crate::SvidError;
-use crate::keys::PrivateKey;
+use crate::keys::{PrivateKey, PublicParts};
 
 /// Leeway applied to `exp` (and to a future `nbf` or `iat`) to tolerate clock
 /// skew between the minting server and the validator.
@@ -27,19 +29,103 @@ pub const ALLOWED_ALGS: &[&str] = &[
     "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512",
 ];
 
-/// A JWT signing authority: an ES256 key with its key ID and expiry.
+/// Registered claims (RFC 7519 §4.1) that sigil alone sets; [`JwtClaims::extra`]
+/// may not name them.
+pub const REGISTERED_CLAIMS: &[&str] = &["sub", "aud", "exp", "iat", "nbf", "iss", "jti"];
+
+/// The key type of a JWT authority, as written in configuration.
+///
+/// `ec-p256` (the default) signs ES256; `rsa-2048` signs RS256, for relying
+/// parties that accept only RSA (such as Azure).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum JwtKeyType {
+    /// ECDSA P-256 with SHA-256 (`ES256`); configuration string `ec-p256`.
+    #[default]
+    #[serde(rename = "ec-p256")]
+    Es256,
+    /// RSA 2048 with PKCS#1 v1.5 SHA-256 (`RS256`); configuration string `rsa-2048`.
+    #[serde(rename = "rsa-2048")]
+    Rs256,
+}
+
+impl JwtKeyType {
+    /// The configuration string: `ec-p256` or `rsa-2048`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Es256 => "ec-p256",
+            Self::Rs256 => "rsa-2048",
+        }
+    }
+
+    /// The JWS `alg` tokens signed with this key type carry.
+    pub fn alg(self) -> &'static str {
+        match self {
+            Self::Es256 => "ES256",
+            Self::Rs256 => "RS256",
+        }
+    }
+
+    /// Generates a fresh key of this type.
+    pub fn generate_key(self) -> Result<PrivateKey, SvidError> {
+        match self {
+            Self::Es256 => PrivateKey::generate_p256(),
+            Self::Rs256 => PrivateKey::generate_rsa2048(),
+        }
+    }
+}
+
+impl fmt::Display for JwtKeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JwtKeyType {
+    type Err = SvidError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ec-p256" => Ok(Self::Es256),
+            "rsa-2048" => Ok(Self::Rs256),
+            other => Err(SvidError::JwtKeyType(other.to_owned())),
+        }
+    }
+}
+
+/// Optional claims for [`JwtAuthority::sign_with`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JwtClaims {
+    /// The `iss` claim; emitted only when set (SPIRE sets none by default,
+    /// OIDC relying parties need one).
+    pub issuer: Option<String>,
+    /// Further claims, copied as given. A name from [`REGISTERED_CLAIMS`] is
+    /// refused with [`SvidError::JwtReservedClaim`] rather than overriding.
+    pub extra: Map<String, Value>,
+}
+
+/// A JWT signing authority: an ES256 (P-256) or RS256 (RSA) key with its key
+/// ID and expiry.
 #[derive(Clone)]
 pub struct JwtAuthority {
     key: PrivateKey,
     kid: String,
     not_after: SystemTime,
+    signer: Signer,
+}
+
+#[derive(Clone)]
+enum Signer {
     // JWS needs fixed-width r||s signatures, unlike X.509's DER ones.
-    signer: Arc<EcdsaKeyPair>,
+    Es256(Arc<EcdsaKeyPair>),
+    Rs256,
 }
 
 impl std::fmt::Debug for JwtAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtAuthority")
+            .field("alg", &self.alg())
             .field("kid", &self.kid)
             .field("not_after", &self.not_after)
             .finish_non_exhaustive()
@@ -50,6 +136,16 @@ impl JwtAuthority {
     /// Generates an ES256 (P-256) authority valid until `now + ttl`, with a
     /// random key ID of 32 base64url characters.
     pub fn generate(ttl: Duration, now: SystemTime) -> Result<Self, SvidError> {
+        Self::generate_with(JwtKeyType::Es256, ttl, now)
+    }
+
+    /// Generates an authority of `key_type` valid until `now + ttl`, with a
+    /// random key ID of 32 base64url characters.
+    pub fn generate_with(
+        key_type: JwtKeyType,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Self, SvidError> {
         let mut raw = [0u8; 24];
         aws_lc_rs::rand::fill(&mut raw)
             .map_err(|_| SvidError::Crypto("random number generator failed"))?;
@@ -57,10 +153,11 @@ impl JwtAuthority {
         let not_after = now
             .checked_add(ttl)
             .ok_or_else(|| SvidError::Mint("time out of range".to_owned()))?;
-        Self::from_parts(PrivateKey::generate_p256()?, kid, not_after)
+        Self::from_parts(key_type.generate_key()?, kid, not_after)
     }
 
-    /// Rebuilds an authority from a stored key, key ID and expiry.
+    /// Rebuilds an authority from a stored key, key ID and expiry. The
+    /// algorithm follows the key: ES256 for P-256, RS256 for RSA.
     pub fn from_parts(
         key: PrivateKey,
         kid: String,
@@ -69,7 +166,11 @@ impl JwtAuthority {
         if kid.is_empty() {
             return Err(SvidError::JwtMissingKid);
         }
-        let signer = Arc::new(key.fixed_signing_pair()?);
+        let signer = if key.algorithm().is_rsa() {
+            Signer::Rs256
+        } else {
+            Signer::Es256(Arc::new(key.fixed_signing_pair()?))
+        };
         Ok(Self {
             key,
             kid,
@@ -93,27 +194,55 @@ impl JwtAuthority {
         &self.key
     }
 
-    /// The public key as a bundle JWK: kty EC, crv P-256, full-length x/y, kid, use jwt-svid.
-    pub fn public_jwk(&self) -> Jwk {
-        // An uncompressed P-256 point is 0x04 || x (32 bytes) || y (32 bytes).
-        let coords = self.key.public_point().get(1..).unwrap_or_default();
-        let (x, y) = coords.split_at(coords.len() / 2);
-        Jwk {
-            kty: "EC".to_owned(),
-            key_use: Some(USE_JWT_SVID.to_owned()),
-            kid: Some(self.kid.clone()),
-            crv: Some("P-256".to_owned()),
-            x: Some(URL_SAFE_NO_PAD.encode(x)),
-            y: Some(URL_SAFE_NO_PAD.encode(y)),
-            ..Jwk::default()
+    /// The key type: ES256 for a P-256 key, RS256 for an RSA key.
+    pub fn key_type(&self) -> JwtKeyType {
+        match self.signer {
+            Signer::Es256(_) => JwtKeyType::Es256,
+            Signer::Rs256 => JwtKeyType::Rs256,
         }
     }
 
-    /// Mints a JWT-SVID. Header `{"alg":"ES256","kid":..,"typ":"JWT"}` only;
+    /// The JWS `alg` of every token this authority signs: `ES256` or `RS256`.
+    pub fn alg(&self) -> &'static str {
+        self.key_type().alg()
+    }
+
+    /// The public key as a bundle JWK with `kid` and `use` jwt-svid: kty EC,
+    /// crv P-256 and full-length x/y for ES256; kty RSA with base64url `n` and
+    /// `e` (no leading zero bytes, RFC 7518 §6.3.1) for RS256.
+    pub fn public_jwk(&self) -> Jwk {
+        let common = Jwk {
+            key_use: Some(USE_JWT_SVID.to_owned()),
+            kid: Some(self.kid.clone()),
+            ..Jwk::default()
+        };
+        match self.key.public_parts() {
+            PublicParts::EcP256(point) => {
+                // An uncompressed P-256 point is 0x04 || x (32 bytes) || y (32 bytes).
+                let coords = point.get(1..).unwrap_or_default();
+                let (x, y) = coords.split_at(coords.len() / 2);
+                Jwk {
+                    kty: "EC".to_owned(),
+                    crv: Some("P-256".to_owned()),
+                    x: Some(URL_SAFE_NO_PAD.encode(x)),
+                    y: Some(URL_SAFE_NO_PAD.encode(y)),
+                    ..common
+                }
+            }
+            PublicParts::Rsa { n, e } => Jwk {
+                kty: "RSA".to_owned(),
+                n: Some(URL_SAFE_NO_PAD.encode(n)),
+                e: Some(URL_SAFE_NO_PAD.encode(e)),
+                ..common
+            },
+        }
+    }
+
+    /// Mints a JWT-SVID. Header `{"alg":<alg>,"kid":..,"typ":"JWT"}` only;
     /// claims `sub`, `aud` (a string for one audience, an array otherwise;
     /// all requested audiences), integer `exp` = min(now + ttl, authority
     /// expiry) and integer `iat`. Fails if `audience` is empty or holds an
-    /// empty string.
+    /// empty string. Same as [`Self::sign_with`] with no issuer or extra claims.
     pub fn sign(
         &self,
         sub: &SpiffeId,
@@ -121,8 +250,36 @@ impl JwtAuthority {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<String, SvidError> {
+        self.sign_with(sub, audience, ttl, now, &JwtClaims::default())
+    }
+
+    /// Mints a JWT-SVID like [`Self::sign`], adding `iss` when
+    /// `claims.issuer` is set and every claim of `claims.extra`. An extra
+    /// claim named like a registered one ([`REGISTERED_CLAIMS`]) fails with
+    /// [`SvidError::JwtReservedClaim`]; an empty issuer fails too.
+    pub fn sign_with(
+        &self,
+        sub: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+        now: SystemTime,
+        claims: &JwtClaims,
+    ) -> Result<String, SvidError> {
         if audience.is_empty() || audience.iter().any(String::is_empty) {
             return Err(SvidError::JwtEmptyAudience);
+        }
+        if let Some(name) = claims
+            .extra
+            .keys()
+            .find(|k| REGISTERED_CLAIMS.contains(&k.as_str()))
+        {
+            return Err(SvidError::JwtReservedClaim(name.clone()));
+        }
+        if claims.issuer.as_deref() == Some("") {
+            return Err(SvidError::JwtBadClaim {
+                claim: "iss",
+                reason: "must not be empty".to_owned(),
+            });
         }
         if self.not_after <= now {
             return Err(SvidError::Mint("the JWT authority has expired".to_owned()));
@@ -136,15 +293,18 @@ impl JwtAuthority {
             many => Value::Array(many.iter().cloned().map(Value::String).collect()),
         };
         let mut header = Map::new();
-        header.insert("alg".to_owned(), "ES256".into());
+        header.insert("alg".to_owned(), self.alg().into());
         header.insert("kid".to_owned(), self.kid.clone().into());
         header.insert("typ".to_owned(), "JWT".into());
-        let mut claims = Map::new();
-        claims.insert("sub".to_owned(), sub.as_str().into());
-        claims.insert("aud".to_owned(), aud);
-        claims.insert("exp".to_owned(), unix_secs(exp)?.into());
-        claims.insert("iat".to_owned(), unix_secs(now)?.into());
-        self.sign_parts(&Value::Object(header), &Value::Object(claims))
+        let mut body = claims.extra.clone();
+        body.insert("sub".to_owned(), sub.as_str().into());
+        body.insert("aud".to_owned(), aud);
+        body.insert("exp".to_owned(), unix_secs(exp)?.into());
+        body.insert("iat".to_owned(), unix_secs(now)?.into());
+        if let Some(iss) = &claims.issuer {
+            body.insert("iss".to_owned(), iss.clone().into());
+        }
+        self.sign_parts(&Value::Object(header), &Value::Object(body))
     }
 
     fn sign_parts(&self, header: &Value, claims: &Value) -> Result<String, SvidError> {
@@ -152,13 +312,28 @@ impl JwtAuthority {
         URL_SAFE_NO_PAD.encode_string(header.to_string(), &mut token);
         token.push('.');
         URL_SAFE_NO_PAD.encode_string(claims.to_string(), &mut token);
-        let sig = self
-            .signer
-            .sign(&SystemRandom::new(), token.as_bytes())
-            .map_err(|_| SvidError::Crypto("ECDSA signing failed"))?;
+        let sig = match &self.signer {
+            Signer::Es256(pair) => pair
+                .sign(&SystemRandom::new(), token.as_bytes())
+                .map(|s| s.as_ref().to_vec())
+                .map_err(|_| SvidError::Crypto("ECDSA signing failed"))?,
+            Signer::Rs256 => self.key.sign_rsa_pkcs1_sha256(token.as_bytes())?,
+        };
         token.push('.');
-        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut token);
+        URL_SAFE_NO_PAD.encode_string(sig, &mut token);
         Ok(token)
+    }
+}
+
+/// The `alg` to advertise for a JWT authority's key, as an OIDC JWKS does:
+/// `ES256` for EC P-256, `ES384` for EC P-384, `RS256` for RSA; `None` for
+/// anything else.
+pub fn jwk_alg(jwk: &Jwk) -> Option<&'static str> {
+    match (jwk.kty.as_str(), jwk.crv.as_deref()) {
+        ("EC", Some("P-256")) => Some("ES256"),
+        ("EC", Some("P-384")) => Some("ES384"),
+        ("RSA", _) => Some("RS256"),
+        _ => None,
     }
 }
 
@@ -191,11 +366,33 @@ pub struct ValidatedJwt {
 /// 6. `exp` not in the past and `nbf`/`iat` not in the future, each with
 ///    [`CLOCK_SKEW`] leeway;
 /// 7. `aud` containing `audience`.
+///
+/// The same as [`validate_jwt_with`] with default [`JwtValidation`] options.
 pub fn validate_jwt(
     token: &str,
     audience: &str,
     keys: &dyn JwtKeyLookup,
     now: SystemTime,
+) -> Result<ValidatedJwt, SvidError> {
+    validate_jwt_with(token, audience, keys, now, &JwtValidation::default())
+}
+
+/// Further requirements for [`validate_jwt_with`]; the default adds none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JwtValidation<'a> {
+    /// When set, the token's `iss` must be a string equal to it, else
+    /// [`SvidError::JwtIssuer`].
+    pub issuer: Option<&'a str>,
+}
+
+/// [`validate_jwt`] with further requirements from `options`, checked after
+/// the signature and the audience.
+pub fn validate_jwt_with(
+    token: &str,
+    audience: &str,
+    keys: &dyn JwtKeyLookup,
+    now: SystemTime,
+    options: &JwtValidation<'_>,
 ) -> Result<ValidatedJwt, SvidError> {
     if audience.is_empty() {
         return Err(SvidError::JwtEmptyAudience);
@@ -214,6 +411,9 @@ pub fn validate_jwt(
     if !ALLOWED_ALGS.contains(&alg) {
         return Err(SvidError::JwtAlgorithm(alg.to_owned()));
     }
+    // Checked after alg so that `alg: none` with its empty signature is
+    // reported as the refused algorithm it is.
+    require_signature(&parts)?;
     match header.get("typ") {
         None => {}
         Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
@@ -281,6 +481,18 @@ pub fn validate_jwt(
         return Err(SvidError::JwtAudience(audience.to_owned()));
     }
 
+    if let Some(expected) = options.issuer {
+        match claims.get("iss") {
+            Some(Value::String(iss)) if iss == expected => {}
+            found => {
+                return Err(SvidError::JwtIssuer {
+                    expected: expected.to_owned(),
+                    found: found.map(Value::to_string),
+                });
+            }
+        }
+    }
+
     // Step 8.
     Ok(ValidatedJwt {
         spiffe_id: subject,
@@ -304,6 +516,7 @@ pub struct JwtInfo {
 /// tokens this process minted or fetched itself (caches).
 pub fn parse_jwt_unverified(token: &str) -> Result<JwtInfo, SvidError> {
     let parts = split_token(token)?;
+    require_signature(&parts)?;
     let claims = decode_object(parts.claims, "claims")?;
     let spiffe_id = subject_claim(&claims)?;
     let exp = integer_claim(&claims, "exp")?.ok_or(SvidError::JwtMissingClaim("exp"))?;
@@ -334,7 +547,9 @@ fn split_token(token: &str) -> Result<TokenParts<'_>, SvidError> {
         ("claims", claims),
         ("signature", signature),
     ] {
-        if seg.is_empty() {
+        // An empty signature is refused by require_signature, once the
+        // header has been read.
+        if seg.is_empty() && name != "signature" {
             return Err(SvidError::JwtMalformed(format!("{name} segment is empty")));
         }
         if !seg
@@ -351,6 +566,15 @@ fn split_token(token: &str) -> Result<TokenParts<'_>, SvidError> {
         claims,
         signature,
     })
+}
+
+fn require_signature(parts: &TokenParts<'_>) -> Result<(), SvidError> {
+    if parts.signature.is_empty() {
+        return Err(SvidError::JwtMalformed(
+            "signature segment is empty".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 fn decode_object(segment: &str, name: &str) -> Result<Map<String, Value>, SvidError> {
@@ -465,6 +689,15 @@ fn decoding_key_for(
             let (true, Some(n), Some(e)) = (jwk.kty == "RSA", &jwk.n, &jwk.e) else {
                 return Err(mismatch());
             };
+            // aws-lc-rs would refuse a short modulus only as a failed
+            // signature; say what is wrong instead.
+            let bits = rsa_modulus_bits(n).ok_or_else(mismatch)?;
+            if bits < MIN_RSA_BITS {
+                return Err(SvidError::JwtKeyMismatch {
+                    alg: alg.to_owned(),
+                    kty: format!("RSA {bits}-bit"),
+                });
+            }
             j::AlgorithmParameters::RSA(j::RSAKeyParameters {
                 key_type: j::RSAKeyType::RSA,
                 n: n.clone(),
@@ -478,6 +711,18 @@ fn decoding_key_for(
     };
     let decoding = jsonwebtoken::DecodingKey::from_jwk(&key).map_err(|_| mismatch())?;
     Ok((algorithm, decoding))
+}
+
+/// The smallest RSA modulus accepted for verification (as aws-lc-rs's
+/// `RSA_PKCS1_2048_8192_*` parameters require).
+const MIN_RSA_BITS: usize = 2048;
+
+/// The bit length of a base64url JWK modulus, ignoring leading zero bytes.
+fn rsa_modulus_bits(n: &str) -> Option<usize> {
+    let bytes = URL_SAFE_NO_PAD.decode(n).ok()?;
+    let start = bytes.iter().position(|&b| b != 0)?;
+    let top = usize::try_from(u8::BITS - bytes[start].leading_zeros()).ok()?;
+    Some((bytes.len() - start - 1) * 8 + top)
 }
 
 fn unix_secs(t: SystemTime) -> Result<i64, SvidError> {
@@ -639,10 +884,10 @@ mod tests {
             b64(&json!({"alg":"none","kid":f.auth.kid()})),
             b64(&claims(good_exp.clone()))
         );
-        assert!(matches!(
-            validate_jwt(&none, "db", &f.keys, now()),
-            Err(SvidError::JwtMalformed(_))
-        ));
+        assert_eq!(
+            validate_jwt(&none, "db", &f.keys, now()).unwrap_err(),
+            SvidError::JwtAlgorithm("none".to_owned())
+        );
         let none_sig = format!("{none}AAAA");
         assert_eq!(
             validate_jwt(&none_sig, "db", &f.keys, now()).unwrap_err(),
@@ -655,8 +900,10 @@ mod tests {
             b64(&header(&f.auth, "HS256")),
             b64(&claims(good_exp.clone()))
         );
-        let secret =
-            aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, f.auth.key().public_point());
+        let secret = aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            &f.auth.key().public_key_spki_der(),
+        );
         let tag = aws_lc_rs::hmac::sign(&secret, hs_input.as_bytes());
         let hs = format!("{hs_input}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()));
         assert_eq!(
@@ -858,6 +1105,49 @@ mod tests {
             validate_jwt(&token, "", &f.keys, now()).unwrap_err(),
             SvidError::JwtEmptyAudience
         );
+    }
+
+    #[test]
+    fn empty_signature_is_malformed_after_the_alg_check() {
+        let f = fixture();
+        let token = f.auth.sign(&sub(), &aud(&["db"]), HOUR, now()).unwrap();
+        let (input, _) = token.rsplit_once('.').unwrap();
+        let unsigned = format!("{input}.");
+        let want = SvidError::JwtMalformed("signature segment is empty".to_owned());
+        assert_eq!(
+            validate_jwt(&unsigned, "db", &f.keys, now()).unwrap_err(),
+            want
+        );
+        assert_eq!(parse_jwt_unverified(&unsigned).unwrap_err(), want);
+        assert!(matches!(
+            validate_jwt(&format!(".{input}"), "db", &f.keys, now()),
+            Err(SvidError::JwtMalformed(_))
+        ));
+    }
+
+    #[test]
+    fn rsa_modulus_bits_ignores_leading_zeros() {
+        let enc = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
+        assert_eq!(rsa_modulus_bits(&enc(&[0x80; 256])), Some(2048));
+        assert_eq!(rsa_modulus_bits(&enc(&[0x7f; 256])), Some(2047));
+        let mut padded = vec![0u8];
+        padded.extend([0xff; 256]);
+        assert_eq!(rsa_modulus_bits(&enc(&padded)), Some(2048));
+        assert_eq!(rsa_modulus_bits(&enc(&[0, 0])), None);
+        assert_eq!(rsa_modulus_bits("!!"), None);
+    }
+
+    #[test]
+    fn rs256_authority_from_parts_follows_the_key() {
+        let key = PrivateKey::generate_rsa2048().unwrap();
+        let auth = JwtAuthority::from_parts(key, "k1".to_owned(), now() + HOUR).unwrap();
+        assert_eq!((auth.alg(), auth.key_type()), ("RS256", JwtKeyType::Rs256));
+        assert!(format!("{auth:?}").contains("RS256"));
+        let mut bundle = Bundle::new(td("example.org"));
+        bundle.jwt_authorities.push(auth.public_jwk());
+        let token = auth.sign(&sub(), &aud(&["db"]), HOUR, now()).unwrap();
+        assert_eq!(segments(&token)[0]["alg"], json!("RS256"));
+        assert!(validate_jwt(&token, "db", &bundle, now()).is_ok());
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`keys`] | ECDSA P-256 private keys (zeroized, redacted) and private files (0600 in 0700 directories) |
-//! | [`x509`] | minting CA certificates and leaf X509-SVIDs (spiffe.md §2), CSRs, and SVID verification |
-//! | [`jwt`] | minting and validating JWT-SVIDs (spiffe.md §3) |
+//! | [`keys`] | ECDSA P-256 and RSA private keys (zeroized, redacted) and private files (0600 in 0700 directories) |
+//! | [`x509`] | minting CA certificates and leaf X509-SVIDs (spiffe.md §2), CSRs, SVID verification, identity attributes |
+//! | [`jwt`] | minting (ES256 or RS256) and validating JWT-SVIDs (spiffe.md §3) |
 //! | [`bundle`] | SPIFFE bundles in JSON, DER and JWKS form (spiffe.md §4) |
 //! | [`pem`] | PEM encoding of certificate chains |
 //! | [`tls`] | rustls verifiers that authorize by SPIFFE ID, and a rotating certificate resolver |
@@ -26,7 +26,7 @@
 //! let spki = csr_public_key(&make_csr(&workload_key)?)?;
 //! let id: SpiffeId = "spiffe://example.org/web".parse().map_err(sigil_svid::SvidError::from)?;
 //! let leaf = ca.sign_svid(
-//!     &SvidRequest { spiffe_id: &id, dns_names: &[], ttl: Duration::from_secs(3600) },
+//!     &SvidRequest { spiffe_id: &id, dns_names: &[], ttl: Duration::from_secs(3600), attributes: &[] },
 //!     &spki,
 //!     now,
 //! )?;

@@ -513,6 +513,7 @@ mod tests {
             spiffe_id,
             dns_names: &[],
             ttl: HOUR,
+            attributes: &[],
         };
         let leaf = ca
             .sign_svid(&req, &key.public_key_spki_der(), SystemTime::now())

@@ -1,5 +1,6 @@
 //! X509-SVIDs: minting CA and leaf certificates (spiffe.md §2.1, §2.2),
-//! CSRs, the leaf rules and full SVID verification (§2.3).
+//! CSRs, the leaf rules and full SVID verification (§2.3), and the optional
+//! identity-attributes extension ([`ATTRIBUTES_OID`]).
 //!
 //! Certificates are minted with rcgen, read with x509-parser and path-validated
 //! with rustls-webpki on the aws-lc-rs algorithms; every certificate time is
@@ -9,8 +10,8 @@ use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls_pki_types::{CertificateDer, SubjectPublicKeyInfoDer, TrustAnchor, UnixTime};
@@ -22,7 +23,7 @@ use x509_parser::prelude::FromDer;
 use x509_parser::time::ASN1Time;
 
 use crate::SvidError;
-use crate::der::{self, TAG_BIT_STRING, TAG_SEQUENCE};
+use crate::der::{self, TAG_BIT_STRING, TAG_SEQUENCE, TAG_UTF8_STRING};
 use crate::keys::{PrivateKey, RcgenKey};
 
 /// How far `notBefore` is backdated, to tolerate clock skew between hosts (as SPIRE does).
@@ -30,6 +31,29 @@ pub const BACKDATE: Duration = Duration::from_secs(10);
 
 /// The longest chain SPIFFE clients accept (rust-spiffe refuses longer ones).
 pub const MAX_CHAIN_LEN: usize = 16;
+
+/// Object identifier of sigil's identity-attributes extension, as arcs.
+///
+/// Under Microsoft's GUID-to-OID arc 1.2.840.113556.1.8000.2554, generated
+/// from GUID `f1b65114-5145-4815-a956-5cce019f766f` (its groups of 4, 4, 4,
+/// 4, 4, 6 and 6 hex digits, each read as one decimal arc). A `2.25.<uuid>`
+/// OID was not possible because rcgen takes only `u64` arcs. The extension
+/// is never critical, so validators that do not know it (webpki, Go,
+/// OpenSSL) ignore it. Its value is
+///
+/// ```text
+/// SvidAttributes ::= SEQUENCE OF SEQUENCE {
+///     name   UTF8String,   -- non-empty, unique, sorted by (byte) value
+///     value  UTF8String }
+/// ```
+pub const ATTRIBUTES_OID: &[u64] = &[
+    1, 2, 840, 113_556, 1, 8000, 2554, 61_878, 20_756, 20_805, 18_453, 43_350, 6_082_049,
+    10_450_543,
+];
+
+/// [`ATTRIBUTES_OID`] in dotted-decimal form.
+pub const ATTRIBUTES_OID_STR: &str =
+    "1.2.840.113556.1.8000.2554.61878.20756.20805.18453.43350.6082049.10450543";
 
 /// The organization written into every subject sigil mints.
 const SUBJECT_ORG: &str = "sigil";
@@ -90,6 +114,22 @@ pub struct SvidRequest<'a> {
     pub dns_names: &'a [String],
     /// Requested lifetime; capped at the authority's own expiry.
     pub ttl: Duration,
+    /// Identity attributes (name, value) for the non-critical
+    /// [`ATTRIBUTES_OID`] extension; written sorted by name, and left out
+    /// when empty. Names must be non-empty and unique.
+    pub attributes: &'a [(String, String)],
+}
+
+impl<'a> SvidRequest<'a> {
+    /// A request with no DNS names and no attributes.
+    pub fn new(spiffe_id: &'a SpiffeId, ttl: Duration) -> Self {
+        Self {
+            spiffe_id,
+            dns_names: &[],
+            ttl,
+            attributes: &[],
+        }
+    }
 }
 
 /// A signing authority: a CA certificate and its private key.
@@ -132,13 +172,14 @@ impl X509Authority {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let key = PrivateKey::generate_p256()?;
         let cert = params
-            .self_signed(&RcgenKey(&key))
+            .self_signed(&RcgenKey::new(&key, "an X.509 authority")?)
             .map_err(|e| SvidError::Mint(e.to_string()))?;
         Self::from_parts(cert.der().to_vec(), key)
     }
 
     /// Pairs a CA certificate with its key, checking the key matches the
-    /// certificate and the certificate may sign (cA=true, keyCertSign).
+    /// certificate and the certificate may sign (cA=true, keyCertSign). The
+    /// key must be P-256 ([`SvidError::WrongKeyAlgorithm`] otherwise).
     pub fn from_parts(cert_der: Vec<u8>, key: PrivateKey) -> Result<Self, SvidError> {
         let info = cert_info(&cert_der)?;
         let cert = parse_cert(&cert_der)?;
@@ -152,7 +193,9 @@ impl X509Authority {
         if !key_usage(&cert)?.is_some_and(|ku| ku.key_cert_sign()) {
             return Err(SvidError::NotCa("keyUsage lacks keyCertSign".to_owned()));
         }
-        if cert.public_key().subject_public_key.data.as_ref() != key.public_point() {
+        if cert.public_key().subject_public_key.data.as_ref()
+            != key.ec_public_point("an X.509 authority")?
+        {
             return Err(SvidError::KeyMismatch);
         }
         Ok(Self {
@@ -183,8 +226,10 @@ impl X509Authority {
     /// keyAgreement (as SPIRE sets them); EKU serverAuth+clientAuth; random
     /// positive 128-bit serial; notBefore = now - 10s; notAfter = min(now + ttl,
     /// CA notAfter); AKI = CA SKI, SKI set; subject O=sigil (+ CN = first DNS
-    /// name if any). Signed with the CA key. `subject_spki_der` is the
-    /// workload's public key (SubjectPublicKeyInfo DER, from a CSR).
+    /// name if any); the non-critical [`ATTRIBUTES_OID`] extension when
+    /// `req.attributes` is not empty. Signed with the CA key.
+    /// `subject_spki_der` is the workload's public key (SubjectPublicKeyInfo
+    /// DER, from a CSR).
     pub fn sign_svid(
         &self,
         req: &SvidRequest<'_>,
@@ -243,11 +288,20 @@ impl X509Authority {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
+        if !req.attributes.is_empty() {
+            let mut ext = CustomExtension::from_oid_content(
+                ATTRIBUTES_OID,
+                encode_attributes(req.attributes)?,
+            );
+            ext.set_criticality(false);
+            params.custom_extensions.push(ext);
+        }
 
         let ca_der = CertificateDer::from(self.cert_der.as_slice());
         // The issuer's name and SKI are read back from the CA certificate, so
         // the leaf's issuer and AKI match it byte for byte.
-        let issuer = Issuer::from_ca_cert_der(&ca_der, RcgenKey(&self.key))
+        let signer = RcgenKey::new(&self.key, "an X.509 authority")?;
+        let issuer = Issuer::from_ca_cert_der(&ca_der, signer)
             .map_err(|e| SvidError::Mint(format!("authority certificate: {e}")))?;
         let cert = params
             .signed_by(&subject_key, &issuer)
@@ -258,11 +312,13 @@ impl X509Authority {
 
 /// Builds a PKCS#10 CSR for `key`, signed by it. Subject and SANs are left
 /// empty: the server decides the identity and only takes the public key.
+/// The key must be P-256 ([`SvidError::WrongKeyAlgorithm`] otherwise).
 pub fn make_csr(key: &PrivateKey) -> Result<Vec<u8>, SvidError> {
+    let signer = RcgenKey::new(key, "a CSR")?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     let csr = params
-        .serialize_request(&RcgenKey(key))
+        .serialize_request(&signer)
         .map_err(|e| SvidError::Mint(e.to_string()))?;
     Ok(csr.der().to_vec())
 }
@@ -389,6 +445,98 @@ pub fn verify_svid(
     )
     .map_err(map_webpki_error)?;
     check_leaf_rules(leaf)
+}
+
+/// The identity attributes of an X509-SVID, from its [`ATTRIBUTES_OID`]
+/// extension, sorted by name; empty when the extension is absent. Fails with
+/// [`SvidError::SvidAttributes`] when the extension is malformed (bad DER,
+/// unsorted or duplicate names, an empty name, invalid UTF-8) or repeated.
+/// Does not verify the certificate.
+pub fn svid_attributes(cert_der: &[u8]) -> Result<Vec<(String, String)>, SvidError> {
+    let cert = parse_cert(cert_der)?;
+    let mut found = cert
+        .iter_extensions()
+        .filter(|ext| ext.oid.to_id_string() == ATTRIBUTES_OID_STR);
+    let Some(ext) = found.next() else {
+        return Ok(Vec::new());
+    };
+    if found.next().is_some() {
+        return Err(SvidError::SvidAttributes(
+            "the extension appears more than once".to_owned(),
+        ));
+    }
+    decode_attributes(ext.value)
+}
+
+/// DER of the attributes extension's value: sorted by name, names non-empty and unique.
+fn encode_attributes(attributes: &[(String, String)]) -> Result<Vec<u8>, SvidError> {
+    let mut sorted: Vec<&(String, String)> = attributes.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut items = Vec::new();
+    for (i, (name, value)) in sorted.iter().map(|a| (&a.0, &a.1)).enumerate() {
+        if name.is_empty() {
+            return Err(SvidError::SvidAttributes(
+                "an attribute name is empty".to_owned(),
+            ));
+        }
+        if i > 0 && sorted[i - 1].0 == *name {
+            return Err(SvidError::SvidAttributes(format!(
+                "attribute {name:?} is given more than once"
+            )));
+        }
+        let mut pair = Vec::new();
+        der::write_tlv(TAG_UTF8_STRING, name.as_bytes(), &mut pair);
+        der::write_tlv(TAG_UTF8_STRING, value.as_bytes(), &mut pair);
+        der::write_tlv(TAG_SEQUENCE, &pair, &mut items);
+    }
+    let mut out = Vec::new();
+    der::write_tlv(TAG_SEQUENCE, &items, &mut out);
+    Ok(out)
+}
+
+/// Parses the attributes extension's value, holding it to what
+/// [`encode_attributes`] writes.
+fn decode_attributes(value: &[u8]) -> Result<Vec<(String, String)>, SvidError> {
+    let bad = |e: SvidError| SvidError::SvidAttributes(e.to_string());
+    let (outer, trailing) = der::expect(value, TAG_SEQUENCE, "SEQUENCE OF").map_err(bad)?;
+    if !trailing.is_empty() {
+        return Err(SvidError::SvidAttributes(
+            "trailing bytes after the value".to_owned(),
+        ));
+    }
+    let utf8 = |input| -> Result<(String, &[u8]), SvidError> {
+        let (tlv, rest) = der::expect(input, TAG_UTF8_STRING, "UTF8String").map_err(bad)?;
+        let s = std::str::from_utf8(tlv.contents)
+            .map_err(|e| SvidError::SvidAttributes(format!("invalid UTF-8: {e}")))?;
+        Ok((s.to_owned(), rest))
+    };
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut rest = outer.contents;
+    while !rest.is_empty() {
+        let (item, tail) = der::expect(rest, TAG_SEQUENCE, "attribute").map_err(bad)?;
+        rest = tail;
+        let (name, after_name) = utf8(item.contents)?;
+        let (value, after_value) = utf8(after_name)?;
+        if !after_value.is_empty() {
+            return Err(SvidError::SvidAttributes(format!(
+                "attribute {name:?} has more than a name and a value"
+            )));
+        }
+        if name.is_empty() {
+            return Err(SvidError::SvidAttributes(
+                "an attribute name is empty".to_owned(),
+            ));
+        }
+        if let Some((prev, _)) = out.last()
+            && *prev >= name
+        {
+            return Err(SvidError::SvidAttributes(format!(
+                "attribute {name:?} is out of order or repeated"
+            )));
+        }
+        out.push((name, value));
+    }
+    Ok(out)
 }
 
 /// Splits concatenated DER certificates (the Workload API's `x509_svid` and
@@ -652,6 +800,7 @@ mod tests {
             spiffe_id,
             dns_names: dns,
             ttl,
+            attributes: &[],
         };
         ca.sign_svid(&req, &key.public_key_spki_der(), now())
             .unwrap()
@@ -672,11 +821,13 @@ mod tests {
         params.subject_alt_names = uris.iter().map(|u| uri_san(u).unwrap()).collect();
         params.use_authority_key_identifier_extension = true;
         let key = PrivateKey::generate_p256().unwrap();
-        let issuer =
-            Issuer::from_ca_cert_der(&CertificateDer::from(ca.cert_der()), RcgenKey(ca.key()))
-                .unwrap();
+        let issuer = Issuer::from_ca_cert_der(
+            &CertificateDer::from(ca.cert_der()),
+            RcgenKey::new(ca.key(), "test").unwrap(),
+        )
+        .unwrap();
         params
-            .signed_by(&RcgenKey(&key), &issuer)
+            .signed_by(&RcgenKey::new(&key, "test").unwrap(), &issuer)
             .unwrap()
             .der()
             .to_vec()
@@ -905,6 +1056,7 @@ mod tests {
             spiffe_id: &root,
             dns_names: &[],
             ttl: HOUR,
+            attributes: &[],
         };
         assert!(matches!(
             ca.sign_svid(&req, &spki, now()),
@@ -924,7 +1076,8 @@ mod tests {
                 &SvidRequest {
                     spiffe_id: &id("spiffe://example.org/w"),
                     dns_names: &[],
-                    ttl: HOUR
+                    ttl: HOUR,
+                    attributes: &[],
                 },
                 b"garbage",
                 now()
@@ -1049,11 +1202,13 @@ mod tests {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "intermediate");
         params.distinguished_name = dn;
-        let issuer =
-            Issuer::from_ca_cert_der(&CertificateDer::from(root.cert_der()), RcgenKey(root.key()))
-                .unwrap();
+        let issuer = Issuer::from_ca_cert_der(
+            &CertificateDer::from(root.cert_der()),
+            RcgenKey::new(root.key(), "test").unwrap(),
+        )
+        .unwrap();
         let int_der = params
-            .signed_by(&RcgenKey(&int_key), &issuer)
+            .signed_by(&RcgenKey::new(&int_key, "test").unwrap(), &issuer)
             .unwrap()
             .der()
             .to_vec();
@@ -1130,6 +1285,91 @@ mod tests {
         let mut junk = a;
         junk.push(0x30);
         assert!(split_der_certs(&junk).is_err());
+    }
+
+    #[test]
+    fn attributes_encode_sorted_and_decode_back() {
+        let given = vec![
+            ("b".to_owned(), "2".to_owned()),
+            ("a".to_owned(), "x".repeat(200)),
+        ];
+        let der = encode_attributes(&given).unwrap();
+        assert_eq!(der[0], 0x30);
+        let mut want = given.clone();
+        want.sort();
+        assert_eq!(decode_attributes(&der).unwrap(), want);
+        assert_eq!(
+            encode_attributes(&[]).unwrap(),
+            [0x30, 0x00],
+            "an empty list is still valid DER (but is never written)"
+        );
+        assert!(decode_attributes(&[0x30, 0x00]).unwrap().is_empty());
+        // Exact bytes for one short pair.
+        assert_eq!(
+            encode_attributes(&[("k".to_owned(), "v".to_owned())]).unwrap(),
+            [0x30, 0x08, 0x30, 0x06, 0x0c, 0x01, b'k', 0x0c, 0x01, b'v']
+        );
+    }
+
+    #[test]
+    fn minted_attributes_are_read_back_and_absent_by_default() {
+        let ca = ca();
+        let wid = id("spiffe://example.org/w");
+        let attributes = vec![
+            ("z".to_owned(), "1".to_owned()),
+            ("a".to_owned(), "2".to_owned()),
+        ];
+        let key = PrivateKey::generate_p256().unwrap();
+        let req = SvidRequest {
+            attributes: &attributes,
+            ..SvidRequest::new(&wid, HOUR)
+        };
+        let leaf = ca
+            .sign_svid(&req, &key.public_key_spki_der(), now())
+            .unwrap();
+        assert_eq!(
+            svid_attributes(&leaf).unwrap(),
+            vec![
+                ("a".to_owned(), "2".to_owned()),
+                ("z".to_owned(), "1".to_owned())
+            ]
+        );
+        assert_eq!(check_leaf_rules(&leaf).unwrap(), wid);
+        let plain = mint(&ca, &wid, &[], HOUR);
+        assert!(svid_attributes(&plain).unwrap().is_empty());
+        // The attributes are the only extension added.
+        assert_eq!(
+            parse(&leaf).extensions().len(),
+            parse(&plain).extensions().len() + 1
+        );
+        assert_eq!(
+            verify_svid(&[leaf], &[ca.cert_der().to_vec()], now()).unwrap(),
+            wid
+        );
+    }
+
+    #[test]
+    fn rsa_keys_cannot_mint_certificates_or_csrs() {
+        let rsa = PrivateKey::generate_rsa2048().unwrap();
+        let ca = ca();
+        let err = X509Authority::from_parts(ca.cert_der().to_vec(), rsa.clone()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SvidError::WrongKeyAlgorithm {
+                    found: crate::keys::KeyAlgorithm::Rsa2048,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(matches!(
+            make_csr(&rsa),
+            Err(SvidError::WrongKeyAlgorithm {
+                operation: "a CSR",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! recorded fixtures.
 
 pub mod fake_k8s;
+pub mod web_pki;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sigil_agent::{AgentConfig, AgentHandle};
+use sigil_server::config::FederationConfig;
 use sigil_server::{ServerConfig, ServerHandle};
 use sigil_types::{Entry, Selectors, SpiffeId, TrustDomain};
 
@@ -30,6 +32,11 @@ pub struct ClusterOptions {
     pub agent_svid_ttl: Option<Duration>,
     /// Pod attestation settings for the agent (a fake kubelet, a fake /proc).
     pub agent_k8s: Option<sigil_agent::config::K8sWorkloadConfig>,
+    /// `spiffe_refresh_hint` the server publishes (what federated servers
+    /// poll by).
+    pub bundle_refresh_hint: Duration,
+    /// The server's bundle endpoint and federation relationships.
+    pub federation: FederationConfig,
 }
 
 impl Default for ClusterOptions {
@@ -41,6 +48,8 @@ impl Default for ClusterOptions {
             rotation_tick: Duration::from_secs(10),
             agent_svid_ttl: None,
             agent_k8s: None,
+            bundle_refresh_hint: Duration::from_secs(300),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -90,6 +99,8 @@ impl Cluster {
             .unwrap_or_else(|| opts.x509_svid_ttl.max(Duration::from_secs(60)));
         server_config.ca_ttl = opts.ca_ttl;
         server_config.rotation_tick = opts.rotation_tick;
+        server_config.bundle_refresh_hint = opts.bundle_refresh_hint;
+        server_config.federation = opts.federation.clone();
         let server = sigil_server::start(server_config.clone())
             .await
             .context("starting server")?;
@@ -143,6 +154,18 @@ impl Cluster {
     /// The admin socket.
     pub fn admin_socket(&self) -> PathBuf {
         self.server_config.admin_socket.clone()
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.server_config.trust_domain
+    }
+
+    /// The bound address of the server's SPIFFE bundle endpoint.
+    pub fn bundle_endpoint_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.server()?
+            .bundle_endpoint_addr
+            .context("the server has no [server.federation.bundle_endpoint]")
     }
 
     /// Registers `spiffe://<td><path>` under the agent for these selectors.

@@ -145,6 +145,10 @@ pub struct Entry {
     pub dns_names: Vec<String>,
     /// Trust domains whose bundles workloads of this entry receive.
     pub federates_with: Vec<TrustDomain>,
+    /// Attested attributes carried in this entry's SVIDs (JWT claims and an
+    /// X.509 extension); see [`crate::attribute`].
+    #[serde(default)]
+    pub attributes: Vec<crate::Attribute>,
     /// Whether the identity may use the admin API.
     pub admin: bool,
     /// Whether the identity may act as a downstream CA.
@@ -180,6 +184,7 @@ impl Entry {
             jwt_svid_ttl: 0,
             dns_names: vec![],
             federates_with: vec![],
+            attributes: vec![],
             admin: false,
             downstream: false,
             hint: String::new(),
@@ -289,6 +294,7 @@ mod tests {
             jwt_svid_ttl: 0,
             dns_names: vec!["web.example.org".into()],
             federates_with: vec![],
+            attributes: vec![],
             admin: false,
             downstream: false,
             hint: String::new(),

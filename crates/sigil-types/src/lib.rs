@@ -10,21 +10,27 @@
 //! | [`selector`] | [`Selector`] (`type:value`) and the canonical [`Selectors`] set |
 //! | [`entry`] | registration [`Entry`] and its validation |
 //! | [`agent`] | the server's record of an attested agent |
+//! | [`attribute`] | identity attributes carried in credentials |
+//! | [`federation`] | federation relationships with other trust domains |
 //! | [`bundle`] | the SPIFFE bundle document (JWKS with SPIFFE members) |
 //! | [`duration`] | human durations such as `30s` or `1h` |
 //! | [`config`] | the error of loading a configuration file |
 
 pub mod agent;
+pub mod attribute;
 pub mod bundle;
 pub mod config;
 pub mod duration;
 pub mod entry;
+pub mod federation;
 pub mod selector;
 pub mod spiffe_id;
 
 pub use agent::AgentRecord;
+pub use attribute::Attribute;
 pub use bundle::{BundleDocument, Jwk};
 pub use entry::{Entry, EntryError, EntryId};
+pub use federation::{BundleEndpointProfile, FederationRelationship};
 pub use selector::{Selector, SelectorError, Selectors};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 

@@ -1,5 +1,6 @@
-//! Admin commands: entries, join tokens, agents, bundle, healthcheck. They
-//! talk to the server's admin socket.
+//! Admin commands: entries, join tokens, agents, healthcheck. They talk to
+//! the server's admin socket (bundles and federation: `bundle.rs`,
+//! `federation.rs`).
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,7 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use hyper_util::rt::TokioIo;
 use sigil_proto::server::v1 as pb;
 use sigil_proto::server::v1::admin_api_client::AdminApiClient;
-use sigil_types::{SpiffeId, duration};
+use sigil_types::{Attribute, SpiffeId, duration};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
@@ -28,10 +29,10 @@ pub(crate) enum Output {
 pub(crate) struct AdminOpts {
     /// The server's admin socket.
     #[arg(long, env = "SIGIL_ADMIN_SOCKET", default_value = crate::DEFAULT_ADMIN_SOCKET)]
-    admin_socket: PathBuf,
+    pub(crate) admin_socket: PathBuf,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Text)]
-    output: Output,
+    pub(crate) output: Output,
 }
 
 pub(crate) async fn connect_admin(
@@ -53,7 +54,7 @@ pub(crate) async fn connect_admin(
     Ok(AdminApiClient::new(channel))
 }
 
-fn status_err(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
 
@@ -92,6 +93,12 @@ pub(crate) struct EntryFields {
     /// A trust domain whose bundle the workload receives (repeatable).
     #[arg(long = "federates-with")]
     federates_with: Vec<String>,
+    /// An attested attribute to carry in the SVIDs (repeatable): cluster,
+    /// region, zone, node_name (from the agent's node attestation), namespace,
+    /// service_account (from the entry's k8s:ns / k8s:sa selectors). On
+    /// update, the attributes given replace the entry's.
+    #[arg(long = "attribute", value_name = "NAME")]
+    attributes: Vec<Attribute>,
     /// Make this a node alias: parented to the server, matched against agents' node selectors.
     #[arg(long)]
     node: bool,
@@ -219,6 +226,12 @@ fn apply_fields(e: &mut pb::Entry, f: &EntryFields) -> anyhow::Result<()> {
     if !f.federates_with.is_empty() {
         e.federates_with = f.federates_with.clone();
     }
+    if !f.attributes.is_empty() {
+        let mut attributes = f.attributes.clone();
+        attributes.sort();
+        attributes.dedup();
+        e.attributes = attributes.iter().map(ToString::to_string).collect();
+    }
     e.admin |= f.admin;
     e.downstream |= f.downstream;
     if let Some(h) = &f.hint {
@@ -238,7 +251,7 @@ fn fmt_ttl(secs: i64) -> String {
     }
 }
 
-fn fmt_time(secs: i64) -> String {
+pub(crate) fn fmt_time(secs: i64) -> String {
     if secs <= 0 {
         return "never".into();
     }
@@ -260,6 +273,9 @@ fn print_entry(e: &pb::Entry) {
     }
     for f in &e.federates_with {
         println!("FederatesWith    : {f}");
+    }
+    for a in &e.attributes {
+        println!("Attribute        : {a}");
     }
     if e.admin {
         println!("Admin            : true");
@@ -286,6 +302,7 @@ fn entry_json(e: &pb::Entry) -> serde_json::Value {
         "jwt_svid_ttl": e.jwt_svid_ttl,
         "dns_names": e.dns_names,
         "federates_with": e.federates_with,
+        "attributes": e.attributes,
         "admin": e.admin,
         "downstream": e.downstream,
         "hint": e.hint,
@@ -589,53 +606,6 @@ pub(crate) async fn agent_ban(a: AgentIdArgs) -> anyhow::Result<()> {
         .map_err(status_err)?
         .into_inner();
     println!("Banned agent {}", r.spiffe_id);
-    Ok(())
-}
-
-/// Bundle output formats.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub(crate) enum BundleFormat {
-    /// PEM certificates of the X.509 authorities.
-    Pem,
-    /// The SPIFFE bundle JSON (JWKS with x509-svid and jwt-svid keys).
-    Spiffe,
-}
-
-#[derive(Subcommand, Debug)]
-pub(crate) enum BundleCommand {
-    /// Print this trust domain's bundle.
-    Show {
-        /// pem or spiffe.
-        #[arg(long, value_enum, default_value_t = BundleFormat::Pem)]
-        format: BundleFormat,
-        /// The server's admin socket.
-        #[arg(long, env = "SIGIL_ADMIN_SOCKET", default_value = crate::DEFAULT_ADMIN_SOCKET)]
-        admin_socket: PathBuf,
-    },
-}
-
-pub(crate) async fn bundle(cmd: BundleCommand) -> anyhow::Result<()> {
-    let BundleCommand::Show {
-        format,
-        admin_socket,
-    } = cmd;
-    let mut c = connect_admin(&admin_socket).await?;
-    let r = c
-        .get_bundle(pb::GetBundleRequest {})
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    match format {
-        BundleFormat::Spiffe => {
-            let v: serde_json::Value = serde_json::from_str(&r.bundle_json)?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        BundleFormat::Pem => {
-            let td = sigil_types::TrustDomain::new(&r.trust_domain)?;
-            let b = sigil_svid::bundle::Bundle::from_json(td, &r.bundle_json)?;
-            print!("{}", b.x509_pem());
-        }
-    }
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! `sigil k8s selectors`: what a process would be attested as in a pod, with
 //! the agent's own code, from a cgroup file and a kubelet pod list.
 //! `sigil k8s controller`: the entry controller (`ClusterSPIFFEID` and
-//! `ClusterStaticEntry` resources to registration entries).
+//! `ClusterStaticEntry` resources to registration entries,
+//! `ClusterFederatedTrustDomain` resources to federation relationships).
 
 use std::path::PathBuf;
 
@@ -12,7 +13,7 @@ use clap::{Args, Subcommand};
 pub(crate) enum K8sCommand {
     /// Print the k8s selectors a process with this cgroup file gets from this pod list, or why none.
     Selectors(SelectorsArgs),
-    /// Run the entry controller: registration entries from the ClusterSPIFFEID and ClusterStaticEntry resources of a cluster, kept in sync with its pods.
+    /// Run the entry controller: registration entries from the ClusterSPIFFEID and ClusterStaticEntry resources of a cluster, kept in sync with its pods, and federation relationships from ClusterFederatedTrustDomain resources.
     Controller(ControllerArgs),
 }
 
@@ -33,6 +34,9 @@ pub(crate) struct ControllerArgs {
     /// A namespace whose pods get no entries (repeatable; replaces the default).
     #[arg(long = "ignore-namespace", default_values_t = ["kube-system".to_owned(), "kube-public".to_owned()])]
     ignore_namespaces: Vec<String>,
+    /// Manage federation relationships from ClusterFederatedTrustDomain resources. The controller then owns every relationship not from the server's config file and deletes those no resource declares; set to false to manage them with `sigil federation` instead.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    manage_federation: bool,
     /// Print the CustomResourceDefinitions as YAML (for `kubectl apply -f -`) and exit.
     #[arg(long)]
     print_crds: bool,
@@ -74,6 +78,7 @@ async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
     let mut config = ControllerConfig::new(a.admin_socket, &cluster_name);
     config.cluster_domain = a.cluster_domain;
     config.ignore_namespaces = a.ignore_namespaces.into_iter().collect();
+    config.manage_federation = a.manage_federation;
     let client = kube_client(a.kubeconfig.as_deref()).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();

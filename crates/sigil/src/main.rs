@@ -3,7 +3,9 @@
 //! lives there.
 
 mod admin;
+mod bundle;
 mod dev;
+mod federation;
 mod health;
 #[cfg(feature = "k8s")]
 mod k8s;
@@ -62,10 +64,15 @@ enum Command {
         #[command(subcommand)]
         command: admin::TokenCommand,
     },
-    /// Show the trust bundle.
+    /// Show the trust bundle; list, set and delete federated bundles.
     Bundle {
         #[command(subcommand)]
-        command: admin::BundleCommand,
+        command: bundle::BundleCommand,
+    },
+    /// Federate with other trust domains: their bundle endpoints, fetched and kept current.
+    Federation {
+        #[command(subcommand)]
+        command: federation::FederationCommand,
     },
     /// Fetch X509-SVIDs from the Workload API.
     Svid {
@@ -160,7 +167,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         },
         Command::Entry { command } => admin::entry(command).await,
         Command::Token { command } => admin::token(command).await,
-        Command::Bundle { command } => admin::bundle(command).await,
+        Command::Bundle { command } => bundle::run(command).await,
+        Command::Federation { command } => federation::run(command).await,
         Command::Svid { command } => workload::svid(command).await,
         Command::Jwt { command } => workload::jwt(command).await,
         Command::Healthcheck(args) => admin::healthcheck(args).await,

@@ -196,16 +196,22 @@ pub(crate) enum JwtCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
-    /// Validate a JWT-SVID against the agent's bundles (works while the server is down).
+    /// Validate a JWT-SVID through the agent's ValidateJWTSVID: against the
+    /// agent's cached bundles, including those of trust domains your entries
+    /// federate with, so it works while the server is down. Prints the
+    /// token's SPIFFE ID and claims; exits non-zero if the token is not valid.
     Validate {
-        /// The audience the token must carry.
+        /// The audience the token must carry (your service's name).
         #[arg(long)]
         audience: String,
-        /// The token (default: read from standard input).
+        /// The token, with or without "Bearer " (default: read from standard input).
         #[arg(long)]
         token: Option<String>,
         #[command(flatten)]
         socket: SocketOpts,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
 }
 
@@ -249,34 +255,100 @@ pub(crate) async fn jwt(cmd: JwtCommand) -> anyhow::Result<()> {
             audience,
             token,
             socket,
+            output,
         } => {
             let token = match token {
                 Some(t) => t,
                 None => {
                     let mut s = String::new();
-                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)?;
-                    s.trim().to_owned()
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                        .context("reading the token from standard input")?;
+                    s
                 }
             };
+            let token = bare_token(&token);
+            if token.is_empty() {
+                bail!("no token given: pass --token or pipe the JWT-SVID on standard input");
+            }
+            if audience.is_empty() {
+                bail!("--audience must not be empty");
+            }
             let mut client = connect(&socket.socket).await?;
             let r = client
                 .validate_jwtsvid(pb::ValidateJwtsvidRequest {
                     audience,
-                    svid: token,
+                    svid: token.to_owned(),
                 })
                 .await
-                .map_err(status_err)?
+                .map_err(|s| {
+                    if s.code() == tonic::Code::InvalidArgument {
+                        anyhow::anyhow!(
+                            "the JWT-SVID is not valid: {} ({:?})",
+                            s.message(),
+                            s.code()
+                        )
+                    } else {
+                        status_err(s)
+                    }
+                })?
                 .into_inner();
-            println!("SPIFFE ID : {}", r.spiffe_id);
-            if let Some(claims) = r.claims {
-                let mut keys: Vec<_> = claims.fields.keys().collect();
-                keys.sort();
-                for k in keys {
-                    println!("Claim     : {k} = {}", fmt_value(&claims.fields[k]));
+            let claims = r.claims.unwrap_or_default();
+            match output {
+                Output::Text => {
+                    println!("SPIFFE ID : {}", r.spiffe_id);
+                    let mut keys: Vec<_> = claims.fields.keys().collect();
+                    keys.sort();
+                    for k in keys {
+                        println!("Claim     : {k} = {}", fmt_value(&claims.fields[k]));
+                    }
+                }
+                Output::Json => {
+                    let claims: serde_json::Map<_, _> = claims
+                        .fields
+                        .iter()
+                        .map(|(k, v)| (k.clone(), value_json(v)))
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &serde_json::json!({"spiffe_id": r.spiffe_id, "claims": claims})
+                        )?
+                    );
                 }
             }
             Ok(())
         }
+    }
+}
+
+/// The token without surrounding whitespace or an `Authorization` header's
+/// `Bearer ` prefix.
+fn bare_token(t: &str) -> &str {
+    let t = t.trim();
+    t.strip_prefix("Bearer ")
+        .or_else(|| t.strip_prefix("bearer "))
+        .unwrap_or(t)
+        .trim()
+}
+
+/// A protobuf Value as JSON; whole numbers (exp, iat) as integers.
+fn value_json(v: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        Some(Kind::StringValue(s)) => s.clone().into(),
+        Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => (*n as i64).into(),
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Some(Kind::BoolValue(b)) => (*b).into(),
+        Some(Kind::ListValue(l)) => l.values.iter().map(value_json).collect(),
+        Some(Kind::StructValue(s)) => s
+            .fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_json(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+        Some(Kind::NullValue(_)) | None => serde_json::Value::Null,
     }
 }
 
@@ -334,5 +406,29 @@ mod tests {
         for bad in ["unix://foo", "tcp://127.0.0.1:1", "relative"] {
             assert!(socket_path(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn tokens_are_taken_as_pasted() {
+        assert_eq!(bare_token("  a.b.c\n"), "a.b.c");
+        assert_eq!(bare_token("Bearer a.b.c"), "a.b.c");
+        assert_eq!(bare_token("\n"), "");
+    }
+
+    #[test]
+    fn claims_become_json_with_integer_times() {
+        use prost_types::value::Kind;
+        let n = prost_types::Value {
+            kind: Some(Kind::NumberValue(1_750_000_000.0)),
+        };
+        assert_eq!(value_json(&n), serde_json::json!(1_750_000_000));
+        let l = prost_types::Value {
+            kind: Some(Kind::ListValue(prost_types::ListValue {
+                values: vec![prost_types::Value {
+                    kind: Some(Kind::StringValue("api".into())),
+                }],
+            })),
+        };
+        assert_eq!(value_json(&l), serde_json::json!(["api"]));
     }
 }

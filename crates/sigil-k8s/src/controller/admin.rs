@@ -12,6 +12,7 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::ControllerError;
+use super::federation::FederationPlan;
 use super::reconcile::Plan;
 
 /// The most items in one batch call (the server's limit).
@@ -113,6 +114,52 @@ impl AdminClient {
             }
             page_token = r.next_page_token;
         }
+    }
+
+    /// Every federation relationship on the server.
+    pub async fn list_federation_relationships(
+        &mut self,
+    ) -> Result<Vec<pb::FederationRelationship>, ControllerError> {
+        Ok(self
+            .inner
+            .list_federation_relationships(pb::ListFederationRelationshipsRequest {})
+            .await
+            .map_err(admin_err("ListFederationRelationships"))?
+            .into_inner()
+            .relationships)
+    }
+
+    /// Applies a federation plan; returns, per trust domain, the server's
+    /// refusal of that change (a refusal is not an error of the whole call).
+    pub async fn apply_federation(
+        &mut self,
+        plan: &FederationPlan,
+    ) -> Vec<(String, Option<String>)> {
+        let mut out = Vec::new();
+        for r in &plan.create {
+            let res = self.inner.create_federation_relationship(r.clone()).await;
+            out.push((
+                r.trust_domain.clone(),
+                res.err().map(|s| s.message().to_owned()),
+            ));
+        }
+        for r in &plan.update {
+            let res = self.inner.update_federation_relationship(r.clone()).await;
+            out.push((
+                r.trust_domain.clone(),
+                res.err().map(|s| s.message().to_owned()),
+            ));
+        }
+        for td in &plan.delete {
+            let res = self
+                .inner
+                .delete_federation_relationship(pb::TrustDomainRequest {
+                    trust_domain: td.to_string(),
+                })
+                .await;
+            out.push((td.to_string(), res.err().map(|s| s.message().to_owned())));
+        }
+        out
     }
 
     /// Creates, then updates, then deletes, in batches of at most

@@ -100,6 +100,10 @@ pub struct ClusterSPIFFEIDSpec {
     /// Trust domains whose bundles the workloads receive.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub federates_with: Vec<String>,
+    /// Attested attributes to carry in the SVIDs (`cluster`, `region`,
+    /// `zone`, `node_name`, `namespace`, `service_account`; see docs/attributes.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<String>,
     /// X509-SVID lifetime such as `1h` (absent: the server's default).
     #[serde(
         default,
@@ -202,6 +206,10 @@ pub struct ClusterStaticEntrySpec {
     /// Trust domains whose bundles the workload receives.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub federates_with: Vec<String>,
+    /// Attested attributes to carry in the SVIDs (`cluster`, `region`,
+    /// `zone`, `node_name`, `namespace`, `service_account`; see docs/attributes.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<String>,
     /// A label that tells several SVIDs of one workload apart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
@@ -229,9 +237,79 @@ pub struct ClusterStaticEntryStatus {
     pub errors: Vec<String>,
 }
 
-/// The CRDs of both kinds, as the API server takes them.
+/// How a federated trust domain's bundle endpoint authenticates itself.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleEndpointProfileSpec {
+    /// `https_web` (a Web PKI certificate for the URL's host) or
+    /// `https_spiffe` (an X509-SVID with `endpointSPIFFEID`).
+    #[serde(rename = "type")]
+    pub profile_type: String,
+    /// The SPIFFE ID the endpoint presents; required for `https_spiffe`.
+    #[serde(
+        default,
+        rename = "endpointSPIFFEID",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub endpoint_spiffe_id: Option<String>,
+}
+
+/// A federation relationship with another trust domain.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "identity.sigil",
+    version = "v1alpha1",
+    kind = "ClusterFederatedTrustDomain",
+    plural = "clusterfederatedtrustdomains",
+    shortname = "cftd",
+    status = "ClusterFederatedTrustDomainStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "A federation relationship: the server fetches this trust domain's bundle from its bundle endpoint.",
+    printcolumn = r#"{"name": "Trust Domain", "type": "string", "jsonPath": ".spec.trustDomain"}"#,
+    printcolumn = r#"{"name": "Endpoint URL", "type": "string", "jsonPath": ".spec.bundleEndpointURL"}"#,
+    printcolumn = r#"{"name": "Set", "type": "boolean", "jsonPath": ".status.set"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterFederatedTrustDomainSpec {
+    /// The foreign trust domain, e.g. `partner.example`.
+    pub trust_domain: String,
+    /// The `https://` URL of its SPIFFE bundle endpoint.
+    #[serde(rename = "bundleEndpointURL")]
+    pub bundle_endpoint_url: String,
+    /// How the endpoint authenticates itself.
+    pub bundle_endpoint_profile: BundleEndpointProfileSpec,
+    /// The trust domain's bundle (SPIFFE bundle JSON) to start from; needed
+    /// for `https_spiffe` when the endpoint's SPIFFE ID is in that trust
+    /// domain. Used when the relationship is created; fetched bundles
+    /// replace it afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain_bundle: Option<String>,
+}
+
+/// What the controller made of a `ClusterFederatedTrustDomain`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterFederatedTrustDomainStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Whether the relationship is on the server as declared.
+    #[serde(default)]
+    pub set: bool,
+    /// Validation and server errors. Always written, so that a merge patch
+    /// clears old errors.
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// The CRDs of every kind, as the API server takes them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![ClusterSPIFFEID::crd(), ClusterStaticEntry::crd()]
+    vec![
+        ClusterSPIFFEID::crd(),
+        ClusterStaticEntry::crd(),
+        ClusterFederatedTrustDomain::crd(),
+    ]
 }
 
 /// Each CRD as a YAML document, keyed by the file name it has under

@@ -400,6 +400,7 @@ struct Compiled {
     selectors: Vec<Template>,
     dns_names: Vec<Template>,
     federates_with: Vec<TrustDomain>,
+    attributes: Vec<sigil_types::Attribute>,
     x509_svid_ttl: u64,
     jwt_svid_ttl: u64,
     hint: String,
@@ -422,6 +423,16 @@ fn federates_with(v: &[String]) -> Result<Vec<TrustDomain>, String> {
         .iter()
         .map(|s| TrustDomain::new(s).map_err(|e| format!("federatesWith {s:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn attributes(v: &[String]) -> Result<Vec<sigil_types::Attribute>, String> {
+    let mut out = v
+        .iter()
+        .map(|s| s.parse().map_err(|e| format!("attributes: {e}")))
+        .collect::<Result<Vec<sigil_types::Attribute>, _>>()?;
     out.sort();
     out.dedup();
     Ok(out)
@@ -458,6 +469,7 @@ fn compile(spec: &super::crd::ClusterSPIFFEIDSpec) -> Result<Compiled, String> {
             .map(|s| parse(s))
             .collect::<Result<_, _>>()?,
         federates_with: federates_with(&spec.federates_with)?,
+        attributes: attributes(&spec.attributes)?,
         x509_svid_ttl: ttl_secs("x509SVIDTTL", spec.x509_svid_ttl.as_deref())?,
         jwt_svid_ttl: ttl_secs("jwtSVIDTTL", spec.jwt_svid_ttl.as_deref())?,
         hint: spec.hint.clone().unwrap_or_default(),
@@ -539,6 +551,7 @@ fn render_entry(
     entry.jwt_svid_ttl = c.jwt_svid_ttl;
     entry.dns_names = dns_names;
     entry.federates_with = c.federates_with.clone();
+    entry.attributes = c.attributes.clone();
     entry.hint = c.hint.clone();
     entry
         .validate(&settings.trust_domain)
@@ -655,6 +668,7 @@ fn static_entry(settings: &Settings, r: &ClusterStaticEntry) -> Result<Entry, St
     entry.jwt_svid_ttl = ttl_secs("jwtSVIDTTL", s.jwt_svid_ttl.as_deref())?;
     entry.dns_names = s.dns_names.clone();
     entry.federates_with = federates_with(&s.federates_with)?;
+    entry.attributes = attributes(&s.attributes)?;
     entry.hint = s.hint.clone().unwrap_or_default();
     entry
         .validate(&settings.trust_domain)
@@ -845,6 +859,7 @@ fn same_content(a: &Entry, b: &Entry) -> bool {
         && a.jwt_svid_ttl == b.jwt_svid_ttl
         && a.dns_names == b.dns_names
         && fed(a) == fed(b)
+        && a.attributes == b.attributes
         && a.admin == b.admin
         && a.downstream == b.downstream
         && a.hint == b.hint

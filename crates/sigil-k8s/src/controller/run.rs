@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::ControllerError;
 use super::admin::{AdminClient, ApplyReport};
-use super::crd::{ClusterSPIFFEID, ClusterStaticEntry};
+use super::crd::{ClusterFederatedTrustDomain, ClusterSPIFFEID, ClusterStaticEntry};
+use super::federation;
 use super::reconcile::{self, DEFAULT_IGNORED_NAMESPACES, Settings, Snapshot};
 
 /// How the controller runs.
@@ -45,11 +46,15 @@ pub struct ControllerConfig {
     pub resync: Duration,
     /// How soon a failed reconcile is retried.
     pub retry: Duration,
+    /// Whether the controller manages federation relationships from
+    /// `ClusterFederatedTrustDomain` resources (and deletes relationships no
+    /// resource declares, except those from the server's config file).
+    pub manage_federation: bool,
 }
 
 impl ControllerConfig {
     /// The defaults: `cluster.local`, [`DEFAULT_IGNORED_NAMESPACES`], 500 ms
-    /// debounce, 30 s resync, 5 s retry.
+    /// debounce, 30 s resync, 5 s retry, federation managed.
     pub fn new(admin_socket: PathBuf, cluster_name: &str) -> Self {
         Self {
             admin_socket,
@@ -62,6 +67,7 @@ impl ControllerConfig {
             debounce: Duration::from_millis(500),
             resync: Duration::from_secs(30),
             retry: Duration::from_secs(5),
+            manage_federation: true,
         }
     }
 }
@@ -97,6 +103,7 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, Controller
 struct Stores {
     spiffe_ids: Store<ClusterSPIFFEID>,
     static_entries: Store<ClusterStaticEntry>,
+    federated: Option<Store<ClusterFederatedTrustDomain>>,
     pods: Store<Pod>,
     namespaces: Store<Namespace>,
     nodes: Store<Node>,
@@ -123,6 +130,11 @@ impl Stores {
             .wait_until_ready()
             .await
             .map_err(gone("ClusterStaticEntry"))?;
+        if let Some(f) = &self.federated {
+            f.wait_until_ready()
+                .await
+                .map_err(gone("ClusterFederatedTrustDomain"))?;
+        }
         self.pods.wait_until_ready().await.map_err(gone("Pod"))?;
         self.namespaces
             .wait_until_ready()
@@ -224,9 +236,22 @@ pub async fn run(
         trim_meta,
     );
     let (nodes, s5) = reflect(Api::<Node>::all(client.clone()), "Node", trim_node);
+    let mut streams = vec![s1, s2, s3, s4, s5];
+    let federated = if config.manage_federation {
+        let (store, s6) = reflect(
+            Api::<ClusterFederatedTrustDomain>::all(client.clone()),
+            "ClusterFederatedTrustDomain",
+            trim_meta,
+        );
+        streams.push(s6);
+        Some(store)
+    } else {
+        None
+    };
     let stores = Stores {
         spiffe_ids,
         static_entries,
+        federated,
         pods,
         namespaces,
         nodes,
@@ -234,7 +259,7 @@ pub async fn run(
 
     let (changed_tx, mut changed) = watch::channel(0u64);
     let driver = tokio::spawn(async move {
-        let mut events = futures::stream::select_all([s1, s2, s3, s4, s5]);
+        let mut events = futures::stream::select_all(streams);
         while events.next().await.is_some() {
             changed_tx.send_modify(|n| *n = n.wrapping_add(1));
         }
@@ -253,7 +278,8 @@ pub async fn run(
 
     let status_api = StatusApi {
         spiffe_ids: Api::all(client.clone()),
-        static_entries: Api::all(client),
+        static_entries: Api::all(client.clone()),
+        federated: Api::all(client),
     };
     let mut admin = Some(admin);
     loop {
@@ -293,6 +319,7 @@ impl Drop for AbortOnDrop {
 struct StatusApi {
     spiffe_ids: Api<ClusterSPIFFEID>,
     static_entries: Api<ClusterStaticEntry>,
+    federated: Api<ClusterFederatedTrustDomain>,
 }
 
 async fn reconcile_once(
@@ -309,6 +336,14 @@ async fn reconcile_once(
         None => admin.insert(AdminClient::connect(&config.admin_socket).await?),
     };
     let result = apply(settings, &mut desired, client).await;
+    let result = match (result, &stores.federated) {
+        (Ok(report), Some(federated)) => {
+            reconcile_federation(settings, federated, client, status_api)
+                .await
+                .map(|()| report)
+        }
+        (other, _) => other,
+    };
     if result.is_err() {
         // Connect afresh next time.
         *admin = None;
@@ -341,6 +376,47 @@ async fn reconcile_once(
             && r.status.as_ref() != Some(st)
         {
             patch_status(&status_api.static_entries, &name, st).await;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the server's federation relationships match the
+/// `ClusterFederatedTrustDomain` resources and writes their status.
+async fn reconcile_federation(
+    settings: &Settings,
+    resources: &Store<ClusterFederatedTrustDomain>,
+    client: &mut AdminClient,
+    status_api: &StatusApi,
+) -> Result<(), ControllerError> {
+    let resources = resources.state();
+    let mut desired = federation::render_federation(&settings.trust_domain, &resources);
+    let existing = client.list_federation_relationships().await?;
+    let plan = federation::plan_federation(&mut desired, &existing);
+    if !plan.is_empty() {
+        let results = client.apply_federation(&plan).await;
+        let refused = results.iter().filter(|(_, e)| e.is_some()).count();
+        tracing::info!(
+            created = plan.create.len(),
+            updated = plan.update.len(),
+            deleted = plan.delete.len(),
+            refused,
+            "federation relationships reconciled"
+        );
+        for (td, error) in results {
+            if let Some(e) = &error {
+                tracing::warn!(trust_domain = %td, error = %e, "the server refused a federation change");
+            }
+            federation::record_result(&mut desired, &td, error);
+        }
+    }
+    federation::finish_status(&mut desired);
+    for r in &resources {
+        let name = r.name_any();
+        if let Some(st) = desired.status.get(&name)
+            && r.status.as_ref() != Some(st)
+        {
+            patch_status(&status_api.federated, &name, st).await;
         }
     }
     Ok(())

@@ -81,7 +81,7 @@ fn crd_yaml_reads_back_as_the_crds() {
     let all = sigil_k8s::controller::crds_yaml().unwrap();
     assert_eq!(
         all.matches("\n---\n").count() + usize::from(all.starts_with("---\n")),
-        2
+        3
     );
 }
 
@@ -392,6 +392,7 @@ fn templates_fill_selectors_dns_names_and_settings() {
             "{{ index .PodMeta.Labels \"app\" }}.{{ .PodMeta.Namespace }}".into(),
         ],
         federates_with: vec!["partner.org".into(), "partner.org".into()],
+        attributes: vec!["region".into(), "namespace".into(), "region".into()],
         x509_svid_ttl: Some("30m".into()),
         jwt_svid_ttl: Some("5m".into()),
         hint: Some("internal".into()),
@@ -416,6 +417,13 @@ fn templates_fill_selectors_dns_names_and_settings() {
     assert_eq!(
         e.federates_with,
         vec![TrustDomain::new("partner.org").unwrap()]
+    );
+    assert_eq!(
+        e.attributes,
+        vec![
+            sigil_types::Attribute::Region,
+            sigil_types::Attribute::Namespace
+        ]
     );
     assert_eq!((e.x509_svid_ttl, e.jwt_svid_ttl), (1800, 300));
     assert_eq!(e.hint, "internal");
@@ -927,6 +935,9 @@ mod fake_api {
             "namespaces" => ("v1", "Namespace"),
             "nodes" => ("v1", "Node"),
             "clusterspiffeids" => ("identity.sigil/v1alpha1", "ClusterSPIFFEID"),
+            "clusterfederatedtrustdomains" => {
+                ("identity.sigil/v1alpha1", "ClusterFederatedTrustDomain")
+            }
             _ => ("identity.sigil/v1alpha1", "ClusterStaticEntry"),
         }
     }
@@ -1237,6 +1248,154 @@ mod running {
         assert_eq!(
             all.iter().map(|e| &e.id).collect::<Vec<_>>(),
             vec![&by_hand.id]
+        );
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        cluster.shutdown().await;
+    }
+
+    /// Federation relationships follow `ClusterFederatedTrustDomain`
+    /// resources on a real server: created, updated, a hand-made dynamic one
+    /// deleted, statuses written, and removed with the resource.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn controller_manages_federation_relationships() {
+        use sigil_proto::server::v1 as pb;
+        use sigil_proto::server::v1::admin_api_client::AdminApiClient;
+
+        let fake = FakeApi::start().await;
+        let cftd = |url: &str| {
+            json!({
+                "metadata": {"name": "partner", "generation": 1},
+                "spec": {
+                    "trustDomain": "partner.test",
+                    "bundleEndpointURL": url,
+                    "bundleEndpointProfile": {"type": "https_web"},
+                    "trustDomainBundle": "{\"keys\":[]}",
+                },
+            })
+        };
+        fake.put("clusterfederatedtrustdomains", cftd("https://127.0.0.1:9/"));
+        fake.put(
+            "clusterfederatedtrustdomains",
+            json!({
+                "metadata": {"name": "broken", "generation": 1},
+                "spec": {
+                    "trustDomain": "broken.test",
+                    "bundleEndpointURL": "http://broken.test/",
+                    "bundleEndpointProfile": {"type": "https_web"},
+                },
+            }),
+        );
+
+        let cluster = Cluster::start(ClusterOptions::default()).await.unwrap();
+        // A relationship made by hand before the controller starts: it is
+        // not declared by any resource, so the controller removes it.
+        let channel = {
+            let p = cluster.admin_socket();
+            tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let p = p.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(p).await?,
+                        ))
+                    }
+                }))
+                .await
+                .unwrap()
+        };
+        let mut raw = AdminApiClient::new(channel);
+        raw.create_federation_relationship(pb::FederationRelationship {
+            trust_domain: "stale.test".into(),
+            bundle_endpoint_url: "https://127.0.0.1:9/".into(),
+            bundle_endpoint_profile: "https_web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+        let kubeconfig = fake.kubeconfig(cluster.dir.path());
+        let client = kube_client(Some(&kubeconfig)).await.unwrap();
+        let mut config = ControllerConfig::new(cluster.admin_socket(), "eks-dev");
+        config.debounce = Duration::from_millis(50);
+        config.resync = Duration::from_secs(2);
+        config.retry = Duration::from_millis(200);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(client, config, shutdown.clone()));
+
+        let mut admin = AdminClient::connect(&cluster.admin_socket()).await.unwrap();
+        let urls = |admin: AdminClient| async move {
+            let mut admin = admin;
+            admin
+                .list_federation_relationships()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.trust_domain, r.bundle_endpoint_url))
+                .collect::<Vec<_>>()
+        };
+        eventually("the declared relationship only", || {
+            let a = admin.clone();
+            async move {
+                urls(a).await == [("partner.test".to_owned(), "https://127.0.0.1:9/".to_owned())]
+            }
+        })
+        .await;
+        // The bootstrap bundle was stored with the relationship.
+        let bundle = raw
+            .get_federated_bundle(pb::TrustDomainRequest {
+                trust_domain: "partner.test".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(bundle.bundle_json.contains("keys"), "{bundle:?}");
+        eventually("the statuses", || async {
+            fake.get("clusterfederatedtrustdomains", "/partner")
+                .is_some_and(|o| o["status"]["set"] == true)
+                && fake
+                    .get("clusterfederatedtrustdomains", "/broken")
+                    .is_some_and(|o| {
+                        o["status"]["errors"][0]
+                            .as_str()
+                            .is_some_and(|e| e.contains("https://"))
+                    })
+        })
+        .await;
+
+        fake.put(
+            "clusterfederatedtrustdomains",
+            cftd("https://127.0.0.1:10/v2"),
+        );
+        eventually("the updated URL", || {
+            let a = admin.clone();
+            async move {
+                urls(a).await
+                    == [(
+                        "partner.test".to_owned(),
+                        "https://127.0.0.1:10/v2".to_owned(),
+                    )]
+            }
+        })
+        .await;
+
+        fake.delete("clusterfederatedtrustdomains", "/partner");
+        eventually("no relationships", || {
+            let a = admin.clone();
+            async move { urls(a).await.is_empty() }
+        })
+        .await;
+        assert!(
+            admin
+                .list_federation_relationships()
+                .await
+                .unwrap()
+                .is_empty()
         );
 
         shutdown.cancel();

@@ -10,6 +10,7 @@
 
 mod cgroup;
 mod controller;
+mod federation;
 mod kubelet;
 mod psat;
 mod rbac;

@@ -68,10 +68,17 @@ const CONTROLLER_API_CALLS: &[Grant] = &[
     ("identity.sigil", "clusterspiffeids", "watch"),
     ("identity.sigil", "clusterstaticentries", "list"),
     ("identity.sigil", "clusterstaticentries", "watch"),
-    // `reconcile_once`: `patch_status(&status_api.…)`, a merge patch of
-    // each resource's status.
+    ("identity.sigil", "clusterfederatedtrustdomains", "list"),
+    ("identity.sigil", "clusterfederatedtrustdomains", "watch"),
+    // `reconcile_once` / `reconcile_federation`: `patch_status(&status_api.…)`,
+    // a merge patch of each resource's status.
     ("identity.sigil", "clusterspiffeids/status", "patch"),
     ("identity.sigil", "clusterstaticentries/status", "patch"),
+    (
+        "identity.sigil",
+        "clusterfederatedtrustdomains/status",
+        "patch",
+    ),
 ];
 
 /// The entry controller's sources: `src/controller.rs` and everything under

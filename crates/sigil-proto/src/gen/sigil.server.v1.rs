@@ -31,6 +31,10 @@ pub struct Entry {
     pub revision: u64,
     #[prost(int64, tag = "14")]
     pub created_at: i64,
+    /// Attested attributes to carry in the SVIDs: cluster, region, zone,
+    /// node_name, namespace, service_account.
+    #[prost(string, repeated, tag = "15")]
+    pub attributes: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetBundleRequest {}
@@ -102,6 +106,16 @@ pub struct SyncMessage {
     /// The trust bundle as SPIFFE JSON, when it changed (always in the first message).
     #[prost(string, tag = "5")]
     pub bundle_json: ::prost::alloc::string::String,
+    /// When `federated_bundles_changed` is set: every federated bundle the
+    /// server holds, trust domain name -> SPIFFE bundle JSON (the complete set;
+    /// drop any not listed). Always set in the first message.
+    #[prost(map = "string, string", tag = "6")]
+    pub federated_bundles: ::std::collections::HashMap<
+        ::prost::alloc::string::String,
+        ::prost::alloc::string::String,
+    >,
+    #[prost(bool, tag = "7")]
+    pub federated_bundles_changed: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct X509svidParams {
@@ -141,6 +155,62 @@ pub struct NewJwtsvidRequest {
 pub struct NewJwtsvidResponse {
     #[prost(string, tag = "1")]
     pub token: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TrustDomainRequest {
+    /// A trust domain name, e.g. "partner.org".
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FederatedBundle {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+    /// SPIFFE bundle JSON.
+    #[prost(string, tag = "2")]
+    pub bundle_json: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListFederatedBundlesRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListFederatedBundlesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub bundles: ::prost::alloc::vec::Vec<FederatedBundle>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FederationRelationship {
+    #[prost(string, tag = "1")]
+    pub trust_domain: ::prost::alloc::string::String,
+    /// https:// URL of the foreign trust domain's bundle endpoint.
+    #[prost(string, tag = "2")]
+    pub bundle_endpoint_url: ::prost::alloc::string::String,
+    /// "https_web" or "https_spiffe".
+    #[prost(string, tag = "3")]
+    pub bundle_endpoint_profile: ::prost::alloc::string::String,
+    /// The SPIFFE ID the endpoint presents (https_spiffe only).
+    #[prost(string, tag = "4")]
+    pub endpoint_spiffe_id: ::prost::alloc::string::String,
+    /// Optional on create/update: a bundle to store now (bootstrap for https_spiffe).
+    #[prost(string, tag = "5")]
+    pub trust_domain_bundle_json: ::prost::alloc::string::String,
+    /// Read-only: the relationship comes from the config file.
+    #[prost(bool, tag = "6")]
+    pub from_config: bool,
+    /// Read-only status: Unix times of the last successful fetch and of the
+    /// next one, and the last error (empty after a success).
+    #[prost(int64, tag = "7")]
+    pub last_refresh: i64,
+    #[prost(int64, tag = "8")]
+    pub next_refresh: i64,
+    #[prost(string, tag = "9")]
+    pub last_error: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListFederationRelationshipsRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListFederationRelationshipsResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub relationships: ::prost::alloc::vec::Vec<FederationRelationship>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct BatchCreateEntryRequest {
@@ -1362,6 +1432,284 @@ pub mod admin_api_client {
                 .insert(GrpcMethod::new("sigil.server.v1.AdminApi", "GetBundle"));
             self.inner.unary(req, path, codec).await
         }
+        /// Federated bundles (foreign trust domains' bundles held by this server).
+        pub async fn list_federated_bundles(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListFederatedBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederatedBundlesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/ListFederatedBundles",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("sigil.server.v1.AdminApi", "ListFederatedBundles"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn get_federated_bundle(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TrustDomainRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederatedBundle>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/GetFederatedBundle",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("sigil.server.v1.AdminApi", "GetFederatedBundle"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Sets (creates or replaces) a federated bundle, e.g. the bootstrap bundle
+        /// of an https_spiffe relationship. The JSON is checked before anything is stored.
+        pub async fn set_federated_bundle(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FederatedBundle>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederatedBundle>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/SetFederatedBundle",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("sigil.server.v1.AdminApi", "SetFederatedBundle"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn delete_federated_bundle(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TrustDomainRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederatedBundle>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/DeleteFederatedBundle",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("sigil.server.v1.AdminApi", "DeleteFederatedBundle"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Federation relationships.
+        pub async fn create_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/CreateFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "sigil.server.v1.AdminApi",
+                        "CreateFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn update_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/UpdateFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "sigil.server.v1.AdminApi",
+                        "UpdateFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn get_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TrustDomainRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/GetFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "sigil.server.v1.AdminApi",
+                        "GetFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn list_federation_relationships(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListFederationRelationshipsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederationRelationshipsResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/ListFederationRelationships",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "sigil.server.v1.AdminApi",
+                        "ListFederationRelationships",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn delete_federation_relationship(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TrustDomainRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/DeleteFederationRelationship",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new(
+                        "sigil.server.v1.AdminApi",
+                        "DeleteFederationRelationship",
+                    ),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        /// Fetches the relationship's bundle endpoint now and returns the bundle held afterwards.
+        pub async fn refresh_bundle(
+            &mut self,
+            request: impl tonic::IntoRequest<super::TrustDomainRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederatedBundle>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/RefreshBundle",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sigil.server.v1.AdminApi", "RefreshBundle"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1442,6 +1790,69 @@ pub mod admin_api_server {
             tonic::Response<super::GetBundleResponse>,
             tonic::Status,
         >;
+        /// Federated bundles (foreign trust domains' bundles held by this server).
+        async fn list_federated_bundles(
+            &self,
+            request: tonic::Request<super::ListFederatedBundlesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederatedBundlesResponse>,
+            tonic::Status,
+        >;
+        async fn get_federated_bundle(
+            &self,
+            request: tonic::Request<super::TrustDomainRequest>,
+        ) -> std::result::Result<tonic::Response<super::FederatedBundle>, tonic::Status>;
+        /// Sets (creates or replaces) a federated bundle, e.g. the bootstrap bundle
+        /// of an https_spiffe relationship. The JSON is checked before anything is stored.
+        async fn set_federated_bundle(
+            &self,
+            request: tonic::Request<super::FederatedBundle>,
+        ) -> std::result::Result<tonic::Response<super::FederatedBundle>, tonic::Status>;
+        async fn delete_federated_bundle(
+            &self,
+            request: tonic::Request<super::TrustDomainRequest>,
+        ) -> std::result::Result<tonic::Response<super::FederatedBundle>, tonic::Status>;
+        /// Federation relationships.
+        async fn create_federation_relationship(
+            &self,
+            request: tonic::Request<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        async fn update_federation_relationship(
+            &self,
+            request: tonic::Request<super::FederationRelationship>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        async fn get_federation_relationship(
+            &self,
+            request: tonic::Request<super::TrustDomainRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        async fn list_federation_relationships(
+            &self,
+            request: tonic::Request<super::ListFederationRelationshipsRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListFederationRelationshipsResponse>,
+            tonic::Status,
+        >;
+        async fn delete_federation_relationship(
+            &self,
+            request: tonic::Request<super::TrustDomainRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::FederationRelationship>,
+            tonic::Status,
+        >;
+        /// Fetches the relationship's bundle endpoint now and returns the bundle held afterwards.
+        async fn refresh_bundle(
+            &self,
+            request: tonic::Request<super::TrustDomainRequest>,
+        ) -> std::result::Result<tonic::Response<super::FederatedBundle>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AdminApiServer<T> {
@@ -1991,6 +2402,479 @@ pub mod admin_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = GetBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/ListFederatedBundles" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListFederatedBundlesSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::ListFederatedBundlesRequest>
+                    for ListFederatedBundlesSvc<T> {
+                        type Response = super::ListFederatedBundlesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListFederatedBundlesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::list_federated_bundles(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListFederatedBundlesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/GetFederatedBundle" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetFederatedBundleSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::TrustDomainRequest>
+                    for GetFederatedBundleSvc<T> {
+                        type Response = super::FederatedBundle;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TrustDomainRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::get_federated_bundle(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetFederatedBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/SetFederatedBundle" => {
+                    #[allow(non_camel_case_types)]
+                    struct SetFederatedBundleSvc<T: AdminApi>(pub Arc<T>);
+                    impl<T: AdminApi> tonic::server::UnaryService<super::FederatedBundle>
+                    for SetFederatedBundleSvc<T> {
+                        type Response = super::FederatedBundle;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FederatedBundle>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::set_federated_bundle(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SetFederatedBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/DeleteFederatedBundle" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteFederatedBundleSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::TrustDomainRequest>
+                    for DeleteFederatedBundleSvc<T> {
+                        type Response = super::FederatedBundle;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TrustDomainRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::delete_federated_bundle(&inner, request)
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteFederatedBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/CreateFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct CreateFederationRelationshipSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::FederationRelationship>
+                    for CreateFederationRelationshipSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FederationRelationship>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::create_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CreateFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/UpdateFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct UpdateFederationRelationshipSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::FederationRelationship>
+                    for UpdateFederationRelationshipSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::FederationRelationship>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::update_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = UpdateFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/GetFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetFederationRelationshipSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::TrustDomainRequest>
+                    for GetFederationRelationshipSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TrustDomainRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::get_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/ListFederationRelationships" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListFederationRelationshipsSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<
+                        super::ListFederationRelationshipsRequest,
+                    > for ListFederationRelationshipsSvc<T> {
+                        type Response = super::ListFederationRelationshipsResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                super::ListFederationRelationshipsRequest,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::list_federation_relationships(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListFederationRelationshipsSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/DeleteFederationRelationship" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteFederationRelationshipSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::TrustDomainRequest>
+                    for DeleteFederationRelationshipSvc<T> {
+                        type Response = super::FederationRelationship;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TrustDomainRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::delete_federation_relationship(
+                                        &inner,
+                                        request,
+                                    )
+                                    .await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteFederationRelationshipSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/RefreshBundle" => {
+                    #[allow(non_camel_case_types)]
+                    struct RefreshBundleSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::TrustDomainRequest>
+                    for RefreshBundleSvc<T> {
+                        type Response = super::FederatedBundle;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::TrustDomainRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::refresh_bundle(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RefreshBundleSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -11,7 +11,10 @@ use sigil_store::{
     AuthorityKind, AuthorityRecord, AuthorityState, Change, ChangeKind, JoinToken, Store,
     StoreError,
 };
-use sigil_types::{AgentRecord, Entry, EntryId, Selectors, SpiffeId, TrustDomain};
+use sigil_types::{
+    AgentRecord, BundleEndpointProfile, Entry, EntryId, FederationRelationship, Selectors,
+    SpiffeId, TrustDomain,
+};
 
 /// Expands to one `#[tokio::test]` per conformance case, each with a fresh
 /// store from `$make`.
@@ -26,6 +29,8 @@ macro_rules! conformance_suite {
             agents_lifecycle,
             join_tokens_single_use,
             bundles,
+            bundle_changes_in_feed,
+            federation_relationships,
             authorities,
             concurrent_creates,
         );
@@ -72,6 +77,10 @@ pub(crate) fn full_entry(entry_id: &str) -> Entry {
             TrustDomain::new("partner.example").unwrap(),
             TrustDomain::new("other.example").unwrap(),
         ],
+        attributes: vec![
+            sigil_types::Attribute::Region,
+            sigil_types::Attribute::Namespace,
+        ],
         admin: true,
         downstream: true,
         hint: "external".into(),
@@ -92,6 +101,7 @@ pub(crate) fn simple_entry(entry_id: &str) -> Entry {
         jwt_svid_ttl: 0,
         dns_names: vec![],
         federates_with: vec![],
+        attributes: vec![],
         admin: false,
         downstream: false,
         hint: String::new(),
@@ -489,6 +499,103 @@ pub(crate) async fn bundles(store: Arc<dyn Store>) {
         Err(StoreError::NotFound(_))
     ));
     assert_eq!(store.list_bundles().await.unwrap().len(), 1);
+}
+
+/// Bundle writes are in the change feed, with revisions, so that other
+/// servers and sync streams learn of federated bundles.
+pub(crate) async fn bundle_changes_in_feed(store: Arc<dyn Store>) {
+    let a = TrustDomain::new("a.example").unwrap();
+    let start = store.revision().await.unwrap();
+    store.put_bundle(&a, r#"{"keys":[]}"#).await.unwrap();
+    store.delete_bundle(&a).await.unwrap();
+    assert!(store.delete_bundle(&a).await.is_err());
+    let kinds: Vec<ChangeKind> = store
+        .changes_since(start, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ChangeKind::BundleChanged(a.clone()),
+            ChangeKind::BundleDeleted(a.clone())
+        ],
+        "a failed delete records nothing"
+    );
+    assert_eq!(store.revision().await.unwrap(), start + 2);
+}
+
+/// Federation relationships: put (replacing), get, list in order, delete
+/// returning the last state, each write in the change feed.
+pub(crate) async fn federation_relationships(store: Arc<dyn Store>) {
+    let a = TrustDomain::new("a.example").unwrap();
+    let b = TrustDomain::new("b.example").unwrap();
+    let web = FederationRelationship {
+        trust_domain: b.clone(),
+        bundle_endpoint_url: "https://b.example:8443/".to_owned(),
+        profile: BundleEndpointProfile::HttpsWeb,
+        from_config: false,
+    };
+    let spiffe = FederationRelationship {
+        trust_domain: a.clone(),
+        bundle_endpoint_url: "https://a.example/bundle".to_owned(),
+        profile: BundleEndpointProfile::HttpsSpiffe {
+            endpoint_spiffe_id: "spiffe://a.example/sigil/server".parse().unwrap(),
+        },
+        from_config: true,
+    };
+    let start = store.revision().await.unwrap();
+    assert_eq!(store.get_federation_relationship(&a).await.unwrap(), None);
+    store
+        .put_federation_relationship(web.clone())
+        .await
+        .unwrap();
+    store
+        .put_federation_relationship(FederationRelationship {
+            bundle_endpoint_url: "https://old.example/".to_owned(),
+            ..spiffe.clone()
+        })
+        .await
+        .unwrap();
+    store
+        .put_federation_relationship(spiffe.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_federation_relationship(&a).await.unwrap(),
+        Some(spiffe.clone())
+    );
+    assert_eq!(
+        store.list_federation_relationships().await.unwrap(),
+        vec![spiffe.clone(), web.clone()]
+    );
+    assert_eq!(store.delete_federation_relationship(&b).await.unwrap(), web);
+    assert!(matches!(
+        store.delete_federation_relationship(&b).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store.list_federation_relationships().await.unwrap(),
+        vec![spiffe]
+    );
+    let kinds: Vec<ChangeKind> = store
+        .changes_since(start, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ChangeKind::FederationChanged(b.clone()),
+            ChangeKind::FederationChanged(a.clone()),
+            ChangeKind::FederationChanged(a.clone()),
+            ChangeKind::FederationDeleted(b.clone()),
+        ]
+    );
 }
 
 /// Authorities: upsert by id, list by (created_at, id), delete.

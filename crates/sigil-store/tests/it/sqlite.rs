@@ -124,7 +124,11 @@ async fn data_survives_reopen() {
     );
     assert_eq!(store.get_bundle(&td).await.unwrap().as_deref(), Some("{}"));
     assert_eq!(store.list_authorities().await.unwrap(), vec![authority]);
-    assert_eq!(store.changes_since(0, 100).await.unwrap().len(), 2);
+    assert_eq!(
+        store.changes_since(0, 100).await.unwrap().len(),
+        3,
+        "entry, agent and bundle writes"
+    );
     assert_eq!(store.consume_join_token("hash", 0).await.unwrap(), token);
     // Reopening ran the migrations again without harm, and the counter goes on.
     let next = store.create_entry(simple_entry("e2")).await.unwrap();

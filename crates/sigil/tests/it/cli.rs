@@ -521,3 +521,673 @@ fn k8s_selectors_explains_a_pod_and_a_non_pod() {
         .failure()
         .stderr(predicate::str::contains("no k8s selectors"));
 }
+
+/// Runs `sigil` with the cluster's admin socket, off the async runtime.
+async fn run_admin(
+    admin: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> std::process::Output {
+    let admin = admin.to_owned();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let stdin = stdin.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let mut c = sigil();
+        c.env("SIGIL_ADMIN_SOCKET", admin).args(&args);
+        if let Some(s) = stdin {
+            c.write_stdin(s);
+        }
+        c.output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn ok_json(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn fails_with(out: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(needle),
+        "expected a failure mentioning {needle:?}: {stderr}"
+    );
+}
+
+/// A CA and a JWT key of a foreign trust domain.
+fn foreign_domain(
+    name: &str,
+) -> (
+    sigil_svid::x509::X509Authority,
+    sigil_svid::jwt::JwtAuthority,
+    sigil_svid::bundle::Bundle,
+) {
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(86_400);
+    let td = sigil_types::TrustDomain::new(name).unwrap();
+    let ca = sigil_svid::x509::X509Authority::generate(&td, day, now).unwrap();
+    let jwt = sigil_svid::jwt::JwtAuthority::generate(day, now).unwrap();
+    let mut b = sigil_svid::bundle::Bundle::new(td);
+    b.x509_authorities.push(ca.cert_der().to_vec());
+    b.jwt_authorities.push(jwt.public_jwk());
+    (ca, jwt, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_and_federation_commands_round_trip_and_refuse_bad_input() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let admin = cluster.admin_socket();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, _, partner) = foreign_domain("partner.org");
+    let pem_path = dir.path().join("partner.pem");
+    std::fs::write(&pem_path, partner.x509_pem()).unwrap();
+    let pem = pem_path.to_str().unwrap();
+    let json_path = dir.path().join("partner.json");
+    std::fs::write(&json_path, partner.to_json()).unwrap();
+    let json = json_path.to_str().unwrap();
+    let bad_path = dir.path().join("bad.json");
+    std::fs::write(&bad_path, r#"{"keys": [{"kty": "EC", "use": "jwt-svid"}]}"#).unwrap();
+    let bad = bad_path.to_str().unwrap();
+
+    // Bad bundle input: a clear error, nothing stored.
+    for (args, needle) in [
+        (
+            vec![
+                "--trust-domain",
+                "partner.org",
+                "--path",
+                "/nonexistent/b.json",
+            ],
+            "cannot read",
+        ),
+        (
+            vec!["--trust-domain", "partner.org", "--path", bad],
+            "not a valid SPIFFE bundle",
+        ),
+        (
+            vec!["--trust-domain", "partner.org", "--path", pem],
+            "--format pem",
+        ),
+        (
+            vec!["--trust-domain", "Not A Domain", "--path", json],
+            "--trust-domain",
+        ),
+        (
+            vec!["--trust-domain", "example.org", "--path", json],
+            "own trust domain",
+        ),
+    ] {
+        let mut full = vec!["bundle", "set"];
+        full.extend(args);
+        fails_with(&run_admin(&admin, &full, None).await, needle);
+    }
+    let list = ok_json(&run_admin(&admin, &["bundle", "list", "-o", "json"], None).await);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["trust_domain"], "example.org");
+    assert_eq!(list[0]["own"], true);
+
+    // PEM from a file, then SPIFFE JSON from standard input.
+    let set = ok_json(
+        &run_admin(
+            &admin,
+            &[
+                "bundle",
+                "set",
+                "--trust-domain",
+                "partner.org",
+                "--format",
+                "pem",
+                "--path",
+                pem,
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(set["trust_domain"], "partner.org");
+    assert_eq!(
+        set["bundle"]["keys"].as_array().unwrap().len(),
+        1,
+        "X.509 only"
+    );
+    let out = run_admin(
+        &admin,
+        &["bundle", "set", "--trust-domain", "spiffe://partner.org"],
+        Some(&partner.to_json()),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("JWT authorities   : 1"));
+    let list = ok_json(&run_admin(&admin, &["bundle", "list", "-o", "json"], None).await);
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list[1]["trust_domain"], "partner.org");
+    assert_eq!(list[1]["own"], false);
+    assert_eq!(list[1]["bundle"]["keys"].as_array().unwrap().len(), 2);
+    let text = run_admin(&admin, &["bundle", "list"], None).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("Trust domain      : example.org (own)")
+            && text.contains("Trust domain      : partner.org (federated)"),
+        "{text}"
+    );
+    let shown = run_admin(
+        &admin,
+        &["bundle", "show", "--trust-domain", "partner.org"],
+        None,
+    )
+    .await;
+    assert_eq!(
+        sigil_svid::pem::pem_to_certs(&String::from_utf8_lossy(&shown.stdout)).unwrap(),
+        vec![ca.cert_der().to_vec()]
+    );
+
+    // Federation relationships: argument checks before anything is sent.
+    let base = ["federation", "create", "--trust-domain", "other.org"];
+    for (extra, needle) in [
+        (
+            vec!["--bundle-endpoint-profile", "https_web"],
+            "--bundle-endpoint-url is required",
+        ),
+        (
+            vec!["--bundle-endpoint-url", "https://127.0.0.1:1/"],
+            "--bundle-endpoint-profile is required",
+        ),
+        (
+            vec![
+                "--bundle-endpoint-url",
+                "http://127.0.0.1:1/",
+                "--bundle-endpoint-profile",
+                "https_web",
+            ],
+            "must start with https://",
+        ),
+        (
+            vec![
+                "--bundle-endpoint-url",
+                "https://127.0.0.1:1/",
+                "--bundle-endpoint-profile",
+                "https_spiffe",
+            ],
+            "--endpoint-spiffe-id",
+        ),
+        (
+            vec![
+                "--bundle-endpoint-url",
+                "https://127.0.0.1:1/",
+                "--bundle-endpoint-profile",
+                "https_web",
+                "--endpoint-spiffe-id",
+                "spiffe://other.org/sigil/server",
+            ],
+            "only to the https_spiffe profile",
+        ),
+        (
+            vec![
+                "--bundle-endpoint-url",
+                "https://127.0.0.1:1/",
+                "--bundle-endpoint-profile",
+                "spiffe",
+            ],
+            "invalid value",
+        ),
+        (
+            vec![
+                "--bundle-endpoint-url",
+                "https://127.0.0.1:1/",
+                "--bundle-endpoint-profile",
+                "https_web",
+                "--trust-domain-bundle-path",
+                bad,
+            ],
+            "not a valid SPIFFE bundle",
+        ),
+    ] {
+        let mut full = base.to_vec();
+        full.extend(extra);
+        fails_with(&run_admin(&admin, &full, None).await, needle);
+    }
+    let none = ok_json(&run_admin(&admin, &["federation", "list", "-o", "json"], None).await);
+    assert_eq!(none, serde_json::json!([]));
+
+    // Create (with a bootstrap bundle), show, update, refresh, delete.
+    let created = ok_json(
+        &run_admin(
+            &admin,
+            &[
+                "federation",
+                "create",
+                "--trust-domain",
+                "other.org",
+                "--bundle-endpoint-url",
+                "https://127.0.0.1:1/bundle",
+                "--bundle-endpoint-profile",
+                "https_spiffe",
+                "--endpoint-spiffe-id",
+                "spiffe://other.org/sigil/server",
+                "--trust-domain-bundle-path",
+                pem,
+                "--trust-domain-bundle-format",
+                "pem",
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(created["bundle_endpoint_profile"], "https_spiffe");
+    assert_eq!(
+        created["endpoint_spiffe_id"],
+        "spiffe://other.org/sigil/server"
+    );
+    fails_with(
+        &run_admin(
+            &admin,
+            &[
+                "federation",
+                "create",
+                "--trust-domain",
+                "other.org",
+                "--bundle-endpoint-url",
+                "https://127.0.0.1:1/",
+                "--bundle-endpoint-profile",
+                "https_web",
+            ],
+            None,
+        )
+        .await,
+        "other.org",
+    );
+    let list = ok_json(&run_admin(&admin, &["federation", "list", "-o", "json"], None).await);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["bundle_endpoint_url"], "https://127.0.0.1:1/bundle");
+    // The bootstrap bundle was stored.
+    let b = ok_json(
+        &run_admin(
+            &admin,
+            &[
+                "bundle",
+                "show",
+                "--trust-domain",
+                "other.org",
+                "--format",
+                "spiffe",
+            ],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(b["keys"].as_array().unwrap().len(), 1);
+
+    let updated = ok_json(
+        &run_admin(
+            &admin,
+            &[
+                "federation",
+                "update",
+                "--trust-domain",
+                "other.org",
+                "--bundle-endpoint-profile",
+                "https_web",
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(updated["bundle_endpoint_profile"], "https_web");
+    assert_eq!(updated["endpoint_spiffe_id"], "");
+    assert_eq!(
+        updated["bundle_endpoint_url"], "https://127.0.0.1:1/bundle",
+        "unchanged"
+    );
+    let shown = run_admin(
+        &admin,
+        &["federation", "show", "--trust-domain", "other.org"],
+        None,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("Trust domain       : other.org")
+            && text.contains("Profile            : https_web"),
+        "{text}"
+    );
+    // Nothing listens on port 1: the refresh fails and says so.
+    fails_with(
+        &run_admin(
+            &admin,
+            &["federation", "refresh", "--trust-domain", "other.org"],
+            None,
+        )
+        .await,
+        "refreshing the bundle of other.org failed",
+    );
+    fails_with(
+        &run_admin(
+            &admin,
+            &["federation", "show", "--trust-domain", "nobody.org"],
+            None,
+        )
+        .await,
+        "nobody.org",
+    );
+
+    let out = run_admin(
+        &admin,
+        &["federation", "delete", "--trust-domain", "other.org"],
+        None,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let none = ok_json(&run_admin(&admin, &["federation", "list", "-o", "json"], None).await);
+    assert_eq!(none, serde_json::json!([]));
+    fails_with(
+        &run_admin(
+            &admin,
+            &["federation", "delete", "--trust-domain", "other.org"],
+            None,
+        )
+        .await,
+        "other.org",
+    );
+
+    // Bundles are deleted explicitly.
+    let out = run_admin(
+        &admin,
+        &["bundle", "delete", "--trust-domain", "partner.org"],
+        None,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fails_with(
+        &run_admin(
+            &admin,
+            &["bundle", "delete", "--trust-domain", "partner.org"],
+            None,
+        )
+        .await,
+        "partner.org",
+    );
+    let list = ok_json(&run_admin(&admin, &["bundle", "list", "-o", "json"], None).await);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["trust_domain"] != "partner.org"),
+        "{list}"
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entry_attributes_are_set_shown_and_checked() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let admin = cluster.admin_socket();
+    let agent = cluster.agent_id().to_string();
+    let base = [
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://example.org/api",
+        "--parent-id",
+        &agent,
+        "--selector",
+        "k8s:ns:shop",
+    ];
+    let mut bad = base.to_vec();
+    bad.extend(["--attribute", "colour"]);
+    fails_with(&run_admin(&admin, &bad, None).await, "unknown attribute");
+    let mut good = base.to_vec();
+    good.extend([
+        "--attribute",
+        "region",
+        "--attribute",
+        "namespace",
+        "--attribute",
+        "region",
+        "-o",
+        "json",
+    ]);
+    let created = ok_json(&run_admin(&admin, &good, None).await);
+    let id = created[0]["entry"]["id"].as_str().unwrap().to_owned();
+    // Deduplicated, in the documented order.
+    assert_eq!(
+        created[0]["entry"]["attributes"],
+        serde_json::json!(["region", "namespace"])
+    );
+    let shown = run_admin(&admin, &["entry", "show", "--entry-id", &id], None).await;
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("Attribute        : namespace") && text.contains("Attribute        : region"),
+        "{text}"
+    );
+    let updated = ok_json(
+        &run_admin(
+            &admin,
+            &[
+                "entry",
+                "update",
+                "--entry-id",
+                &id,
+                "--attribute",
+                "zone",
+                "-o",
+                "json",
+            ],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(
+        updated[0]["entry"]["attributes"],
+        serde_json::json!(["zone"])
+    );
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_bundles_reach_entitled_workloads_and_validate_jwts_offline() {
+    use futures_util::StreamExt;
+    init();
+    let mut cluster = Cluster::start(Default::default()).await.unwrap();
+    let admin = cluster.admin_socket();
+    let sock = cluster.socket_uri();
+    let partner_td = spiffe::TrustDomain::new("partner.org").unwrap();
+    let (ca, jwt, partner) = foreign_domain("partner.org");
+    let out = run_admin(
+        &admin,
+        &["bundle", "set", "--trust-domain", "partner.org"],
+        Some(&partner.to_json()),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // This process is entitled to partner.org's bundle through its entry.
+    let uid = nix::unistd::getuid();
+    let entry = cluster
+        .register_with("/fed", &[&format!("unix:uid:{uid}")], |e| {
+            e.federates_with = vec![sigil_types::TrustDomain::new("partner.org").unwrap()];
+        })
+        .await
+        .unwrap();
+    cluster.wait_for_svid(&entry.spiffe_id).await.unwrap();
+    let client = spiffe::WorkloadApiClient::connect_to(sock.clone())
+        .await
+        .unwrap();
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ctx = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("the partner bundle arrives")
+            .unwrap()
+            .unwrap();
+        if let Some(b) = ctx.bundle_set().get(&partner_td) {
+            let ders: Vec<Vec<u8>> = b
+                .authorities()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect();
+            assert_eq!(ders, vec![ca.cert_der().to_vec()]);
+            break;
+        }
+    }
+    let jwt_bundles = client.fetch_jwt_bundles().await.unwrap();
+    assert!(
+        jwt_bundles
+            .get(&partner_td)
+            .unwrap()
+            .find_jwt_authority(jwt.kid())
+            .is_some()
+    );
+    let x509_bundles = client.fetch_x509_bundles().await.unwrap();
+    assert!(x509_bundles.get(&partner_td).is_some());
+
+    // A rotated partner bundle is pushed to the open stream.
+    let (ca2, _, _) = foreign_domain("partner.org");
+    let mut rotated = partner.clone();
+    rotated.x509_authorities.push(ca2.cert_der().to_vec());
+    rotated.sequence += 1;
+    let out = run_admin(
+        &admin,
+        &["bundle", "set", "--trust-domain", "partner.org"],
+        Some(&rotated.to_json()),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ctx = tokio::time::timeout(crate::PROMPT, stream.next())
+        .await
+        .expect("the rotated bundle is pushed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ctx.bundle_set()
+            .get(&partner_td)
+            .unwrap()
+            .authorities()
+            .len(),
+        2
+    );
+
+    // A partner.org JWT-SVID validates through the agent, with the foreign
+    // token's private claims stripped, also while the server is down.
+    let now = std::time::SystemTime::now();
+    let mut extra = serde_json::Map::new();
+    extra.insert("cluster".into(), "east".into());
+    let token = jwt
+        .sign_with(
+            &"spiffe://partner.org/db".parse().unwrap(),
+            &["api".to_owned()],
+            std::time::Duration::from_secs(600),
+            now,
+            &sigil_svid::jwt::JwtClaims {
+                issuer: None,
+                extra,
+            },
+        )
+        .unwrap();
+    cluster.stop_server().await;
+    cluster.wait_connected(false).await.unwrap();
+    let validate = |token: String, sock: String| async move {
+        tokio::task::spawn_blocking(move || {
+            sigil()
+                .args([
+                    "jwt",
+                    "validate",
+                    "--audience",
+                    "api",
+                    "-o",
+                    "json",
+                    "--socket",
+                    &sock,
+                ])
+                .write_stdin(format!("Bearer {token}\n"))
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let v = ok_json(&validate(token.clone(), sock.clone()).await);
+    assert_eq!(v["spiffe_id"], "spiffe://partner.org/db");
+    assert_eq!(v["claims"]["aud"], "api");
+    assert!(v["claims"]["exp"].is_i64(), "{v}");
+    assert!(
+        v["claims"].get("cluster").is_none(),
+        "foreign claims are stripped: {v}"
+    );
+
+    // A trust domain nobody federates with is refused, clearly.
+    let (_, stranger, _) = foreign_domain("stranger.org");
+    let bad = stranger
+        .sign(
+            &"spiffe://stranger.org/x".parse().unwrap(),
+            &["api".to_owned()],
+            std::time::Duration::from_secs(600),
+            now,
+        )
+        .unwrap();
+    fails_with(
+        &validate(bad, sock.clone()).await,
+        "the JWT-SVID is not valid",
+    );
+    cluster.start_server().await.unwrap();
+    cluster.wait_connected(true).await.unwrap();
+
+    // Deleting the bundle removes it from what the workload receives.
+    let out = run_admin(
+        &admin,
+        &["bundle", "delete", "--trust-domain", "partner.org"],
+        None,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ctx = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("the deletion is pushed")
+            .unwrap()
+            .unwrap();
+        if ctx.bundle_set().get(&partner_td).is_none() {
+            break;
+        }
+    }
+    cluster.shutdown().await;
+}

@@ -9,9 +9,12 @@
     reason = "test code"
 )]
 
+mod attributes;
 mod cli;
+mod federation;
 mod kubernetes;
 mod mtls;
+mod oidc;
 mod processes;
 mod resilience;
 mod rotation;

@@ -1,0 +1,875 @@
+//! OIDC discovery for cloud IAMs: `GET /.well-known/openid-configuration`
+//! and the JWKS it points to (`GET /keys`), so that GCP Workload Identity
+//! Federation, AWS IAM OIDC providers and Azure federated credentials can
+//! verify JWT-SVIDs (docs/cloud-identity.md).
+//!
+//! The key set is the JWT half of the server's own bundle, read at every
+//! request: each JWT authority that may still verify a live token (prepared,
+//! active, and retired until its expiry). A prepared key is published here
+//! from the moment it is prepared, a third of a CA lifetime before it signs.
+//!
+//! The listener speaks HTTPS with a configured certificate, or plain HTTP for
+//! a TLS-terminating proxy in front (clouds fetch both documents over HTTPS
+//! only).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, Method, Request, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{Map, Value, json};
+use sigil_svid::bundle::Bundle;
+use sigil_types::Attribute;
+use sigil_types::config::ConfigError;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::ca::CaManager;
+use crate::config::{OidcConfig, OidcTls};
+use crate::error::ServerError;
+
+/// Path of the discovery document, below the issuer's path.
+pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
+/// Path of the JWKS, below the issuer's path (the default `jwks_uri`).
+pub const KEYS_PATH: &str = "/keys";
+/// The registered claims of every JWT-SVID (`iss` only with an issuer).
+pub const BASE_CLAIMS: [&str; 5] = ["sub", "aud", "exp", "iat", "iss"];
+/// Upper bound of the `max-age` both documents are served with.
+pub const MAX_CACHE_AGE: Duration = Duration::from_secs(300);
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the certificate files are checked for a change.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Checks an `https://host[:port][/path]` URL without user information,
+/// query or fragment: what clouds accept as an OIDC issuer or `jwks_uri`
+/// (docs/cloud-identity.md).
+pub fn validate_https_url(url: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{url:?} {why}"));
+    let Some(rest) = url.strip_prefix("https://") else {
+        return bad("must start with https://");
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return bad("has no host");
+    }
+    if authority.contains('@') {
+        return bad("must not carry user information");
+    }
+    if url.contains('?') {
+        return bad("must not have a query");
+    }
+    if url.contains('#') {
+        return bad("must not have a fragment");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return bad("contains whitespace or control characters");
+    }
+    Ok(())
+}
+
+/// Checks a JWT issuer (`jwt_issuer`): the exact string tokens carry as
+/// `iss` and relying parties compare, an https URL per
+/// [`validate_https_url`]. A trailing slash is kept and matters.
+pub fn validate_issuer(issuer: &str) -> Result<(), String> {
+    validate_https_url(issuer)
+}
+
+/// The default `jwks_uri` of an issuer: `<issuer without trailing slash>/keys`.
+pub fn default_jwks_uri(issuer: &str) -> String {
+    format!("{}{KEYS_PATH}", issuer.trim_end_matches('/'))
+}
+
+/// The authority (`host[:port]`) and path of a URL checked by
+/// [`validate_https_url`]; the path is empty when the URL has none.
+fn split_url(url: &str) -> (&str, &str) {
+    let rest = url.strip_prefix("https://").unwrap_or(url);
+    match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    }
+}
+
+/// The JWKS relying parties verify JWT-SVIDs with: every JWT authority of
+/// `bundle` as `{kty, kid, alg, use: "sig", n, e | crv, x, y}`. Only public
+/// members are copied; a key sigil cannot name an `alg` for is left out.
+pub fn jwks(bundle: &Bundle) -> Value {
+    let keys: Vec<Value> = published_keys(bundle)
+        .into_iter()
+        .map(|(_, k)| Value::Object(k))
+        .collect();
+    json!({ "keys": keys })
+}
+
+/// The keys of [`jwks`] with their algorithms.
+fn published_keys(bundle: &Bundle) -> Vec<(&'static str, Map<String, Value>)> {
+    let mut out = Vec::new();
+    for jwk in &bundle.jwt_authorities {
+        let (Some(alg), Some(kid)) = (sigil_svid::jwt::jwk_alg(jwk), jwk.kid.as_ref()) else {
+            tracing::debug!(kty = %jwk.kty, "JWT authority without kid or known alg left out of the JWKS");
+            continue;
+        };
+        let members: &[(&str, &Option<String>)] = match jwk.kty.as_str() {
+            "RSA" => &[("n", &jwk.n), ("e", &jwk.e)],
+            "EC" => &[("crv", &jwk.crv), ("x", &jwk.x), ("y", &jwk.y)],
+            _ => continue,
+        };
+        let mut key = Map::new();
+        key.insert("kty".into(), jwk.kty.clone().into());
+        key.insert("kid".into(), kid.clone().into());
+        key.insert("alg".into(), alg.into());
+        key.insert("use".into(), "sig".into());
+        let mut complete = true;
+        for (name, value) in members {
+            match value {
+                Some(v) => {
+                    key.insert((*name).into(), v.clone().into());
+                }
+                None => complete = false,
+            }
+        }
+        if complete {
+            out.push((alg, key));
+        }
+    }
+    out
+}
+
+/// The discovery document: `issuer`, `jwks_uri`, `authorization_endpoint`
+/// (empty: there is no interactive flow), `response_types_supported`
+/// (`id_token`), `subject_types_supported` (`public`),
+/// `id_token_signing_alg_values_supported` (the sorted algorithms of the
+/// keys published now) and `claims_supported` (the registered claims and
+/// every attribute claim, docs/attributes.md).
+pub fn discovery_document(issuer: &str, jwks_uri: &str, bundle: &Bundle) -> Value {
+    let mut algs: Vec<&str> = published_keys(bundle).iter().map(|(a, _)| *a).collect();
+    algs.sort_unstable();
+    algs.dedup();
+    let claims: Vec<&str> = BASE_CLAIMS
+        .into_iter()
+        .chain(Attribute::ALL.iter().map(|a| a.as_str()))
+        .collect();
+    json!({
+        "issuer": issuer,
+        "jwks_uri": jwks_uri,
+        "authorization_endpoint": "",
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": algs,
+        "claims_supported": claims,
+    })
+}
+
+/// What the HTTP handler serves.
+struct Endpoints {
+    issuer: String,
+    jwks_uri: String,
+    discovery_paths: Vec<String>,
+    keys_paths: Vec<String>,
+    cache_control: HeaderValue,
+    ca: Arc<CaManager>,
+}
+
+impl Endpoints {
+    fn new(config: &OidcConfig, ca: Arc<CaManager>, ca_ttl: Duration) -> Self {
+        let (issuer_host, issuer_path) = split_url(&config.issuer);
+        let prefix = issuer_path.trim_end_matches('/');
+        // At the issuer's path (what clouds fetch), and at the root for a
+        // proxy that strips the issuer's path before forwarding.
+        let mut discovery_paths = vec![format!("{prefix}{DISCOVERY_PATH}")];
+        let mut keys_paths = vec![format!("{prefix}{KEYS_PATH}")];
+        if !prefix.is_empty() {
+            discovery_paths.push(DISCOVERY_PATH.to_owned());
+            keys_paths.push(KEYS_PATH.to_owned());
+        }
+        let (jwks_host, jwks_path) = split_url(&config.jwks_uri);
+        if jwks_host == issuer_host
+            && !jwks_path.is_empty()
+            && !keys_paths.iter().any(|p| p == jwks_path)
+        {
+            keys_paths.push(jwks_path.to_owned());
+        }
+        // A new key is published a third of a CA lifetime before it signs;
+        // a cache shorter than half of that can never hide it from a
+        // verifier at the moment it is needed.
+        let max_age = MAX_CACHE_AGE.min(ca_ttl / 6).as_secs();
+        let cache_control = HeaderValue::from_str(&format!("public, max-age={max_age}"))
+            .unwrap_or(HeaderValue::from_static("no-cache"));
+        Self {
+            issuer: config.issuer.clone(),
+            jwks_uri: config.jwks_uri.clone(),
+            discovery_paths,
+            keys_paths,
+            cache_control,
+            ca,
+        }
+    }
+}
+
+async fn handle(State(ep): State<Arc<Endpoints>>, req: Request<Body>) -> Response {
+    let path = req.uri().path();
+    let discovery = ep.discovery_paths.iter().any(|p| p == path);
+    if !discovery && !ep.keys_paths.iter().any(|p| p == path) {
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "GET, HEAD")],
+            "method not allowed\n",
+        )
+            .into_response();
+    }
+    let bundle = ep.ca.bundle();
+    let (content_type, body) = if discovery {
+        (
+            "application/json",
+            discovery_document(&ep.issuer, &ep.jwks_uri, &bundle),
+        )
+    } else {
+        ("application/jwk-set+json", jwks(&bundle))
+    };
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (header::CACHE_CONTROL, ep.cache_control.clone()),
+            // Public documents; browsers-based tools may read them too.
+            (
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            ),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// Binds the OIDC discovery listener of `config` and returns its address
+/// and the future that serves it until `cancel`. A certificate or key that
+/// cannot be used, or an address that cannot be bound, fails here, before
+/// anything is served.
+pub async fn bind(
+    config: &OidcConfig,
+    ca: Arc<CaManager>,
+    ca_ttl: Duration,
+    cancel: CancellationToken,
+) -> Result<(SocketAddr, impl Future<Output = ()> + Send + 'static), ServerError> {
+    let tls = config.tls.as_ref().map(tls_config).transpose()?;
+    let listener = TcpListener::bind(config.address).await.map_err(|e| {
+        ServerError::Io(std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot bind the OIDC discovery address {}: {e}",
+                config.address
+            ),
+        ))
+    })?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .fallback(handle)
+        .with_state(Arc::new(Endpoints::new(config, ca, ca_ttl)));
+    match &tls {
+        Some(_) => tracing::info!(
+            address = %addr,
+            issuer = %config.issuer,
+            "serving OIDC discovery over HTTPS"
+        ),
+        None => tracing::warn!(
+            address = %addr,
+            issuer = %config.issuer,
+            "serving OIDC discovery over PLAIN HTTP (no cert_file/key_file): clouds fetch \
+             the issuer over HTTPS only, so a TLS-terminating proxy must serve this \
+             listener as the issuer URL"
+        ),
+    }
+    let serve = async move {
+        let result = match tls {
+            Some(tls) => {
+                let incoming = TlsListener::start(listener, tls, cancel.clone());
+                axum::serve(incoming, app)
+                    .with_graceful_shutdown(cancel.cancelled_owned())
+                    .await
+            }
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(cancel.cancelled_owned())
+                    .await
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "OIDC discovery listener stopped");
+        }
+    };
+    Ok((addr, serve))
+}
+
+fn cert_error(key: &'static str, message: String) -> ServerError {
+    ServerError::Config(ConfigError::Invalid {
+        path: None,
+        key,
+        message,
+    })
+}
+
+/// The certificate and key of `tls`, checked to belong together.
+fn load_certified_key(tls: &OidcTls) -> Result<CertifiedKey, ServerError> {
+    let chain = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            cert_error(
+                "server.oidc.cert_file",
+                format!("{}: {e}", tls.cert_file.display()),
+            )
+        })?;
+    if chain.is_empty() {
+        return Err(cert_error(
+            "server.oidc.cert_file",
+            format!("{} holds no PEM certificate", tls.cert_file.display()),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| {
+        cert_error(
+            "server.oidc.key_file",
+            format!("{}: {e}", tls.key_file.display()),
+        )
+    })?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
+        cert_error(
+            "server.oidc.key_file",
+            format!(
+                "{} cannot serve {}: {e}",
+                tls.key_file.display(),
+                tls.cert_file.display()
+            ),
+        )
+    })
+}
+
+/// The modification times of the certificate files.
+fn stamp(files: &[&Path]) -> Vec<Option<SystemTime>> {
+    files
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+/// Serves the certificate of `cert_file`/`key_file`, reloading both when
+/// either file changes (checked at most every ten seconds), so a renewed
+/// certificate needs no restart. A pair that fails to load keeps the
+/// previous one in service, with a warning.
+struct FileCertResolver {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    current: Mutex<Loaded>,
+}
+
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    stamp: Vec<Option<SystemTime>>,
+    checked: Instant,
+}
+
+impl std::fmt::Debug for FileCertResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileCertResolver")
+            .field("cert_file", &self.cert_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileCertResolver {
+    fn new(tls: &OidcTls) -> Result<Self, ServerError> {
+        let stamp = stamp(&[&tls.cert_file, &tls.key_file]);
+        let key = Arc::new(load_certified_key(tls)?);
+        Ok(Self {
+            cert_file: tls.cert_file.clone(),
+            key_file: tls.key_file.clone(),
+            current: Mutex::new(Loaded {
+                key,
+                stamp,
+                checked: Instant::now(),
+            }),
+        })
+    }
+
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        let mut loaded = self.current.lock().ok()?;
+        if loaded.checked.elapsed() >= CERT_CHECK_INTERVAL {
+            loaded.checked = Instant::now();
+            let now = stamp(&[&self.cert_file, &self.key_file]);
+            if now != loaded.stamp {
+                let tls = OidcTls {
+                    cert_file: self.cert_file.clone(),
+                    key_file: self.key_file.clone(),
+                };
+                match load_certified_key(&tls) {
+                    Ok(key) => {
+                        loaded.key = Arc::new(key);
+                        loaded.stamp = now;
+                        tracing::info!(cert_file = %self.cert_file.display(), "OIDC discovery certificate reloaded");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the changed OIDC discovery certificate cannot be used; keeping the previous one");
+                    }
+                }
+            }
+        }
+        Some(loaded.key.clone())
+    }
+}
+
+impl ResolvesServerCert for FileCertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+/// The rustls config of the HTTPS listener: the configured certificate, no
+/// client certificates, HTTP/1.1.
+fn tls_config(tls: &OidcTls) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    let resolver = FileCertResolver::new(tls)?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Finished TLS connections for axum; handshakes run concurrently, each
+/// bounded in time, so a slow client never blocks others.
+struct TlsListener {
+    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    fn start(
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let local = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (tx, rx) = mpsc::channel(64);
+        let acceptor = TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, remote) = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "OIDC discovery accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, remote)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, error = %e, "OIDC discovery TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "OIDC discovery TLS handshake timed out")
+                        }
+                    }
+                });
+            }
+        });
+        Self { rx, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(conn) => conn,
+            // Cancelled: nothing more will come; axum's graceful shutdown ends the serve.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sigil_store::{SqliteStore, Store};
+    use sigil_svid::jwt::{JwtAuthority, JwtKeyType};
+    use sigil_types::TrustDomain;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn bundle_of(authorities: &[&JwtAuthority]) -> Bundle {
+        let mut b = Bundle::new(TrustDomain::new("example.org").unwrap());
+        b.jwt_authorities = authorities.iter().map(|a| a.public_jwk()).collect();
+        b
+    }
+
+    fn authority(kt: JwtKeyType) -> JwtAuthority {
+        JwtAuthority::generate_with(kt, Duration::from_secs(3600), SystemTime::now()).unwrap()
+    }
+
+    #[test]
+    fn issuers_and_jwks_uris_are_https_without_query_or_fragment() {
+        for good in [
+            "https://oidc.example.org",
+            "https://oidc.example.org/",
+            "https://oidc.example.org:8443/td/prod",
+        ] {
+            assert_eq!(validate_issuer(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("http://oidc.example.org", "https://"),
+            ("oidc.example.org", "https://"),
+            ("https://", "no host"),
+            ("https:///path", "no host"),
+            ("https://user@oidc.example.org", "user information"),
+            ("https://oidc.example.org/?a=1", "query"),
+            ("https://oidc.example.org/#f", "fragment"),
+            ("https://oidc.example.org/a b", "whitespace"),
+        ] {
+            let err = validate_issuer(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        assert_eq!(
+            default_jwks_uri("https://oidc.example.org"),
+            "https://oidc.example.org/keys"
+        );
+        assert_eq!(
+            default_jwks_uri("https://oidc.example.org/td/"),
+            "https://oidc.example.org/td/keys"
+        );
+    }
+
+    #[test]
+    fn jwks_publishes_ec_and_rsa_keys_with_kid_alg_and_use_sig_only() {
+        let ec = authority(JwtKeyType::Es256);
+        let rsa = authority(JwtKeyType::Rs256);
+        let doc = jwks(&bundle_of(&[&ec, &rsa]));
+        let keys = doc["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 2);
+        let ec_key = keys[0].as_object().unwrap();
+        let mut names: Vec<&str> = ec_key.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["alg", "crv", "kid", "kty", "use", "x", "y"]);
+        assert_eq!(ec_key["kty"], "EC");
+        assert_eq!(ec_key["alg"], "ES256");
+        assert_eq!(ec_key["use"], "sig");
+        assert_eq!(ec_key["crv"], "P-256");
+        assert_eq!(ec_key["kid"], ec.kid());
+        let rsa_key = keys[1].as_object().unwrap();
+        let mut names: Vec<&str> = rsa_key.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["alg", "e", "kid", "kty", "n", "use"]);
+        assert_eq!(rsa_key["kty"], "RSA");
+        assert_eq!(rsa_key["alg"], "RS256");
+        assert_eq!(rsa_key["kid"], rsa.kid());
+        assert_eq!(rsa_key["e"], "AQAB");
+        // A 2048-bit modulus: 256 bytes, 342 base64url characters.
+        assert_eq!(rsa_key["n"].as_str().unwrap().len(), 342);
+        let public = rsa.public_jwk();
+        assert_eq!(rsa_key["n"].as_str(), public.n.as_deref());
+        // No private member ever appears.
+        let text = doc.to_string();
+        for private in ["\"d\"", "\"p\"", "\"q\"", "\"dp\"", "\"dq\"", "\"qi\""] {
+            assert!(!text.contains(private), "{text}");
+        }
+    }
+
+    #[test]
+    fn keys_without_a_known_alg_or_kid_are_left_out() {
+        let ec = authority(JwtKeyType::Es256);
+        let mut b = bundle_of(&[&ec]);
+        let mut no_kid = ec.public_jwk();
+        no_kid.kid = None;
+        let mut odd = ec.public_jwk();
+        odd.crv = Some("P-521".into());
+        b.jwt_authorities.extend([no_kid, odd]);
+        let doc = jwks(&b);
+        assert_eq!(doc["keys"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn discovery_document_has_what_clouds_read() {
+        let ec = authority(JwtKeyType::Es256);
+        let rsa = authority(JwtKeyType::Rs256);
+        let doc = discovery_document(
+            "https://oidc.example.org",
+            "https://oidc.example.org/keys",
+            &bundle_of(&[&rsa, &ec, &authority(JwtKeyType::Rs256)]),
+        );
+        assert_eq!(doc["issuer"], "https://oidc.example.org");
+        assert_eq!(doc["jwks_uri"], "https://oidc.example.org/keys");
+        assert_eq!(doc["authorization_endpoint"], "");
+        assert_eq!(doc["response_types_supported"], json!(["id_token"]));
+        assert_eq!(doc["subject_types_supported"], json!(["public"]));
+        assert_eq!(
+            doc["id_token_signing_alg_values_supported"],
+            json!(["ES256", "RS256"])
+        );
+        assert_eq!(
+            doc["claims_supported"],
+            json!([
+                "sub",
+                "aud",
+                "exp",
+                "iat",
+                "iss",
+                "cluster",
+                "region",
+                "zone",
+                "node_name",
+                "namespace",
+                "service_account"
+            ])
+        );
+        // Only the algorithms of the keys actually published.
+        let doc = discovery_document("https://i", "https://i/keys", &bundle_of(&[&ec]));
+        assert_eq!(
+            doc["id_token_signing_alg_values_supported"],
+            json!(["ES256"])
+        );
+    }
+
+    /// One HTTP/1.1 exchange; returns the status line, headers and body.
+    async fn http(addr: SocketAddr, method: &str, path: &str) -> (String, String, String) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: oidc.example.org\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        let (status, headers) = head.split_once("\r\n").unwrap();
+        (
+            status.to_owned(),
+            headers.to_ascii_lowercase(),
+            body.to_owned(),
+        )
+    }
+
+    #[tokio::test]
+    async fn serves_both_documents_under_the_issuer_path_and_follows_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&dir.path().join("db.sqlite"))
+                .await
+                .unwrap(),
+        );
+        let t0 = SystemTime::now();
+        let ttl = Duration::from_secs(600);
+        let ca = CaManager::load(
+            TrustDomain::new("example.org").unwrap(),
+            store,
+            &dir.path().join("keys"),
+            ttl,
+            Duration::from_secs(300),
+            JwtKeyType::Rs256,
+            t0,
+        )
+        .await
+        .unwrap();
+        let config = OidcConfig {
+            address: "127.0.0.1:0".parse().unwrap(),
+            issuer: "https://oidc.example.org/td".into(),
+            jwks_uri: "https://oidc.example.org/td/keys".into(),
+            tls: None,
+        };
+        let cancel = CancellationToken::new();
+        let (addr, serve) = bind(&config, ca.clone(), ttl, cancel.clone())
+            .await
+            .unwrap();
+        let task = tokio::spawn(serve);
+
+        let (status, headers, body) =
+            http(addr, "GET", "/td/.well-known/openid-configuration").await;
+        assert!(status.contains("200"), "{status}");
+        assert!(
+            headers.contains("content-type: application/json"),
+            "{headers}"
+        );
+        assert!(
+            headers.contains("cache-control: public, max-age=100"),
+            "{headers}"
+        );
+        let doc: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(doc["issuer"], "https://oidc.example.org/td");
+        assert_eq!(
+            doc["id_token_signing_alg_values_supported"],
+            json!(["RS256"])
+        );
+        // A proxy that strips the issuer's path reaches the same documents.
+        let (status, _, same) = http(addr, "GET", "/.well-known/openid-configuration").await;
+        assert!(status.contains("200"), "{status}");
+        assert_eq!(same, body);
+
+        let (status, headers, body) = http(addr, "GET", "/td/keys").await;
+        assert!(status.contains("200"), "{status}");
+        assert!(
+            headers.contains("content-type: application/jwk-set+json"),
+            "{headers}"
+        );
+        let keys: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(keys["keys"].as_array().unwrap().len(), 1);
+        assert_eq!(keys["keys"][0]["kid"], ca.active().jwt.kid());
+
+        // At half-life the next key is published before it signs.
+        ca.rotate(t0 + Duration::from_secs(310)).await.unwrap();
+        let (_, _, body) = http(addr, "GET", "/keys").await;
+        let keys: Value = serde_json::from_str(&body).unwrap();
+        let kids: Vec<&str> = keys["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap())
+            .collect();
+        assert_eq!(kids.len(), 2);
+        assert!(kids.contains(&ca.active().jwt.kid()));
+
+        let (status, _, _) = http(addr, "GET", "/td/other").await;
+        assert!(status.contains("404"), "{status}");
+        let (status, headers, _) = http(addr, "POST", "/td/keys").await;
+        assert!(status.contains("405"), "{status}");
+        assert!(headers.contains("allow: get, head"), "{headers}");
+        let (status, headers, body) = http(addr, "HEAD", "/td/keys").await;
+        assert!(status.contains("200"), "{status}");
+        assert!(headers.contains("application/jwk-set+json"), "{headers}");
+        assert!(body.is_empty());
+
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn unusable_certificate_files_stop_the_start_and_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        let key = dir.path().join("k.pem");
+        let a = sigil_svid::x509::X509Authority::generate(
+            &TrustDomain::new("example.org").unwrap(),
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let other = sigil_svid::keys::PrivateKey::generate_p256().unwrap();
+        std::fs::write(
+            &cert,
+            sigil_svid::pem::certs_to_pem(&[a.cert_der().to_vec()]),
+        )
+        .unwrap();
+        std::fs::write(&key, other.to_pem().as_bytes()).unwrap();
+        let tls = |c: &Path, k: &Path| OidcTls {
+            cert_file: c.to_owned(),
+            key_file: k.to_owned(),
+        };
+        for (t, want) in [
+            (
+                tls(&dir.path().join("missing.pem"), &key),
+                "server.oidc.cert_file",
+            ),
+            (tls(&key, &key), "server.oidc.cert_file"),
+            (tls(&cert, &cert), "server.oidc.key_file"),
+            (tls(&cert, &key), "server.oidc.key_file"),
+        ] {
+            let err = tls_config(&t).unwrap_err().to_string();
+            assert!(err.contains(want), "{err} should name {want}");
+        }
+        std::fs::write(&key, a.key().to_pem().as_bytes()).unwrap();
+        assert!(tls_config(&tls(&cert, &key)).is_ok());
+    }
+
+    #[test]
+    fn a_renewed_certificate_is_picked_up_and_a_broken_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("example.org").unwrap();
+        let write = |a: &sigil_svid::x509::X509Authority, age: u64| {
+            let cert = dir.path().join("c.pem");
+            let key = dir.path().join("k.pem");
+            std::fs::write(
+                &cert,
+                sigil_svid::pem::certs_to_pem(&[a.cert_der().to_vec()]),
+            )
+            .unwrap();
+            std::fs::write(&key, a.key().to_pem().as_bytes()).unwrap();
+            // Distinct modification times, whatever the file system's resolution.
+            let t = SystemTime::now() - Duration::from_secs(age);
+            for f in [&cert, &key] {
+                std::fs::File::options()
+                    .write(true)
+                    .open(f)
+                    .unwrap()
+                    .set_modified(t)
+                    .unwrap();
+            }
+            OidcTls {
+                cert_file: cert,
+                key_file: key,
+            }
+        };
+        let gen_ca = || {
+            sigil_svid::x509::X509Authority::generate(
+                &td,
+                Duration::from_secs(3600),
+                SystemTime::now(),
+            )
+            .unwrap()
+        };
+        let first = gen_ca();
+        let tls = write(&first, 100);
+        let resolver = FileCertResolver::new(&tls).unwrap();
+        let served = |r: &FileCertResolver| r.current().unwrap().cert[0].as_ref().to_vec();
+        assert_eq!(served(&resolver), first.cert_der());
+        let age_check = |r: &FileCertResolver| {
+            r.current.lock().unwrap().checked = Instant::now() - CERT_CHECK_INTERVAL;
+        };
+
+        let second = gen_ca();
+        write(&second, 50);
+        // Not checked again before the interval passes.
+        assert_eq!(served(&resolver), first.cert_der());
+        age_check(&resolver);
+        assert_eq!(served(&resolver), second.cert_der());
+
+        // A half-written pair (new certificate, old key) keeps the last good one.
+        let third = gen_ca();
+        write(&third, 10);
+        std::fs::write(&tls.key_file, second.key().to_pem().as_bytes()).unwrap();
+        age_check(&resolver);
+        assert_eq!(served(&resolver), second.cert_der());
+    }
+}
