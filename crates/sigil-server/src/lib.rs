@@ -22,6 +22,7 @@
 pub mod admin_api;
 pub mod agent_api;
 pub mod ca;
+mod cert_files;
 pub mod config;
 pub mod error;
 pub mod federation;

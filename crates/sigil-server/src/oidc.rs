@@ -14,30 +14,24 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Map, Value, json};
 use sigil_svid::bundle::Bundle;
 use sigil_types::Attribute;
-use sigil_types::config::ConfigError;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::ca::CaManager;
+use crate::cert_files::{CertFiles, FileCertResolver};
 use crate::config::{OidcConfig, OidcTls};
 use crate::error::ServerError;
 
@@ -49,34 +43,14 @@ pub const KEYS_PATH: &str = "/keys";
 pub const BASE_CLAIMS: [&str; 5] = ["sub", "aud", "exp", "iat", "iss"];
 /// Upper bound of the `max-age` both documents are served with.
 pub const MAX_CACHE_AGE: Duration = Duration::from_secs(300);
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How often the certificate files are checked for a change.
-const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Checks an `https://host[:port][/path]` URL without user information,
 /// query or fragment: what clouds accept as an OIDC issuer or `jwks_uri`
 /// (docs/cloud-identity.md).
 pub fn validate_https_url(url: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("{url:?} {why}"));
-    let Some(rest) = url.strip_prefix("https://") else {
-        return bad("must start with https://");
-    };
-    let authority = rest.split('/').next().unwrap_or_default();
-    if authority.is_empty() {
-        return bad("has no host");
-    }
-    if authority.contains('@') {
-        return bad("must not carry user information");
-    }
+    sigil_types::federation::check_https_url(url).map_err(|why| format!("{url:?} {why}"))?;
     if url.contains('?') {
-        return bad("must not have a query");
-    }
-    if url.contains('#') {
-        return bad("must not have a fragment");
-    }
-    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return bad("contains whitespace or control characters");
+        return Err(format!("{url:?} must not have a query"));
     }
     Ok(())
 }
@@ -316,132 +290,15 @@ pub async fn bind(
     Ok((addr, serve))
 }
 
-fn cert_error(key: &'static str, message: String) -> ServerError {
-    ServerError::Config(ConfigError::Invalid {
-        path: None,
-        key,
-        message,
-    })
-}
-
-/// The certificate and key of `tls`, checked to belong together.
-fn load_certified_key(tls: &OidcTls) -> Result<CertifiedKey, ServerError> {
-    let chain = CertificateDer::pem_file_iter(&tls.cert_file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            cert_error(
-                "server.oidc.cert_file",
-                format!("{}: {e}", tls.cert_file.display()),
-            )
-        })?;
-    if chain.is_empty() {
-        return Err(cert_error(
-            "server.oidc.cert_file",
-            format!("{} holds no PEM certificate", tls.cert_file.display()),
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| {
-        cert_error(
-            "server.oidc.key_file",
-            format!("{}: {e}", tls.key_file.display()),
-        )
-    })?;
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
-        cert_error(
-            "server.oidc.key_file",
-            format!(
-                "{} cannot serve {}: {e}",
-                tls.key_file.display(),
-                tls.cert_file.display()
-            ),
-        )
-    })
-}
-
-/// The modification times of the certificate files.
-fn stamp(files: &[&Path]) -> Vec<Option<SystemTime>> {
-    files
-        .iter()
-        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
-        .collect()
-}
-
-/// Serves the certificate of `cert_file`/`key_file`, reloading both when
-/// either file changes (checked at most every ten seconds), so a renewed
-/// certificate needs no restart. A pair that fails to load keeps the
-/// previous one in service, with a warning.
-struct FileCertResolver {
-    cert_file: PathBuf,
-    key_file: PathBuf,
-    current: Mutex<Loaded>,
-}
-
-struct Loaded {
-    key: Arc<CertifiedKey>,
-    stamp: Vec<Option<SystemTime>>,
-    checked: Instant,
-}
-
-impl std::fmt::Debug for FileCertResolver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileCertResolver")
-            .field("cert_file", &self.cert_file)
-            .finish_non_exhaustive()
-    }
-}
-
-impl FileCertResolver {
-    fn new(tls: &OidcTls) -> Result<Self, ServerError> {
-        let stamp = stamp(&[&tls.cert_file, &tls.key_file]);
-        let key = Arc::new(load_certified_key(tls)?);
-        Ok(Self {
-            cert_file: tls.cert_file.clone(),
-            key_file: tls.key_file.clone(),
-            current: Mutex::new(Loaded {
-                key,
-                stamp,
-                checked: Instant::now(),
-            }),
-        })
-    }
-
-    fn current(&self) -> Option<Arc<CertifiedKey>> {
-        let mut loaded = self.current.lock().ok()?;
-        if loaded.checked.elapsed() >= CERT_CHECK_INTERVAL {
-            loaded.checked = Instant::now();
-            let now = stamp(&[&self.cert_file, &self.key_file]);
-            if now != loaded.stamp {
-                let tls = OidcTls {
-                    cert_file: self.cert_file.clone(),
-                    key_file: self.key_file.clone(),
-                };
-                match load_certified_key(&tls) {
-                    Ok(key) => {
-                        loaded.key = Arc::new(key);
-                        loaded.stamp = now;
-                        tracing::info!(cert_file = %self.cert_file.display(), "OIDC discovery certificate reloaded");
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the changed OIDC discovery certificate cannot be used; keeping the previous one");
-                    }
-                }
-            }
-        }
-        Some(loaded.key.clone())
-    }
-}
-
-impl ResolvesServerCert for FileCertResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.current()
-    }
-}
-
 /// The rustls config of the HTTPS listener: the configured certificate, no
 /// client certificates, HTTP/1.1.
 fn tls_config(tls: &OidcTls) -> Result<Arc<rustls::ServerConfig>, ServerError> {
-    let resolver = FileCertResolver::new(tls)?;
+    let resolver = FileCertResolver::new(CertFiles {
+        cert_file: tls.cert_file.clone(),
+        key_file: tls.key_file.clone(),
+        cert_key: "server.oidc.cert_file",
+        key_key: "server.oidc.key_file",
+    })?;
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
@@ -465,38 +322,7 @@ impl TlsListener {
         let local = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let (tx, rx) = mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(config);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, remote) = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "OIDC discovery accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, remote)).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%remote, error = %e, "OIDC discovery TLS handshake failed");
-                        }
-                        Err(_) => {
-                            tracing::debug!(%remote, "OIDC discovery TLS handshake timed out")
-                        }
-                    }
-                });
-            }
-        });
+        let rx = crate::tls::accept_tls(listener, config, cancel, "OIDC discovery");
         Self { rx, local }
     }
 }
@@ -524,6 +350,8 @@ mod tests {
     use sigil_store::{SqliteStore, Store};
     use sigil_svid::jwt::{JwtAuthority, JwtKeyType};
     use sigil_types::TrustDomain;
+    use std::path::Path;
+    use std::time::SystemTime;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn bundle_of(authorities: &[&JwtAuthority]) -> Bundle {
@@ -811,65 +639,5 @@ mod tests {
         }
         std::fs::write(&key, a.key().to_pem().as_bytes()).unwrap();
         assert!(tls_config(&tls(&cert, &key)).is_ok());
-    }
-
-    #[test]
-    fn a_renewed_certificate_is_picked_up_and_a_broken_one_is_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let td = TrustDomain::new("example.org").unwrap();
-        let write = |a: &sigil_svid::x509::X509Authority, age: u64| {
-            let cert = dir.path().join("c.pem");
-            let key = dir.path().join("k.pem");
-            std::fs::write(
-                &cert,
-                sigil_svid::pem::certs_to_pem(&[a.cert_der().to_vec()]),
-            )
-            .unwrap();
-            std::fs::write(&key, a.key().to_pem().as_bytes()).unwrap();
-            // Distinct modification times, whatever the file system's resolution.
-            let t = SystemTime::now() - Duration::from_secs(age);
-            for f in [&cert, &key] {
-                std::fs::File::options()
-                    .write(true)
-                    .open(f)
-                    .unwrap()
-                    .set_modified(t)
-                    .unwrap();
-            }
-            OidcTls {
-                cert_file: cert,
-                key_file: key,
-            }
-        };
-        let gen_ca = || {
-            sigil_svid::x509::X509Authority::generate(
-                &td,
-                Duration::from_secs(3600),
-                SystemTime::now(),
-            )
-            .unwrap()
-        };
-        let first = gen_ca();
-        let tls = write(&first, 100);
-        let resolver = FileCertResolver::new(&tls).unwrap();
-        let served = |r: &FileCertResolver| r.current().unwrap().cert[0].as_ref().to_vec();
-        assert_eq!(served(&resolver), first.cert_der());
-        let age_check = |r: &FileCertResolver| {
-            r.current.lock().unwrap().checked = Instant::now() - CERT_CHECK_INTERVAL;
-        };
-
-        let second = gen_ca();
-        write(&second, 50);
-        // Not checked again before the interval passes.
-        assert_eq!(served(&resolver), first.cert_der());
-        age_check(&resolver);
-        assert_eq!(served(&resolver), second.cert_der());
-
-        // A half-written pair (new certificate, old key) keeps the last good one.
-        let third = gen_ca();
-        write(&third, 10);
-        std::fs::write(&tls.key_file, second.key().to_pem().as_bytes()).unwrap();
-        age_check(&resolver);
-        assert_eq!(served(&resolver), second.cert_der());
     }
 }

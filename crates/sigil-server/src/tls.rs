@@ -125,13 +125,16 @@ pub fn server_config(
     Ok(config)
 }
 
-/// Accepts TCP connections, runs handshakes concurrently (a slow client
-/// never blocks others) and yields finished TLS connections.
-pub fn incoming(
+/// Accepts TCP connections and runs their TLS handshakes concurrently, each
+/// bounded by a timeout, so a slow client never blocks others; yields the
+/// finished connections. `what` names the listener in logs. Ends (the
+/// receiver sees `None`) when `cancel` fires.
+pub(crate) fn accept_tls(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     cancel: CancellationToken,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
+    what: &'static str,
+) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -141,7 +144,7 @@ pub fn incoming(
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        tracing::warn!(listener = what, error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -151,34 +154,51 @@ pub fn incoming(
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send((tls, remote)).await;
+                    }
                     Ok(Err(e)) => {
-                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                        return;
+                        tracing::debug!(listener = what, %remote, error = %e, "TLS handshake failed");
                     }
                     Err(_) => {
-                        tracing::debug!(%remote, "TLS handshake timed out");
-                        return;
+                        tracing::debug!(listener = what, %remote, "TLS handshake timed out");
                     }
-                };
-                let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
-                let spiffe_id = sigil_svid::tls::peer_spiffe_id(certs);
-                let serial = certs
-                    .first()
-                    .and_then(|c| sigil_svid::x509::cert_info(c.as_ref()).ok())
-                    .map(|i| i.serial_hex);
-                let conn = TlsConn {
-                    inner: tls,
-                    peer: AgentPeer {
-                        spiffe_id,
-                        serial,
-                        remote,
-                    },
-                };
-                let _ = tx.send(Ok(conn)).await;
+                }
             });
+        }
+    });
+    rx
+}
+
+/// The agent API's connections: [`accept_tls`], each with the peer's
+/// SPIFFE ID and certificate serial for the handlers.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    cancel: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
+    let mut conns = accept_tls(listener, config, cancel, "agent API");
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some((tls, remote)) = conns.recv().await {
+            let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            let spiffe_id = sigil_svid::tls::peer_spiffe_id(certs);
+            let serial = certs
+                .first()
+                .and_then(|c| sigil_svid::x509::cert_info(c.as_ref()).ok())
+                .map(|i| i.serial_hex);
+            let conn = TlsConn {
+                inner: tls,
+                peer: AgentPeer {
+                    spiffe_id,
+                    serial,
+                    remote,
+                },
+            };
+            if tx.send(Ok(conn)).await.is_err() {
+                break;
+            }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)

@@ -116,22 +116,30 @@ impl FederationRelationship {
 /// Checks a bundle endpoint URL: `https://host[:port][/path]`, no userinfo,
 /// no fragment.
 pub fn validate_endpoint_url(url: &str) -> Result<(), FederationError> {
-    let bad = |why: &str| FederationError::Invalid(format!("bundle endpoint URL {url:?}: {why}"));
+    check_https_url(url)
+        .map_err(|why| FederationError::Invalid(format!("bundle endpoint URL {url:?}: {why}")))
+}
+
+/// The rules every `https` URL sigil publishes or fetches must follow: the
+/// `https://` scheme, a host, no user information, no fragment, no
+/// whitespace or control characters. Returns why not, to be prefixed with
+/// what the URL is for.
+pub fn check_https_url(url: &str) -> Result<(), &'static str> {
     let rest = url
         .strip_prefix("https://")
-        .ok_or_else(|| bad("must start with https://"))?;
+        .ok_or("must start with https://")?;
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if authority.is_empty() {
-        return Err(bad("has no host"));
+        return Err("has no host");
     }
     if authority.contains('@') {
-        return Err(bad("must not carry user information"));
+        return Err("must not carry user information");
     }
     if url.contains('#') {
-        return Err(bad("must not have a fragment"));
+        return Err("must not have a fragment");
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad("contains whitespace or control characters"));
+        return Err("contains whitespace or control characters");
     }
     Ok(())
 }

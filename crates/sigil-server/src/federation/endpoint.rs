@@ -5,7 +5,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,62 +14,20 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ServerConfig as TlsServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::config::{BundleEndpointConfig, ServeProfile};
 use crate::ServerError;
 use crate::ca::CaManager;
+use crate::cert_files::{CertFiles, FileCertResolver};
 use sigil_svid::tls::RotatingCert;
-use sigil_types::config::ConfigError;
 
-/// How long a client may take for the TLS handshake, and to send its request headers.
+/// How long a client may take to send its request headers.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 512;
-
-fn file_error(key: &'static str, path: &Path, message: String) -> ServerError {
-    ServerError::Config(ConfigError::Invalid {
-        path: None,
-        key,
-        message: format!("{}: {message}", path.display()),
-    })
-}
-
-/// Reads a PEM certificate chain (leaf first) and private key for `https_web`.
-pub(crate) fn load_web_identity(
-    cert_file: &Path,
-    key_file: &Path,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServerError> {
-    const CERT_KEY: &str = "server.federation.bundle_endpoint.cert_file";
-    const KEY_KEY: &str = "server.federation.bundle_endpoint.key_file";
-    let pem = std::fs::read(cert_file)
-        .map_err(|e| file_error(CERT_KEY, cert_file, format!("cannot read: {e}")))?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(CERT_KEY, cert_file, format!("not PEM certificates: {e}")))?;
-    if chain.is_empty() {
-        return Err(file_error(
-            CERT_KEY,
-            cert_file,
-            "holds no CERTIFICATE block".into(),
-        ));
-    }
-    let pem = std::fs::read(key_file)
-        .map_err(|e| file_error(KEY_KEY, key_file, format!("cannot read: {e}")))?;
-    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        file_error(
-            KEY_KEY,
-            key_file,
-            format!("no PKCS#8, SEC1 or PKCS#1 private key: {e}"),
-        )
-    })?;
-    Ok((chain, key))
-}
 
 /// The TLS configuration of the endpoint for its profile.
 fn tls_config(
@@ -85,17 +42,15 @@ fn tls_config(
             cert_file,
             key_file,
         } => {
-            let (chain, key) = load_web_identity(cert_file, key_file)?;
+            let resolver = FileCertResolver::new(CertFiles {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                cert_key: "server.federation.bundle_endpoint.cert_file",
+                key_key: "server.federation.bundle_endpoint.key_file",
+            })?;
             TlsServerConfig::builder()
                 .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .map_err(|e| {
-                    file_error(
-                        "server.federation.bundle_endpoint.key_file",
-                        key_file,
-                        format!("unusable with {}: {e}", cert_file.display()),
-                    )
-                })?
+                .with_cert_resolver(Arc::new(resolver))
         }
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -121,37 +76,22 @@ pub(crate) async fn serve(
         ))
     })?;
     let addr = listener.local_addr()?;
-    let acceptor = TlsAcceptor::from(tls);
+    let mut conns = crate::tls::accept_tls(listener, tls, cancel.clone(), "bundle endpoint");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let conns = tracker.clone();
+    let tasks = tracker.clone();
     tracker.spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                _ = cancel.cancelled() => return,
-                p = slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
+        while let Some((tls, remote)) = conns.recv().await {
+            // Beyond the limit, finished handshakes wait here for a slot.
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
             };
-            let (tcp, remote) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "bundle endpoint: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let acceptor = acceptor.clone();
             let ca = ca.clone();
             let cancel = cancel.clone();
-            conns.spawn(async move {
+            tasks.spawn(async move {
                 let _permit = permit;
                 tokio::select! {
                     _ = cancel.cancelled() => {}
-                    _ = serve_connection(tcp, remote, acceptor, ca) => {}
+                    _ = serve_connection(tls, remote, ca) => {}
                 }
             });
         }
@@ -160,23 +100,10 @@ pub(crate) async fn serve(
 }
 
 async fn serve_connection(
-    tcp: tokio::net::TcpStream,
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     remote: SocketAddr,
-    acceptor: TlsAcceptor,
     ca: Arc<CaManager>,
 ) {
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(CLIENT_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::debug!(%remote, error = %e, "bundle endpoint: TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%remote, "bundle endpoint: TLS handshake timed out");
-            return;
-        }
-    };
     let service = hyper::service::service_fn(move |req| {
         let ca = ca.clone();
         async move { Ok::<_, Infallible>(answer(&req, &ca)) }

@@ -222,11 +222,16 @@ async fn web_server(
     w: &WebPki,
     route: impl Fn(&str) -> Response<Full<Bytes>> + Send + Sync + 'static,
 ) -> SocketAddr {
-    let (chain, key) = endpoint::load_web_identity(&w.cert_file, &w.key_file).unwrap();
+    let resolver = crate::cert_files::FileCertResolver::new(crate::cert_files::CertFiles {
+        cert_file: w.cert_file.clone(),
+        key_file: w.key_file.clone(),
+        cert_key: "cert_file",
+        key_key: "key_file",
+    })
+    .unwrap();
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
+        .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
