@@ -42,6 +42,64 @@ struct AgentSection {
     k8s: Option<K8sFile>,
     #[serde(default)]
     k8s_psat: Option<PsatFile>,
+    #[serde(default)]
+    sds: Option<SdsFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SdsFile {
+    #[serde(default = "default_svid_name")]
+    default_svid_name: String,
+    #[serde(default = "default_bundle_name")]
+    default_bundle_name: String,
+    #[serde(default = "default_all_bundles_name")]
+    default_all_bundles_name: String,
+    #[serde(default)]
+    disable_spiffe_cert_validation: bool,
+}
+
+fn default_svid_name() -> String {
+    SdsConfig::default().default_svid_name
+}
+fn default_bundle_name() -> String {
+    SdsConfig::default().default_bundle_name
+}
+fn default_all_bundles_name() -> String {
+    SdsConfig::default().default_all_bundles_name
+}
+
+/// The longest resource name `[agent.sds]` accepts for its special names.
+pub const MAX_SDS_NAME_LEN: usize = 128;
+
+/// The Envoy SDS service on the Workload API socket (`[agent.sds]`): the
+/// resource names that stand for the caller's default SVID, the own trust
+/// bundle and all bundles, and whether validation contexts use Envoy's SPIFFE
+/// certificate validator. The defaults are SPIRE's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SdsConfig {
+    /// The name of the caller's default X509-SVID (`default`).
+    pub default_svid_name: String,
+    /// The name of the own trust domain's bundle (`ROOTCA`).
+    pub default_bundle_name: String,
+    /// The name of the validation context with every bundle the caller may
+    /// use, own and federated (`ALL`).
+    pub default_all_bundles_name: String,
+    /// Send validation contexts as `trusted_ca` PEM instead of the SPIFFE
+    /// certificate validator; an Envoy may override it with the node
+    /// metadata key `disable_spiffe_cert_validation`.
+    pub disable_spiffe_cert_validation: bool,
+}
+
+impl Default for SdsConfig {
+    fn default() -> Self {
+        Self {
+            default_svid_name: "default".to_owned(),
+            default_bundle_name: "ROOTCA".to_owned(),
+            default_all_bundles_name: "ALL".to_owned(),
+            disable_spiffe_cert_validation: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -163,6 +221,8 @@ pub struct AgentConfig {
     pub k8s: Option<K8sWorkloadConfig>,
     /// PSAT node attestation instead of a join token, when set.
     pub k8s_psat: Option<PsatConfig>,
+    /// The Envoy SDS service.
+    pub sds: SdsConfig,
 }
 
 impl AgentConfig {
@@ -185,6 +245,7 @@ impl AgentConfig {
             max_backoff: Duration::from_secs(30),
             k8s: None,
             k8s_psat: None,
+            sds: SdsConfig::default(),
         }
     }
 
@@ -286,7 +347,49 @@ impl AgentConfig {
                 "set either join_token or [agent.k8s_psat], not both".into(),
             ));
         }
+        let sds = match a.sds {
+            None => SdsConfig::default(),
+            Some(f) => {
+                let names = [
+                    ("agent.sds.default_svid_name", &f.default_svid_name),
+                    ("agent.sds.default_bundle_name", &f.default_bundle_name),
+                    (
+                        "agent.sds.default_all_bundles_name",
+                        &f.default_all_bundles_name,
+                    ),
+                ];
+                for (i, (key, name)) in names.iter().enumerate() {
+                    if name.is_empty() || name.len() > MAX_SDS_NAME_LEN {
+                        return Err(invalid(
+                            key,
+                            format!("must be 1 to {MAX_SDS_NAME_LEN} bytes"),
+                        ));
+                    }
+                    if name.starts_with("spiffe://") {
+                        return Err(invalid(
+                            key,
+                            format!(
+                                "{name:?} must not start with spiffe:// (those names are SPIFFE IDs and trust domains)"
+                            ),
+                        ));
+                    }
+                    if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+                        return Err(invalid(
+                            key,
+                            format!("{name:?} is already the name of {other}"),
+                        ));
+                    }
+                }
+                SdsConfig {
+                    default_svid_name: f.default_svid_name,
+                    default_bundle_name: f.default_bundle_name,
+                    default_all_bundles_name: f.default_all_bundles_name,
+                    disable_spiffe_cert_validation: f.disable_spiffe_cert_validation,
+                }
+            }
+        };
         Ok(Self {
+            sds,
             k8s,
             k8s_psat,
             trust_domain,
@@ -353,6 +456,48 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("kubelet_url"), "{err}");
+    }
+
+    #[test]
+    fn sds_names_default_to_spires_and_must_be_distinct() {
+        let base = "[agent]\ntrust_domain = \"example.org\"\nserver_address = \"127.0.0.1:8081\"\n";
+        let c = AgentConfig::parse(base, None).unwrap();
+        assert_eq!(c.sds, SdsConfig::default());
+        assert_eq!(
+            (
+                c.sds.default_svid_name.as_str(),
+                c.sds.default_bundle_name.as_str(),
+                c.sds.default_all_bundles_name.as_str()
+            ),
+            ("default", "ROOTCA", "ALL")
+        );
+        let c = AgentConfig::parse(
+            &format!("{base}[agent.sds]\ndefault_bundle_name = \"bundle\"\ndisable_spiffe_cert_validation = true\n"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(c.sds.default_bundle_name, "bundle");
+        assert_eq!(c.sds.default_svid_name, "default");
+        assert!(c.sds.disable_spiffe_cert_validation);
+        for (body, key, words) in [
+            (
+                "default_all_bundles_name = \"default\"",
+                "default_all_bundles_name",
+                "already",
+            ),
+            ("default_svid_name = \"\"", "default_svid_name", "1 to 128"),
+            (
+                "default_bundle_name = \"spiffe://example.org\"",
+                "default_bundle_name",
+                "spiffe://",
+            ),
+            ("unknown = 1", "unknown", "unknown"),
+        ] {
+            let err = AgentConfig::parse(&format!("{base}[agent.sds]\n{body}\n"), None)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(words), "{err}");
+        }
     }
 
     #[test]

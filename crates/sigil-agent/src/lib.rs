@@ -7,7 +7,7 @@
 //! and gets them signed in batches, renews everything at half-life with
 //! jitter, and serves the SPIFFE Workload API on a Unix socket, including
 //! the federated bundles of the trust domains a workload's entries federate
-//! with.
+//! with, and Envoy's Secret Discovery Service (SDS v3) on the same socket.
 //!
 //! | module | role |
 //! |---|---|
@@ -19,6 +19,7 @@
 //! | [`attest`] | the unix workload attestor |
 //! | `k8s` | pod selectors from the kubelet; PSAT tokens (feature `k8s`) |
 //! | [`workload`] | the SPIFFE Workload API |
+//! | [`sds`] | Envoy's Secret Discovery Service (SDS v3) |
 
 pub mod attest;
 pub mod client;
@@ -29,6 +30,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod peer;
 pub mod persist;
+pub mod sds;
 mod time;
 pub mod workload;
 
@@ -331,22 +333,31 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         workload_size_limit: 512 * 1024 * 1024,
     }));
     #[allow(unused_mut, reason = "extended only with the k8s feature")]
-    let mut workload_service = workload::WorkloadService::new(
+    let mut callers = workload::CallerAttestor::new(attestor);
+    #[cfg(feature = "k8s")]
+    if let Some(k) = &cfg.k8s {
+        callers = callers.with_pod_attestor(k8s::PodAttestor::new(k)?);
+    }
+    let callers = Arc::new(callers);
+    let svc = workload::service(workload::WorkloadService::new(
         snapshots.clone(),
-        attestor,
+        callers.clone(),
         client,
         metrics.clone(),
         cancel.clone(),
-    );
-    #[cfg(feature = "k8s")]
-    if let Some(k) = &cfg.k8s {
-        workload_service = workload_service.with_pod_attestor(k8s::PodAttestor::new(k)?);
-    }
-    let svc = workload::service(workload_service);
+    ));
+    let sds_svc = sds::service(sds::SdsService::new(
+        snapshots.clone(),
+        callers,
+        cfg.sds.clone(),
+        metrics.clone(),
+        cancel.clone(),
+    ));
     let c = cancel.clone();
     tracker.spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(svc)
+            .add_service(sds_svc)
             .serve_with_incoming_shutdown(peer::incoming(listener), c.cancelled_owned())
             .await;
         if let Err(e) = result {

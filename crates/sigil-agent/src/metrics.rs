@@ -23,6 +23,14 @@ pub struct Metrics {
     pub cached_jwt_svids: Gauge,
     /// Federated bundles (foreign trust domains) held.
     pub federated_bundles: Gauge,
+    /// Open Envoy SDS streams.
+    pub sds_streams: Gauge,
+    /// Envoy SDS responses sent (stream pushes and FetchSecrets answers).
+    pub sds_responses: Counter,
+    /// Envoy SDS responses the client rejected (NACKs).
+    pub sds_nacks: Counter,
+    /// Envoy SDS calls refused (no identity, bad request, attestation failure).
+    pub sds_refusals: Counter,
 }
 
 impl Default for Metrics {
@@ -36,6 +44,10 @@ impl Default for Metrics {
             workload_streams: Gauge::default(),
             cached_jwt_svids: Gauge::default(),
             federated_bundles: Gauge::default(),
+            sds_streams: Gauge::default(),
+            sds_responses: Counter::default(),
+            sds_nacks: Counter::default(),
+            sds_refusals: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -72,6 +84,26 @@ impl Default for Metrics {
             "federated_bundles",
             "Federated bundles of foreign trust domains held",
             m.federated_bundles.clone(),
+        );
+        registry.register(
+            "sds_streams",
+            "Open Envoy SDS streams",
+            m.sds_streams.clone(),
+        );
+        registry.register(
+            "sds_responses",
+            "Envoy SDS responses sent",
+            m.sds_responses.clone(),
+        );
+        registry.register(
+            "sds_nacks",
+            "Envoy SDS responses rejected by the client",
+            m.sds_nacks.clone(),
+        );
+        registry.register(
+            "sds_refusals",
+            "Envoy SDS calls refused",
+            m.sds_refusals.clone(),
         );
         Self { registry, ..m }
     }

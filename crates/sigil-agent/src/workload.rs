@@ -222,40 +222,27 @@ where
     }
 }
 
-/// Implements [`SpiffeWorkloadApi`].
-pub struct WorkloadService {
-    snapshots: watch::Receiver<Arc<Snapshot>>,
+/// Identifies the callers of the agent's socket from their kernel peer
+/// credentials: the unix attestor (and, with the `k8s` feature and
+/// `[agent.k8s]`, pod selectors from the kubelet). Shared by the Workload API
+/// and the Envoy SDS service, so both attest callers the same way.
+pub struct CallerAttestor {
     attestor: Arc<UnixAttestor>,
-    client: SharedClient,
-    jwt_cache: Mutex<JwtCache>,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
     #[cfg(feature = "k8s")]
     pods: Option<Arc<crate::k8s::PodAttestor>>,
 }
 
-impl std::fmt::Debug for WorkloadService {
+impl std::fmt::Debug for CallerAttestor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkloadService").finish_non_exhaustive()
+        f.debug_struct("CallerAttestor").finish_non_exhaustive()
     }
 }
 
-impl WorkloadService {
-    /// A service serving from `snapshots`.
-    pub fn new(
-        snapshots: watch::Receiver<Arc<Snapshot>>,
-        attestor: Arc<UnixAttestor>,
-        client: SharedClient,
-        metrics: Arc<Metrics>,
-        cancel: CancellationToken,
-    ) -> Self {
+impl CallerAttestor {
+    /// Attests callers with the unix attestor only.
+    pub fn new(attestor: Arc<UnixAttestor>) -> Self {
         Self {
-            snapshots,
             attestor,
-            client,
-            jwt_cache: Mutex::new(JwtCache::new(JWT_CACHE_LIMIT)),
-            metrics,
-            cancel,
             #[cfg(feature = "k8s")]
             pods: None,
         }
@@ -269,8 +256,9 @@ impl WorkloadService {
     }
 
     /// The caller's selectors, from its kernel credentials; refuses a caller
-    /// whose process changed while it was being attested.
-    async fn identify<T>(&self, req: &Request<T>) -> Result<Selectors, Status> {
+    /// whose process changed while it was being attested. Every failure is
+    /// `Unavailable` "workload attestation failed" (the cause is logged).
+    pub async fn identify<T>(&self, req: &Request<T>) -> Result<Selectors, Status> {
         let peer = peer_of(req).map_err(|e| {
             tracing::warn!(error = %e, "cannot identify caller");
             Status::unavailable("workload attestation failed")
@@ -296,6 +284,46 @@ impl WorkloadService {
         })?;
         Ok(selectors)
     }
+}
+
+/// Implements [`SpiffeWorkloadApi`].
+pub struct WorkloadService {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    callers: Arc<CallerAttestor>,
+    client: SharedClient,
+    jwt_cache: Mutex<JwtCache>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for WorkloadService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadService").finish_non_exhaustive()
+    }
+}
+
+impl WorkloadService {
+    /// A service serving from `snapshots` to the callers `callers` attests.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        callers: Arc<CallerAttestor>,
+        client: SharedClient,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            snapshots,
+            callers,
+            client,
+            jwt_cache: Mutex::new(JwtCache::new(JWT_CACHE_LIMIT)),
+            metrics,
+            cancel,
+        }
+    }
+
+    async fn identify<T>(&self, req: &Request<T>) -> Result<Selectors, Status> {
+        self.callers.identify(req).await
+    }
 
     fn refuse(&self, s: Status) -> Status {
         self.metrics.workload_refusals.inc();
@@ -304,7 +332,7 @@ impl WorkloadService {
 }
 
 /// The entries whose selectors the caller satisfies, default identity first.
-fn matching(snap: &Snapshot, selectors: &Selectors) -> Vec<Arc<Entry>> {
+pub(crate) fn matching(snap: &Snapshot, selectors: &Selectors) -> Vec<Arc<Entry>> {
     snap.entries
         .iter()
         .filter(|e| e.selectors.is_subset_of(selectors))
@@ -314,7 +342,10 @@ fn matching(snap: &Snapshot, selectors: &Selectors) -> Vec<Arc<Entry>> {
 
 /// The federated bundles the caller is entitled to: those of every trust
 /// domain one of its matched entries federates with, that the agent holds.
-fn federated_for<'a>(snap: &'a Snapshot, matched: &[Arc<Entry>]) -> Vec<&'a Arc<Bundle>> {
+pub(crate) fn federated_for<'a>(
+    snap: &'a Snapshot,
+    matched: &[Arc<Entry>],
+) -> Vec<&'a Arc<Bundle>> {
     let wanted: BTreeSet<_> = matched.iter().flat_map(|e| &e.federates_with).collect();
     wanted
         .into_iter()
@@ -724,7 +755,7 @@ fn json_to_value(v: &serde_json::Value) -> prost_types::Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -767,14 +798,14 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
-    /// A trust domain's authorities and its bundle.
-    struct Domain {
-        ca: X509Authority,
-        jwt: JwtAuthority,
-        bundle: Bundle,
+    /// A trust domain's authorities and its bundle (also used by the SDS tests).
+    pub(crate) struct Domain {
+        pub(crate) ca: X509Authority,
+        pub(crate) jwt: JwtAuthority,
+        pub(crate) bundle: Bundle,
     }
 
-    fn domain(name: &str) -> Domain {
+    pub(crate) fn domain(name: &str) -> Domain {
         let now = SystemTime::now();
         let td = TrustDomain::new(name).unwrap();
         let ca = X509Authority::generate(&td, HOUR, now).unwrap();
@@ -785,7 +816,8 @@ mod tests {
         Domain { ca, jwt, bundle }
     }
 
-    fn entry(id: &str, federates_with: &[&str]) -> Arc<Entry> {
+    /// An entry `spiffe://example.org/<id>` for the selector `unix:uid:<len(id)>`.
+    pub(crate) fn entry(id: &str, federates_with: &[&str]) -> Arc<Entry> {
         let mut e = Entry::new(
             id.parse().unwrap(),
             format!("spiffe://example.org/{id}").parse().unwrap(),
@@ -799,7 +831,7 @@ mod tests {
         Arc::new(e)
     }
 
-    fn svid(own: &Domain, e: &Entry) -> Arc<WorkloadSvid> {
+    pub(crate) fn svid(own: &Domain, e: &Entry) -> Arc<WorkloadSvid> {
         let key = PrivateKey::generate_p256().unwrap();
         let now = SystemTime::now();
         let leaf = own
@@ -823,7 +855,12 @@ mod tests {
         })
     }
 
-    fn snapshot(own: &Domain, entries: &[Arc<Entry>], federated: &[&Domain]) -> Snapshot {
+    /// A snapshot with an SVID for every entry.
+    pub(crate) fn snapshot(
+        own: &Domain,
+        entries: &[Arc<Entry>],
+        federated: &[&Domain],
+    ) -> Snapshot {
         Snapshot {
             entries: entries.to_vec(),
             svids: entries

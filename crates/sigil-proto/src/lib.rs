@@ -1,5 +1,6 @@
 //! Protocol buffers of sigil: the SPIFFE Workload API that the agent serves to
-//! workloads, and sigil's own server API that agents and operators call.
+//! workloads, sigil's own server API that agents and operators call, and the
+//! subset of Envoy's xDS API behind the agent's Secret Discovery Service.
 //!
 //! # Layout
 //!
@@ -10,6 +11,8 @@
 //! | `src/gen/_.rs` | generated code of `workload.proto`, exposed as [`workload`] |
 //! | `src/gen/sigil.server.v1.rs` | generated code of `server.proto`, exposed as [`server::v1`] |
 //! | [`convert`] | conversions between [`server::v1`] messages and [`sigil_types`] |
+//! | `proto/envoy/**`, `proto/google/rpc/status.proto` | the subset of Envoy's xDS API that the agent's Secret Discovery Service needs, one file per protobuf package |
+//! | `src/gen/envoy.*.rs`, `src/gen/google.rpc.rs` | their generated code, exposed as [`envoy`] and [`google::rpc`] (nested like the packages, because the generated code refers to other packages by relative paths) |
 //!
 //! Each generated module holds the prost messages, a `<service>_server`
 //! module with the service trait and its tonic server wrapper, and a
@@ -23,7 +26,17 @@
 //!   [`server::v1::agent_api_client::AgentApiClient`];
 //! - [`server::v1::admin_api_server::AdminApi`],
 //!   [`server::v1::admin_api_server::AdminApiServer`],
-//!   [`server::v1::admin_api_client::AdminApiClient`].
+//!   [`server::v1::admin_api_client::AdminApiClient`];
+//! - [`envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService`],
+//!   [`envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer`],
+//!   [`envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient`].
+//!
+//! The Envoy protos are written from the wire facts of Envoy's API (package,
+//! message and field names and numbers), not copied; messages hold only the
+//! fields sigil reads or writes, and protobuf skips the others on decoding.
+//! Prost spells `SPIFFECertValidatorConfig` as
+//! [`SpiffeCertValidatorConfig`](envoy::extensions::transport_sockets::tls::v3::SpiffeCertValidatorConfig);
+//! the `Any` type URLs of the messages sigil packs are in [`type_urls`].
 //!
 //! Prost turns acronyms into camel case, so `X509SVIDRequest` becomes
 //! [`workload::X509svidRequest`] and `JWTSVID` becomes [`workload::Jwtsvid`].
@@ -70,4 +83,98 @@ pub mod server {
     pub mod v1 {
         include!("gen/sigil.server.v1.rs");
     }
+}
+
+/// Envoy's xDS API, the subset the agent's Secret Discovery Service uses
+/// (`proto/envoy/`).
+pub mod envoy {
+    /// Package family `envoy.config`.
+    pub mod config {
+        /// Package family `envoy.config.core`.
+        pub mod core {
+            /// Package `envoy.config.core.v3`: `Node`, `BuildVersion`,
+            /// `DataSource`, `TypedExtensionConfig`, `ControlPlane`.
+            #[rustfmt::skip]
+            #[allow(missing_docs, unreachable_pub, clippy::all)]
+            pub mod v3 {
+                include!("gen/envoy.config.core.v3.rs");
+            }
+        }
+    }
+
+    /// Package family `envoy.type`.
+    pub mod r#type {
+        /// Package `envoy.type.v3`: `SemanticVersion`.
+        #[rustfmt::skip]
+        #[allow(missing_docs, unreachable_pub, clippy::all)]
+        pub mod v3 {
+            include!("gen/envoy.r#type.v3.rs");
+        }
+    }
+
+    /// Package family `envoy.service`.
+    pub mod service {
+        /// Package family `envoy.service.discovery`.
+        pub mod discovery {
+            /// Package `envoy.service.discovery.v3`: `DiscoveryRequest`,
+            /// `DiscoveryResponse` and the delta messages.
+            #[rustfmt::skip]
+            #[allow(missing_docs, unreachable_pub, clippy::all)]
+            pub mod v3 {
+                include!("gen/envoy.service.discovery.v3.rs");
+            }
+        }
+
+        /// Package family `envoy.service.secret`.
+        pub mod secret {
+            /// Package `envoy.service.secret.v3`: the `SecretDiscoveryService`
+            /// ([`secret_discovery_service_server`](v3::secret_discovery_service_server),
+            /// [`secret_discovery_service_client`](v3::secret_discovery_service_client)).
+            #[rustfmt::skip]
+            #[allow(missing_docs, unreachable_pub, clippy::all)]
+            pub mod v3 {
+                include!("gen/envoy.service.secret.v3.rs");
+            }
+        }
+    }
+
+    /// Package family `envoy.extensions`.
+    pub mod extensions {
+        /// Package family `envoy.extensions.transport_sockets`.
+        pub mod transport_sockets {
+            /// Package family `envoy.extensions.transport_sockets.tls`.
+            pub mod tls {
+                /// Package `envoy.extensions.transport_sockets.tls.v3`:
+                /// `Secret`, `TlsCertificate`, `CertificateValidationContext`,
+                /// `SPIFFECertValidatorConfig`.
+                #[rustfmt::skip]
+                #[allow(missing_docs, unreachable_pub, clippy::all)]
+                pub mod v3 {
+                    include!("gen/envoy.extensions.transport_sockets.tls.v3.rs");
+                }
+            }
+        }
+    }
+}
+
+/// Google's API messages that xDS uses (`proto/google/rpc/`).
+pub mod google {
+    /// Package `google.rpc`: `Status`, the `error_detail` of a rejected
+    /// (NACKed) xDS response.
+    #[rustfmt::skip]
+    #[allow(missing_docs, unreachable_pub, clippy::all)]
+    pub mod rpc {
+        include!("gen/google.rpc.rs");
+    }
+}
+
+/// The `google.protobuf.Any` type URLs of the Envoy messages the agent packs.
+pub mod type_urls {
+    /// `envoy.extensions.transport_sockets.tls.v3.Secret`: the resource type
+    /// of the Secret Discovery Service.
+    pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    /// `envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig`:
+    /// the typed config of the SPIFFE certificate validator.
+    pub const SPIFFE_CERT_VALIDATOR_CONFIG: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
 }

@@ -9,6 +9,7 @@ mod federation;
 mod health;
 #[cfg(feature = "k8s")]
 mod k8s;
+mod proxy;
 mod run;
 mod workload;
 
@@ -86,6 +87,16 @@ enum Command {
     },
     /// Check that a server (admin socket) or agent (Workload API socket) answers.
     Healthcheck(admin::HealthcheckArgs),
+    /// Run the mutual-TLS proxy in front of an application (docs/proxy.md).
+    Proxy {
+        #[command(subcommand)]
+        command: proxy::ProxyCommand,
+    },
+    /// Check a call against an authorization policy, or draw its graph (docs/policy.md).
+    Policy {
+        #[command(subcommand)]
+        command: proxy::PolicyCommand,
+    },
     /// Kubernetes tools: explain what a pod's process is attested as.
     #[cfg(feature = "k8s")]
     K8s {
@@ -129,9 +140,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: logs redirected to a file stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -172,6 +186,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Svid { command } => workload::svid(command).await,
         Command::Jwt { command } => workload::jwt(command).await,
         Command::Healthcheck(args) => admin::healthcheck(args).await,
+        Command::Proxy { command } => proxy::proxy(command).await,
+        Command::Policy { command } => proxy::policy(command),
         #[cfg(feature = "k8s")]
         Command::K8s { command } => k8s::run(command).await,
     }

@@ -1,4 +1,4 @@
-//! The code generator: compiles `proto/*.proto` with protox (no `protoc`) and
+//! The code generator: compiles `proto/**/*.proto` with protox (no `protoc`) and
 //! tonic-prost-build into a temporary directory and compares the result with
 //! the committed `src/gen/`. With `SIGIL_BLESS=1` it writes the result there.
 
@@ -8,7 +8,17 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// The .proto files, relative to `proto/`.
-const PROTOS: &[&str] = &["workload.proto", "server.proto"];
+const PROTOS: &[&str] = &[
+    "workload.proto",
+    "server.proto",
+    // Envoy's Secret Discovery Service (one file per protobuf package).
+    "google/rpc/status.proto",
+    "envoy/type/v3/semantic_version.proto",
+    "envoy/config/core/v3/base.proto",
+    "envoy/service/discovery/v3/discovery.proto",
+    "envoy/extensions/transport_sockets/tls/v3/secret.proto",
+    "envoy/service/secret/v3/sds.proto",
+];
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

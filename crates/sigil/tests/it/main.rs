@@ -16,8 +16,10 @@ mod kubernetes;
 mod mtls;
 mod oidc;
 mod processes;
+mod proxy;
 mod resilience;
 mod rotation;
+mod sds;
 mod security;
 mod workload_api;
 
