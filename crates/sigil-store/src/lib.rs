@@ -1,5 +1,6 @@
 //! The server's persistent state: the [`Store`] trait, its SQLite
-//! implementation [`SqliteStore`], and the change feed.
+//! implementation [`SqliteStore`], its PostgreSQL implementation
+//! `PostgresStore` (cargo feature `postgres`), and the change feed.
 //!
 //! Every write to entries or agents gets a revision from one counter, allocated
 //! inside the writing transaction, and leaves a [`Change`] row with that
@@ -9,6 +10,8 @@
 
 mod codec;
 mod error;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod sqlite;
 
 use std::fmt;
@@ -17,6 +20,8 @@ use std::str::FromStr;
 use sigil_types::{AgentRecord, Entry, EntryId, FederationRelationship, SpiffeId, TrustDomain};
 
 pub use error::StoreError;
+#[cfg(feature = "postgres")]
+pub use postgres::{CHANGES_CHANNEL, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// Every entry, and the revision the set is consistent with.

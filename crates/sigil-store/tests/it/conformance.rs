@@ -18,9 +18,25 @@ use sigil_types::{
 
 /// Expands to one `#[tokio::test]` per conformance case, each with a fresh
 /// store from `$make`.
+///
+/// With `optional`, `$make` returns an `Option` instead, and a case returns
+/// early on `None`: for a backend that may be absent where the tests run (the
+/// factory itself decides, and prints why, or fails in CI).
 macro_rules! conformance_suite {
+    (optional $make:path) => {
+        conformance_suite!(@list $make, optional);
+    };
     ($make:path) => {
-        conformance_suite!(@cases $make;
+        conformance_suite!(@list $make, required);
+    };
+    (@make required $make:path) => {
+        Some($make().await)
+    };
+    (@make optional $make:path) => {
+        $make().await
+    };
+    (@list $make:path, $mode:ident) => {
+        conformance_suite!(@cases $make, $mode;
             entry_round_trip,
             duplicate_entries_rejected,
             missing_entries_not_found,
@@ -35,11 +51,13 @@ macro_rules! conformance_suite {
             concurrent_creates,
         );
     };
-    (@cases $make:path; $($case:ident),* $(,)?) => {
+    (@cases $make:path, $mode:ident; $($case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                let (store, _guard) = $make().await;
+                let Some((store, _guard)) = conformance_suite!(@make $mode $make) else {
+                    return;
+                };
                 crate::conformance::$case(store).await;
             }
         )*

@@ -1,5 +1,5 @@
 //! sigil-store integration tests: a conformance suite any [`Store`] must pass,
-//! run against each SQLite flavour, and checks specific to SQLite.
+//! run against each SQLite flavour and PostgreSQL, and checks specific to each.
 //!
 //! [`Store`]: sigil_store::Store
 
@@ -9,4 +9,5 @@
 
 #[macro_use]
 mod conformance;
+mod postgres;
 mod sqlite;
