@@ -11,6 +11,7 @@
 mod cgroup;
 mod controller;
 mod federation;
+mod hostile;
 mod kubelet;
 mod psat;
 mod rbac;

@@ -9,6 +9,7 @@
     reason = "tests: a failure is reported by the panic"
 )]
 
+mod hostile;
 mod jwt_attacks;
 mod jwt_rsa;
 mod support;
