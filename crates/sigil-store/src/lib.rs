@@ -12,6 +12,7 @@ mod codec;
 mod error;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::fmt;
