@@ -97,7 +97,7 @@ enum Command {
         #[command(subcommand)]
         command: proxy::PolicyCommand,
     },
-    /// Kubernetes tools: explain what a pod's process is attested as.
+    /// Kubernetes tools: explain what a pod's process is attested as, run the entry and federation controller.
     #[cfg(feature = "k8s")]
     K8s {
         #[command(subcommand)]
