@@ -3,6 +3,8 @@
 //! the agent presenting its SVID once it has one.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
@@ -17,6 +19,7 @@ use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::AgentError;
+use crate::config::ServerAddresses;
 
 /// The bundle the agent trusts now, read at every handshake.
 #[derive(Debug)]
@@ -38,10 +41,19 @@ impl TrustRoots for BundleTrust {
 /// Largest message accepted from the server (a sync snapshot of many entries).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Opens a channel to the server. `cert` is the agent SVID, absent before
-/// attestation.
+/// How long one address may take to accept a TCP connection and finish the
+/// TLS handshake before the next one is tried.
+const PER_ADDRESS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How often the agent pings the server over an idle connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection counts as dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a channel to one of the servers. `cert` is the agent SVID, absent
+/// before attestation.
 pub async fn connect(
-    address: &str,
+    servers: &ServerAddresses,
     trust: Arc<ArcSwap<Bundle>>,
     server_id: SpiffeId,
     cert: Option<Arc<RotatingCert>>,
@@ -58,40 +70,94 @@ pub async fn connect(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
-    connect_with(address, config).await
+    connect_with(servers, config).await
 }
 
-/// Opens a channel with a given TLS config.
+/// Opens a channel with a given TLS config to the first server, in order,
+/// that accepts a TCP connection and completes the TLS handshake (the
+/// server's identity included) within [`PER_ADDRESS_TIMEOUT`]. A name with
+/// several DNS records is tried record by record.
 pub(crate) async fn connect_with(
-    address: &str,
+    servers: &ServerAddresses,
     config: ClientConfig,
 ) -> Result<AgentApiClient<Channel>, AgentError> {
     let connector = TlsConnector::from(Arc::new(config));
-    let addr = address.to_owned();
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| AgentError::Config(format!("server address {address:?}: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+    let addresses: Arc<[String]> = servers.as_slice().into();
+    let endpoint = Endpoint::from_shared(format!("http://{}", addresses[0]))
+        .map_err(|e| AgentError::Config(format!("server address {:?}: {e}", addresses[0])))?
+        // A silent server (a partition, a dead host) is noticed within
+        // 15 s, and the agent moves on to the next address.
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true);
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |_| {
             let connector = connector.clone();
-            let addr = addr.clone();
-            async move {
-                let tcp = TcpStream::connect(&addr).await?;
-                let _ = tcp.set_nodelay(true);
-                // The verifier checks the SPIFFE ID, not this name.
-                let name = ServerName::try_from("sigil-server")
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(tls))
-            }
+            let addresses = addresses.clone();
+            async move { first_reachable(&addresses, &connector).await }
         }))
         .await
-        .map_err(|e| AgentError::Unavailable(format!("cannot reach server at {address}: {e}")))?;
+        .map_err(|e| AgentError::Unavailable(format!("cannot reach a server ({servers}): {e}")))?;
     Ok(AgentApiClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// The index of the address that answered last, so that an agent sticks to
+/// a working server; before the first answer, agents start at an index
+/// derived from their process ID, which spreads them over the servers.
+static PREFERRED: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// The TLS stream of the first address that answers, starting with the
+/// preferred one; the error names every address tried and why it failed.
+async fn first_reachable(
+    addresses: &[String],
+    connector: &TlsConnector,
+) -> std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let n = addresses.len();
+    let start = match PREFERRED.load(Ordering::Relaxed) {
+        usize::MAX => std::process::id() as usize % n,
+        i => i % n,
+    };
+    let mut failures = Vec::new();
+    for i in (start..n).chain(0..start) {
+        let address = &addresses[i];
+        let resolved = match tokio::net::lookup_host(address.as_str()).await {
+            Ok(r) => r.collect::<Vec<_>>(),
+            Err(e) => {
+                failures.push(format!("{address}: {e}"));
+                continue;
+            }
+        };
+        for addr in resolved {
+            match tokio::time::timeout(PER_ADDRESS_TIMEOUT, handshake(addr, connector)).await {
+                Ok(Ok(tls)) => {
+                    PREFERRED.store(i, Ordering::Relaxed);
+                    return Ok(TokioIo::new(tls));
+                }
+                Ok(Err(e)) => failures.push(format!("{address} ({addr}): {e}")),
+                Err(_) => failures.push(format!(
+                    "{address} ({addr}): no answer within {PER_ADDRESS_TIMEOUT:?}"
+                )),
+            }
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotConnected,
+        failures.join("; "),
+    ))
+}
+
+async fn handshake(
+    addr: std::net::SocketAddr,
+    connector: &TlsConnector,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    // The verifier checks the SPIFFE ID, not this name.
+    let name = ServerName::try_from("sigil-server")
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    connector.connect(name, tcp).await
 }
 
 /// Fetches the bundle without authenticating the server, then accepts it
@@ -99,7 +165,7 @@ pub(crate) async fn connect_with(
 /// nothing read over that connection is trusted before the fingerprint
 /// matched, and the bundle is its only use.
 pub async fn bootstrap_bundle_by_fingerprint(
-    address: &str,
+    servers: &ServerAddresses,
     trust_domain: &TrustDomain,
     fingerprint: &str,
 ) -> Result<Bundle, AgentError> {
@@ -111,7 +177,7 @@ pub async fn bootstrap_bundle_by_fingerprint(
         )))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let mut client = connect_with(address, config).await?;
+    let mut client = connect_with(servers, config).await?;
     let resp = client
         .get_bundle(sigil_proto::server::v1::GetBundleRequest {})
         .await
@@ -129,7 +195,7 @@ pub async fn bootstrap_bundle_by_fingerprint(
         Ok(bundle)
     } else {
         Err(AgentError::Bootstrap(format!(
-            "the server at {address} offered a bundle without the CA fingerprint {want} from the join token; refusing to trust it"
+            "the server ({servers}) offered a bundle without the CA fingerprint {want} from the join token; refusing to trust it"
         )))
     }
 }

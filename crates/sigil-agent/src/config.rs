@@ -25,7 +25,7 @@ struct AgentFile {
 #[serde(deny_unknown_fields)]
 struct AgentSection {
     trust_domain: String,
-    server_address: String,
+    server_address: AddressList,
     #[serde(default = "default_data_dir")]
     data_dir: PathBuf,
     #[serde(default = "default_socket")]
@@ -44,6 +44,8 @@ struct AgentSection {
     k8s_psat: Option<PsatFile>,
     #[serde(default)]
     sds: Option<SdsFile>,
+    #[serde(default)]
+    limits: crate::limits::LimitsSection,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,13 +196,51 @@ fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
 }
 
+/// `server_address` as written: one `host:port` or a list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum AddressList {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The servers an agent may talk to, in order of preference: any of them
+/// serves it (they share one database), so the agent moves on to the next
+/// when one cannot be reached, without attesting again. A name with several
+/// DNS records counts as each of its addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerAddresses(Vec<String>);
+
+impl ServerAddresses {
+    /// A single `host:port`.
+    pub fn one(address: impl Into<String>) -> Self {
+        Self(vec![address.into()])
+    }
+
+    /// Several `host:port`s; `None` if the list is empty.
+    pub fn new(addresses: Vec<String>) -> Option<Self> {
+        (!addresses.is_empty()).then_some(Self(addresses))
+    }
+
+    /// The addresses, in order of preference.
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ServerAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
 /// The validated runtime configuration of an agent.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// The trust domain the agent belongs to.
     pub trust_domain: TrustDomain,
-    /// `host:port` of the server's agent API.
-    pub server_address: String,
+    /// `host:port` of the servers' agent API (several, for failover).
+    pub server_address: ServerAddresses,
     /// Agent SVID, bundle and SVID cache.
     pub data_dir: PathBuf,
     /// The Workload API socket.
@@ -223,6 +263,8 @@ pub struct AgentConfig {
     pub k8s_psat: Option<PsatConfig>,
     /// The Envoy SDS service.
     pub sds: SdsConfig,
+    /// Bounds on callers of the socket: `[agent.limits]`.
+    pub limits: crate::limits::AgentLimits,
 }
 
 impl AgentConfig {
@@ -234,7 +276,7 @@ impl AgentConfig {
     ) -> Self {
         Self {
             trust_domain,
-            server_address,
+            server_address: ServerAddresses::one(server_address),
             socket_path: data_dir.join("api.sock"),
             data_dir,
             join_token: None,
@@ -246,6 +288,7 @@ impl AgentConfig {
             k8s: None,
             k8s_psat: None,
             sds: SdsConfig::default(),
+            limits: crate::limits::AgentLimits::default(),
         }
     }
 
@@ -274,19 +317,27 @@ impl AgentConfig {
         };
         let trust_domain = TrustDomain::new(&a.trust_domain)
             .map_err(|e| invalid("agent.trust_domain", e.to_string()))?;
-        let has_port = a
-            .server_address
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-        if !has_port {
-            return Err(invalid(
-                "agent.server_address",
-                format!(
-                    "{:?} must be host:port, e.g. sigil-server.example.org:8081",
-                    a.server_address
-                ),
-            ));
+        let addresses = match a.server_address {
+            AddressList::One(one) => vec![one],
+            AddressList::Many(many) => many,
+        };
+        for address in &addresses {
+            let has_port = address
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !has_port {
+                return Err(invalid(
+                    "agent.server_address",
+                    format!("{address:?} must be host:port, e.g. sigil-server.example.org:8081"),
+                ));
+            }
         }
+        let server_address = ServerAddresses::new(addresses).ok_or_else(|| {
+            invalid(
+                "agent.server_address",
+                "the list is empty; name at least one server as host:port".into(),
+            )
+        })?;
         let health_address = a
             .health_address
             .as_deref()
@@ -388,12 +439,14 @@ impl AgentConfig {
                 }
             }
         };
+        let limits = crate::limits::parse(a.limits, &invalid)?;
         Ok(Self {
             sds,
+            limits,
             k8s,
             k8s_psat,
             trust_domain,
-            server_address: a.server_address,
+            server_address,
             data_dir: a.data_dir,
             socket_path: a.socket_path,
             join_token: a.join_token,
@@ -409,6 +462,32 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_address_takes_one_or_several() {
+        let head = "[agent]\ntrust_domain = \"example.org\"\n";
+        let one =
+            AgentConfig::parse(&format!("{head}server_address = \"a:8081\"\n"), None).unwrap();
+        assert_eq!(one.server_address.as_slice(), ["a:8081"]);
+        let many = AgentConfig::parse(
+            &format!("{head}server_address = [\"a:8081\", \"10.0.0.2:8081\"]\n"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(many.server_address.as_slice(), ["a:8081", "10.0.0.2:8081"]);
+        assert_eq!(many.server_address.to_string(), "a:8081, 10.0.0.2:8081");
+        let empty = AgentConfig::parse(&format!("{head}server_address = []\n"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(empty.contains("at least one server"), "{empty}");
+        let bad = AgentConfig::parse(
+            &format!("{head}server_address = [\"a:8081\", \"b\"]\n"),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(bad.contains("\"b\" must be host:port"), "{bad}");
+    }
 
     #[test]
     fn minimal_file() {

@@ -6,7 +6,7 @@
 //! While the server is unreachable it keeps serving the last SVIDs until
 //! they expire and retries with jittered exponential backoff.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -33,6 +33,17 @@ const CSR_BATCH: usize = 500;
 /// Federated bundles by trust domain; never holds the agent's own.
 pub type FederatedBundles = BTreeMap<TrustDomain, Arc<Bundle>>;
 
+/// Authorities the server tainted (after a key compromise): still trusted,
+/// but what they signed is replaced at once and cached JWT-SVIDs they signed
+/// are not served again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tainted {
+    /// X.509 CAs, by the lowercase hex SHA-256 of the certificate DER.
+    pub x509: BTreeSet<String>,
+    /// JWT signing keys, by key ID.
+    pub jwt_kids: BTreeSet<String>,
+}
+
 /// What the Workload API serves from: entries, their SVIDs and the bundles.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -47,6 +58,8 @@ pub struct Snapshot {
     pub federated: Arc<FederatedBundles>,
     /// Whether the agent is connected to the server now.
     pub connected: bool,
+    /// The authorities the server tainted.
+    pub tainted: Arc<Tainted>,
 }
 
 /// The shared handle to the server connection, also used by the Workload API
@@ -71,6 +84,7 @@ pub(crate) struct Core {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) dirty: bool,
     pub(crate) sign_retry_at: Option<SystemTime>,
+    pub(crate) tainted: Arc<Tainted>,
 }
 
 /// Half of the lifetime, plus or minus up to 10% of it: when to renew. The
@@ -106,8 +120,10 @@ impl Core {
             bundle: self.trust.load_full(),
             federated: self.federated.clone(),
             connected,
+            tainted: self.tainted.clone(),
         };
         self.metrics.cached_svids.set(snap.svids.len() as i64);
+        self.metrics.connected.set(i64::from(connected));
         self.metrics
             .federated_bundles
             .set(snap.federated.len() as i64);
@@ -188,6 +204,9 @@ impl Core {
         if m.federated_bundles_changed {
             self.apply_federated(&m.federated_bundles);
         }
+        if m.tainted_changed {
+            self.apply_tainted(&m.tainted_x509_authorities, &m.tainted_jwt_kids);
+        }
         self.revision = m.revision;
         self.svids.retain(|id, _| self.entries.contains_key(id));
         self.renew_at.retain(|id, _| self.entries.contains_key(id));
@@ -197,6 +216,64 @@ impl Core {
             revision = self.revision,
             "sync applied"
         );
+    }
+
+    /// Takes the server's complete set of tainted authorities; when it
+    /// changed, everything signed by a tainted CA is renewed at once.
+    fn apply_tainted(&mut self, x509: &[String], jwt_kids: &[String]) {
+        let next = Tainted {
+            x509: x509.iter().cloned().collect(),
+            jwt_kids: jwt_kids.iter().cloned().collect(),
+        };
+        if next == *self.tainted {
+            return;
+        }
+        if !next.x509.is_empty() || !next.jwt_kids.is_empty() {
+            tracing::warn!(
+                x509 = ?next.x509,
+                jwt_kids = ?next.jwt_kids,
+                "the server tainted signing authorities; replacing what they signed"
+            );
+        }
+        self.tainted = Arc::new(next);
+        self.renew_tainted(SystemTime::now());
+        self.dirty = true;
+    }
+
+    /// Makes the workload SVIDs and the agent SVID that a tainted CA signed
+    /// due for renewal now. The chains are leaf-only, so a leaf counts as
+    /// signed by a tainted CA when it verifies against that CA alone.
+    fn renew_tainted(&mut self, now: SystemTime) {
+        let roots: Vec<Vec<u8>> = self
+            .trust
+            .load()
+            .x509_authorities
+            .iter()
+            .filter(|c| self.tainted.x509.contains(&sigil_svid::x509::sha256_hex(c)))
+            .cloned()
+            .collect();
+        if roots.is_empty() {
+            return;
+        }
+        let tainted = |chain: &[Vec<u8>]| sigil_svid::x509::verify_svid(chain, &roots, now).is_ok();
+        let mut renew = 0;
+        for (id, svid) in &self.svids {
+            if tainted(&svid.chain) {
+                self.renew_at.insert(id.clone(), now);
+                renew += 1;
+            }
+        }
+        if tainted(&self.identity.chain) {
+            self.identity_renew_at = now;
+            renew += 1;
+        }
+        if renew > 0 {
+            self.sign_retry_at = None;
+            tracing::warn!(
+                svids = renew,
+                "renewing SVIDs signed by a tainted authority"
+            );
+        }
     }
 
     /// Replaces the federated bundles with the server's complete set (see
@@ -394,7 +471,7 @@ impl Core {
             if stream.is_none() && now >= retry_at {
                 match self.open_stream().await {
                     Ok(s) => {
-                        tracing::info!(server = %self.cfg.server_address, "connected to the server");
+                        tracing::info!(servers = %self.cfg.server_address, "connected to a server");
                         stream = Some(s);
                         backoff.reset();
                         self.dirty = true;
@@ -418,6 +495,17 @@ impl Core {
                 continue;
             }
             self.maintain_svids(now).await;
+            // An SVID that expired is no longer served, even when nothing
+            // else changed (as while the server is unreachable).
+            if self
+                .snapshot
+                .borrow()
+                .svids
+                .values()
+                .any(|s| s.not_after <= now)
+            {
+                self.dirty = true;
+            }
             if self.dirty {
                 self.dirty = false;
                 self.publish();

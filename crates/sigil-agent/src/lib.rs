@@ -20,6 +20,7 @@
 //! | `k8s` | pod selectors from the kubelet; PSAT tokens (feature `k8s`) |
 //! | [`workload`] | the SPIFFE Workload API |
 //! | [`sds`] | Envoy's Secret Discovery Service (SDS v3) |
+//! | [`limits`] | request size, per-uid rate limits, connection cap, timeouts |
 
 pub mod attest;
 pub mod client;
@@ -27,6 +28,7 @@ pub mod config;
 pub mod core;
 #[cfg(feature = "k8s")]
 pub mod k8s;
+pub mod limits;
 pub mod metrics;
 pub mod peer;
 pub mod persist;
@@ -285,6 +287,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         bundle: trust.load_full(),
         federated: federated.clone(),
         connected: false,
+        tainted: Default::default(),
     }));
     let client: core::SharedClient = Arc::new(ArcSwap::from_pointee(None));
     let mut core = Core {
@@ -307,6 +310,7 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         metrics: metrics.clone(),
         dirty: false,
         sign_retry_at: None,
+        tainted: Default::default(),
         identity,
         cfg: cfg.clone(),
     };
@@ -333,19 +337,24 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         workload_size_limit: 512 * 1024 * 1024,
     }));
     #[allow(unused_mut, reason = "extended only with the k8s feature")]
-    let mut callers = workload::CallerAttestor::new(attestor);
+    let mut callers = workload::CallerAttestor::new(attestor)
+        .with_limiter(Arc::new(crate::limits::CallerLimiter::new(&cfg.limits)));
     #[cfg(feature = "k8s")]
     if let Some(k) = &cfg.k8s {
         callers = callers.with_pod_attestor(k8s::PodAttestor::new(k)?);
     }
     let callers = Arc::new(callers);
-    let svc = workload::service(workload::WorkloadService::new(
-        snapshots.clone(),
-        callers.clone(),
-        client,
-        metrics.clone(),
-        cancel.clone(),
-    ));
+    let limits = cfg.limits.clone();
+    let svc = workload::service_with_limit(
+        workload::WorkloadService::new(
+            snapshots.clone(),
+            callers.clone(),
+            client,
+            metrics.clone(),
+            cancel.clone(),
+        ),
+        limits.max_request_bytes,
+    );
     let sds_svc = sds::service(sds::SdsService::new(
         snapshots.clone(),
         callers,
@@ -355,10 +364,15 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     ));
     let c = cancel.clone();
     tracker.spawn(async move {
+        // The request timeout ends a call that has not answered; a stream
+        // runs on after its first answer.
+        let incoming = crate::limits::incoming(peer::incoming(listener), limits.max_connections);
         let result = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .timeout(limits.request_timeout)
             .add_service(svc)
             .add_service(sds_svc)
-            .serve_with_incoming_shutdown(peer::incoming(listener), c.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
             .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "Workload API stopped");

@@ -13,6 +13,9 @@ pub struct Metrics {
     pub svids_signed: Counter,
     /// Workload SVIDs held in the cache.
     pub cached_svids: Gauge,
+    /// 1 while the agent holds a sync stream to a server, 0 while it serves
+    /// from its cache alone.
+    pub connected: Gauge,
     /// Workload API calls answered with an identity.
     pub workload_requests: Counter,
     /// Workload API calls refused (no identity, bad request, attestation failure).
@@ -39,6 +42,7 @@ impl Default for Metrics {
         let m = Self {
             svids_signed: Counter::default(),
             cached_svids: Gauge::default(),
+            connected: Gauge::default(),
             workload_requests: Counter::default(),
             workload_refusals: Counter::default(),
             workload_streams: Gauge::default(),
@@ -59,6 +63,11 @@ impl Default for Metrics {
             "cached_svids",
             "Workload SVIDs in the cache",
             m.cached_svids.clone(),
+        );
+        registry.register(
+            "connected",
+            "1 while connected to a server, 0 while serving from the cache",
+            m.connected.clone(),
         );
         registry.register(
             "workload_requests",

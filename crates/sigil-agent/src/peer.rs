@@ -27,7 +27,6 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{getsockopt, sockopt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::time::Sleep;
 use tokio_stream::Stream;
@@ -367,45 +366,76 @@ impl PeerStream {
     }
 }
 
-impl AsyncRead for PeerStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
+/// Implements `AsyncRead` and `AsyncWrite` for a connection wrapper by
+/// passing every call to its `inner` field: `delegate_io!(Wrapper)`, or
+/// `delegate_io!([C] Wrapper<C>; read: [C: AsyncRead + Unpin]; write:
+/// [C: AsyncWrite + Unpin])` for a generic one.
+macro_rules! delegate_io {
+    ([$($g:tt)*] $ty:ty; read: [$($rb:tt)*]; write: [$($wb:tt)*]) => {
+        impl<$($g)*> ::tokio::io::AsyncRead for $ty
+        where
+            $($rb)*
+        {
+            fn poll_read(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                buf: &mut ::tokio::io::ReadBuf<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                let inner = ::std::pin::Pin::new(&mut self.get_mut().inner);
+                ::tokio::io::AsyncRead::poll_read(inner, cx, buf)
+            }
+        }
+
+        impl<$($g)*> ::tokio::io::AsyncWrite for $ty
+        where
+            $($wb)*
+        {
+            fn poll_write(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                buf: &[u8],
+            ) -> ::std::task::Poll<::std::io::Result<usize>> {
+                let inner = ::std::pin::Pin::new(&mut self.get_mut().inner);
+                ::tokio::io::AsyncWrite::poll_write(inner, cx, buf)
+            }
+
+            fn poll_flush(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                let inner = ::std::pin::Pin::new(&mut self.get_mut().inner);
+                ::tokio::io::AsyncWrite::poll_flush(inner, cx)
+            }
+
+            fn poll_shutdown(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<::std::io::Result<()>> {
+                let inner = ::std::pin::Pin::new(&mut self.get_mut().inner);
+                ::tokio::io::AsyncWrite::poll_shutdown(inner, cx)
+            }
+
+            fn poll_write_vectored(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+                bufs: &[::std::io::IoSlice<'_>],
+            ) -> ::std::task::Poll<::std::io::Result<usize>> {
+                let inner = ::std::pin::Pin::new(&mut self.get_mut().inner);
+                ::tokio::io::AsyncWrite::poll_write_vectored(inner, cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                ::tokio::io::AsyncWrite::is_write_vectored(&self.inner)
+            }
+        }
+    };
+    ($ty:ty) => {
+        $crate::peer::delegate_io!([] $ty; read: []; write: []);
+    };
 }
+pub(crate) use delegate_io;
 
-impl AsyncWrite for PeerStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
+delegate_io!(PeerStream);
 
 impl tonic::transport::server::Connected for PeerStream {
     type ConnectInfo = PeerConnectInfo;

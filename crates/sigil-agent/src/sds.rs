@@ -624,6 +624,10 @@ impl SecretDiscoveryService for SdsService {
         &self,
         req: Request<Streaming<disc::DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        self.callers
+            .limiter()
+            .stream(&req)
+            .map_err(|s| self.refuse(s))?;
         let selectors = self
             .callers
             .identify(&req)
@@ -663,6 +667,10 @@ impl SecretDiscoveryService for SdsService {
         &self,
         req: Request<disc::DiscoveryRequest>,
     ) -> Result<Response<disc::DiscoveryResponse>, Status> {
+        self.callers
+            .limiter()
+            .call(&req)
+            .map_err(|s| self.refuse(s))?;
         let names = requested_names(req.get_ref()).map_err(|s| self.refuse(s))?;
         let selectors = self
             .callers

@@ -70,10 +70,17 @@ pub type WorkloadServer = InterceptedService<
     fn(Request<()>) -> Result<Request<()>, Status>,
 >;
 
-/// Builds the tonic service.
+/// Builds the tonic service, requests capped at the default
+/// `[agent.limits] max_request_bytes`.
 pub fn service(svc: WorkloadService) -> WorkloadServer {
-    SpiffeWorkloadApiServer::with_interceptor(
-        svc,
+    service_with_limit(svc, crate::limits::AgentLimits::default().max_request_bytes)
+}
+
+/// Builds the tonic service; a request message over `max_request_bytes` is
+/// refused with `OutOfRange` before it is decoded.
+pub fn service_with_limit(svc: WorkloadService, max_request_bytes: usize) -> WorkloadServer {
+    InterceptedService::new(
+        SpiffeWorkloadApiServer::new(svc).max_decoding_message_size(max_request_bytes),
         check_security_header as fn(Request<()>) -> Result<Request<()>, Status>,
     )
 }
@@ -85,6 +92,20 @@ struct CachedJwt {
     token: String,
     expiry: SystemTime,
     refresh_at: SystemTime,
+    /// The key ID in the token's header, to drop it if the key is tainted.
+    kid: Option<String>,
+}
+
+/// The `kid` in a JWT's header, if it has one; the token is not verified
+/// (only for tokens this agent fetched itself).
+fn jwt_kid(token: &str) -> Option<String> {
+    use base64::Engine;
+    let header = token.split('.').next()?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    value.get("kid")?.as_str().map(str::to_owned)
 }
 
 /// JWT-SVIDs by (SPIFFE ID, sorted audiences), bounded by a hard limit.
@@ -133,6 +154,7 @@ impl JwtCache {
         self.tokens.insert(
             key,
             CachedJwt {
+                kid: jwt_kid(&token),
                 token,
                 expiry,
                 refresh_at: now + life / 2,
@@ -142,6 +164,16 @@ impl JwtCache {
 
     fn remove(&mut self, key: &JwtKey) {
         self.tokens.remove(key);
+    }
+
+    /// Drops the tokens signed with a tainted key, so they are never served
+    /// again (not even while the server is unreachable).
+    fn drop_tainted(&mut self, tainted_kids: &std::collections::BTreeSet<String>) {
+        if tainted_kids.is_empty() {
+            return;
+        }
+        self.tokens
+            .retain(|_, c| c.kid.as_ref().is_none_or(|k| !tainted_kids.contains(k)));
     }
 
     fn len(&self) -> usize {
@@ -163,9 +195,12 @@ impl JwtFetchError {
     fn from_status(s: &tonic::Status) -> Self {
         use tonic::Code;
         match s.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                Self::Unreachable(s.message().to_owned())
-            }
+            // ResourceExhausted: the server's rate limit; not a verdict on the token.
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::ResourceExhausted => Self::Unreachable(s.message().to_owned()),
             _ => Self::Refused(s.message().to_owned()),
         }
     }
@@ -228,6 +263,7 @@ where
 /// and the Envoy SDS service, so both attest callers the same way.
 pub struct CallerAttestor {
     attestor: Arc<UnixAttestor>,
+    limiter: Arc<crate::limits::CallerLimiter>,
     #[cfg(feature = "k8s")]
     pods: Option<Arc<crate::k8s::PodAttestor>>,
 }
@@ -243,9 +279,21 @@ impl CallerAttestor {
     pub fn new(attestor: Arc<UnixAttestor>) -> Self {
         Self {
             attestor,
+            limiter: Arc::default(),
             #[cfg(feature = "k8s")]
             pods: None,
         }
+    }
+
+    /// Uses `limiter`'s per-uid rate limits instead of the default ones.
+    pub fn with_limiter(mut self, limiter: Arc<crate::limits::CallerLimiter>) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
+    /// The per-uid rate limits of the socket's callers.
+    pub fn limiter(&self) -> &crate::limits::CallerLimiter {
+        &self.limiter
     }
 
     /// Adds pod selectors from the kubelet to every caller's unix selectors.
@@ -493,6 +541,10 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        self.callers
+            .limiter()
+            .stream(&req)
+            .map_err(|s| self.refuse(s))?;
         let selectors = self.identify(&req).await.map_err(|s| self.refuse(s))?;
         let mut rx = self.snapshots.clone();
         let deadline = tokio::time::Instant::now() + FIRST_SVID_WAIT;
@@ -538,6 +590,10 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        self.callers
+            .limiter()
+            .stream(&req)
+            .map_err(|s| self.refuse(s))?;
         let selectors = self.identify(&req).await.map_err(|s| self.refuse(s))?;
         let mut rx = self.snapshots.clone();
         let snap = rx.borrow_and_update().clone();
@@ -573,6 +629,10 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        self.callers
+            .limiter()
+            .call(&req)
+            .map_err(|s| self.refuse(s))?;
         if req.get_ref().audience.is_empty() || req.get_ref().audience.iter().all(String::is_empty)
         {
             return Err(self.refuse(Status::invalid_argument("audience must be specified")));
@@ -624,6 +684,10 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        self.callers
+            .limiter()
+            .stream(&req)
+            .map_err(|s| self.refuse(s))?;
         let selectors = self.identify(&req).await.map_err(|s| self.refuse(s))?;
         let mut rx = self.snapshots.clone();
         let snap = rx.borrow_and_update().clone();
@@ -657,6 +721,10 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        self.callers
+            .limiter()
+            .call(&req)
+            .map_err(|s| self.refuse(s))?;
         if req.get_ref().audience.is_empty() {
             return Err(self.refuse(Status::invalid_argument("audience must be specified")));
         }
@@ -704,6 +772,8 @@ impl WorkloadService {
     /// unreachable, the cached one until it expires).
     async fn jwt_for(&self, e: &Entry, audience: &[String]) -> Result<String, Status> {
         let key = (e.spiffe_id.clone(), audience.to_vec());
+        let tainted = self.snapshots.borrow().tainted.clone();
+        lock(&self.jwt_cache).drop_tainted(&tainted.jwt_kids);
         let client = (**self.client.load()).clone();
         let request = spb::NewJwtsvidRequest {
             entry_id: e.id.to_string(),
@@ -875,6 +945,7 @@ pub(crate) mod tests {
                     .collect::<FederatedBundles>(),
             ),
             connected: true,
+            tainted: Default::default(),
         }
     }
 
@@ -1001,6 +1072,29 @@ pub(crate) mod tests {
             format!("spiffe://example.org/{id}").parse().unwrap(),
             vec!["api".to_owned()],
         )
+    }
+
+    #[test]
+    fn cached_jwt_svids_of_a_tainted_key_are_dropped() {
+        use sigil_svid::jwt::JwtAuthority;
+        let now = SystemTime::now();
+        let (old, new) = (
+            JwtAuthority::generate(HOUR, now).unwrap(),
+            JwtAuthority::generate(HOUR, now).unwrap(),
+        );
+        let sub = "spiffe://example.org/w".parse().unwrap();
+        let aud = ["api".to_owned()];
+        let mut c = JwtCache::new(10);
+        for (k, ca) in [("old", &old), ("new", &new)] {
+            let token = ca.sign(&sub, &aud, HOUR, now).unwrap();
+            assert_eq!(jwt_kid(&token).as_deref(), Some(ca.kid()));
+            c.insert(key(k), token, now + HOUR, now);
+        }
+        c.drop_tainted(&std::collections::BTreeSet::new());
+        assert_eq!(c.len(), 2);
+        c.drop_tainted(&std::collections::BTreeSet::from([old.kid().to_owned()]));
+        assert!(c.valid(&key("old"), now).is_none());
+        assert!(c.fresh(&key("new"), now).is_some());
     }
 
     #[test]

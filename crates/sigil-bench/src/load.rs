@@ -21,6 +21,7 @@ use anyhow::{Context, bail, ensure};
 use arc_swap::ArcSwap;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use sigil_agent::config::ServerAddresses;
 use sigil_proto::server::v1 as pb;
 use sigil_proto::server::v1::admin_api_client::AdminApiClient;
 use sigil_proto::server::v1::agent_api_client::AgentApiClient;
@@ -194,7 +195,7 @@ async fn join_token(admin: &mut Admin) -> anyhow::Result<(String, SpiffeId)> {
 
 /// What the simulated agents share: the server address and its bundle.
 struct AgentApi {
-    addr: String,
+    addr: ServerAddresses,
     trust: Arc<ArcSwap<Bundle>>,
     server_id: SpiffeId,
     attest: AgentApiClient<Channel>,
@@ -204,17 +205,18 @@ impl AgentApi {
     /// Trusts the server through the fingerprint in `token`, as an agent does.
     async fn bootstrap(addr: &str, token: &str) -> anyhow::Result<Self> {
         let td = td()?;
+        let addr = ServerAddresses::one(addr);
         let fp = token
             .split('.')
             .nth(2)
             .context("token without fingerprint")?;
-        let bundle = sigil_agent::client::bootstrap_bundle_by_fingerprint(addr, &td, fp).await?;
+        let bundle = sigil_agent::client::bootstrap_bundle_by_fingerprint(&addr, &td, fp).await?;
         let trust = Arc::new(ArcSwap::from_pointee(bundle));
         let server_id = td.id_with_path(sigil_types::SERVER_PATH)?;
         let attest =
-            sigil_agent::client::connect(addr, trust.clone(), server_id.clone(), None).await?;
+            sigil_agent::client::connect(&addr, trust.clone(), server_id.clone(), None).await?;
         Ok(Self {
-            addr: addr.to_owned(),
+            addr,
             trust,
             server_id,
             attest,

@@ -2,11 +2,12 @@
 //! open (mode 0600); callers are also checked by kernel peer credentials.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use sigil_proto::convert::entry_from_proto;
 use sigil_proto::server::v1 as pb;
 use sigil_proto::server::v1::admin_api_server::{AdminApi, AdminApiServer};
+use sigil_store::{AuthorityKind, AuthorityRecord};
 use sigil_types::{
     BundleEndpointProfile, EntryId, FederationRelationship, Selectors, SpiffeId, TrustDomain,
 };
@@ -14,6 +15,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use crate::ServerState;
+use crate::ca::AuthorityView;
 use crate::error::ServerError;
 use crate::federation::RefreshStatus;
 use crate::index::{EntryFilter, SelectorMatch};
@@ -25,7 +27,8 @@ const MAX_PAGE: usize = 5000;
 
 /// The tonic service of the admin API.
 pub fn service(state: Arc<ServerState>) -> AdminApiServer<AdminService> {
-    AdminApiServer::new(AdminService { state }).max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+    let max = state.config.limits.admin_max_request_bytes;
+    AdminApiServer::new(AdminService { state }).max_decoding_message_size(max)
 }
 
 /// Implements [`AdminApi`].
@@ -443,6 +446,121 @@ impl AdminApi for AdminService {
             trust_domain: td.to_string(),
             bundle_json,
         }))
+    }
+
+    async fn list_authorities(
+        &self,
+        req: Request<pb::ListAuthoritiesRequest>,
+    ) -> Result<Response<pb::ListAuthoritiesResponse>, Status> {
+        check_caller(&req)?;
+        // The peers' authorities as the journal has them now.
+        if let Err(e) = self.state.ca.refresh_peers(SystemTime::now()).await {
+            tracing::warn!(error = %e, "re-reading the peers' authorities failed; listing the last known");
+        }
+        let authorities = self
+            .state
+            .ca
+            .list()
+            .await
+            .iter()
+            .map(authority_pb)
+            .collect();
+        Ok(Response::new(pb::ListAuthoritiesResponse { authorities }))
+    }
+
+    async fn prepare_authority(
+        &self,
+        req: Request<pb::AuthorityRequest>,
+    ) -> Result<Response<pb::Authority>, Status> {
+        check_caller(&req)?;
+        let kind = parse_kind(&req.get_ref().kind)?;
+        let r = self.state.ca.prepare_now(kind, SystemTime::now()).await?;
+        Ok(Response::new(own_authority_pb(r)))
+    }
+
+    async fn activate_authority(
+        &self,
+        req: Request<pb::AuthorityRequest>,
+    ) -> Result<Response<pb::Authority>, Status> {
+        check_caller(&req)?;
+        let kind = parse_kind(&req.get_ref().kind)?;
+        let now = SystemTime::now();
+        let r = self.state.ca.activate_now(kind, now).await?;
+        self.state.metrics.ca_activations.inc();
+        // The server's own SVID moves to the new CA, so that it stays valid
+        // once the old one is revoked.
+        if kind == AuthorityKind::X509
+            && let Err(e) = self.state.renew_server_cert(now)
+        {
+            tracing::error!(error = %e, "renewing the server SVID failed; the rotation loop will retry");
+        }
+        Ok(Response::new(own_authority_pb(r)))
+    }
+
+    async fn taint_authority(
+        &self,
+        req: Request<pb::AuthorityRequest>,
+    ) -> Result<Response<pb::Authority>, Status> {
+        let (kind, id) = kind_and_id(&req)?;
+        let r = self.state.ca.taint(kind, id, SystemTime::now()).await?;
+        Ok(Response::new(own_authority_pb(r)))
+    }
+
+    async fn revoke_authority(
+        &self,
+        req: Request<pb::AuthorityRequest>,
+    ) -> Result<Response<pb::Authority>, Status> {
+        let (kind, id) = kind_and_id(&req)?;
+        let r = self.state.ca.revoke(kind, id, SystemTime::now()).await?;
+        Ok(Response::new(own_authority_pb(r)))
+    }
+}
+
+fn parse_kind(s: &str) -> Result<AuthorityKind, Status> {
+    match s {
+        "x509" => Ok(AuthorityKind::X509),
+        "jwt" => Ok(AuthorityKind::Jwt),
+        "" => Err(Status::invalid_argument("kind is required: x509 or jwt")),
+        other => Err(Status::invalid_argument(format!(
+            "invalid kind {other:?}: x509 or jwt"
+        ))),
+    }
+}
+
+/// The kind and the ID of the authority `req` names, once its caller is
+/// checked: what taint and revoke act on.
+fn kind_and_id(req: &Request<pb::AuthorityRequest>) -> Result<(AuthorityKind, &str), Status> {
+    check_caller(req)?;
+    let kind = parse_kind(&req.get_ref().kind)?;
+    let id = req.get_ref().id.as_str();
+    if id.is_empty() {
+        return Err(Status::invalid_argument(
+            "id is required (see `sigil authority list`)",
+        ));
+    }
+    Ok((kind, id))
+}
+
+fn own_authority_pb(record: AuthorityRecord) -> pb::Authority {
+    authority_pb(&AuthorityView {
+        record,
+        local: true,
+    })
+}
+
+fn authority_pb(v: &AuthorityView) -> pb::Authority {
+    let r = &v.record;
+    pb::Authority {
+        id: r.id.clone(),
+        kind: r.kind.to_string(),
+        state: r.state.to_string(),
+        tainted: r.tainted,
+        not_before: r.not_before,
+        not_after: r.not_after,
+        created_at: r.created_at,
+        owner: r.owner.clone(),
+        local: v.local,
+        public_key_id: v.public_key_id(),
     }
 }
 

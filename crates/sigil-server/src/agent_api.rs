@@ -20,8 +20,14 @@ use crate::tls::AgentPeer;
 
 /// The tonic service of the agent API.
 pub fn service(state: Arc<ServerState>, cancel: CancellationToken) -> AgentApiServer<AgentService> {
-    AgentApiServer::new(AgentService { state, cancel })
-        .max_decoding_message_size(crate::MAX_MESSAGE_BYTES)
+    let max = state.config.limits.max_request_bytes;
+    let limiter = Arc::new(crate::limits::AgentApiLimiter::new(&state.config.limits));
+    AgentApiServer::new(AgentService {
+        state,
+        cancel,
+        limiter,
+    })
+    .max_decoding_message_size(max)
 }
 
 /// Implements [`AgentApi`].
@@ -29,14 +35,25 @@ pub fn service(state: Arc<ServerState>, cancel: CancellationToken) -> AgentApiSe
 pub struct AgentService {
     state: Arc<ServerState>,
     cancel: CancellationToken,
+    limiter: Arc<crate::limits::AgentApiLimiter>,
 }
 
 impl AgentService {
     async fn agent<T>(&self, req: &Request<T>) -> Result<AgentRecord, Status> {
-        Ok(self
-            .state
-            .authenticate_agent(req.extensions().get::<AgentPeer>())
-            .await?)
+        let peer = req.extensions().get::<AgentPeer>();
+        // Before the store is read: the limit bounds that work too. Without
+        // a certificate the call is refused below, but counts per address.
+        match peer.and_then(|p| p.spiffe_id.as_ref()) {
+            Some(id) => self.limiter.agent(id)?,
+            None => self.limiter.source(peer.map(|p| p.remote))?,
+        }
+        Ok(self.state.authenticate_agent(peer).await?)
+    }
+
+    /// Rate limit of unauthenticated calls, per source address.
+    fn unauthenticated<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.limiter
+            .source(req.extensions().get::<AgentPeer>().map(|p| p.remote))
     }
 }
 
@@ -46,8 +63,9 @@ type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + S
 impl AgentApi for AgentService {
     async fn get_bundle(
         &self,
-        _req: Request<pb::GetBundleRequest>,
+        req: Request<pb::GetBundleRequest>,
     ) -> Result<Response<pb::GetBundleResponse>, Status> {
+        self.unauthenticated(&req)?;
         Ok(Response::new(pb::GetBundleResponse {
             bundle_json: self.state.ca.bundle().to_json(),
             trust_domain: self.state.config.trust_domain.to_string(),
@@ -58,6 +76,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::AttestJoinTokenRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
+        self.unauthenticated(&req)?;
         let req = req.into_inner();
         let (id, chain) = self.state.attest_join_token(&req.token, &req.csr).await?;
         Ok(Response::new(pb::AttestResponse {
@@ -71,6 +90,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::AttestPsatRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
+        self.unauthenticated(&req)?;
         let req = req.into_inner();
         let (id, chain) = self
             .state
@@ -223,11 +243,19 @@ fn federated_map(
         .collect()
 }
 
+/// Names the tainted authorities in a sync message (the complete set).
+fn set_tainted(m: &mut pb::SyncMessage, t: &crate::ca::Tainted) {
+    m.tainted_x509_authorities = t.x509.clone();
+    m.tainted_jwt_kids = t.jwt_kids.clone();
+    m.tainted_changed = true;
+}
+
 /// One agent's sync stream: the first message at once (snapshot, or the
-/// changes since the agent's revision, with the bundle and every federated
-/// bundle), then a message whenever an entry that concerns the agent, the
-/// bundle or a federated bundle changes. Ends with PermissionDenied when the
-/// agent is banned or evicted.
+/// changes since the agent's revision, with the bundle, every federated
+/// bundle and the tainted authorities), then a message whenever an entry
+/// that concerns the agent, the bundle, the tainted authorities or a
+/// federated bundle changes. Ends with PermissionDenied when the agent is
+/// banned or evicted.
 async fn sync_loop(
     state: &ServerState,
     mut agent: AgentRecord,
@@ -239,6 +267,7 @@ async fn sync_loop(
     // Subscribe before computing the first set, so no change falls between.
     let mut events = state.index.subscribe();
     let mut bundle_rx = state.ca.subscribe_bundle();
+    let mut tainted_rx = state.ca.subscribe_tainted();
     let mut federated_rx = state.federation.subscribe_bundles();
     let revision = state.index.revision();
     let mut auth = state.index.authorized(&agent.spiffe_id, &agent.selectors);
@@ -249,6 +278,7 @@ async fn sync_loop(
     first.bundle_json = bundle_rx.borrow_and_update().to_json();
     first.federated_bundles = federated_map(&federated_rx.borrow_and_update());
     first.federated_bundles_changed = true;
+    set_tainted(&mut first, &tainted_rx.borrow_and_update());
     if tx.send(Ok(first)).await.is_err() {
         return;
     }
@@ -259,6 +289,7 @@ async fn sync_loop(
         let mut agent_changed = false;
         let mut bundle_json = String::new();
         let mut federated = None;
+        let mut tainted = None;
         tokio::select! {
             _ = cancel.cancelled() => {
                 let _ = tx.send(Err(Status::unavailable("server is shutting down"))).await;
@@ -270,6 +301,12 @@ async fn sync_loop(
                     return;
                 }
                 bundle_json = bundle_rx.borrow_and_update().to_json();
+            }
+            changed = tainted_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                tainted = Some(tainted_rx.borrow_and_update().clone());
             }
             changed = federated_rx.changed() => {
                 if changed.is_err() {
@@ -303,12 +340,12 @@ async fn sync_loop(
             }
         }
         if agent_changed {
-            match state.store.get_agent(&agent.spiffe_id).await {
-                Ok(Some(record)) if !record.banned => {
+            match state.agents.get(&agent.spiffe_id) {
+                Some(record) if !record.banned => {
                     recompute |= record.selectors != agent.selectors;
                     agent = record;
                 }
-                Ok(Some(_)) => {
+                Some(_) => {
                     let _ = tx
                         .send(Err(Status::permission_denied(format!(
                             "agent {} is banned",
@@ -317,18 +354,13 @@ async fn sync_loop(
                         .await;
                     return;
                 }
-                Ok(None) => {
+                None => {
                     let _ = tx
                         .send(Err(Status::permission_denied(format!(
                             "agent {} was evicted",
                             agent.spiffe_id
                         ))))
                         .await;
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "re-reading agent record failed");
-                    let _ = tx.send(Err(Status::unavailable("store unavailable"))).await;
                     return;
                 }
             }
@@ -353,6 +385,13 @@ async fn sync_loop(
             });
             m.federated_bundles = set;
             m.federated_bundles_changed = true;
+        }
+        if let Some(t) = tainted {
+            let m = msg.get_or_insert_with(|| pb::SyncMessage {
+                revision,
+                ..Default::default()
+            });
+            set_tainted(m, &t);
         }
         if let Some(m) = msg {
             if tx.send(Ok(m)).await.is_err() {

@@ -13,6 +13,20 @@
 //! takes effect at the next rotation; a prepared authority of the other type,
 //! which has signed nothing yet, is replaced while there is still time to
 //! publish its successor before it would activate.
+//!
+//! Several servers may share one store (high availability). Each keeps its
+//! own private keys in its own data directory and signs only with its own
+//! authorities, which the journal marks with the server's persistent
+//! instance ID (`owner`). The trust bundle every server publishes is the
+//! union of all servers' authorities: its own, and its peers' public parts
+//! as read from the journal ([`CaManager::refresh_peers`]). Records written
+//! before instance IDs existed (empty owner) are adopted by the server that
+//! holds their key file.
+//!
+//! An operator can also force a rotation after a key compromise: prepare a
+//! successor, activate it, taint the old authority (it stays trusted, but
+//! agents replace everything it signed at once) and revoke it (it leaves
+//! the bundle and the journal, and its key file is deleted).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,8 +37,8 @@ use sigil_store::{AuthorityKind, AuthorityRecord, AuthorityState, Store};
 use sigil_svid::bundle::Bundle;
 use sigil_svid::jwt::{JwtAuthority, JwtKeyType};
 use sigil_svid::keys::{PrivateKey, read_private_file, write_private_file};
-use sigil_svid::x509::X509Authority;
-use sigil_types::TrustDomain;
+use sigil_svid::x509::{X509Authority, sha256_hex};
+use sigil_types::{Jwk, TrustDomain};
 use tokio::sync::{Mutex, watch};
 
 use crate::error::ServerError;
@@ -38,6 +52,91 @@ pub(crate) fn unix(t: SystemTime) -> i64 {
 
 fn from_unix(secs: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+}
+
+/// The file in the data directory that holds the server's instance ID.
+pub const INSTANCE_ID_FILE: &str = "instance-id";
+
+/// This server's persistent instance ID, which marks the authorities whose
+/// keys it holds: read from `<data_dir>/instance-id`, or, on the first
+/// start, 128 random bits in hex written there (mode 0600).
+pub fn load_or_create_instance_id(data_dir: &Path) -> Result<String, ServerError> {
+    let path = data_dir.join(INSTANCE_ID_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let id = String::from_utf8_lossy(&bytes).trim().to_owned();
+            let valid = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if valid {
+                Ok(id)
+            } else {
+                Err(ServerError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{} does not hold an instance ID (1 to 64 characters of \
+                         [A-Za-z0-9_-]); fix it, or delete it only if this server \
+                         holds no authority keys",
+                        path.display()
+                    ),
+                )))
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut raw = [0u8; 16];
+            aws_lc_rs::rand::fill(&mut raw)
+                .map_err(|_| ServerError::Internal("the random generator failed".into()))?;
+            let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            write_private_file(&path, format!("{id}\n").as_bytes())?;
+            tracing::info!(instance_id = %id, "new server instance ID created");
+            Ok(id)
+        }
+        Err(e) => Err(ServerError::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot read {}: {e}", path.display()),
+        ))),
+    }
+}
+
+/// The tainted authorities of the trust domain (this server's and its
+/// peers'): still trusted, but everything they signed is to be replaced at
+/// once. Both lists are sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tainted {
+    /// X.509 CAs, as the lowercase hex SHA-256 of the certificate DER.
+    pub x509: Vec<String>,
+    /// JWT signing keys, by key ID.
+    pub jwt_kids: Vec<String>,
+}
+
+/// One authority as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityView {
+    /// The journal record.
+    pub record: AuthorityRecord,
+    /// Whether this server holds the key (only those it can act on).
+    pub local: bool,
+}
+
+impl AuthorityView {
+    /// X.509: the lowercase hex SHA-256 of the certificate DER (what sync
+    /// messages name tainted CAs by). JWT: the key ID.
+    pub fn public_key_id(&self) -> String {
+        public_key_id(&self.record)
+    }
+}
+
+fn public_key_id(record: &AuthorityRecord) -> String {
+    match record.kind {
+        AuthorityKind::X509 => sha256_hex(&record.public),
+        AuthorityKind::Jwt => record
+            .id
+            .strip_prefix("jwt-")
+            .unwrap_or(&record.id)
+            .to_owned(),
+    }
 }
 
 /// What new authorities are made of.
@@ -150,6 +249,8 @@ struct Slot<A> {
 struct CaState {
     x509: Vec<Slot<X509Authority>>,
     jwt: Vec<Slot<JwtAuthority>>,
+    /// Other servers' authorities (public parts), as last read from the journal.
+    peers: Vec<AuthorityRecord>,
     sequence: u64,
 }
 
@@ -165,6 +266,7 @@ pub struct ActiveAuthorities {
 /// Owns the authorities; one instance per server.
 pub struct CaManager {
     trust_domain: TrustDomain,
+    instance_id: String,
     store: Arc<dyn Store>,
     keys_dir: PathBuf,
     ca_ttl: Duration,
@@ -173,23 +275,29 @@ pub struct CaManager {
     state: Mutex<CaState>,
     active: ArcSwap<ActiveAuthorities>,
     bundle_tx: watch::Sender<Arc<Bundle>>,
+    tainted_tx: watch::Sender<Arc<Tainted>>,
 }
 
 impl std::fmt::Debug for CaManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CaManager")
             .field("trust_domain", &self.trust_domain)
+            .field("instance_id", &self.instance_id)
             .finish_non_exhaustive()
     }
 }
 
 impl CaManager {
-    /// Loads the authority journal and keys, creating the first authorities
-    /// on a new server, and brings the rotation up to date with `now`. New
-    /// JWT authorities are of `jwt_key_type`.
+    /// Loads this server's authorities (those the journal marks with
+    /// `instance_id`, and unowned ones whose key file is in `keys_dir`, which
+    /// it adopts) and its peers' public parts, creating the first
+    /// authorities on a new server, and brings the rotation up to date with
+    /// `now`. New JWT authorities are of `jwt_key_type`.
+    #[expect(clippy::too_many_arguments, reason = "one call site per server start")]
     pub async fn load(
         trust_domain: TrustDomain,
         store: Arc<dyn Store>,
+        instance_id: &str,
         keys_dir: &Path,
         ca_ttl: Duration,
         refresh_hint: Duration,
@@ -199,8 +307,20 @@ impl CaManager {
         sigil_svid::keys::ensure_private_dir(keys_dir)?;
         let mut x509 = Vec::new();
         let mut jwt = Vec::new();
-        for record in store.list_authorities().await? {
+        let mut peers = Vec::new();
+        for mut record in store.list_authorities().await? {
             let key_path = keys_dir.join(format!("{}.key", record.id));
+            if record.owner.is_empty() && key_path.exists() {
+                // Written before servers had instance IDs: the server with
+                // the key is the owner.
+                record.owner = instance_id.to_owned();
+                store.put_authority(record.clone()).await?;
+                tracing::info!(authority = %record.id, "authority adopted by this server instance");
+            }
+            if record.owner != instance_id {
+                peers.push(record);
+                continue;
+            }
             let pem = read_private_file(&key_path).map_err(|e| {
                 ServerError::Internal(format!(
                     "authority {} is in the journal but its key {} cannot be read: {e}",
@@ -229,6 +349,7 @@ impl CaManager {
         let state = CaState {
             x509,
             jwt,
+            peers,
             sequence,
         };
         // Placeholders until the first rotation pass below fills them in.
@@ -237,8 +358,10 @@ impl CaManager {
             jwt: Arc::new(JwtAuthority::generate(ca_ttl, now)?),
         };
         let (bundle_tx, _) = watch::channel(Arc::new(Bundle::new(trust_domain.clone())));
+        let (tainted_tx, _) = watch::channel(Arc::new(Tainted::default()));
         let manager = Arc::new(Self {
             trust_domain,
+            instance_id: instance_id.to_owned(),
             store,
             keys_dir: keys_dir.to_owned(),
             ca_ttl,
@@ -247,6 +370,7 @@ impl CaManager {
             state: Mutex::new(state),
             active: ArcSwap::from_pointee(placeholder),
             bundle_tx,
+            tainted_tx,
         });
         manager.rotate(now).await?;
         Ok(manager)
@@ -267,50 +391,398 @@ impl CaManager {
         self.bundle_tx.subscribe()
     }
 
+    /// The tainted authorities of the trust domain.
+    pub fn tainted(&self) -> Arc<Tainted> {
+        self.tainted_tx.borrow().clone()
+    }
+
+    /// Notified whenever the set of tainted authorities changes.
+    pub fn subscribe_tainted(&self) -> watch::Receiver<Arc<Tainted>> {
+        self.tainted_tx.subscribe()
+    }
+
+    /// This server's instance ID (the owner of its authorities).
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }
 
     /// One rotation pass at time `now`: prepares, activates and prunes
-    /// authorities as their ages require, then republishes the bundle (with a
-    /// higher sequence) when its keys changed. Returns whether the active
-    /// X.509 authority changed.
+    /// authorities as their ages require, re-reads the peers' authorities,
+    /// then republishes the bundle (with a higher sequence) when its keys
+    /// changed. Returns whether the active X.509 authority changed.
     pub async fn rotate(&self, now: SystemTime) -> Result<bool, ServerError> {
         let mut state = self.state.lock().await;
         let old_x509 = active_of(&state.x509).map(|s| s.record.id.clone());
         self.rotate_kind(&mut state.x509, now).await?;
         self.rotate_kind(&mut state.jwt, now).await?;
+        self.install_active(&state)?;
+        let active_changed =
+            old_x509.as_deref() != active_of(&state.x509).map(|s| s.record.id.as_str());
+        // The store may be down: own authorities that need no write keep
+        // working, and the peers stay as last read.
+        if let Err(e) = self.reload_peers(&mut state, now).await {
+            tracing::warn!(error = %e, "re-reading the peers' authorities failed; keeping the last known");
+        }
+        self.publish(&mut state, now, false).await?;
+        Ok(active_changed)
+    }
+
+    /// Re-reads the peers' authorities from the journal (deleting those
+    /// past their expiry) and republishes the bundle if its keys or the
+    /// tainted set changed; returns whether anything did. Called when the
+    /// change feed shows the own bundle was written (by this server or a
+    /// peer) and at every rotation pass.
+    pub async fn refresh_peers(&self, now: SystemTime) -> Result<bool, ServerError> {
+        let mut state = self.state.lock().await;
+        self.reload_peers(&mut state, now).await?;
+        self.publish(&mut state, now, false).await
+    }
+
+    /// Every authority of the trust domain: this server's, then its peers'
+    /// (as last read from the journal), each ordered by creation.
+    pub async fn list(&self) -> Vec<AuthorityView> {
+        let state = self.state.lock().await;
+        state
+            .x509
+            .iter()
+            .map(|s| &s.record)
+            .chain(state.jwt.iter().map(|s| &s.record))
+            .map(|r| AuthorityView {
+                record: r.clone(),
+                local: true,
+            })
+            .chain(state.peers.iter().map(|r| AuthorityView {
+                record: r.clone(),
+                local: false,
+            }))
+            .collect()
+    }
+
+    /// Forced rotation, step one: creates a prepared authority of `kind`
+    /// (published in the bundle, not signing yet). Refused when one is
+    /// already prepared.
+    pub async fn prepare_now(
+        &self,
+        kind: AuthorityKind,
+        now: SystemTime,
+    ) -> Result<AuthorityRecord, ServerError> {
+        let mut state = self.state.lock().await;
+        let record = match kind {
+            AuthorityKind::X509 => self.prepare_kind(&mut state.x509, now).await?,
+            AuthorityKind::Jwt => self.prepare_kind(&mut state.jwt, now).await?,
+        };
+        tracing::warn!(authority = %record.id, "authority prepared by an operator");
+        self.publish(&mut state, now, false).await?;
+        Ok(record)
+    }
+
+    /// Forced rotation, step two: the prepared authority of `kind` signs
+    /// from now on; the active one is retired (still trusted). Refused when
+    /// none is prepared.
+    pub async fn activate_now(
+        &self,
+        kind: AuthorityKind,
+        now: SystemTime,
+    ) -> Result<AuthorityRecord, ServerError> {
+        let mut state = self.state.lock().await;
+        let record = match kind {
+            AuthorityKind::X509 => self.activate_kind(&mut state.x509).await?,
+            AuthorityKind::Jwt => self.activate_kind(&mut state.jwt).await?,
+        };
+        self.install_active(&state)?;
+        tracing::warn!(authority = %record.id, "authority activated by an operator");
+        self.publish(&mut state, now, false).await?;
+        Ok(record)
+    }
+
+    /// Forced rotation, step three: marks the retired authority `id` of
+    /// `kind` tainted. It stays in the bundle, but agents replace everything
+    /// it signed at once. Refused for the active or a prepared authority,
+    /// one already tainted, and one that is not this server's.
+    pub async fn taint(
+        &self,
+        kind: AuthorityKind,
+        id: &str,
+        now: SystemTime,
+    ) -> Result<AuthorityRecord, ServerError> {
+        let mut guard = self.state.lock().await;
+        let state = &mut *guard;
+        let record = match kind {
+            AuthorityKind::X509 => self.taint_kind(&mut state.x509, &state.peers, id).await?,
+            AuthorityKind::Jwt => self.taint_kind(&mut state.jwt, &state.peers, id).await?,
+        };
+        tracing::warn!(authority = %record.id, "authority tainted by an operator");
+        // Written even though the keys are the same, so that the peers
+        // following the change feed learn of the taint at once.
+        self.publish(state, now, true).await?;
+        Ok(record)
+    }
+
+    /// Forced rotation, step four: removes the tainted authority `id` of
+    /// `kind` from the bundle and the journal and deletes its key. Refused
+    /// for an authority that is not tainted or not this server's.
+    pub async fn revoke(
+        &self,
+        kind: AuthorityKind,
+        id: &str,
+        now: SystemTime,
+    ) -> Result<AuthorityRecord, ServerError> {
+        let mut guard = self.state.lock().await;
+        let state = &mut *guard;
+        let record = match kind {
+            AuthorityKind::X509 => self.revoke_kind(&mut state.x509, &state.peers, id).await?,
+            AuthorityKind::Jwt => self.revoke_kind(&mut state.jwt, &state.peers, id).await?,
+        };
+        tracing::warn!(authority = %record.id, "authority revoked by an operator");
+        self.publish(state, now, false).await?;
+        Ok(record)
+    }
+
+    async fn prepare_kind<A: Authority>(
+        &self,
+        slots: &mut Vec<Slot<A>>,
+        now: SystemTime,
+    ) -> Result<AuthorityRecord, ServerError> {
+        if let Some(p) = slots
+            .iter()
+            .find(|s| s.record.state == AuthorityState::Prepared)
+        {
+            return Err(ServerError::InvalidArgument(format!(
+                "{} authority {} is already prepared; activate it",
+                A::KIND,
+                p.record.id
+            )));
+        }
+        let slot = self.create::<A>(AuthorityState::Prepared, now).await?;
+        let record = slot.record.clone();
+        slots.push(slot);
+        Ok(record)
+    }
+
+    async fn activate_kind<A: Authority>(
+        &self,
+        slots: &mut [Slot<A>],
+    ) -> Result<AuthorityRecord, ServerError> {
+        let Some(p) = slots
+            .iter()
+            .position(|s| s.record.state == AuthorityState::Prepared)
+        else {
+            return Err(ServerError::InvalidArgument(format!(
+                "this server has no prepared {} authority; prepare one first",
+                A::KIND
+            )));
+        };
+        if let Some(a) = slots
+            .iter()
+            .position(|s| s.record.state == AuthorityState::Active)
+        {
+            self.set_state(&mut slots[a], AuthorityState::Retired)
+                .await?;
+        }
+        self.set_state(&mut slots[p], AuthorityState::Active)
+            .await?;
+        Ok(slots[p].record.clone())
+    }
+
+    /// The index of this server's authority `id` among `slots`, or the
+    /// error that explains why there is none.
+    fn find_own<A: Authority>(
+        slots: &[Slot<A>],
+        peers: &[AuthorityRecord],
+        id: &str,
+    ) -> Result<usize, ServerError> {
+        if let Some(i) = slots.iter().position(|s| s.record.id == id) {
+            return Ok(i);
+        }
+        match peers.iter().find(|r| r.id == id) {
+            Some(r) if r.kind == A::KIND => Err(ServerError::InvalidArgument(format!(
+                "authority {id} belongs to the server with instance ID {}; \
+                 act on it through that server",
+                if r.owner.is_empty() {
+                    "(none)"
+                } else {
+                    r.owner.as_str()
+                }
+            ))),
+            _ => Err(ServerError::NotFound(format!(
+                "no {} authority {id} on this server (see `sigil authority list`)",
+                A::KIND
+            ))),
+        }
+    }
+
+    async fn taint_kind<A: Authority>(
+        &self,
+        slots: &mut [Slot<A>],
+        peers: &[AuthorityRecord],
+        id: &str,
+    ) -> Result<AuthorityRecord, ServerError> {
+        let i = Self::find_own(slots, peers, id)?;
+        let slot = &mut slots[i];
+        match slot.record.state {
+            AuthorityState::Active => {
+                return Err(ServerError::InvalidArgument(format!(
+                    "{id} is the active {} authority and cannot be tainted; \
+                     prepare and activate a successor first",
+                    A::KIND
+                )));
+            }
+            AuthorityState::Prepared => {
+                return Err(ServerError::InvalidArgument(format!(
+                    "{id} is prepared and has signed nothing; only a retired \
+                     authority can be tainted"
+                )));
+            }
+            AuthorityState::Retired => {}
+        }
+        if slot.record.tainted {
+            return Err(ServerError::InvalidArgument(format!(
+                "{id} is already tainted"
+            )));
+        }
+        let mut record = slot.record.clone();
+        record.tainted = true;
+        self.store.put_authority(record.clone()).await?;
+        slot.record = record.clone();
+        Ok(record)
+    }
+
+    async fn revoke_kind<A: Authority>(
+        &self,
+        slots: &mut Vec<Slot<A>>,
+        peers: &[AuthorityRecord],
+        id: &str,
+    ) -> Result<AuthorityRecord, ServerError> {
+        let i = Self::find_own(slots, peers, id)?;
+        if !slots[i].record.tainted {
+            return Err(ServerError::InvalidArgument(format!(
+                "{id} is not tainted; taint it first, and revoke it once the \
+                 agents have replaced what it signed"
+            )));
+        }
+        self.store.delete_authority(id).await?;
+        let slot = slots.remove(i);
+        let _ = std::fs::remove_file(self.key_path(id));
+        Ok(slot.record)
+    }
+
+    /// Makes the active slots the ones that sign.
+    fn install_active(&self, state: &CaState) -> Result<(), ServerError> {
         let (Some(x), Some(j)) = (active_of(&state.x509), active_of(&state.jwt)) else {
             return Err(ServerError::Internal(
                 "no active authority after rotation".into(),
             ));
         };
-        let active_changed = old_x509.as_deref() != Some(x.record.id.as_str());
         self.active.store(Arc::new(ActiveAuthorities {
             x509: Arc::new(x.authority.clone()),
             jwt: Arc::new(j.authority.clone()),
         }));
-        let mut bundle = Bundle::new(self.trust_domain.clone());
-        bundle.x509_authorities = state
+        Ok(())
+    }
+
+    /// Replaces the peers' records with the journal's, deleting those past
+    /// their expiry (any server may: deleting is idempotent).
+    async fn reload_peers(&self, state: &mut CaState, now: SystemTime) -> Result<(), ServerError> {
+        let mut peers = Vec::new();
+        for record in self.store.list_authorities().await? {
+            if record.owner == self.instance_id {
+                continue;
+            }
+            if record.not_after <= unix(now) {
+                self.store.delete_authority(&record.id).await?;
+                tracing::info!(authority = %record.id, owner = %record.owner, "expired peer authority removed");
+                continue;
+            }
+            peers.push(record);
+        }
+        state.peers = peers;
+        Ok(())
+    }
+
+    /// Publishes the bundle of this server's and its peers' authorities and
+    /// the tainted set. The bundle is written to the store only when its keys
+    /// differ from the stored one's (or when `force`), with a sequence above
+    /// both the stored and the last published one, so that servers sharing
+    /// the store neither go backwards nor answer each other's writes.
+    /// Returns whether the local bundle or the tainted set changed.
+    async fn publish(
+        &self,
+        state: &mut CaState,
+        now: SystemTime,
+        force: bool,
+    ) -> Result<bool, ServerError> {
+        let mut records: Vec<&AuthorityRecord> = state
             .x509
             .iter()
-            .map(|s| s.authority.cert_der().to_vec())
+            .map(|s| &s.record)
+            .chain(state.jwt.iter().map(|s| &s.record))
+            .chain(state.peers.iter().filter(|r| r.not_after > unix(now)))
             .collect();
-        bundle.jwt_authorities = state.jwt.iter().map(|s| s.authority.public_jwk()).collect();
-        bundle.refresh_hint = Some(self.refresh_hint.as_secs());
-        let current = self.bundle_tx.borrow().clone();
-        let same_keys = current.x509_authorities == bundle.x509_authorities
-            && current.jwt_authorities == bundle.jwt_authorities;
-        if !same_keys || current.sequence == 0 {
-            state.sequence += 1;
-            bundle.sequence = state.sequence;
-            self.store
-                .put_bundle(&self.trust_domain, &bundle.to_json())
-                .await?;
-            self.bundle_tx.send_replace(Arc::new(bundle));
+        // One order for every server, so that equal journals give equal bundles.
+        records.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let mut bundle = Bundle::new(self.trust_domain.clone());
+        let mut tainted = Tainted::default();
+        for r in &records {
+            match r.kind {
+                AuthorityKind::X509 => bundle.x509_authorities.push(r.public.clone()),
+                AuthorityKind::Jwt => match serde_json::from_slice::<Jwk>(&r.public) {
+                    Ok(jwk) => bundle.jwt_authorities.push(jwk),
+                    Err(e) => {
+                        tracing::warn!(authority = %r.id, error = %e, "leaving an unreadable JWT key out of the bundle");
+                        continue;
+                    }
+                },
+            }
+            if r.tainted {
+                match r.kind {
+                    AuthorityKind::X509 => tainted.x509.push(public_key_id(r)),
+                    AuthorityKind::Jwt => tainted.jwt_kids.push(public_key_id(r)),
+                }
+            }
         }
-        Ok(active_changed)
+        tainted.x509.sort();
+        tainted.jwt_kids.sort();
+        bundle.refresh_hint = Some(self.refresh_hint.as_secs());
+
+        let tainted_changed = **self.tainted_tx.borrow() != tainted;
+        if tainted_changed {
+            self.tainted_tx.send_replace(Arc::new(tainted));
+        }
+        let current = self.bundle_tx.borrow().clone();
+        let keys = key_set(&bundle);
+        let stored = match self.store.get_bundle(&self.trust_domain).await {
+            Ok(json) => json.and_then(|j| Bundle::from_json(self.trust_domain.clone(), &j).ok()),
+            // With nothing to write, an unreachable store must not fail the
+            // rotation pass (the server's own SVID is renewed after it).
+            Err(e) if !force && current.sequence > 0 && key_set(&current) == keys => {
+                tracing::debug!(error = %e, "cannot read the stored bundle; the published one stands");
+                return Ok(tainted_changed);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let stored_sequence = stored.as_ref().map_or(0, |b| b.sequence);
+        if !force && stored.as_ref().is_some_and(|b| key_set(b) == keys) {
+            // The store holds these keys already (written by this server or a peer).
+            state.sequence = state.sequence.max(stored_sequence);
+            if key_set(&current) != keys || current.sequence < stored_sequence {
+                bundle.sequence = stored_sequence.max(current.sequence).max(1);
+                self.bundle_tx.send_replace(Arc::new(bundle));
+                return Ok(true);
+            }
+            return Ok(tainted_changed);
+        }
+        state.sequence = state.sequence.max(stored_sequence) + 1;
+        bundle.sequence = state.sequence;
+        self.store
+            .put_bundle(&self.trust_domain, &bundle.to_json())
+            .await?;
+        self.bundle_tx.send_replace(Arc::new(bundle));
+        Ok(true)
     }
 
     async fn rotate_kind<A: Authority>(
@@ -428,6 +900,8 @@ impl CaManager {
             not_before,
             not_after: unix(authority.not_after()),
             created_at: unix(now),
+            owner: self.instance_id.clone(),
+            tainted: false,
         };
         self.store.put_authority(record.clone()).await?;
         Ok(Slot { record, authority })
@@ -467,6 +941,20 @@ impl CaManager {
     }
 }
 
+/// What makes two bundles trust the same keys: the CA certificates and the
+/// JWT key IDs, each sorted.
+fn key_set(bundle: &Bundle) -> (Vec<&[u8]>, Vec<Option<&str>>) {
+    let mut x509: Vec<&[u8]> = bundle.x509_authorities.iter().map(Vec::as_slice).collect();
+    x509.sort();
+    let mut jwt: Vec<Option<&str>> = bundle
+        .jwt_authorities
+        .iter()
+        .map(|k| k.kid.as_deref())
+        .collect();
+    jwt.sort();
+    (x509, jwt)
+}
+
 fn active_of<A>(slots: &[Slot<A>]) -> Option<&Slot<A>> {
     slots
         .iter()
@@ -477,6 +965,7 @@ fn active_of<A>(slots: &[Slot<A>]) -> Option<&Slot<A>> {
 mod tests {
     use super::*;
     use sigil_store::SqliteStore;
+    use std::collections::BTreeSet;
 
     async fn manager(dir: &Path, ttl: Duration, now: SystemTime) -> Arc<CaManager> {
         manager_with(dir, ttl, JwtKeyType::Es256, now).await
@@ -493,6 +982,7 @@ mod tests {
         CaManager::load(
             TrustDomain::new("example.org").unwrap(),
             store,
+            "test-instance",
             &dir.join("keys"),
             ttl,
             Duration::from_secs(300),
@@ -679,5 +1169,350 @@ mod tests {
             let mode = f.unwrap().metadata().unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
         }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    async fn shared_store(dir: &Path) -> Arc<dyn Store> {
+        Arc::new(SqliteStore::open(&dir.join("db.sqlite")).await.unwrap())
+    }
+
+    /// A server with its own instance ID and keys directory on `store`.
+    async fn server(
+        store: &Arc<dyn Store>,
+        dir: &Path,
+        instance: &str,
+        now: SystemTime,
+    ) -> Result<Arc<CaManager>, ServerError> {
+        CaManager::load(
+            TrustDomain::new("example.org").unwrap(),
+            store.clone(),
+            instance,
+            &dir.join(format!("keys-{instance}")),
+            HOUR,
+            Duration::from_secs(300),
+            JwtKeyType::Es256,
+            now,
+        )
+        .await
+    }
+
+    fn kids(bundle: &Bundle) -> BTreeSet<String> {
+        bundle
+            .jwt_authorities
+            .iter()
+            .filter_map(|k| k.kid.clone())
+            .collect()
+    }
+
+    fn leaf_from(ca: &CaManager, now: SystemTime) -> Vec<Vec<u8>> {
+        let id: sigil_types::SpiffeId = "spiffe://example.org/w".parse().unwrap();
+        let key = PrivateKey::generate_p256().unwrap();
+        let leaf = ca
+            .active()
+            .x509
+            .sign_svid(
+                &sigil_svid::x509::SvidRequest::new(&id, Duration::from_secs(60)),
+                &key.public_key_spki_der(),
+                now,
+            )
+            .unwrap();
+        vec![leaf]
+    }
+
+    fn verifies(chain: &[Vec<u8>], ca: &CaManager, now: SystemTime) -> bool {
+        sigil_svid::x509::verify_svid(chain, &ca.bundle().x509_authorities, now).is_ok()
+    }
+
+    #[tokio::test]
+    async fn two_servers_on_one_store_sign_with_their_own_keys_and_trust_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let store = shared_store(dir.path()).await;
+        let a = server(&store, dir.path(), "a", t0).await.unwrap();
+        let b = server(&store, dir.path(), "b", t0).await.unwrap();
+        assert_ne!(a.active().x509.cert_der(), b.active().x509.cert_der());
+        assert_ne!(a.active().jwt.kid(), b.active().jwt.kid());
+
+        // B read A's authorities when it started; A learns of B's now.
+        assert!(a.refresh_peers(t0).await.unwrap());
+        assert!(
+            !a.refresh_peers(t0).await.unwrap(),
+            "nothing new the second time"
+        );
+        let both_cas: BTreeSet<Vec<u8>> = [a.active(), b.active()]
+            .iter()
+            .map(|x| x.x509.cert_der().to_vec())
+            .collect();
+        let both_kids: BTreeSet<String> = [a.active(), b.active()]
+            .iter()
+            .map(|x| x.jwt.kid().to_owned())
+            .collect();
+        for ca in [&a, &b] {
+            let bundle = ca.bundle();
+            let cas: BTreeSet<Vec<u8>> = bundle.x509_authorities.iter().cloned().collect();
+            assert_eq!(cas, both_cas);
+            assert_eq!(kids(&bundle), both_kids);
+        }
+        // Both publish the same keys: the stored bundle is not rewritten
+        // back and forth, and neither goes below the stored sequence.
+        let stored = Bundle::from_json(
+            a.trust_domain().clone(),
+            &store.get_bundle(a.trust_domain()).await.unwrap().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(a.bundle().sequence, stored.sequence);
+        assert_eq!(b.bundle().sequence, stored.sequence);
+
+        // What either signs verifies against the other's bundle.
+        assert!(verifies(&leaf_from(&a, t0), &b, t0));
+        assert!(verifies(&leaf_from(&b, t0), &a, t0));
+        let sub: sigil_types::SpiffeId = "spiffe://example.org/w".parse().unwrap();
+        let token = a
+            .active()
+            .jwt
+            .sign(&sub, &["aud".to_owned()], Duration::from_secs(60), t0)
+            .unwrap();
+        sigil_svid::jwt::validate_jwt(&token, "aud", b.bundle().as_ref(), t0).unwrap();
+
+        // The journal says whose each authority is.
+        for r in store.list_authorities().await.unwrap() {
+            let owner = if a
+                .list()
+                .await
+                .iter()
+                .any(|v| v.local && v.record.id == r.id)
+            {
+                "a"
+            } else {
+                "b"
+            };
+            assert_eq!(r.owner, owner, "{}", r.id);
+        }
+
+        // A restarted keeps its own authorities and still trusts B's.
+        let a_active = a.active().x509.cert_der().to_vec();
+        drop(a);
+        let a = server(&store, dir.path(), "a", t0).await.unwrap();
+        assert_eq!(a.active().x509.cert_der(), a_active.as_slice());
+        assert!(verifies(&leaf_from(&b, t0), &a, t0));
+    }
+
+    #[tokio::test]
+    async fn expired_peer_authorities_leave_the_bundle_and_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let store = shared_store(dir.path()).await;
+        let a = server(&store, dir.path(), "a", t0).await.unwrap();
+        let b = server(&store, dir.path(), "b", t0).await.unwrap();
+        let a_ca = a.active().x509.cert_der().to_vec();
+        assert!(b.bundle().x509_authorities.contains(&a_ca));
+        // A is gone for good; past its authorities' expiry B drops them.
+        drop(a);
+        let later = t0 + HOUR + Duration::from_secs(1);
+        b.rotate(later).await.unwrap();
+        assert!(!b.bundle().x509_authorities.contains(&a_ca));
+        assert!(
+            store
+                .list_authorities()
+                .await
+                .unwrap()
+                .iter()
+                .all(|r| r.owner == "b")
+        );
+    }
+
+    #[tokio::test]
+    async fn records_from_before_instance_ids_are_adopted_by_the_key_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let store = shared_store(dir.path()).await;
+        let old = server(&store, dir.path(), "old", t0).await.unwrap();
+        let active = old.active().x509.cert_der().to_vec();
+        drop(old);
+        // As the migration leaves them: no owner.
+        for mut r in store.list_authorities().await.unwrap() {
+            r.owner.clear();
+            store.put_authority(r).await.unwrap();
+        }
+        // Another server, without the keys, sees them as a peer's...
+        let other = server(&store, dir.path(), "other", t0).await.unwrap();
+        assert!(other.bundle().x509_authorities.contains(&active));
+        // ...and the server with the key files (same keys directory, a new
+        // instance ID) adopts them and keeps signing with the same CA.
+        std::fs::rename(dir.path().join("keys-old"), dir.path().join("keys-new")).unwrap();
+        let new = server(&store, dir.path(), "new", t0).await.unwrap();
+        assert_eq!(new.active().x509.cert_der(), active.as_slice());
+        let adopted: Vec<_> = store
+            .list_authorities()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.owner != "other")
+            .collect();
+        assert_eq!(adopted.len(), 2);
+        assert!(adopted.iter().all(|r| r.owner == "new"));
+    }
+
+    #[tokio::test]
+    async fn an_own_record_without_its_key_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let store = shared_store(dir.path()).await;
+        let a = server(&store, dir.path(), "a", t0).await.unwrap();
+        let id = a.active().x509.id();
+        drop(a);
+        std::fs::remove_file(dir.path().join(format!("keys-a/{id}.key"))).unwrap();
+        let err = server(&store, dir.path(), "a", t0).await.unwrap_err();
+        assert!(err.to_string().contains("cannot be read"), "{err}");
+        assert!(err.to_string().contains(&id), "{err}");
+    }
+
+    #[test]
+    fn the_instance_id_is_created_once_and_kept_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let id = load_or_create_instance_id(dir.path()).unwrap();
+        assert_eq!(id.len(), 32);
+        assert_eq!(load_or_create_instance_id(dir.path()).unwrap(), id);
+        let path = dir.path().join(INSTANCE_ID_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(load_or_create_instance_id(other.path()).unwrap(), id);
+        std::fs::write(&path, "not an id!").unwrap();
+        let err = load_or_create_instance_id(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("instance ID"), "{err}");
+    }
+
+    /// Everything a refused operation could have changed.
+    async fn observable(ca: &CaManager) -> (Vec<AuthorityView>, Arc<Bundle>, Arc<Tainted>) {
+        (ca.list().await, ca.bundle(), ca.tainted())
+    }
+
+    #[tokio::test]
+    async fn forced_rotation_prepare_activate_taint_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let store = shared_store(dir.path()).await;
+        let a = server(&store, dir.path(), "a", t0).await.unwrap();
+        let b = server(&store, dir.path(), "b", t0).await.unwrap();
+        a.refresh_peers(t0).await.unwrap();
+        let old = a.active().x509.id();
+        let old_der = a.active().x509.cert_der().to_vec();
+        let old_leaf = leaf_from(&a, t0);
+
+        // Nothing to activate yet; the active one cannot be tainted;
+        // unknown ids and peers' authorities are refused. Nothing changes.
+        let before = observable(&a).await;
+        let refusals = [
+            a.activate_now(AuthorityKind::X509, t0).await.unwrap_err(),
+            a.taint(AuthorityKind::X509, &old, t0).await.unwrap_err(),
+            a.revoke(AuthorityKind::X509, &old, t0).await.unwrap_err(),
+            a.taint(AuthorityKind::X509, "x509-nope", t0)
+                .await
+                .unwrap_err(),
+            a.taint(AuthorityKind::Jwt, &old, t0).await.unwrap_err(),
+            a.taint(AuthorityKind::X509, &b.active().x509.id(), t0)
+                .await
+                .unwrap_err(),
+        ];
+        assert!(matches!(refusals[0], ServerError::InvalidArgument(_)));
+        assert!(
+            refusals[1].to_string().contains("active"),
+            "{}",
+            refusals[1]
+        );
+        assert!(
+            refusals[2].to_string().contains("not tainted"),
+            "{}",
+            refusals[2]
+        );
+        assert!(matches!(refusals[3], ServerError::NotFound(_)));
+        assert!(matches!(refusals[4], ServerError::NotFound(_)));
+        assert!(
+            refusals[5].to_string().contains("instance ID b"),
+            "{}",
+            refusals[5]
+        );
+        assert!(observable(&a).await == before);
+
+        // Prepare: published, not signing; a second prepare is refused.
+        let prepared = a.prepare_now(AuthorityKind::X509, t0).await.unwrap();
+        assert_eq!(prepared.state, AuthorityState::Prepared);
+        assert!(a.bundle().x509_authorities.contains(&prepared.public));
+        assert_eq!(a.active().x509.id(), old);
+        a.prepare_now(AuthorityKind::X509, t0).await.unwrap_err();
+        let prepared_while_prepared = a.list().await;
+        assert_eq!(
+            prepared_while_prepared.iter().filter(|v| v.local).count(),
+            3
+        );
+        // The prepared one cannot be tainted either.
+        a.taint(AuthorityKind::X509, &prepared.id, t0)
+            .await
+            .unwrap_err();
+
+        // Activate: the new one signs; the old one is retired, still trusted.
+        let active = a.activate_now(AuthorityKind::X509, t0).await.unwrap();
+        assert_eq!(active.id, prepared.id);
+        assert_eq!(a.active().x509.id(), prepared.id);
+        assert!(verifies(&old_leaf, &a, t0));
+
+        // Taint: still trusted, and named in the tainted set, which the peer
+        // learns when it re-reads the journal.
+        let tainted = a.taint(AuthorityKind::X509, &old, t0).await.unwrap();
+        assert!(tainted.tainted);
+        assert_eq!(a.tainted().x509, vec![sha256_hex(&old_der)]);
+        assert!(verifies(&old_leaf, &a, t0));
+        a.taint(AuthorityKind::X509, &old, t0).await.unwrap_err();
+        b.refresh_peers(t0).await.unwrap();
+        assert_eq!(b.tainted().x509, vec![sha256_hex(&old_der)]);
+        assert!(
+            b.list()
+                .await
+                .iter()
+                .any(|v| !v.local && v.record.id == old && v.record.tainted)
+        );
+
+        // Revoke: out of the bundle, the journal and the keys directory;
+        // the peer drops it too.
+        let seq = a.bundle().sequence;
+        a.revoke(AuthorityKind::X509, &old, t0).await.unwrap();
+        assert!(!a.bundle().x509_authorities.contains(&old_der));
+        assert!(a.bundle().sequence > seq);
+        assert!(!verifies(&old_leaf, &a, t0));
+        assert!(a.tainted().x509.is_empty());
+        assert!(!dir.path().join(format!("keys-a/{old}.key")).exists());
+        assert!(
+            store
+                .list_authorities()
+                .await
+                .unwrap()
+                .iter()
+                .all(|r| r.id != old)
+        );
+        assert!(b.refresh_peers(t0).await.unwrap());
+        assert!(!b.bundle().x509_authorities.contains(&old_der));
+        a.revoke(AuthorityKind::X509, &old, t0).await.unwrap_err();
+
+        // The same for the JWT key.
+        let old_kid = a.active().jwt.kid().to_owned();
+        let old_jwt = format!("jwt-{old_kid}");
+        a.prepare_now(AuthorityKind::Jwt, t0).await.unwrap();
+        a.activate_now(AuthorityKind::Jwt, t0).await.unwrap();
+        assert_ne!(a.active().jwt.kid(), old_kid);
+        a.taint(AuthorityKind::Jwt, &old_jwt, t0).await.unwrap();
+        assert_eq!(a.tainted().jwt_kids, vec![old_kid.clone()]);
+        assert!(kids(&a.bundle()).contains(&old_kid));
+        a.revoke(AuthorityKind::Jwt, &old_jwt, t0).await.unwrap();
+        assert!(!kids(&a.bundle()).contains(&old_kid));
+
+        // A restart remembers what was done.
+        let active_now = a.active().x509.id();
+        drop(a);
+        let a = server(&store, dir.path(), "a", t0).await.unwrap();
+        assert_eq!(a.active().x509.id(), active_now);
+        assert!(!a.bundle().x509_authorities.contains(&old_der));
     }
 }

@@ -92,6 +92,59 @@ pub struct ServerSection {
     /// Federation: `[server.federation]` (docs/federation.md).
     #[serde(default)]
     pub federation: crate::federation::config::FederationSection,
+    /// Bounds on clients: `[server.limits]` (docs/security.md, "Limits").
+    #[serde(default)]
+    pub limits: crate::limits::LimitsSection,
+    /// Where entries, agents and the authority journal live: `[server.store]`.
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+/// Keys of the `[server.store]` table, as written by users.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `sqlite` (the default: `<data_dir>/sigil.db`) or `postgres`.
+    #[serde(default)]
+    pub driver: StoreDriver,
+    /// PostgreSQL: `postgres://user[:password]@host[:port]/database[?sslmode=...]`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// PostgreSQL: a file holding the URL (say, a mounted secret), instead of `url`.
+    #[serde(default)]
+    pub url_file: Option<PathBuf>,
+}
+
+/// The database behind the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreDriver {
+    /// SQLite embedded in the server, in the data directory: one server.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database, which several servers can share.
+    Postgres,
+}
+
+/// The validated store choice.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// SQLite at `<data_dir>/sigil.db`.
+    Sqlite,
+    /// PostgreSQL at this URL.
+    Postgres {
+        /// The connection URL (it may hold a password; never logged).
+        url: String,
+    },
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite => f.write_str("Sqlite"),
+            Self::Postgres { .. } => f.write_str("Postgres { url: <redacted> }"),
+        }
+    }
 }
 
 /// Keys of the `[server.oidc]` table, as written by users.
@@ -482,6 +535,10 @@ pub struct ServerConfig {
     pub oidc: Option<OidcConfig>,
     /// The bundle endpoint and the configured federation relationships.
     pub federation: FederationConfig,
+    /// Message sizes, rate limits, connection caps and timeouts.
+    pub limits: crate::limits::ServerLimits,
+    /// The database.
+    pub store: StoreConfig,
 }
 
 impl ServerConfig {
@@ -505,6 +562,8 @@ impl ServerConfig {
             jwt_issuer: None,
             oidc: None,
             federation: FederationConfig::default(),
+            limits: crate::limits::ServerLimits::default(),
+            store: StoreConfig::Sqlite,
         }
     }
 
@@ -573,6 +632,7 @@ impl ServerConfig {
             k8s_psat.insert(name, cluster);
         }
         let federation = crate::federation::config::parse(s.federation, &trust_domain, &invalid)?;
+        let limits = crate::limits::parse(s.limits, &invalid)?;
         if let Some(issuer) = &s.jwt_issuer {
             crate::oidc::validate_issuer(issuer).map_err(|m| invalid("server.jwt_issuer", m))?;
         }
@@ -580,6 +640,7 @@ impl ServerConfig {
             .oidc
             .map(|o| oidc_config(o, s.jwt_issuer.as_deref(), &invalid))
             .transpose()?;
+        let store = store_config(s.store, &invalid)?;
         Ok(Self {
             trust_domain,
             bind_address,
@@ -598,13 +659,125 @@ impl ServerConfig {
             jwt_issuer: s.jwt_issuer,
             oidc,
             federation,
+            limits,
+            store,
         })
+    }
+}
+
+fn store_config(
+    s: StoreSection,
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<StoreConfig, ConfigError> {
+    match s.driver {
+        StoreDriver::Sqlite => {
+            if s.url.is_some() || s.url_file.is_some() {
+                return Err(invalid(
+                    "server.store.url",
+                    "url and url_file apply to driver = \"postgres\" only".into(),
+                ));
+            }
+            Ok(StoreConfig::Sqlite)
+        }
+        StoreDriver::Postgres => {
+            if !cfg!(feature = "postgres") {
+                return Err(invalid(
+                    "server.store.driver",
+                    "this build of sigil has no PostgreSQL support (cargo feature `postgres`)"
+                        .into(),
+                ));
+            }
+            let url = match (s.url, s.url_file) {
+                (Some(url), None) => url,
+                (None, Some(file)) => std::fs::read_to_string(&file)
+                    .map_err(|e| {
+                        invalid(
+                            "server.store.url_file",
+                            format!("cannot read {}: {e}", file.display()),
+                        )
+                    })?
+                    .trim()
+                    .to_owned(),
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "server.store.url",
+                        "set url or url_file, not both".into(),
+                    ));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        "server.store.url",
+                        "driver = \"postgres\" needs url (or url_file), e.g. \
+                         postgres://sigil@db.example:5432/sigil"
+                            .into(),
+                    ));
+                }
+            };
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                // Never echo the value: it may hold a password.
+                return Err(invalid(
+                    "server.store.url",
+                    "must be a postgres:// or postgresql:// URL".into(),
+                ));
+            }
+            Ok(StoreConfig::Postgres { url })
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_defaults_to_sqlite_and_postgres_needs_a_url() {
+        let base = "[server]\ntrust_domain = \"example.org\"\n";
+        assert_eq!(
+            ServerConfig::parse(base, None).unwrap().store,
+            StoreConfig::Sqlite
+        );
+        let err = |extra: &str| {
+            ServerConfig::parse(&format!("{base}[server.store]\n{extra}"), None)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("driver = \"mysql\"\n").contains("driver"));
+        assert!(err("url = \"postgres://x/y\"\n").contains("postgres\" only"));
+        if cfg!(feature = "postgres") {
+            assert!(err("driver = \"postgres\"\n").contains("needs url"));
+            let bad = err("driver = \"postgres\"\nurl = \"mysql://u:secret@h/d\"\n");
+            assert!(bad.contains("postgres:// or postgresql://"), "{bad}");
+            assert!(!bad.contains("secret"), "the URL is never echoed: {bad}");
+            let both = err("driver = \"postgres\"\nurl = \"postgres://h/d\"\nurl_file = \"/f\"\n");
+            assert!(both.contains("not both"));
+            let missing = err("driver = \"postgres\"\nurl_file = \"/nonexistent/sigil-url\"\n");
+            assert!(missing.contains("cannot read /nonexistent/sigil-url"));
+
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("url");
+            std::fs::write(&file, "postgres://sigil:pw@db:5432/sigil\n").unwrap();
+            let c = ServerConfig::parse(
+                &format!(
+                    "{base}[server.store]\ndriver = \"postgres\"\nurl_file = {:?}\n",
+                    file.display().to_string()
+                ),
+                None,
+            )
+            .unwrap();
+            assert_eq!(
+                c.store,
+                StoreConfig::Postgres {
+                    url: "postgres://sigil:pw@db:5432/sigil".into()
+                }
+            );
+            assert!(!format!("{c:?}").contains("pw@"), "Debug redacts the URL");
+        } else {
+            assert!(
+                err("driver = \"postgres\"\nurl = \"postgres://h/d\"\n")
+                    .contains("no PostgreSQL support")
+            );
+        }
+    }
 
     #[test]
     fn minimal_file_gets_defaults() {

@@ -11,22 +11,26 @@
 //! | [`config`] | the TOML config and its validation |
 //! | [`ca`] | X.509 and JWT authorities, rotation, the bundle |
 //! | [`index`] | entries in memory, authorized sets |
+//! | [`agents`] | attested agents in memory, for authentication |
 //! | [`registry`] | the operations behind both APIs |
 //! | [`psat`] | Kubernetes PSAT node attestation (cargo feature `k8s`) |
 //! | [`agent_api`] | what agents call, over mutual TLS |
 //! | [`admin_api`] | what operators call, over the admin socket |
 //! | [`tls`] | the TLS listener and peer identities |
+//! | [`limits`] | message sizes, rate limits, connection caps, timeouts |
 //! | [`federation`] | the bundle endpoint and federation with other trust domains |
 //! | [`oidc`] | OIDC discovery and the JWKS for cloud IAMs |
 
 pub mod admin_api;
 pub mod agent_api;
+pub mod agents;
 pub mod ca;
 mod cert_files;
 pub mod config;
 pub mod error;
 pub mod federation;
 pub mod index;
+pub mod limits;
 pub mod metrics;
 pub mod oidc;
 pub mod psat;
@@ -55,7 +59,8 @@ use crate::ca::CaManager;
 use crate::index::EntryIndex;
 use crate::metrics::Metrics;
 
-/// Largest gRPC message the server accepts (a batch of CSRs or entries).
+/// Largest gRPC message the server accepts by default (a batch of CSRs or
+/// entries); `[server.limits]` sets the actual caps.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Everything the server's tasks share.
@@ -68,6 +73,8 @@ pub struct ServerState {
     pub ca: Arc<CaManager>,
     /// Entries in memory.
     pub index: Arc<EntryIndex>,
+    /// Attested agents in memory.
+    pub agents: agents::AgentRecords,
     /// Federation relationships and the federated bundles.
     pub federation: Arc<federation::Federation>,
     /// `spiffe://<td>/sigil/server`.
@@ -230,9 +237,27 @@ impl ServerHandle {
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     sigil_svid::install_crypto_provider();
     sigil_svid::keys::ensure_private_dir(&config.data_dir)?;
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(&config.data_dir.join("sigil.db")).await?);
+    let store = open_store(&config).await?;
     start_with_store(config, store).await
+}
+
+/// Opens the configured store: SQLite in the data directory, or PostgreSQL.
+pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+    match &config.store {
+        config::StoreConfig::Sqlite => Ok(Arc::new(
+            SqliteStore::open(&config.data_dir.join("sigil.db")).await?,
+        )),
+        #[cfg(feature = "postgres")]
+        config::StoreConfig::Postgres { url } => {
+            let store = sigil_store::PostgresStore::connect(url).await?;
+            tracing::info!("using the PostgreSQL store");
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "postgres"))]
+        config::StoreConfig::Postgres { .. } => Err(ServerError::Internal(
+            "this build of sigil has no PostgreSQL support".into(),
+        )),
+    }
 }
 
 /// Like [`start`], with a store opened by the caller.
@@ -244,9 +269,11 @@ pub async fn start_with_store(
     // First, so that a bad JWKS or kubeconfig stops the start before anything listens.
     let psat = psat::PsatVerifiers::build(&config.k8s_psat).await?;
     let now = SystemTime::now();
+    let instance_id = ca::load_or_create_instance_id(&config.data_dir)?;
     let ca = CaManager::load(
         config.trust_domain.clone(),
         store.clone(),
+        &instance_id,
         &config.data_dir.join("keys"),
         config.ca_ttl,
         config.bundle_refresh_hint,
@@ -255,6 +282,9 @@ pub async fn start_with_store(
     )
     .await?;
     let index = Arc::new(EntryIndex::new(store.list_entries().await?));
+    // After the entries: changes between the two reads are applied again by
+    // the follower, which re-reads the agents they name.
+    let agents = agents::AgentRecords::load(store.as_ref()).await?;
     let server_id = config
         .trust_domain
         .id_with_path(sigil_types::SERVER_PATH)
@@ -278,6 +308,7 @@ pub async fn start_with_store(
         store,
         ca,
         index,
+        agents,
         federation,
         server_id,
         server_cert,
@@ -300,12 +331,18 @@ pub async fn start_with_store(
         state.ca.clone(),
         state.server_cert.clone(),
     )?);
-    let incoming = tls::incoming(listener, tls_config, cancel.clone());
+    let limits = state.config.limits.clone();
+    let incoming = tls::incoming(listener, tls_config, cancel.clone(), &limits);
     let agent_service = agent_api::service(state.clone(), cancel.clone());
     let c = cancel.clone();
     tracker.spawn(async move {
+        // The request timeout ends a call that has not answered; a stream
+        // (Sync) runs on after its first answer.
         let result = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_interval(Some(crate::limits::KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(crate::limits::KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .timeout(limits.request_timeout)
             .add_service(agent_service)
             .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
             .await;
@@ -416,10 +453,14 @@ fn bind_private_socket(path: &std::path::Path) -> Result<UnixListener, ServerErr
 }
 
 /// Applies the store's change feed to the index, in revision order. Woken by
-/// local writes; a slow tick catches writes made by other servers.
+/// local writes and, on a shared database, by other servers' commits
+/// (PostgreSQL `LISTEN`); a slow tick reads the feed anyway, in case a
+/// notification was lost. The feed, read in revision order, is the truth;
+/// the wake-ups only say when to read it.
 async fn follow_changes(state: Arc<ServerState>, cancel: CancellationToken) {
+    let mut remote = state.store.subscribe_changes();
     loop {
-        loop {
+        'read: loop {
             match state
                 .store
                 .changes_since(state.index.revision(), 1000)
@@ -428,9 +469,41 @@ async fn follow_changes(state: Arc<ServerState>, cancel: CancellationToken) {
                 Ok(changes) if changes.is_empty() => break,
                 Ok(changes) => {
                     for c in changes {
+                        // Agents first, so that a sync stream told of the
+                        // change finds the new record.
+                        let agent = match &c.kind {
+                            ChangeKind::AgentChanged(id) => {
+                                state.agents.reload(state.store.as_ref(), id).await
+                            }
+                            ChangeKind::AgentDeleted(id) => {
+                                state.agents.remove(id);
+                                Ok(())
+                            }
+                            _ => Ok(()),
+                        };
+                        match agent {
+                            Ok(()) => {}
+                            Err(sigil_store::StoreError::Corrupt(e)) => {
+                                // Retrying cannot help; the record stays
+                                // as it was rather than stall every change.
+                                tracing::error!(error = %e, "an agent record is corrupt");
+                            }
+                            Err(e) => {
+                                // Not applied: read again from this change
+                                // on, after the next wake-up.
+                                tracing::warn!(error = %e, "re-reading an agent failed; retrying");
+                                break 'read;
+                            }
+                        }
                         // Federation first, so that once the index shows a
                         // revision, what it changed is visible everywhere.
                         match &c.kind {
+                            ChangeKind::BundleChanged(td) if *td == state.config.trust_domain => {
+                                // The own bundle: a peer server's authorities may have changed.
+                                if let Err(e) = state.ca.refresh_peers(SystemTime::now()).await {
+                                    tracing::warn!(error = %e, "re-reading the peers' authorities failed");
+                                }
+                            }
                             ChangeKind::BundleChanged(td) | ChangeKind::BundleDeleted(td) => {
                                 state.federation.reload_bundle(td).await;
                             }
@@ -452,8 +525,22 @@ async fn follow_changes(state: Arc<ServerState>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = state.follower_wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            changed = remote_change(&mut remote) => if !changed {
+                remote = None;
+            },
+            _ = tokio::time::sleep(FOLLOWER_POLL) => {}
         }
+    }
+}
+
+/// How often the change follower reads the feed without being woken.
+const FOLLOWER_POLL: Duration = Duration::from_secs(1);
+
+/// Waits for the store's wake-up; `false` if it ended (never, if there is none).
+async fn remote_change(remote: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    match remote {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -466,25 +553,27 @@ async fn rotate_loop(state: Arc<ServerState>, cancel: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = SystemTime::now();
-        let activated = match state.ca.rotate(now).await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::error!(error = %e, "CA rotation failed; will retry");
-                continue;
-            }
-        };
-        if activated {
-            state.metrics.ca_activations.inc();
-        }
+        // The server's own SVID first: renewing it needs no database, so an
+        // outage (during which a rotation pass fails, or waits for a
+        // connection) never lets it expire and lock agents out.
         let due = state
             .server_cert_renew_at
             .lock()
             .map(|at| now >= *at)
             .unwrap_or(true);
-        if (activated || due)
-            && let Err(e) = state.renew_server_cert(now)
-        {
+        if due && let Err(e) = state.renew_server_cert(now) {
             tracing::error!(error = %e, "renewing the server SVID failed; will retry");
+        }
+        match state.ca.rotate(now).await {
+            Ok(true) => {
+                state.metrics.ca_activations.inc();
+                // Signed by the authority that signs from now on.
+                if let Err(e) = state.renew_server_cert(SystemTime::now()) {
+                    tracing::error!(error = %e, "renewing the server SVID failed; will retry");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "CA rotation failed; will retry"),
         }
     }
 }

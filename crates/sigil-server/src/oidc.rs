@@ -521,6 +521,7 @@ mod tests {
         let ca = CaManager::load(
             TrustDomain::new("example.org").unwrap(),
             store,
+            "test-instance",
             &dir.path().join("keys"),
             ttl,
             Duration::from_secs(300),

@@ -250,7 +250,13 @@ impl ServerState {
                 "an agent SVID is required for this call".into(),
             ));
         };
-        let Some(record) = self.store.get_agent(id).await? else {
+        // From memory; the store only for an agent attested through another
+        // server a moment ago, whose change this server has not applied yet.
+        let record = match self.agents.get(id) {
+            Some(r) => Some(r),
+            None => self.store.get_agent(id).await?,
+        };
+        let Some(record) = record else {
             return Err(ServerError::PermissionDenied(format!(
                 "agent {id} is not attested (it may have been evicted)"
             )));
@@ -282,11 +288,26 @@ impl ServerState {
         let now = SystemTime::now();
         let leaf = self.sign_agent_svid(&agent.spiffe_id, &spki, now)?;
         let info = sigil_svid::x509::cert_info(&leaf)?;
-        let mut record = agent.clone();
-        record.previous_serial = std::mem::replace(&mut record.serial, info.serial_hex);
-        record.expires_at = unix(info.not_after);
-        record.updated_at = unix(now);
-        self.store.upsert_agent(record).await?;
+        // Conditional, so that a ban or an eviction made meanwhile, by this
+        // server or another one sharing the database, is not overwritten.
+        let renewed = self
+            .store
+            .renew_agent_serial(
+                &agent.spiffe_id,
+                &agent.serial,
+                &info.serial_hex,
+                unix(info.not_after),
+                unix(now),
+            )
+            .await?;
+        if renewed.is_none() {
+            return Err(ServerError::PermissionDenied(format!(
+                "agent {} was banned, evicted or renewed meanwhile; not renewed",
+                agent.spiffe_id
+            )));
+        }
+        // The agent presents the new serial next: it must be in memory first.
+        self.settle(self.store.revision().await?).await;
         self.metrics.agent_renewals.inc();
         Ok(vec![leaf])
     }

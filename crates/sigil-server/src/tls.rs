@@ -12,16 +12,13 @@ use sigil_svid::tls::{Authorize, RotatingCert, SpiffeClientVerifier, TrustRoots}
 use sigil_types::{SpiffeId, TrustDomain};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
 use crate::ca::CaManager;
-
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who is at the other end of an agent API connection.
 #[derive(Debug, Clone)]
@@ -38,6 +35,8 @@ pub struct AgentPeer {
 pub struct TlsConn {
     inner: TlsStream<TcpStream>,
     peer: AgentPeer,
+    /// The connection's slot under `max_connections`, freed when it closes.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Connected for TlsConn {
@@ -125,6 +124,9 @@ pub fn server_config(
     Ok(config)
 }
 
+/// How long a client of [`accept_tls`] may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts TCP connections and runs their TLS handshakes concurrently, each
 /// bounded by a timeout, so a slow client never blocks others; yields the
 /// finished connections. `what` names the listener in logs. Ends (the
@@ -135,8 +137,42 @@ pub(crate) fn accept_tls(
     cancel: CancellationToken,
     what: &'static str,
 ) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
+    let bounds = ConnBounds {
+        max_connections: None,
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+    };
+    accept_with(listener, config, cancel, what, bounds, |tls, remote, _| {
+        (tls, remote)
+    })
+}
+
+/// How many connections a TLS listener keeps and how long a handshake may take.
+#[derive(Debug, Clone, Copy)]
+struct ConnBounds {
+    /// Open connections (handshakes included) beyond which a new one is
+    /// closed at once; `None`: no cap.
+    max_connections: Option<usize>,
+    /// A client that has not finished the handshake by then is disconnected.
+    handshake_timeout: Duration,
+}
+
+/// The accept loop behind [`accept_tls`] and [`incoming`]: each accepted
+/// connection takes a slot of `bounds.max_connections` (released when the
+/// connection is dropped) or is closed at once, so connections already open
+/// are never disturbed by a flood of new ones.
+fn accept_with<T: Send + 'static>(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    cancel: CancellationToken,
+    what: &'static str,
+    bounds: ConnBounds,
+    wrap: fn(TlsStream<TcpStream>, SocketAddr, Option<OwnedSemaphorePermit>) -> T,
+) -> mpsc::Receiver<T> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let slots = bounds
+        .max_connections
+        .map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS))));
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -150,13 +186,24 @@ pub(crate) fn accept_tls(
                     }
                 },
             };
+            let permit = match &slots {
+                Some(slots) => match slots.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        tracing::debug!(listener = what, %remote, "connection limit reached; closing the new connection");
+                        drop(tcp);
+                        continue;
+                    }
+                },
+                None => None,
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(bounds.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send((tls, remote)).await;
+                        let _ = tx.send(wrap(tls, remote, permit)).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(listener = what, %remote, error = %e, "TLS handshake failed");
@@ -171,17 +218,31 @@ pub(crate) fn accept_tls(
     rx
 }
 
-/// The agent API's connections: [`accept_tls`], each with the peer's
-/// SPIFFE ID and certificate serial for the handlers.
+/// The agent API's connections: at most `limits.max_connections` open
+/// (handshakes included; more are closed at once), each handshake bounded by
+/// `limits.handshake_timeout`, each with the peer's SPIFFE ID and
+/// certificate serial for the handlers.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     cancel: CancellationToken,
+    limits: &crate::limits::ServerLimits,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
-    let mut conns = accept_tls(listener, config, cancel, "agent API");
+    let bounds = ConnBounds {
+        max_connections: Some(limits.max_connections),
+        handshake_timeout: limits.handshake_timeout,
+    };
+    let mut conns = accept_with(
+        listener,
+        config,
+        cancel,
+        "agent API",
+        bounds,
+        |tls, remote, permit| (tls, remote, permit),
+    );
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        while let Some((tls, remote)) = conns.recv().await {
+        while let Some((tls, remote, permit)) = conns.recv().await {
             let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
             let spiffe_id = sigil_svid::tls::peer_spiffe_id(certs);
             let serial = certs
@@ -195,6 +256,7 @@ pub fn incoming(
                     serial,
                     remote,
                 },
+                _slot: permit,
             };
             if tx.send(Ok(conn)).await.is_err() {
                 break;

@@ -177,6 +177,12 @@ pub struct AuthorityRecord {
     pub not_after: i64,
     /// Unix time the authority was created.
     pub created_at: i64,
+    /// The instance ID of the server that holds the private key; empty for
+    /// records written before servers had instance IDs.
+    pub owner: String,
+    /// Whether the authority was tainted (its key is suspect): still trusted,
+    /// but everything it signed is replaced at once.
+    pub tainted: bool,
 }
 
 /// The server's persistent state. Implementations must hand out revisions in
@@ -204,8 +210,24 @@ pub trait Store: Send + Sync + 'static {
     async fn prune_changes(&self, up_to: u64) -> Result<u64, StoreError>;
 
     /// Stores the agent record as given, replacing any with the same SPIFFE
-    /// ID; records [`ChangeKind::AgentChanged`].
+    /// ID; records [`ChangeKind::AgentChanged`]. A ban is never lifted this
+    /// way: if the stored record is banned, so is the result, so a ban made
+    /// by another server between a read and this write holds.
     async fn upsert_agent(&self, agent: AgentRecord) -> Result<(), StoreError>;
+    /// Records a renewed agent SVID, only if the agent still exists, is not
+    /// banned and its current serial is still `expected_serial`: that serial
+    /// becomes `previous_serial`, `serial` the new one. Returns the new
+    /// record, or `None` (changing nothing) when the condition failed, as
+    /// when another server banned or evicted the agent meanwhile. Records
+    /// [`ChangeKind::AgentChanged`] when it writes.
+    async fn renew_agent_serial(
+        &self,
+        id: &SpiffeId,
+        expected_serial: &str,
+        serial: &str,
+        expires_at: i64,
+        updated_at: i64,
+    ) -> Result<Option<AgentRecord>, StoreError>;
     /// The agent with this SPIFFE ID, if any.
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError>;
     /// Every agent, ordered by SPIFFE ID.
@@ -267,11 +289,24 @@ pub trait Store: Send + Sync + 'static {
         trust_domain: &TrustDomain,
     ) -> Result<FederationRelationship, StoreError>;
 
-    /// Stores the authority, replacing any with the same id.
+    /// Stores the authority, replacing any with the same id (owner and
+    /// tainted flag included).
     async fn put_authority(&self, authority: AuthorityRecord) -> Result<(), StoreError>;
     /// Every authority, ordered by created_at, then id.
     async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError>;
     /// Deletes the authority with this id. Deleting one that is already gone
     /// succeeds, so a rotation interrupted after the delete can simply retry.
     async fn delete_authority(&self, id: &str) -> Result<(), StoreError>;
+
+    /// A wake-up for writes made by *other* processes sharing the database:
+    /// the value changes (at least) after each such write commits and after
+    /// the notification channel reconnects, when some may have been missed.
+    /// It carries no data: a follower reads [`Store::changes_since`] in
+    /// revision order whenever it fires, and still polls now and then.
+    ///
+    /// `None` (the default) when the store has one writer process, as with
+    /// SQLite, so local wake-ups suffice.
+    fn subscribe_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }

@@ -16,13 +16,16 @@
 //! when a listener's connection is lost).
 
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sigil_types::{
     AgentRecord, BundleEndpointProfile, Entry, EntryId, FederationRelationship, SpiffeId,
     TrustDomain,
 };
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Connection, Postgres, Row, Transaction};
+use tokio::sync::watch;
 
 use crate::codec::{self, DecodeError};
 use crate::rows::{duplicate_error, unique_violation, unix_now};
@@ -38,6 +41,10 @@ pub const CHANGES_CHANNEL: &str = "sigil_changes";
 /// cover concurrent reads and writes without crowding the database, which
 /// several servers share.
 const MAX_CONNECTIONS: u32 = 8;
+
+/// How long a call waits for a connection (a new one included) before it
+/// fails with a backend error.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 // Column lists as macros so they can be spliced into `concat!` and the
 // queries stay `&'static str`, which sqlx accepts as safe SQL.
@@ -60,7 +67,7 @@ macro_rules! federation_cols {
 }
 macro_rules! authority_cols {
     () => {
-        "id, kind, state, public, not_before, not_after, created_at"
+        "id, kind, state, public, not_before, not_after, created_at, owner, tainted"
     };
 }
 
@@ -71,6 +78,8 @@ macro_rules! authority_cols {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// The wake-up of [`Store::subscribe_changes`], made on first use.
+    notifications: Arc<Mutex<Option<watch::Sender<u64>>>>,
 }
 
 impl PostgresStore {
@@ -95,10 +104,16 @@ impl PostgresStore {
         first.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
+            // While the database is away, calls fail after this instead of
+            // queueing for the default 30 s.
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
         tracing::debug!("opened PostgreSQL store");
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            notifications: Arc::default(),
+        })
     }
 
     /// Closes the pool, waiting for connections in use to be returned; later
@@ -107,9 +122,79 @@ impl PostgresStore {
         self.pool.close().await;
     }
 
+    /// Runs `query`, an `UPDATE agents .. RETURNING` of agent `id`, as one
+    /// write recorded in the feed; `None`, with nothing written and no
+    /// revision spent, when it matched no row.
+    async fn update_agent(
+        &self,
+        id: &SpiffeId,
+        query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let revision = next_revision(&mut tx).await?;
+        let Some(row) = query.fetch_optional(&mut *tx).await? else {
+            return Ok(None);
+        };
+        let agent = agent_from_row(&row)?;
+        record_change(&mut tx, revision, codec::AGENT_CHANGED, id.as_str(), None).await?;
+        tx.commit().await?;
+        Ok(Some(agent))
+    }
+
     async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
         Ok(self.pool.begin().await?)
     }
+}
+
+/// Keeps a `LISTEN sigil_changes` session open and bumps `tx` on every
+/// notification, and after every (re)connection because notifications sent
+/// while it was down are lost. Reconnects with a capped backoff while the
+/// database is away; ends when every receiver is gone.
+async fn listen_for_changes(pool: PgPool, tx: watch::Sender<u64>) {
+    const MIN_DELAY: Duration = Duration::from_millis(200);
+    const MAX_DELAY: Duration = Duration::from_secs(5);
+    let mut delay = MIN_DELAY;
+    loop {
+        let started = tokio::time::Instant::now();
+        tokio::select! {
+            _ = tx.closed() => return,
+            result = listen_session(&pool, &tx) => {
+                let Err(e) = result;
+                tracing::warn!(error = %e, retry_in = ?delay, "change notifications interrupted");
+            }
+        }
+        if started.elapsed() > MAX_DELAY {
+            delay = MIN_DELAY;
+        }
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_DELAY);
+        // The database may have come back with writes we were not told of.
+        bump(&tx);
+    }
+}
+
+/// One `LISTEN` session; returns only with the error that ended it.
+async fn listen_session(
+    pool: &PgPool,
+    tx: &watch::Sender<u64>,
+) -> Result<std::convert::Infallible, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(CHANGES_CHANNEL).await?;
+    tracing::debug!("listening for changes of other servers");
+    bump(tx);
+    loop {
+        // `None`: the connection dropped and was re-established; what was
+        // sent in between is lost, so read the feed anyway.
+        listener.try_recv().await?;
+        bump(tx);
+    }
+}
+
+fn bump(tx: &watch::Sender<u64>) {
+    tx.send_modify(|n| *n = n.wrapping_add(1));
 }
 
 /// Allocates the next revision inside the caller's transaction, locking the
@@ -212,6 +297,18 @@ crate::rows::row_decoders!(PgRow);
 
 #[async_trait::async_trait]
 impl Store for PostgresStore {
+    fn subscribe_changes(&self) -> Option<watch::Receiver<u64>> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let mut slot = self.notifications.lock().ok()?;
+        if let Some(tx) = slot.as_ref().filter(|tx| !tx.is_closed()) {
+            return Some(tx.subscribe());
+        }
+        let (tx, rx) = watch::channel(0);
+        runtime.spawn(listen_for_changes(self.pool.clone(), tx.clone()));
+        *slot = Some(tx);
+        Some(rx)
+    }
+
     async fn create_entry(&self, mut entry: Entry) -> Result<Entry, StoreError> {
         let mut tx = self.begin_write().await?;
         entry.revision = next_revision(&mut tx).await?;
@@ -404,7 +501,7 @@ impl Store for PostgresStore {
              SET attestation_type = excluded.attestation_type, selectors = excluded.selectors, \
              serial = excluded.serial, previous_serial = excluded.previous_serial, \
              expires_at = excluded.expires_at, \
-             banned = excluded.banned, can_reattest = excluded.can_reattest, \
+             banned = (agents.banned OR excluded.banned), can_reattest = excluded.can_reattest, \
              created_at = excluded.created_at, updated_at = excluded.updated_at"
         ))
         .bind(agent.spiffe_id.as_str())
@@ -477,28 +574,41 @@ impl Store for PostgresStore {
         Ok(agent)
     }
 
+    async fn renew_agent_serial(
+        &self,
+        id: &SpiffeId,
+        expected_serial: &str,
+        serial: &str,
+        expires_at: i64,
+        updated_at: i64,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let query = sqlx::query(concat!(
+            "UPDATE agents SET previous_serial = serial, serial = $1, expires_at = $2, updated_at = $3 \
+             WHERE spiffe_id = $4 AND serial = $5 AND NOT banned RETURNING ",
+            agent_cols!()
+        ))
+        .bind(serial)
+        .bind(expires_at)
+        .bind(updated_at)
+        .bind(id.as_str())
+        .bind(expected_serial);
+        self.update_agent(id, query).await
+    }
+
     async fn set_agent_banned(
         &self,
         id: &SpiffeId,
         banned: bool,
     ) -> Result<AgentRecord, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let revision = next_revision(&mut tx).await?;
-        let row = sqlx::query(concat!(
+        let query = sqlx::query(concat!(
             "UPDATE agents SET banned = $1 WHERE spiffe_id = $2 RETURNING ",
             agent_cols!()
         ))
         .bind(banned)
-        .bind(id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Err(StoreError::NotFound(format!("agent {id}")));
-        };
-        let agent = agent_from_row(&row)?;
-        record_change(&mut tx, revision, codec::AGENT_CHANGED, id.as_str(), None).await?;
-        tx.commit().await?;
-        Ok(agent)
+        .bind(id.as_str());
+        self.update_agent(id, query)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))
     }
 
     async fn create_join_token(&self, token: JoinToken) -> Result<(), StoreError> {
@@ -727,10 +837,11 @@ impl Store for PostgresStore {
         sqlx::query(concat!(
             "INSERT INTO authorities (",
             authority_cols!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET \
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO UPDATE SET \
              kind = excluded.kind, state = excluded.state, public = excluded.public, \
              not_before = excluded.not_before, not_after = excluded.not_after, \
-             created_at = excluded.created_at"
+             created_at = excluded.created_at, owner = excluded.owner, \
+             tainted = excluded.tainted"
         ))
         .bind(&authority.id)
         .bind(authority.kind.as_str())
@@ -739,6 +850,8 @@ impl Store for PostgresStore {
         .bind(authority.not_before)
         .bind(authority.not_after)
         .bind(authority.created_at)
+        .bind(&authority.owner)
+        .bind(authority.tainted)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -104,6 +104,8 @@ macro_rules! row_decoders {
                 not_before: row.try_get("not_before")?,
                 not_after: row.try_get("not_after")?,
                 created_at: row.try_get("created_at")?,
+                owner: row.try_get("owner")?,
+                tainted: row.try_get("tainted")?,
             })
         }
 

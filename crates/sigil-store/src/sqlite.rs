@@ -47,7 +47,7 @@ macro_rules! federation_cols {
 }
 macro_rules! authority_cols {
     () => {
-        "id, kind, state, public, not_before, not_after, created_at"
+        "id, kind, state, public, not_before, not_after, created_at, owner, tainted"
     };
 }
 
@@ -68,6 +68,7 @@ impl SqliteStore {
     /// mode, synchronous=FULL (an acknowledged write survives a crash),
     /// foreign_keys on, busy_timeout 5s; one writer connection and up to 4 readers.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        make_private(path)?;
         let base = SqliteConnectOptions::new()
             .filename(path)
             .foreign_keys(true)
@@ -125,9 +126,62 @@ impl SqliteStore {
 
     /// Starts a write transaction holding SQLite's write lock from the start,
     /// so it cannot fail halfway on an upgrade from a read lock.
+    /// Runs `query`, an `UPDATE agents .. RETURNING` of agent `id`, as one
+    /// write recorded in the feed; `None`, with nothing written and no
+    /// revision spent, when it matched no row.
+    async fn update_agent(
+        &self,
+        id: &SpiffeId,
+        query: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let revision = next_revision(&mut tx).await?;
+        let Some(row) = query.fetch_optional(&mut *tx).await? else {
+            return Ok(None);
+        };
+        let agent = agent_from_row(&row)?;
+        record_change(&mut tx, revision, codec::AGENT_CHANGED, id.as_str(), None).await?;
+        tx.commit().await?;
+        Ok(Some(agent))
+    }
+
     async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
+}
+
+/// Makes the database file (created empty if missing, which SQLite takes as
+/// a new database) and any WAL and shared-memory files readable by the owner
+/// only; SQLite creates the WAL and shared-memory files later with the mode
+/// of the database file.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |e: std::io::Error| {
+        StoreError::Backend(sqlx::Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        )))
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    let mut names = vec![path.to_owned()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        names.push(name.into());
+    }
+    for name in names {
+        match std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    Ok(())
 }
 
 /// Allocates the next revision inside the caller's transaction; it is rolled
@@ -408,7 +462,7 @@ impl Store for SqliteStore {
              attestation_type = excluded.attestation_type, selectors = excluded.selectors, \
              serial = excluded.serial, previous_serial = excluded.previous_serial, \
              expires_at = excluded.expires_at, \
-             banned = excluded.banned, can_reattest = excluded.can_reattest, \
+             banned = (agents.banned OR excluded.banned), can_reattest = excluded.can_reattest, \
              created_at = excluded.created_at, updated_at = excluded.updated_at"
         ))
         .bind(agent.spiffe_id.as_str())
@@ -481,28 +535,41 @@ impl Store for SqliteStore {
         Ok(agent)
     }
 
+    async fn renew_agent_serial(
+        &self,
+        id: &SpiffeId,
+        expected_serial: &str,
+        serial: &str,
+        expires_at: i64,
+        updated_at: i64,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let query = sqlx::query(concat!(
+            "UPDATE agents SET previous_serial = serial, serial = ?, expires_at = ?, updated_at = ? \
+             WHERE spiffe_id = ? AND serial = ? AND NOT banned RETURNING ",
+            agent_cols!()
+        ))
+        .bind(serial)
+        .bind(expires_at)
+        .bind(updated_at)
+        .bind(id.as_str())
+        .bind(expected_serial);
+        self.update_agent(id, query).await
+    }
+
     async fn set_agent_banned(
         &self,
         id: &SpiffeId,
         banned: bool,
     ) -> Result<AgentRecord, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let revision = next_revision(&mut tx).await?;
-        let row = sqlx::query(concat!(
+        let query = sqlx::query(concat!(
             "UPDATE agents SET banned = ? WHERE spiffe_id = ? RETURNING ",
             agent_cols!()
         ))
         .bind(banned)
-        .bind(id.as_str())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Err(StoreError::NotFound(format!("agent {id}")));
-        };
-        let agent = agent_from_row(&row)?;
-        record_change(&mut tx, revision, codec::AGENT_CHANGED, id.as_str(), None).await?;
-        tx.commit().await?;
-        Ok(agent)
+        .bind(id.as_str());
+        self.update_agent(id, query)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("agent {id}")))
     }
 
     async fn create_join_token(&self, token: JoinToken) -> Result<(), StoreError> {
@@ -731,10 +798,11 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO authorities (",
             authority_cols!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET \
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET \
              kind = excluded.kind, state = excluded.state, public = excluded.public, \
              not_before = excluded.not_before, not_after = excluded.not_after, \
-             created_at = excluded.created_at"
+             created_at = excluded.created_at, owner = excluded.owner, \
+             tainted = excluded.tainted"
         ))
         .bind(&authority.id)
         .bind(authority.kind.as_str())
@@ -743,6 +811,8 @@ impl Store for SqliteStore {
         .bind(authority.not_before)
         .bind(authority.not_after)
         .bind(authority.created_at)
+        .bind(&authority.owner)
+        .bind(authority.tainted)
         .execute(&self.writer)
         .await?;
         Ok(())

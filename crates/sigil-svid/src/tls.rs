@@ -378,6 +378,16 @@ impl RotatingCert {
         self.current.store(certified_key(chain, key)?);
         Ok(())
     }
+
+    /// The certificate presented now (DER).
+    pub fn leaf(&self) -> Vec<u8> {
+        self.current
+            .load()
+            .cert
+            .first()
+            .map(|c| c.to_vec())
+            .unwrap_or_default()
+    }
 }
 
 fn certified_key(chain: Vec<Vec<u8>>, key: &PrivateKey) -> Result<Arc<CertifiedKey>, SvidError> {

@@ -5,7 +5,10 @@
 //! recorded fixtures.
 
 pub mod fake_k8s;
+/// A private PostgreSQL server for tests (`sigil-pgtest`).
+pub use sigil_pgtest as postgres;
 pub mod web_pki;
+pub mod wire;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -37,6 +40,10 @@ pub struct ClusterOptions {
     pub bundle_refresh_hint: Duration,
     /// The server's bundle endpoint and federation relationships.
     pub federation: FederationConfig,
+    /// The server's `[server.limits]`.
+    pub server_limits: sigil_server::limits::ServerLimits,
+    /// The agent's `[agent.limits]`.
+    pub agent_limits: sigil_agent::limits::AgentLimits,
 }
 
 impl Default for ClusterOptions {
@@ -50,6 +57,8 @@ impl Default for ClusterOptions {
             agent_k8s: None,
             bundle_refresh_hint: Duration::from_secs(300),
             federation: FederationConfig::default(),
+            server_limits: Default::default(),
+            agent_limits: Default::default(),
         }
     }
 }
@@ -101,6 +110,7 @@ impl Cluster {
         server_config.rotation_tick = opts.rotation_tick;
         server_config.bundle_refresh_hint = opts.bundle_refresh_hint;
         server_config.federation = opts.federation.clone();
+        server_config.limits = opts.server_limits.clone();
         let server = sigil_server::start(server_config.clone())
             .await
             .context("starting server")?;
@@ -115,6 +125,7 @@ impl Cluster {
         agent_config.min_backoff = Duration::from_millis(100);
         agent_config.max_backoff = Duration::from_secs(1);
         agent_config.k8s = opts.agent_k8s.clone();
+        agent_config.limits = opts.agent_limits.clone();
         let agent = sigil_agent::start(agent_config.clone())
             .await
             .context("starting agent")?;

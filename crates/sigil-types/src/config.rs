@@ -35,3 +35,40 @@ pub enum ConfigError {
         message: String,
     },
 }
+
+/// Checks values that must be above zero (sizes, counts, rates, durations
+/// as nanoseconds), in order; the first that is zero is refused through
+/// `invalid`, which names its key (and the file).
+pub fn require_positive(
+    values: &[(&'static str, u128)],
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    match values.iter().find(|(_, v)| *v == 0) {
+        Some((key, _)) => Err(invalid(key, "must be greater than 0".into())),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+
+    fn invalid(key: &'static str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: None,
+            key,
+            message,
+        }
+    }
+
+    #[test]
+    fn the_first_zero_value_is_named() {
+        assert!(require_positive(&[("a", 1), ("b", 2)], &invalid).is_ok());
+        let err = require_positive(&[("a", 1), ("b", 0), ("c", 0)], &invalid)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "invalid config: b: must be greater than 0");
+    }
+}

@@ -15,6 +15,7 @@
 //! | [`bundle`] | the SPIFFE bundle document (JWKS with SPIFFE members) |
 //! | [`duration`] | human durations such as `30s` or `1h` |
 //! | [`config`] | the error of loading a configuration file |
+//! | [`ratelimit`] | a keyed token-bucket rate limiter with bounded memory |
 
 pub mod agent;
 pub mod attribute;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod duration;
 pub mod entry;
 pub mod federation;
+pub mod ratelimit;
 pub mod selector;
 pub mod spiffe_id;
 

@@ -312,24 +312,37 @@ fn entry_json(e: &pb::Entry) -> serde_json::Value {
     })
 }
 
-fn print_entries(out: Output, entries: &[pb::Entry]) -> anyhow::Result<()> {
+/// Prints `items` as one JSON array (each item by `json`), or as text: how
+/// many were found (`noun`: singular and plural), then each item by `text`.
+pub(crate) fn print_list<T>(
+    out: Output,
+    items: &[T],
+    noun: (&str, &str),
+    json: fn(&T) -> serde_json::Value,
+    text: fn(&T),
+) -> anyhow::Result<()> {
     match out {
         Output::Json => println!(
             "{}",
-            serde_json::to_string_pretty(&entries.iter().map(entry_json).collect::<Vec<_>>())?
+            serde_json::to_string_pretty(&items.iter().map(json).collect::<Vec<_>>())?
         ),
         Output::Text => {
+            let (one, many) = noun;
             println!(
-                "Found {} entr{}",
-                entries.len(),
-                if entries.len() == 1 { "y" } else { "ies" }
+                "Found {} {}",
+                items.len(),
+                if items.len() == 1 { one } else { many }
             );
-            for e in entries {
-                print_entry(e);
+            for item in items {
+                text(item);
             }
         }
     }
     Ok(())
+}
+
+fn print_entries(out: Output, entries: &[pb::Entry]) -> anyhow::Result<()> {
+    print_list(out, entries, ("entry", "entries"), entry_json, print_entry)
 }
 
 /// Prints batch results; fails if any item failed.
@@ -542,23 +555,7 @@ fn print_agent(a: &pb::Agent) {
 }
 
 fn print_agents(out: Output, agents: &[pb::Agent]) -> anyhow::Result<()> {
-    match out {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&agents.iter().map(agent_json).collect::<Vec<_>>())?
-        ),
-        Output::Text => {
-            println!(
-                "Found {} agent{}",
-                agents.len(),
-                if agents.len() == 1 { "" } else { "s" }
-            );
-            for a in agents {
-                print_agent(a);
-            }
-        }
-    }
-    Ok(())
+    print_list(out, agents, ("agent", "agents"), agent_json, print_agent)
 }
 
 pub(crate) async fn agent_list(o: AdminOpts) -> anyhow::Result<()> {

@@ -10,7 +10,7 @@ use sigil_proto::server::v1 as pb;
 use sigil_types::TrustDomain;
 use sigil_types::federation::{BundleEndpointProfile, validate_endpoint_url};
 
-use crate::admin::{AdminOpts, Output, connect_admin, fmt_time, status_err};
+use crate::admin::{AdminOpts, Output, connect_admin, fmt_time, print_list, status_err};
 use crate::bundle::{BundleFormat, parse_bundle, server_bundle, trust_domain_arg};
 
 /// How the foreign bundle endpoint authenticates itself.
@@ -189,23 +189,13 @@ fn print_relationship(r: &pb::FederationRelationship) {
 }
 
 fn print_relationships(out: Output, rs: &[pb::FederationRelationship]) -> anyhow::Result<()> {
-    match out {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&rs.iter().map(relationship_json).collect::<Vec<_>>())?
-        ),
-        Output::Text => {
-            println!(
-                "Found {} federation relationship{}",
-                rs.len(),
-                if rs.len() == 1 { "" } else { "s" }
-            );
-            for r in rs {
-                print_relationship(r);
-            }
-        }
-    }
-    Ok(())
+    print_list(
+        out,
+        rs,
+        ("federation relationship", "federation relationships"),
+        relationship_json,
+        print_relationship,
+    )
 }
 
 pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 //! lives there.
 
 mod admin;
+mod authority;
 mod bundle;
 mod dev;
 mod federation;
@@ -74,6 +75,12 @@ enum Command {
     Federation {
         #[command(subcommand)]
         command: federation::FederationCommand,
+    },
+    /// List the signing authorities; force a CA or JWT key rotation (prepare,
+    /// activate, taint, revoke) after a key compromise.
+    Authority {
+        #[command(subcommand)]
+        command: authority::AuthorityCommand,
     },
     /// Fetch X509-SVIDs from the Workload API.
     Svid {
@@ -183,6 +190,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Token { command } => admin::token(command).await,
         Command::Bundle { command } => bundle::run(command).await,
         Command::Federation { command } => federation::run(command).await,
+        Command::Authority { command } => authority::run(command).await,
         Command::Svid { command } => workload::svid(command).await,
         Command::Jwt { command } => workload::jwt(command).await,
         Command::Healthcheck(args) => admin::healthcheck(args).await,

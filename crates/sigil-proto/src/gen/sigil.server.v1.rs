@@ -116,6 +116,18 @@ pub struct SyncMessage {
     >,
     #[prost(bool, tag = "7")]
     pub federated_bundles_changed: bool,
+    /// When `tainted_changed` is set: the tainted authorities of the trust
+    /// domain (the complete set). X.509 CAs are named by the lowercase hex
+    /// SHA-256 of their certificate DER, JWT keys by key ID. Everything they
+    /// signed is to be replaced at once. Always set in the first message.
+    #[prost(string, repeated, tag = "8")]
+    pub tainted_x509_authorities: ::prost::alloc::vec::Vec<
+        ::prost::alloc::string::String,
+    >,
+    #[prost(string, repeated, tag = "9")]
+    pub tainted_jwt_kids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(bool, tag = "10")]
+    pub tainted_changed: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct X509svidParams {
@@ -155,6 +167,53 @@ pub struct NewJwtsvidRequest {
 pub struct NewJwtsvidResponse {
     #[prost(string, tag = "1")]
     pub token: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Authority {
+    /// "x509-<serial hex>" or "jwt-<key ID>".
+    #[prost(string, tag = "1")]
+    pub id: ::prost::alloc::string::String,
+    /// "x509" or "jwt".
+    #[prost(string, tag = "2")]
+    pub kind: ::prost::alloc::string::String,
+    /// "prepared", "active" or "retired".
+    #[prost(string, tag = "3")]
+    pub state: ::prost::alloc::string::String,
+    #[prost(bool, tag = "4")]
+    pub tainted: bool,
+    #[prost(int64, tag = "5")]
+    pub not_before: i64,
+    #[prost(int64, tag = "6")]
+    pub not_after: i64,
+    #[prost(int64, tag = "7")]
+    pub created_at: i64,
+    /// The instance ID of the server holding the key.
+    #[prost(string, tag = "8")]
+    pub owner: ::prost::alloc::string::String,
+    /// Whether `owner` is the server that answered (only its own authorities
+    /// can be prepared, activated, tainted or revoked through it).
+    #[prost(bool, tag = "9")]
+    pub local: bool,
+    /// X.509: lowercase hex SHA-256 of the CA certificate DER. JWT: the key ID.
+    #[prost(string, tag = "10")]
+    pub public_key_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ListAuthoritiesRequest {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ListAuthoritiesResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub authorities: ::prost::alloc::vec::Vec<Authority>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuthorityRequest {
+    /// "x509" or "jwt".
+    #[prost(string, tag = "1")]
+    pub kind: ::prost::alloc::string::String,
+    /// The authority to act on; Prepare and Activate ignore it (they act on
+    /// the prepared authority of `kind`), Taint and Revoke require it.
+    #[prost(string, tag = "2")]
+    pub id: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TrustDomainRequest {
@@ -1710,6 +1769,120 @@ pub mod admin_api_client {
                 .insert(GrpcMethod::new("sigil.server.v1.AdminApi", "RefreshBundle"));
             self.inner.unary(req, path, codec).await
         }
+        /// Signing authorities of the trust domain (this server's and its peers'),
+        /// and the forced rotation of this server's own: prepare a successor,
+        /// activate it, taint the old one (agents replace what it signed at once),
+        /// revoke it (it leaves the bundle).
+        pub async fn list_authorities(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ListAuthoritiesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAuthoritiesResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/ListAuthorities",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sigil.server.v1.AdminApi", "ListAuthorities"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn prepare_authority(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuthorityRequest>,
+        ) -> std::result::Result<tonic::Response<super::Authority>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/PrepareAuthority",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sigil.server.v1.AdminApi", "PrepareAuthority"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn activate_authority(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuthorityRequest>,
+        ) -> std::result::Result<tonic::Response<super::Authority>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/ActivateAuthority",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("sigil.server.v1.AdminApi", "ActivateAuthority"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn taint_authority(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuthorityRequest>,
+        ) -> std::result::Result<tonic::Response<super::Authority>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/TaintAuthority",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sigil.server.v1.AdminApi", "TaintAuthority"));
+            self.inner.unary(req, path, codec).await
+        }
+        pub async fn revoke_authority(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AuthorityRequest>,
+        ) -> std::result::Result<tonic::Response<super::Authority>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/RevokeAuthority",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("sigil.server.v1.AdminApi", "RevokeAuthority"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1853,6 +2026,33 @@ pub mod admin_api_server {
             &self,
             request: tonic::Request<super::TrustDomainRequest>,
         ) -> std::result::Result<tonic::Response<super::FederatedBundle>, tonic::Status>;
+        /// Signing authorities of the trust domain (this server's and its peers'),
+        /// and the forced rotation of this server's own: prepare a successor,
+        /// activate it, taint the old one (agents replace what it signed at once),
+        /// revoke it (it leaves the bundle).
+        async fn list_authorities(
+            &self,
+            request: tonic::Request<super::ListAuthoritiesRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::ListAuthoritiesResponse>,
+            tonic::Status,
+        >;
+        async fn prepare_authority(
+            &self,
+            request: tonic::Request<super::AuthorityRequest>,
+        ) -> std::result::Result<tonic::Response<super::Authority>, tonic::Status>;
+        async fn activate_authority(
+            &self,
+            request: tonic::Request<super::AuthorityRequest>,
+        ) -> std::result::Result<tonic::Response<super::Authority>, tonic::Status>;
+        async fn taint_authority(
+            &self,
+            request: tonic::Request<super::AuthorityRequest>,
+        ) -> std::result::Result<tonic::Response<super::Authority>, tonic::Status>;
+        async fn revoke_authority(
+            &self,
+            request: tonic::Request<super::AuthorityRequest>,
+        ) -> std::result::Result<tonic::Response<super::Authority>, tonic::Status>;
     }
     #[derive(Debug)]
     pub struct AdminApiServer<T> {
@@ -2875,6 +3075,231 @@ pub mod admin_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RefreshBundleSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/ListAuthorities" => {
+                    #[allow(non_camel_case_types)]
+                    struct ListAuthoritiesSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::ListAuthoritiesRequest>
+                    for ListAuthoritiesSvc<T> {
+                        type Response = super::ListAuthoritiesResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ListAuthoritiesRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::list_authorities(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ListAuthoritiesSvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/PrepareAuthority" => {
+                    #[allow(non_camel_case_types)]
+                    struct PrepareAuthoritySvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::AuthorityRequest>
+                    for PrepareAuthoritySvc<T> {
+                        type Response = super::Authority;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::prepare_authority(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PrepareAuthoritySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/ActivateAuthority" => {
+                    #[allow(non_camel_case_types)]
+                    struct ActivateAuthoritySvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::AuthorityRequest>
+                    for ActivateAuthoritySvc<T> {
+                        type Response = super::Authority;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::activate_authority(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ActivateAuthoritySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/TaintAuthority" => {
+                    #[allow(non_camel_case_types)]
+                    struct TaintAuthoritySvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::AuthorityRequest>
+                    for TaintAuthoritySvc<T> {
+                        type Response = super::Authority;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::taint_authority(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = TaintAuthoritySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/RevokeAuthority" => {
+                    #[allow(non_camel_case_types)]
+                    struct RevokeAuthoritySvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::AuthorityRequest>
+                    for RevokeAuthoritySvc<T> {
+                        type Response = super::Authority;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AuthorityRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::revoke_authority(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = RevokeAuthoritySvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -58,6 +58,7 @@ impl Domain {
         let ca = CaManager::load(
             td(name),
             store.clone(),
+            "test-instance",
             &dir.path().join("keys"),
             DAY,
             Duration::from_secs(1),

@@ -1,4 +1,5 @@
 //! Integration tests of sigil_server through its public API: hostile
-//! configuration files ([`hostile`]).
+//! configuration files ([`hostile`]) and the limits on clients ([`limits`]).
 
 mod hostile;
+mod limits;

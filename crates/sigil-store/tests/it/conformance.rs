@@ -48,6 +48,7 @@ macro_rules! conformance_suite {
             bundle_changes_in_feed,
             federation_relationships,
             authorities,
+            authority_owner_and_taint,
             concurrent_creates,
         );
     };
@@ -394,7 +395,57 @@ pub(crate) async fn agents_lifecycle(store: Arc<dyn Store>) {
     );
     assert_eq!(store.get_agent(&a.spiffe_id).await.unwrap(), Some(banned));
 
+    // A ban holds against writers that read the record before it.
+    store.upsert_agent(renewed.clone()).await.unwrap();
+    assert!(store.get_agent(&a.spiffe_id).await.unwrap().unwrap().banned);
+    // A conditional renewal changes nothing for a banned agent, for a serial
+    // that is no longer current, or for an agent that is gone.
+    assert_eq!(
+        store
+            .renew_agent_serial(&a.spiffe_id, "0c", "0d", 99, 99)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .renew_agent_serial(&b.spiffe_id, "stale", "0e", 99, 99)
+            .await
+            .unwrap(),
+        None
+    );
+    let b_renewed = store
+        .renew_agent_serial(&b.spiffe_id, &b.serial, "0e", 99, 100)
+        .await
+        .unwrap();
+    let Some(b_renewed) = b_renewed else {
+        panic!("a current, unbanned agent is renewed");
+    };
+    assert_eq!(
+        b_renewed,
+        AgentRecord {
+            previous_serial: b.serial.clone(),
+            serial: "0e".into(),
+            expires_at: 99,
+            updated_at: 100,
+            ..b.clone()
+        }
+    );
+    assert_eq!(
+        store.get_agent(&b.spiffe_id).await.unwrap(),
+        Some(b_renewed.clone())
+    );
+    let b = b_renewed;
+
     assert_eq!(store.delete_agent(&b.spiffe_id).await.unwrap(), b);
+    assert_eq!(
+        store
+            .renew_agent_serial(&b.spiffe_id, &b.serial, "0f", 99, 99)
+            .await
+            .unwrap(),
+        None,
+        "an evicted agent is not brought back"
+    );
     assert_eq!(store.get_agent(&b.spiffe_id).await.unwrap(), None);
     assert!(matches!(
         store.delete_agent(&b.spiffe_id).await,
@@ -415,10 +466,12 @@ pub(crate) async fn agents_lifecycle(store: Arc<dyn Store>) {
             ChangeKind::AgentChanged(b.spiffe_id.clone()),
             ChangeKind::AgentChanged(a.spiffe_id.clone()),
             ChangeKind::AgentChanged(a.spiffe_id.clone()),
+            ChangeKind::AgentChanged(a.spiffe_id.clone()),
+            ChangeKind::AgentChanged(b.spiffe_id.clone()),
             ChangeKind::AgentDeleted(b.spiffe_id.clone()),
         ]
     );
-    assert_eq!(revisions(&feed), (base + 1..=base + 5).collect::<Vec<_>>());
+    assert_eq!(revisions(&feed), (base + 1..=base + 7).collect::<Vec<_>>());
 }
 
 /// A join token works once; an expired one fails and is gone.
@@ -626,6 +679,8 @@ pub(crate) async fn authorities(store: Arc<dyn Store>) {
         not_before: created_at,
         not_after: created_at + 86_400,
         created_at,
+        owner: String::new(),
+        tainted: false,
     };
     let x_b = rec("x509-b", AuthorityKind::X509, 10);
     let jwt = rec("jwt-1", AuthorityKind::Jwt, 5);
@@ -658,6 +713,56 @@ pub(crate) async fn authorities(store: Arc<dyn Store>) {
     assert_eq!(
         store.list_authorities().await.unwrap(),
         vec![retired, active]
+    );
+}
+
+/// Owner and taint flag round-trip and are replaced by a later put, so one
+/// server can adopt a record and taint it.
+pub(crate) async fn authority_owner_and_taint(store: Arc<dyn Store>) {
+    let legacy = AuthorityRecord {
+        id: "x509-legacy".into(),
+        kind: AuthorityKind::X509,
+        state: AuthorityState::Active,
+        public: vec![1, 2, 3],
+        not_before: 1,
+        not_after: 100,
+        created_at: 1,
+        owner: String::new(),
+        tainted: false,
+    };
+    let peer = AuthorityRecord {
+        id: "jwt-peer".into(),
+        kind: AuthorityKind::Jwt,
+        state: AuthorityState::Retired,
+        public: b"{}".to_vec(),
+        not_before: 2,
+        not_after: 200,
+        created_at: 2,
+        owner: "0123456789abcdef".into(),
+        tainted: true,
+    };
+    store.put_authority(legacy.clone()).await.unwrap();
+    store.put_authority(peer.clone()).await.unwrap();
+    assert_eq!(
+        store.list_authorities().await.unwrap(),
+        vec![legacy.clone(), peer.clone()]
+    );
+
+    let adopted = AuthorityRecord {
+        owner: "fedcba9876543210".into(),
+        state: AuthorityState::Retired,
+        tainted: true,
+        ..legacy
+    };
+    let untainted = AuthorityRecord {
+        tainted: false,
+        ..peer
+    };
+    store.put_authority(adopted.clone()).await.unwrap();
+    store.put_authority(untainted.clone()).await.unwrap();
+    assert_eq!(
+        store.list_authorities().await.unwrap(),
+        vec![adopted, untainted]
     );
 }
 

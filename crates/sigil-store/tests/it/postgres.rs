@@ -4,8 +4,10 @@
 //!
 //! Each test gets its own database, created on the server at
 //! `SIGIL_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
-//! and dropped when the test ends. When that server cannot be reached the
-//! tests fail in CI (`CI` set) and are skipped, with a message, elsewhere.
+//! and dropped when the test ends. When that server cannot be reached, the
+//! test starts a private PostgreSQL server of its own from the installed
+//! binaries (`sigil-pgtest`); when there are none either, the tests fail in
+//! CI (`CI` set) and are skipped, with a message, elsewhere.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -21,6 +23,8 @@ use sigil_types::{AgentRecord, EntryId, Selectors, TrustDomain};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection};
 
+use sigil_pgtest::PrivatePostgres;
+
 use crate::conformance::{Guard, full_entry, simple_entry};
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -29,10 +33,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn admin_url() -> String {
     std::env::var("SIGIL_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
 async fn admin_connection(options: &PgConnectOptions) -> Result<PgConnection, String> {
@@ -48,28 +48,31 @@ async fn admin_connection(options: &PgConnectOptions) -> Result<PgConnection, St
 struct TestDatabase {
     admin: PgConnectOptions,
     name: String,
+    /// The private server the database lives on, when the shared one did
+    /// not answer; stopped and deleted with this.
+    private: Option<PrivatePostgres>,
 }
 
 impl TestDatabase {
-    /// Creates the database; `None` (after printing why) if PostgreSQL is not
-    /// reachable outside CI; panics if it is not reachable in CI.
+    /// Creates the database on the shared server, or else on a private one;
+    /// `None` (after printing why) if neither is possible outside CI; panics
+    /// if neither is possible in CI.
     async fn create() -> Option<Self> {
         let url = admin_url();
         let admin = PgConnectOptions::from_str(&url)
             .unwrap_or_else(|e| panic!("SIGIL_TEST_POSTGRES_URL {url:?} is not a valid URL: {e}"));
-        let mut conn = match admin_connection(&admin).await {
-            Ok(conn) => conn,
-            Err(e) if in_ci() => panic!(
-                "PostgreSQL at {url} is not reachable ({e}); CI must run the PostgreSQL \
-                 store tests: start it (.ci/run does) or set SIGIL_TEST_POSTGRES_URL"
-            ),
-            Err(e) => {
-                eprintln!(
-                    "skipping: PostgreSQL at {url} is not reachable ({e}); start it or set \
-                     SIGIL_TEST_POSTGRES_URL (in CI this fails)"
-                );
-                return None;
-            }
+        let (admin, mut conn, private) = match admin_connection(&admin).await {
+            Ok(conn) => (admin, conn, None),
+            Err(e) => match start_private(&url, &e) {
+                Some(pg) => {
+                    let admin = PgConnectOptions::from_str(&pg.url()).unwrap();
+                    let conn = admin_connection(&admin).await.unwrap_or_else(|e| {
+                        panic!("the private PostgreSQL server does not answer: {e}")
+                    });
+                    (admin, conn, Some(pg))
+                }
+                None => return None,
+            },
         };
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let nanos = SystemTime::now()
@@ -87,7 +90,11 @@ impl TestDatabase {
             .await
             .unwrap_or_else(|e| panic!("creating database {name} at {url}: {e}"));
         conn.close().await.unwrap();
-        Some(Self { admin, name })
+        Some(Self {
+            admin,
+            name,
+            private,
+        })
     }
 
     fn options(&self) -> PgConnectOptions {
@@ -99,8 +106,27 @@ impl TestDatabase {
     }
 }
 
+/// A private server, after the shared one at `url` failed with `why`;
+/// `None` (after printing why) without PostgreSQL binaries outside CI.
+fn start_private(url: &str, why: &str) -> Option<PrivatePostgres> {
+    eprintln!("PostgreSQL at {url} is not reachable ({why}); starting a private one");
+    match PrivatePostgres::start_or_skip("the PostgreSQL store tests") {
+        Ok(Some(pg)) => Some(pg),
+        Ok(None) => None,
+        Err(e) => panic!(
+            "PostgreSQL at {url} is not reachable ({why}) and no private server could be \
+             started ({e:#}); CI must run the PostgreSQL store tests: start one (.ci/run does) \
+             or install the PostgreSQL server binaries"
+        ),
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
+        if self.private.is_some() {
+            // The whole server goes, with the database.
+            return;
+        }
         let admin = self.admin.clone();
         let name = std::mem::take(&mut self.name);
         // Drop runs inside the test's runtime, which cannot be blocked on, so
@@ -259,6 +285,8 @@ async fn data_survives_reconnect() {
         not_before: 0,
         not_after: 10,
         created_at: 0,
+        owner: "instance-a".into(),
+        tainted: true,
     };
     let token = JoinToken {
         token_hash: "hash".into(),
@@ -362,6 +390,64 @@ async fn commits_notify_listeners() {
             .is_err(),
         "no notification beyond the three commits"
     );
+}
+
+/// `subscribe_changes` is the follower's wake-up: a write committed through
+/// another pool (another server) changes it, and so does losing the listening
+/// connection, after which it listens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_wake_on_other_servers_writes_and_survive_a_lost_connection() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let follower = db.store().await;
+    let writer = db.store().await;
+    let mut wake = follower
+        .subscribe_changes()
+        .expect("PostgreSQL offers change notifications");
+    // The first value marks the LISTEN being in place.
+    tokio::time::timeout(Duration::from_secs(10), wake.changed())
+        .await
+        .expect("listening within 10s")
+        .unwrap();
+    wake.borrow_and_update();
+
+    writer.create_entry(simple_entry("a")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), wake.changed())
+        .await
+        .expect("woken by the other pool's commit within 10s")
+        .unwrap();
+    wake.borrow_and_update();
+    assert_eq!(follower.changes_since(0, 10).await.unwrap().len(), 1);
+
+    // Kill the listening backend: the subscription fires (writes may have
+    // been missed) and listens again, so later commits still wake it.
+    let mut admin = db.options().connect().await.unwrap();
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true], "one listening backend");
+    tokio::time::timeout(Duration::from_secs(10), wake.changed())
+        .await
+        .expect("woken by the lost connection within 10s")
+        .unwrap();
+    // Let the reconnection settle (it may fire once more), then a commit
+    // must wake it again.
+    while tokio::time::timeout(Duration::from_secs(1), wake.changed())
+        .await
+        .is_ok()
+    {}
+    wake.borrow_and_update();
+    writer.create_entry(simple_entry("b")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), wake.changed())
+        .await
+        .expect("a commit after the reconnection wakes it within 10s")
+        .unwrap();
+    admin.close().await.unwrap();
 }
 
 /// A row that does not parse is reported as Corrupt, naming the row.

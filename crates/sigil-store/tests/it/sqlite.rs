@@ -65,6 +65,33 @@ async fn file_is_created_in_wal_mode() {
     assert_eq!(journal_mode(&path).await, "wal");
 }
 
+/// The database, its WAL and its shared memory hold every entry and agent:
+/// owner only, for new files and for files an older version left 0644.
+#[tokio::test]
+async fn database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sigil.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    store.create_entry(simple_entry("e")).await.unwrap();
+    let wal = dir.path().join("sigil.db-wal");
+    let shm = dir.path().join("sigil.db-shm");
+    for p in [&path, &wal, &shm] {
+        assert_eq!(mode(p), 0o600, "{}", p.display());
+    }
+    // Loosened by someone else: tightened again at the next open.
+    for p in [&path, &wal, &shm] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let again = SqliteStore::open(&path).await.unwrap();
+    for p in [&path, &wal, &shm] {
+        assert_eq!(mode(p), 0o600, "{}", p.display());
+    }
+    again.close().await;
+    store.close().await;
+}
+
 #[tokio::test]
 async fn data_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,6 +119,8 @@ async fn data_survives_reopen() {
         not_before: 0,
         not_after: 10,
         created_at: 0,
+        owner: "instance-a".into(),
+        tainted: true,
     };
     let token = JoinToken {
         token_hash: "hash".into(),

@@ -108,7 +108,7 @@ impl Server {
         let state = &self.handle().state;
         let trust = Arc::new(ArcSwap::new(state.ca.bundle()));
         sigil_agent::client::connect(
-            &self.handle().agent_api_addr.to_string(),
+            &sigil_agent::config::ServerAddresses::one(self.handle().agent_api_addr.to_string()),
             trust,
             state.server_id.clone(),
             cert,

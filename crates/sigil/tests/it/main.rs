@@ -10,12 +10,17 @@
 )]
 
 mod attributes;
+mod authority;
 mod cli;
+mod durability;
+mod faults;
 mod federation;
+mod ha;
 mod kubernetes;
 mod mtls;
 mod oidc;
 mod processes;
+mod procs;
 mod proxy;
 mod resilience;
 mod rotation;

@@ -135,3 +135,33 @@ async fn expired_entries_are_deleted_and_leave_the_agent() {
     .unwrap();
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_svids_are_withdrawn_while_the_server_is_down() {
+    let (mut cluster, _me) = cluster_with_me(sigil_testkit::ClusterOptions {
+        x509_svid_ttl: std::time::Duration::from_secs(3),
+        ..Default::default()
+    })
+    .await;
+    cluster.stop_server().await;
+    // Nothing else happens while the server is away: the expiry alone must
+    // take the SVID out of what the agent serves.
+    let mut rx = cluster.agent().unwrap().snapshots.clone();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        rx.wait_for(|s| s.svids.is_empty()),
+    )
+    .await
+    .expect("the expired SVID was withdrawn")
+    .unwrap();
+    let client = WorkloadApiClient::connect_to(cluster.socket_uri())
+        .await
+        .unwrap();
+    let served = client.fetch_x509_svid().await;
+    assert!(
+        served.is_err(),
+        "no expired SVID is served: {:?}",
+        served.map(|s| s.leaf().as_bytes().len())
+    );
+    cluster.shutdown().await;
+}

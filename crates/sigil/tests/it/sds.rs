@@ -565,12 +565,24 @@ fn first_yaml_block(markdown: &str) -> String {
 /// The directory of Envoy's protos shipped in the `envoy-types` package,
 /// wherever cargo unpacked it.
 fn envoy_proto_dir() -> std::path::PathBuf {
+    // Only this platform's packages: those of others (never built here) may
+    // not have been downloaded, and --offline would fail on them.
+    let rustc = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV runs");
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc names its host");
     let out = std::process::Command::new(env!("CARGO"))
         .args([
             "metadata",
             "--format-version",
             "1",
             "--offline",
+            "--filter-platform",
+            &host,
             "--manifest-path",
         ])
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))

@@ -1,0 +1,330 @@
+//! Bounds on what callers of the agent's socket can make it do
+//! (`[agent.limits]`): request size, per-caller rate limits, a connection cap
+//! and a request timeout. The defaults and what a caller sees when it hits
+//! each limit are listed in docs/security.md ("Limits").
+//!
+//! Rate limits are kept per calling uid, from the kernel's peer credentials.
+//! A uid is what a process cannot multiply: a per-PID limit would be evaded
+//! by forking. The price is that processes of one uid share a budget, which
+//! is why the defaults are generous; the limits are there to stop a caller
+//! from monopolizing the agent, not to ration normal use.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sigil_types::config::{ConfigError, require_positive};
+use sigil_types::duration::serde_human;
+use sigil_types::ratelimit::{Exceeded, KeyedLimiter, Rate};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Status};
+
+use crate::peer::peer_of;
+
+/// Most callers (uids) each rate limiter remembers; idle ones are forgotten first.
+pub const MAX_TRACKED_CALLERS: usize = 10_000;
+
+/// Keys of `[agent.limits]`, as written by users; every key is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct LimitsSection {
+    max_request_bytes: usize,
+    max_connections: usize,
+    #[serde(with = "serde_human")]
+    request_timeout: Duration,
+    max_streams_per_connection: u32,
+    calls_per_second: u32,
+    call_burst: u32,
+    streams_per_second: u32,
+    stream_burst: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let d = AgentLimits::default();
+        Self {
+            max_request_bytes: d.max_request_bytes,
+            max_connections: d.max_connections,
+            request_timeout: d.request_timeout,
+            max_streams_per_connection: d.max_streams_per_connection,
+            calls_per_second: d.calls.per_second,
+            call_burst: d.calls.burst,
+            streams_per_second: d.streams.per_second,
+            stream_burst: d.streams.burst,
+        }
+    }
+}
+
+/// The validated `[agent.limits]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLimits {
+    /// Largest Workload API request message (64 KiB); SDS requests have
+    /// their own cap, [`crate::sds::MAX_REQUEST_BYTES`].
+    pub max_request_bytes: usize,
+    /// Most open connections on the socket (4096); a connection beyond it is
+    /// closed at once.
+    pub max_connections: usize,
+    /// Deadline of a call's answer (30s); a stream, once answered, is not cut.
+    pub request_timeout: Duration,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` per connection (1000).
+    pub max_streams_per_connection: u32,
+    /// Unary calls per uid: FetchJWTSVID, ValidateJWTSVID, SDS FetchSecrets
+    /// (200/s, burst 2000).
+    pub calls: Rate,
+    /// Streams opened per uid: FetchX509SVID, FetchX509Bundles,
+    /// FetchJWTBundles, SDS StreamSecrets (100/s, burst 2000).
+    pub streams: Rate,
+}
+
+impl Default for AgentLimits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 64 * 1024,
+            max_connections: 4096,
+            request_timeout: Duration::from_secs(30),
+            max_streams_per_connection: 1000,
+            calls: Rate::new(200, 2000),
+            streams: Rate::new(100, 2000),
+        }
+    }
+}
+
+/// Validates `[agent.limits]`: every value must be positive.
+pub(crate) fn parse(
+    s: LimitsSection,
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<AgentLimits, ConfigError> {
+    require_positive(
+        &[
+            (
+                "agent.limits.max_request_bytes",
+                s.max_request_bytes as u128,
+            ),
+            ("agent.limits.max_connections", s.max_connections as u128),
+            (
+                "agent.limits.max_streams_per_connection",
+                u128::from(s.max_streams_per_connection),
+            ),
+            (
+                "agent.limits.calls_per_second",
+                u128::from(s.calls_per_second),
+            ),
+            ("agent.limits.call_burst", u128::from(s.call_burst)),
+            (
+                "agent.limits.streams_per_second",
+                u128::from(s.streams_per_second),
+            ),
+            ("agent.limits.stream_burst", u128::from(s.stream_burst)),
+            ("agent.limits.request_timeout", s.request_timeout.as_nanos()),
+        ],
+        invalid,
+    )?;
+    Ok(AgentLimits {
+        max_request_bytes: s.max_request_bytes,
+        max_connections: s.max_connections,
+        request_timeout: s.request_timeout,
+        max_streams_per_connection: s.max_streams_per_connection,
+        calls: Rate::new(s.calls_per_second, s.call_burst),
+        streams: Rate::new(s.streams_per_second, s.stream_burst),
+    })
+}
+
+/// The per-uid rate limits of the Workload API and SDS, shared by both.
+#[derive(Debug)]
+pub struct CallerLimiter {
+    calls: KeyedLimiter<u32>,
+    streams: KeyedLimiter<u32>,
+}
+
+impl Default for CallerLimiter {
+    fn default() -> Self {
+        Self::new(&AgentLimits::default())
+    }
+}
+
+impl CallerLimiter {
+    /// Limiters with the configured rates.
+    pub fn new(limits: &AgentLimits) -> Self {
+        Self {
+            calls: KeyedLimiter::new(limits.calls, MAX_TRACKED_CALLERS),
+            streams: KeyedLimiter::new(limits.streams, MAX_TRACKED_CALLERS),
+        }
+    }
+
+    /// Takes a unary-call token of the caller's uid, or `ResourceExhausted`.
+    pub fn call<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.take(&self.calls, "calls", req)
+    }
+
+    /// Takes a stream-opening token of the caller's uid, or `ResourceExhausted`.
+    pub fn stream<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.take(&self.streams, "streams opened", req)
+    }
+
+    fn take<T>(
+        &self,
+        limiter: &KeyedLimiter<u32>,
+        what: &str,
+        req: &Request<T>,
+    ) -> Result<(), Status> {
+        // A caller without credentials is refused by attestation right after.
+        let Ok(peer) = peer_of(req) else {
+            return Ok(());
+        };
+        limiter
+            .check(&peer.uid)
+            .map_err(|e| exhausted(what, peer.uid, e))
+    }
+}
+
+/// `ResourceExhausted` naming the limit that was hit.
+fn exhausted(what: &str, uid: u32, e: Exceeded) -> Status {
+    Status::resource_exhausted(format!(
+        "rate limit exceeded: {what} by uid {uid} (limit {}); retry in {} ms",
+        e.rate,
+        e.retry_after.as_millis().max(1)
+    ))
+}
+
+/// Caps the open connections of an accept stream: each connection holds a
+/// slot until it is dropped, and one accepted while every slot is taken is
+/// closed at once, so open connections are never disturbed by a flood.
+pub fn incoming<S, C>(inner: S, max_connections: usize) -> LimitedIncoming<S>
+where
+    S: Stream<Item = io::Result<C>>,
+{
+    LimitedIncoming {
+        inner,
+        slots: Arc::new(Semaphore::new(
+            max_connections.clamp(1, Semaphore::MAX_PERMITS),
+        )),
+    }
+}
+
+/// See [`incoming`].
+#[derive(Debug)]
+pub struct LimitedIncoming<S> {
+    inner: S,
+    slots: Arc<Semaphore>,
+}
+
+impl<S, C> Stream for LimitedIncoming<S>
+where
+    S: Stream<Item = io::Result<C>> + Unpin,
+{
+    type Item = io::Result<Limited<C>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            match Pin::new(&mut this.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(conn))) => match this.slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        return Poll::Ready(Some(Ok(Limited {
+                            inner: conn,
+                            _slot: slot,
+                        })));
+                    }
+                    Err(_) => {
+                        tracing::debug!("connection limit reached; closing the new connection");
+                        drop(conn);
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// A connection holding a slot of [`incoming`]'s cap until it is dropped.
+#[derive(Debug)]
+pub struct Limited<C> {
+    inner: C,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<C: Connected> Connected for Limited<C> {
+    type ConnectInfo = C::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+crate::peer::delegate_io!(
+    [C] Limited<C>;
+    read: [C: AsyncRead + Unpin];
+    write: [C: AsyncWrite + Unpin]
+);
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use crate::AgentConfig;
+
+    const HEAD: &str =
+        "[agent]\ntrust_domain = \"example.org\"\nserver_address = \"localhost:8081\"\n";
+
+    #[test]
+    fn defaults_and_every_key() {
+        let c = AgentConfig::parse(HEAD, None).unwrap();
+        assert_eq!(c.limits, AgentLimits::default());
+        let c = AgentConfig::parse(
+            &format!(
+                "{HEAD}[agent.limits]\nmax_request_bytes = 1024\nmax_connections = 8\n\
+                 request_timeout = \"2s\"\nmax_streams_per_connection = 10\n\
+                 calls_per_second = 3\ncall_burst = 4\nstreams_per_second = 5\nstream_burst = 6\n"
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits,
+            AgentLimits {
+                max_request_bytes: 1024,
+                max_connections: 8,
+                request_timeout: Duration::from_secs(2),
+                max_streams_per_connection: 10,
+                calls: Rate::new(3, 4),
+                streams: Rate::new(5, 6),
+            }
+        );
+    }
+
+    #[test]
+    fn zero_and_unknown_keys_are_named() {
+        for key in [
+            "max_request_bytes = 0",
+            "max_connections = 0",
+            "request_timeout = \"0s\"",
+            "max_streams_per_connection = 0",
+            "calls_per_second = 0",
+            "call_burst = 0",
+            "streams_per_second = 0",
+            "stream_burst = 0",
+            "max_conections = 5",
+        ] {
+            let name = key.split(' ').next().unwrap();
+            let err = AgentConfig::parse(
+                &format!("{HEAD}[agent.limits]\n{key}\n"),
+                Some(std::path::Path::new("a.toml")),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(name) && err.contains("a.toml"),
+                "{err} should name {name}"
+            );
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Bounds on what clients of the server can make it do (`[server.limits]`):
+//! message sizes, per-caller rate limits, connection caps and timeouts. The
+//! defaults and what a client sees when it hits each limit are listed in
+//! docs/security.md ("Limits").
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use serde::Deserialize;
+use sigil_types::SpiffeId;
+use sigil_types::config::{ConfigError, require_positive};
+use sigil_types::duration::serde_human;
+use sigil_types::ratelimit::{Exceeded, KeyedLimiter, Rate};
+use tonic::Status;
+
+/// Most callers each rate limiter remembers; idle ones are forgotten first.
+pub const MAX_TRACKED_CALLERS: usize = 10_000;
+/// HTTP/2 keepalive ping interval on the agent API (finds dead agents).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long an agent may take to answer a keepalive ping.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Keys of `[server.limits]`, as written by users; every key is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest agent API request message, bytes.
+    pub max_request_bytes: usize,
+    /// Largest admin API request message, bytes.
+    pub admin_max_request_bytes: usize,
+    /// Most open agent API connections (TLS handshakes included).
+    pub max_connections: usize,
+    /// How long a client may take to finish the TLS handshake.
+    #[serde(with = "serde_human")]
+    pub handshake_timeout: Duration,
+    /// How long a call may take to answer (the first message of a stream).
+    #[serde(with = "serde_human")]
+    pub request_timeout: Duration,
+    /// Most concurrent HTTP/2 streams on one agent connection.
+    pub max_streams_per_connection: u32,
+    /// Calls per second of one agent (RenewAgent, Sync, BatchNewX509SVID, NewJWTSVID).
+    pub agent_calls_per_second: u32,
+    /// Burst of those calls.
+    pub agent_call_burst: u32,
+    /// Unauthenticated calls per second from one address (GetBundle, Attest*).
+    pub attest_per_second: u32,
+    /// Burst of those calls.
+    pub attest_burst: u32,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let d = ServerLimits::default();
+        Self {
+            max_request_bytes: d.max_request_bytes,
+            admin_max_request_bytes: d.admin_max_request_bytes,
+            max_connections: d.max_connections,
+            handshake_timeout: d.handshake_timeout,
+            request_timeout: d.request_timeout,
+            max_streams_per_connection: d.max_streams_per_connection,
+            agent_calls_per_second: d.agent_calls.per_second,
+            agent_call_burst: d.agent_calls.burst,
+            attest_per_second: d.attest.per_second,
+            attest_burst: d.attest.burst,
+        }
+    }
+}
+
+/// The validated `[server.limits]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Largest agent API request message (4 MiB): a batch of CSRs.
+    pub max_request_bytes: usize,
+    /// Largest admin API request message (4 MiB): a batch of entries.
+    pub admin_max_request_bytes: usize,
+    /// Most open agent API connections, handshakes included (10000); a
+    /// connection beyond it is closed at once.
+    pub max_connections: usize,
+    /// TLS handshake deadline (10s); a client that connects and stays silent
+    /// is disconnected after it.
+    pub handshake_timeout: Duration,
+    /// Deadline of a call's answer (30s); a stream, once answered, is not cut.
+    pub request_timeout: Duration,
+    /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` on the agent API (100).
+    pub max_streams_per_connection: u32,
+    /// Per agent SPIFFE ID (100/s, burst 1000).
+    pub agent_calls: Rate,
+    /// Per source address, IPv6 by /64 (20/s, burst 200).
+    pub attest: Rate,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: crate::MAX_MESSAGE_BYTES,
+            admin_max_request_bytes: crate::MAX_MESSAGE_BYTES,
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_streams_per_connection: 100,
+            agent_calls: Rate::new(100, 1000),
+            attest: Rate::new(20, 200),
+        }
+    }
+}
+
+/// Validates `[server.limits]`: every value must be positive.
+pub(crate) fn parse(
+    s: LimitsSection,
+    invalid: &dyn Fn(&'static str, String) -> ConfigError,
+) -> Result<ServerLimits, ConfigError> {
+    require_positive(
+        &[
+            (
+                "server.limits.max_request_bytes",
+                s.max_request_bytes as u128,
+            ),
+            (
+                "server.limits.admin_max_request_bytes",
+                s.admin_max_request_bytes as u128,
+            ),
+            ("server.limits.max_connections", s.max_connections as u128),
+            (
+                "server.limits.max_streams_per_connection",
+                u128::from(s.max_streams_per_connection),
+            ),
+            (
+                "server.limits.agent_calls_per_second",
+                u128::from(s.agent_calls_per_second),
+            ),
+            (
+                "server.limits.agent_call_burst",
+                u128::from(s.agent_call_burst),
+            ),
+            (
+                "server.limits.attest_per_second",
+                u128::from(s.attest_per_second),
+            ),
+            ("server.limits.attest_burst", u128::from(s.attest_burst)),
+            (
+                "server.limits.handshake_timeout",
+                s.handshake_timeout.as_nanos(),
+            ),
+            (
+                "server.limits.request_timeout",
+                s.request_timeout.as_nanos(),
+            ),
+        ],
+        invalid,
+    )?;
+    Ok(ServerLimits {
+        max_request_bytes: s.max_request_bytes,
+        admin_max_request_bytes: s.admin_max_request_bytes,
+        max_connections: s.max_connections,
+        handshake_timeout: s.handshake_timeout,
+        request_timeout: s.request_timeout,
+        max_streams_per_connection: s.max_streams_per_connection,
+        agent_calls: Rate::new(s.agent_calls_per_second, s.agent_call_burst),
+        attest: Rate::new(s.attest_per_second, s.attest_burst),
+    })
+}
+
+/// The agent API's rate limiters.
+#[derive(Debug)]
+pub(crate) struct AgentApiLimiter {
+    agents: KeyedLimiter<SpiffeId>,
+    sources: KeyedLimiter<IpAddr>,
+}
+
+impl AgentApiLimiter {
+    /// Limiters with the configured rates.
+    pub(crate) fn new(limits: &ServerLimits) -> Self {
+        Self {
+            agents: KeyedLimiter::new(limits.agent_calls, MAX_TRACKED_CALLERS),
+            sources: KeyedLimiter::new(limits.attest, MAX_TRACKED_CALLERS),
+        }
+    }
+
+    /// A call of an authenticated agent: limited per SPIFFE ID.
+    pub(crate) fn agent(&self, id: &SpiffeId) -> Result<(), Status> {
+        self.agents
+            .check(id)
+            .map_err(|e| exhausted(&format!("calls of agent {id}"), e))
+    }
+
+    /// An unauthenticated call: limited per source address (an IPv6 address
+    /// by its /64, which one host usually holds whole).
+    pub(crate) fn source(&self, remote: Option<SocketAddr>) -> Result<(), Status> {
+        let Some(remote) = remote else {
+            return Ok(());
+        };
+        let key = source_key(remote.ip());
+        self.sources
+            .check(&key)
+            .map_err(|e| exhausted(&format!("unauthenticated calls from {key}"), e))
+    }
+}
+
+/// The rate-limit key of a source address.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut seg = v6.segments();
+                seg[4..].fill(0);
+                IpAddr::V6(seg.into())
+            }
+        },
+    }
+}
+
+/// `ResourceExhausted` naming the limit that was hit.
+fn exhausted(what: &str, e: Exceeded) -> Status {
+    Status::resource_exhausted(format!(
+        "rate limit exceeded: {what} (limit {}); retry in {} ms",
+        e.rate,
+        e.retry_after.as_millis().max(1)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use super::*;
+    use crate::ServerConfig;
+
+    const HEAD: &str = "[server]\ntrust_domain = \"example.org\"\n";
+
+    #[test]
+    fn defaults_and_every_key() {
+        let c = ServerConfig::parse(HEAD, None).unwrap();
+        assert_eq!(c.limits, ServerLimits::default());
+        let c = ServerConfig::parse(
+            &format!(
+                "{HEAD}[server.limits]\nmax_request_bytes = 1024\nadmin_max_request_bytes = 2048\n\
+                 max_connections = 8\nhandshake_timeout = \"2s\"\nrequest_timeout = \"5s\"\n\
+                 max_streams_per_connection = 10\nagent_calls_per_second = 3\n\
+                 agent_call_burst = 4\nattest_per_second = 5\nattest_burst = 6\n"
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits,
+            ServerLimits {
+                max_request_bytes: 1024,
+                admin_max_request_bytes: 2048,
+                max_connections: 8,
+                handshake_timeout: Duration::from_secs(2),
+                request_timeout: Duration::from_secs(5),
+                max_streams_per_connection: 10,
+                agent_calls: Rate::new(3, 4),
+                attest: Rate::new(5, 6),
+            }
+        );
+    }
+
+    #[test]
+    fn zero_and_unknown_keys_are_named() {
+        for key in [
+            "max_request_bytes = 0",
+            "admin_max_request_bytes = 0",
+            "max_connections = 0",
+            "handshake_timeout = \"0s\"",
+            "request_timeout = \"0s\"",
+            "max_streams_per_connection = 0",
+            "agent_calls_per_second = 0",
+            "agent_call_burst = 0",
+            "attest_per_second = 0",
+            "attest_burst = 0",
+            "max_conections = 5",
+        ] {
+            let name = key.split(' ').next().unwrap();
+            let err = ServerConfig::parse(
+                &format!("{HEAD}[server.limits]\n{key}\n"),
+                Some(std::path::Path::new("s.toml")),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(name) && err.contains("s.toml"),
+                "{err} should name {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn ipv6_sources_share_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(source_key(a), source_key(b));
+        assert_ne!(source_key(a), source_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(source_key(mapped), "192.0.2.1".parse::<IpAddr>().unwrap());
+    }
+}
