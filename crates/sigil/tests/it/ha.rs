@@ -256,3 +256,81 @@ async fn svids_keep_being_renewed_while_the_database_is_down() {
     agent.shutdown().await;
     server.shutdown().await;
 }
+
+/// Two `sigil server` processes on one database and an agent process that
+/// lists both: SIGKILL the one it syncs with, and it moves to the other,
+/// same agent, and entry changes still reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_server_processes_is_sigkilled_and_the_agent_moves_on() {
+    use crate::procs::{
+        AgentBin, ServerBin, create_entry_for_me, server_sync_streams, wait_for_svid_of, wait_until,
+    };
+    init();
+    let Some(pg) = PrivatePostgres::start_or_skip(
+        "one_of_two_server_processes_is_sigkilled_and_the_agent_moves_on",
+    )
+    .unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!(
+        "[server.store]\ndriver = \"postgres\"\nurl = \"{}\"",
+        pg.url()
+    );
+    let mut servers = Vec::new();
+    for name in ["a", "b"] {
+        std::fs::create_dir(dir.path().join(name)).unwrap();
+        let mut s = ServerBin::new(&dir.path().join(name), &store);
+        s.start().await;
+        servers.push(s);
+    }
+    let (token, agent_id) = servers[0].join_token().await;
+    std::fs::create_dir(dir.path().join("agent")).unwrap();
+    let mut agent = AgentBin::with_servers(
+        &dir.path().join("agent"),
+        &[servers[0].api, servers[1].api],
+        free_addr().unwrap(),
+    );
+    agent.start(Some(&token)).await;
+
+    // Written through B, served by whichever server the agent syncs with.
+    let mut admin_b = servers[1].admin().await;
+    create_entry_for_me(&mut admin_b, "spiffe://example.org/ha/before", &agent_id).await;
+    wait_for_svid_of(
+        &agent.uri(),
+        "spiffe://example.org/ha/before",
+        "the first SVID",
+    )
+    .await;
+
+    let syncing = |i: usize| {
+        let health = servers[i].health;
+        async move { server_sync_streams(health).await == Some(1) }
+    };
+    let (dead, alive) = if syncing(0).await { (0, 1) } else { (1, 0) };
+    assert!(
+        !syncing(alive).await && syncing(dead).await,
+        "exactly one server holds the stream"
+    );
+    servers[dead].kill9();
+
+    let alive_health = servers[alive].health;
+    wait_until(
+        FAILOVER,
+        "the agent syncs with the surviving server",
+        || async { (server_sync_streams(alive_health).await == Some(1)).then_some(()) },
+    )
+    .await;
+    let mut admin = servers[alive].admin().await;
+    create_entry_for_me(&mut admin, "spiffe://example.org/ha/after", &agent_id).await;
+    wait_for_svid_of(
+        &agent.uri(),
+        "spiffe://example.org/ha/after",
+        "an SVID after failover",
+    )
+    .await;
+    let agents = servers[alive].agents().await.expect("the agent list");
+    assert_eq!(agents.len(), 1, "no second attestation: {agents:?}");
+    assert_eq!(agents[0].spiffe_id, agent_id);
+    agent.kill9();
+}

@@ -405,13 +405,24 @@ impl AgentBin {
     /// Writes the config of an agent of `server` (an address), with its
     /// health listener on `health`.
     pub(crate) fn new(dir: &Path, server: &str, health: SocketAddr) -> Self {
+        Self::with_address(dir, &format!("{server:?}"), health)
+    }
+
+    /// Like [`AgentBin::new`], for an agent that lists several servers.
+    pub(crate) fn with_servers(dir: &Path, servers: &[SocketAddr], health: SocketAddr) -> Self {
+        let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+        Self::with_address(dir, &format!("[{}]", list.join(", ")), health)
+    }
+
+    /// `server_address` is TOML: a string or an array of strings.
+    fn with_address(dir: &Path, server_address: &str, health: SocketAddr) -> Self {
         let socket = dir.join("agent.sock");
         let data_dir = dir.join("agent");
         let config = config_file(
             dir,
             "agent",
             &format!(
-                "server_address = \"{server}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\n\
+                "server_address = {server_address}\ndata_dir = \"{}\"\nsocket_path = \"{}\"\n\
                  health_address = \"{health}\"\n",
                 data_dir.display(),
                 socket.display()
@@ -502,6 +513,18 @@ pub(crate) async fn server_and_agent(
     );
     agent.start(Some(&token)).await;
     (server, agent, agent_id)
+}
+
+/// A server's `sigil_server_sync_streams` gauge (agents syncing with it),
+/// if its metrics answer.
+pub(crate) async fn server_sync_streams(health: SocketAddr) -> Option<i64> {
+    let (code, body) = http_get(health, "/metrics").await?;
+    if code != 200 {
+        return None;
+    }
+    body.lines()
+        .find_map(|l| l.strip_prefix("sigil_server_sync_streams "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The agent's `sigil_agent_connected` gauge (read from its health
