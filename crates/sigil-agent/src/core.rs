@@ -325,25 +325,64 @@ impl Core {
         }
         .await;
         match result {
-            Ok(identity) => {
-                if let Err(e) = self.cert.update(identity.chain.clone(), &identity.key) {
-                    tracing::error!(error = %e, "installing the renewed agent SVID failed");
-                    return false;
-                }
-                if let Err(e) = self.persist.save_identity(&identity) {
-                    tracing::error!(error = %e, "saving the renewed agent SVID failed");
-                }
-                self.identity_renew_at = renewal_time(identity.not_before, identity.not_after);
-                tracing::info!(agent = %identity.id, "agent SVID renewed");
-                self.identity = identity;
-                true
-            }
+            Ok(identity) => self.install_identity(identity),
             Err(e) => {
                 tracing::warn!(error = %e, "agent SVID renewal failed; will retry");
                 self.identity_renew_at = now + self.cfg.min_backoff.max(Duration::from_secs(1));
                 false
             }
         }
+    }
+
+    /// Presents `identity` from now on and saves it; false if it cannot be
+    /// used (its key does not match its certificate).
+    fn install_identity(&mut self, identity: AgentIdentity) -> bool {
+        if let Err(e) = self.cert.update(identity.chain.clone(), &identity.key) {
+            tracing::error!(error = %e, "installing the renewed agent SVID failed");
+            return false;
+        }
+        if let Err(e) = self.persist.save_identity(&identity) {
+            tracing::error!(error = %e, "saving the renewed agent SVID failed");
+        }
+        self.identity_renew_at = renewal_time(identity.not_before, identity.not_after);
+        tracing::info!(agent = %identity.id, "agent SVID renewed");
+        self.identity = identity;
+        true
+    }
+
+    /// Attests again with the projected service-account token, over a
+    /// connection without a client certificate (the current SVID is
+    /// refused or expired); true if the agent holds a new SVID. False at
+    /// once for agents without `[agent.k8s_psat]`.
+    async fn reattest_psat(&mut self) -> bool {
+        #[cfg(feature = "k8s")]
+        if let Some(psat) = self.cfg.k8s_psat.clone() {
+            let result = async {
+                let mut client = client::connect(
+                    &self.cfg.server_address,
+                    self.trust.clone(),
+                    self.server_id.clone(),
+                    None,
+                )
+                .await?;
+                let key = PrivateKey::generate_p256()?;
+                let csr = sigil_svid::x509::make_csr(&key)?;
+                let resp = crate::k8s::attest_psat(&mut client, &psat, csr).await?;
+                AgentIdentity::new(resp.cert_chain, key)
+            }
+            .await;
+            return match result {
+                Ok(identity) => {
+                    tracing::info!(agent = %identity.id, "attested again with the service-account token");
+                    self.install_identity(identity)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "attesting again with the service-account token failed");
+                    false
+                }
+            };
+        }
+        false
     }
 
     /// Signs SVIDs for entries that have none, whose SVID no longer fits
@@ -483,6 +522,14 @@ impl Core {
                         if self.client.load().is_some() {
                             self.client.store(Arc::new(None));
                             self.dirty = true;
+                        }
+                        // Refused (evicted, say) or with an expired SVID, a
+                        // PSAT agent attests again with its token, as at
+                        // its first start; a join-token agent cannot.
+                        let refused = matches!(e, AgentError::Refused(_));
+                        if (refused || self.identity.not_after <= now) && self.reattest_psat().await
+                        {
+                            retry_at = SystemTime::now();
                         }
                     }
                 }

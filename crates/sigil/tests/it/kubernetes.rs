@@ -169,7 +169,7 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
     scfg.k8s_psat.insert("eks-dev".into(), cluster);
     // Short agent SVIDs, so the agent re-attests with its token during the test.
     scfg.agent_svid_ttl = Duration::from_secs(4);
-    let server = sigil_server::start(scfg).await.unwrap();
+    let server = sigil_server::start(scfg.clone()).await.unwrap();
 
     // What a DaemonSet gives the agent: the projected token and the bundle.
     let token_path = dir.path().join("token");
@@ -274,6 +274,37 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the agent did not re-attest"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Evicted, the agent is refused; it attests again with its token by
+    // itself and keeps serving, under the same ID.
+    server.state.evict_agent(&agent.agent_id).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let back = server.state.store.get_agent(&agent.agent_id).await.unwrap();
+        if back.is_some() && server.state.is_connected(&agent.agent_id) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the evicted agent did not attest again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The server away for longer than the agent SVID lives: when it is back,
+    // the agent, whose SVID expired meanwhile, attests again by itself.
+    let agent_id = agent.agent_id.clone();
+    server.shutdown().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let server = sigil_server::start(scfg).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !server.state.is_connected(&agent_id) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent with an expired SVID did not attest again"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
