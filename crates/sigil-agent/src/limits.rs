@@ -9,9 +9,10 @@
 //! is why the defaults are generous; the limits are there to stop a caller
 //! from monopolizing the agent, not to ration normal use.
 
+use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +37,7 @@ pub const MAX_TRACKED_CALLERS: usize = 10_000;
 pub(crate) struct LimitsSection {
     max_request_bytes: usize,
     max_connections: usize,
+    max_connections_per_uid: usize,
     #[serde(with = "serde_human")]
     request_timeout: Duration,
     max_streams_per_connection: u32,
@@ -51,6 +53,7 @@ impl Default for LimitsSection {
         Self {
             max_request_bytes: d.max_request_bytes,
             max_connections: d.max_connections,
+            max_connections_per_uid: d.max_connections_per_uid,
             request_timeout: d.request_timeout,
             max_streams_per_connection: d.max_streams_per_connection,
             calls_per_second: d.calls.per_second,
@@ -70,6 +73,9 @@ pub struct AgentLimits {
     /// Most open connections on the socket (4096); a connection beyond it is
     /// closed at once.
     pub max_connections: usize,
+    /// Most open connections of one uid (256), so that one local user
+    /// cannot take every slot of `max_connections` from the others.
+    pub max_connections_per_uid: usize,
     /// Deadline of a call's answer (30s); a stream, once answered, is not cut.
     pub request_timeout: Duration,
     /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` per connection (1000).
@@ -87,6 +93,7 @@ impl Default for AgentLimits {
         Self {
             max_request_bytes: 64 * 1024,
             max_connections: 4096,
+            max_connections_per_uid: 256,
             request_timeout: Duration::from_secs(30),
             max_streams_per_connection: 1000,
             calls: Rate::new(200, 2000),
@@ -108,6 +115,10 @@ pub(crate) fn parse(
             ),
             ("agent.limits.max_connections", s.max_connections as u128),
             (
+                "agent.limits.max_connections_per_uid",
+                s.max_connections_per_uid as u128,
+            ),
+            (
                 "agent.limits.max_streams_per_connection",
                 u128::from(s.max_streams_per_connection),
             ),
@@ -128,6 +139,7 @@ pub(crate) fn parse(
     Ok(AgentLimits {
         max_request_bytes: s.max_request_bytes,
         max_connections: s.max_connections,
+        max_connections_per_uid: s.max_connections_per_uid,
         request_timeout: s.request_timeout,
         max_streams_per_connection: s.max_streams_per_connection,
         calls: Rate::new(s.calls_per_second, s.call_burst),
@@ -192,10 +204,25 @@ fn exhausted(what: &str, uid: u32, e: Exceeded) -> Status {
     ))
 }
 
-/// Caps the open connections of an accept stream: each connection holds a
-/// slot until it is dropped, and one accepted while every slot is taken is
-/// closed at once, so open connections are never disturbed by a flood.
-pub fn incoming<S, C>(inner: S, max_connections: usize) -> LimitedIncoming<S>
+/// Who opened a connection, for the per-caller cap of [`incoming`].
+pub trait Caller {
+    /// The caller's uid; `None` when it could not be read (such callers
+    /// share one count).
+    fn caller_uid(&self) -> Option<u32>;
+}
+
+impl Caller for crate::peer::PeerStream {
+    fn caller_uid(&self) -> Option<u32> {
+        self.peer().peer.as_ref().ok().map(|p| p.uid)
+    }
+}
+
+/// Caps the open connections of an accept stream, in all and per caller
+/// (uid): each connection holds its slots until it is dropped, and one
+/// accepted beyond either cap is closed at once, so open connections are
+/// never disturbed by a flood, and a flood by one user leaves room for the
+/// others.
+pub fn incoming<S, C>(inner: S, max_connections: usize, max_per_caller: usize) -> LimitedIncoming<S>
 where
     S: Stream<Item = io::Result<C>>,
 {
@@ -204,6 +231,52 @@ where
         slots: Arc::new(Semaphore::new(
             max_connections.clamp(1, Semaphore::MAX_PERMITS),
         )),
+        per_caller: Arc::new(PerCaller {
+            max: max_per_caller.max(1),
+            open: Mutex::new(HashMap::new()),
+        }),
+    }
+}
+
+/// Open connections by caller.
+#[derive(Debug)]
+struct PerCaller {
+    max: usize,
+    open: Mutex<HashMap<Option<u32>, usize>>,
+}
+
+impl PerCaller {
+    /// One more connection of `uid`, unless it holds `max` already.
+    fn acquire(self: &Arc<Self>, uid: Option<u32>) -> Option<CallerSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(uid).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(CallerSlot {
+            owner: self.clone(),
+            uid,
+        })
+    }
+}
+
+/// A connection's place in its caller's count, given back on drop.
+#[derive(Debug)]
+struct CallerSlot {
+    owner: Arc<PerCaller>,
+    uid: Option<u32>,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut open = self.owner.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
     }
 }
 
@@ -212,11 +285,13 @@ where
 pub struct LimitedIncoming<S> {
     inner: S,
     slots: Arc<Semaphore>,
+    per_caller: Arc<PerCaller>,
 }
 
 impl<S, C> Stream for LimitedIncoming<S>
 where
     S: Stream<Item = io::Result<C>> + Unpin,
+    C: Caller,
 {
     type Item = io::Result<Limited<C>>;
 
@@ -224,18 +299,28 @@ where
         let this = self.get_mut();
         loop {
             match Pin::new(&mut this.inner).poll_next(cx) {
-                Poll::Ready(Some(Ok(conn))) => match this.slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        return Poll::Ready(Some(Ok(Limited {
-                            inner: conn,
-                            _slot: slot,
-                        })));
+                Poll::Ready(Some(Ok(conn))) => {
+                    let uid = conn.caller_uid();
+                    let Some(caller) = this.per_caller.acquire(uid) else {
+                        tracing::debug!(
+                            ?uid,
+                            "per-uid connection limit reached; closing the new connection"
+                        );
+                        continue;
+                    };
+                    match this.slots.clone().try_acquire_owned() {
+                        Ok(slot) => {
+                            return Poll::Ready(Some(Ok(Limited {
+                                inner: conn,
+                                _slot: slot,
+                                _caller: caller,
+                            })));
+                        }
+                        Err(_) => {
+                            tracing::debug!("connection limit reached; closing the new connection");
+                        }
                     }
-                    Err(_) => {
-                        tracing::debug!("connection limit reached; closing the new connection");
-                        drop(conn);
-                    }
-                },
+                }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
@@ -244,11 +329,12 @@ where
     }
 }
 
-/// A connection holding a slot of [`incoming`]'s cap until it is dropped.
+/// A connection holding its slots of [`incoming`]'s caps until it is dropped.
 #[derive(Debug)]
 pub struct Limited<C> {
     inner: C,
     _slot: OwnedSemaphorePermit,
+    _caller: CallerSlot,
 }
 
 impl<C: Connected> Connected for Limited<C> {
@@ -282,7 +368,7 @@ mod tests {
         let c = AgentConfig::parse(
             &format!(
                 "{HEAD}[agent.limits]\nmax_request_bytes = 1024\nmax_connections = 8\n\
-                 request_timeout = \"2s\"\nmax_streams_per_connection = 10\n\
+                 max_connections_per_uid = 7\nrequest_timeout = \"2s\"\nmax_streams_per_connection = 10\n\
                  calls_per_second = 3\ncall_burst = 4\nstreams_per_second = 5\nstream_burst = 6\n"
             ),
             None,
@@ -293,6 +379,7 @@ mod tests {
             AgentLimits {
                 max_request_bytes: 1024,
                 max_connections: 8,
+                max_connections_per_uid: 7,
                 request_timeout: Duration::from_secs(2),
                 max_streams_per_connection: 10,
                 calls: Rate::new(3, 4),
@@ -306,6 +393,7 @@ mod tests {
         for key in [
             "max_request_bytes = 0",
             "max_connections = 0",
+            "max_connections_per_uid = 0",
             "request_timeout = \"0s\"",
             "max_streams_per_connection = 0",
             "calls_per_second = 0",

@@ -411,3 +411,73 @@ async fn node_aliases_group_agents_by_node_selectors() {
     );
     cluster.shutdown().await;
 }
+
+/// One local user flooding the Workload API socket stops at its own cap;
+/// another user still gets through (and is refused only for having no
+/// identity).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_of_one_uid_leaves_room_for_others() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to run a client as another uid (CI runs as root)");
+        return;
+    }
+    const PER_UID: usize = 3;
+    let (cluster, _me) = cluster_with_me(sigil_testkit::ClusterOptions {
+        agent_limits: sigil_agent::limits::AgentLimits {
+            max_connections: 8,
+            max_connections_per_uid: PER_UID,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let path = cluster.agent_config.socket_path.clone();
+    let mut held = Vec::new();
+    for _ in 0..PER_UID {
+        held.push(UnixStream::connect(&path).await.unwrap());
+    }
+    let mut over = UnixStream::connect(&path).await.unwrap();
+    assert!(
+        sigil_testkit::wire::closed_by_peer(&mut over, PROMPT).await,
+        "a connection over this uid's cap was kept"
+    );
+
+    let copy = cluster.dir.path().join("sigil");
+    std::fs::copy(assert_cmd::cargo::cargo_bin("sigil"), &copy).unwrap();
+    let fetch_as = |uid: Option<u32>| {
+        let mut cmd = std::process::Command::new(&copy);
+        cmd.args(["svid", "fetch"])
+            .env("SPIFFE_ENDPOINT_SOCKET", cluster.socket_uri());
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // This uid is at its cap: its new client does not get through.
+    let (ok, stderr) = fetch_as(None);
+    assert!(!ok, "a client over this uid's cap was served");
+    assert!(!stderr.contains("no identity issued"), "{stderr}");
+    // Another uid is served: refused for having no identity, not for room.
+    let (ok, stderr) = fetch_as(Some(65534));
+    assert!(!ok);
+    assert!(
+        stderr.contains("no identity issued") && stderr.contains("PermissionDenied"),
+        "{stderr}"
+    );
+    // Once the flood closes, this uid is served again.
+    drop(held);
+    drop(over);
+    let deadline = tokio::time::Instant::now() + PROMPT;
+    while !fetch_as(None).0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "this uid's slots were never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.shutdown().await;
+}
