@@ -365,10 +365,9 @@ impl Core {
                     None,
                 )
                 .await?;
-                let key = PrivateKey::generate_p256()?;
-                let csr = sigil_svid::x509::make_csr(&key)?;
-                let resp = crate::k8s::attest_psat(&mut client, &psat, csr).await?;
-                AgentIdentity::new(resp.cert_chain, key)
+                let (identity, _) =
+                    crate::k8s::attest_psat_with_new_key(&mut client, &psat).await?;
+                Ok::<_, AgentError>(identity)
             }
             .await;
             return match result {

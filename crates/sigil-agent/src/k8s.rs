@@ -79,6 +79,27 @@ impl PodAttestor {
     }
 }
 
+/// [`attest_psat`] with a new key: the agent SVID it yields, and the
+/// server's answer (which carries the bundle).
+pub(crate) async fn attest_psat_with_new_key(
+    client: &mut sigil_proto::server::v1::agent_api_client::AgentApiClient<
+        tonic::transport::Channel,
+    >,
+    cfg: &crate::config::PsatConfig,
+) -> Result<
+    (
+        crate::persist::AgentIdentity,
+        sigil_proto::server::v1::AttestResponse,
+    ),
+    AgentError,
+> {
+    let key = sigil_svid::keys::PrivateKey::generate_p256()?;
+    let csr = sigil_svid::x509::make_csr(&key)?;
+    let mut resp = attest_psat(client, cfg, csr).await?;
+    let identity = crate::persist::AgentIdentity::new(std::mem::take(&mut resp.cert_chain), key)?;
+    Ok((identity, resp))
+}
+
 /// Attests (or re-attests) the node with the projected service-account
 /// token, read afresh each time because the kubelet rotates it.
 pub async fn attest_psat(

@@ -174,10 +174,7 @@ async fn attest(
             .id_with_path(sigil_types::SERVER_PATH)
             .map_err(|e| AgentError::Config(e.to_string()))?;
         let mut client = client::connect(&cfg.server_address, trust, server_id, None).await?;
-        let key = PrivateKey::generate_p256()?;
-        let csr = sigil_svid::x509::make_csr(&key)?;
-        let resp = k8s::attest_psat(&mut client, psat, csr).await?;
-        let identity = AgentIdentity::new(resp.cert_chain, key)?;
+        let (identity, resp) = k8s::attest_psat_with_new_key(&mut client, psat).await?;
         let bundle = Bundle::from_json(cfg.trust_domain.clone(), &resp.bundle_json)?;
         persist.save_identity(&identity)?;
         persist.save_bundle(&bundle)?;

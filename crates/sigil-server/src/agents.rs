@@ -40,16 +40,6 @@ impl AgentRecords {
         self.map.read().ok()?.get(id).cloned()
     }
 
-    /// How many agents are held.
-    pub fn len(&self) -> usize {
-        self.map.read().map(|m| m.len()).unwrap_or(0)
-    }
-
-    /// Whether no agent is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Re-reads agent `id` from the store after a change of it.
     pub(crate) async fn reload(&self, store: &dyn Store, id: &SpiffeId) -> Result<(), StoreError> {
         let record = store.get_agent(id).await?;

@@ -460,68 +460,7 @@ fn bind_private_socket(path: &std::path::Path) -> Result<UnixListener, ServerErr
 async fn follow_changes(state: Arc<ServerState>, cancel: CancellationToken) {
     let mut remote = state.store.subscribe_changes();
     loop {
-        'read: loop {
-            match state
-                .store
-                .changes_since(state.index.revision(), 1000)
-                .await
-            {
-                Ok(changes) if changes.is_empty() => break,
-                Ok(changes) => {
-                    for c in changes {
-                        // Agents first, so that a sync stream told of the
-                        // change finds the new record.
-                        let agent = match &c.kind {
-                            ChangeKind::AgentChanged(id) => {
-                                state.agents.reload(state.store.as_ref(), id).await
-                            }
-                            ChangeKind::AgentDeleted(id) => {
-                                state.agents.remove(id);
-                                Ok(())
-                            }
-                            _ => Ok(()),
-                        };
-                        match agent {
-                            Ok(()) => {}
-                            Err(sigil_store::StoreError::Corrupt(e)) => {
-                                // Retrying cannot help; the record stays
-                                // as it was rather than stall every change.
-                                tracing::error!(error = %e, "an agent record is corrupt");
-                            }
-                            Err(e) => {
-                                // Not applied: read again from this change
-                                // on, after the next wake-up.
-                                tracing::warn!(error = %e, "re-reading an agent failed; retrying");
-                                break 'read;
-                            }
-                        }
-                        // Federation first, so that once the index shows a
-                        // revision, what it changed is visible everywhere.
-                        match &c.kind {
-                            ChangeKind::BundleChanged(td) if *td == state.config.trust_domain => {
-                                // The own bundle: a peer server's authorities may have changed.
-                                if let Err(e) = state.ca.refresh_peers(SystemTime::now()).await {
-                                    tracing::warn!(error = %e, "re-reading the peers' authorities failed");
-                                }
-                            }
-                            ChangeKind::BundleChanged(td) | ChangeKind::BundleDeleted(td) => {
-                                state.federation.reload_bundle(td).await;
-                            }
-                            ChangeKind::FederationChanged(td)
-                            | ChangeKind::FederationDeleted(td) => {
-                                state.federation.reconcile(td).await;
-                            }
-                            _ => {}
-                        }
-                        state.index.apply(c);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the change feed failed; retrying");
-                    break;
-                }
-            }
-        }
+        catch_up(&state).await;
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = state.follower_wake.notified() => {}
@@ -530,6 +469,75 @@ async fn follow_changes(state: Arc<ServerState>, cancel: CancellationToken) {
             },
             _ = tokio::time::sleep(FOLLOWER_POLL) => {}
         }
+    }
+}
+
+/// Applies every change after the index's revision, in order; stops (to be
+/// called again at the next wake-up) when the feed or an agent cannot be read.
+async fn catch_up(state: &ServerState) {
+    loop {
+        let changes = match state
+            .store
+            .changes_since(state.index.revision(), 1000)
+            .await
+        {
+            Ok(changes) if changes.is_empty() => return,
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the change feed failed; retrying");
+                return;
+            }
+        };
+        for c in changes {
+            if let Err(e) = apply_agent_change(state, &c.kind).await {
+                // Not applied: read again from this change on.
+                tracing::warn!(error = %e, "re-reading an agent failed; retrying");
+                return;
+            }
+            // Federation next, so that once the index shows a revision,
+            // what it changed is visible everywhere.
+            match &c.kind {
+                ChangeKind::BundleChanged(td) if *td == state.config.trust_domain => {
+                    // The own bundle: a peer server's authorities may have changed.
+                    if let Err(e) = state.ca.refresh_peers(SystemTime::now()).await {
+                        tracing::warn!(error = %e, "re-reading the peers' authorities failed");
+                    }
+                }
+                ChangeKind::BundleChanged(td) | ChangeKind::BundleDeleted(td) => {
+                    state.federation.reload_bundle(td).await;
+                }
+                ChangeKind::FederationChanged(td) | ChangeKind::FederationDeleted(td) => {
+                    state.federation.reconcile(td).await;
+                }
+                _ => {}
+            }
+            state.index.apply(c);
+        }
+    }
+}
+
+/// Brings the agents in memory up to a change, before the index publishes
+/// it, so that a sync stream told of the change finds the new record. A
+/// corrupt record is logged and skipped (retrying cannot help, and it must
+/// not stall every later change); other errors are returned.
+async fn apply_agent_change(
+    state: &ServerState,
+    kind: &ChangeKind,
+) -> Result<(), sigil_store::StoreError> {
+    let result = match kind {
+        ChangeKind::AgentChanged(id) => state.agents.reload(state.store.as_ref(), id).await,
+        ChangeKind::AgentDeleted(id) => {
+            state.agents.remove(id);
+            Ok(())
+        }
+        _ => Ok(()),
+    };
+    match result {
+        Err(sigil_store::StoreError::Corrupt(e)) => {
+            tracing::error!(error = %e, "an agent record is corrupt");
+            Ok(())
+        }
+        other => other,
     }
 }
 
