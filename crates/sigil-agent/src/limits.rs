@@ -73,8 +73,10 @@ pub struct AgentLimits {
     /// Most open connections on the socket (4096); a connection beyond it is
     /// closed at once.
     pub max_connections: usize,
-    /// Most open connections of one uid (256), so that one local user
-    /// cannot take every slot of `max_connections` from the others.
+    /// Most open connections of one uid (2048, half of `max_connections`),
+    /// so that one local user cannot take every slot from the others. Kept
+    /// generous because many workloads often share a uid (sidecars, pods
+    /// running as root).
     pub max_connections_per_uid: usize,
     /// Deadline of a call's answer (30s); a stream, once answered, is not cut.
     pub request_timeout: Duration,
@@ -93,7 +95,7 @@ impl Default for AgentLimits {
         Self {
             max_request_bytes: 64 * 1024,
             max_connections: 4096,
-            max_connections_per_uid: 256,
+            max_connections_per_uid: 2048,
             request_timeout: Duration::from_secs(30),
             max_streams_per_connection: 1000,
             calls: Rate::new(200, 2000),
