@@ -511,7 +511,10 @@ impl Core {
                     Ok(s) => {
                         tracing::info!(servers = %self.cfg.server_address, "connected to a server");
                         stream = Some(s);
-                        backoff.reset();
+                        // The backoff is reset only once a message has been
+                        // applied: a stream that opens and then fails at once
+                        // (an answer the agent cannot take) must not be
+                        // retried at the shortest delay forever.
                         self.dirty = true;
                     }
                     Err(e) => {
@@ -564,7 +567,10 @@ impl Core {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 msg = next_message(&mut stream) => match msg {
-                    Some(Ok(m)) => self.apply(m),
+                    Some(Ok(m)) => {
+                        self.apply(m);
+                        backoff.reset();
+                    }
                     Some(Err(status)) => {
                         let d = backoff.next();
                         if status.code() == tonic::Code::PermissionDenied {

@@ -57,6 +57,7 @@ use sigil_proto::envoy::service::secret::v3::secret_discovery_service_server::{
 };
 use sigil_proto::type_urls;
 use sigil_svid::bundle::Bundle;
+use sigil_types::text::{LogBudget, clip};
 use sigil_types::{Entry, Selectors, SpiffeId, TrustDomain};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt};
@@ -86,6 +87,12 @@ pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// How much of a NACK's error message is logged.
 const NACK_LOG_LIMIT: usize = 1024;
+/// How often one stream (or all FetchSecrets calls) may cause a warning.
+const WARNING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How many refused names an error message lists, each cut to
+/// [`REFUSED_NAME_LIMIT`] bytes: gRPC clients refuse large status messages.
+const REFUSED_NAMES_SHOWN: usize = 8;
+const REFUSED_NAME_LIMIT: usize = 256;
 /// How long FetchSecrets waits for a requested SVID that is being signed.
 const FETCH_WAIT: Duration = Duration::from_secs(10);
 
@@ -106,6 +113,8 @@ pub struct SdsService {
     cfg: Arc<SdsConfig>,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    /// Warnings caused by FetchSecrets requests, one per interval.
+    unary_warnings: std::sync::Mutex<LogBudget>,
 }
 
 impl std::fmt::Debug for SdsService {
@@ -131,6 +140,7 @@ impl SdsService {
             cfg: Arc::new(cfg),
             metrics,
             cancel,
+            unary_warnings: std::sync::Mutex::new(LogBudget::new(WARNING_INTERVAL)),
         }
     }
 
@@ -189,7 +199,11 @@ fn truncate(s: &str, max: usize) -> &str {
 /// validator: yes unless the config or the node metadata disables it, or the
 /// Envoy reports a version below 1.18 (an Envoy without a build version gets
 /// it too).
-fn use_spiffe_validator(node: Option<&core_pb::Node>, cfg: &SdsConfig) -> bool {
+fn use_spiffe_validator(
+    node: Option<&core_pb::Node>,
+    cfg: &SdsConfig,
+    warnings: &mut LogBudget,
+) -> bool {
     let mut disabled = cfg.disable_spiffe_cert_validation;
     let Some(node) = node else {
         return !disabled;
@@ -204,14 +218,24 @@ fn use_spiffe_validator(node: Option<&core_pb::Node>, cfg: &SdsConfig) -> bool {
             Some(Kind::BoolValue(b)) => disabled = *b,
             Some(Kind::StringValue(s)) => match parse_bool(s) {
                 Some(b) => disabled = b,
-                None => tracing::warn!(
-                    value = %truncate(s, 64),
-                    "Envoy node metadata {DISABLE_SPIFFE_VALIDATION_KEY} is not a boolean; ignored"
-                ),
+                None => {
+                    if let Some(held_back) = warnings.take() {
+                        tracing::warn!(
+                            value = %clip(s, 64),
+                            held_back,
+                            "Envoy node metadata {DISABLE_SPIFFE_VALIDATION_KEY} is not a boolean; ignored"
+                        );
+                    }
+                }
             },
-            _ => tracing::warn!(
-                "Envoy node metadata {DISABLE_SPIFFE_VALIDATION_KEY} is not a boolean; ignored"
-            ),
+            _ => {
+                if let Some(held_back) = warnings.take() {
+                    tracing::warn!(
+                        held_back,
+                        "Envoy node metadata {DISABLE_SPIFFE_VALIDATION_KEY} is not a boolean; ignored"
+                    );
+                }
+            }
         }
     }
     if disabled {
@@ -410,8 +434,17 @@ fn build(
         }
     }
     if !refused.is_empty() {
+        let shown: Vec<_> = refused
+            .iter()
+            .take(REFUSED_NAMES_SHOWN)
+            .map(|n| clip(n, REFUSED_NAME_LIMIT))
+            .collect();
+        let more = match refused.len().saturating_sub(REFUSED_NAMES_SHOWN) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
         return Err(Status::invalid_argument(format!(
-            "workload is not authorized for the requested identities {refused:?}"
+            "workload is not authorized for the requested identities {shown:?}{more}"
         )));
     }
     if pending {
@@ -445,6 +478,9 @@ struct StreamState {
     version: u64,
     last_nonce: Option<String>,
     last_sent: Option<Vec<Any>>,
+    /// Warnings caused by what this stream's client sends (NACKs, bad
+    /// metadata): one per interval, the rest counted.
+    warnings: LogBudget,
 }
 
 impl StreamState {
@@ -474,19 +510,22 @@ impl StreamState {
             if req.error_detail.is_some() || req.version_info != version {
                 self.metrics.sds_nacks.inc();
                 let detail = req.error_detail.as_ref();
-                tracing::warn!(
-                    node = %self.node_id,
-                    version = %version,
-                    accepted = %truncate(&req.version_info, 64),
-                    code = detail.map_or(0, |d| d.code),
-                    error = %detail.map_or("", |d| truncate(&d.message, NACK_LOG_LIMIT)),
-                    "Envoy rejected the SDS response; nothing is resent until the secrets change"
-                );
+                if let Some(held_back) = self.warnings.take() {
+                    tracing::warn!(
+                        node = %clip(&self.node_id, 256),
+                        version = %version,
+                        accepted = %clip(&req.version_info, 64),
+                        code = detail.map_or(0, |d| d.code),
+                        error = %detail.map_or("".into(), |d| clip(&d.message, NACK_LOG_LIMIT)),
+                        held_back,
+                        "Envoy rejected the SDS response; nothing is resent until the secrets change"
+                    );
+                }
             } else {
                 tracing::debug!(node = %self.node_id, version = %version, "SDS response acknowledged");
             }
         }
-        let spiffe = use_spiffe_validator(req.node.as_ref(), &self.cfg);
+        let spiffe = use_spiffe_validator(req.node.as_ref(), &self.cfg, &mut self.warnings);
         let first = self.names.is_none();
         let node_changed = req.node.is_some() && spiffe != self.spiffe;
         let names_changed = self.names.as_ref() != Some(&names);
@@ -647,6 +686,7 @@ impl SecretDiscoveryService for SdsService {
             version: 0,
             last_nonce: None,
             last_sent: None,
+            warnings: LogBudget::new(WARNING_INTERVAL),
         };
         let (tx, out) = mpsc::channel(4);
         let rx = self.snapshots.clone();
@@ -677,7 +717,13 @@ impl SecretDiscoveryService for SdsService {
             .identify(&req)
             .await
             .map_err(|s| self.refuse(s))?;
-        let spiffe = use_spiffe_validator(req.get_ref().node.as_ref(), &self.cfg);
+        let spiffe = {
+            let mut warnings = self
+                .unary_warnings
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            use_spiffe_validator(req.get_ref().node.as_ref(), &self.cfg, &mut warnings)
+        };
         let mut rx = self.snapshots.clone();
         let deadline = tokio::time::Instant::now() + FETCH_WAIT;
         let resources = loop {
@@ -720,6 +766,11 @@ mod tests {
 
     fn names(n: &[&str]) -> BTreeSet<String> {
         n.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// A budget for tests that do not look at warnings.
+    fn quiet() -> LogBudget {
+        LogBudget::new(WARNING_INTERVAL)
     }
 
     fn decode(any: &Any) -> tls_pb::Secret {
@@ -851,6 +902,16 @@ mod tests {
             err.message(),
             r#"workload is not authorized for the requested identities ["nope", "spiffe://example.org/db", "spiffe://other.org"]"#
         );
+        // Many long refused names: the message stays small enough for any
+        // gRPC client (they refuse status messages of some KiB).
+        let long: Vec<String> = (0..64)
+            .map(|i| format!("{i:02}{}", "n".repeat(2000)))
+            .collect();
+        let long: BTreeSet<String> = long.into_iter().collect();
+        let err = build(&snap, std::slice::from_ref(&api), &long, &cfg, true).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().len() < 4096, "{}", err.message().len());
+        assert!(err.message().ends_with(" and 56 more"), "{}", err.message());
         // No identity at all.
         let err = build(&snap, &[], &names(&["ROOTCA"]), &cfg, true).unwrap_err();
         assert_eq!(
@@ -986,18 +1047,46 @@ mod tests {
             disable_spiffe_cert_validation: true,
             ..SdsConfig::default()
         };
-        assert!(use_spiffe_validator(None, &on));
-        assert!(!use_spiffe_validator(None, &off));
-        assert!(use_spiffe_validator(Some(&node(None, None)), &on));
-        assert!(use_spiffe_validator(Some(&node(Some((1, 18)), None)), &on));
-        assert!(use_spiffe_validator(Some(&node(Some((2, 0)), None)), &on));
-        assert!(!use_spiffe_validator(Some(&node(Some((1, 17)), None)), &on));
+        assert!(use_spiffe_validator(None, &on, &mut quiet()));
+        assert!(!use_spiffe_validator(None, &off, &mut quiet()));
+        assert!(use_spiffe_validator(
+            Some(&node(None, None)),
+            &on,
+            &mut quiet()
+        ));
+        assert!(use_spiffe_validator(
+            Some(&node(Some((1, 18)), None)),
+            &on,
+            &mut quiet()
+        ));
+        assert!(use_spiffe_validator(
+            Some(&node(Some((2, 0)), None)),
+            &on,
+            &mut quiet()
+        ));
+        assert!(!use_spiffe_validator(
+            Some(&node(Some((1, 17)), None)),
+            &on,
+            &mut quiet()
+        ));
         let t = Some(Kind::BoolValue(true));
-        assert!(!use_spiffe_validator(Some(&node(None, t)), &on));
+        assert!(!use_spiffe_validator(
+            Some(&node(None, t)),
+            &on,
+            &mut quiet()
+        ));
         let f = Some(Kind::StringValue("false".into()));
-        assert!(use_spiffe_validator(Some(&node(None, f)), &off));
+        assert!(use_spiffe_validator(
+            Some(&node(None, f)),
+            &off,
+            &mut quiet()
+        ));
         let junk = Some(Kind::StringValue("maybe".into()));
-        assert!(!use_spiffe_validator(Some(&node(None, junk)), &off));
+        assert!(!use_spiffe_validator(
+            Some(&node(None, junk)),
+            &off,
+            &mut quiet()
+        ));
     }
 
     #[test]
@@ -1055,6 +1144,7 @@ mod tests {
             version: 0,
             last_nonce: None,
             last_sent: None,
+            warnings: LogBudget::new(WARNING_INTERVAL),
         };
         // First request: answered at once.
         let r1 = st
@@ -1091,6 +1181,19 @@ mod tests {
                 .is_none()
         );
         assert_eq!(metrics.sds_nacks.get(), 2);
+        // A NACK flood with long messages: every NACK is counted, but only
+        // the first warning of the interval is logged (one line, clipped).
+        for _ in 0..1000 {
+            let mut nack = request(&["default"], "", &r1.nonce);
+            nack.error_detail = Some(sigil_proto::google::rpc::Status {
+                code: 3,
+                message: "x".repeat(1000),
+                details: vec![],
+            });
+            assert!(st.on_request(nack, &snap).unwrap().is_none());
+        }
+        assert_eq!(metrics.sds_nacks.get(), 1002);
+        assert_eq!(st.warnings.held_back(), 1001);
         // New names: a new response with a new version and nonce.
         let r2 = st
             .on_request(request(&["default", "ROOTCA"], "1", &r1.nonce), &snap)

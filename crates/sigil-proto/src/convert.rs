@@ -62,6 +62,9 @@ pub enum ConvertError {
         /// What was given.
         value: i64,
     },
+    /// A rule of the entry that can be checked before parsing it whole.
+    #[error("{0}")]
+    Entry(#[from] EntryError),
 }
 
 impl From<&sigil_types::Entry> for pb::Entry {
@@ -118,6 +121,13 @@ pub fn entry_from_proto(
                 })
         })
         .collect::<Result<Selectors, _>>()?;
+    // Count before parsing, so an oversized list costs nothing to refuse;
+    // `Entry::validate` states the rule for every source of entries.
+    if e.federates_with.len() > sigil_types::entry::MAX_FEDERATES_WITH {
+        return Err(ConvertError::Entry(
+            sigil_types::EntryError::TooManyFederatesWith(e.federates_with.len()),
+        ));
+    }
     let federates_with = e
         .federates_with
         .iter()

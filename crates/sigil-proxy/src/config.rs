@@ -285,6 +285,15 @@ impl ProxyConfig {
                 ));
             }
             check_host_port(&r.upstream).map_err(|m| invalid(key("upstream"), m))?;
+            if r.upstream.parse::<SocketAddr>().ok() == Some(listen) {
+                return Err(invalid(
+                    key("upstream"),
+                    format!(
+                        "{} is this listener's own address; each connection would open another",
+                        r.upstream
+                    ),
+                ));
+            }
             let upstream_spiffe_id = r
                 .upstream_spiffe_id
                 .map(|s| {

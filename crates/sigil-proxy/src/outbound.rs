@@ -91,8 +91,21 @@ impl Outbound {
         let _active = self.metrics.open(DIRECTION);
         let name = self.cfg.name.as_str();
         let upstream = self.cfg.upstream.as_str();
+        let own = app.local_addr().ok();
         let connect = async {
-            let tcp = TcpStream::connect(upstream)
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host(upstream)
+                .await
+                .map_err(|e| (false, format!("cannot resolve {upstream}: {e}")))?
+                .collect();
+            // An upstream that resolves to this very listener would make each
+            // connection open another, without end: refuse before connecting.
+            if own.is_some_and(|own| addrs.contains(&own)) {
+                return Err((
+                    false,
+                    format!("upstream {upstream} is this outbound listener itself"),
+                ));
+            }
+            let tcp = TcpStream::connect(&addrs[..])
                 .await
                 .map_err(|e| (false, format!("cannot connect to {upstream}: {e}")))?;
             let _ = tcp.set_nodelay(true);

@@ -410,7 +410,12 @@ impl Policy {
     pub fn parse(text: &str, origin: &str) -> Result<Self, PolicyError> {
         let raw: RawPolicy = toml::from_str(text).map_err(|e| PolicyError::Syntax {
             origin: origin.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            // TOML errors quote the offending line, which may be huge.
+            message: sigil_types::text::truncate(
+                e.to_string().trim_end(),
+                4 * sigil_types::text::MAX_ECHO_BYTES,
+            )
+            .into_owned(),
         })?;
         let mut rules = Vec::new();
         for (effect, list) in [(Effect::Deny, raw.deny), (Effect::Allow, raw.allow)] {

@@ -24,6 +24,12 @@ use crate::registry::{MAX_BATCH, new_entry_id};
 /// Default and largest page of `ListEntries`.
 const DEFAULT_PAGE: usize = 500;
 const MAX_PAGE: usize = 5000;
+/// The most bytes of entries in one `ListEntries` page (the largest valid
+/// entry is about 200 KiB, so a page always holds at least a dozen).
+const MAX_PAGE_BYTES: usize = 3 << 20;
+/// What every `next_page_token` starts with: any other token is refused
+/// instead of silently answering an empty page.
+const PAGE_TOKEN_PREFIX: &str = "after:";
 
 /// The tonic service of the admin API.
 pub fn service(state: Arc<ServerState>) -> AdminApiServer<AdminService> {
@@ -207,18 +213,39 @@ impl AdminApi for AdminService {
         } else {
             Some(
                 r.page_token
-                    .parse::<EntryId>()
-                    .map_err(|_| Status::invalid_argument("invalid page_token"))?,
+                    .strip_prefix(PAGE_TOKEN_PREFIX)
+                    .and_then(|id| id.parse::<EntryId>().ok())
+                    .ok_or_else(|| {
+                        Status::invalid_argument(
+                            "invalid page_token: pass back the next_page_token of the previous page",
+                        )
+                    })?,
             )
         };
         let limit = match r.page_size as usize {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let (page, next) = self.state.index.list(&filter, after.as_ref(), limit);
+        let (page, mut next) = self.state.index.list(&filter, after.as_ref(), limit);
+        // A page is bounded by bytes too, so that any page fits the 4 MiB a
+        // gRPC client accepts by default, however large the entries are.
+        let mut entries = Vec::with_capacity(page.len());
+        let mut bytes = 0;
+        for (i, e) in page.iter().enumerate() {
+            let wire = pb::Entry::from(e.as_ref());
+            let len = prost::Message::encoded_len(&wire) + 8;
+            if i > 0 && bytes + len > MAX_PAGE_BYTES {
+                next = Some(page[i - 1].id.clone());
+                break;
+            }
+            bytes += len;
+            entries.push(wire);
+        }
         Ok(Response::new(pb::ListEntriesResponse {
-            entries: page.iter().map(|e| pb::Entry::from(e.as_ref())).collect(),
-            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
+            entries,
+            next_page_token: next
+                .map(|n| format!("{PAGE_TOKEN_PREFIX}{n}"))
+                .unwrap_or_default(),
         }))
     }
 

@@ -48,7 +48,10 @@ pub const MAX_CACHE_AGE: Duration = Duration::from_secs(300);
 /// query or fragment: what clouds accept as an OIDC issuer or `jwks_uri`
 /// (docs/cloud-identity.md).
 pub fn validate_https_url(url: &str) -> Result<(), String> {
-    sigil_types::federation::check_https_url(url).map_err(|why| format!("{url:?} {why}"))?;
+    sigil_types::federation::check_https_url(url).map_err(|why| {
+        let url = sigil_types::text::clip(url, sigil_types::text::MAX_ECHO_BYTES);
+        format!("{url:?} {why}")
+    })?;
     if url.contains('?') {
         return Err(format!("{url:?} must not have a query"));
     }

@@ -438,6 +438,14 @@ impl ServerState {
 
     /// Validates and replaces an existing entry.
     pub async fn update_entry(&self, entry: Entry) -> Result<Entry, ServerError> {
+        // Said first: whatever else is wrong with the request, an entry that
+        // does not exist cannot be updated (the store checks again).
+        if self.index.get(&entry.id).is_none() {
+            return Err(ServerError::NotFound(format!(
+                "entry {} not found",
+                entry.id
+            )));
+        }
         entry
             .validate(&self.config.trust_domain)
             .map_err(|e| ServerError::InvalidArgument(e.to_string()))?;

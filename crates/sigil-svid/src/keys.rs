@@ -339,13 +339,21 @@ pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
 /// fsynced so the rename survives a crash. Readers see the old or the new
 /// content, never a mix, and the secret is never readable by others.
 pub fn write_private_file(path: &Path, data: &[u8]) -> io::Result<()> {
+    if let Some(p) = path.parent()
+        && !p.as_os_str().is_empty()
+    {
+        ensure_private_dir(p)?;
+    }
+    write_secret_file(path, data)
+}
+
+/// Writes a secret file like [`write_private_file`] (mode 0600, atomic,
+/// durable) into a directory that must exist and whose mode is left as it is:
+/// for directories a user names, such as `sigil svid fetch --write /tmp`.
+pub fn write_secret_file(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => {
-            ensure_private_dir(p)?;
-            p.to_path_buf()
-        }
-        // A bare file name lives in the working directory, whose mode is
-        // the caller's business.
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        // A bare file name lives in the working directory.
         _ => PathBuf::from("."),
     };
     let file_name = path.file_name().ok_or_else(|| {

@@ -84,6 +84,27 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// Whether this is a CI run (`CI` set, and not empty, `false` or `0`): there a
+/// test that cannot run must fail, since CI is where it is meant to run.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// For a test that needs something a developer's machine may lack (root,
+/// `ip`, a Python venv): `true` when `available`; otherwise it panics under
+/// CI and elsewhere prints why it skips and returns `false`.
+#[expect(clippy::panic, reason = "a test that cannot run in CI must fail there")]
+pub fn runnable(test: &str, available: bool, missing: &str) -> bool {
+    if available {
+        return true;
+    }
+    if in_ci() {
+        panic!("{test} cannot run under CI: {missing}");
+    }
+    println!("SKIP {test}: {missing} (CI runs it)");
+    false
+}
+
 /// A loopback address with a port that was free a moment ago, so a restarted
 /// server can come back on the address the agent knows.
 pub fn free_addr() -> anyhow::Result<SocketAddr> {

@@ -15,6 +15,12 @@ pub const MAX_HINT_LEN: usize = 1024;
 pub const MAX_DNS_NAMES: usize = 64;
 /// The most selectors one entry may carry.
 pub const MAX_SELECTORS: usize = 64;
+/// The most trust domains one entry may federate with. With every other
+/// field capped too, one entry stays below about 200 KiB on the wire.
+pub const MAX_FEDERATES_WITH: usize = 64;
+/// The latest `expires_at` accepted: 9999-12-31T23:59:59Z, the last second
+/// that RFC 3339 text and X.509 GeneralizedTime can write.
+pub const MAX_EXPIRES_AT: i64 = 253_402_300_799;
 
 /// Why an entry or entry ID was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +65,21 @@ pub enum EntryError {
     /// The hint is longer than [`MAX_HINT_LEN`].
     #[error("hint is {0} bytes long; the limit is {MAX_HINT_LEN}")]
     HintTooLong(usize),
+    /// The hint holds a control character (newline, NUL, ESC, …), which
+    /// could forge lines or send escape sequences wherever it is printed.
+    #[error("hint {0:?} contains a control character")]
+    HintControlChar(String),
+    /// More than [`MAX_FEDERATES_WITH`] trust domains.
+    #[error("an entry may federate with at most {MAX_FEDERATES_WITH} trust domains, got {0}")]
+    TooManyFederatesWith(usize),
+    /// A trust domain appears twice in `federates_with`.
+    #[error("federates_with names {0} twice")]
+    DuplicateFederatesWith(String),
+    /// `expires_at` is negative or past [`MAX_EXPIRES_AT`].
+    #[error(
+        "expires_at {0} is out of range: give Unix seconds up to {MAX_EXPIRES_AT} (9999-12-31T23:59:59Z), or 0 for none"
+    )]
+    BadExpiry(i64),
     /// An entry federates with its own trust domain.
     #[error("federates_with names the server's own trust domain {0}")]
     FederatesWithSelf(String),
@@ -234,8 +255,23 @@ impl Entry {
         if self.hint.len() > MAX_HINT_LEN {
             return Err(EntryError::HintTooLong(self.hint.len()));
         }
+        if self.hint.chars().any(char::is_control) {
+            return Err(EntryError::HintControlChar(self.hint.clone()));
+        }
+        if self.federates_with.len() > MAX_FEDERATES_WITH {
+            return Err(EntryError::TooManyFederatesWith(self.federates_with.len()));
+        }
         if self.federates_with.iter().any(|td| td == trust_domain) {
             return Err(EntryError::FederatesWithSelf(trust_domain.to_string()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = self.federates_with.iter().find(|td| !seen.insert(*td)) {
+            return Err(EntryError::DuplicateFederatesWith(dup.to_string()));
+        }
+        if let Some(at) = self.expires_at
+            && !(0..=MAX_EXPIRES_AT).contains(&at)
+        {
+            return Err(EntryError::BadExpiry(at));
         }
         for (field, got) in [
             ("x509_svid_ttl", self.x509_svid_ttl),
@@ -338,6 +374,36 @@ mod tests {
                 "invalid DNS name",
             ),
             (Box::new(|e| e.hint = "h".repeat(MAX_HINT_LEN + 1)), "hint"),
+            (
+                Box::new(|e| e.hint = "a\nSPIFFE ID        : spiffe://x/y".into()),
+                "control character",
+            ),
+            (
+                Box::new(|e| e.hint = "\u{1b}[2J".into()),
+                "control character",
+            ),
+            (Box::new(|e| e.hint = "nul\0".into()), "control character"),
+            (
+                Box::new(|e| {
+                    e.federates_with = (0..=MAX_FEDERATES_WITH)
+                        .map(|i| TrustDomain::new(&format!("td{i}.org")).unwrap())
+                        .collect()
+                }),
+                "at most 64 trust domains",
+            ),
+            (
+                Box::new(|e| {
+                    let td = TrustDomain::new("other.org").unwrap();
+                    e.federates_with = vec![td.clone(), td];
+                }),
+                "twice",
+            ),
+            (
+                Box::new(|e| e.expires_at = Some(MAX_EXPIRES_AT + 1)),
+                "out of range",
+            ),
+            (Box::new(|e| e.expires_at = Some(i64::MAX)), "out of range"),
+            (Box::new(|e| e.expires_at = Some(-1)), "out of range"),
             (
                 Box::new(|e| e.federates_with = vec![TrustDomain::new("example.org").unwrap()]),
                 "own trust domain",

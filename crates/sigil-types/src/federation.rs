@@ -116,8 +116,10 @@ impl FederationRelationship {
 /// Checks a bundle endpoint URL: `https://host[:port][/path]`, no userinfo,
 /// no fragment.
 pub fn validate_endpoint_url(url: &str) -> Result<(), FederationError> {
-    check_https_url(url)
-        .map_err(|why| FederationError::Invalid(format!("bundle endpoint URL {url:?}: {why}")))
+    check_https_url(url).map_err(|why| {
+        let url = crate::text::clip(url, crate::text::MAX_ECHO_BYTES);
+        FederationError::Invalid(format!("bundle endpoint URL {url:?}: {why}"))
+    })
 }
 
 /// The rules every `https` URL sigil publishes or fetches must follow: the
@@ -125,6 +127,9 @@ pub fn validate_endpoint_url(url: &str) -> Result<(), FederationError> {
 /// whitespace or control characters. Returns why not, to be prefixed with
 /// what the URL is for.
 pub fn check_https_url(url: &str) -> Result<(), &'static str> {
+    if url.len() > MAX_URL_LEN {
+        return Err("is longer than 2048 bytes");
+    }
     let rest = url
         .strip_prefix("https://")
         .ok_or("must start with https://")?;
@@ -140,6 +145,52 @@ pub fn check_https_url(url: &str) -> Result<(), &'static str> {
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("contains whitespace or control characters");
+    }
+    check_host_and_port(authority)
+}
+
+/// The longest URL accepted: URLs are stored, shown and logged.
+pub const MAX_URL_LEN: usize = 2048;
+
+/// `host[:port]`: a DNS name, an IPv4 address or a bracketed IPv6 address,
+/// and a port from 1 to 65535 when one is given.
+fn check_host_and_port(authority: &str) -> Result<(), &'static str> {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (addr, after) = v6
+            .split_once(']')
+            .ok_or("has an unclosed '[' in its host")?;
+        if addr.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err("has an invalid IPv6 address");
+        }
+        match after {
+            "" => return Ok(()),
+            _ => (
+                None,
+                Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or("has junk after its IPv6 address")?,
+                ),
+            ),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (Some(h), Some(p)),
+            None => (Some(authority), None),
+        }
+    };
+    if let Some(port) = port
+        && !(port.len() <= 5
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p)))
+    {
+        return Err("has a port outside 1-65535");
+    }
+    if let Some(host) = host {
+        let ipv4 = host.parse::<std::net::Ipv4Addr>().is_ok();
+        if !ipv4 && (host.starts_with('*') || !crate::entry::is_valid_dns_name(host)) {
+            return Err("has an invalid host name (labels of letters, digits and '-')");
+        }
     }
     Ok(())
 }
@@ -199,11 +250,31 @@ mod tests {
             "https:///x",
             "https://other.org/#frag",
             "https://other .org/",
+            "https://other.org:0/",
+            "https://other.org:99999/",
+            "https://other.org:/",
+            "https://other.org:+80/",
+            "https://a..b/",
+            "https://-a.org/",
+            "https://*.other.org/",
+            "https://[::1/",
+            "https://[zz::1]/",
+            "https://[::1]x/",
+            &format!("https://other.org/{}", "p".repeat(MAX_URL_LEN)),
         ] {
             r.bundle_endpoint_url = bad.to_owned();
             assert!(r.validate(&own).is_err(), "{bad}");
         }
-        r.bundle_endpoint_url = "https://other.org/".to_owned();
+        for good in [
+            "https://other.org/",
+            "https://other.org:8443/bundle?x=1",
+            "https://127.0.0.1:8443",
+            "https://[::1]:8443/",
+            "https://[::1]",
+        ] {
+            r.bundle_endpoint_url = good.to_owned();
+            r.validate(&own).unwrap();
+        }
         r.trust_domain = own.clone();
         assert!(r.validate(&own).is_err());
     }

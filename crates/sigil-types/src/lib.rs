@@ -27,6 +27,7 @@ pub mod federation;
 pub mod ratelimit;
 pub mod selector;
 pub mod spiffe_id;
+pub mod text;
 
 pub use agent::AgentRecord;
 pub use attribute::Attribute;

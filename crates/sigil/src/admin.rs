@@ -100,7 +100,7 @@ pub(crate) struct EntryFields {
     #[arg(long = "attribute", value_name = "NAME")]
     attributes: Vec<Attribute>,
     /// Make this a node alias: parented to the server, matched against agents' node selectors.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "parent_id")]
     node: bool,
     /// The identity may use the admin API.
     #[arg(long)]
@@ -153,7 +153,12 @@ pub(crate) struct EntryShowArgs {
     #[arg(long = "selector", short = 's')]
     selectors: Vec<String>,
     /// How --selector matches: superset (entry has all given), subset, exact, any.
-    #[arg(long = "match", default_value = "superset")]
+    #[arg(
+        long = "match",
+        default_value = "superset",
+        value_parser = ["superset", "subset", "exact", "any"],
+        requires = "selectors"
+    )]
     selector_match: String,
     #[command(flatten)]
     opts: AdminOpts,
@@ -244,38 +249,63 @@ fn apply_fields(e: &mut pb::Entry, f: &EntryFields) -> anyhow::Result<()> {
 }
 
 fn fmt_ttl(secs: i64) -> String {
-    if secs == 0 {
-        "default".into()
-    } else {
-        duration::format(Duration::from_secs(secs as u64))
+    match secs {
+        0 => "default".into(),
+        1.. => duration::format(Duration::from_secs(secs.unsigned_abs())),
+        _ => format!("{secs} (invalid)"),
     }
 }
 
+/// Unix seconds as RFC 3339 text; a value no such text can hold (stored
+/// before the server refused them) is shown as the raw number, never a panic.
 pub(crate) fn fmt_time(secs: i64) -> String {
     if secs <= 0 {
         return "never".into();
     }
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs as u64)).to_string()
+    if secs > sigil_types::entry::MAX_EXPIRES_AT {
+        return format!("{secs} (Unix seconds, after the year 9999)");
+    }
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs()))
+        .to_string()
+}
+
+/// Stored text as it may be printed on a terminal: control characters
+/// (newlines that would forge a line, escape sequences) are escaped.
+pub(crate) fn shown(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        text.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
 }
 
 fn print_entry(e: &pb::Entry) {
-    println!("Entry ID         : {}", e.id);
-    println!("SPIFFE ID        : {}", e.spiffe_id);
-    println!("Parent ID        : {}", e.parent_id);
+    println!("Entry ID         : {}", shown(&e.id));
+    println!("SPIFFE ID        : {}", shown(&e.spiffe_id));
+    println!("Parent ID        : {}", shown(&e.parent_id));
     println!("Revision         : {}", e.revision);
     println!("X509-SVID TTL    : {}", fmt_ttl(e.x509_svid_ttl));
     println!("JWT-SVID TTL     : {}", fmt_ttl(e.jwt_svid_ttl));
     for s in &e.selectors {
-        println!("Selector         : {s}");
+        println!("Selector         : {}", shown(s));
     }
     for d in &e.dns_names {
-        println!("DNS name         : {d}");
+        println!("DNS name         : {}", shown(d));
     }
     for f in &e.federates_with {
-        println!("FederatesWith    : {f}");
+        println!("FederatesWith    : {}", shown(f));
     }
     for a in &e.attributes {
-        println!("Attribute        : {a}");
+        println!("Attribute        : {}", shown(a));
     }
     if e.admin {
         println!("Admin            : true");
@@ -284,7 +314,7 @@ fn print_entry(e: &pb::Entry) {
         println!("Downstream       : true");
     }
     if !e.hint.is_empty() {
-        println!("Hint             : {}", e.hint);
+        println!("Hint             : {}", shown(&e.hint));
     }
     if e.expires_at > 0 {
         println!("Expires at       : {}", fmt_time(e.expires_at));
@@ -542,14 +572,14 @@ fn agent_json(a: &pb::Agent) -> serde_json::Value {
 }
 
 fn print_agent(a: &pb::Agent) {
-    println!("SPIFFE ID        : {}", a.spiffe_id);
-    println!("Attestation type : {}", a.attestation_type);
+    println!("SPIFFE ID        : {}", shown(&a.spiffe_id));
+    println!("Attestation type : {}", shown(&a.attestation_type));
     println!("SVID expires     : {}", fmt_time(a.expires_at));
     println!("SVID serial      : {}", a.serial);
     println!("Banned           : {}", a.banned);
     println!("Connected        : {}", a.connected);
     for s in &a.selectors {
-        println!("Selector         : {s}");
+        println!("Selector         : {}", shown(s));
     }
     println!();
 }

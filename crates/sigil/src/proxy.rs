@@ -104,7 +104,14 @@ pub(crate) fn policy(cmd: PolicyCommand) -> anyhow::Result<()> {
             std::process::exit(code);
         }
         PolicyCommand::Graph { policy, format } => {
-            let p = Policy::load(&policy)?;
+            // A bad file exits 2, as `policy check` does for the same file.
+            let p = match Policy::load(&policy) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: {:#}", anyhow::Error::from(e));
+                    std::process::exit(2);
+                }
+            };
             print!(
                 "{}",
                 match format {
@@ -130,6 +137,10 @@ fn check(policy: &std::path::Path, from: &str, to: &str, attrs: &[String]) -> an
         .iter()
         .map(|a| parse_attribute(a).map_err(|e| anyhow::anyhow!("--attr: {e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut names = std::collections::HashSet::new();
+    if let Some((dup, _)) = attributes.iter().find(|(k, _)| !names.insert(k)) {
+        anyhow::bail!("--attr {dup} is given twice; a caller has one value per attribute");
+    }
     let e = p.explain(&Request {
         caller: &caller,
         callee: &callee,

@@ -82,7 +82,8 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 pub(crate) enum SvidCommand {
     /// Fetch this process's X509-SVIDs and print them (or write them as PEM files).
     Fetch {
-        /// Write svid.N.pem, svid.N.key and bundle.N.pem into this directory.
+        /// Write svid.N.pem, svid.N.key (0600) and bundle.N.pem into this directory
+        /// (created 0700 when missing; its parent must exist).
         #[arg(long)]
         write: Option<PathBuf>,
         #[command(flatten)]
@@ -95,11 +96,25 @@ pub(crate) enum SvidCommand {
 
 fn write_file(path: &Path, data: &[u8], private: bool) -> anyhow::Result<()> {
     if private {
-        sigil_svid::keys::write_private_file(path, data)
+        sigil_svid::keys::write_secret_file(path, data)
     } else {
         std::fs::write(path, data)
     }
     .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The `--write` directory: used as it is when it exists (its mode is the
+/// user's), created 0700 when only it is missing; missing parents are an
+/// error, since they usually mean a typo.
+fn create_output_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("--write {}: cannot create the directory", dir.display()))
 }
 
 pub(crate) async fn svid(cmd: SvidCommand) -> anyhow::Result<()> {
@@ -129,7 +144,7 @@ pub(crate) async fn svid(cmd: SvidCommand) -> anyhow::Result<()> {
             .transpose()?
             .context("empty SVID chain")?;
         if let Some(dir) = &write {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            create_output_dir(dir)?;
             write_file(
                 &dir.join(format!("svid.{i}.pem")),
                 sigil_svid::pem::certs_to_pem(&chain).as_bytes(),

@@ -84,6 +84,10 @@ fn bad_configs_name_the_file_and_key() {
             "outbound[0].upstream_spiffe_id: \"a/b\"",
         ),
         (
+            "[[outbound]]\nlisten = \"127.0.0.1:7000\"\nupstream = \"127.0.0.1:7000\"\nupstream_spiffe_id = \"spiffe://a/b\"\n".to_owned(),
+            "outbound[0].upstream: 127.0.0.1:7000 is this listener's own address",
+        ),
+        (
             format!("policy_file = \"p\"\n{INBOUND}{INBOUND}"),
             "inbound[1].name: the address 0.0.0.0:8443 is used twice",
         ),

@@ -802,3 +802,42 @@ async fn http_upgrades_pass_through_with_the_caller_header() {
     );
     b.proxy.shutdown().await;
 }
+
+/// An outbound listener whose upstream name resolves to the listener itself
+/// refuses the connection instead of opening another to itself, and another
+/// from that one, without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_is_the_listener_itself_is_refused_not_looped() {
+    let td = Td::new("acme.com");
+    let dir = tempfile::tempdir().unwrap();
+    // A name, not the address: the config check cannot see it, only the
+    // connection can.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = format!(
+        "[[outbound]]\nname = \"loop\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"localhost:{port}\"\nupstream_spiffe_id = \"spiffe://acme.com/x\"\n"
+    );
+    let api = FakeApi::start(Some(td.svid(FRONTEND).response(&[]))).await;
+    let proxy = start_proxy(dir.path(), &api, &cfg).await;
+    let mut app_conn = TcpStream::connect(proxy.outbound[0]).await.unwrap();
+    assert!(read_until_closed(&mut app_conn).await.is_empty());
+    let text = wait_for_metric(&proxy.metrics, "outcome=\"upstream_unreachable\"} 1").await;
+    // Give a loop time to show itself: still one connection in all.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text_after = proxy.metrics.encode();
+    let outbound_lines = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.contains("direction=\"outbound\"") && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(outbound_lines(&text), outbound_lines(&text_after));
+    assert!(
+        text_after.contains("outcome=\"upstream_unreachable\"} 1"),
+        "{text_after}"
+    );
+    proxy.shutdown().await;
+}

@@ -523,7 +523,7 @@ fn k8s_selectors_explains_a_pod_and_a_non_pod() {
 }
 
 /// Runs `sigil` with the cluster's admin socket, off the async runtime.
-async fn run_admin(
+pub(crate) async fn run_admin(
     admin: &std::path::Path,
     args: &[&str],
     stdin: Option<&str>,

@@ -30,7 +30,7 @@ use crate::init;
 /// workloads: a 1 s refresh hint, a poll, the store, the sync push.
 const CROSSING: Duration = Duration::from_secs(20);
 
-async fn admin(cluster: &Cluster) -> AdminApiClient<Channel> {
+pub(crate) async fn admin(cluster: &Cluster) -> AdminApiClient<Channel> {
     let path = cluster.admin_socket();
     let channel = Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {

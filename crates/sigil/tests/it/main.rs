@@ -11,6 +11,7 @@
 
 mod attributes;
 mod authority;
+mod bad_input;
 mod cli;
 mod durability;
 mod faults;

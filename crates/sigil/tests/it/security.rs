@@ -11,14 +11,18 @@ use tonic::transport::Endpoint;
 
 use crate::{PROMPT, cluster_with_me, init};
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+/// Root is needed to run a client as another uid; CI runs as root.
+fn can_switch_uid(test: &str) -> bool {
+    sigil_testkit::runnable(
+        test,
+        nix::unistd::geteuid().is_root(),
+        "needs root to run a client as another uid",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_uid_gets_permission_denied() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to run a client as another uid (CI runs as root)");
+    if !can_switch_uid("another_uid_gets_permission_denied") {
         return;
     }
     let (cluster, _me) = cluster_with_me(Default::default()).await;
@@ -417,8 +421,7 @@ async fn node_aliases_group_agents_by_node_selectors() {
 /// identity).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_flood_of_one_uid_leaves_room_for_others() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root to run a client as another uid (CI runs as root)");
+    if !can_switch_uid("a_connection_flood_of_one_uid_leaves_room_for_others") {
         return;
     }
     const PER_UID: usize = 3;
