@@ -13,6 +13,15 @@
 //! the caller gains nothing it could not already take by tracing a process of
 //! its own uid. As in SPIRE, do not rely on `path`/`sha256` to separate
 //! workloads that share a uid.
+//!
+//! `unix:path` is the link `/proc/<pid>/exe`, resolved in the *caller's*
+//! mount namespace: a caller in a mount namespace of its own (an unprivileged
+//! user namespace suffices) can bind-mount any binary at any path, say its
+//! own program at `/usr/sbin/sshd`. The path means something only when the
+//! caller sees the agent's file system, so it is emitted only for callers in
+//! the agent's mount namespace (same `/proc/<pid>/ns/mnt` device and inode).
+//! `unix:sha256` is kept for the others: it hashes the file the process
+//! really executes, opened through `/proc/<pid>/exe`, whatever path it has.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -165,12 +174,23 @@ fn attest_blocking(
     if config.discover_workload_path {
         let exe = format!("/proc/{pid}/exe");
         let target = std::fs::read_link(&exe).map_err(|e| peer::proc_error(pid, &exe, e))?;
-        match target.to_str() {
-            Some(path) => push(&mut out, &format!("path:{path}")),
-            // A lossy conversion could make two paths look alike.
-            None => {
-                tracing::warn!(pid, path = ?target, "executable path is not UTF-8; no unix:path selector")
+        // Checked after the link is read: a process that is in the agent's
+        // mount namespace now has been in it since it executed the binary,
+        // since only a process privileged over the host can enter it again
+        // after leaving.
+        if in_agent_mount_namespace(pid)? {
+            match target.to_str() {
+                Some(path) => push(&mut out, &format!("path:{path}")),
+                // A lossy conversion could make two paths look alike.
+                None => {
+                    tracing::warn!(pid, path = ?target, "executable path is not UTF-8; no unix:path selector")
+                }
             }
+        } else {
+            tracing::debug!(
+                pid,
+                "caller is in another mount namespace; no unix:path selector"
+            );
         }
         if let Some(hex) = exe_sha256(pid, &exe, config.workload_size_limit, cache)? {
             push(&mut out, &format!("sha256:{hex}"));
@@ -181,6 +201,18 @@ fn attest_blocking(
     // caller still holds that PID now.
     peer.check_same_process()?;
     Ok(out)
+}
+
+/// Whether the caller's mount namespace is the agent's, compared by the
+/// device and inode of `/proc/<pid>/ns/mnt` (the kernel's identity of a
+/// namespace). `stat` follows the magic link without needing access to the
+/// namespace itself.
+fn in_agent_mount_namespace(pid: i32) -> Result<bool, PeerError> {
+    let theirs_path = format!("/proc/{pid}/ns/mnt");
+    let theirs =
+        std::fs::metadata(&theirs_path).map_err(|e| peer::proc_error(pid, &theirs_path, e))?;
+    let ours = std::fs::metadata("/proc/self/ns/mnt").map_err(PeerError::Proc)?;
+    Ok((theirs.dev(), theirs.ino()) == (ours.dev(), ours.ino()))
 }
 
 /// Adds `unix:<value>`. A value the selector rules reject (a control
@@ -336,6 +368,14 @@ mod tests {
         let again = attestor.attest(&own_peer()).await.unwrap();
         assert_eq!(again, sel);
         assert_eq!(attestor.cache.len(), 1);
+    }
+
+    #[test]
+    fn own_process_shares_the_agents_mount_namespace() {
+        let pid = i32::try_from(std::process::id()).unwrap();
+        assert!(in_agent_mount_namespace(pid).unwrap());
+        let err = in_agent_mount_namespace(i32::MAX).unwrap_err();
+        assert!(matches!(err, PeerError::ProcessGone { .. }), "{err:?}");
     }
 
     #[tokio::test]

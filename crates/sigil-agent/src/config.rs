@@ -37,6 +37,8 @@ struct AgentSection {
     #[serde(default)]
     discover_workload_path: bool,
     #[serde(default)]
+    allow_insecure_pid_attestation: bool,
+    #[serde(default)]
     health_address: Option<String>,
     #[serde(default)]
     k8s: Option<K8sFile>,
@@ -251,6 +253,10 @@ pub struct AgentConfig {
     pub trust_bundle_path: Option<PathBuf>,
     /// Add unix:path and unix:sha256 selectors.
     pub discover_workload_path: bool,
+    /// Start even when the kernel lacks `SO_PEERPIDFD` (before Linux 6.5),
+    /// where a caller's PID recycled between connect and accept is not
+    /// caught. Unsafe; see `peer::decide_pid_attestation`.
+    pub allow_insecure_pid_attestation: bool,
     /// Health and metrics listener.
     pub health_address: Option<std::net::SocketAddr>,
     /// Smallest reconnect delay.
@@ -282,6 +288,7 @@ impl AgentConfig {
             join_token: None,
             trust_bundle_path: None,
             discover_workload_path: false,
+            allow_insecure_pid_attestation: false,
             health_address: None,
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),
@@ -452,6 +459,7 @@ impl AgentConfig {
             join_token: a.join_token,
             trust_bundle_path: a.trust_bundle_path,
             discover_workload_path: a.discover_workload_path,
+            allow_insecure_pid_attestation: a.allow_insecure_pid_attestation,
             health_address,
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(30),

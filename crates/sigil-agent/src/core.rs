@@ -49,7 +49,9 @@ pub struct Tainted {
 pub struct Snapshot {
     /// Every entry this agent holds.
     pub entries: Vec<Arc<Entry>>,
-    /// Valid SVIDs by entry.
+    /// Valid SVIDs by entry, each fitting its entry in `entries` (SPIFFE
+    /// ID, DNS names, TTL, attributes); an entry whose SVID does not fit
+    /// has none here until it is signed again.
     pub svids: HashMap<EntryId, Arc<WorkloadSvid>>,
     /// The trust bundle.
     pub bundle: Arc<Bundle>,
@@ -111,10 +113,17 @@ impl Core {
                 v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
                 v
             },
+            // Only an SVID that fits its entry as the entry is now: after an
+            // entry's SPIFFE ID, DNS names, TTL or attributes change, the old
+            // SVID would otherwise reach every caller matching the entry's
+            // (possibly new) selectors until the new one is signed, and
+            // longer if signing fails.
             svids: self
                 .svids
                 .iter()
-                .filter(|(_, s)| s.not_after > now)
+                .filter(|(id, s)| {
+                    s.not_after > now && self.entries.get(*id).is_some_and(|e| s.fits(e))
+                })
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             bundle: self.trust.load_full(),

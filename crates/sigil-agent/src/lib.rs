@@ -250,6 +250,14 @@ fn bind_public_socket(path: &Path) -> Result<UnixListener, AgentError> {
 /// Starts the agent: restores or obtains its identity, then serves.
 pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     sigil_svid::install_crypto_provider();
+    // First, before a join token is spent: on a kernel without SO_PEERPIDFD
+    // a recycled PID cannot be caught, and serving needs the operator's
+    // explicit consent to that.
+    peer::decide_pid_attestation(
+        peer::probe_peer_pidfd()?,
+        cfg.allow_insecure_pid_attestation,
+    )
+    .map_err(|e| AgentError::Config(e.to_string()))?;
     let persist = Persist::open(&cfg.data_dir)?;
     let now = SystemTime::now();
     let saved = persist

@@ -9,8 +9,16 @@
 //! in its place. [`PeerInfo`] keeps a pidfd and the start time taken at accept,
 //! and [`PeerInfo::check_same_process`], called after attestation, rejects the
 //! request unless the original process is still alive under that PID — the
-//! same guarantee as SPIRE's peertracker, but without its race when the
-//! kernel offers `SO_PEERPIDFD` (Linux 6.5 and later).
+//! same guarantee as SPIRE's peertracker, but without its race: the pidfd
+//! comes from `SO_PEERPIDFD` (Linux 6.5 and later), which names the process
+//! that called `connect()` even if it has exited since.
+//!
+//! Older kernels have no `SO_PEERPIDFD`. There a caller can connect, exit
+//! before the agent accepts, and have its PID recycled by another process:
+//! `pidfd_open(pid)` and the start time read at accept then both describe
+//! the newcomer, and nothing can tell. The agent therefore refuses to start
+//! on such kernels (see [`decide_pid_attestation`]) unless
+//! `[agent] allow_insecure_pid_attestation = true` accepts that race.
 //!
 //! The agent must run in the host PID namespace (or the workloads'), or the
 //! kernel reports PID 0 and every caller is refused.
@@ -70,6 +78,61 @@ pub enum PeerError {
     /// The blocking task that reads `/proc` panicked or was cancelled.
     #[error("attestation task failed: {0}")]
     Task(String),
+    /// The kernel offers no `SO_PEERPIDFD` and the configuration did not
+    /// accept the PID-reuse race that leaves open.
+    #[error(
+        "this kernel has no SO_PEERPIDFD (Linux 6.5 or later): a caller's PID reused between connect and accept would be attested as the new process; upgrade the kernel, or accept the risk with [agent] allow_insecure_pid_attestation = true"
+    )]
+    NoPeerPidfd,
+}
+
+/// Whether the kernel tells which process connected, as a pidfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PidfdSupport {
+    /// `SO_PEERPIDFD` works: the pidfd pins the process that connected.
+    PeerPidfd,
+    /// No `SO_PEERPIDFD` (before Linux 6.5): the caller can only be found
+    /// by PID after accept, which may by then name another process.
+    Missing,
+}
+
+/// Asks the kernel for `SO_PEERPIDFD` on a fresh socket pair.
+pub fn probe_peer_pidfd() -> io::Result<PidfdSupport> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (a, _b) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    Ok(match getsockopt(&a, sockopt::PeerPidfd) {
+        Ok(_) => PidfdSupport::PeerPidfd,
+        Err(e) => {
+            tracing::debug!(error = %e, "SO_PEERPIDFD probe failed");
+            PidfdSupport::Missing
+        }
+    })
+}
+
+/// Whether the agent may serve the Workload API with this kernel: always
+/// with `SO_PEERPIDFD`; without it only when the operator accepted, with
+/// `allow_insecure`, that a PID recycled between connect and accept goes
+/// unnoticed.
+pub fn decide_pid_attestation(
+    support: PidfdSupport,
+    allow_insecure: bool,
+) -> Result<(), PeerError> {
+    match (support, allow_insecure) {
+        (PidfdSupport::PeerPidfd, _) => Ok(()),
+        (PidfdSupport::Missing, true) => {
+            tracing::warn!(
+                "no SO_PEERPIDFD on this kernel; allow_insecure_pid_attestation = true: a caller's PID recycled between connect and accept is NOT detected"
+            );
+            Ok(())
+        }
+        (PidfdSupport::Missing, false) => Err(PeerError::NoPeerPidfd),
+    }
 }
 
 /// What the kernel says about the process at the other end of a Unix socket,
@@ -92,7 +155,8 @@ pub struct PeerInfo {
 
 impl PeerInfo {
     /// Reads `SO_PEERCRED`, `SO_PEERPIDFD` (falling back to `pidfd_open(pid)`
-    /// right away on older kernels) and the process start time.
+    /// on older kernels, which does not catch a PID reused before this call:
+    /// see the module docs) and the process start time.
     pub fn from_stream(stream: &UnixStream) -> Result<Self, PeerError> {
         let creds = getsockopt(stream, sockopt::PeerCredentials)
             .map_err(|e| PeerError::Credentials(format!("SO_PEERCRED: {e}")))?;
@@ -108,9 +172,13 @@ impl PeerInfo {
             Ok(fd) => Some(fd),
             Err(Errno::ESRCH) => return Err(PeerError::ProcessGone { pid }),
             Err(sockopt_err) => {
-                // Before Linux 6.5 there is no SO_PEERPIDFD. pidfd_open by PID
-                // can in principle land on a reused PID; the start time and
-                // uid/gid checks are then what catch it, as in SPIRE.
+                // Before Linux 6.5 there is no SO_PEERPIDFD, and the agent
+                // only gets here when allow_insecure_pid_attestation said so.
+                // pidfd_open by PID lands on whichever process holds the PID
+                // now: if the caller exited and its PID was reused before
+                // this accept, the pidfd and the start time read below both
+                // describe the newcomer and nothing catches it. Reuse after
+                // this point is still caught by the pidfd and start time.
                 tracing::debug!(%sockopt_err, pid, "SO_PEERPIDFD unavailable, using pidfd_open");
                 match pidfd_open(pid) {
                     Ok(fd) => Some(fd),
@@ -572,6 +640,26 @@ mod tests {
         assert_eq!(peer.gid, nix::unistd::getegid().as_raw());
         assert!(peer.has_pidfd(), "Linux 6.5+ offers SO_PEERPIDFD");
         peer.check_same_process().unwrap();
+    }
+
+    #[test]
+    fn this_kernel_offers_so_peerpidfd() {
+        // The machines this runs on have Linux 6.5 or later.
+        assert_eq!(probe_peer_pidfd().unwrap(), PidfdSupport::PeerPidfd);
+    }
+
+    #[test]
+    fn without_so_peerpidfd_the_agent_refuses_unless_told_to() {
+        let err = decide_pid_attestation(PidfdSupport::Missing, false).unwrap_err();
+        assert!(matches!(err, PeerError::NoPeerPidfd), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("allow_insecure_pid_attestation = true"),
+            "{err}"
+        );
+        decide_pid_attestation(PidfdSupport::Missing, true).unwrap();
+        decide_pid_attestation(PidfdSupport::PeerPidfd, false).unwrap();
+        decide_pid_attestation(PidfdSupport::PeerPidfd, true).unwrap();
     }
 
     #[tokio::test]

@@ -25,7 +25,7 @@ use sigil_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use sigil_svid::bundle::{Bundle, BundleSet};
-use sigil_types::{Entry, Selectors, SpiffeId};
+use sigil_types::{Attribute, Entry, EntryId, Selectors, SpiffeId};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -85,7 +85,33 @@ pub fn service_with_limit(svc: WorkloadService, max_request_bytes: usize) -> Wor
     )
 }
 
-type JwtKey = (SpiffeId, Vec<String>);
+/// What a cached JWT-SVID was minted for. Keyed by entry, not by SPIFFE ID
+/// alone: two entries may share an ID but differ in what the token carries
+/// (attributes become claims, TTLs differ), and a token minted for one must
+/// never reach a caller entitled only to the other. The entry's
+/// identity-bearing fields are in the key too, so a token minted before the
+/// entry changed is not served after.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct JwtKey {
+    entry_id: EntryId,
+    spiffe_id: SpiffeId,
+    attributes: Vec<Attribute>,
+    ttl: u64,
+    /// Sorted, without duplicates.
+    audience: Vec<String>,
+}
+
+impl JwtKey {
+    fn new(e: &Entry, audience: &[String]) -> Self {
+        Self {
+            entry_id: e.id.clone(),
+            spiffe_id: e.spiffe_id.clone(),
+            attributes: e.attributes.clone(),
+            ttl: e.jwt_svid_ttl,
+            audience: audience.to_vec(),
+        }
+    }
+}
 
 /// One cached JWT-SVID (no `Debug`: the token is a credential).
 struct CachedJwt {
@@ -108,7 +134,7 @@ fn jwt_kid(token: &str) -> Option<String> {
     value.get("kid")?.as_str().map(str::to_owned)
 }
 
-/// JWT-SVIDs by (SPIFFE ID, sorted audiences), bounded by a hard limit.
+/// JWT-SVIDs by [`JwtKey`], bounded by a hard limit.
 struct JwtCache {
     tokens: HashMap<JwtKey, CachedJwt>,
     limit: usize,
@@ -237,7 +263,8 @@ where
         Err(JwtFetchError::Unreachable(why)) => {
             if let Some(c) = lock(cache).valid(&key, now) {
                 tracing::info!(
-                    spiffe_id = %key.0,
+                    spiffe_id = %key.spiffe_id,
+                    entry = %key.entry_id,
                     error = %why,
                     expires = %humantime::format_rfc3339_seconds(c.expiry),
                     "server unreachable; serving the cached JWT-SVID until it expires"
@@ -767,11 +794,11 @@ fn validate_for(
 }
 
 impl WorkloadService {
-    /// A cached JWT-SVID for (SPIFFE ID, audiences) when it is not past half
-    /// its life; otherwise a new one from the server (or, while the server is
+    /// A cached JWT-SVID for this entry (as it is now) and audiences when it
+    /// is not past half its life; otherwise a new one from the server (or, while the server is
     /// unreachable, the cached one until it expires).
     async fn jwt_for(&self, e: &Entry, audience: &[String]) -> Result<String, Status> {
-        let key = (e.spiffe_id.clone(), audience.to_vec());
+        let key = JwtKey::new(e, audience);
         let tainted = self.snapshots.borrow().tainted.clone();
         lock(&self.jwt_cache).drop_tainted(&tainted.jwt_kids);
         let client = (**self.client.load()).clone();
@@ -1068,10 +1095,38 @@ pub(crate) mod tests {
     }
 
     fn key(id: &str) -> JwtKey {
-        (
+        let entry = Entry::new(
+            id.parse().unwrap(),
             format!("spiffe://example.org/{id}").parse().unwrap(),
-            vec!["api".to_owned()],
-        )
+            "spiffe://example.org/agent".parse().unwrap(),
+            Selectors::parse_all(["unix:uid:1"]).unwrap(),
+        );
+        JwtKey::new(&entry, &["api".to_owned()])
+    }
+
+    #[test]
+    fn jwt_cache_keys_tell_apart_entries_sharing_a_spiffe_id() {
+        let aud = ["api".to_owned()];
+        let a = Entry::new(
+            "a".parse().unwrap(),
+            "spiffe://example.org/shared".parse().unwrap(),
+            "spiffe://example.org/agent".parse().unwrap(),
+            Selectors::parse_all(["unix:uid:1"]).unwrap(),
+        );
+        let base = JwtKey::new(&a, &aud);
+        assert_eq!(base, JwtKey::new(&a.clone(), &aud));
+        let mut other_entry = a.clone();
+        other_entry.id = "b".parse().unwrap();
+        let mut with_attributes = a.clone();
+        with_attributes.attributes = vec![Attribute::Cluster];
+        let mut renamed = a.clone();
+        renamed.spiffe_id = "spiffe://example.org/renamed".parse().unwrap();
+        let mut longer = a.clone();
+        longer.jwt_svid_ttl = 600;
+        for changed in [other_entry, with_attributes, renamed, longer] {
+            assert_ne!(base, JwtKey::new(&changed, &aud), "{changed:?}");
+        }
+        assert_ne!(base, JwtKey::new(&a, &["other".to_owned()]));
     }
 
     #[test]
@@ -1134,7 +1189,10 @@ pub(crate) mod tests {
         let own = domain("example.org");
         let now = SystemTime::now();
         let ttl = Duration::from_secs(100);
-        let token = own.jwt.sign(&key("w").0, &key("w").1, ttl, now).unwrap();
+        let token = own
+            .jwt
+            .sign(&key("w").spiffe_id, &key("w").audience, ttl, now)
+            .unwrap();
         let cache = Mutex::new(JwtCache::new(10));
         let calls = AtomicUsize::new(0);
         let fetch = |r: Result<String, JwtFetchError>| {

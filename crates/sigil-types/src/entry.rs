@@ -93,6 +93,11 @@ pub enum EntryError {
         /// What was given.
         got: u64,
     },
+    /// The entry asks for a feature the server does not implement yet
+    /// (`admin`, `downstream`); storing it would claim a power nothing
+    /// grants.
+    #[error("{0} is not supported yet")]
+    NotSupported(&'static str),
 }
 
 /// A registration entry's unique ID.
@@ -217,6 +222,14 @@ impl Entry {
 
     /// Checks everything about the entry that does not need the store.
     pub fn validate(&self, trust_domain: &TrustDomain) -> Result<(), EntryError> {
+        // Nothing reads these flags yet: an entry that carries them would
+        // promise an admin or downstream identity the server never honours.
+        if self.admin {
+            return Err(EntryError::NotSupported("admin"));
+        }
+        if self.downstream {
+            return Err(EntryError::NotSupported("downstream"));
+        }
         if self.selectors.is_empty() {
             return Err(EntryError::NoSelectors);
         }
@@ -411,6 +424,11 @@ mod tests {
             (
                 Box::new(|e| e.x509_svid_ttl = MAX_TTL_SECS + 1),
                 "x509_svid_ttl",
+            ),
+            (Box::new(|e| e.admin = true), "admin is not supported yet"),
+            (
+                Box::new(|e| e.downstream = true),
+                "downstream is not supported yet",
             ),
         ];
         for (mutate, want) in cases {

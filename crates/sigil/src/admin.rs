@@ -102,10 +102,10 @@ pub(crate) struct EntryFields {
     /// Make this a node alias: parented to the server, matched against agents' node selectors.
     #[arg(long, conflicts_with = "parent_id")]
     node: bool,
-    /// The identity may use the admin API.
+    /// Not supported yet: refused (an entry cannot grant admin API access).
     #[arg(long)]
     admin: bool,
-    /// The identity may act as a downstream CA.
+    /// Not supported yet: refused (an entry cannot make a downstream CA).
     #[arg(long)]
     downstream: bool,
     /// A label to tell several SVIDs of one workload apart.
@@ -237,8 +237,14 @@ fn apply_fields(e: &mut pb::Entry, f: &EntryFields) -> anyhow::Result<()> {
         attributes.dedup();
         e.attributes = attributes.iter().map(ToString::to_string).collect();
     }
-    e.admin |= f.admin;
-    e.downstream |= f.downstream;
+    // Kept as flags so that scripts written for SPIRE fail loudly instead
+    // of silently getting an identity without the power they asked for.
+    if f.admin {
+        anyhow::bail!("--admin is not supported yet: no entry can grant admin API access");
+    }
+    if f.downstream {
+        anyhow::bail!("--downstream is not supported yet: sigil has no downstream CAs");
+    }
     if let Some(h) = &f.hint {
         e.hint = h.clone();
     }

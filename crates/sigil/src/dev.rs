@@ -2,7 +2,8 @@
 //! invoking user registered, and the `export` lines for a second shell.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,7 +14,9 @@ use crate::health;
 
 #[derive(Args, Debug)]
 pub(crate) struct DevArgs {
-    /// Where the database, keys and sockets live (default: $XDG_RUNTIME_DIR/sigil-dev or /tmp/sigil-dev-<uid>).
+    /// Where the database, keys and sockets live (default: /tmp/sigil-dev-<uid>). It is made
+    /// mode 0711; the keys, database and admin socket sit in 0700 subdirectories, the
+    /// Workload API socket in `public/` (0755) so that every local user can reach it.
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// The trust domain.
@@ -30,11 +33,64 @@ pub(crate) struct DevArgs {
     health_address: Option<SocketAddr>,
 }
 
+/// Not under `$XDG_RUNTIME_DIR`: that directory is 0700 by its
+/// specification, and other users must reach the Workload API socket.
 fn default_data_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("sigil-dev"),
-        _ => PathBuf::from(format!("/tmp/sigil-dev-{}", nix::unistd::getuid())),
+    PathBuf::from(format!("/tmp/sigil-dev-{}", nix::unistd::getuid()))
+}
+
+/// Where `sigil dev` keeps what, under the data directory.
+struct Layout {
+    /// Server database and keys (0700).
+    server: PathBuf,
+    /// Agent SVID, keys and cache (0700).
+    agent: PathBuf,
+    /// The admin socket, in a 0700 directory of its own.
+    admin_socket: PathBuf,
+    /// The Workload API socket, in a 0755 directory.
+    agent_socket: PathBuf,
+}
+
+/// Prepares the data directory: the root 0711 (others may pass through to
+/// `public/`, not list), the private directories 0700 and `public/` 0755.
+/// Refuses a root that is not a real directory of this user, since under
+/// /tmp another user could have created it first.
+fn prepare_layout(dir: &Path) -> anyhow::Result<Layout> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let me = nix::unistd::getuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me {
+        anyhow::bail!(
+            "{} is not a directory owned by uid {me}; choose another --data-dir",
+            dir.display()
+        );
     }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    let admin_dir = dir.join("admin");
+    for private in [dir.join("server"), dir.join("agent"), admin_dir.clone()] {
+        sigil_svid::keys::ensure_private_dir(&private)
+            .with_context(|| format!("creating {}", private.display()))?;
+    }
+    let public = dir.join("public");
+    std::fs::create_dir_all(&public)?;
+    std::fs::set_permissions(&public, std::fs::Permissions::from_mode(0o755))?;
+    // A directory others cannot search on the way keeps them from the socket.
+    if let Some(closed) = dir
+        .ancestors()
+        .skip(1)
+        .find(|a| std::fs::metadata(a).is_ok_and(|m| m.mode() & 0o001 == 0))
+    {
+        tracing::warn!(
+            directory = %closed.display(),
+            "other users cannot search this directory, so they cannot reach the Workload API socket; choose a --data-dir outside it"
+        );
+    }
+    Ok(Layout {
+        server: dir.join("server"),
+        agent: dir.join("agent"),
+        admin_socket: admin_dir.join("admin.sock"),
+        agent_socket: public.join("agent.sock"),
+    })
 }
 
 pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -48,12 +104,11 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         anyhow::bail!("--x509-svid-ttl must not exceed half of --ca-ttl");
     }
     let dir = args.data_dir.unwrap_or_else(default_data_dir);
-    sigil_svid::keys::ensure_private_dir(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
+    let layout = prepare_layout(&dir)?;
 
-    let mut scfg = sigil_server::ServerConfig::with_defaults(td.clone(), dir.join("server"));
+    let mut scfg = sigil_server::ServerConfig::with_defaults(td.clone(), layout.server);
     scfg.bind_address = SocketAddr::from(([127, 0, 0, 1], 0));
-    scfg.admin_socket = dir.join("admin.sock");
+    scfg.admin_socket = layout.admin_socket;
     scfg.default_x509_svid_ttl = x509_ttl;
     scfg.agent_svid_ttl = x509_ttl;
     scfg.ca_ttl = ca_ttl;
@@ -68,9 +123,9 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut acfg = sigil_agent::AgentConfig::with_defaults(
         td.clone(),
         server.agent_api_addr.to_string(),
-        dir.join("agent"),
+        layout.agent,
     );
-    acfg.socket_path = dir.join("agent.sock");
+    acfg.socket_path = layout.agent_socket;
     acfg.join_token = Some(token.token);
     let agent = sigil_agent::start(acfg)
         .await

@@ -379,18 +379,7 @@ async fn oversized_and_malformed_admin_requests_are_refused() {
     use sigil_proto::server::v1 as pb;
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let path = cluster.admin_socket();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
+    let channel = crate::unix_channel(cluster.admin_socket()).await;
     let mut admin = pb::admin_api_client::AdminApiClient::new(channel)
         .max_encoding_message_size(64 * 1024 * 1024);
     let agent = cluster.agent_id().to_string();

@@ -60,3 +60,59 @@ async fn cluster_with_me(opts: ClusterOptions) -> (Cluster, spiffe::SpiffeId) {
 
 /// A bound for waits that should take milliseconds; exceeding it is a failure.
 const PROMPT: Duration = Duration::from_secs(5);
+
+/// Whether a test that needs root (to run a process as another uid or in a
+/// mount namespace of its own) can run. Without root it is skipped with a
+/// message, except under `CI=true`, where CI runs as root and not being root
+/// is a failure.
+fn need_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} needs root and CI=true: refusing to skip"
+    );
+    eprintln!("SKIPPED {test}: needs root");
+    false
+}
+
+/// A gRPC channel over the Unix socket at `path`.
+async fn unix_channel(path: std::path::PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connects to the Unix socket")
+}
+
+/// An agent API client that presents the cluster agent's own SVID (read
+/// from its data directory), as the agent itself would.
+async fn agent_api_as_the_agent(
+    cluster: &Cluster,
+) -> sigil_proto::server::v1::agent_api_client::AgentApiClient<tonic::transport::Channel> {
+    let snap = cluster.agent().unwrap().snapshots.borrow().clone();
+    let trust = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee((*snap.bundle).clone()));
+    let identity = sigil_agent::persist::Persist::open(&cluster.agent_config.data_dir)
+        .unwrap()
+        .load_identity()
+        .unwrap()
+        .unwrap();
+    let cert = std::sync::Arc::new(
+        sigil_svid::tls::RotatingCert::new(identity.chain, &identity.key).unwrap(),
+    );
+    sigil_agent::client::connect(
+        &cluster.agent_config.server_address,
+        trust,
+        "spiffe://example.org/sigil/server".parse().unwrap(),
+        Some(cert),
+    )
+    .await
+    .unwrap()
+}

@@ -74,13 +74,13 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     (code, out)
 }
 
-#[test]
-fn sigil_dev_quickstart_works_as_the_readme_says() {
-    let dir = tempfile::tempdir().unwrap();
+/// Starts `sigil dev --data-dir <dir>` and reads its `export` lines up to
+/// "Press Ctrl-C" (printed once the identity can be fetched).
+fn start_dev(dir: &Path) -> (Guard, Vec<(String, String)>) {
     let mut child = Guard(
         Command::new(bin())
             .args(["dev", "--data-dir"])
-            .arg(dir.path())
+            .arg(dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -98,20 +98,32 @@ fn sigil_dev_quickstart_works_as_the_readme_says() {
             break;
         }
     }
-    let names: Vec<_> = exports.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(names, ["SPIFFE_ENDPOINT_SOCKET", "SIGIL_ADMIN_SOCKET"]);
+    (child, exports)
+}
 
+/// `sigil svid fetch` with `exports`; asserts it succeeds, returns its output.
+fn svid_fetch_ok(exports: &[(String, String)]) -> String {
     let out = Command::new(bin())
         .args(["svid", "fetch"])
-        .envs(exports.clone())
+        .envs(exports.iter().cloned())
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn sigil_dev_quickstart_works_as_the_readme_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, exports) = start_dev(dir.path());
+    let names: Vec<_> = exports.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["SPIFFE_ENDPOINT_SOCKET", "SIGIL_ADMIN_SOCKET"]);
+
+    let text = svid_fetch_ok(&exports);
     assert!(
         text.contains("SPIFFE ID         : spiffe://example.org/user/"),
         "{text}"
@@ -125,21 +137,7 @@ fn sigil_dev_quickstart_works_as_the_readme_says() {
     assert!(child.stop().success());
 
     // A second start on the same data keeps the identity and the registration.
-    let mut child = Guard(
-        Command::new(bin())
-            .args(["dev", "--data-dir"])
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let stdout = child.0.stdout.take().unwrap();
-    for line in BufReader::new(stdout).lines() {
-        if line.unwrap().contains("Press Ctrl-C") {
-            break;
-        }
-    }
+    let (mut child, _) = start_dev(dir.path());
     let out = Command::new(bin())
         .args(["entry", "show"])
         .envs(exports.clone())
@@ -149,16 +147,92 @@ fn sigil_dev_quickstart_works_as_the_readme_says() {
         String::from_utf8_lossy(&out.stdout).contains("Found 1 entry"),
         "no duplicate registration"
     );
-    let out = Command::new(bin())
-        .args(["svid", "fetch"])
-        .envs(exports)
-        .output()
+    svid_fetch_ok(&exports);
+    assert!(child.stop().success());
+}
+
+/// The mode bits of a path (without the file type).
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Issue #12 item 2: another local user reaches the Workload API socket of
+/// `sigil dev` (and is told it has no identity), but not the admin socket,
+/// the database or the keys.
+#[test]
+fn sigil_dev_serves_other_users_the_workload_api_and_nothing_else() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !crate::need_root("sigil_dev_serves_other_users_the_workload_api_and_nothing_else") {
+        return;
+    }
+    // A parent others may search, as /tmp is for the default data dir.
+    let base = tempfile::Builder::new()
+        .prefix("sigil-dev-test-")
+        .tempdir()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = base.path().join("data");
+    let (mut child, exports) = start_dev(&dir);
+    let admin_socket = Path::new(&exports[1].1).to_owned();
+    assert_eq!(
+        exports[0].1,
+        format!("unix://{}", dir.join("public/agent.sock").display())
     );
+    assert_eq!(admin_socket, dir.join("admin/admin.sock"));
+    assert_eq!(mode_of(&dir), 0o711);
+    for private in ["server", "agent", "admin"] {
+        assert_eq!(mode_of(&dir.join(private)), 0o700, "{private}/");
+    }
+    assert_eq!(mode_of(&dir.join("public")), 0o755);
+    assert_eq!(mode_of(&admin_socket), 0o600);
+
+    // The build directory may sit under a home only root can enter: run a
+    // copy from the world-readable base directory.
+    let copy = base.path().join("sigil");
+    std::fs::copy(bin(), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let out = Command::new(&copy)
+            .args(args)
+            .envs(exports.clone())
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stderr) = as_nobody(&["svid", "fetch"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("no identity issued"),
+        "{stderr}"
+    );
+    // The admin socket is out of its reach: it cannot even connect (the
+    // server's own uid check would otherwise answer).
+    let (ok, stderr) = as_nobody(&["entry", "show"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot connect to the admin socket") && !stderr.contains("may not use"),
+        "{stderr}"
+    );
+    // And the database and keys are behind 0700 directories it cannot enter.
+    for private in ["server", "agent"] {
+        let listed = Command::new("ls")
+            .arg(dir.join(private))
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        assert!(!listed.status.success(), "nobody could list {private}/");
+    }
+
+    // The user who started it gets its identity from the same socket.
+    svid_fetch_ok(&exports);
     assert!(child.stop().success());
 }
 

@@ -2,12 +2,10 @@
 
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use sigil_proto::workload::X509svidRequest;
 use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil_testkit::Cluster;
 use tokio::net::UnixStream;
-use tonic::transport::Endpoint;
 
 use crate::{PROMPT, cluster_with_me, init};
 
@@ -62,14 +60,7 @@ use std::os::unix::process::CommandExt;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_security_header_is_invalid_argument() {
     let (cluster, _me) = cluster_with_me(Default::default()).await;
-    let path = cluster.agent_config.socket_path.clone();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-        }))
-        .await
-        .unwrap();
+    let channel = crate::unix_channel(cluster.agent_config.socket_path.clone()).await;
     let mut raw = SpiffeWorkloadApiClient::new(channel);
     let err = raw.fetch_x509svid(X509svidRequest {}).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -175,23 +166,7 @@ async fn a_banned_agent_is_cut_off() {
     assert!(snap.entries.iter().all(|e| e.id != e2.id));
     assert!(!state.is_connected(cluster.agent_id()));
     // ...and its SVID no longer opens anything on the server.
-    let trust = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee((*snap.bundle).clone()));
-    let identity = sigil_agent::persist::Persist::open(&cluster.agent_config.data_dir)
-        .unwrap()
-        .load_identity()
-        .unwrap()
-        .unwrap();
-    let cert = std::sync::Arc::new(
-        sigil_svid::tls::RotatingCert::new(identity.chain, &identity.key).unwrap(),
-    );
-    let mut client = sigil_agent::client::connect(
-        &cluster.agent_config.server_address,
-        trust,
-        "spiffe://example.org/sigil/server".parse().unwrap(),
-        Some(cert),
-    )
-    .await
-    .unwrap();
+    let mut client = crate::agent_api_as_the_agent(&cluster).await;
     let err = client
         .sync(sigil_proto::server::v1::SyncRequest::default())
         .await
@@ -481,6 +456,166 @@ async fn a_connection_flood_of_one_uid_leaves_room_for_others() {
             "this uid's slots were never given back"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.shutdown().await;
+}
+
+/// Issue #12 item 7: in a mount namespace of its own a caller can make
+/// `/proc/<pid>/exe` name any path (here: the sigil binary bind-mounted over
+/// a file that, for the agent, is empty). Such a caller gets no `unix:path`
+/// selector, so an entry for that path does not match it; a caller in the
+/// agent's namespace still gets the path of its binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_path_is_withheld_from_a_caller_in_another_mount_namespace() {
+    if !crate::need_root("unix_path_is_withheld_from_a_caller_in_another_mount_namespace") {
+        return;
+    }
+    init();
+    let mut cluster = Cluster::start(Default::default()).await.unwrap();
+    cluster.stop_agent().await;
+    cluster.agent_config.discover_workload_path = true;
+    cluster.start_agent().await.unwrap();
+    cluster.wait_connected(true).await.unwrap();
+
+    let copy = cluster.dir.path().join("sigil");
+    std::fs::copy(assert_cmd::cargo::cargo_bin("sigil"), &copy).unwrap();
+    let fake = cluster.dir.path().join("trusted-daemon");
+    std::fs::write(&fake, b"").unwrap();
+    let impostor = cluster
+        .register("/impostor", &[&format!("unix:path:{}", fake.display())])
+        .await
+        .unwrap();
+    let real = cluster
+        .register("/real", &[&format!("unix:path:{}", copy.display())])
+        .await
+        .unwrap();
+    cluster.wait_for_svid(&impostor.spiffe_id).await.unwrap();
+    cluster.wait_for_svid(&real.spiffe_id).await.unwrap();
+
+    let socket = cluster.socket_uri();
+    let run = move |cmd: &mut std::process::Command| {
+        let out = cmd.env("SPIFFE_ENDPOINT_SOCKET", &socket).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = run(std::process::Command::new(&copy).args(["svid", "fetch"]));
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("spiffe://example.org/real"), "{stdout}");
+    assert!(!stdout.contains("impostor"), "{stdout}");
+
+    let (ok, stdout, stderr) = run(std::process::Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind \"$1\" \"$2\" && exec \"$2\" svid fetch",
+        "sh",
+        copy.to_str().unwrap(),
+        fake.to_str().unwrap(),
+    ]));
+    assert!(!ok, "a caller in its own mount namespace got {stdout}");
+    assert!(
+        stderr.contains("no identity issued"),
+        "expected PermissionDenied, got: {stderr}"
+    );
+    cluster.shutdown().await;
+}
+
+/// Issue #12 item 7: `admin` and `downstream` entries would claim powers
+/// nothing grants; the admin API and the CLI refuse them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_downstream_entries_are_refused_as_not_supported() {
+    use sigil_proto::server::v1 as pb;
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let channel = crate::unix_channel(cluster.admin_socket()).await;
+    let mut admin = pb::admin_api_client::AdminApiClient::new(channel);
+    let agent = cluster.agent_id().to_string();
+    let entry = |path: &str| pb::Entry {
+        spiffe_id: format!("spiffe://example.org/{path}"),
+        parent_id: agent.clone(),
+        selectors: vec!["unix:uid:1000".into()],
+        ..Default::default()
+    };
+    let plain = admin
+        .batch_create_entry(pb::BatchCreateEntryRequest {
+            entries: vec![entry("plain")],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .remove(0)
+        .entry
+        .unwrap();
+    let r = admin
+        .batch_create_entry(pb::BatchCreateEntryRequest {
+            entries: vec![
+                pb::Entry {
+                    admin: true,
+                    ..entry("admin")
+                },
+                pb::Entry {
+                    downstream: true,
+                    ..entry("downstream")
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].error, "admin is not supported yet");
+    assert_eq!(r.results[1].error, "downstream is not supported yet");
+    // Nor can an existing entry be switched to either.
+    let r = admin
+        .batch_update_entry(pb::BatchUpdateEntryRequest {
+            entries: vec![pb::Entry {
+                admin: true,
+                ..plain.clone()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].error, "admin is not supported yet");
+    let listed = admin
+        .list_entries(pb::ListEntriesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1);
+    assert!(!listed[0].admin && !listed[0].downstream);
+
+    for flag in ["--admin", "--downstream"] {
+        let out = tokio::task::spawn_blocking({
+            let admin_socket = cluster.admin_socket();
+            let agent = agent.clone();
+            move || {
+                std::process::Command::new(assert_cmd::cargo::cargo_bin("sigil"))
+                    .args([
+                        "entry",
+                        "create",
+                        "--spiffe-id",
+                        "spiffe://example.org/flag",
+                    ])
+                    .args(["--parent-id", &agent, "--selector", "unix:uid:7", flag])
+                    .env("SIGIL_ADMIN_SOCKET", admin_socket)
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(&format!("{flag} is not supported yet")),
+            "{stderr}"
+        );
     }
     cluster.shutdown().await;
 }
