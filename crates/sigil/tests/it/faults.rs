@@ -586,7 +586,7 @@ impl Netns {
     /// `None` (after printing why) when this process cannot create one.
     fn create() -> Option<Self> {
         const TEST: &str = "network partition test";
-        if !sigil_testkit::runnable(TEST, nix::unistd::geteuid().is_root(), "needs root") {
+        if !crate::need_root(TEST) {
             return None;
         }
         let has_ip = std::process::Command::new("ip").arg("-V").output().is_ok();

@@ -66,15 +66,7 @@ const PROMPT: Duration = Duration::from_secs(5);
 /// message, except under `CI=true`, where CI runs as root and not being root
 /// is a failure.
 fn need_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test} needs root and CI=true: refusing to skip"
-    );
-    eprintln!("SKIPPED {test}: needs root");
-    false
+    sigil_testkit::runnable(test, nix::unistd::geteuid().is_root(), "needs root")
 }
 
 /// A gRPC channel over the Unix socket at `path`.

@@ -9,18 +9,9 @@ use tokio::net::UnixStream;
 
 use crate::{PROMPT, cluster_with_me, init};
 
-/// Root is needed to run a client as another uid; CI runs as root.
-fn can_switch_uid(test: &str) -> bool {
-    sigil_testkit::runnable(
-        test,
-        nix::unistd::geteuid().is_root(),
-        "needs root to run a client as another uid",
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_uid_gets_permission_denied() {
-    if !can_switch_uid("another_uid_gets_permission_denied") {
+    if !crate::need_root("another_uid_gets_permission_denied") {
         return;
     }
     let (cluster, _me) = cluster_with_me(Default::default()).await;
@@ -396,7 +387,7 @@ async fn node_aliases_group_agents_by_node_selectors() {
 /// identity).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_flood_of_one_uid_leaves_room_for_others() {
-    if !can_switch_uid("a_connection_flood_of_one_uid_leaves_room_for_others") {
+    if !crate::need_root("a_connection_flood_of_one_uid_leaves_room_for_others") {
         return;
     }
     const PER_UID: usize = 3;
