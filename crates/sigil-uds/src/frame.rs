@@ -28,10 +28,13 @@ const MAX_FRAME: usize = 16_384;
 /// The HPACK dynamic table size h2 advertises (`SETTINGS_HEADER_TABLE_SIZE`,
 /// unchanged by tonic): a client may not grow its table beyond it.
 const HEADER_TABLE_SIZE: usize = 4096;
-/// Default bound on a header block, encoded and decoded; gRPC header blocks
-/// are a few hundred bytes, and tonic (hyper) itself refuses a decoded list
-/// over 16 KiB.
-pub const DEFAULT_MAX_HEADER_LIST_SIZE: usize = 64 * 1024;
+/// Default bound on a header block's decoded list: what tonic (hyper)
+/// itself accepts; gRPC header blocks are a few hundred bytes. The block's
+/// frames may take twice that (frame headers, padding).
+pub const DEFAULT_MAX_HEADER_LIST_SIZE: usize = 16 * 1024;
+/// What a field adds to a header list beyond its name and value
+/// (RFC 9113 §6.5.2), so a list of `n` bytes has at most `n / 32` fields.
+const FIELD_OVERHEAD: usize = 32;
 
 /// Why a connection is closed by the shim: each is a client that broke
 /// HTTP/2 or HPACK, or exceeded the header bound; h2 would have ended such a
@@ -44,6 +47,14 @@ pub enum ShimError {
     #[error("header block larger than {limit} bytes")]
     HeaderBlockTooLarge {
         /// The configured bound.
+        limit: usize,
+    },
+    /// A header block has more fields than a list of the configured size
+    /// can hold; found by counting, before any string is decoded, so that a
+    /// block of many tiny Huffman-coded strings costs no decoding work.
+    #[error("header block with more than {limit} fields")]
+    TooManyFields {
+        /// The most fields accepted.
         limit: usize,
     },
     /// The frames break an HTTP/2 rule the shim depends on: a CONTINUATION
@@ -230,9 +241,9 @@ impl Rewriter {
                         continue;
                     }
                     let held = self.block.as_ref().map_or(0, |b| b.raw.len());
-                    if held + FRAME_HEADER + len > self.max_header_list_size {
+                    if held + FRAME_HEADER + len > 2 * self.max_header_list_size {
                         return Err(ShimError::HeaderBlockTooLarge {
-                            limit: self.max_header_list_size,
+                            limit: 2 * self.max_header_list_size,
                         });
                     }
                     let Some(frame) = avail.get(..FRAME_HEADER + len) else {
@@ -273,14 +284,17 @@ impl Rewriter {
     /// re-encoded.
     fn finish(&mut self, block: Block, out: &mut Vec<u8>) -> Result<(), ShimError> {
         let limit = self.max_header_list_size;
+        let max_fields = limit / FIELD_OVERHEAD;
+        if count_fields(&block.fragment)? > max_fields {
+            return Err(ShimError::TooManyFields { limit: max_fields });
+        }
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut size = 0usize;
         self.decoder
             .decode_with_cb(
                 &block.fragment,
                 |name: Cow<'_, [u8]>, value: Cow<'_, [u8]>| {
-                    // RFC 9113 §6.5.2: name + value + 32 per field.
-                    size = size.saturating_add(name.len() + value.len() + 32);
+                    size = size.saturating_add(name.len() + value.len() + FIELD_OVERHEAD);
                     if size <= limit {
                         fields.push((name.into_owned(), value.into_owned()));
                     }
@@ -349,6 +363,64 @@ fn open_block(head: &[u8], payload: &[u8]) -> Result<Block, ShimError> {
         fragment: body.to_vec(),
         raw: Vec::new(),
     })
+}
+
+/// Counts the fields of a header block by its structure alone (RFC 7541
+/// §6), decoding no string.
+fn count_fields(block: &[u8]) -> Result<usize, ShimError> {
+    let mut pos = 0;
+    let mut fields = 0;
+    while let Some(&first) = block.get(pos) {
+        if first & 0x80 != 0 {
+            // Indexed field (§6.1).
+            pos = read_integer(block, pos, 7)?.1;
+            fields += 1;
+        } else if first & 0xe0 == 0x20 {
+            // Dynamic table size update (§6.3).
+            pos = read_integer(block, pos, 5)?.1;
+        } else {
+            // Literal (§6.2): an index or a name string, then a value string.
+            let prefix = if first & 0x40 != 0 { 6 } else { 4 };
+            let (index, after) = read_integer(block, pos, prefix)?;
+            pos = after;
+            if index == 0 {
+                pos = skip_string(block, pos)?;
+            }
+            pos = skip_string(block, pos)?;
+            fields += 1;
+        }
+    }
+    Ok(fields)
+}
+
+/// An HPACK integer at `pos` (RFC 7541 §5.1): its value and the position
+/// after it. More than 4 continuation bytes (2^28) is refused, as HPACK
+/// decoders do.
+fn read_integer(block: &[u8], pos: usize, prefix: u8) -> Result<(usize, usize), ShimError> {
+    let truncated = || ShimError::Hpack("truncated integer".to_owned());
+    let max = (1usize << prefix) - 1;
+    let first = usize::from(*block.get(pos).ok_or_else(truncated)?) & max;
+    if first < max {
+        return Ok((first, pos + 1));
+    }
+    let mut value = first;
+    for i in 0..4 {
+        let byte = *block.get(pos + 1 + i).ok_or_else(truncated)?;
+        value += usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Ok((value, pos + 2 + i));
+        }
+    }
+    Err(ShimError::Hpack("integer too long".to_owned()))
+}
+
+/// The position after the string literal at `pos` (RFC 7541 §5.2).
+fn skip_string(block: &[u8], pos: usize) -> Result<usize, ShimError> {
+    let (len, start) = read_integer(block, pos, 7)?;
+    start
+        .checked_add(len)
+        .filter(|end| *end <= block.len())
+        .ok_or_else(|| ShimError::Hpack("truncated string".to_owned()))
 }
 
 /// Appends one field as "literal never indexed, new name", strings not

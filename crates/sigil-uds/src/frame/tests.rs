@@ -244,7 +244,10 @@ fn padding_priority_and_continuations_are_handled() {
     let (b1, b2) = b.split_at(b.len() / 2);
     input.extend(frame(CONTINUATION, 0, 3, b1));
     input.extend(frame(CONTINUATION, END_HEADERS, 3, b2));
-    let out = rewrite_all(&input).unwrap();
+    // Bounds large enough for the big field.
+    let mut rw = Rewriter::new(64 * 1024);
+    let mut out = vec![];
+    rw.push(&input, &mut out).unwrap();
     assert_eq!(
         server_view(&out),
         [Event::Headers {
@@ -321,9 +324,27 @@ fn broken_framing_and_oversized_blocks_end_the_connection() {
     assert_eq!(
         with(&flood),
         Err(ShimError::HeaderBlockTooLarge {
-            limit: DEFAULT_MAX_HEADER_LIST_SIZE
+            limit: 2 * DEFAULT_MAX_HEADER_LIST_SIZE
         })
     );
+    // Thousands of one-byte Huffman-coded values: refused by counting, before
+    // any string is decoded.
+    let mut tiny = vec![];
+    while tiny.len() + 3 < MAX_FRAME {
+        // Literal without indexing, name :path (index 4), value "0" Huffman-coded.
+        tiny.extend([0x04, 0x81, 0x07]);
+    }
+    assert_eq!(
+        with(&[frame(HEADERS, END_HEADERS, 1, &tiny)]),
+        Err(ShimError::TooManyFields {
+            limit: DEFAULT_MAX_HEADER_LIST_SIZE / 32
+        })
+    );
+    // A string running past the block is refused by the count as well.
+    assert!(matches!(
+        with(&[frame(HEADERS, END_HEADERS, 1, &[0x04, 0x05, b'a'])]),
+        Err(ShimError::Hpack(_))
+    ));
     // A small block that decodes to a huge list (one dynamic entry, many
     // references to it).
     let mut enc = Encoder::new();
