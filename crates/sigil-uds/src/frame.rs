@@ -288,18 +288,16 @@ impl Rewriter {
         if count_fields(&block.fragment)? > max_fields {
             return Err(ShimError::TooManyFields { limit: max_fields });
         }
+        let plain = plain_strings(&block.fragment)?;
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut size = 0usize;
         self.decoder
-            .decode_with_cb(
-                &block.fragment,
-                |name: Cow<'_, [u8]>, value: Cow<'_, [u8]>| {
-                    size = size.saturating_add(name.len() + value.len() + FIELD_OVERHEAD);
-                    if size <= limit {
-                        fields.push((name.into_owned(), value.into_owned()));
-                    }
-                },
-            )
+            .decode_with_cb(&plain, |name: Cow<'_, [u8]>, value: Cow<'_, [u8]>| {
+                size = size.saturating_add(name.len() + value.len() + FIELD_OVERHEAD);
+                if size <= limit {
+                    fields.push((name.into_owned(), value.into_owned()));
+                }
+            })
             .map_err(|e| ShimError::Hpack(e.to_string()))?;
         if size > limit {
             return Err(ShimError::HeaderBlockTooLarge { limit });
@@ -391,6 +389,52 @@ fn count_fields(block: &[u8]) -> Result<usize, ShimError> {
         }
     }
     Ok(fields)
+}
+
+/// The header block with every Huffman-coded string replaced by its plain
+/// form (same fields, same table updates), decoded by [`crate::huffman`].
+fn plain_strings(block: &[u8]) -> Result<Vec<u8>, ShimError> {
+    let mut out = Vec::with_capacity(block.len() * 2);
+    let mut pos = 0;
+    let copy_integer = |out: &mut Vec<u8>, pos: usize, prefix| {
+        let (_, after) = read_integer(block, pos, prefix)?;
+        out.extend_from_slice(block.get(pos..after).unwrap_or_default());
+        Ok::<usize, ShimError>(after)
+    };
+    while let Some(&first) = block.get(pos) {
+        if first & 0x80 != 0 {
+            pos = copy_integer(&mut out, pos, 7)?;
+        } else if first & 0xe0 == 0x20 {
+            pos = copy_integer(&mut out, pos, 5)?;
+        } else {
+            let prefix = if first & 0x40 != 0 { 6 } else { 4 };
+            let (index, _) = read_integer(block, pos, prefix)?;
+            pos = copy_integer(&mut out, pos, prefix)?;
+            if index == 0 {
+                pos = plain_string(block, pos, &mut out)?;
+            }
+            pos = plain_string(block, pos, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Appends the string literal at `pos` with its Huffman coding undone;
+/// returns the position after it.
+fn plain_string(block: &[u8], pos: usize, out: &mut Vec<u8>) -> Result<usize, ShimError> {
+    let end = skip_string(block, pos)?;
+    let huffman = block.get(pos).is_some_and(|b| b & 0x80 != 0);
+    let (_, start) = read_integer(block, pos, 7)?;
+    let raw = block.get(start..end).unwrap_or_default();
+    if huffman {
+        let mut text = Vec::with_capacity(raw.len() * 2);
+        crate::huffman::decode(raw, &mut text).map_err(|e| ShimError::Hpack(e.to_string()))?;
+        encode_integer(text.len(), 7, 0x00, out);
+        out.extend_from_slice(&text);
+    } else {
+        out.extend_from_slice(block.get(pos..end).unwrap_or_default());
+    }
+    Ok(end)
 }
 
 /// An HPACK integer at `pos` (RFC 7541 §5.1): its value and the position

@@ -21,6 +21,7 @@
 //! the kernel's peer credentials, never by what they send.
 
 mod frame;
+mod huffman;
 mod io;
 
 pub use frame::{DEFAULT_MAX_HEADER_LIST_SIZE, Rewriter, ShimError};
