@@ -371,11 +371,14 @@ pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     tracker.spawn(async move {
         // The request timeout ends a call that has not answered; a stream
         // runs on after its first answer.
-        let incoming = crate::limits::incoming(
+        // The :authority shim wraps each connection after its peer
+        // credentials were taken and its slots counted, so that clients of
+        // every gRPC stack (C-core, Java) reach the services.
+        let incoming = sigil_uds::incoming(crate::limits::incoming(
             peer::incoming(listener),
             limits.max_connections,
             limits.max_connections_per_uid,
-        );
+        ));
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_streams_per_connection)
             .timeout(limits.request_timeout)

@@ -360,7 +360,10 @@ pub async fn start_with_store(
         let result = tonic::transport::Server::builder()
             .add_service(admin_service)
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::UnixListenerStream::new(admin_listener),
+                // Clients of every gRPC stack, whatever :authority they send.
+                sigil_uds::incoming(tokio_stream::wrappers::UnixListenerStream::new(
+                    admin_listener,
+                )),
                 c.cancelled_owned(),
             )
             .await;
