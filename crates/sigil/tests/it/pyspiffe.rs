@@ -32,7 +32,7 @@ async fn py_spiffe_drives_every_workload_api_call_of_sigil_dev() {
     let mut cmd = Command::new(bin());
     cmd.args(["dev", "--data-dir"]).arg(&data);
     let mut dev = Proc::spawn(cmd, &log);
-    let socket = data.join("agent.sock");
+    let socket = data.join("public").join("agent.sock");
     let uri = format!("unix://{}", socket.display());
     // The Rust client (grpc-go's `localhost`) sees the SVID first, so the
     // script runs against a ready agent.
