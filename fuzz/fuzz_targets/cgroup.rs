@@ -1,10 +1,9 @@
-//! `/proc/<pid>/cgroup` and `/proc/<pid>/mountinfo` text: the container
-//! locators never panic, and what they report is a well-formed pod UID and
-//! container ID.
+//! `/proc/<pid>/cgroup` text: the container locator never panics, and what
+//! it reports is a well-formed pod UID and container ID.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sigil_k8s::cgroup::{ContainerInfo, from_cgroup, from_mountinfo, locate};
+use sigil_k8s::cgroup::{ContainerInfo, KubeletCgroups, from_cgroup};
 
 fn check(info: &ContainerInfo) {
     if let Some(id) = &info.container_id {
@@ -33,14 +32,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(info) = from_cgroup(text) {
         check(&info);
     }
-    if let Ok(info) = from_mountinfo(text) {
-        check(&info);
-    }
-    let (cgroup, mountinfo) = text.split_once('\0').unwrap_or((text, ""));
-    if let Ok(info) = locate(cgroup, Some(mountinfo)) {
-        check(&info);
-    }
-    if let Ok(info) = locate(cgroup, None) {
-        check(&info);
+    if let Ok(cgroups) = KubeletCgroups::new("/kubelet")
+        && let Ok(location) = cgroups.locate(text)
+    {
+        check(&location.into_info());
     }
 });

@@ -130,6 +130,8 @@ struct K8sFile {
     poll_retry_interval: Duration,
     #[serde(default)]
     disable_container_selectors: bool,
+    #[serde(default = "default_kubelet_cgroup_root")]
+    kubelet_cgroup_root: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -145,6 +147,9 @@ fn default_kubelet_url() -> String {
 }
 fn default_kubelet_token() -> PathBuf {
     PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+}
+fn default_kubelet_cgroup_root() -> String {
+    "/".to_owned()
 }
 fn default_proc_root() -> PathBuf {
     PathBuf::from("/proc")
@@ -180,6 +185,9 @@ pub struct K8sWorkloadConfig {
     pub poll_retry_interval: Duration,
     /// Leave out the `container-name` and `container-image` selectors.
     pub disable_container_selectors: bool,
+    /// The kubelet's `cgroupRoot` (`/` by default): only cgroups under its
+    /// `kubepods` cgroup identify a pod.
+    pub kubelet_cgroup_root: String,
 }
 
 /// PSAT node attestation: the agent proves its node with a projected service-account token.
@@ -365,6 +373,10 @@ impl AgentConfig {
                 if k.max_poll_attempts == 0 {
                     return Err(invalid("agent.k8s.max_poll_attempts", "must be at least 1".into()));
                 }
+                #[cfg(feature = "k8s")]
+                if let Err(e) = sigil_k8s::cgroup::KubeletCgroups::new(&k.kubelet_cgroup_root) {
+                    return Err(invalid("agent.k8s.kubelet_cgroup_root", e.to_string()));
+                }
                 Ok(K8sWorkloadConfig {
                     kubelet_url: k.kubelet_url,
                     token_path: k.token_path,
@@ -375,6 +387,7 @@ impl AgentConfig {
                     max_poll_attempts: k.max_poll_attempts,
                     poll_retry_interval: k.poll_retry_interval,
                     disable_container_selectors: k.disable_container_selectors,
+                    kubelet_cgroup_root: k.kubelet_cgroup_root,
                 })
             })
             .transpose()?;
@@ -543,6 +556,25 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("kubelet_url"), "{err}");
+        assert_eq!(k.kubelet_cgroup_root, "/");
+    }
+
+    #[test]
+    #[cfg(feature = "k8s")]
+    fn kubelet_cgroup_root_is_checked_and_named_in_errors() {
+        let base = "[agent]\ntrust_domain = \"e.org\"\nserver_address = \"s:1\"\n[agent.k8s]\n";
+        let c = AgentConfig::parse(&format!("{base}kubelet_cgroup_root = \"/kubelet\"\n"), None)
+            .unwrap();
+        assert_eq!(c.k8s.unwrap().kubelet_cgroup_root, "/kubelet");
+        for bad in ["kubelet", "/kubelet.slice", "/a/../b"] {
+            let err = AgentConfig::parse(&format!("{base}kubelet_cgroup_root = {bad:?}\n"), None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("agent.k8s.kubelet_cgroup_root"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

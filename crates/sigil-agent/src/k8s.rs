@@ -16,12 +16,14 @@ use crate::config::K8sWorkloadConfig;
 pub struct PodAttestor {
     kubelet: KubeletClient,
     proc_root: PathBuf,
+    cgroups: cgroup::KubeletCgroups,
 }
 
 impl std::fmt::Debug for PodAttestor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PodAttestor")
             .field("proc_root", &self.proc_root)
+            .field("cgroups", &self.cgroups.roots())
             .finish_non_exhaustive()
     }
 }
@@ -55,22 +57,44 @@ impl PodAttestor {
         let kubelet = KubeletClient::new(source, node_name, retry)
             .map_err(|e| AgentError::Config(format!("agent.k8s: {e}")))?
             .with_disable_container_selectors(cfg.disable_container_selectors);
+        let cgroups = cgroup::KubeletCgroups::new(&cfg.kubelet_cgroup_root)
+            .map_err(|e| AgentError::Config(format!("agent.k8s.kubelet_cgroup_root: {e}")))?;
         Ok(Arc::new(Self {
             kubelet,
             proc_root: cfg.proc_root.clone(),
+            cgroups,
         }))
     }
 
     /// The pod selectors of process `pid`; empty when it is not in a pod.
     pub async fn attest(&self, pid: i32) -> Result<Selectors, String> {
         let root = self.proc_root.clone();
-        let info = tokio::task::spawn_blocking(move || cgroup::locate_pid(&root, pid))
+        let cgroups = self.cgroups.clone();
+        let location = tokio::task::spawn_blocking(move || cgroups.locate_pid(&root, pid))
             .await
             .map_err(|e| format!("cgroup lookup task failed: {e}"))?
             .map_err(|e| e.to_string())?;
-        if !info.is_in_container() {
-            return Ok(Selectors::new());
-        }
+        let info = match location {
+            cgroup::Location::Workload(info) => info,
+            // A cgroup dressed up as a pod's outside the kubelet's tree is
+            // worth an operator's attention; an ordinary host process is not.
+            cgroup::Location::Foreign { ref path, .. } if path.contains("pod") => {
+                tracing::warn!(
+                    pid,
+                    reason = location.refusal(&self.cgroups),
+                    "no k8s selectors for a process whose cgroup looks like a pod's"
+                );
+                return Ok(Selectors::new());
+            }
+            other => {
+                tracing::debug!(
+                    pid,
+                    reason = other.refusal(&self.cgroups),
+                    "no k8s selectors"
+                );
+                return Ok(Selectors::new());
+            }
+        };
         match self.kubelet.attest(&info).await {
             Ok(Some(s)) => Ok(s),
             Ok(None) => Ok(Selectors::new()),

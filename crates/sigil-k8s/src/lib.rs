@@ -2,7 +2,7 @@
 //!
 //! | module | role |
 //! |---|---|
-//! | [`cgroup`] | `/proc/<pid>/cgroup` (and mountinfo fallback) → pod UID and container ID |
+//! | [`cgroup`] | `/proc/<pid>/cgroup` → pod UID and container ID, only under the kubelet's cgroup root |
 //! | [`kubelet`] | the kubelet pod list: client, shared cache, pod lookup, `k8s:` selectors |
 //! | [`psat`] | projected service-account token node attestation (agent and server sides) |
 //! | [`controller`] | the entry controller: `ClusterSPIFFEID` / `ClusterStaticEntry` resources to registration entries |

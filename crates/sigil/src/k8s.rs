@@ -53,9 +53,9 @@ pub(crate) struct SelectorsArgs {
     /// Only pods on this node count, as on the agent.
     #[arg(long)]
     node_name: Option<String>,
-    /// The process's mountinfo, consulted only when the cgroup file names no container.
-    #[arg(long)]
-    mountinfo: Option<PathBuf>,
+    /// The kubelet's cgroupRoot, as in the agent's [agent.k8s] kubelet_cgroup_root: only cgroups under its kubepods cgroup identify a pod (no mountinfo is read: a process can forge its own).
+    #[arg(long, default_value = sigil_k8s::cgroup::DEFAULT_KUBELET_CGROUP_ROOT)]
+    kubelet_cgroup_root: String,
 }
 
 pub(crate) async fn run(cmd: K8sCommand) -> anyhow::Result<()> {
@@ -94,13 +94,18 @@ fn selectors(a: SelectorsArgs) -> anyhow::Result<()> {
     let cgroup = std::fs::read_to_string(&a.cgroup)
         .with_context(|| format!("reading {}", a.cgroup.display()))?;
     let pods = std::fs::read(&a.pods).with_context(|| format!("reading {}", a.pods.display()))?;
-    let mountinfo = a
-        .mountinfo
-        .as_ref()
-        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
-        .transpose()?;
-    match sigil_k8s::kubelet::explain(&cgroup, mountinfo.as_deref(), &pods, a.node_name.as_deref())
-    {
+    let cgroups = sigil_k8s::cgroup::KubeletCgroups::new(&a.kubelet_cgroup_root)
+        .context("--kubelet-cgroup-root")?;
+    // The agent's own locator decides; the pod-list lookup then gets the
+    // location it found, in the form the default root reads back.
+    let location = cgroups
+        .locate(&cgroup)
+        .map_err(|e| anyhow::anyhow!("no k8s selectors: {e}"))?;
+    if let Some(reason) = location.refusal(&cgroups) {
+        anyhow::bail!("no k8s selectors: {reason}");
+    }
+    let located = location.into_info().to_cgroup_file();
+    match sigil_k8s::kubelet::explain(&located, None, &pods, a.node_name.as_deref()) {
         Ok(selectors) => {
             for s in selectors.iter() {
                 println!("{s}");

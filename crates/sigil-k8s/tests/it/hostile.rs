@@ -1,11 +1,11 @@
-//! Hostile `/proc/<pid>/cgroup` and `mountinfo` text (the proptest version of
+//! Hostile `/proc/<pid>/cgroup` text (the proptest version of
 //! `fuzz/fuzz_targets/cgroup.rs`): arbitrary text, text shaped like cgroup
 //! lines, and one-byte edits of a real pod's file. The locators never panic,
 //! errors carry a message, and whatever they report is a canonical pod UID
 //! and a 64-hex container ID.
 
 use proptest::prelude::*;
-use sigil_k8s::cgroup::{ContainerInfo, from_cgroup, from_mountinfo, locate};
+use sigil_k8s::cgroup::{ContainerInfo, KubeletCgroups, from_cgroup};
 
 use crate::cgroup::{KIND_CID, KIND_POD};
 
@@ -62,13 +62,12 @@ fn assert_well_formed(info: &ContainerInfo) {
     }
 }
 
-/// Runs every text locator on `cgroup` (and `mountinfo`).
-fn locate_everywhere(cgroup: &str, mountinfo: &str) {
+/// Runs the locator on `cgroup` with the default and a custom kubelet root.
+fn locate_everywhere(cgroup: &str) {
+    let kind = KubeletCgroups::new("/kubelet").unwrap();
     for result in [
         from_cgroup(cgroup),
-        from_mountinfo(mountinfo),
-        locate(cgroup, Some(mountinfo)),
-        locate(cgroup, None),
+        kind.locate(cgroup).map(|l| l.into_info()),
     ] {
         match result {
             Ok(info) => assert_well_formed(&info),
@@ -104,13 +103,13 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(CASES))]
 
     #[test]
-    fn locators_survive_arbitrary_text(cgroup in any::<String>(), mountinfo in any::<String>()) {
-        locate_everywhere(&cgroup, &mountinfo);
+    fn locators_survive_arbitrary_text(cgroup in any::<String>()) {
+        locate_everywhere(&cgroup);
     }
 
     #[test]
-    fn locators_survive_cgroup_like_text(cgroup in cgroup_like(), mountinfo in cgroup_like()) {
-        locate_everywhere(&cgroup, &mountinfo);
+    fn locators_survive_cgroup_like_text(cgroup in cgroup_like()) {
+        locate_everywhere(&cgroup);
     }
 
     #[test]
@@ -121,7 +120,7 @@ proptest! {
     ) {
         let edited = mutate(sample_cgroup().as_bytes(), op, pos, value);
         let edited = String::from_utf8_lossy(&edited);
-        locate_everywhere(&edited, &edited);
+        locate_everywhere(&edited);
     }
 }
 

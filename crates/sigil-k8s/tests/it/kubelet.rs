@@ -10,7 +10,7 @@ use std::time::Duration;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::Value;
-use sigil_k8s::cgroup::{ContainerInfo, from_cgroup};
+use sigil_k8s::cgroup::{ContainerInfo, KubeletCgroups, from_cgroup};
 use sigil_k8s::kubelet::{
     KubeletClient, KubeletError, KubeletSource, Lookup, LookupOptions, PodList, RetryPolicy,
     explain, parse_pod_list, selectors_for, selectors_with,
@@ -39,6 +39,22 @@ fn expected(case: &Value) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// A cgroup fixture as the agent reads it: kind's kubepods tree sits under
+/// the node container's cgroup, which the agent is configured with
+/// (`kubelet_cgroup_root`); the location is handed on as default-root text.
+fn cgroup_fixture(file: &str) -> String {
+    let text = fixture(file);
+    if !file.ends_with("spire_cgroups_pid_in_kind_pod.txt") {
+        return text;
+    }
+    KubeletCgroups::new("/docker/93529524695bb00d91c1f6dba692ea8d3550c3b94fb2463af7bc9ec82f992d26")
+        .unwrap()
+        .locate(&text)
+        .unwrap()
+        .into_info()
+        .to_cgroup_file()
 }
 
 fn cgroups_of(case: &Value) -> Vec<String> {
@@ -72,7 +88,7 @@ fn spire_workload_attestor_selector_cases() {
                 .unwrap_or(false),
         };
         for cgroup_file in cgroups_of(case) {
-            let cgroup = fixture(&cgroup_file);
+            let cgroup = cgroup_fixture(&cgroup_file);
             let info = from_cgroup(&cgroup).unwrap();
             let got = selectors_with(&list, &info, &options);
             if let Some(err) = case.get("expected_error") {
@@ -885,7 +901,7 @@ async fn fetch_pods_json_feeds_explain() {
     let client = KubeletClient::new(read_only(&fake), None, fast(1)).unwrap();
     let body = client.fetch_pods_json().await.unwrap();
     let sel = explain(
-        &fixture("cgroup/spire_cgroups_pid_in_kind_pod.txt"),
+        &cgroup_fixture("cgroup/spire_cgroups_pid_in_kind_pod.txt"),
         None,
         &body,
         Some("kind-control-plane"),

@@ -96,6 +96,7 @@ async fn attested_attributes_reach_x509_and_jwt_svids_only_when_asked_for() {
         max_poll_attempts: 3,
         poll_retry_interval: Duration::from_millis(100),
         disable_container_selectors: false,
+        kubelet_cgroup_root: "/".into(),
     });
     let agent = sigil_agent::start(acfg).await.unwrap();
 

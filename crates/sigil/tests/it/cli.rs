@@ -511,6 +511,104 @@ fn k8s_selectors_explains_a_pod_and_a_non_pod() {
         .stderr(predicate::str::contains("no k8s selectors"));
 }
 
+/// Issue #12 item 4 through `sigil k8s selectors`: cgroup paths that name the
+/// blog pod's container outside the kubelet's hierarchy (a user's delegated
+/// subtree, another container's child cgroup, a foreign root), with both
+/// drivers and cgroup v1/v2, get none of its selectors; the real path does.
+#[test]
+fn k8s_selectors_refuses_cgroups_shaped_like_a_pods() {
+    let f = fixtures();
+    let pods = f.join("kubelet/spire_pod_list.json");
+    let dir = tempfile::tempdir().unwrap();
+    let cgroup = dir.path().join("cgroup");
+    let blog_uid = "k8s:pod-uid:2c48913c-b29f-11e7-9350-020968147796";
+    let cid = "9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961";
+    let other = "09bc3d7ade839efec32b6bec4ec79d099027a668ddba043083ec21d3c3b8f1e6";
+    let run = |text: &str, extra: &[&str]| {
+        std::fs::write(&cgroup, text).unwrap();
+        sigil()
+            .args(["k8s", "selectors", "--pods"])
+            .arg(&pods)
+            .arg("--cgroup")
+            .arg(&cgroup)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for systemd in [false, true] {
+        let (blog, attacker) = if systemd {
+            (
+                format!(
+                    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod2c48913c_b29f_11e7_9350_020968147796.slice/docker-{cid}.scope"
+                ),
+                format!(
+                    "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-poda2830d0d_b0f0_4ff0_81b5_0ee4e299cf80.slice/cri-containerd-{other}.scope"
+                ),
+            )
+        } else {
+            (
+                format!("/kubepods/burstable/pod2c48913c-b29f-11e7-9350-020968147796/{cid}"),
+                format!("/kubepods/besteffort/poda2830d0d-b0f0-4ff0-81b5-0ee4e299cf80/{other}"),
+            )
+        };
+        for v1 in [false, true] {
+            let file = |path: &str| {
+                if v1 {
+                    format!("12:pids:{path}\n5:memory:{path}\n3:rdma:/\n1:name=systemd:{path}\n")
+                } else {
+                    format!("0::{path}\n")
+                }
+            };
+            let out = run(&file(&blog), &[]);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.lines().any(|l| l == blog_uid),
+                "{blog}: {stdout}"
+            );
+            for (what, forged, why) in [
+                (
+                    "user",
+                    format!("/user.slice/user-1000.slice/user@1000.service/app.slice{blog}"),
+                    "outside the kubelet's pod cgroups",
+                ),
+                (
+                    "child",
+                    format!("{attacker}{blog}"),
+                    &format!("container {other}")[..],
+                ),
+                (
+                    "foreign",
+                    format!("/machine.slice/machine-qemu.scope{blog}"),
+                    "outside the kubelet's pod cgroups",
+                ),
+            ] {
+                let out = run(&file(&forged), &[]);
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(!out.status.success(), "{what} {forged}: accepted");
+                assert!(out.stdout.is_empty(), "{what} {forged}");
+                assert!(
+                    stderr.contains("no k8s selectors") && stderr.contains(why),
+                    "{what} {forged}: {stderr}"
+                );
+            }
+        }
+    }
+    // A custom kubelet cgroupRoot: refused by default, found once configured.
+    let kind =
+        format!("0::/kubelet/kubepods/burstable/pod2c48913c-b29f-11e7-9350-020968147796/{cid}\n");
+    assert!(!run(&kind, &[]).status.success());
+    let out = run(&kind, &["--kubelet-cgroup-root", "/kubelet"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l == blog_uid)
+    );
+    // mountinfo is not an input any more.
+    let out = run("0::/\n", &["--mountinfo", "/dev/null"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--mountinfo"));
+}
+
 /// Runs `sigil` with the cluster's admin socket, off the async runtime.
 pub(crate) async fn run_admin(
     admin: &std::path::Path,

@@ -39,6 +39,7 @@ async fn a_workload_in_a_pod_gets_the_identity_registered_for_its_pod() {
             max_poll_attempts: 3,
             poll_retry_interval: Duration::from_millis(100),
             disable_container_selectors: false,
+            kubelet_cgroup_root: "/".into(),
         }),
         ..Default::default()
     };
@@ -105,15 +106,26 @@ async fn a_workload_in_a_pod_gets_the_identity_registered_for_its_pod() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_outside_any_pod_gets_only_unix_selectors() {
     init();
+    let work = tempfile::tempdir().unwrap();
+    let proc_root = fake_proc(work.path(), "cgroup/spire_cgroups_pid_not_in_pod.txt");
+    only_the_unix_identity(work.path(), proc_root, "k8s:ns:default").await;
+}
+
+/// Starts an agent that reads `proc_root` and the blog pod's kubelet, and
+/// checks that this process gets its `unix:uid` entry and not the one on
+/// `pod_selector`; returns the kubelet for more checks.
+async fn only_the_unix_identity(
+    work: &std::path::Path,
+    proc_root: std::path::PathBuf,
+    pod_selector: &str,
+) -> FakeKubelet {
     let kubelet = FakeKubelet::start(fixture_bytes("kubelet/spire_pod_list.json").unwrap())
         .await
         .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let proc_root = fake_proc(work.path(), "cgroup/spire_cgroups_pid_not_in_pod.txt");
     let opts = ClusterOptions {
         agent_k8s: Some(K8sWorkloadConfig {
             kubelet_url: kubelet.url(),
-            token_path: work.path().join("unused-token"),
+            token_path: work.join("unused-token"),
             kubelet_ca_path: None,
             skip_kubelet_verification: false,
             node_name: None,
@@ -121,13 +133,14 @@ async fn a_process_outside_any_pod_gets_only_unix_selectors() {
             max_poll_attempts: 2,
             poll_retry_interval: Duration::from_millis(50),
             disable_container_selectors: false,
+            kubelet_cgroup_root: "/".into(),
         }),
         ..Default::default()
     };
     let cluster = Cluster::start(opts).await.unwrap();
     let uid = nix::unistd::getuid();
     let pod_only = cluster
-        .register("/pod-only", &["k8s:ns:default"])
+        .register("/pod-only", &[pod_selector])
         .await
         .unwrap();
     let host = cluster
@@ -148,6 +161,7 @@ async fn a_process_outside_any_pod_gets_only_unix_selectors() {
         .collect();
     assert_eq!(ids, vec!["spiffe://example.org/host"]);
     cluster.shutdown().await;
+    kubelet
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,4 +331,31 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
     assert_eq!(again.agent_id.to_string(), expected);
     again.shutdown().await;
     server.shutdown().await;
+}
+
+/// Issue #12 item 4, through the real agent: a host process in a cgroup of
+/// its user's systemd-delegated subtree named like the blog pod's container,
+/// with a mount table (its own mount namespace) that bind-mounts the blog
+/// pod's cgroup, gets its unix identity and not the pod's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_in_a_cgroup_shaped_like_a_pods_gets_only_unix_selectors() {
+    init();
+    let work = tempfile::tempdir().unwrap();
+    let proc_root = work.path().join("proc");
+    let me = proc_root.join(std::process::id().to_string());
+    std::fs::create_dir_all(&me).unwrap();
+    let blog = "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod2c48913c_b29f_11e7_9350_020968147796.slice/docker-9bca8d63d5fa610783847915bcff0ecac1273e5b4bed3f6fa1b07350e0135961.scope";
+    std::fs::write(
+        me.join("cgroup"),
+        format!("0::/user.slice/user-1000.slice/user@1000.service/app.slice/{blog}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        me.join("mountinfo"),
+        format!("30 29 0:26 /{blog} /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n"),
+    )
+    .unwrap();
+    let pod = "k8s:pod-uid:2c48913c-b29f-11e7-9350-020968147796";
+    let kubelet = only_the_unix_identity(work.path(), proc_root, pod).await;
+    assert_eq!(kubelet.requests(), 0, "no pod list is needed to refuse");
 }
