@@ -111,13 +111,18 @@ pub async fn attest_psat(
 ) -> Result<sigil_proto::server::v1::AttestResponse, AgentError> {
     let token = sigil_k8s::psat::read_token(&cfg.token_path)
         .map_err(|e| AgentError::Config(format!("agent.k8s_psat.token_path: {e}")))?;
-    Ok(client
-        .attest_psat(sigil_proto::server::v1::AttestPsatRequest {
+    // Refused for the rate limit (a fleet restarting behind one address):
+    // wait and try again with the same token.
+    Ok(crate::retry::while_exhausted("AttestPsat", || {
+        let mut client = client.clone();
+        let req = sigil_proto::server::v1::AttestPsatRequest {
             cluster: cfg.cluster.clone(),
-            token,
-            csr,
-        })
-        .await
-        .map_err(AgentError::from_status)?
-        .into_inner())
+            token: token.clone(),
+            csr: csr.clone(),
+        };
+        async move { client.attest_psat(req).await }
+    })
+    .await
+    .map_err(AgentError::from_status)?
+    .into_inner())
 }
