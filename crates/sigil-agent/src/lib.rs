@@ -176,7 +176,8 @@ async fn attest(
             .id_with_path(sigil_types::SERVER_PATH)
             .map_err(|e| AgentError::Config(e.to_string()))?;
         let mut client = client::connect(&cfg.server_address, trust, server_id, None).await?;
-        let (identity, resp) = k8s::attest_psat_with_new_key(&mut client, psat).await?;
+        let (identity, resp) =
+            k8s::attest_psat_with_new_key(&mut client, psat, k8s::WhenLimited::Retry).await?;
         let bundle = Bundle::from_json(cfg.trust_domain.clone(), &resp.bundle_json)?;
         persist.save_identity(&identity)?;
         persist.save_bundle(&bundle)?;
