@@ -604,3 +604,50 @@ async fn a_fleet_behind_one_address_attests_despite_a_low_rate_limit() {
     assert!(refusals.load(Ordering::Relaxed) > 0);
     server.shutdown().await;
 }
+
+/// An agent starting while its address has no attestation budget left (a
+/// fleet behind one address) waits for the limit instead of failing: both
+/// its bootstrap bundle fetch and its attestation are refused at first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_start_waits_out_the_attestation_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(
+        &dir,
+        ServerLimits {
+            attest: Rate::new(1, 1),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Spend 127.0.0.1's budget.
+    let mut anon = anonymous(&server).await;
+    let mut refused = false;
+    for _ in 0..5 {
+        if let Err(e) = anon.get_bundle(pb::GetBundleRequest {}).await {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the budget was never spent");
+    let token = server.state.generate_join_token(None).await.unwrap();
+    let mut cfg = sigil_agent::config::AgentConfig::with_defaults(
+        server.state.config.trust_domain.clone(),
+        server.agent_api_addr.to_string(),
+        dir.path().join("agent"),
+    );
+    cfg.socket_path = dir.path().join("agent.sock");
+    cfg.join_token = Some(token.token);
+    let agent = tokio::time::timeout(Duration::from_secs(60), sigil_agent::start(cfg))
+        .await
+        .expect("the agent started within 60 s")
+        .expect("the agent attests once the limit admits it");
+    assert!(
+        agent
+            .agent_id
+            .to_string()
+            .starts_with("spiffe://example.org/sigil/agent/")
+    );
+    agent.shutdown().await;
+    server.shutdown().await;
+}
