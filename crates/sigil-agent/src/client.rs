@@ -177,14 +177,20 @@ pub async fn bootstrap_bundle_by_fingerprint(
         )))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let mut client = connect_with(servers, config).await?;
-    let resp = client
-        .get_bundle(sigil_proto::server::v1::GetBundleRequest {})
-        .await
-        .map_err(|s| {
-            AgentError::Unavailable(format!("fetching the bootstrap bundle: {}", s.message()))
-        })?
-        .into_inner();
+    let client = connect_with(servers, config).await?;
+    let resp = crate::retry::while_exhausted("GetBundle", || {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_bundle(sigil_proto::server::v1::GetBundleRequest {})
+                .await
+        }
+    })
+    .await
+    .map_err(|s| {
+        AgentError::Unavailable(format!("fetching the bootstrap bundle: {}", s.message()))
+    })?
+    .into_inner();
     let bundle = Bundle::from_json(trust_domain.clone(), &resp.bundle_json)?;
     let want = fingerprint.to_ascii_lowercase();
     if bundle

@@ -322,7 +322,9 @@ impl Core {
             // the pod and node again; others renew with their current SVID.
             #[cfg(feature = "k8s")]
             if let Some(psat) = &self.cfg.k8s_psat {
-                let resp = crate::k8s::attest_psat(&mut client, psat, csr).await?;
+                let resp =
+                    crate::k8s::attest_psat(&mut client, psat, csr, crate::k8s::WhenLimited::Fail)
+                        .await?;
                 return AgentIdentity::new(resp.cert_chain, key);
             }
             let resp = client
@@ -374,8 +376,12 @@ impl Core {
                     None,
                 )
                 .await?;
-                let (identity, _) =
-                    crate::k8s::attest_psat_with_new_key(&mut client, &psat).await?;
+                let (identity, _) = crate::k8s::attest_psat_with_new_key(
+                    &mut client,
+                    &psat,
+                    crate::k8s::WhenLimited::Fail,
+                )
+                .await?;
                 Ok::<_, AgentError>(identity)
             }
             .await;

@@ -110,6 +110,7 @@ pub(crate) async fn attest_psat_with_new_key(
         tonic::transport::Channel,
     >,
     cfg: &crate::config::PsatConfig,
+    when_limited: WhenLimited,
 ) -> Result<
     (
         crate::persist::AgentIdentity,
@@ -119,9 +120,20 @@ pub(crate) async fn attest_psat_with_new_key(
 > {
     let key = sigil_svid::keys::PrivateKey::generate_p256()?;
     let csr = sigil_svid::x509::make_csr(&key)?;
-    let mut resp = attest_psat(client, cfg, csr).await?;
+    let mut resp = attest_psat(client, cfg, csr, when_limited).await?;
     let identity = crate::persist::AgentIdentity::new(std::mem::take(&mut resp.cert_chain), key)?;
     Ok((identity, resp))
+}
+
+/// What [`attest_psat`] does when the server's rate limit refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenLimited {
+    /// Return the refusal: the caller is the agent's main task, which must
+    /// not stall, and tries again later with its own backoff.
+    Fail,
+    /// Wait and try again ([`crate::retry::while_exhausted`]): the agent's
+    /// start, when a fleet behind one address may attest at once.
+    Retry,
 }
 
 /// Attests (or re-attests) the node with the projected service-account
@@ -132,16 +144,22 @@ pub async fn attest_psat(
     >,
     cfg: &crate::config::PsatConfig,
     csr: Vec<u8>,
+    when_limited: WhenLimited,
 ) -> Result<sigil_proto::server::v1::AttestResponse, AgentError> {
     let token = sigil_k8s::psat::read_token(&cfg.token_path)
         .map_err(|e| AgentError::Config(format!("agent.k8s_psat.token_path: {e}")))?;
-    Ok(client
-        .attest_psat(sigil_proto::server::v1::AttestPsatRequest {
+    let call = || {
+        let mut client = client.clone();
+        let req = sigil_proto::server::v1::AttestPsatRequest {
             cluster: cfg.cluster.clone(),
-            token,
-            csr,
-        })
-        .await
-        .map_err(AgentError::from_status)?
-        .into_inner())
+            token: token.clone(),
+            csr: csr.clone(),
+        };
+        async move { client.attest_psat(req).await }
+    };
+    let resp = match when_limited {
+        WhenLimited::Fail => call().await,
+        WhenLimited::Retry => crate::retry::while_exhausted("AttestPsat", call).await,
+    };
+    Ok(resp.map_err(AgentError::from_status)?.into_inner())
 }

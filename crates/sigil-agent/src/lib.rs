@@ -21,6 +21,7 @@
 //! | [`workload`] | the SPIFFE Workload API |
 //! | [`sds`] | Envoy's Secret Discovery Service (SDS v3) |
 //! | [`limits`] | request size, per-uid rate limits, connection cap, timeouts |
+//! | [`retry`] | waiting and retrying when the server's rate limit refuses a call |
 
 pub mod attest;
 pub mod client;
@@ -32,6 +33,7 @@ pub mod limits;
 pub mod metrics;
 pub mod peer;
 pub mod persist;
+pub mod retry;
 pub mod sds;
 mod time;
 pub mod workload;
@@ -174,7 +176,8 @@ async fn attest(
             .id_with_path(sigil_types::SERVER_PATH)
             .map_err(|e| AgentError::Config(e.to_string()))?;
         let mut client = client::connect(&cfg.server_address, trust, server_id, None).await?;
-        let (identity, resp) = k8s::attest_psat_with_new_key(&mut client, psat).await?;
+        let (identity, resp) =
+            k8s::attest_psat_with_new_key(&mut client, psat, k8s::WhenLimited::Retry).await?;
         let bundle = Bundle::from_json(cfg.trust_domain.clone(), &resp.bundle_json)?;
         persist.save_identity(&identity)?;
         persist.save_bundle(&bundle)?;
@@ -204,17 +207,22 @@ async fn attest(
         .trust_domain
         .id_with_path(sigil_types::SERVER_PATH)
         .map_err(|e| AgentError::Config(e.to_string()))?;
-    let mut client = client::connect(&cfg.server_address, trust.clone(), server_id, None).await?;
+    let client = client::connect(&cfg.server_address, trust.clone(), server_id, None).await?;
     let key = PrivateKey::generate_p256()?;
     let csr = sigil_svid::x509::make_csr(&key)?;
-    let resp = client
-        .attest_join_token(pb::AttestJoinTokenRequest {
+    // A fleet restarting behind one address meets the server's rate limit:
+    // wait and try again rather than fail the start.
+    let resp = retry::while_exhausted("AttestJoinToken", || {
+        let mut client = client.clone();
+        let req = pb::AttestJoinTokenRequest {
             token: token.to_owned(),
-            csr,
-        })
-        .await
-        .map_err(AgentError::from_status)?
-        .into_inner();
+            csr: csr.clone(),
+        };
+        async move { client.attest_join_token(req).await }
+    })
+    .await
+    .map_err(AgentError::from_status)?
+    .into_inner();
     let identity = AgentIdentity::new(resp.cert_chain, key)?;
     let bundle = Bundle::from_json(cfg.trust_domain.clone(), &resp.bundle_json)?;
     persist.save_identity(&identity)?;

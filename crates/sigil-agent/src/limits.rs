@@ -9,10 +9,9 @@
 //! is why the defaults are generous; the limits are there to stop a caller
 //! from monopolizing the agent, not to ration normal use.
 
-use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use serde::Deserialize;
 use sigil_types::config::{ConfigError, require_positive};
 use sigil_types::duration::serde_human;
 use sigil_types::ratelimit::{Exceeded, KeyedLimiter, Rate};
+use sigil_types::slots::{KeyedSlots, Slot};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::Stream;
@@ -30,6 +30,12 @@ use crate::peer::peer_of;
 
 /// Most callers (uids) each rate limiter remembers; idle ones are forgotten first.
 pub const MAX_TRACKED_CALLERS: usize = 10_000;
+
+/// Most open connections whose caller's uid the kernel would not give: a
+/// small bucket of their own, outside `max_connections`, so that they can
+/// never take the slots identified callers need. The kernel records the
+/// uid of every Unix-socket connection, so this is for the unexpected only.
+pub const MAX_UNIDENTIFIED_CONNECTIONS: usize = 16;
 
 /// Keys of `[agent.limits]`, as written by users; every key is optional.
 #[derive(Debug, Clone, Deserialize)]
@@ -208,14 +214,18 @@ fn exhausted(what: &str, uid: u32, e: Exceeded) -> Status {
 
 /// Who opened a connection, for the per-caller cap of [`incoming`].
 pub trait Caller {
-    /// The caller's uid; `None` when it could not be read (such callers
-    /// share one count).
+    /// The uid of the process that connected, as the kernel recorded it;
+    /// `None` when the kernel would not say (such connections share the
+    /// small [`MAX_UNIDENTIFIED_CONNECTIONS`] bucket).
     fn caller_uid(&self) -> Option<u32>;
 }
 
 impl Caller for crate::peer::PeerStream {
     fn caller_uid(&self) -> Option<u32> {
-        self.peer().peer.as_ref().ok().map(|p| p.uid)
+        // Not the attested peer: a caller that exited right after
+        // connecting cannot be attested, but its uid is still known, and
+        // counting it elsewhere would let one user take more than its share.
+        self.kernel_uid()
     }
 }
 
@@ -223,7 +233,8 @@ impl Caller for crate::peer::PeerStream {
 /// (uid): each connection holds its slots until it is dropped, and one
 /// accepted beyond either cap is closed at once, so open connections are
 /// never disturbed by a flood, and a flood by one user leaves room for the
-/// others.
+/// others. Connections without a uid only share
+/// [`MAX_UNIDENTIFIED_CONNECTIONS`] slots of their own.
 pub fn incoming<S, C>(inner: S, max_connections: usize, max_per_caller: usize) -> LimitedIncoming<S>
 where
     S: Stream<Item = io::Result<C>>,
@@ -233,52 +244,8 @@ where
         slots: Arc::new(Semaphore::new(
             max_connections.clamp(1, Semaphore::MAX_PERMITS),
         )),
-        per_caller: Arc::new(PerCaller {
-            max: max_per_caller.max(1),
-            open: Mutex::new(HashMap::new()),
-        }),
-    }
-}
-
-/// Open connections by caller.
-#[derive(Debug)]
-struct PerCaller {
-    max: usize,
-    open: Mutex<HashMap<Option<u32>, usize>>,
-}
-
-impl PerCaller {
-    /// One more connection of `uid`, unless it holds `max` already.
-    fn acquire(self: &Arc<Self>, uid: Option<u32>) -> Option<CallerSlot> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        let n = open.entry(uid).or_insert(0);
-        if *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(CallerSlot {
-            owner: self.clone(),
-            uid,
-        })
-    }
-}
-
-/// A connection's place in its caller's count, given back on drop.
-#[derive(Debug)]
-struct CallerSlot {
-    owner: Arc<PerCaller>,
-    uid: Option<u32>,
-}
-
-impl Drop for CallerSlot {
-    fn drop(&mut self) {
-        let mut open = self.owner.open.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = open.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                open.remove(&self.uid);
-            }
-        }
+        per_caller: KeyedSlots::new(max_per_caller),
+        unidentified: Arc::new(Semaphore::new(MAX_UNIDENTIFIED_CONNECTIONS)),
     }
 }
 
@@ -287,7 +254,52 @@ impl Drop for CallerSlot {
 pub struct LimitedIncoming<S> {
     inner: S,
     slots: Arc<Semaphore>,
-    per_caller: Arc<PerCaller>,
+    per_caller: Arc<KeyedSlots<u32>>,
+    unidentified: Arc<Semaphore>,
+}
+
+impl<S> LimitedIncoming<S> {
+    /// The slots a new connection of `uid` needs, or `None` (close it).
+    fn admit(&self, uid: Option<u32>) -> Option<ConnSlots> {
+        let Some(uid) = uid else {
+            let permit = self.unidentified.clone().try_acquire_owned().ok();
+            if permit.is_none() {
+                tracing::debug!(
+                    "limit of connections without a uid reached; closing the new connection"
+                );
+            }
+            return permit.map(|p| ConnSlots::Unidentified { _permit: p });
+        };
+        let Some(caller) = self.per_caller.try_acquire(uid) else {
+            tracing::debug!(
+                uid,
+                "per-uid connection limit reached; closing the new connection"
+            );
+            return None;
+        };
+        match self.slots.clone().try_acquire_owned() {
+            Ok(total) => Some(ConnSlots::Caller {
+                _total: total,
+                _caller: caller,
+            }),
+            Err(_) => {
+                tracing::debug!("connection limit reached; closing the new connection");
+                None
+            }
+        }
+    }
+}
+
+/// What an admitted connection holds until it is dropped.
+#[derive(Debug)]
+enum ConnSlots {
+    /// A slot of `max_connections` and one of its uid.
+    Caller {
+        _total: OwnedSemaphorePermit,
+        _caller: Slot<u32>,
+    },
+    /// A slot of the unidentified bucket.
+    Unidentified { _permit: OwnedSemaphorePermit },
 }
 
 impl<S, C> Stream for LimitedIncoming<S>
@@ -302,25 +314,11 @@ where
         loop {
             match Pin::new(&mut this.inner).poll_next(cx) {
                 Poll::Ready(Some(Ok(conn))) => {
-                    let uid = conn.caller_uid();
-                    let Some(caller) = this.per_caller.acquire(uid) else {
-                        tracing::debug!(
-                            ?uid,
-                            "per-uid connection limit reached; closing the new connection"
-                        );
-                        continue;
-                    };
-                    match this.slots.clone().try_acquire_owned() {
-                        Ok(slot) => {
-                            return Poll::Ready(Some(Ok(Limited {
-                                inner: conn,
-                                _slot: slot,
-                                _caller: caller,
-                            })));
-                        }
-                        Err(_) => {
-                            tracing::debug!("connection limit reached; closing the new connection");
-                        }
+                    if let Some(slots) = this.admit(conn.caller_uid()) {
+                        return Poll::Ready(Some(Ok(Limited {
+                            inner: conn,
+                            _slots: slots,
+                        })));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
@@ -335,8 +333,7 @@ where
 #[derive(Debug)]
 pub struct Limited<C> {
     inner: C,
-    _slot: OwnedSemaphorePermit,
-    _caller: CallerSlot,
+    _slots: ConnSlots,
 }
 
 impl<C: Connected> Connected for Limited<C> {
@@ -388,6 +385,31 @@ mod tests {
                 streams: Rate::new(5, 6),
             }
         );
+    }
+
+    /// A connection of the test's stream, with the uid it claims.
+    struct Fake(Option<u32>);
+
+    impl Caller for Fake {
+        fn caller_uid(&self) -> Option<u32> {
+            self.0
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_without_a_uid_take_no_slot_of_the_others() {
+        use tokio_stream::StreamExt;
+        let unknown = (0..MAX_UNIDENTIFIED_CONNECTIONS + 5).map(|_| Ok(Fake(None)));
+        let known = (0..3).map(|_| Ok(Fake(Some(0))));
+        let mut admitted = Vec::new();
+        let mut conns = incoming(tokio_stream::iter(unknown.chain(known)), 2, 2);
+        while let Some(c) = conns.next().await {
+            admitted.push(c.unwrap());
+        }
+        let without_uid = admitted.iter().filter(|c| c.inner.0.is_none()).count();
+        assert_eq!(without_uid, MAX_UNIDENTIFIED_CONNECTIONS);
+        // uid 0 still gets its full share of max_connections.
+        assert_eq!(admitted.len() - without_uid, 2);
     }
 
     #[test]

@@ -412,6 +412,9 @@ pub struct PeerConnectInfo {
 pub struct PeerStream {
     inner: UnixStream,
     info: PeerConnectInfo,
+    /// The uid `SO_PEERCRED` reports, kept even when the caller cannot be
+    /// identified further (it exited, or its PID is not visible).
+    kernel_uid: Option<u32>,
 }
 
 impl PeerStream {
@@ -422,15 +425,31 @@ impl PeerStream {
             tracing::warn!(error = %e, "could not identify Workload API caller");
             e.to_string()
         });
+        let kernel_uid = match &peer {
+            Ok(p) => Some(p.uid),
+            Err(_) => getsockopt(&stream, sockopt::PeerCredentials)
+                .ok()
+                .map(|c| c.uid()),
+        };
         Self {
             inner: stream,
             info: PeerConnectInfo { peer },
+            kernel_uid,
         }
     }
 
     /// The peer captured at accept.
     pub fn peer(&self) -> &PeerConnectInfo {
         &self.info
+    }
+
+    /// The uid of the process that connected, as the kernel recorded it at
+    /// `connect()`: known even when that process has exited since (a child
+    /// that connected and handed the socket to its parent), and not forgeable,
+    /// so connection caps count such a connection against it. `None` only
+    /// when the kernel does not answer `SO_PEERCRED`.
+    pub fn kernel_uid(&self) -> Option<u32> {
+        self.kernel_uid
     }
 }
 

@@ -227,16 +227,19 @@ impl AgentApi {
     async fn agent(&self, token: &str) -> anyhow::Result<(SpiffeId, AgentApiClient<Channel>)> {
         let key = PrivateKey::generate_p256()?;
         let csr = sigil_svid::x509::make_csr(&key)?;
-        let resp = self
-            .attest
-            .clone()
-            .attest_join_token(pb::AttestJoinTokenRequest {
+        // As an agent does: refused by the per-address rate limit (every
+        // simulated agent comes from 127.0.0.1), wait and try again.
+        let resp = sigil_agent::retry::while_exhausted("AttestJoinToken", || {
+            let mut attest = self.attest.clone();
+            let req = pb::AttestJoinTokenRequest {
                 token: token.to_owned(),
-                csr,
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("AttestJoinToken: {}", s.message()))?
-            .into_inner();
+                csr: csr.clone(),
+            };
+            async move { attest.attest_join_token(req).await }
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("AttestJoinToken: {}", s.message()))?
+        .into_inner();
         let cert = Arc::new(RotatingCert::new(resp.cert_chain, &key)?);
         let client = sigil_agent::client::connect(
             &self.addr,

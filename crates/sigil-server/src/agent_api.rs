@@ -12,22 +12,40 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::ServerState;
 use crate::index::{Authorized, IndexEvent};
 use crate::tls::AgentPeer;
 
-/// The tonic service of the agent API.
-pub fn service(state: Arc<ServerState>, cancel: CancellationToken) -> AgentApiServer<AgentService> {
+/// The agent API's interceptor (see [`service`]).
+pub type CallMarker = fn(Request<()>) -> Result<Request<()>, Status>;
+
+/// The tonic service of the agent API, behind an interceptor that tells the
+/// connection a call arrived (which stops its first-request timeout).
+pub fn service(
+    state: Arc<ServerState>,
+    cancel: CancellationToken,
+) -> InterceptedService<AgentApiServer<AgentService>, CallMarker> {
     let max = state.config.limits.max_request_bytes;
     let limiter = Arc::new(crate::limits::AgentApiLimiter::new(&state.config.limits));
-    AgentApiServer::new(AgentService {
+    let server = AgentApiServer::new(AgentService {
         state,
         cancel,
         limiter,
     })
-    .max_decoding_message_size(max)
+    .max_decoding_message_size(max);
+    InterceptedService::new(server, mark_first_call)
+}
+
+/// Runs on a call's headers, before its body is read, so that a large
+/// request arriving slowly still counts as the connection's first call.
+fn mark_first_call(req: Request<()>) -> Result<Request<()>, Status> {
+    if let Some(peer) = req.extensions().get::<AgentPeer>() {
+        peer.first_call.mark();
+    }
+    Ok(req)
 }
 
 /// Implements [`AgentApi`].

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use sigil_types::SpiffeId;
 use sigil_types::config::{ConfigError, require_positive};
 use sigil_types::duration::serde_human;
-use sigil_types::ratelimit::{Exceeded, KeyedLimiter, Rate};
+use sigil_types::ratelimit::{Exceeded, KeyedLimiter, RETRY_AFTER_KEY, Rate};
 use tonic::Status;
 
 /// Most callers each rate limiter remembers; idle ones are forgotten first.
@@ -30,9 +30,16 @@ pub struct LimitsSection {
     pub admin_max_request_bytes: usize,
     /// Most open agent API connections (TLS handshakes included).
     pub max_connections: usize,
+    /// Most open agent API connections from one source address (IPv6 by /64).
+    pub max_connections_per_source: usize,
+    /// Most open agent API connections without a client certificate.
+    pub max_anonymous_connections: usize,
     /// How long a client may take to finish the TLS handshake.
     #[serde(with = "serde_human")]
     pub handshake_timeout: Duration,
+    /// How long a connection may stay open after its handshake without a call.
+    #[serde(with = "serde_human")]
+    pub first_request_timeout: Duration,
     /// How long a call may take to answer (the first message of a stream).
     #[serde(with = "serde_human")]
     pub request_timeout: Duration,
@@ -55,7 +62,10 @@ impl Default for LimitsSection {
             max_request_bytes: d.max_request_bytes,
             admin_max_request_bytes: d.admin_max_request_bytes,
             max_connections: d.max_connections,
+            max_connections_per_source: d.max_connections_per_source,
+            max_anonymous_connections: d.max_anonymous_connections,
             handshake_timeout: d.handshake_timeout,
+            first_request_timeout: d.first_request_timeout,
             request_timeout: d.request_timeout,
             max_streams_per_connection: d.max_streams_per_connection,
             agent_calls_per_second: d.agent_calls.per_second,
@@ -76,16 +86,33 @@ pub struct ServerLimits {
     /// Most open agent API connections, handshakes included (10000); a
     /// connection beyond it is closed at once.
     pub max_connections: usize,
+    /// Most open agent API connections from one source address, IPv6 by /64
+    /// (5000), handshakes included; one beyond it is closed at once. Half of
+    /// `max_connections`, so that one address (a NAT, a load balancer)
+    /// cannot take every slot, yet a fleet of 5000 agents fits behind it.
+    pub max_connections_per_source: usize,
+    /// Most open connections whose client presented no certificate
+    /// (attesting agents, bundle fetches) once their handshake is done
+    /// (1024); one beyond it is closed at once. They also hold a slot of
+    /// `max_connections`, so a flood without certificates leaves the other
+    /// slots to agents that have one.
+    pub max_anonymous_connections: usize,
     /// TLS handshake deadline (10s); a client that connects and stays silent
     /// is disconnected after it.
     pub handshake_timeout: Duration,
+    /// After the handshake, the first call must arrive within this (10s), or
+    /// the connection is closed: a client that finishes TLS and then stays
+    /// silent does not keep its slot.
+    pub first_request_timeout: Duration,
     /// Deadline of a call's answer (30s); a stream, once answered, is not cut.
     pub request_timeout: Duration,
     /// HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS` on the agent API (100).
     pub max_streams_per_connection: u32,
     /// Per agent SPIFFE ID (100/s, burst 1000).
     pub agent_calls: Rate,
-    /// Per source address, IPv6 by /64 (20/s, burst 200).
+    /// Per source address, IPv6 by /64 (50/s, burst 500): 1000 agents
+    /// behind one address attest within about 10 s, 10000 within about
+    /// 3.5 min (agents retry with backoff when refused).
     pub attest: Rate,
 }
 
@@ -95,11 +122,14 @@ impl Default for ServerLimits {
             max_request_bytes: crate::MAX_MESSAGE_BYTES,
             admin_max_request_bytes: crate::MAX_MESSAGE_BYTES,
             max_connections: 10_000,
+            max_connections_per_source: 5000,
+            max_anonymous_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
+            first_request_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_streams_per_connection: 100,
             agent_calls: Rate::new(100, 1000),
-            attest: Rate::new(20, 200),
+            attest: Rate::new(50, 500),
         }
     }
 }
@@ -120,6 +150,14 @@ pub(crate) fn parse(
                 s.admin_max_request_bytes as u128,
             ),
             ("server.limits.max_connections", s.max_connections as u128),
+            (
+                "server.limits.max_connections_per_source",
+                s.max_connections_per_source as u128,
+            ),
+            (
+                "server.limits.max_anonymous_connections",
+                s.max_anonymous_connections as u128,
+            ),
             (
                 "server.limits.max_streams_per_connection",
                 u128::from(s.max_streams_per_connection),
@@ -142,6 +180,10 @@ pub(crate) fn parse(
                 s.handshake_timeout.as_nanos(),
             ),
             (
+                "server.limits.first_request_timeout",
+                s.first_request_timeout.as_nanos(),
+            ),
+            (
                 "server.limits.request_timeout",
                 s.request_timeout.as_nanos(),
             ),
@@ -152,7 +194,10 @@ pub(crate) fn parse(
         max_request_bytes: s.max_request_bytes,
         admin_max_request_bytes: s.admin_max_request_bytes,
         max_connections: s.max_connections,
+        max_connections_per_source: s.max_connections_per_source,
+        max_anonymous_connections: s.max_anonymous_connections,
         handshake_timeout: s.handshake_timeout,
+        first_request_timeout: s.first_request_timeout,
         request_timeout: s.request_timeout,
         max_streams_per_connection: s.max_streams_per_connection,
         agent_calls: Rate::new(s.agent_calls_per_second, s.agent_call_burst),
@@ -196,8 +241,9 @@ impl AgentApiLimiter {
     }
 }
 
-/// The rate-limit key of a source address.
-fn source_key(ip: IpAddr) -> IpAddr {
+/// The key of a source address for per-source limits: an IPv4 address (an
+/// IPv4-mapped IPv6 one as IPv4), an IPv6 address by its /64.
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -211,13 +257,19 @@ fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// `ResourceExhausted` naming the limit that was hit.
+/// `ResourceExhausted` naming the limit that was hit, with the wait until
+/// it admits a call again both in the message (for people) and as
+/// `retry-after-ms` metadata (for agents, which wait at least that long).
 fn exhausted(what: &str, e: Exceeded) -> Status {
-    Status::resource_exhausted(format!(
-        "rate limit exceeded: {what} (limit {}); retry in {} ms",
-        e.rate,
-        e.retry_after.as_millis().max(1)
-    ))
+    let ms = e.retry_after.as_millis().max(1);
+    let mut status = Status::resource_exhausted(format!(
+        "rate limit exceeded: {what} (limit {}); retry in {ms} ms",
+        e.rate
+    ));
+    if let Ok(v) = ms.to_string().parse() {
+        status.metadata_mut().insert(RETRY_AFTER_KEY, v);
+    }
+    status
 }
 
 #[cfg(test)]
@@ -236,7 +288,8 @@ mod tests {
         let c = ServerConfig::parse(
             &format!(
                 "{HEAD}[server.limits]\nmax_request_bytes = 1024\nadmin_max_request_bytes = 2048\n\
-                 max_connections = 8\nhandshake_timeout = \"2s\"\nrequest_timeout = \"5s\"\n\
+                 max_connections = 8\nmax_connections_per_source = 7\nmax_anonymous_connections = 6\n\
+                 handshake_timeout = \"2s\"\nfirst_request_timeout = \"3s\"\nrequest_timeout = \"5s\"\n\
                  max_streams_per_connection = 10\nagent_calls_per_second = 3\n\
                  agent_call_burst = 4\nattest_per_second = 5\nattest_burst = 6\n"
             ),
@@ -249,7 +302,10 @@ mod tests {
                 max_request_bytes: 1024,
                 admin_max_request_bytes: 2048,
                 max_connections: 8,
+                max_connections_per_source: 7,
+                max_anonymous_connections: 6,
                 handshake_timeout: Duration::from_secs(2),
+                first_request_timeout: Duration::from_secs(3),
                 request_timeout: Duration::from_secs(5),
                 max_streams_per_connection: 10,
                 agent_calls: Rate::new(3, 4),
@@ -265,6 +321,9 @@ mod tests {
             "admin_max_request_bytes = 0",
             "max_connections = 0",
             "handshake_timeout = \"0s\"",
+            "first_request_timeout = \"0s\"",
+            "max_connections_per_source = 0",
+            "max_anonymous_connections = 0",
             "request_timeout = \"0s\"",
             "max_streams_per_connection = 0",
             "agent_calls_per_second = 0",

@@ -1,18 +1,22 @@
 //! The agent API's TLS listener: rustls with SPIFFE verifiers, handing tonic
 //! connections that carry the peer's SPIFFE ID and certificate serial.
 
-use std::net::SocketAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
 use sigil_svid::tls::{Authorize, RotatingCert, SpiffeClientVerifier, TrustRoots};
+use sigil_types::slots::{KeyedSlots, Slot};
 use sigil_types::{SpiffeId, TrustDomain};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -29,14 +33,47 @@ pub struct AgentPeer {
     pub serial: Option<String>,
     /// The remote address.
     pub remote: SocketAddr,
+    /// Marked at the connection's first call.
+    pub(crate) first_call: FirstCall,
+}
+
+/// Whether a connection has carried a call yet: set by the agent API's
+/// interceptor, read by the connection, which is closed at
+/// `first_request_timeout` while it is unset.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FirstCall(Arc<AtomicBool>);
+
+impl FirstCall {
+    /// Records that a call arrived.
+    pub(crate) fn mark(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn seen(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The slots of the connection caps an accepted connection holds until it
+/// closes.
+#[derive(Debug, Default)]
+struct Slots {
+    /// Under `max_connections`.
+    _total: Option<OwnedSemaphorePermit>,
+    /// Under `max_connections_per_source`.
+    _source: Option<Slot<IpAddr>>,
+    /// Under `max_anonymous_connections`, for a client without a certificate.
+    _anonymous: Option<OwnedSemaphorePermit>,
 }
 
 /// A TLS connection with its peer information.
 pub struct TlsConn {
     inner: TlsStream<TcpStream>,
     peer: AgentPeer,
-    /// The connection's slot under `max_connections`, freed when it closes.
-    _slot: Option<OwnedSemaphorePermit>,
+    /// Fires `first_request_timeout` after the handshake; dropped at the
+    /// first call.
+    first_request: Option<Pin<Box<Sleep>>>,
+    _slots: Slots,
 }
 
 impl Connected for TlsConn {
@@ -48,11 +85,26 @@ impl Connected for TlsConn {
 
 impl AsyncRead for TlsConn {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        // HTTP/2 keeps a read pending on an open connection, so polling the
+        // deadline here wakes the connection when it fires; the read error
+        // makes the server close it.
+        if let Some(deadline) = &mut this.first_request {
+            if this.peer.first_call.seen() {
+                this.first_request = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!(remote = %this.peer.remote, "no call within the first-request timeout; closing the connection");
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no call within the first-request timeout",
+                )));
+            }
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -139,6 +191,7 @@ pub(crate) fn accept_tls(
 ) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
     let bounds = ConnBounds {
         max_connections: None,
+        max_per_source: None,
         handshake_timeout: HANDSHAKE_TIMEOUT,
     };
     accept_with(listener, config, cancel, what, bounds, |tls, remote, _| {
@@ -152,27 +205,31 @@ struct ConnBounds {
     /// Open connections (handshakes included) beyond which a new one is
     /// closed at once; `None`: no cap.
     max_connections: Option<usize>,
+    /// The same, per source address (IPv6 by /64); `None`: no cap.
+    max_per_source: Option<usize>,
     /// A client that has not finished the handshake by then is disconnected.
     handshake_timeout: Duration,
 }
 
 /// The accept loop behind [`accept_tls`] and [`incoming`]: each accepted
-/// connection takes a slot of `bounds.max_connections` (released when the
-/// connection is dropped) or is closed at once, so connections already open
-/// are never disturbed by a flood of new ones.
+/// connection takes a slot of its source address and one of
+/// `bounds.max_connections` (released when the connection is dropped) or is
+/// closed at once, so connections already open are never disturbed by a
+/// flood of new ones, and one address cannot take every slot.
 fn accept_with<T: Send + 'static>(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     cancel: CancellationToken,
     what: &'static str,
     bounds: ConnBounds,
-    wrap: fn(TlsStream<TcpStream>, SocketAddr, Option<OwnedSemaphorePermit>) -> T,
+    wrap: fn(TlsStream<TcpStream>, SocketAddr, Slots) -> T,
 ) -> mpsc::Receiver<T> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let slots = bounds
         .max_connections
         .map(|n| Arc::new(Semaphore::new(n.min(Semaphore::MAX_PERMITS))));
+    let per_source = bounds.max_per_source.map(KeyedSlots::new);
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -186,16 +243,34 @@ fn accept_with<T: Send + 'static>(
                     }
                 },
             };
-            let permit = match &slots {
+            // The source's cap first: an address at its cap must not take
+            // a slot of the total from others, even for a moment.
+            let source = match &per_source {
+                Some(per_source) => {
+                    match per_source.try_acquire(crate::limits::source_key(remote.ip())) {
+                        Some(s) => Some(s),
+                        None => {
+                            tracing::debug!(listener = what, %remote, "per-source connection limit reached; closing the new connection");
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
+            let total = match &slots {
                 Some(slots) => match slots.clone().try_acquire_owned() {
                     Ok(p) => Some(p),
                     Err(_) => {
                         tracing::debug!(listener = what, %remote, "connection limit reached; closing the new connection");
-                        drop(tcp);
                         continue;
                     }
                 },
                 None => None,
+            };
+            let held = Slots {
+                _total: total,
+                _source: source,
+                _anonymous: None,
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
@@ -203,7 +278,7 @@ fn accept_with<T: Send + 'static>(
                 let _ = tcp.set_nodelay(true);
                 match tokio::time::timeout(bounds.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(wrap(tls, remote, permit)).await;
+                        let _ = tx.send(wrap(tls, remote, held)).await;
                     }
                     Ok(Err(e)) => {
                         tracing::debug!(listener = what, %remote, error = %e, "TLS handshake failed");
@@ -219,9 +294,12 @@ fn accept_with<T: Send + 'static>(
 }
 
 /// The agent API's connections: at most `limits.max_connections` open
-/// (handshakes included; more are closed at once), each handshake bounded by
-/// `limits.handshake_timeout`, each with the peer's SPIFFE ID and
-/// certificate serial for the handlers.
+/// (handshakes included; more are closed at once), at most
+/// `limits.max_connections_per_source` of them from one address, at most
+/// `limits.max_anonymous_connections` without a client certificate; each
+/// handshake bounded by `limits.handshake_timeout`, each connection closed
+/// if no call arrives within `limits.first_request_timeout` of it; each with
+/// the peer's SPIFFE ID and certificate serial for the handlers.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
@@ -230,20 +308,36 @@ pub fn incoming(
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsConn>> {
     let bounds = ConnBounds {
         max_connections: Some(limits.max_connections),
+        max_per_source: Some(limits.max_connections_per_source),
         handshake_timeout: limits.handshake_timeout,
     };
+    let anonymous = Arc::new(Semaphore::new(
+        limits.max_anonymous_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let first_request_timeout = limits.first_request_timeout;
     let mut conns = accept_with(
         listener,
         config,
         cancel,
         "agent API",
         bounds,
-        |tls, remote, permit| (tls, remote, permit),
+        |tls, remote, slots| (tls, remote, slots),
     );
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        while let Some((tls, remote, permit)) = conns.recv().await {
+        while let Some((tls, remote, mut slots)) = conns.recv().await {
             let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            // A certificate that was presented has been verified by now, so
+            // only clients without one share the small anonymous cap.
+            if certs.is_empty() {
+                match anonymous.clone().try_acquire_owned() {
+                    Ok(p) => slots._anonymous = Some(p),
+                    Err(_) => {
+                        tracing::debug!(%remote, "limit of connections without a client certificate reached; closing the new connection");
+                        continue;
+                    }
+                }
+            }
             let spiffe_id = sigil_svid::tls::peer_spiffe_id(certs);
             let serial = certs
                 .first()
@@ -255,8 +349,10 @@ pub fn incoming(
                     spiffe_id,
                     serial,
                     remote,
+                    first_call: FirstCall::default(),
                 },
-                _slot: permit,
+                first_request: Some(Box::pin(tokio::time::sleep(first_request_timeout))),
+                _slots: slots,
             };
             if tx.send(Ok(conn)).await.is_err() {
                 break;

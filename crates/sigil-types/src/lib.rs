@@ -16,6 +16,7 @@
 //! | [`duration`] | human durations such as `30s` or `1h` |
 //! | [`config`] | the error of loading a configuration file |
 //! | [`ratelimit`] | a keyed token-bucket rate limiter with bounded memory |
+//! | [`slots`] | open-connection counts capped per key (uid, source address) |
 
 pub mod agent;
 pub mod attribute;
@@ -26,6 +27,7 @@ pub mod entry;
 pub mod federation;
 pub mod ratelimit;
 pub mod selector;
+pub mod slots;
 pub mod spiffe_id;
 pub mod text;
 

@@ -14,6 +14,11 @@ use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// The gRPC metadata key of a rate-limit refusal's hint: milliseconds until
+/// the limit admits a call again. The server sets it; agents wait at least
+/// that long before trying again.
+pub const RETRY_AFTER_KEY: &str = "retry-after-ms";
+
 /// A sustained rate and the burst allowed above it. Both are at least 1
 /// (configuration validates this; [`Rate::new`] clamps).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! `[agent.limits]` on a real agent socket: oversized and malformed
-//! requests, the per-uid rate limit, the connection cap and the request
-//! timeout, each followed by proof that the Workload API still serves.
+//! requests, the per-uid rate limit, the connection caps (connections of
+//! callers that exited count against their uid) and the request timeout,
+//! each followed by proof that the Workload API still serves.
 
 #![allow(
     clippy::unwrap_used,
@@ -257,5 +258,164 @@ async fn a_stream_outlives_the_request_timeout() {
         .expect("the stream is still open")
         .expect("a response");
     assert_eq!(next.svids.len(), 2);
+    cluster.shutdown().await;
+}
+
+/// Tells [`helper_unix_connect`] what to do: `hold <socket> <n>` (connect `n`
+/// times, print `ready`, keep them until stdin closes) or `connect <socket>
+/// <fd>,<fd>…` (connect the inherited sockets, then exit).
+const HELPER_ENV: &str = "SIGIL_LIMITS_TEST_HELPER";
+
+/// Not a test: the process the test below runs as another uid. The test
+/// binary re-runs itself with only this function selected.
+#[test]
+#[ignore = "helper process, run by other tests"]
+fn helper_unix_connect() {
+    use std::io::{BufRead, Write};
+    let Ok(spec) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let words: Vec<&str> = spec.split(' ').collect();
+    match words.as_slice() {
+        ["hold", path, n] => {
+            let held: Vec<_> = (0..n.parse::<usize>().unwrap())
+                .map(|_| std::os::unix::net::UnixStream::connect(path).unwrap())
+                .collect();
+            println!("ready");
+            std::io::stdout().flush().unwrap();
+            for _ in std::io::stdin().lock().lines() {}
+            drop(held);
+        }
+        ["connect", path, fds] => {
+            let addr = nix::sys::socket::UnixAddr::new(*path).unwrap();
+            for fd in fds.split(',') {
+                nix::sys::socket::connect(fd.parse().unwrap(), &addr).unwrap();
+            }
+        }
+        _ => panic!("bad helper spec {spec:?}"),
+    }
+}
+
+/// A child process that connected and exited, leaving its connections to
+/// its parent, cannot be attested; its connections still count against its
+/// uid (from the kernel's peer credentials), so that one user cannot fill
+/// both its own share and everything else: root is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_of_exited_callers_count_against_their_uid() {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    if !nix::unistd::geteuid().is_root() {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("needs root to run a client as another uid, and CI runs as root");
+        }
+        eprintln!("SKIPPED: needs root to run a client as another uid");
+        return;
+    }
+    const PER_UID: usize = 4;
+    const NOBODY: u32 = 65534;
+    let cluster = cluster(AgentLimits {
+        max_connections: 2 * PER_UID,
+        max_connections_per_uid: PER_UID,
+        ..Default::default()
+    })
+    .await;
+    let path = cluster.agent_config.socket_path.clone();
+    // The build directory may sit under a home only root can enter: run a
+    // copy from the cluster's world-readable directory.
+    let helper = cluster.dir.path().join("helper");
+    std::fs::copy(std::env::current_exe().unwrap(), &helper).unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run_as_nobody = |spec: String| {
+        let mut cmd = Command::new(&helper);
+        cmd.args([
+            "--exact",
+            "limits::helper_unix_connect",
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+            "--quiet",
+        ])
+        .env(HELPER_ENV, spec)
+        .uid(NOBODY)
+        .gid(NOBODY);
+        cmd
+    };
+
+    // nobody fills its own share with live connections.
+    let mut holder = run_as_nobody(format!("hold {} {PER_UID}", path.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(holder.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.is_ok_and(|l| l.trim() == "ready")),
+        "the holder did not connect"
+    );
+
+    // Then a process of nobody connects sockets this test holds, and exits.
+    let fds: Vec<std::os::fd::OwnedFd> = (0..2 * PER_UID)
+        .map(|_| {
+            // Without close-on-exec, so that the child inherits them.
+            nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::empty(),
+                None,
+            )
+            .unwrap()
+        })
+        .collect();
+    let list: Vec<String> = fds.iter().map(|f| f.as_raw_fd().to_string()).collect();
+    // The agent must accept those connections only once their process is
+    // gone, as when a child exits at once: the agent runs in this runtime,
+    // so both of its workers wait (blocked) until the child has exited.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = std::sync::Arc::new(std::sync::Mutex::new(released));
+    let mut blockers = Vec::new();
+    for _ in 0..2 {
+        let barrier = barrier.clone();
+        let released = released.clone();
+        blockers.push(tokio::spawn(async move {
+            barrier.wait();
+            let _ = released.lock().unwrap().recv();
+        }));
+    }
+    barrier.wait();
+    let out = run_as_nobody(format!("connect {} {}", path.display(), list.join(",")))
+        .output()
+        .unwrap();
+    let _ = release.send(());
+    let _ = release.send(());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for b in blockers {
+        b.await.unwrap();
+    }
+
+    // nobody's uid is at its cap: every connection of the exited process is
+    // closed (before the fix they filled a shared "unknown" share instead).
+    for (i, fd) in fds.into_iter().enumerate() {
+        let std_stream = std::os::unix::net::UnixStream::from(fd);
+        std_stream.set_nonblocking(true).unwrap();
+        let mut conn = UnixStream::from_std(std_stream).unwrap();
+        assert!(
+            wire::closed_by_peer(&mut conn, PROMPT).await,
+            "connection {i} of the exited process was kept"
+        );
+    }
+    // Root is served.
+    let mut client = SpiffeWorkloadApiClient::new(channel(path.clone()).await.unwrap());
+    assert_eq!(fetch_x509(&mut client).await.unwrap(), 1);
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
     cluster.shutdown().await;
 }

@@ -1,7 +1,9 @@
 //! `[server.limits]` on a real server: oversized and malformed requests on
 //! the agent and admin APIs, the per-agent and per-address rate limits, the
-//! connection cap and the TLS handshake timeout, each followed by proof that
-//! the server still serves.
+//! connection caps (in all, per source address, without a certificate), the
+//! TLS handshake and first-request timeouts, each followed by proof that the
+//! server still serves; and a fleet behind one address that attests despite
+//! the rate limit, by retrying as agents do.
 
 #![allow(
     clippy::unwrap_used,
@@ -10,7 +12,9 @@
     reason = "tests: a failure is reported by the panic"
 )]
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -26,7 +30,8 @@ use sigil_svid::tls::RotatingCert;
 use sigil_testkit::wire;
 use sigil_types::TrustDomain;
 use sigil_types::ratelimit::Rate;
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpSocket, TcpStream};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
@@ -73,6 +78,12 @@ async fn anonymous(server: &ServerHandle) -> AgentApiClient<Channel> {
 
 /// Attests a new agent with a join token; returns a client presenting its SVID.
 async fn attested(server: &ServerHandle) -> AgentApiClient<Channel> {
+    let cert = attest(server).await;
+    with_cert(server, cert).await
+}
+
+/// Attests a new agent with a join token; returns its SVID.
+async fn attest(server: &ServerHandle) -> Arc<RotatingCert> {
     let token = server.state.generate_join_token(None).await.unwrap();
     let key = PrivateKey::generate_p256().unwrap();
     let resp = anonymous(server)
@@ -84,7 +95,11 @@ async fn attested(server: &ServerHandle) -> AgentApiClient<Channel> {
         .await
         .unwrap()
         .into_inner();
-    let cert = Arc::new(RotatingCert::new(resp.cert_chain, &key).unwrap());
+    Arc::new(RotatingCert::new(resp.cert_chain, &key).unwrap())
+}
+
+/// A new connection presenting `cert`.
+async fn with_cert(server: &ServerHandle, cert: Arc<RotatingCert>) -> AgentApiClient<Channel> {
     sigil_agent::client::connect(
         &sigil_agent::config::ServerAddresses::one(server.agent_api_addr.to_string()),
         trust(server),
@@ -343,4 +358,296 @@ async fn anonymous_ok(server: &ServerHandle) -> bool {
         Ok(mut c) => c.get_bundle(pb::GetBundleRequest {}).await.is_ok(),
         Err(_) => false,
     }
+}
+
+/// A TLS connection without a client certificate (the server is not
+/// verified: these tests look at what the server does with the connection),
+/// from `from` when given, else from 127.0.0.1.
+async fn raw_tls(
+    addr: SocketAddr,
+    from: Option<IpAddr>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(ip) = from {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let tcp = socket.connect(addr).await?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(sigil_svid::tls::danger::NoServerVerification(
+            provider,
+        )))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name = rustls_pki_types::ServerName::try_from("sigil-server").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// Whether the server closes `conn` within `within`, whatever it sends
+/// before (HTTP/2 settings).
+async fn closed_within<C: tokio::io::AsyncRead + Unpin>(conn: &mut C, within: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(within, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_a_call_is_closed_at_the_first_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(
+        &dir,
+        ServerLimits {
+            first_request_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Finishes TLS (without a certificate), then says nothing: closed by
+    // the configured timeout, long before this wait ends.
+    let mut silent = raw_tls(server.agent_api_addr, None).await.unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(8)).await,
+        "a silent client outlived the first-request timeout"
+    );
+    // A client that calls is served, also past the timeout, on one
+    // connection: its stream is still open after it.
+    let mut agent = attested(&server).await;
+    let mut stream = agent
+        .sync(pb::SyncRequest {
+            revision: 0,
+            known_entry_ids: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    stream
+        .message()
+        .await
+        .unwrap()
+        .expect("a first sync message");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), stream.message())
+            .await
+            .is_err(),
+        "the sync stream ended within 2 s"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_address_is_capped_and_another_still_connects() {
+    const PER_SOURCE: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(
+        &dir,
+        ServerLimits {
+            max_connections_per_source: PER_SOURCE,
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = server.agent_api_addr;
+    // Silent connections from 127.0.0.1 (in their handshake, whose
+    // default timeout outlasts this test) fill its slots, accepted in order.
+    let mut held = Vec::new();
+    for _ in 0..PER_SOURCE {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let mut over = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        wire::closed_by_peer(&mut over, Duration::from_secs(5)).await,
+        "a connection over the per-source cap was kept"
+    );
+    assert!(
+        !anonymous_ok(&server).await,
+        "127.0.0.1 was served over its cap"
+    );
+    // Another address is not affected.
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+    let mut tls = raw_tls(addr, Some(other))
+        .await
+        .expect("127.0.0.2 completes its handshake");
+    assert!(
+        !closed_within(&mut tls, Duration::from_millis(500)).await,
+        "the connection from 127.0.0.2 was closed"
+    );
+    // Once 127.0.0.1's connections close, it is served again.
+    drop(held);
+    let deadline = tokio::time::Instant::now() + PROMPT;
+    while !anonymous_ok(&server).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "127.0.0.1's slots never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_certificate_are_capped_and_agents_still_connect() {
+    const ANONYMOUS: usize = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(
+        &dir,
+        ServerLimits {
+            max_anonymous_connections: ANONYMOUS,
+            ..Default::default()
+        },
+    )
+    .await;
+    // Attested first: attestation itself needs a connection without one.
+    let cert = attest(&server).await;
+    // Clients without a certificate take the anonymous slots; each is held
+    // open once served (the attestation's connection may linger a moment).
+    let mut held = Vec::new();
+    let deadline = tokio::time::Instant::now() + PROMPT;
+    while held.len() < ANONYMOUS {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the anonymous slots never filled"
+        );
+        if let Ok(mut c) = sigil_agent::client::connect(
+            &sigil_agent::config::ServerAddresses::one(server.agent_api_addr.to_string()),
+            trust(&server),
+            server_id(&server),
+            None,
+        )
+        .await
+            && c.get_bundle(pb::GetBundleRequest {}).await.is_ok()
+        {
+            held.push(c);
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        !anonymous_ok(&server).await,
+        "a client without a certificate was served over the cap"
+    );
+    let mut raw = raw_tls(server.agent_api_addr, None).await.unwrap();
+    assert!(
+        closed_within(&mut raw, Duration::from_secs(5)).await,
+        "a connection without a certificate over the cap was kept"
+    );
+    // A new connection of an agent with its certificate is served.
+    let mut agent = with_cert(&server, cert).await;
+    let err = jwt_call(&mut agent).await;
+    assert!(served(&err), "{err:?}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_behind_one_address_attests_despite_a_low_rate_limit() {
+    const AGENTS: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(
+        &dir,
+        ServerLimits {
+            attest: Rate::new(25, 10),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut tokens = Vec::new();
+    for _ in 0..AGENTS {
+        tokens.push(server.state.generate_join_token(None).await.unwrap().token);
+    }
+    // All at once from 127.0.0.1, each retrying as the agent does.
+    let client = anonymous(&server).await;
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for token in tokens {
+        let client = client.clone();
+        let refusals = refusals.clone();
+        set.spawn(async move {
+            let key = PrivateKey::generate_p256().unwrap();
+            let csr = sigil_svid::x509::make_csr(&key).unwrap();
+            sigil_agent::retry::while_exhausted("AttestJoinToken", || {
+                let mut client = client.clone();
+                let req = pb::AttestJoinTokenRequest {
+                    token: token.clone(),
+                    csr: csr.clone(),
+                };
+                let refusals = refusals.clone();
+                async move {
+                    let r = client.attest_join_token(req).await;
+                    if matches!(&r, Err(e) if e.code() == Code::ResourceExhausted) {
+                        refusals.fetch_add(1, Ordering::Relaxed);
+                    }
+                    r
+                }
+            })
+            .await
+            .map(tonic::Response::into_inner)
+        });
+    }
+    let mut attested = 0;
+    while let Some(r) = set.join_next().await {
+        let resp = r.unwrap().expect("every agent attests in the end");
+        assert!(!resp.cert_chain.is_empty());
+        attested += 1;
+    }
+    assert_eq!(attested, AGENTS);
+    // The limit was hit (so the retries are what let everyone in).
+    assert!(refusals.load(Ordering::Relaxed) > 0);
+    server.shutdown().await;
+}
+
+/// An agent starting while its address has no attestation budget left (a
+/// fleet behind one address) waits for the limit instead of failing: both
+/// its bootstrap bundle fetch and its attestation are refused at first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_start_waits_out_the_attestation_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(
+        &dir,
+        ServerLimits {
+            attest: Rate::new(1, 1),
+            ..Default::default()
+        },
+    )
+    .await;
+    // Spend 127.0.0.1's budget.
+    let mut anon = anonymous(&server).await;
+    let mut refused = false;
+    for _ in 0..5 {
+        if let Err(e) = anon.get_bundle(pb::GetBundleRequest {}).await {
+            assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "the budget was never spent");
+    let token = server.state.generate_join_token(None).await.unwrap();
+    let mut cfg = sigil_agent::config::AgentConfig::with_defaults(
+        server.state.config.trust_domain.clone(),
+        server.agent_api_addr.to_string(),
+        dir.path().join("agent"),
+    );
+    cfg.socket_path = dir.path().join("agent.sock");
+    cfg.join_token = Some(token.token);
+    let agent = tokio::time::timeout(Duration::from_secs(60), sigil_agent::start(cfg))
+        .await
+        .expect("the agent started within 60 s")
+        .expect("the agent attests once the limit admits it");
+    assert!(
+        agent
+            .agent_id
+            .to_string()
+            .starts_with("spiffe://example.org/sigil/agent/")
+    );
+    agent.shutdown().await;
+    server.shutdown().await;
 }
