@@ -28,7 +28,7 @@ pub mod ratelimit;
 pub mod selector;
 pub mod spiffe_id;
 
-pub use agent::AgentRecord;
+pub use agent::{AgentRecord, SerialStatus};
 pub use attribute::Attribute;
 pub use bundle::{BundleDocument, Jwk};
 pub use entry::{Entry, EntryError, EntryId};
