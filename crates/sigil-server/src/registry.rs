@@ -268,35 +268,38 @@ impl ServerState {
             )));
         }
         let serial = peer.serial.as_deref().unwrap_or_default();
-        match record.serial_status(serial) {
-            SerialStatus::Current => {
-                if !record.serial_used && !record.previous_serial.is_empty() {
-                    return Ok(self.first_use_of_serial(record, serial).await);
-                }
-                Ok(record)
-            }
-            SerialStatus::Previous => {
-                // Memory may lag behind another server that saw the new
-                // serial used: decide on the stored record.
-                let Some(stored) = self.store.get_agent(id).await? else {
-                    return Err(ServerError::PermissionDenied(format!(
-                        "agent {id} is not attested (it may have been evicted)"
-                    )));
-                };
-                if stored.banned {
-                    Err(ServerError::PermissionDenied(format!(
-                        "agent {id} is banned"
-                    )))
-                } else if stored.serial_status(serial).is_accepted() {
-                    Ok(stored)
-                } else {
-                    Err(self.stale_serial(&stored, serial))
-                }
-            }
+        if record.serial_status(serial) == SerialStatus::Current {
+            return Ok(self.current_serial_used(record, serial).await);
+        }
+        // Anything but the current serial is decided on the stored record:
+        // memory may lag behind another server that renewed the agent or
+        // saw its new serial used a moment ago.
+        let Some(stored) = self.store.get_agent(id).await? else {
+            return Err(ServerError::PermissionDenied(format!(
+                "agent {id} is not attested (it may have been evicted)"
+            )));
+        };
+        if stored.banned {
+            return Err(ServerError::PermissionDenied(format!(
+                "agent {id} is banned"
+            )));
+        }
+        match stored.serial_status(serial) {
+            SerialStatus::Current => Ok(self.current_serial_used(stored, serial).await),
+            SerialStatus::Previous => Ok(stored),
             SerialStatus::Superseded | SerialStatus::Unknown => {
-                Err(self.stale_serial(&record, serial))
+                Err(self.stale_serial(&stored, serial))
             }
         }
+    }
+
+    /// A call presented the agent's current serial: the first such call
+    /// after a renewal retires the previous serial.
+    async fn current_serial_used(&self, record: AgentRecord, serial: &str) -> AgentRecord {
+        if record.serial_used || record.previous_serial.is_empty() {
+            return record;
+        }
+        self.first_use_of_serial(record, serial).await
     }
 
     /// Records that the agent's new serial was used, so that every server
