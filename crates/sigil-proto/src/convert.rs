@@ -358,6 +358,7 @@ mod tests {
             selectors: Selectors::parse_all(["join_token:abc"]).unwrap(),
             serial: "0a1b".into(),
             previous_serial: "09ff".into(),
+            serial_used: false,
             expires_at: 1_800_000_000,
             banned: true,
             can_reattest: false,

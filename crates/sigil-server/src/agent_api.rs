@@ -75,6 +75,14 @@ impl AgentService {
     }
 }
 
+/// The serial of the SVID the call was authenticated with (empty without one).
+fn peer_serial<T>(req: &Request<T>) -> String {
+    req.extensions()
+        .get::<AgentPeer>()
+        .and_then(|p| p.serial.clone())
+        .unwrap_or_default()
+}
+
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -126,7 +134,11 @@ impl AgentApi for AgentService {
         req: Request<pb::RenewAgentRequest>,
     ) -> Result<Response<pb::AttestResponse>, Status> {
         let agent = self.agent(&req).await?;
-        let chain = self.state.renew_agent(&agent, &req.get_ref().csr).await?;
+        let presented = peer_serial(&req);
+        let chain = self
+            .state
+            .renew_agent(&agent, &presented, &req.get_ref().csr)
+            .await?;
         Ok(Response::new(pb::AttestResponse {
             spiffe_id: agent.spiffe_id.to_string(),
             cert_chain: chain,
@@ -141,6 +153,7 @@ impl AgentApi for AgentService {
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let agent = self.agent(&req).await?;
+        let serial = peer_serial(&req);
         let req = req.into_inner();
         let mut known = HashMap::new();
         if req.revision > 0 {
@@ -157,7 +170,13 @@ impl AgentApi for AgentService {
         tokio::spawn(async move {
             state.track_stream(&agent.spiffe_id, 1);
             let id = agent.spiffe_id.clone();
-            sync_loop(&state, agent, known, req.revision == 0, tx, cancel).await;
+            let opened = Opened {
+                agent,
+                serial,
+                sent: known,
+                snapshot: req.revision == 0,
+            };
+            sync_loop(&state, opened, tx, cancel).await;
             state.track_stream(&id, -1);
         });
         Ok(Response::new(Box::pin(
@@ -268,20 +287,38 @@ fn set_tainted(m: &mut pb::SyncMessage, t: &crate::ca::Tainted) {
     m.tainted_changed = true;
 }
 
+/// A sync stream as the call opened it.
+struct Opened {
+    /// The agent's record when the stream was authenticated.
+    agent: AgentRecord,
+    /// The serial of the SVID the stream was opened with.
+    serial: String,
+    /// What the agent says it holds.
+    sent: Sent,
+    /// Whether the first message is a full snapshot.
+    snapshot: bool,
+}
+
 /// One agent's sync stream: the first message at once (snapshot, or the
 /// changes since the agent's revision, with the bundle, every federated
 /// bundle and the tainted authorities), then a message whenever an entry
 /// that concerns the agent, the bundle, the tainted authorities or a
 /// federated bundle changes. Ends with PermissionDenied when the agent is
-/// banned or evicted.
+/// banned or evicted, or when the SVID the stream was opened with is no
+/// longer accepted (the agent used a newer one: a copy of the old SVID must
+/// not keep a stream open).
 async fn sync_loop(
     state: &ServerState,
-    mut agent: AgentRecord,
-    mut sent: Sent,
-    snapshot: bool,
+    opened: Opened,
     tx: mpsc::Sender<Result<pb::SyncMessage, Status>>,
     cancel: CancellationToken,
 ) {
+    let Opened {
+        mut agent,
+        serial,
+        mut sent,
+        snapshot,
+    } = opened;
     // Subscribe before computing the first set, so no change falls between.
     let mut events = state.index.subscribe();
     let mut bundle_rx = state.ca.subscribe_bundle();
@@ -359,9 +396,14 @@ async fn sync_loop(
         }
         if agent_changed {
             match state.agents.get(&agent.spiffe_id) {
-                Some(record) if !record.banned => {
+                Some(record) if !record.banned && record.serial_status(&serial).is_accepted() => {
                     recompute |= record.selectors != agent.selectors;
                     agent = record;
+                }
+                Some(record) if !record.banned => {
+                    let refused = state.stale_serial(&record, &serial);
+                    let _ = tx.send(Err(refused.into())).await;
+                    return;
                 }
                 Some(_) => {
                     let _ = tx

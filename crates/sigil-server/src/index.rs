@@ -48,6 +48,19 @@ struct IndexState {
 
 impl IndexState {
     fn insert(&mut self, e: Arc<Entry>) {
+        // Written before the rule existed (an upgrade), or by an older
+        // server sharing the database: listed, so it can be updated or
+        // deleted, but never part of an agent's set or signed.
+        if let Err(reason) = e.check_reserved() {
+            tracing::error!(
+                entry = %e.id,
+                spiffe_id = %e.spiffe_id,
+                %reason,
+                "stored entry has a reserved SPIFFE ID and is not served; delete it or change its SPIFFE ID"
+            );
+            self.entries.insert(e.id.clone(), e);
+            return;
+        }
         self.by_parent
             .entry(e.parent_id.clone())
             .or_default()
@@ -322,7 +335,7 @@ impl EntryIndex {
     ) -> Option<Arc<Entry>> {
         let state = self.read();
         let entry = state.entries.get(id)?.clone();
-        if entry.is_node_alias() {
+        if entry.is_node_alias() || entry.check_reserved().is_err() {
             return None;
         }
         // Breadth-first over the parents: an ID is a root of the agent's tree
@@ -584,6 +597,77 @@ mod tests {
             kind: ChangeKind::EntryDeleted(e),
         });
         assert!(idx.get(&"new".parse().unwrap()).is_none());
+    }
+
+    /// Entries with a reserved SPIFFE ID that reach the store anyway (an
+    /// upgrade, an older server on the same database) are listed but never
+    /// authorized, nor is anything parented to them.
+    #[test]
+    fn stored_reserved_entries_are_not_served() {
+        let idx = index();
+        let agent: SpiffeId = AGENT.parse().unwrap();
+        idx.apply(Change {
+            revision: 8,
+            kind: ChangeKind::EntryUpserted(entry(
+                "posing",
+                "spiffe://td/sigil/server",
+                AGENT,
+                &["unix:uid:1"],
+            )),
+        });
+        idx.apply(Change {
+            revision: 9,
+            kind: ChangeKind::EntryUpserted(entry(
+                "reserved-web",
+                "spiffe://td/sigil/web",
+                AGENT,
+                &["unix:uid:1"],
+            )),
+        });
+        idx.apply(Change {
+            revision: 10,
+            kind: ChangeKind::EntryUpserted(entry(
+                "under-reserved",
+                "spiffe://td/ok",
+                "spiffe://td/sigil/web",
+                &["unix:uid:1"],
+            )),
+        });
+        idx.apply(Change {
+            revision: 11,
+            kind: ChangeKind::EntryUpserted(entry(
+                "agent-alias",
+                "spiffe://td/Sigil/Agent/join_token/b2",
+                SERVER,
+                &["node:region:eu"],
+            )),
+        });
+        let node = Selectors::parse_all(["node:region:eu"]).unwrap();
+        let auth = idx.authorized(&agent, &node);
+        for id in ["posing", "reserved-web", "under-reserved", "agent-alias"] {
+            let id: EntryId = id.parse().unwrap();
+            assert!(idx.get(&id).is_some(), "{id} is listed");
+            assert!(!auth.entries.contains_key(&id), "{id}");
+            assert!(idx.authorized_entry(&id, &agent, &node).is_none(), "{id}");
+        }
+        // The alias posing as agent b2 does not hand b2's entries to a1.
+        assert!(
+            !auth
+                .entries
+                .contains_key(&"other-agent".parse::<EntryId>().unwrap())
+        );
+        // Fixing the ID serves it.
+        idx.apply(Change {
+            revision: 12,
+            kind: ChangeKind::EntryUpserted(entry(
+                "posing",
+                "spiffe://td/web2",
+                AGENT,
+                &["unix:uid:1"],
+            )),
+        });
+        let id: EntryId = "posing".parse().unwrap();
+        assert!(idx.authorized_entry(&id, &agent, &node).is_some());
     }
 
     #[test]

@@ -167,6 +167,7 @@ impl ServerState {
                 .as_ref()
                 .map(|a| a.serial.clone())
                 .unwrap_or_default(),
+            serial_used: false,
             expires_at: unix(info.not_after),
             banned: false,
             can_reattest: true,

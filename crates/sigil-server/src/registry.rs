@@ -13,7 +13,7 @@ use base64::Engine;
 use sigil_store::JoinToken;
 use sigil_svid::jwt::JwtClaims;
 use sigil_svid::x509::{SvidRequest, csr_public_key, sha256_hex};
-use sigil_types::{AgentRecord, Entry, EntryId, Selectors, SpiffeId};
+use sigil_types::{AgentRecord, Entry, EntryId, Selectors, SerialStatus, SpiffeId};
 
 use crate::ServerState;
 use crate::ca::unix;
@@ -211,6 +211,7 @@ impl ServerState {
                 .map_err(|e| ServerError::Internal(e.to_string()))?,
             serial: info.serial_hex,
             previous_serial: String::new(),
+            serial_used: false,
             expires_at: unix(info.not_after),
             banned: false,
             can_reattest: false,
@@ -267,21 +268,99 @@ impl ServerState {
             )));
         }
         let serial = peer.serial.as_deref().unwrap_or_default();
-        if serial == record.serial {
-            return Ok(record);
+        if record.serial_status(serial) == SerialStatus::Current {
+            return Ok(self.current_serial_used(record, serial).await);
         }
-        if !record.previous_serial.is_empty() && serial == record.previous_serial {
-            return Ok(record);
+        // Anything but the current serial is decided on the stored record:
+        // memory may lag behind another server that renewed the agent or
+        // saw its new serial used a moment ago.
+        let Some(stored) = self.store.get_agent(id).await? else {
+            return Err(ServerError::PermissionDenied(format!(
+                "agent {id} is not attested (it may have been evicted)"
+            )));
+        };
+        if stored.banned {
+            return Err(ServerError::PermissionDenied(format!(
+                "agent {id} is banned"
+            )));
         }
-        Err(ServerError::PermissionDenied(format!(
-            "agent {id} presented an SVID that is no longer current"
-        )))
+        match stored.serial_status(serial) {
+            SerialStatus::Current => Ok(self.current_serial_used(stored, serial).await),
+            SerialStatus::Previous => Ok(stored),
+            SerialStatus::Superseded | SerialStatus::Unknown => {
+                Err(self.stale_serial(&stored, serial))
+            }
+        }
     }
 
-    /// Renews the calling agent's SVID.
+    /// A call presented the agent's current serial: the first such call
+    /// after a renewal retires the previous serial.
+    async fn current_serial_used(&self, record: AgentRecord, serial: &str) -> AgentRecord {
+        if record.serial_used || record.previous_serial.is_empty() {
+            return record;
+        }
+        self.first_use_of_serial(record, serial).await
+    }
+
+    /// Records that the agent's new serial was used, so that every server
+    /// refuses the previous one from now on. A store failure does not fail
+    /// the call (agents are authenticated from memory while the database is
+    /// away); the next call tries again.
+    async fn first_use_of_serial(&self, record: AgentRecord, serial: &str) -> AgentRecord {
+        match self
+            .store
+            .mark_agent_serial_used(&record.spiffe_id, serial)
+            .await
+        {
+            Ok(Some(marked)) => {
+                if let Ok(revision) = self.store.revision().await {
+                    self.settle(revision).await;
+                }
+                tracing::debug!(agent = %record.spiffe_id, serial, "agent uses its renewed SVID; the previous one is retired");
+                marked
+            }
+            // Marked by another call or server meanwhile, or renewed again.
+            Ok(None) => record,
+            Err(e) => {
+                tracing::warn!(agent = %record.spiffe_id, error = %e, "could not record the first use of a renewed agent SVID");
+                record
+            }
+        }
+    }
+
+    /// The refusal of an SVID of a known agent that is no longer accepted,
+    /// logged: only a copy of an old SVID (or an agent restored from an old
+    /// backup) can present one.
+    pub(crate) fn stale_serial(&self, record: &AgentRecord, serial: &str) -> ServerError {
+        let id = &record.spiffe_id;
+        if record.serial_status(serial) == SerialStatus::Superseded {
+            tracing::warn!(
+                agent = %id,
+                presented_serial = serial,
+                current_serial = %record.serial,
+                "possible agent SVID theft: the previous SVID was presented after the agent used its renewed one; refused"
+            );
+        } else {
+            tracing::warn!(
+                agent = %id,
+                presented_serial = serial,
+                current_serial = %record.serial,
+                previous_serial = %record.previous_serial,
+                "possible agent SVID theft: an agent SVID that is no longer current was presented; refused"
+            );
+        }
+        ServerError::PermissionDenied(format!(
+            "agent {id} presented an SVID that is no longer current"
+        ))
+    }
+
+    /// Renews the calling agent's SVID; `presented_serial` is the serial of
+    /// the SVID the call was authenticated with, which stays accepted (as
+    /// the previous one) until the new SVID is first used.
     pub async fn renew_agent(
         &self,
         agent: &AgentRecord,
+        presented_serial: &str,
         csr: &[u8],
     ) -> Result<Vec<Vec<u8>>, ServerError> {
         let spki = csr_public_key(csr)?;
@@ -294,7 +373,7 @@ impl ServerState {
             .store
             .renew_agent_serial(
                 &agent.spiffe_id,
-                &agent.serial,
+                presented_serial,
                 &info.serial_hex,
                 unix(info.not_after),
                 unix(now),
@@ -302,7 +381,7 @@ impl ServerState {
             .await?;
         if renewed.is_none() {
             return Err(ServerError::PermissionDenied(format!(
-                "agent {} was banned, evicted or renewed meanwhile; not renewed",
+                "agent {} was banned, evicted or renewed meanwhile, or its SVID is no longer current; not renewed",
                 agent.spiffe_id
             )));
         }
@@ -575,6 +654,7 @@ mod tests {
             .unwrap(),
             serial: String::new(),
             previous_serial: String::new(),
+            serial_used: false,
             expires_at: 0,
             banned: false,
             can_reattest: true,

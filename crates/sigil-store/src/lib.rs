@@ -215,18 +215,32 @@ pub trait Store: Send + Sync + 'static {
     /// by another server between a read and this write holds.
     async fn upsert_agent(&self, agent: AgentRecord) -> Result<(), StoreError>;
     /// Records a renewed agent SVID, only if the agent still exists, is not
-    /// banned and its current serial is still `expected_serial`: that serial
-    /// becomes `previous_serial`, `serial` the new one. Returns the new
+    /// banned and `presented_serial` (the serial of the SVID the renewal was
+    /// authenticated with) is still accepted: the current serial, or the
+    /// previous one while the current one is unused (the agent retrying a
+    /// renewal whose answer was lost). The presented serial becomes
+    /// `previous_serial`, `serial` the new one, unused. Returns the new
     /// record, or `None` (changing nothing) when the condition failed, as
-    /// when another server banned or evicted the agent meanwhile. Records
-    /// [`ChangeKind::AgentChanged`] when it writes.
+    /// when another server banned or evicted the agent, or saw the current
+    /// serial used, meanwhile. Records [`ChangeKind::AgentChanged`] when it
+    /// writes.
     async fn renew_agent_serial(
         &self,
         id: &SpiffeId,
-        expected_serial: &str,
+        presented_serial: &str,
         serial: &str,
         expires_at: i64,
         updated_at: i64,
+    ) -> Result<Option<AgentRecord>, StoreError>;
+    /// Records that a call presented the agent's current `serial`, from
+    /// then on its previous serial is refused; only if `serial` is still the
+    /// current one and not yet marked. Returns the new record, or `None`
+    /// (changing nothing) otherwise. Records [`ChangeKind::AgentChanged`]
+    /// when it writes, so every server sharing the store learns it.
+    async fn mark_agent_serial_used(
+        &self,
+        id: &SpiffeId,
+        serial: &str,
     ) -> Result<Option<AgentRecord>, StoreError>;
     /// The agent with this SPIFFE ID, if any.
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError>;

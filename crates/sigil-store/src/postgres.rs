@@ -57,7 +57,7 @@ macro_rules! entry_cols {
 macro_rules! agent_cols {
     () => {
         "spiffe_id, attestation_type, selectors, serial, previous_serial, expires_at, banned, \
-         can_reattest, created_at, updated_at"
+         can_reattest, created_at, updated_at, serial_used"
     };
 }
 macro_rules! federation_cols {
@@ -497,10 +497,10 @@ impl Store for PostgresStore {
         sqlx::query(concat!(
             "INSERT INTO agents (",
             agent_cols!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (spiffe_id) DO UPDATE \
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (spiffe_id) DO UPDATE \
              SET attestation_type = excluded.attestation_type, selectors = excluded.selectors, \
              serial = excluded.serial, previous_serial = excluded.previous_serial, \
-             expires_at = excluded.expires_at, \
+             serial_used = excluded.serial_used, expires_at = excluded.expires_at, \
              banned = (agents.banned OR excluded.banned), can_reattest = excluded.can_reattest, \
              created_at = excluded.created_at, updated_at = excluded.updated_at"
         ))
@@ -514,6 +514,7 @@ impl Store for PostgresStore {
         .bind(agent.can_reattest)
         .bind(agent.created_at)
         .bind(agent.updated_at)
+        .bind(agent.serial_used)
         .execute(&mut *tx)
         .await?;
         record_change(
@@ -577,21 +578,39 @@ impl Store for PostgresStore {
     async fn renew_agent_serial(
         &self,
         id: &SpiffeId,
-        expected_serial: &str,
+        presented_serial: &str,
         serial: &str,
         expires_at: i64,
         updated_at: i64,
     ) -> Result<Option<AgentRecord>, StoreError> {
+        // Under READ COMMITTED, PostgreSQL checks the WHERE clause again on
+        // the row as another server's concurrent write left it.
         let query = sqlx::query(concat!(
-            "UPDATE agents SET previous_serial = serial, serial = $1, expires_at = $2, updated_at = $3 \
-             WHERE spiffe_id = $4 AND serial = $5 AND NOT banned RETURNING ",
+            "UPDATE agents SET previous_serial = $1, serial = $2, serial_used = false, \
+             expires_at = $3, updated_at = $4 WHERE spiffe_id = $5 AND NOT banned AND $1 <> '' \
+             AND (serial = $1 OR (previous_serial = $1 AND NOT serial_used)) RETURNING ",
             agent_cols!()
         ))
+        .bind(presented_serial)
         .bind(serial)
         .bind(expires_at)
         .bind(updated_at)
+        .bind(id.as_str());
+        self.update_agent(id, query).await
+    }
+
+    async fn mark_agent_serial_used(
+        &self,
+        id: &SpiffeId,
+        serial: &str,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let query = sqlx::query(concat!(
+            "UPDATE agents SET serial_used = true \
+             WHERE spiffe_id = $1 AND serial = $2 AND NOT serial_used RETURNING ",
+            agent_cols!()
+        ))
         .bind(id.as_str())
-        .bind(expected_serial);
+        .bind(serial);
         self.update_agent(id, query).await
     }
 

@@ -82,6 +82,7 @@ macro_rules! row_decoders {
                 selectors: codec::parse_selectors(row.try_get("selectors")?)?,
                 serial: row.try_get("serial")?,
                 previous_serial: row.try_get("previous_serial")?,
+                serial_used: row.try_get("serial_used")?,
                 expires_at: row.try_get("expires_at")?,
                 banned: row.try_get("banned")?,
                 can_reattest: row.try_get("can_reattest")?,

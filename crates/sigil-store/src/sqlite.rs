@@ -37,7 +37,7 @@ macro_rules! entry_cols {
 macro_rules! agent_cols {
     () => {
         "spiffe_id, attestation_type, selectors, serial, previous_serial, expires_at, banned, \
-         can_reattest, created_at, updated_at"
+         can_reattest, created_at, updated_at, serial_used"
     };
 }
 macro_rules! federation_cols {
@@ -458,10 +458,10 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO agents (",
             agent_cols!(),
-            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spiffe_id) DO UPDATE SET \
+            ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (spiffe_id) DO UPDATE SET \
              attestation_type = excluded.attestation_type, selectors = excluded.selectors, \
              serial = excluded.serial, previous_serial = excluded.previous_serial, \
-             expires_at = excluded.expires_at, \
+             serial_used = excluded.serial_used, expires_at = excluded.expires_at, \
              banned = (agents.banned OR excluded.banned), can_reattest = excluded.can_reattest, \
              created_at = excluded.created_at, updated_at = excluded.updated_at"
         ))
@@ -475,6 +475,7 @@ impl Store for SqliteStore {
         .bind(agent.can_reattest)
         .bind(agent.created_at)
         .bind(agent.updated_at)
+        .bind(agent.serial_used)
         .execute(&mut *tx)
         .await?;
         record_change(
@@ -538,21 +539,40 @@ impl Store for SqliteStore {
     async fn renew_agent_serial(
         &self,
         id: &SpiffeId,
-        expected_serial: &str,
+        presented_serial: &str,
         serial: &str,
         expires_at: i64,
         updated_at: i64,
     ) -> Result<Option<AgentRecord>, StoreError> {
         let query = sqlx::query(concat!(
-            "UPDATE agents SET previous_serial = serial, serial = ?, expires_at = ?, updated_at = ? \
-             WHERE spiffe_id = ? AND serial = ? AND NOT banned RETURNING ",
+            "UPDATE agents SET previous_serial = ?, serial = ?, serial_used = 0, expires_at = ?, \
+             updated_at = ? WHERE spiffe_id = ? AND NOT banned AND ? <> '' AND (serial = ? \
+             OR (previous_serial = ? AND NOT serial_used)) RETURNING ",
             agent_cols!()
         ))
+        .bind(presented_serial)
         .bind(serial)
         .bind(expires_at)
         .bind(updated_at)
         .bind(id.as_str())
-        .bind(expected_serial);
+        .bind(presented_serial)
+        .bind(presented_serial)
+        .bind(presented_serial);
+        self.update_agent(id, query).await
+    }
+
+    async fn mark_agent_serial_used(
+        &self,
+        id: &SpiffeId,
+        serial: &str,
+    ) -> Result<Option<AgentRecord>, StoreError> {
+        let query = sqlx::query(concat!(
+            "UPDATE agents SET serial_used = 1 \
+             WHERE spiffe_id = ? AND serial = ? AND NOT serial_used RETURNING ",
+            agent_cols!()
+        ))
+        .bind(id.as_str())
+        .bind(serial);
         self.update_agent(id, query).await
     }
 

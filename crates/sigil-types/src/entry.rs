@@ -48,6 +48,17 @@ pub enum EntryError {
         /// The server's trust domain.
         trust_domain: String,
     },
+    /// The SPIFFE ID lies in the `/sigil` space of the trust domain, reserved
+    /// for sigil's own identities (see [`Entry::check_reserved`]).
+    #[error(
+        "spiffe_id {0} is reserved: the /sigil path space belongs to sigil's own identities (the server and the agents); choose another path"
+    )]
+    ReservedSpiffeId(String),
+    /// A node alias would take the ID of the server or of an agent.
+    #[error(
+        "node alias spiffe_id {0} is reserved: it names the sigil server or an agent; choose another path"
+    )]
+    ReservedAliasId(String),
     /// The parent ID has no path.
     #[error("parent_id {0} has no path")]
     RootParentId(String),
@@ -246,6 +257,7 @@ impl Entry {
                 trust_domain: trust_domain.to_string(),
             });
         }
+        self.check_reserved()?;
         if !self.parent_id.is_member_of(trust_domain) {
             return Err(EntryError::ForeignTrustDomain {
                 field: "parent_id",
@@ -297,6 +309,27 @@ impl Entry {
                     got,
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses a SPIFFE ID in the `/sigil` space, which belongs to sigil's
+    /// own identities: a workload holding `spiffe://<td>/sigil/server` could
+    /// pose as the server to a new agent, one holding an agent ID as that
+    /// agent. Workload entries may not use the space at all (first segment
+    /// `sigil` in any letter case); node aliases, whose IDs are never issued
+    /// as SVIDs, may use it (the Kubernetes controller names them
+    /// `/sigil/k8s/<cluster>/nodes/...`) but not for the server's or an
+    /// agent's ID. Parent IDs are not concerned: entries hang from agents.
+    /// Entry IDs outside the own trust domain are refused elsewhere, so this
+    /// is about the own trust domain only.
+    pub fn check_reserved(&self) -> Result<(), EntryError> {
+        if self.is_node_alias() {
+            if self.spiffe_id.names_sigil_component() {
+                return Err(EntryError::ReservedAliasId(self.spiffe_id.to_string()));
+            }
+        } else if self.spiffe_id.is_in_sigil_space() {
+            return Err(EntryError::ReservedSpiffeId(self.spiffe_id.to_string()));
         }
         Ok(())
     }
@@ -430,6 +463,10 @@ mod tests {
                 Box::new(|e| e.downstream = true),
                 "downstream is not supported yet",
             ),
+            (
+                Box::new(|e| e.spiffe_id = "spiffe://example.org/sigil/server".parse().unwrap()),
+                "reserved",
+            ),
         ];
         for (mutate, want) in cases {
             let mut e = entry();
@@ -464,6 +501,42 @@ mod tests {
         assert!("0f9c-aa.b_c".parse::<EntryId>().is_ok());
         for bad in ["", "a b", "a/b", &"a".repeat(256)] {
             assert!(bad.parse::<EntryId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_sigil_space_is_reserved() {
+        for (spiffe_id, parent, ok) in [
+            // Workload entries: nothing under /sigil, in any case.
+            ("/sigil/server", "/sigil/agent/join_token/abc", false),
+            ("/sigil", "/sigil/agent/join_token/abc", false),
+            ("/Sigil/server", "/sigil/agent/join_token/abc", false),
+            (
+                "/SIGIL/agent/join_token/abc2",
+                "/sigil/agent/join_token/abc",
+                false,
+            ),
+            ("/sigil/k8s/c/nodes", "/sigil/agent/join_token/abc", false),
+            ("/sigil/web", "/web", false),
+            ("/sigilx/web", "/sigil/agent/join_token/abc", true),
+            ("/web/sigil/server", "/sigil/agent/join_token/abc", true),
+            // Node aliases: the controller's /sigil/k8s/..., not the server or agents.
+            ("/sigil/k8s/c/nodes", "/sigil/server", true),
+            ("/nodes/prod", "/sigil/server", true),
+            ("/sigil/agent/join_token/abc", "/sigil/server", false),
+            ("/sigil/Agent/x", "/sigil/server", false),
+            ("/sigil", "/sigil/server", false),
+            ("/SIGIL/SERVER/x", "/sigil/server", false),
+        ] {
+            let mut e = entry();
+            e.spiffe_id = format!("spiffe://example.org{spiffe_id}").parse().unwrap();
+            e.parent_id = format!("spiffe://example.org{parent}").parse().unwrap();
+            let got = e.validate(&td());
+            assert_eq!(got.is_ok(), ok, "{spiffe_id} under {parent}: {got:?}");
+            assert_eq!(e.check_reserved().is_ok(), ok, "{spiffe_id} under {parent}");
+            if let Err(err) = got {
+                assert!(err.to_string().contains("reserved"), "{err}");
+            }
         }
     }
 

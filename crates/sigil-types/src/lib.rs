@@ -31,7 +31,7 @@ pub mod slots;
 pub mod spiffe_id;
 pub mod text;
 
-pub use agent::AgentRecord;
+pub use agent::{AgentRecord, SerialStatus};
 pub use attribute::Attribute;
 pub use bundle::{BundleDocument, Jwk};
 pub use entry::{Entry, EntryError, EntryId};

@@ -199,6 +199,33 @@ impl SpiffeId {
     pub fn is_member_of(&self, td: &TrustDomain) -> bool {
         self.trust_domain_name() == td.name()
     }
+
+    /// The path segments, empty for a trust domain's own ID.
+    fn segments(&self) -> impl Iterator<Item = &str> {
+        self.path().split('/').skip(1)
+    }
+
+    /// Whether the path lies in sigil's own space: its first segment is
+    /// `sigil` in any letter case (`/sigil`, `/sigil/...`, `/Sigil/...`).
+    /// Paths are case-sensitive in SPIFFE, but a look-alike such as
+    /// `/SIGIL/server` is refused too: it would only serve to mislead a
+    /// person or a case-insensitive comparison.
+    pub fn is_in_sigil_space(&self) -> bool {
+        self.segments()
+            .next()
+            .is_some_and(|s| s.eq_ignore_ascii_case("sigil"))
+    }
+
+    /// Whether the ID names (in any letter case) the sigil server or an
+    /// agent: `/sigil`, `/sigil/server[/...]` or `/sigil/agent[/...]`.
+    pub fn names_sigil_component(&self) -> bool {
+        let mut segs = self.segments();
+        if !segs.next().is_some_and(|s| s.eq_ignore_ascii_case("sigil")) {
+            return false;
+        }
+        segs.next()
+            .is_none_or(|s| s.eq_ignore_ascii_case("server") || s.eq_ignore_ascii_case("agent"))
+    }
 }
 
 impl FromStr for SpiffeId {
@@ -429,6 +456,27 @@ mod tests {
             TrustDomain::new("example.org").unwrap().id_string(),
             "spiffe://example.org"
         );
+    }
+
+    #[test]
+    fn sigil_space_and_components() {
+        for (s, space, component) in [
+            ("spiffe://td/sigil", true, true),
+            ("spiffe://td/sigil/server", true, true),
+            ("spiffe://td/Sigil/Server", true, true),
+            ("spiffe://td/SIGIL/agent/join_token/x", true, true),
+            ("spiffe://td/sigil/server/extra", true, true),
+            ("spiffe://td/sigil/k8s/c/nodes", true, false),
+            ("spiffe://td/sigil/servers", true, false),
+            ("spiffe://td/sigilx/server", false, false),
+            ("spiffe://td/sigil-server", false, false),
+            ("spiffe://td/web/sigil/server", false, false),
+            ("spiffe://td", false, false),
+        ] {
+            let parsed = id(s).unwrap();
+            assert_eq!(parsed.is_in_sigil_space(), space, "{s}");
+            assert_eq!(parsed.names_sigil_component(), component, "{s}");
+        }
     }
 
     mod prop {

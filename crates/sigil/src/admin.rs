@@ -72,7 +72,7 @@ pub(crate) enum EntryCommand {
 
 #[derive(Args, Debug)]
 pub(crate) struct EntryFields {
-    /// The SPIFFE ID matching workloads get, e.g. spiffe://example.org/web.
+    /// The SPIFFE ID matching workloads get, e.g. spiffe://example.org/web; not under /sigil/ (reserved for the server and agents).
     #[arg(long)]
     spiffe_id: Option<String>,
     /// The agent (or node alias, or other entry) this entry is under.

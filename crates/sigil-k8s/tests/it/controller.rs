@@ -319,6 +319,16 @@ fn invalid_templates_and_ids_are_reported_and_create_nothing() {
             "spiffe://example.org/a/{{ .PodMeta.Name }}/b c",
             "path segment",
         ),
+        // sigil's own identities: the server, the agents, the /sigil space.
+        ("spiffe://{{ .TrustDomain }}/sigil/server", "reserved"),
+        (
+            "spiffe://{{ .TrustDomain }}/sigil/agent/k8s_psat/eks-dev/{{ .PodMeta.Name }}",
+            "reserved",
+        ),
+        (
+            "spiffe://{{ .TrustDomain }}/Sigil/{{ .PodMeta.Name }}",
+            "reserved",
+        ),
     ];
     for (template, want) in cases {
         let mut spec = ns_sa_spec(Mode::PerPod);
@@ -544,10 +554,17 @@ fn static_entries_render_literally() {
         selectors: vec![],
         ..Default::default()
     };
+    let posing = ClusterStaticEntrySpec {
+        spiffe_id: "spiffe://example.org/sigil/server".into(),
+        parent_id: "spiffe://example.org/sigil/agent/k8s_psat/eks-dev/node-1".into(),
+        selectors: vec!["k8s:ns:db".into()],
+        ..Default::default()
+    };
     let snap = Snapshot {
         static_entries: vec![
             Arc::new(ClusterStaticEntry::new("db", spec)),
             Arc::new(ClusterStaticEntry::new("empty", bad)),
+            Arc::new(ClusterStaticEntry::new("posing", posing)),
         ],
         ..Default::default()
     };
@@ -565,6 +582,13 @@ fn static_entries_render_literally() {
         failed.errors[0].contains("at least one selector"),
         "{:?}",
         failed.errors
+    );
+    let posing = &d.static_status["posing"];
+    assert!(!posing.rendered && !posing.set);
+    assert!(
+        posing.errors[0].contains("is reserved"),
+        "{:?}",
+        posing.errors
     );
 }
 

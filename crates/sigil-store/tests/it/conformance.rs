@@ -43,6 +43,7 @@ macro_rules! conformance_suite {
             change_feed_in_order,
             snapshot_revision_matches,
             agents_lifecycle,
+            agent_serial_use,
             join_tokens_single_use,
             bundles,
             bundle_changes_in_feed,
@@ -139,6 +140,7 @@ fn agent(name: &str) -> AgentRecord {
         selectors: Selectors::parse_all(["join_token:abc", "unix:host:node1"]).unwrap(),
         serial: "0a1b".into(),
         previous_serial: "09".into(),
+        serial_used: false,
         expires_at: 1_800_000_000,
         banned: false,
         can_reattest: false,
@@ -358,6 +360,97 @@ pub(crate) async fn snapshot_revision_matches(store: Arc<dyn Store>) {
     );
 }
 
+/// The previous agent serial: renewing with it works until the current
+/// serial is marked used (persisted, and in the feed for other servers);
+/// after that only the current one renews.
+pub(crate) async fn agent_serial_use(store: Arc<dyn Store>) {
+    let a = agent("a"); // serial 0a1b, previous 09, unused
+    store.upsert_agent(a.clone()).await.unwrap();
+    let id = &a.spiffe_id;
+
+    // A retry with the previous serial (the answer to the renewal that made
+    // 0a1b was lost): renewed, and the serial it holds stays the previous.
+    let r1 = store
+        .renew_agent_serial(id, "09", "10", 99, 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            r1.serial.as_str(),
+            r1.previous_serial.as_str(),
+            r1.serial_used
+        ),
+        ("10", "09", false)
+    );
+    // 0a1b was never delivered and is refused now; empty serials never match.
+    for stale in ["0a1b", "", "zz"] {
+        assert_eq!(
+            store
+                .renew_agent_serial(id, stale, "11", 99, 100)
+                .await
+                .unwrap(),
+            None,
+            "{stale:?}"
+        );
+    }
+    assert_eq!(
+        store.mark_agent_serial_used(id, "09").await.unwrap(),
+        None,
+        "only the current serial is marked"
+    );
+    let before = store.revision().await.unwrap();
+    let used = store
+        .mark_agent_serial_used(id, "10")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(used.serial_used);
+    assert_eq!(store.get_agent(id).await.unwrap(), Some(used.clone()));
+    let feed = store.changes_since(before, 10).await.unwrap();
+    assert_eq!(
+        feed.iter().map(|c| c.kind.clone()).collect::<Vec<_>>(),
+        vec![ChangeKind::AgentChanged(id.clone())]
+    );
+    assert_eq!(
+        store.mark_agent_serial_used(id, "10").await.unwrap(),
+        None,
+        "marked once"
+    );
+    assert_eq!(store.revision().await.unwrap(), feed[0].revision);
+
+    // The previous serial is dead; the current one renews, and the new
+    // serial starts unused with the current one as previous.
+    assert_eq!(
+        store
+            .renew_agent_serial(id, "09", "12", 99, 100)
+            .await
+            .unwrap(),
+        None
+    );
+    let r2 = store
+        .renew_agent_serial(id, "10", "13", 199, 200)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        r2,
+        AgentRecord {
+            serial: "13".into(),
+            previous_serial: "10".into(),
+            serial_used: false,
+            expires_at: 199,
+            updated_at: 200,
+            ..used.clone()
+        }
+    );
+    // upsert_agent stores the flag as given (re-attestation starts unused).
+    let mut marked = r2.clone();
+    marked.serial_used = true;
+    store.upsert_agent(marked.clone()).await.unwrap();
+    assert_eq!(store.get_agent(id).await.unwrap(), Some(marked));
+}
+
 /// Agents: upsert, get, list, ban, delete, each recorded in the feed.
 pub(crate) async fn agents_lifecycle(store: Arc<dyn Store>) {
     let base = store.revision().await.unwrap();
@@ -425,6 +518,7 @@ pub(crate) async fn agents_lifecycle(store: Arc<dyn Store>) {
         b_renewed,
         AgentRecord {
             previous_serial: b.serial.clone(),
+            serial_used: false,
             serial: "0e".into(),
             expires_at: 99,
             updated_at: 100,

@@ -262,6 +262,7 @@ fn agent(name: &str) -> AgentRecord {
         selectors: Selectors::parse_all([format!("join_token:{name}")]).unwrap(),
         serial: "01".into(),
         previous_serial: String::new(),
+        serial_used: false,
         expires_at: 100,
         banned: false,
         can_reattest: false,

@@ -105,6 +105,7 @@ async fn data_survives_reopen() {
         selectors: Selectors::parse_all(["join_token:n1"]).unwrap(),
         serial: "01".into(),
         previous_serial: String::new(),
+        serial_used: false,
         expires_at: 100,
         banned: false,
         can_reattest: false,

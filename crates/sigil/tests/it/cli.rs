@@ -183,6 +183,50 @@ async fn admin_commands_round_trip_and_refuse_bad_input() {
             ],
             "already",
         ),
+        // Issue #12 item 5: the /sigil space is sigil's own (server, agents).
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/sigil/server",
+                "--parent-id",
+                &agent,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "spiffe_id spiffe://example.org/sigil/server is reserved",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/SIGIL/agent/join_token/0123456789abcdef",
+                "--parent-id",
+                &agent,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "is reserved",
+        ),
+        (
+            vec![
+                "--spiffe-id",
+                "spiffe://example.org/sigil",
+                "--parent-id",
+                &agent,
+                "--selector",
+                "unix:uid:1",
+            ],
+            "is reserved",
+        ),
+        (
+            vec![
+                "--node",
+                "--spiffe-id",
+                "spiffe://example.org/sigil/agent/join_token/0123456789abcdef",
+                "--selector",
+                "unix:uid:1",
+            ],
+            "node alias spiffe_id spiffe://example.org/sigil/agent/join_token/0123456789abcdef is reserved",
+        ),
     ] {
         let mut full = vec!["entry", "create"];
         full.extend(args);
@@ -216,6 +260,20 @@ async fn admin_commands_round_trip_and_refuse_bad_input() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[
+        "entry",
+        "update",
+        "--entry-id",
+        &id,
+        "--spiffe-id",
+        "spiffe://example.org/sigil/server",
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("is reserved"),
+        "update to a reserved ID: {stderr}"
     );
     let out = run(&["entry", "show", "--entry-id", &id]).await;
     let text = String::from_utf8_lossy(&out.stdout);

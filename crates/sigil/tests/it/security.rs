@@ -610,3 +610,281 @@ async fn admin_and_downstream_entries_are_refused_as_not_supported() {
     }
     cluster.shutdown().await;
 }
+
+/// An agent-API client presenting `chain`/`key` (any agent SVID, current or not).
+async fn agent_client_with(
+    cluster: &Cluster,
+    chain: Vec<Vec<u8>>,
+    key: &sigil_svid::keys::PrivateKey,
+) -> sigil_proto::server::v1::agent_api_client::AgentApiClient<tonic::transport::Channel> {
+    let bundle = cluster.server().unwrap().state.ca.bundle();
+    let trust = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee((*bundle).clone()));
+    let cert = std::sync::Arc::new(sigil_svid::tls::RotatingCert::new(chain, key).unwrap());
+    sigil_agent::client::connect(
+        &cluster.agent_config.server_address,
+        trust,
+        "spiffe://example.org/sigil/server".parse().unwrap(),
+        Some(cert),
+    )
+    .await
+    .unwrap()
+}
+
+/// A fresh key and the agent SVID the server renews it into, through `client`.
+async fn renew_through(
+    client: &mut sigil_proto::server::v1::agent_api_client::AgentApiClient<
+        tonic::transport::Channel,
+    >,
+) -> Result<(Vec<Vec<u8>>, sigil_svid::keys::PrivateKey), tonic::Status> {
+    let key = sigil_svid::keys::PrivateKey::generate_p256().unwrap();
+    let csr = sigil_svid::x509::make_csr(&key).unwrap();
+    let chain = client
+        .renew_agent(sigil_proto::server::v1::RenewAgentRequest { csr })
+        .await?
+        .into_inner()
+        .cert_chain;
+    Ok((chain, key))
+}
+
+/// Every authenticated agent call with `client`: Ok(()) if all are accepted,
+/// else the first refusal (each must be PermissionDenied).
+async fn agent_calls(
+    client: &mut sigil_proto::server::v1::agent_api_client::AgentApiClient<
+        tonic::transport::Channel,
+    >,
+    entry_id: &str,
+) -> Result<(), tonic::Status> {
+    use sigil_proto::server::v1 as pb;
+    let csr = sigil_svid::x509::make_csr(&sigil_svid::keys::PrivateKey::generate_p256().unwrap())
+        .unwrap();
+    let results = [
+        client.sync(pb::SyncRequest::default()).await.map(|_| ()),
+        client
+            .batch_new_x509svid(pb::BatchNewX509svidRequest {
+                params: vec![pb::X509svidParams {
+                    entry_id: entry_id.to_owned(),
+                    csr,
+                }],
+            })
+            .await
+            .map(|r| assert!(r.into_inner().results[0].error.is_empty())),
+        client
+            .new_jwtsvid(pb::NewJwtsvidRequest {
+                entry_id: entry_id.to_owned(),
+                audience: vec!["db".into()],
+            })
+            .await
+            .map(|_| ()),
+    ];
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    assert!(
+        accepted == 0 || accepted == results.len(),
+        "the calls disagree: {results:?}"
+    );
+    for r in results {
+        if let Err(s) = r {
+            assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+            return Err(s);
+        }
+    }
+    Ok(())
+}
+
+/// Issue #12 item 7: a copy of the agent SVID from before a renewal works
+/// only until the renewed SVID is used (a renewal whose answer was lost can
+/// be retried with it); after that every call with it is refused, an open
+/// sync stream of it is cut, and the refusal survives a server restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_agent_svid_stops_working_once_the_renewed_one_is_used() {
+    init();
+    let mut cluster = Cluster::start(Default::default()).await.unwrap();
+    let entry = cluster.register("/db", &["unix:uid:4250"]).await.unwrap();
+    let entry_id = entry.id.to_string();
+    cluster.wait_for_svid(&entry.spiffe_id).await.unwrap();
+    // The test plays the agent from here, with copies of its SVIDs.
+    cluster.stop_agent().await;
+    let stolen = sigil_agent::persist::Persist::open(&cluster.agent_config.data_dir)
+        .unwrap()
+        .load_identity()
+        .unwrap()
+        .unwrap();
+    let mut old = agent_client_with(&cluster, stolen.chain.clone(), &stolen.key).await;
+    agent_calls(&mut old, &entry_id).await.unwrap();
+
+    // Renewed, but the answer "lost": the old SVID still works, and retries.
+    let (lost_chain, lost_key) = renew_through(&mut old).await.unwrap();
+    agent_calls(&mut old, &entry_id).await.unwrap();
+    let mut old_stream = old
+        .sync(sigil_proto::server::v1::SyncRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(old_stream.message().await.unwrap().is_some());
+    let (chain, key) = renew_through(&mut old).await.unwrap();
+    // The SVID of the lost answer was replaced by the retry's.
+    let mut lost = agent_client_with(&cluster, lost_chain, &lost_key).await;
+    assert!(agent_calls(&mut lost, &entry_id).await.is_err());
+
+    // The renewed SVID is used: from now on the old one is refused
+    // everywhere, and its open stream ends.
+    let mut new = agent_client_with(&cluster, chain.clone(), &key).await;
+    agent_calls(&mut new, &entry_id).await.unwrap();
+    let refused = agent_calls(&mut old, &entry_id).await.unwrap_err();
+    assert!(
+        refused.message().contains("no longer current"),
+        "{}",
+        refused.message()
+    );
+    let renew = renew_through(&mut old).await.unwrap_err();
+    assert_eq!(renew.code(), tonic::Code::PermissionDenied, "{renew:?}");
+    let cut = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match old_stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the old SVID's sync stream is cut");
+    assert_eq!(
+        cut.unwrap_err().code(),
+        tonic::Code::PermissionDenied,
+        "the stream ends refused"
+    );
+
+    // Persisted: a restarted server refuses it too, and takes the renewed one.
+    drop((old, new, lost));
+    cluster.stop_server().await;
+    cluster.start_server().await.unwrap();
+    let mut old = agent_client_with(&cluster, stolen.chain.clone(), &stolen.key).await;
+    assert!(agent_calls(&mut old, &entry_id).await.is_err());
+    let mut new = agent_client_with(&cluster, chain.clone(), &key).await;
+    agent_calls(&mut new, &entry_id).await.unwrap();
+
+    // One more renewal: the SVID two renewals old stays refused even before
+    // the newest is used, while the one just before it still works.
+    let (chain3, key3) = renew_through(&mut new).await.unwrap();
+    assert!(agent_calls(&mut old, &entry_id).await.is_err());
+    agent_calls(&mut new, &entry_id).await.unwrap();
+    let mut newest = agent_client_with(&cluster, chain3, &key3).await;
+    agent_calls(&mut newest, &entry_id).await.unwrap();
+    assert!(agent_calls(&mut new, &entry_id).await.is_err());
+    assert!(agent_calls(&mut old, &entry_id).await.is_err());
+    cluster.shutdown().await;
+}
+
+/// Issue #12 item 5: a batch through the admin API refuses the entries
+/// with a reserved SPIFFE ID (and only those), and an entry with a reserved
+/// ID already in the store (written before the rule, or by an older server
+/// on the same database) is listed but never reaches an agent or gets signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_ids_are_refused_and_stored_ones_never_served() {
+    use sigil_proto::server::v1 as pb;
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let agent = cluster.agent_id().to_string();
+    let mut admin = crate::procs::admin_client(&cluster.admin_socket())
+        .await
+        .unwrap();
+    let item = |spiffe_id: &str, parent_id: &str| pb::Entry {
+        spiffe_id: spiffe_id.to_owned(),
+        parent_id: parent_id.to_owned(),
+        selectors: vec!["unix:uid:4260".into()],
+        ..Default::default()
+    };
+    let server_id = "spiffe://example.org/sigil/server";
+    let results = admin
+        .batch_create_entry(pb::BatchCreateEntryRequest {
+            entries: vec![
+                item("spiffe://example.org/fine", &agent),
+                item(server_id, &agent),
+                item("spiffe://example.org/sigil/k8s/c/nodes", server_id),
+                item(&format!("{agent}-twin"), server_id),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let errors: Vec<&str> = results.iter().map(|r| r.error.as_str()).collect();
+    assert!(errors[0].is_empty() && errors[2].is_empty(), "{errors:?}");
+    assert!(errors[1].contains("is reserved"), "{errors:?}");
+    assert!(
+        errors[3].contains("names the sigil server or an agent"),
+        "{errors:?}"
+    );
+
+    // Written straight into the store, as an older version could have.
+    let state = cluster.server().unwrap().state.clone();
+    let posing = state
+        .store
+        .create_entry(sigil_types::Entry::new(
+            "posing-as-server".parse().unwrap(),
+            server_id.parse().unwrap(),
+            cluster.agent_id().clone(),
+            sigil_types::Selectors::parse_all(["unix:uid:4261"]).unwrap(),
+        ))
+        .await
+        .unwrap();
+    // An entry written after it reaches the agent; the reserved one never.
+    let after = cluster
+        .register("/after", &["unix:uid:4262"])
+        .await
+        .unwrap();
+    cluster.wait_for_svid(&after.spiffe_id).await.unwrap();
+    let snap = cluster.agent().unwrap().snapshots.borrow().clone();
+    assert!(snap.entries.iter().all(|e| e.id != posing.id));
+    assert!(
+        snap.svids
+            .values()
+            .all(|s| s.spiffe_id.as_str() != server_id)
+    );
+    // Asked for by ID with the agent's own SVID, it is not signed either.
+    let identity = sigil_agent::persist::Persist::open(&cluster.agent_config.data_dir)
+        .unwrap()
+        .load_identity()
+        .unwrap()
+        .unwrap();
+    let mut client = agent_client_with(&cluster, identity.chain, &identity.key).await;
+    let csr = sigil_svid::x509::make_csr(&sigil_svid::keys::PrivateKey::generate_p256().unwrap())
+        .unwrap();
+    let signed = client
+        .batch_new_x509svid(pb::BatchNewX509svidRequest {
+            params: vec![pb::X509svidParams {
+                entry_id: posing.id.to_string(),
+                csr,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(signed.results[0].cert_chain.is_empty());
+    assert!(signed.results[0].error.contains("not authorized"));
+    let jwt = client
+        .new_jwtsvid(pb::NewJwtsvidRequest {
+            entry_id: posing.id.to_string(),
+            audience: vec!["x".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(jwt.code(), tonic::Code::PermissionDenied);
+    // The operator sees it and can delete it.
+    let listed = admin
+        .get_entry(pb::GetEntryRequest {
+            id: posing.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.spiffe_id, server_id);
+    let deleted = admin
+        .batch_delete_entry(pb::BatchDeleteEntryRequest {
+            ids: vec![posing.id.to_string()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.results[0].error.is_empty());
+    cluster.shutdown().await;
+}
