@@ -752,3 +752,39 @@ fn base64_of(der: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(der)
 }
+
+/// Issue #12 item 8: the agent reads its bootstrap bundle with the same
+/// strict parser as `sigil bundle set`, so a PEM file holding an SVID (not
+/// a CA) is refused as such, before any connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_pem_bundle_holding_a_leaf() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let state = cluster.server().unwrap().state.clone();
+    let token = state.generate_join_token(None).await.unwrap();
+    let ca = state.ca.active().x509.clone();
+    let key = sigil_svid::keys::PrivateKey::generate_p256().unwrap();
+    let leaf = ca
+        .sign_svid(
+            &sigil_svid::x509::SvidRequest::new(cluster.agent_id(), Duration::from_secs(600)),
+            &key.public_key_spki_der(),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("bundle.pem");
+    std::fs::write(
+        &pem,
+        sigil_svid::pem::certs_to_pem(&[ca.cert_der().to_vec(), leaf]),
+    )
+    .unwrap();
+    let bare: String = token.token.split('.').take(2).collect::<Vec<_>>().join(".");
+    let mut cfg = second_agent_config(&cluster, dir.path(), bare);
+    cfg.trust_bundle_path = Some(pem);
+    let err = sigil_agent::start(cfg).await.unwrap_err().to_string();
+    assert!(
+        err.contains("bundle.pem") && err.contains("bundle key 1: not a CA certificate"),
+        "{err}"
+    );
+    cluster.shutdown().await;
+}
