@@ -404,6 +404,37 @@ mod tests {
     }
 
     #[test]
+    fn handshake_errors_say_what_the_endpoint_presented() {
+        let expected: SpiffeId = "spiffe://b.test/sigil/server".parse().unwrap();
+        let auth = EndpointAuth::Spiffe {
+            expected: expected.clone(),
+            roots: Vec::new(),
+        };
+        let refused = |e: SvidError| {
+            let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                rustls::OtherError(Arc::new(e)),
+            ));
+            std::io::Error::new(std::io::ErrorKind::InvalidData, tls)
+        };
+        let presented: SpiffeId = "spiffe://b.test/other".parse().unwrap();
+        let wrong = refused(SvidError::Unauthorized {
+            presented: presented.clone(),
+            expected: expected.to_string(),
+        });
+        assert!(matches!(
+            handshake_error("u", &auth, &wrong),
+            FetchError::WrongEndpointId { presented: p, expected: x, .. } if p == presented && x == expected
+        ));
+        let web = handshake_error("u", &auth, &refused(SvidError::UriSanCount(0)));
+        assert!(web.to_string().contains("not an X509-SVID"), "{web}");
+        let other = handshake_error("u", &auth, &std::io::Error::other("reset"));
+        assert!(
+            other.to_string().contains("held bundle of b.test"),
+            "{other}"
+        );
+    }
+
+    #[test]
     fn web_roots_need_a_root() {
         assert!(matches!(web_roots(&[], false), Err(FetchError::NoWebRoots)));
     }
