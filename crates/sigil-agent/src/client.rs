@@ -160,15 +160,27 @@ async fn handshake(
     connector.connect(name, tcp).await
 }
 
-/// Fetches the bundle without authenticating the server, then accepts it
-/// only if one of its X.509 authorities has the SHA-256 `fingerprint`:
-/// nothing read over that connection is trusted before the fingerprint
-/// matched, and the bundle is its only use.
+/// The trust anchor for a first attestation with a join token that carries
+/// the CA fingerprint: a bundle holding only the X.509 authority whose
+/// SHA-256 is `fingerprint`.
+///
+/// The bundle is fetched over a connection that authenticates nothing, so
+/// whoever answers may add authorities of its own next to the real one; the
+/// only thing taken from that answer is the one certificate the token pins.
+/// The attestation handshake is then anchored on that certificate alone, and
+/// the agent's full bundle comes from the authenticated attestation answer.
 pub async fn bootstrap_bundle_by_fingerprint(
     servers: &ServerAddresses,
     trust_domain: &TrustDomain,
     fingerprint: &str,
 ) -> Result<Bundle, AgentError> {
+    let want = fingerprint.to_ascii_lowercase();
+    if want.len() != 64 || !want.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AgentError::Bootstrap(format!(
+            "the join token's CA fingerprint {fingerprint:?} is not a SHA-256 (64 hex characters); \
+             copy the whole token from `sigil token generate`"
+        )));
+    }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ClientConfig::builder()
         .dangerous()
@@ -191,17 +203,17 @@ pub async fn bootstrap_bundle_by_fingerprint(
         AgentError::Unavailable(format!("fetching the bootstrap bundle: {}", s.message()))
     })?
     .into_inner();
-    let bundle = Bundle::from_json(trust_domain.clone(), &resp.bundle_json)?;
-    let want = fingerprint.to_ascii_lowercase();
-    if bundle
+    let offered = Bundle::from_json(trust_domain.clone(), &resp.bundle_json)?;
+    let Some(pinned) = offered
         .x509_authorities
-        .iter()
-        .any(|c| sigil_svid::x509::sha256_hex(c) == want)
-    {
-        Ok(bundle)
-    } else {
-        Err(AgentError::Bootstrap(format!(
+        .into_iter()
+        .find(|c| sigil_svid::x509::sha256_hex(c) == want)
+    else {
+        return Err(AgentError::Bootstrap(format!(
             "the server ({servers}) offered a bundle without the CA fingerprint {want} from the join token; refusing to trust it"
-        )))
-    }
+        )));
+    };
+    let mut anchor = Bundle::new(trust_domain.clone());
+    anchor.x509_authorities.push(pinned);
+    Ok(anchor)
 }

@@ -142,18 +142,14 @@ impl AgentHandle {
     }
 }
 
-/// Reads a bootstrap bundle: SPIFFE bundle JSON or PEM certificates.
+/// Reads a bootstrap bundle: SPIFFE bundle JSON or PEM CA certificates
+/// (the one strict parser, [`Bundle::parse`]).
 pub fn load_trust_bundle(path: &Path, td: &sigil_types::TrustDomain) -> Result<Bundle, AgentError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         AgentError::Config(format!("cannot read trust bundle {}: {e}", path.display()))
     })?;
-    if text.trim_start().starts_with('{') {
-        Ok(Bundle::from_json(td.clone(), &text)?)
-    } else {
-        let mut b = Bundle::new(td.clone());
-        b.x509_authorities = sigil_svid::pem::pem_to_certs(&text)?;
-        Ok(b)
-    }
+    Bundle::parse(td.clone(), &text)
+        .map_err(|e| AgentError::Config(format!("trust bundle {}: {e}", path.display())))
 }
 
 async fn attest(

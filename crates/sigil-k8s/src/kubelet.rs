@@ -29,14 +29,12 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::client::danger::ServerCertVerifier;
+use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
+use sigil_svid::tls::WebPkiVerifier;
 use sigil_types::{Selector, Selectors};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -1035,14 +1033,15 @@ impl TlsSettings {
             if roots.is_empty() {
                 return Err(bad("no PEM certificate in it".into()));
             }
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| bad(e.to_string()))?;
+            let roots = Arc::new(roots);
             match &self.server_name {
+                // Kubelet serving certificates name the node (hostname, node
+                // IPs), never 127.0.0.1, and the loopback address already
+                // pins the peer to this node. SPIRE behaves the same way.
                 ServerName::IpAddress(ip) if IpAddr::from(*ip).is_loopback() => {
-                    Arc::new(LoopbackVerifier(webpki))
+                    Arc::new(WebPkiVerifier::chain_only(roots))
                 }
-                _ => webpki,
+                _ => Arc::new(WebPkiVerifier::new(roots)),
             }
         };
         let mut config = builder
@@ -1051,58 +1050,6 @@ impl TlsSettings {
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
-    }
-}
-
-/// Full chain verification against the CA, but no name check, for a kubelet
-/// reached at a loopback address: kubelet serving certificates name the node
-/// (hostname, node IPs), never 127.0.0.1, and the address already pins the
-/// peer to this node. SPIRE behaves the same way.
-#[derive(Debug)]
-struct LoopbackVerifier(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for LoopbackVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // webpki checks the chain first and the name last, so a name error
-        // means the chain is good.
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
 

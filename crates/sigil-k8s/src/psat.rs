@@ -25,12 +25,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet, KeyAlgorithm, PublicKeyUse};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, PostParams};
 use serde::Deserialize;
+use sigil_svid::jwks::VerifyingKey;
 use sigil_types::{Selector, Selectors};
 
 /// The selector type of every node selector this attestor produces.
@@ -53,9 +53,13 @@ pub const DEFAULT_TRUSTED_NODE_LABEL_KEYS: [&str; 2] = [
     "topology.kubernetes.io/zone",
 ];
 
-/// The smallest RSA key accepted in a JWKS: aws-lc-rs, our only crypto
-/// provider, refuses to verify with anything smaller.
-pub const MIN_RSA_BITS: usize = 2048;
+/// The smallest RSA key accepted in a JWKS (the rule lives in
+/// [`sigil_svid::jwks`]).
+pub use sigil_svid::jwks::MIN_RSA_BITS;
+
+/// The algorithms Kubernetes signs service-account tokens with, the only
+/// ones accepted from an offline JWKS.
+const OFFLINE_ALGS: &[Algorithm] = &[Algorithm::RS256, Algorithm::ES256, Algorithm::ES384];
 
 /// Projected tokens are 1–2 KiB; anything far larger is not one, and the cap
 /// keeps a wrong path or a hostile caller from costing memory and parse time.
@@ -397,17 +401,10 @@ impl LocationKind {
     }
 }
 
-/// One verification key from the JWKS.
-struct JwksKey {
-    kid: Option<String>,
-    alg: Algorithm,
-    key: DecodingKey,
-}
-
 /// Offline verification material.
 struct OfflineKeys {
     issuer: String,
-    keys: Vec<JwksKey>,
+    keys: Vec<VerifyingKey>,
 }
 
 /// Verifies agent tokens for one cluster profile.
@@ -541,7 +538,8 @@ impl PsatVerifier {
                 if issuer.is_empty() {
                     return Err(bad("issuer", "must not be empty".to_owned()));
                 }
-                let keys = parse_jwks(jwks_json).map_err(|r| bad("jwks", r))?;
+                let keys = sigil_svid::jwks::parse_jwks(jwks_json, OFFLINE_ALGS)
+                    .map_err(|e| bad("jwks", e.to_string()))?;
                 Some(OfflineKeys {
                     issuer: issuer.clone(),
                     keys,
@@ -750,15 +748,12 @@ impl PsatVerifier {
         let header = jsonwebtoken::decode_header(token).map_err(|_| PsatError::InvalidToken {
             reason: "it is not a well-formed JWT",
         })?;
-        if !matches!(
-            header.alg,
-            Algorithm::RS256 | Algorithm::ES256 | Algorithm::ES384
-        ) {
+        if !OFFLINE_ALGS.contains(&header.alg) {
             return Err(PsatError::InvalidToken {
                 reason: "it is not signed with RS256, ES256 or ES384",
             });
         }
-        let candidates: Vec<&JwksKey> = offline
+        let candidates: Vec<&VerifyingKey> = offline
             .keys
             .iter()
             .filter(|k| k.alg == header.alg)
@@ -1140,72 +1135,6 @@ fn check_cluster_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses the JWKS into verification keys, refusing keys we could never use
-/// (symmetric, unknown algorithm, RSA below [`MIN_RSA_BITS`]) so that a bad
-/// file fails at start rather than on every attestation.
-fn parse_jwks(json: &str) -> Result<Vec<JwksKey>, String> {
-    let set: JwkSet =
-        serde_json::from_str(json).map_err(|e| format!("not a JWKS document: {e}"))?;
-    let mut keys = Vec::new();
-    for (i, jwk) in set.keys.iter().enumerate() {
-        let name = jwk
-            .common
-            .key_id
-            .as_deref()
-            .map_or_else(|| format!("#{i}"), |kid| format!("{kid:?}"));
-        if matches!(jwk.common.public_key_use, Some(ref u) if *u != PublicKeyUse::Signature) {
-            // An encryption key published next to the signing keys.
-            continue;
-        }
-        let alg = match (&jwk.algorithm, jwk.common.key_algorithm) {
-            (AlgorithmParameters::RSA(rsa), None | Some(KeyAlgorithm::RS256)) => {
-                let bits = rsa_modulus_bits(&rsa.n)
-                    .ok_or_else(|| format!("key {name}: the RSA modulus is not base64url"))?;
-                if bits < MIN_RSA_BITS {
-                    return Err(format!(
-                        "key {name}: the RSA modulus has {bits} bits; at least {MIN_RSA_BITS} \
-                         are required"
-                    ));
-                }
-                Algorithm::RS256
-            }
-            (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES256))
-                if ec.curve == EllipticCurve::P256 =>
-            {
-                Algorithm::ES256
-            }
-            (AlgorithmParameters::EllipticCurve(ec), None | Some(KeyAlgorithm::ES384))
-                if ec.curve == EllipticCurve::P384 =>
-            {
-                Algorithm::ES384
-            }
-            _ => {
-                return Err(format!(
-                    "key {name}: only RSA (RS256) and EC P-256/P-384 (ES256/ES384) signing keys \
-                     are accepted"
-                ));
-            }
-        };
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("key {name}: {e}"))?;
-        keys.push(JwksKey {
-            kid: jwk.common.key_id.clone(),
-            alg,
-            key,
-        });
-    }
-    if keys.is_empty() {
-        return Err("holds no signing key".to_owned());
-    }
-    Ok(keys)
-}
-
-fn rsa_modulus_bits(n_b64: &str) -> Option<usize> {
-    let n = URL_SAFE_NO_PAD.decode(n_b64.trim_end_matches('=')).ok()?;
-    let start = n.iter().position(|b| *b != 0)?;
-    let first = n.get(start)?;
-    Some((n.len() - start - 1) * 8 + (8 - first.leading_zeros() as usize))
-}
-
 /// The claims of a projected service account token that sigil reads.
 #[derive(Debug, Deserialize)]
 struct Claims {
@@ -1454,14 +1383,6 @@ mod tests {
         ] {
             assert_eq!(parse_service_account(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn rsa_bits_counts_from_the_top_bit() {
-        let n = URL_SAFE_NO_PAD.encode([0x00, 0x30, 0xff]);
-        assert_eq!(rsa_modulus_bits(&n), Some(14));
-        let n = URL_SAFE_NO_PAD.encode([0x80; 256]);
-        assert_eq!(rsa_modulus_bits(&n), Some(2048));
     }
 
     #[test]

@@ -112,6 +112,41 @@ impl Bundle {
         Ok(bundle)
     }
 
+    /// Reads PEM certificates as the X.509 authorities of `trust_domain`.
+    /// There must be at least one, and each must be a CA certificate
+    /// (cA=true) whose key a SPIFFE bundle can carry, the same rules as an
+    /// `x509-svid` key of [`Bundle::from_json`]: a leaf SVID pasted by
+    /// mistake would otherwise anchor nothing and hide the mistake.
+    pub fn from_pem(trust_domain: TrustDomain, pem: &str) -> Result<Self, SvidError> {
+        let certs = crate::pem::pem_to_certs(pem)?;
+        for (index, der) in certs.iter().enumerate() {
+            let err = |problem: String| SvidError::BundleKey { index, problem };
+            let cert = parse_cert(der).map_err(|e| err(e.to_string()))?;
+            if !cert.is_ca() {
+                return Err(err(
+                    "not a CA certificate (a trust bundle holds the trust domain's root CAs, \
+                     not SVIDs)"
+                        .to_owned(),
+                ));
+            }
+            cert_key_jwk(der).map_err(err)?;
+        }
+        let mut bundle = Self::new(trust_domain);
+        bundle.x509_authorities = certs;
+        Ok(bundle)
+    }
+
+    /// Reads a bundle file of either form: SPIFFE bundle JSON (the text
+    /// starts with `{`, [`Bundle::from_json`]) or PEM CA certificates
+    /// ([`Bundle::from_pem`]).
+    pub fn parse(trust_domain: TrustDomain, text: &str) -> Result<Self, SvidError> {
+        if text.trim_start().starts_with('{') {
+            Self::from_json(trust_domain, text)
+        } else {
+            Self::from_pem(trust_domain, text)
+        }
+    }
+
     /// The X.509 authorities as concatenated DER (the Workload API's bundle format).
     pub fn x509_der_concat(&self) -> Vec<u8> {
         self.x509_authorities.concat()
@@ -365,6 +400,36 @@ mod tests {
 
     fn doc(b: &Bundle) -> Value {
         serde_json::from_str(&b.to_json()).unwrap()
+    }
+
+    #[test]
+    fn pem_bundles_hold_ca_certificates_only() {
+        let (_, ca, _) = sample();
+        let pem = crate::pem::certs_to_pem(&[ca.cert_der().to_vec()]);
+        let b = Bundle::from_pem(td(), &pem).unwrap();
+        assert_eq!(b.x509_authorities, vec![ca.cert_der().to_vec()]);
+        assert_eq!(Bundle::parse(td(), &pem).unwrap(), b);
+        let json = b.to_json();
+        assert_eq!(Bundle::parse(td(), &json).unwrap(), b);
+
+        // A leaf SVID is not a trust anchor, in a PEM file as in JSON.
+        let key = crate::keys::PrivateKey::generate_p256().unwrap();
+        let id = "spiffe://example.org/web".parse().unwrap();
+        let leaf = ca
+            .sign_svid(
+                &crate::x509::SvidRequest::new(&id, DAY),
+                &key.public_key_spki_der(),
+                now(),
+            )
+            .unwrap();
+        let mixed = crate::pem::certs_to_pem(&[ca.cert_der().to_vec(), leaf]);
+        let err = Bundle::parse(td(), &mixed).unwrap_err();
+        assert!(
+            matches!(&err, SvidError::BundleKey { index: 1, problem } if problem.contains("not a CA")),
+            "{err}"
+        );
+        assert!(Bundle::parse(td(), "").is_err());
+        assert!(Bundle::parse(td(), "not pem").is_err());
     }
 
     #[test]

@@ -120,8 +120,13 @@ pub enum SvidError {
     #[error("certificate chain is invalid: {0}")]
     ChainInvalid(String),
     /// The peer authenticated, but its SPIFFE ID is not allowed here.
-    #[error("peer {0} is not authorized")]
-    Unauthorized(String),
+    #[error("the peer presented {presented}, but {expected} is required")]
+    Unauthorized {
+        /// The SPIFFE ID of the peer's verified certificate.
+        presented: sigil_types::SpiffeId,
+        /// What the authorizer allows, e.g. the one expected ID.
+        expected: String,
+    },
 
     // --- JWT-SVID (spiffe.md §3) ------------------------------------------
     /// The token is not three unpadded base64url segments of JSON objects (§3.3 step 1).

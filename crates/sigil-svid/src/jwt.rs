@@ -325,17 +325,9 @@ impl JwtAuthority {
     }
 }
 
-/// The `alg` to advertise for a JWT authority's key, as an OIDC JWKS does:
-/// `ES256` for EC P-256, `ES384` for EC P-384, `RS256` for RSA; `None` for
-/// anything else.
-pub fn jwk_alg(jwk: &Jwk) -> Option<&'static str> {
-    match (jwk.kty.as_str(), jwk.crv.as_deref()) {
-        ("EC", Some("P-256")) => Some("ES256"),
-        ("EC", Some("P-384")) => Some("ES384"),
-        ("RSA", _) => Some("RS256"),
-        _ => None,
-    }
-}
+/// The `alg` to advertise for a JWT authority's key, as an OIDC JWKS does
+/// (see [`crate::jwks::default_alg`]).
+pub use crate::jwks::default_alg as jwk_alg;
 
 /// Finds the JWT authority that verifies a token.
 pub trait JwtKeyLookup {
@@ -452,7 +444,7 @@ pub fn validate_jwt_with(
         })?;
 
     // Step 5.
-    let (algorithm, decoding_key) = decoding_key_for(alg, &jwk)?;
+    let (algorithm, decoding_key) = crate::jwks::decoding_key(alg, &jwk)?;
     let signing_input = &token[..parts.header.len() + 1 + parts.claims.len()];
     match jsonwebtoken::crypto::verify(
         parts.signature,
@@ -636,93 +628,6 @@ fn audience_claim(claims: &Map<String, Value>) -> Result<Vec<String>, SvidError>
         Some(_) => Err(bad()),
         None => Err(SvidError::JwtMissingClaim("aud")),
     }
-}
-
-/// Maps the header's `alg` and the authority's JWK to jsonwebtoken's types,
-/// refusing a key whose type or curve does not fit the algorithm.
-fn decoding_key_for(
-    alg: &str,
-    jwk: &Jwk,
-) -> Result<(jsonwebtoken::Algorithm, jsonwebtoken::DecodingKey), SvidError> {
-    use jsonwebtoken::Algorithm as A;
-    use jsonwebtoken::jwk as j;
-
-    let mismatch = || SvidError::JwtKeyMismatch {
-        alg: alg.to_owned(),
-        kty: match &jwk.crv {
-            Some(crv) => format!("{} {crv}", jwk.kty),
-            None => jwk.kty.clone(),
-        },
-    };
-    let (algorithm, needs_curve) = match alg {
-        "ES256" => (A::ES256, Some(("P-256", j::EllipticCurve::P256, 32))),
-        "ES384" => (A::ES384, Some(("P-384", j::EllipticCurve::P384, 48))),
-        "RS256" => (A::RS256, None),
-        "RS384" => (A::RS384, None),
-        "RS512" => (A::RS512, None),
-        "PS256" => (A::PS256, None),
-        "PS384" => (A::PS384, None),
-        "PS512" => (A::PS512, None),
-        other => return Err(SvidError::JwtUnsupportedAlgorithm(other.to_owned())),
-    };
-    let algorithm_params = match needs_curve {
-        Some((crv_name, curve, len)) => {
-            if jwk.kty != "EC" || jwk.crv.as_deref() != Some(crv_name) {
-                return Err(mismatch());
-            }
-            let (Some(x), Some(y)) = (&jwk.x, &jwk.y) else {
-                return Err(mismatch());
-            };
-            // Coordinates must be full length (RFC 7518 §6.2.1.2).
-            let coord_ok = |c: &str| URL_SAFE_NO_PAD.decode(c).is_ok_and(|b| b.len() == len);
-            if !coord_ok(x) || !coord_ok(y) {
-                return Err(mismatch());
-            }
-            j::AlgorithmParameters::EllipticCurve(j::EllipticCurveKeyParameters {
-                key_type: j::EllipticCurveKeyType::EC,
-                curve,
-                x: x.clone(),
-                y: y.clone(),
-            })
-        }
-        None => {
-            let (true, Some(n), Some(e)) = (jwk.kty == "RSA", &jwk.n, &jwk.e) else {
-                return Err(mismatch());
-            };
-            // aws-lc-rs would refuse a short modulus only as a failed
-            // signature; say what is wrong instead.
-            let bits = rsa_modulus_bits(n).ok_or_else(mismatch)?;
-            if bits < MIN_RSA_BITS {
-                return Err(SvidError::JwtKeyMismatch {
-                    alg: alg.to_owned(),
-                    kty: format!("RSA {bits}-bit"),
-                });
-            }
-            j::AlgorithmParameters::RSA(j::RSAKeyParameters {
-                key_type: j::RSAKeyType::RSA,
-                n: n.clone(),
-                e: e.clone(),
-            })
-        }
-    };
-    let key = j::Jwk {
-        common: j::CommonParameters::default(),
-        algorithm: algorithm_params,
-    };
-    let decoding = jsonwebtoken::DecodingKey::from_jwk(&key).map_err(|_| mismatch())?;
-    Ok((algorithm, decoding))
-}
-
-/// The smallest RSA modulus accepted for verification (as aws-lc-rs's
-/// `RSA_PKCS1_2048_8192_*` parameters require).
-const MIN_RSA_BITS: usize = 2048;
-
-/// The bit length of a base64url JWK modulus, ignoring leading zero bytes.
-fn rsa_modulus_bits(n: &str) -> Option<usize> {
-    let bytes = URL_SAFE_NO_PAD.decode(n).ok()?;
-    let start = bytes.iter().position(|&b| b != 0)?;
-    let top = usize::try_from(u8::BITS - bytes[start].leading_zeros()).ok()?;
-    Some((bytes.len() - start - 1) * 8 + top)
 }
 
 fn unix_secs(t: SystemTime) -> Result<i64, SvidError> {
@@ -1123,18 +1028,6 @@ mod tests {
             validate_jwt(&format!(".{input}"), "db", &f.keys, now()),
             Err(SvidError::JwtMalformed(_))
         ));
-    }
-
-    #[test]
-    fn rsa_modulus_bits_ignores_leading_zeros() {
-        let enc = |b: &[u8]| URL_SAFE_NO_PAD.encode(b);
-        assert_eq!(rsa_modulus_bits(&enc(&[0x80; 256])), Some(2048));
-        assert_eq!(rsa_modulus_bits(&enc(&[0x7f; 256])), Some(2047));
-        let mut padded = vec![0u8];
-        padded.extend([0xff; 256]);
-        assert_eq!(rsa_modulus_bits(&enc(&padded)), Some(2048));
-        assert_eq!(rsa_modulus_bits(&enc(&[0, 0])), None);
-        assert_eq!(rsa_modulus_bits("!!"), None);
     }
 
     #[test]

@@ -8,10 +8,11 @@
 //! |---|---|
 //! | [`keys`] | ECDSA P-256 and RSA private keys (zeroized, redacted) and private files (0600 in 0700 directories) |
 //! | [`x509`] | minting CA certificates and leaf X509-SVIDs (spiffe.md §2), CSRs, SVID verification, identity attributes |
+//! | [`jwks`] | JWK → verification key (alg/kty rules, RSA ≥ 2048 bits) and JWKS documents |
 //! | [`jwt`] | minting (ES256 or RS256) and validating JWT-SVIDs (spiffe.md §3) |
 //! | [`bundle`] | SPIFFE bundles in JSON, DER and JWKS form (spiffe.md §4) |
 //! | [`pem`] | PEM encoding of certificate chains |
-//! | [`tls`] | rustls verifiers that authorize by SPIFFE ID, and a rotating certificate resolver |
+//! | [`tls`] | the rustls verifiers: SPIFFE (server and client, authorizing by SPIFFE ID), Web PKI, and `danger`; a rotating certificate resolver |
 //!
 //! ```no_run
 //! use std::time::{Duration, SystemTime};
@@ -38,6 +39,7 @@
 pub mod bundle;
 mod der;
 mod error;
+pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod pem;

@@ -74,8 +74,11 @@ impl TrustRoots for BundleSet {
 }
 
 /// Which authenticated peers are allowed.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Authorize {
+    /// Any ID whose chain leads to the bundle of its own trust domain (the
+    /// caller authorizes later, e.g. by policy on the presented ID).
+    Any,
     /// Any ID in the trust domain.
     AnyInTrustDomain(TrustDomain),
     /// Exactly this ID.
@@ -86,12 +89,21 @@ pub enum Authorize {
     /// same trust domain: `spiffe://td/a` allows `spiffe://td/a` and
     /// `spiffe://td/a/b`, but not `spiffe://td/ab`.
     AnyPathPrefix(SpiffeId),
+    /// IDs for which the function answers `true`; `describe` says which in
+    /// errors ("an ID of a registered workload").
+    Matching {
+        /// What the function allows, for error messages.
+        describe: String,
+        /// The test.
+        allows: Arc<dyn Fn(&SpiffeId) -> bool + Send + Sync>,
+    },
 }
 
 impl Authorize {
     /// Whether `id` is allowed.
     pub fn allows(&self, id: &SpiffeId) -> bool {
         match self {
+            Self::Any => true,
             Self::AnyInTrustDomain(td) => id.is_member_of(td),
             Self::Exact(want) => id == want,
             Self::OneOf(ids) => ids.contains(id),
@@ -102,7 +114,50 @@ impl Authorize {
                         .strip_prefix(prefix.path())
                         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             }
+            Self::Matching { allows, .. } => allows(id),
         }
+    }
+
+    /// `Ok` if `id` is allowed, else [`SvidError::Unauthorized`] naming
+    /// both `id` and what was required.
+    pub fn check(&self, id: &SpiffeId) -> Result<(), SvidError> {
+        if self.allows(id) {
+            Ok(())
+        } else {
+            Err(SvidError::Unauthorized {
+                presented: id.clone(),
+                expected: self.to_string(),
+            })
+        }
+    }
+}
+
+impl fmt::Display for Authorize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Any => f.write_str("any SPIFFE ID"),
+            Self::AnyInTrustDomain(td) => write!(f, "an ID of trust domain {td}"),
+            Self::Exact(id) => write!(f, "{id}"),
+            Self::OneOf(ids) if ids.is_empty() => f.write_str("no ID at all"),
+            Self::OneOf(ids) => {
+                f.write_str("one of ")?;
+                for (i, id) in ids.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{id}")?;
+                }
+                Ok(())
+            }
+            Self::AnyPathPrefix(prefix) => write!(f, "{prefix} or an ID below it"),
+            Self::Matching { describe, .. } => f.write_str(describe),
+        }
+    }
+}
+
+impl fmt::Debug for Authorize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Authorize({self})")
     }
 }
 
@@ -291,6 +346,96 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
+/// The [`SvidError`] with which a verifier of this module refused the peer
+/// of a failed TLS connection (`e` as tokio-rustls returns it), e.g.
+/// [`SvidError::Unauthorized`] with the ID the peer presented.
+pub fn refusal(e: &std::io::Error) -> Option<&SvidError> {
+    match e.get_ref()?.downcast_ref::<TlsError>()? {
+        TlsError::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            inner.downcast_ref::<SvidError>()
+        }
+        _ => None,
+    }
+}
+
+/// Client-side verifier of a Web PKI server certificate (not an X509-SVID),
+/// such as a kubelet's serving certificate: the chain to `roots` with the
+/// serverAuth purpose, then the server name unless built with
+/// [`WebPkiVerifier::chain_only`].
+#[derive(Debug)]
+pub struct WebPkiVerifier {
+    roots: Arc<RootCertStore>,
+    check_name: bool,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl WebPkiVerifier {
+    /// Chain and server name, as a browser checks them.
+    pub fn new(roots: Arc<RootCertStore>) -> Self {
+        Self {
+            roots,
+            check_name: true,
+            algs: *SUPPORTED_ALGS,
+        }
+    }
+
+    /// The chain alone, for a peer whose address already pins it (a kubelet
+    /// reached over loopback, whose certificate names the node, never
+    /// 127.0.0.1).
+    pub fn chain_only(roots: Arc<RootCertStore>) -> Self {
+        Self {
+            check_name: false,
+            ..Self::new(roots)
+        }
+    }
+}
+
+impl ServerCertVerifier for WebPkiVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, TlsError> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algs.all,
+        )?;
+        if self.check_name {
+            rustls::client::verify_server_name(&parsed, server_name)?;
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, TlsError> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
 /// Steps shared by both verifiers before the chain check: the leaf's SPIFFE
 /// ID, the §2.2 shape of the intermediates, and the roots of the ID's own
 /// trust domain (never a pool across trust domains, §2.3 rule 1).
@@ -322,10 +467,7 @@ fn finish_verification(
     authorize: &Authorize,
 ) -> Result<(), TlsError> {
     check_leaf_rules(end_entity).map_err(svid_to_tls)?;
-    if !authorize.allows(id) {
-        return Err(svid_to_tls(SvidError::Unauthorized(id.to_string())));
-    }
-    Ok(())
+    authorize.check(id).map_err(svid_to_tls)
 }
 
 fn svid_to_tls(e: SvidError) -> TlsError {
@@ -665,7 +807,10 @@ mod tests {
         };
         assert_eq!(
             inner.downcast_ref::<SvidError>(),
-            Some(&SvidError::Unauthorized(server_id().to_string()))
+            Some(&SvidError::Unauthorized {
+                presented: server_id(),
+                expected: "spiffe://example.org/someone/else".to_owned(),
+            })
         );
     }
 
@@ -833,6 +978,50 @@ mod tests {
         let one_of = Authorize::OneOf(vec![a.clone(), other.clone()]);
         assert!(one_of.allows(&other) && !one_of.allows(&ab));
         assert!(Authorize::Exact(a.clone()).allows(&a) && !Authorize::Exact(a).allows(&ab));
+    }
+
+    #[test]
+    fn refusals_name_the_presented_id_and_what_was_required() {
+        let a = id("spiffe://example.org/ns/a");
+        let b = id("spiffe://example.org/ns/b");
+        let check = |auth: Authorize| auth.check(&a).unwrap_err().to_string();
+        assert_eq!(
+            check(Authorize::Exact(b.clone())),
+            "the peer presented spiffe://example.org/ns/a, but spiffe://example.org/ns/b is required"
+        );
+        assert!(
+            check(Authorize::OneOf(vec![b.clone()]))
+                .ends_with("one of spiffe://example.org/ns/b is required")
+        );
+        assert!(
+            check(Authorize::AnyInTrustDomain(td("other.org")))
+                .contains("an ID of trust domain other.org")
+        );
+        let only_b = Authorize::Matching {
+            describe: "a registered workload".to_owned(),
+            allows: Arc::new(move |x: &SpiffeId| *x == b),
+        };
+        assert!(check(only_b.clone()).ends_with("but a registered workload is required"));
+        assert!(Authorize::Any.check(&a).is_ok());
+        assert_eq!(format!("{only_b:?}"), "Authorize(a registered workload)");
+    }
+
+    #[test]
+    fn a_refusal_is_found_behind_the_io_error() {
+        let s = setup();
+        let client = client_config(
+            trust(&s.ca),
+            Authorize::Exact(id("spiffe://example.org/other")),
+            None,
+        );
+        let server = server_config(trust(&s.ca), Authorize::Any, true, s.server_cert.clone());
+        let err = handshake(client, server).unwrap_err();
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, err);
+        assert!(matches!(
+            refusal(&io),
+            Some(SvidError::Unauthorized { presented, .. }) if *presented == server_id()
+        ));
+        assert!(refusal(&std::io::Error::other("plain")).is_none());
     }
 
     #[test]

@@ -124,34 +124,8 @@ pub(crate) fn parse_bundle(
                     "{source} holds no PEM certificate; for SPIFFE bundle JSON use --format spiffe"
                 );
             }
-            let certs = sigil_svid::pem::pem_to_certs(text)
-                .with_context(|| format!("{source}: not PEM certificates"))?;
-            if certs.is_empty() {
-                bail!(
-                    "{source} holds no PEM certificate; for SPIFFE bundle JSON use --format spiffe"
-                );
-            }
-            for (i, der) in certs.iter().enumerate() {
-                let info = sigil_svid::x509::cert_info(der)
-                    .with_context(|| format!("{source}: certificate {}", i + 1))?;
-                if !info.is_ca {
-                    bail!(
-                        "{source}: certificate {} is not a CA certificate (a trust bundle holds the trust domain's root CAs, not SVIDs)",
-                        i + 1
-                    );
-                }
-            }
-            let mut b = Bundle::new(td.clone());
-            b.x509_authorities = certs;
-            // The bundle document must describe every certificate's key.
-            let again = Bundle::from_json(td.clone(), &b.to_json())
-                .with_context(|| format!("{source}: a certificate cannot go into a bundle"))?;
-            if again.x509_authorities.len() != b.x509_authorities.len() {
-                bail!(
-                    "{source}: a certificate has a key type a SPIFFE bundle cannot carry (use EC P-256/P-384/P-521, RSA or Ed25519 CAs)"
-                );
-            }
-            Ok(b)
+            Bundle::from_pem(td.clone(), text)
+                .with_context(|| format!("{source} is not a valid PEM bundle"))
         }
     }
 }

@@ -3,7 +3,7 @@
 //! up to [`MAX_REDIRECTS`] redirects that stay `https` and within the profile.
 //! Size and time are bounded ([`MAX_BUNDLE_BYTES`], [`FETCH_TIMEOUT`]).
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty, Limited};
@@ -11,9 +11,9 @@ use hyper::body::Bytes;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::{CertificateDer, ServerName};
+use sigil_svid::SvidError;
 use sigil_svid::tls::{Authorize, SpiffeServerVerifier, StaticTrust};
 use sigil_types::{SpiffeId, TrustDomain};
 
@@ -186,59 +186,6 @@ pub fn web_roots(
     Ok(Arc::new(store))
 }
 
-/// Checks the endpoint's SPIFFE ID before its chain, remembering what it
-/// presented, so that a wrong ID is reported as such rather than as an
-/// untrusted certificate.
-#[derive(Debug)]
-struct EndpointIdVerifier {
-    inner: SpiffeServerVerifier,
-    expected: SpiffeId,
-    presented: Mutex<Option<SpiffeId>>,
-}
-
-impl ServerCertVerifier for EndpointIdVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented = sigil_svid::tls::peer_spiffe_id(std::slice::from_ref(end_entity));
-        if let Ok(mut p) = self.presented.lock() {
-            p.clone_from(&presented);
-        }
-        if presented.as_ref() != Some(&self.expected) {
-            return Err(rustls::CertificateError::ApplicationVerificationFailure.into());
-        }
-        self.inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 /// Fetches the document at `url`, following redirects; the whole fetch is
 /// bounded by [`FETCH_TIMEOUT`].
 pub async fn fetch(url: &str, auth: &EndpointAuth) -> Result<Vec<u8>, FetchError> {
@@ -305,35 +252,23 @@ async fn get_once(uri: &Uri, auth: &EndpointAuth) -> Result<Answer, FetchError> 
     let server_name = ServerName::try_from(bare_host.to_owned())
         .map_err(|e| FetchError::Url(format!("{url}: host {host:?}: {e}")))?;
 
-    let id_verifier = match auth {
+    let mut config = match auth {
         EndpointAuth::Spiffe { expected, roots } => {
             let trust = StaticTrust(
                 [(expected.trust_domain(), roots.clone())]
                     .into_iter()
                     .collect(),
             );
-            Some(Arc::new(EndpointIdVerifier {
-                inner: SpiffeServerVerifier::new(
-                    Arc::new(trust),
-                    Authorize::Exact(expected.clone()),
-                ),
-                expected: expected.clone(),
-                presented: Mutex::new(None),
-            }))
+            let verifier =
+                SpiffeServerVerifier::new(Arc::new(trust), Authorize::Exact(expected.clone()));
+            ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(verifier))
+                .with_no_client_auth()
         }
-        EndpointAuth::Web { .. } => None,
-    };
-    let mut config = match (auth, &id_verifier) {
-        (EndpointAuth::Spiffe { .. }, Some(v)) => ClientConfig::builder()
-            .dangerous()
-            .with_custom_certificate_verifier(v.clone())
-            .with_no_client_auth(),
-        (EndpointAuth::Web { roots }, _) => ClientConfig::builder()
+        EndpointAuth::Web { roots } => ClientConfig::builder()
             .with_root_certificates(roots.clone())
             .with_no_client_auth(),
-        (EndpointAuth::Spiffe { .. }, None) => {
-            return Err(FetchError::Url("internal: no verifier".into()));
-        }
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
 
@@ -347,41 +282,7 @@ async fn get_once(uri: &Uri, auth: &EndpointAuth) -> Result<Answer, FetchError> 
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(server_name, tcp)
         .await
-        .map_err(|e| {
-            if let (EndpointAuth::Spiffe { expected, .. }, Some(v)) = (auth, &id_verifier) {
-                let presented = v.presented.lock().ok().and_then(|p| p.clone());
-                match presented {
-                    Some(presented) if presented != *expected => {
-                        return FetchError::WrongEndpointId {
-                            url: url.clone(),
-                            presented,
-                            expected: expected.clone(),
-                        };
-                    }
-                    None => {
-                        return FetchError::Tls {
-                            url: url.clone(),
-                            reason: format!(
-                                "{e} (the endpoint's certificate is not an X509-SVID; is it an \
-                                 https_web endpoint?)"
-                            ),
-                        };
-                    }
-                    Some(_) => {}
-                }
-                return FetchError::Tls {
-                    url: url.clone(),
-                    reason: format!(
-                        "{e} (checked against the held bundle of {}; is it current?)",
-                        expected.trust_domain()
-                    ),
-                };
-            }
-            FetchError::Tls {
-                url: url.clone(),
-                reason: e.to_string(),
-            }
-        })?;
+        .map_err(|e| handshake_error(&url, auth, &e))?;
 
     let http = |reason: String| FetchError::Http {
         url: url.clone(),
@@ -443,6 +344,37 @@ async fn get_once(uri: &Uri, auth: &EndpointAuth) -> Result<Answer, FetchError> 
     result
 }
 
+/// What a failed TLS handshake with the endpoint means for the operator.
+fn handshake_error(url: &str, auth: &EndpointAuth, e: &std::io::Error) -> FetchError {
+    let EndpointAuth::Spiffe { expected, .. } = auth else {
+        return FetchError::Tls {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        };
+    };
+    let hint = match sigil_svid::tls::refusal(e) {
+        Some(SvidError::Unauthorized { presented, .. }) => {
+            return FetchError::WrongEndpointId {
+                url: url.to_owned(),
+                presented: presented.clone(),
+                expected: expected.clone(),
+            };
+        }
+        Some(SvidError::UriSanCount(_) | SvidError::BadUriSan { .. }) => {
+            "the endpoint's certificate is not an X509-SVID; is it an https_web endpoint?"
+                .to_owned()
+        }
+        _ => format!(
+            "checked against the held bundle of {}; is it current?",
+            expected.trust_domain()
+        ),
+    };
+    FetchError::Tls {
+        url: url.to_owned(),
+        reason: format!("{e} ({hint})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,6 +401,37 @@ mod tests {
         ] {
             assert!(resolve_redirect(&base, bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn handshake_errors_say_what_the_endpoint_presented() {
+        let expected: SpiffeId = "spiffe://b.test/sigil/server".parse().unwrap();
+        let auth = EndpointAuth::Spiffe {
+            expected: expected.clone(),
+            roots: Vec::new(),
+        };
+        let refused = |e: SvidError| {
+            let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                rustls::OtherError(Arc::new(e)),
+            ));
+            std::io::Error::new(std::io::ErrorKind::InvalidData, tls)
+        };
+        let presented: SpiffeId = "spiffe://b.test/other".parse().unwrap();
+        let wrong = refused(SvidError::Unauthorized {
+            presented: presented.clone(),
+            expected: expected.to_string(),
+        });
+        assert!(matches!(
+            handshake_error("u", &auth, &wrong),
+            FetchError::WrongEndpointId { presented: p, expected: x, .. } if p == presented && x == expected
+        ));
+        let web = handshake_error("u", &auth, &refused(SvidError::UriSanCount(0)));
+        assert!(web.to_string().contains("not an X509-SVID"), "{web}");
+        let other = handshake_error("u", &auth, &std::io::Error::other("reset"));
+        assert!(
+            other.to_string().contains("held bundle of b.test"),
+            "{other}"
+        );
     }
 
     #[test]

@@ -888,3 +888,310 @@ async fn reserved_ids_are_refused_and_stored_ones_never_served() {
     assert!(deleted.results[0].error.is_empty());
     cluster.shutdown().await;
 }
+
+/// A fake agent API on 127.0.0.1 playing a man in the middle of a join: its
+/// own CA (same trust domain), an SVID for `spiffe://<td>/sigil/server` from
+/// that CA, a `GetBundle` answer of its choosing, and every join token it is
+/// sent recorded.
+struct RogueServer {
+    addr: std::net::SocketAddr,
+    ca: sigil_svid::x509::X509Authority,
+    tokens: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+#[derive(Clone)]
+struct RogueApi {
+    td: sigil_types::TrustDomain,
+    ca: std::sync::Arc<sigil_svid::x509::X509Authority>,
+    served_bundle: String,
+    tokens: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+type RogueResult<T> = Result<tonic::Response<T>, tonic::Status>;
+
+#[tonic::async_trait]
+impl sigil_proto::server::v1::agent_api_server::AgentApi for RogueApi {
+    async fn get_bundle(
+        &self,
+        _: tonic::Request<sigil_proto::server::v1::GetBundleRequest>,
+    ) -> RogueResult<sigil_proto::server::v1::GetBundleResponse> {
+        Ok(tonic::Response::new(
+            sigil_proto::server::v1::GetBundleResponse {
+                bundle_json: self.served_bundle.clone(),
+                trust_domain: self.td.to_string(),
+            },
+        ))
+    }
+
+    async fn attest_join_token(
+        &self,
+        req: tonic::Request<sigil_proto::server::v1::AttestJoinTokenRequest>,
+    ) -> RogueResult<sigil_proto::server::v1::AttestResponse> {
+        let req = req.into_inner();
+        self.tokens.lock().unwrap().push(req.token.clone());
+        // Answer as a real server would, with an SVID and bundle of its own CA.
+        let id = self
+            .td
+            .id_with_path(&format!(
+                "/sigil/agent/join_token/{}",
+                req.token.split('.').next().unwrap()
+            ))
+            .unwrap();
+        let spki = sigil_svid::x509::csr_public_key(&req.csr).unwrap();
+        let leaf = self
+            .ca
+            .sign_svid(
+                &sigil_svid::x509::SvidRequest::new(&id, Duration::from_secs(3600)),
+                &spki,
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        let mut own = sigil_svid::bundle::Bundle::new(self.td.clone());
+        own.x509_authorities.push(self.ca.cert_der().to_vec());
+        Ok(tonic::Response::new(
+            sigil_proto::server::v1::AttestResponse {
+                spiffe_id: id.to_string(),
+                cert_chain: vec![leaf],
+                bundle_json: own.to_json(),
+            },
+        ))
+    }
+
+    async fn attest_psat(
+        &self,
+        _: tonic::Request<sigil_proto::server::v1::AttestPsatRequest>,
+    ) -> RogueResult<sigil_proto::server::v1::AttestResponse> {
+        Err(tonic::Status::unimplemented("rogue"))
+    }
+
+    async fn renew_agent(
+        &self,
+        _: tonic::Request<sigil_proto::server::v1::RenewAgentRequest>,
+    ) -> RogueResult<sigil_proto::server::v1::AttestResponse> {
+        Err(tonic::Status::unimplemented("rogue"))
+    }
+
+    type SyncStream =
+        tokio_stream::Empty<Result<sigil_proto::server::v1::SyncMessage, tonic::Status>>;
+
+    async fn sync(
+        &self,
+        _: tonic::Request<sigil_proto::server::v1::SyncRequest>,
+    ) -> RogueResult<Self::SyncStream> {
+        Err(tonic::Status::unimplemented("rogue"))
+    }
+
+    async fn batch_new_x509svid(
+        &self,
+        _: tonic::Request<sigil_proto::server::v1::BatchNewX509svidRequest>,
+    ) -> RogueResult<sigil_proto::server::v1::BatchNewX509svidResponse> {
+        Err(tonic::Status::unimplemented("rogue"))
+    }
+
+    async fn new_jwtsvid(
+        &self,
+        _: tonic::Request<sigil_proto::server::v1::NewJwtsvidRequest>,
+    ) -> RogueResult<sigil_proto::server::v1::NewJwtsvidResponse> {
+        Err(tonic::Status::unimplemented("rogue"))
+    }
+}
+
+impl RogueServer {
+    /// Starts the rogue server; `served` builds its `GetBundle` answer from
+    /// its own CA certificate.
+    async fn start(td: &sigil_types::TrustDomain, served: impl FnOnce(&[u8]) -> String) -> Self {
+        use std::sync::Arc;
+        let ca = sigil_svid::x509::X509Authority::generate(
+            td,
+            Duration::from_secs(3600),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        let key = sigil_svid::keys::PrivateKey::generate_p256().unwrap();
+        let server_id = td.id_with_path(sigil_types::SERVER_PATH).unwrap();
+        let leaf = ca
+            .sign_svid(
+                &sigil_svid::x509::SvidRequest::new(&server_id, Duration::from_secs(3600)),
+                &key.public_key_spki_der(),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        let cert = Arc::new(sigil_svid::tls::RotatingCert::new(vec![leaf], &key).unwrap());
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(cert);
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let incoming = sigil_server::tls::incoming(
+            listener,
+            Arc::new(config),
+            cancel.clone(),
+            &Default::default(),
+        );
+        let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let api = RogueApi {
+            td: td.clone(),
+            served_bundle: served(ca.cert_der()),
+            ca: Arc::new(ca.clone()),
+            tokens: tokens.clone(),
+        };
+        let shutdown = cancel.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(sigil_proto::server::v1::agent_api_server::AgentApiServer::new(api))
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
+        );
+        Self {
+            addr,
+            ca,
+            tokens,
+            cancel,
+        }
+    }
+}
+
+impl Drop for RogueServer {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// The SPIFFE bundle JSON of `td` with these X.509 authorities.
+fn bundle_json_of(td: &sigil_types::TrustDomain, authorities: &[&[u8]]) -> String {
+    let mut b = sigil_svid::bundle::Bundle::new(td.clone());
+    b.x509_authorities = authorities.iter().map(|a| a.to_vec()).collect();
+    b.to_json()
+}
+
+/// Issue #12 item 3: a man in the middle serves the real CA (which has the
+/// join token's fingerprint) next to its own, and presents
+/// `spiffe://<td>/sigil/server` from its own CA. Only the pinned authority
+/// may anchor the attestation handshake, so the agent refuses to talk to it:
+/// the rogue never sees the token and none of its authorities is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_fingerprint_pins_only_its_authority() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let state = cluster.server().unwrap().state.clone();
+    let td = cluster.trust_domain().clone();
+    let real_ca = state.ca.active().x509.cert_der().to_vec();
+    let token = state.generate_join_token(None).await.unwrap();
+    assert_eq!(
+        token.token.rsplit('.').next().unwrap(),
+        sigil_svid::x509::sha256_hex(&real_ca)
+    );
+
+    let rogue = RogueServer::start(&td, |own| bundle_json_of(&td, &[&real_ca, own])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = second_agent_config(&cluster, dir.path(), token.token.clone());
+    cfg.server_address = sigil_agent::config::ServerAddresses::one(rogue.addr.to_string());
+    let data_dir = cfg.data_dir.clone();
+    let err = sigil_agent::start(cfg).await.unwrap_err().to_string();
+    assert!(
+        rogue.tokens.lock().unwrap().is_empty(),
+        "the rogue server was sent the join token ({err})"
+    );
+    assert!(err.contains("cannot reach a server"), "{err}");
+    let rogue_b64 = base64_of(rogue.ca.cert_der());
+    for file in std::fs::read_dir(&data_dir).into_iter().flatten() {
+        let file = file.unwrap().path();
+        let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned();
+        assert!(
+            !text.contains(&rogue_b64),
+            "{} holds the rogue authority",
+            file.display()
+        );
+    }
+
+    // The same token then joins the real server, and the bundle the agent
+    // keeps is the real server's (from the authenticated attestation answer).
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = second_agent_config(&cluster, dir.path(), token.token.clone());
+    let data_dir = cfg.data_dir.clone();
+    let agent = sigil_agent::start(cfg).await.unwrap();
+    assert_eq!(agent.agent_id, token.agent_id);
+    agent.shutdown().await;
+    let kept = sigil_agent::persist::Persist::open(&data_dir)
+        .unwrap()
+        .load_bundle(&td)
+        .unwrap()
+        .unwrap();
+    assert_eq!(kept.x509_authorities, state.ca.bundle().x509_authorities);
+    cluster.shutdown().await;
+}
+
+/// A bootstrap bundle without the token's fingerprint, or a fingerprint that
+/// is not a SHA-256, is refused with an error that says so, before any token
+/// is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_fingerprint_that_matches_nothing_is_refused() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let state = cluster.server().unwrap().state.clone();
+    let td = cluster.trust_domain().clone();
+    let token = state.generate_join_token(None).await.unwrap();
+    // The rogue serves only its own CA.
+    let rogue = RogueServer::start(&td, |own| bundle_json_of(&td, &[own])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = second_agent_config(&cluster, dir.path(), token.token.clone());
+    cfg.server_address = sigil_agent::config::ServerAddresses::one(rogue.addr.to_string());
+    let err = sigil_agent::start(cfg).await.unwrap_err().to_string();
+    let fingerprint = token.token.rsplit('.').next().unwrap();
+    assert!(
+        err.contains("without the CA fingerprint") && err.contains(fingerprint),
+        "{err}"
+    );
+    assert!(rogue.tokens.lock().unwrap().is_empty());
+
+    let (id_secret, _) = token.token.rsplit_once('.').unwrap();
+    let mut cfg = second_agent_config(&cluster, dir.path(), format!("{id_secret}.abc"));
+    cfg.server_address = sigil_agent::config::ServerAddresses::one(rogue.addr.to_string());
+    let err = sigil_agent::start(cfg).await.unwrap_err().to_string();
+    assert!(err.contains("is not a SHA-256"), "{err}");
+    assert!(rogue.tokens.lock().unwrap().is_empty());
+    cluster.shutdown().await;
+}
+
+fn base64_of(der: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(der)
+}
+
+/// Issue #12 item 8: the agent reads its bootstrap bundle with the same
+/// strict parser as `sigil bundle set`, so a PEM file holding an SVID (not
+/// a CA) is refused as such, before any connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refuses_a_pem_bundle_holding_a_leaf() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let state = cluster.server().unwrap().state.clone();
+    let token = state.generate_join_token(None).await.unwrap();
+    let ca = state.ca.active().x509.clone();
+    let key = sigil_svid::keys::PrivateKey::generate_p256().unwrap();
+    let leaf = ca
+        .sign_svid(
+            &sigil_svid::x509::SvidRequest::new(cluster.agent_id(), Duration::from_secs(600)),
+            &key.public_key_spki_der(),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("bundle.pem");
+    std::fs::write(
+        &pem,
+        sigil_svid::pem::certs_to_pem(&[ca.cert_der().to_vec(), leaf]),
+    )
+    .unwrap();
+    let bare: String = token.token.split('.').take(2).collect::<Vec<_>>().join(".");
+    let mut cfg = second_agent_config(&cluster, dir.path(), bare);
+    cfg.trust_bundle_path = Some(pem);
+    let err = sigil_agent::start(cfg).await.unwrap_err().to_string();
+    assert!(
+        err.contains("bundle.pem") && err.contains("bundle key 1: not a CA certificate"),
+        "{err}"
+    );
+    cluster.shutdown().await;
+}
