@@ -213,8 +213,9 @@ enum JwtFetchError {
     /// The server could not be reached (or is not answering); a cached
     /// token that is still valid may be served instead.
     Unreachable(String),
-    /// The server answered and refused; nothing cached is served.
-    Refused(String),
+    /// The server answered and refused, with its status code; nothing
+    /// cached is served.
+    Refused(tonic::Code, String),
 }
 
 impl JwtFetchError {
@@ -227,7 +228,7 @@ impl JwtFetchError {
             | Code::Cancelled
             | Code::Unknown
             | Code::ResourceExhausted => Self::Unreachable(s.message().to_owned()),
-            _ => Self::Refused(s.message().to_owned()),
+            code => Self::Refused(code, s.message().to_owned()),
         }
     }
 }
@@ -275,11 +276,22 @@ where
                 "could not fetch JWT-SVID: {why}"
             )))
         }
-        Err(JwtFetchError::Refused(why)) => {
+        Err(JwtFetchError::Refused(code, why)) => {
             lock(cache).remove(&key);
-            Err(Status::unavailable(format!(
-                "could not fetch JWT-SVID: {why}"
-            )))
+            // A request the server found wrong (too many audiences, say) or
+            // not allowed stays so however often it is retried: the caller
+            // gets that code, not `Unavailable`, which clients retry.
+            let code = match code {
+                tonic::Code::InvalidArgument
+                | tonic::Code::OutOfRange
+                | tonic::Code::PermissionDenied => code,
+                _ => tonic::Code::Unavailable,
+            };
+            let why = sigil_types::text::clip(&why, sigil_types::text::MAX_ECHO_BYTES);
+            Err(Status::new(
+                code,
+                format!("could not fetch JWT-SVID: {why}"),
+            ))
         }
     }
 }
@@ -682,6 +694,10 @@ impl SpiffeWorkloadApi for WorkloadService {
             .collect();
         audience.sort();
         audience.dedup();
+        // Refused here, before the server is asked, so a caller's junk costs
+        // neither the agent's allowance at the server nor cache memory.
+        sigil_svid::jwt::check_audiences(&audience)
+            .map_err(|why| self.refuse(Status::invalid_argument(why)))?;
         let snap = self.snapshots.borrow().clone();
         let mut seen = HashSet::new();
         let matched: Vec<_> = matching(&snap, &selectors)
@@ -1236,12 +1252,36 @@ pub(crate) mod tests {
         // A server that refuses (say, the entry is gone) is not overridden by
         // the cache, and the cached token is dropped.
         let err = cached_or_fetch(&cache, key("w"), now + ttl / 2, || {
-            fetch(Err(JwtFetchError::Refused("entry not authorized".into())))
+            fetch(Err(JwtFetchError::Refused(
+                tonic::Code::PermissionDenied,
+                "entry not authorized".into(),
+            )))
         })
         .await
         .unwrap_err();
         assert!(err.message().contains("entry not authorized"));
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
         assert!(lock(&cache).valid(&key("w"), now).is_none());
+        // A bad request keeps its code, so clients do not retry it.
+        let err = cached_or_fetch(&cache, key("w"), now, || {
+            fetch(Err(JwtFetchError::Refused(
+                tonic::Code::InvalidArgument,
+                "at most 32 audiences".into(),
+            )))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        // Anything else the server says is the server's trouble.
+        let err = cached_or_fetch(&cache, key("w"), now, || {
+            fetch(Err(JwtFetchError::Refused(
+                tonic::Code::Internal,
+                "x".into(),
+            )))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
     }
 
     #[test]
@@ -1263,7 +1303,7 @@ pub(crate) mod tests {
         ] {
             assert!(matches!(
                 JwtFetchError::from_status(&Status::new(code, "x")),
-                JwtFetchError::Refused(_)
+                JwtFetchError::Refused(c, _) if c == code
             ));
         }
     }

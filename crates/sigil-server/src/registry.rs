@@ -458,14 +458,7 @@ impl ServerState {
         entry_id: &str,
         audience: &[String],
     ) -> Result<String, ServerError> {
-        if audience.is_empty() || audience.iter().any(String::is_empty) {
-            return Err(ServerError::InvalidArgument(
-                "audience must be specified and must not contain empty strings".into(),
-            ));
-        }
-        if audience.len() > 32 {
-            return Err(ServerError::InvalidArgument("at most 32 audiences".into()));
-        }
+        sigil_svid::jwt::check_audiences(audience).map_err(ServerError::InvalidArgument)?;
         let id: EntryId = entry_id
             .parse()
             .map_err(|e: sigil_types::EntryError| ServerError::InvalidArgument(e.to_string()))?;

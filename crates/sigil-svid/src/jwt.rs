@@ -33,6 +33,35 @@ pub const ALLOWED_ALGS: &[&str] = &[
 /// may not name them.
 pub const REGISTERED_CLAIMS: &[&str] = &["sub", "aud", "exp", "iat", "nbf", "iss", "jti"];
 
+/// The most audiences one JWT-SVID may carry.
+pub const MAX_AUDIENCES: usize = 32;
+/// The longest audience accepted, in bytes (cloud audiences are URLs of
+/// about a hundred bytes; tokens travel in HTTP headers).
+pub const MAX_AUDIENCE_LEN: usize = 1024;
+
+/// The audience rules for minting a JWT-SVID, applied by the agent (before
+/// it spends any of its allowance at the server) and by the server: at least
+/// one, at most [`MAX_AUDIENCES`], none empty or longer than
+/// [`MAX_AUDIENCE_LEN`]. Returns why not.
+pub fn check_audiences(audience: &[String]) -> Result<(), String> {
+    if audience.is_empty() || audience.iter().any(String::is_empty) {
+        return Err("audience must be specified and must not contain empty strings".into());
+    }
+    if audience.len() > MAX_AUDIENCES {
+        return Err(format!(
+            "at most {MAX_AUDIENCES} audiences, got {}",
+            audience.len()
+        ));
+    }
+    if let Some(long) = audience.iter().find(|a| a.len() > MAX_AUDIENCE_LEN) {
+        return Err(format!(
+            "an audience is {} bytes long; the limit is {MAX_AUDIENCE_LEN}",
+            long.len()
+        ));
+    }
+    Ok(())
+}
+
 /// The key type of a JWT authority, as written in configuration.
 ///
 /// `ec-p256` (the default) signs ES256; `rsa-2048` signs RS256, for relying

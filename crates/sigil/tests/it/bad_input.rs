@@ -324,3 +324,35 @@ fn policy_commands_refuse_bad_input_alike() {
     refused(&out, "given twice");
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A JWT-SVID request the server refuses as malformed (more audiences than
+/// it signs for) reaches the workload as `InvalidArgument`, which clients do
+/// not retry, not as `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_jwt_request_is_invalid_argument_not_unavailable() {
+    use sigil_proto::workload::JwtsvidRequest;
+    use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    let (cluster, me) = crate::cluster_with_me(Default::default()).await;
+    let channel = crate::unix_channel(cluster.agent_config.socket_path.clone()).await;
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let mut req = tonic::Request::new(JwtsvidRequest {
+        audience: (0..33).map(|i| format!("aud-{i}")).collect(),
+        spiffe_id: me.to_string(),
+    });
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let err = raw.fetch_jwtsvid(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("32"), "{err:?}");
+    // A 60 KB audience is refused too, and its text is not echoed whole.
+    let mut req = tonic::Request::new(JwtsvidRequest {
+        audience: vec!["a".repeat(60_000)],
+        spiffe_id: me.to_string(),
+    });
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let err = raw.fetch_jwtsvid(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().len() < 1024, "{}", err.message().len());
+    cluster.shutdown().await;
+}
