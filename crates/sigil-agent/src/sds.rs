@@ -1386,8 +1386,10 @@ mod tests {
             let web = entry("web", &[]);
             let snap = snapshot(&own, std::slice::from_ref(&web), &[]);
             let cfg = SdsConfig::default();
-            let mut runner =
-                proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(CASES));
+            let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+                failure_persistence: None,
+                ..ProptestConfig::with_cases(CASES)
+            });
             let outcome = runner.run(&(request(), arbitrary_node()), |(req, node)| {
                 let names = match requested_names(&req) {
                     Ok(n) => n,

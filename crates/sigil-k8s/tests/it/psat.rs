@@ -1282,7 +1282,10 @@ fn edited_or_arbitrary_tokens_never_attest_offline() {
         any::<String>().prop_map(|s| (s, None)),
         edit.prop_map(|e| (String::new(), Some(e))),
     ];
-    let mut runner = TestRunner::new(Config::with_cases(256));
+    let mut runner = TestRunner::new(Config {
+        failure_persistence: None,
+        ..Config::with_cases(256)
+    });
     let outcome = runner.run(&input, |(text, edit)| {
         let token = match edit {
             None => text,
