@@ -11,7 +11,7 @@
 
 use proptest::prelude::*;
 use sigil_k8s::cgroup::{ContainerInfo, KubeletCgroups, from_cgroup};
-use sigil_k8s::kubelet::{Lookup, LookupOptions, parse_pod_list, selectors_with};
+use sigil_k8s::kubelet::{Lookup, LookupOptions, explain, parse_pod_list, selectors_with};
 use sigil_types::Selectors;
 
 use crate::cgroup::{KIND_CID, KIND_POD, fixture};
@@ -178,8 +178,14 @@ fn assert_selectors_fit(sel: &Selectors, info: &ContainerInfo, node: Option<&str
     }
 }
 
-/// Parses `json` and looks every kind container up in it with every option.
+/// Parses `json` and looks every kind container up in it with every option,
+/// and as `sigil k8s selectors` explains it.
 fn look_up_everywhere(json: &[u8]) {
+    let node = "kind-control-plane";
+    match explain(&sample_cgroup(), None, json, Some(node)) {
+        Ok(sel) => assert_selectors_fit(&sel, &kind_infos()[0], Some(node)),
+        Err(e) => assert!(!e.is_empty()),
+    }
     let pods = match parse_pod_list(json) {
         Ok(p) => p,
         Err(e) => {
