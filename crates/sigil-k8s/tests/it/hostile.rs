@@ -29,7 +29,7 @@ fn sample_cgroup() -> String {
 
 /// One edit of `sample`: flip (xor with a non-zero byte), insert or delete a
 /// byte at `pos` (modulo the length).
-fn mutate(sample: &[u8], op: u8, pos: usize, value: u8) -> Vec<u8> {
+pub(crate) fn mutate(sample: &[u8], op: u8, pos: usize, value: u8) -> Vec<u8> {
     let mut out = sample.to_vec();
     let pos = pos % out.len().max(1);
     match op % 3 {

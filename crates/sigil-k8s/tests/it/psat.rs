@@ -1290,16 +1290,8 @@ fn edited_or_arbitrary_tokens_never_attest_offline() {
         let token = match edit {
             None => text,
             Some((op, pos, value)) => {
-                let mut bytes = valid.clone().into_bytes();
-                let pos = pos % bytes.len();
-                match op % 3 {
-                    0 => bytes[pos] ^= value.max(1),
-                    1 => bytes.insert(pos, value),
-                    _ => {
-                        bytes.remove(pos);
-                    }
-                }
-                String::from_utf8_lossy(&bytes).into_owned()
+                String::from_utf8_lossy(&crate::hostile::mutate(valid.as_bytes(), op, pos, value))
+                    .into_owned()
             }
         };
         if token == valid {
