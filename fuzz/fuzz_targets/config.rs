@@ -1,15 +1,8 @@
 //! Server and agent TOML configuration files: parsing arbitrary text never
 //! panics (bad files get a [`ConfigError`](sigil_types::config::ConfigError)).
+//! The body is `sigil_fuzz::targets::config::run`, shared with the stable replay test.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sigil_agent::AgentConfig;
-use sigil_server::ServerConfig;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let _ = ServerConfig::parse(text, None);
-    let _ = AgentConfig::parse(text, None);
-});
+fuzz_target!(|data: &[u8]| sigil_fuzz::targets::config::run(data));

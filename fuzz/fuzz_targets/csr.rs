@@ -1,23 +1,9 @@
 //! PKCS#10 CSRs: arbitrary bytes, and one-byte edits of a valid CSR. Parsing
 //! never panics; an edited CSR is accepted only if it still carries exactly
 //! the original public key (and then its signature still verified).
+//! The body is `sigil_fuzz::targets::csr::run`, shared with the stable replay test.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sigil_fuzz::{SAMPLES, mutate};
-use sigil_svid::x509::csr_public_key;
 
-fuzz_target!(|data: &[u8]| {
-    let _ = csr_public_key(data);
-    let samples = &*SAMPLES;
-    let Some(edited) = mutate(&samples.csr_der, data) else {
-        return;
-    };
-    if edited == samples.csr_der {
-        return;
-    }
-    if let Ok(spki) = csr_public_key(&edited) {
-        let original = csr_public_key(&samples.csr_der).ok();
-        assert_eq!(Some(spki), original, "an edited CSR yielded another key");
-    }
-});
+fuzz_target!(|data: &[u8]| sigil_fuzz::targets::csr::run(data));

@@ -1,7 +1,8 @@
 //! Shared pieces of sigil's fuzz targets: the byte mutation used to derive
 //! hostile variants of valid samples, and the valid samples themselves (an
 //! X.509 CA with one leaf X509-SVID, a JWT authority with one JWT-SVID, and
-//! the bundle publishing both).
+//! the bundle publishing both); and in [`targets`] the body of every fuzz
+//! target, which the libFuzzer binaries and the stable corpus replay share.
 
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,6 +12,8 @@ use sigil_svid::jwt::JwtAuthority;
 use sigil_svid::keys::PrivateKey;
 use sigil_svid::x509::{SvidRequest, X509Authority, make_csr};
 use sigil_types::{SpiffeId, TrustDomain};
+
+pub mod targets;
 
 /// The fixed instant every sample is minted and checked at.
 pub fn now() -> SystemTime {

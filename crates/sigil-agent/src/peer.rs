@@ -872,4 +872,121 @@ mod tests {
         });
         assert!(matches!(peer_of(&req), Err(PeerError::Credentials(e)) if e.contains("EINVAL")));
     }
+
+    /// Hostile `/proc/<pid>/stat` and `status` text (issue #13): a process
+    /// picks its own command name (`prctl(PR_SET_NAME)`), up to 15 bytes
+    /// that may hold spaces, parentheses and `Uid:`; the parsers never panic
+    /// on any text and read exactly the kernel's fields whatever the name.
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Cases per property: bounded so that CI stays fast.
+        const CASES: u32 = 256;
+
+        /// A command name as a process may set it: 0 to 15 characters, with
+        /// the kernel's separators over-represented. `stat` prints it raw.
+        fn comm() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![
+                    Just(')'),
+                    Just('('),
+                    Just(' '),
+                    Just(':'),
+                    Just('\t'),
+                    Just('\n'),
+                    any::<char>(),
+                ],
+                0..16,
+            )
+            .prop_map(|v| v.into_iter().collect())
+        }
+
+        /// One edit of `sample`: flip, insert or delete a byte.
+        fn mutate(sample: &str, op: u8, pos: usize, value: u8) -> String {
+            let mut out = sample.as_bytes().to_vec();
+            let pos = pos % out.len().max(1);
+            match op % 3 {
+                0 => out[pos] ^= value.max(1),
+                1 => out.insert(pos, value),
+                _ => {
+                    out.remove(pos);
+                }
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        }
+
+        fn status_text(name: &str, uid: [u32; 4], gid: [u32; 4], groups: &[u32]) -> String {
+            let ids = |v: [u32; 4]| v.map(|n| n.to_string()).join("\t");
+            let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
+            format!(
+                "Name:\t{name}\nUmask:\t0022\nState:\tS (sleeping)\nUid:\t{}\nGid:\t{}\nFDSize:\t64\nGroups:\t{} \nNgid:\t0\n",
+                ids(uid),
+                ids(gid),
+                groups.join(" ")
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+            #[test]
+            fn stat_reads_the_kernels_fields_whatever_the_name(
+                comm in comm(),
+                state in prop_oneof![Just('R'), Just('S'), Just('Z'), Just('X'), Just('D')],
+                start in any::<u64>(),
+            ) {
+                let mut fields: Vec<String> = (4..=52).map(|n| n.to_string()).collect();
+                fields[22 - 4] = start.to_string();
+                let line = format!("4242 ({comm}) {state} {}\n", fields.join(" "));
+                prop_assert_eq!(parse_stat(&line), Some(ProcStat { state, start_time: start }));
+            }
+
+            #[test]
+            fn stat_survives_arbitrary_text(text in any::<String>()) {
+                if let Some(stat) = parse_stat(&text) {
+                    // Only what follows the last ')' is read.
+                    let (_, rest) = text.rsplit_once(')').unwrap();
+                    prop_assert_eq!(rest.split_ascii_whitespace().next().and_then(|f| f.chars().next()), Some(stat.state));
+                }
+            }
+
+            #[test]
+            fn edited_stat_lines_never_panic(op in any::<u8>(), pos in any::<usize>(), value in any::<u8>()) {
+                let mut fields: Vec<String> = (4..=52).map(|n| n.to_string()).collect();
+                fields[22 - 4] = "987654".to_owned();
+                let line = format!("1234 (sh) S {}\n", fields.join(" "));
+                let _ = parse_stat(&mutate(&line, op, pos, value));
+            }
+
+            #[test]
+            fn status_reads_the_effective_ids_whatever_the_name(
+                // The kernel escapes a newline in `Name:`; everything else
+                // reaches the file as the process set it.
+                name in comm().prop_map(|s| s.replace('\n', "\\n")),
+                uid in any::<[u32; 4]>(),
+                gid in any::<[u32; 4]>(),
+                groups in proptest::collection::vec(any::<u32>(), 0..8),
+            ) {
+                let text = status_text(&name, uid, gid, &groups);
+                prop_assert_eq!(
+                    parse_status(&text),
+                    Some(ProcStatus { uid: uid[1], gid: gid[1], groups })
+                );
+            }
+
+            #[test]
+            fn status_survives_arbitrary_text(text in any::<String>()) {
+                if let Some(s) = parse_status(&text) {
+                    prop_assert!(text.contains("Uid:") && text.contains("Gid:") && text.contains("Groups:"), "{s:?}");
+                }
+            }
+
+            #[test]
+            fn edited_status_files_never_panic(op in any::<u8>(), pos in any::<usize>(), value in any::<u8>()) {
+                let text = status_text("sh", [1000, 1001, 1002, 1003], [50, 51, 52, 53], &[4, 24]);
+                let _ = parse_status(&mutate(&text, op, pos, value));
+            }
+        }
+    }
 }

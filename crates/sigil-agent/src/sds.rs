@@ -1218,4 +1218,216 @@ mod tests {
         let err = st.respond(&snapshot(&own, &[], &[])).unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
     }
+
+    /// Hostile Envoy requests (issue #13): arbitrary type URLs, resource
+    /// names and node metadata never panic, every refusal is
+    /// `InvalidArgument` with a bounded message, and what is served is only
+    /// what was asked for and the caller is entitled to.
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+        use prost_types::value::Kind;
+
+        /// Cases per property: bounded so that CI stays fast.
+        const CASES: u32 = 256;
+
+        /// Longest refusal message: hostile names are clipped, not echoed.
+        const MAX_MESSAGE: usize = 1024;
+
+        /// Names near what the agent serves, and hostile ones.
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("default".to_owned()),
+                Just("ROOTCA".to_owned()),
+                Just("ALL".to_owned()),
+                Just("spiffe://example.org/web".to_owned()),
+                Just("spiffe://example.org".to_owned()),
+                Just("spiffe://example.org/api".to_owned()),
+                Just("spiffe://other.org".to_owned()),
+                Just(String::new()),
+                "spiffe://[a-z./]{0,30}",
+                any::<String>(),
+                "x{2040,2060}",
+            ]
+        }
+
+        fn kind() -> impl Strategy<Value = Option<Kind>> {
+            prop_oneof![
+                Just(None),
+                any::<bool>().prop_map(|b| Some(Kind::BoolValue(b))),
+                prop_oneof![
+                    Just("true".to_owned()),
+                    Just("F".to_owned()),
+                    Just("yes".to_owned()),
+                    any::<String>()
+                ]
+                .prop_map(|s| Some(Kind::StringValue(s))),
+                any::<f64>().prop_map(|n| Some(Kind::NumberValue(n))),
+                Just(Some(Kind::NullValue(0))),
+                Just(Some(Kind::ListValue(prost_types::ListValue {
+                    values: vec![]
+                }))),
+            ]
+        }
+
+        fn arbitrary_node() -> impl Strategy<Value = Option<core_pb::Node>> {
+            proptest::option::of((
+                proptest::option::of((any::<u32>(), any::<u32>())),
+                kind(),
+                proptest::collection::btree_map(any::<String>(), kind(), 0..3),
+            ))
+            .prop_map(|n| {
+                n.map(|(version, disable, others)| {
+                    let mut node = node(version, disable);
+                    let fields = node.metadata.get_or_insert_with(Default::default);
+                    for (k, v) in others {
+                        if k != DISABLE_SPIFFE_VALIDATION_KEY {
+                            fields.fields.insert(k, prost_types::Value { kind: v });
+                        }
+                    }
+                    node
+                })
+            })
+        }
+
+        fn request() -> impl Strategy<Value = disc::DiscoveryRequest> {
+            (
+                prop_oneof![
+                    Just(String::new()),
+                    Just(type_urls::SECRET.to_owned()),
+                    any::<String>(),
+                    "y{300,400}",
+                ],
+                proptest::collection::vec(name(), 0..8),
+                0usize..100,
+            )
+                .prop_map(|(type_url, mut names, pad)| {
+                    // Sometimes more names than allowed.
+                    if pad > 90 {
+                        names.extend((0..MAX_RESOURCE_NAMES).map(|i| format!("n{i}")));
+                    }
+                    disc::DiscoveryRequest {
+                        type_url,
+                        resource_names: names,
+                        ..Default::default()
+                    }
+                })
+        }
+
+        fn refusal_is_invalid_argument(s: &Status) {
+            assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+            assert!(!s.message().is_empty());
+            assert!(
+                s.message().len() <= MAX_MESSAGE,
+                "{} bytes",
+                s.message().len()
+            );
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+            #[test]
+            fn requested_names_are_bounded_or_refused(req in request()) {
+                match requested_names(&req) {
+                    Ok(set) => {
+                        prop_assert!(req.type_url.is_empty() || req.type_url == type_urls::SECRET);
+                        prop_assert!(set.len() <= MAX_RESOURCE_NAMES);
+                        prop_assert!(set.iter().all(|n| !n.is_empty() && n.len() <= MAX_RESOURCE_NAME_LEN));
+                        let asked: BTreeSet<String> =
+                            req.resource_names.iter().filter(|n| !n.is_empty()).cloned().collect();
+                        prop_assert_eq!(set, asked);
+                    }
+                    Err(s) => refusal_is_invalid_argument(&s),
+                }
+            }
+
+            #[test]
+            fn node_metadata_only_ever_switches_the_validator(
+                node in arbitrary_node(),
+                disabled_in_config in any::<bool>(),
+            ) {
+                let cfg = SdsConfig {
+                    disable_spiffe_cert_validation: disabled_in_config,
+                    ..SdsConfig::default()
+                };
+                let spiffe = use_spiffe_validator(node.as_ref(), &cfg, &mut quiet());
+                let set = node
+                    .as_ref()
+                    .and_then(|n| n.metadata.as_ref())
+                    .and_then(|m| m.fields.get(DISABLE_SPIFFE_VALIDATION_KEY))
+                    .and_then(|v| match &v.kind {
+                        Some(Kind::BoolValue(b)) => Some(*b),
+                        Some(Kind::StringValue(s)) => parse_bool(s),
+                        _ => None,
+                    });
+                // A non-boolean value is ignored: the configuration decides.
+                if set.unwrap_or(disabled_in_config) {
+                    prop_assert!(!spiffe);
+                }
+                let old_envoy = matches!(
+                    node.as_ref().and_then(|n| n.user_agent_version_type.as_ref()),
+                    Some(core_pb::node::UserAgentVersionType::UserAgentBuildVersion(b))
+                        if b.version.as_ref().is_some_and(|v| (v.major_number, v.minor_number) < (1, 18))
+                );
+                if old_envoy {
+                    prop_assert!(!spiffe);
+                }
+                if set == Some(false) && !old_envoy {
+                    prop_assert!(spiffe);
+                }
+            }
+        }
+
+        /// One snapshot for every case: minting its CA per case is slow.
+        #[test]
+        fn served_secrets_are_requested_and_the_callers_own() {
+            let own = domain("example.org");
+            let web = entry("web", &[]);
+            let snap = snapshot(&own, std::slice::from_ref(&web), &[]);
+            let cfg = SdsConfig::default();
+            let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+                failure_persistence: None,
+                ..ProptestConfig::with_cases(CASES)
+            });
+            let outcome = runner.run(&(request(), arbitrary_node()), |(req, node)| {
+                let names = match requested_names(&req) {
+                    Ok(n) => n,
+                    Err(s) => {
+                        refusal_is_invalid_argument(&s);
+                        return Ok(());
+                    }
+                };
+                let spiffe = use_spiffe_validator(node.as_ref(), &cfg, &mut quiet());
+                match build(&snap, std::slice::from_ref(&web), &names, &cfg, spiffe) {
+                    Ok(Built::Ready(secrets)) => {
+                        for any in &secrets {
+                            let s = decode(any);
+                            prop_assert!(
+                                names.is_empty() || names.contains(&s.name),
+                                "{} not asked for",
+                                s.name
+                            );
+                            if let Some(tls_pb::secret::Type::TlsCertificate(_)) = s.r#type {
+                                prop_assert!(
+                                    s.name == cfg.default_svid_name
+                                        || s.name == "spiffe://example.org/web",
+                                    "certificate {} is not the caller's",
+                                    s.name
+                                );
+                            }
+                        }
+                    }
+                    Ok(Built::Pending) => {}
+                    // Only the all-bundles context needs the SPIFFE validator.
+                    Err(s) if s.code() == tonic::Code::Internal => {
+                        prop_assert!(!spiffe && names.contains(&cfg.default_all_bundles_name));
+                    }
+                    Err(s) => refusal_is_invalid_argument(&s),
+                }
+                Ok(())
+            });
+            assert!(outcome.is_ok(), "{outcome:?}");
+        }
+    }
 }

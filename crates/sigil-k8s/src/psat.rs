@@ -1412,4 +1412,205 @@ mod tests {
             assert!(check_cluster_name(bad).is_err(), "{bad:?}");
         }
     }
+
+    /// Hostile PSAT tokens and claims (issue #13): the parsers that read a
+    /// token before or without its signature never panic, every refusal
+    /// says why, and what they accept has the shape sigil relies on.
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Cases per property: bounded so that CI stays fast.
+        const CASES: u32 = 256;
+
+        fn b64(json: &serde_json::Value) -> String {
+            URL_SAFE_NO_PAD.encode(json.to_string())
+        }
+
+        /// A token whose payload is `claims` (header and signature are
+        /// never read by the unverified parsers).
+        fn token(claims: &serde_json::Value) -> String {
+            format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", b64(claims))
+        }
+
+        /// Short names that are sometimes empty or carry the separators
+        /// the parsers split on.
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(String::new()),
+                "[a-z0-9-]{1,12}",
+                "[a-z:.]{0,6}",
+                any::<String>().prop_map(|s| s.chars().take(12).collect()),
+            ]
+        }
+
+        fn name_uid() -> impl Strategy<Value = Option<serde_json::Value>> {
+            proptest::option::of(
+                (name(), name()).prop_map(|(n, u)| serde_json::json!({"name": n, "uid": u})),
+            )
+        }
+
+        fn claims() -> impl Strategy<Value = serde_json::Value> {
+            (
+                name(),
+                name(),
+                // None: no claim; Some(None): the subject's name; else another.
+                proptest::option::of(proptest::option::of(name())),
+                name_uid(),
+                name_uid(),
+                proptest::option::of(any::<u64>()),
+                any::<bool>(),
+            )
+                .prop_map(|(ns, sa, k8s_sa, pod, node, exp, prefix)| {
+                    let sub = if prefix {
+                        format!("system:serviceaccount:{ns}:{sa}")
+                    } else {
+                        format!("{ns}:{sa}")
+                    };
+                    let mut k8s = serde_json::json!({ "namespace": ns });
+                    if let Some(s) = k8s_sa {
+                        let s = s.unwrap_or_else(|| sa.clone());
+                        k8s["serviceaccount"] = serde_json::json!({"name": s, "uid": "u"});
+                    }
+                    if let Some(p) = pod {
+                        k8s["pod"] = p;
+                    }
+                    if let Some(n) = node {
+                        k8s["node"] = n;
+                    }
+                    let mut c =
+                        serde_json::json!({"sub": sub, "aud": ["sigil"], "kubernetes.io": k8s});
+                    if let Some(e) = exp {
+                        c["exp"] = e.into();
+                    }
+                    c
+                })
+        }
+
+        /// What an accepted identity must satisfy: its subject names exactly
+        /// its namespace and service account, and it is bound to a pod.
+        fn check_identity(claims: &serde_json::Value, id: &TokenIdentity) {
+            assert!(!id.namespace.is_empty() && !id.service_account.is_empty());
+            assert!(!id.namespace.contains(':') && !id.service_account.contains(':'));
+            assert_eq!(
+                claims["sub"].as_str(),
+                Some(
+                    format!(
+                        "system:serviceaccount:{}:{}",
+                        id.namespace, id.service_account
+                    )
+                    .as_str()
+                )
+            );
+            assert_eq!(
+                claims["kubernetes.io"]["namespace"].as_str(),
+                Some(id.namespace.as_str())
+            );
+            assert!(!id.pod_name.is_empty() && !id.pod_uid.is_empty());
+            assert_eq!(id.node_name.is_some(), id.node_uid.is_some());
+        }
+
+        fn refusal_says_why(e: &PsatError) {
+            assert!(!e.to_string().is_empty(), "{e:?}");
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+            #[test]
+            fn arbitrary_text_is_refused_or_read_as_three_parts(text in any::<String>()) {
+                match peek_claims(&text) {
+                    Ok(c) => {
+                        // Only three dot-separated parts can parse at all.
+                        prop_assert_eq!(text.split('.').count(), 3);
+                        if let Ok(id) = identity_from_claims(c) {
+                            prop_assert!(!id.pod_uid.is_empty());
+                        }
+                    }
+                    Err(e) => refusal_says_why(&e),
+                }
+            }
+
+            #[test]
+            fn arbitrary_payload_bytes_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+                let token = format!("e30.{}.c2ln", URL_SAFE_NO_PAD.encode(&payload));
+                if let Err(e) = peek_claims(&token) {
+                    refusal_says_why(&e);
+                }
+            }
+
+            #[test]
+            fn claims_give_a_consistent_identity_or_a_reason(c in claims(), now in any::<u64>()) {
+                let parsed = peek_claims(&token(&c));
+                prop_assert!(parsed.is_ok(), "well-formed claims refused: {c}");
+                let Ok(parsed) = parsed else { return Ok(()) };
+                if let Err(e) = check_times(&parsed, now) {
+                    refusal_says_why(&e);
+                }
+                match identity_from_claims(parsed) {
+                    Ok(id) => check_identity(&c, &id),
+                    Err(e) => refusal_says_why(&e),
+                }
+            }
+
+            #[test]
+            fn edited_claims_give_a_consistent_identity_or_a_reason(
+                pos in any::<usize>(),
+                value in any::<u8>(),
+                op in 0u8..3,
+            ) {
+                let valid = serde_json::json!({
+                    "sub": "system:serviceaccount:kube-system:sigil-agent",
+                    "aud": "sigil",
+                    "exp": 2_000_000_000u64,
+                    "kubernetes.io": {
+                        "namespace": "kube-system",
+                        "serviceaccount": {"name": "sigil-agent", "uid": "s"},
+                        "pod": {"name": "sigil-agent-x", "uid": "p"},
+                        "node": {"name": "node-1", "uid": "n"}
+                    }
+                });
+                let mut json = valid.to_string().into_bytes();
+                let at = pos % json.len();
+                match op {
+                    0 => json[at] ^= value.max(1),
+                    1 => json.insert(at, value),
+                    _ => { json.remove(at); }
+                }
+                let token = format!("e30.{}.c2ln", URL_SAFE_NO_PAD.encode(&json));
+                match peek_claims(&token).and_then(identity_from_claims) {
+                    Ok(id) => {
+                        // A tolerated edit (whitespace, a key rename that
+                        // serde ignores, a changed value) still yields a
+                        // self-consistent identity.
+                        let edited: serde_json::Value = serde_json::from_slice(&json).unwrap();
+                        check_identity(&edited, &id);
+                    }
+                    Err(e) => refusal_says_why(&e),
+                }
+            }
+
+            #[test]
+            fn service_account_usernames_split_into_two_non_empty_names(user in "[a-z:]{0,40}") {
+                if let Some((ns, sa)) = parse_service_account(&user) {
+                    prop_assert_eq!(format!("system:serviceaccount:{ns}:{sa}"), user);
+                    prop_assert!(!ns.is_empty() && !sa.is_empty());
+                    prop_assert!(!ns.contains(':') && !sa.contains(':'));
+                }
+            }
+
+            #[test]
+            fn arbitrary_jwks_documents_never_panic(text in any::<String>(), kty in "(RSA|EC|oct|OKP|)", crv in "(P-256|P-384|P-521|)", n in "[A-Za-z0-9_=-]{0,64}") {
+                for doc in [
+                    text.clone(),
+                    format!(r#"{{"keys":[{{"kty":"{kty}","crv":"{crv}","n":"{n}","e":"AQAB","x":"{n}","y":"{n}"}}]}}"#),
+                ] {
+                    match parse_jwks(&doc) {
+                        Ok(keys) => prop_assert!(!keys.is_empty()),
+                        Err(e) => prop_assert!(!e.is_empty()),
+                    }
+                }
+            }
+        }
+    }
 }

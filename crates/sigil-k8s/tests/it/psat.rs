@@ -1257,3 +1257,53 @@ fn agent_reads_the_token_afresh_each_time() {
     assert!(matches!(err, PsatError::TokenFile { .. }), "{err:?}");
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+// ----------------------------------------------------------- hostile tokens --
+
+/// Hostile tokens against offline verification (issue #13): arbitrary text
+/// and one-character edits of a signed agent token never attest, and every
+/// refusal says why. One verifier and runtime serve all cases (RSA keys are
+/// slow to generate).
+#[test]
+fn edited_or_arbitrary_tokens_never_attest_offline() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let verifier = offline_verifier(None);
+    let valid = agent_token(600);
+    rt.block_on(verifier.attest(&valid)).unwrap();
+
+    let edit = (any::<u8>(), any::<usize>(), any::<u8>());
+    let input = prop_oneof![
+        any::<String>().prop_map(|s| (s, None)),
+        edit.prop_map(|e| (String::new(), Some(e))),
+    ];
+    let mut runner = TestRunner::new(Config {
+        failure_persistence: None,
+        ..Config::with_cases(256)
+    });
+    let outcome = runner.run(&input, |(text, edit)| {
+        let token = match edit {
+            None => text,
+            Some((op, pos, value)) => {
+                String::from_utf8_lossy(&crate::hostile::mutate(valid.as_bytes(), op, pos, value))
+                    .into_owned()
+            }
+        };
+        if token == valid {
+            return Ok(());
+        }
+        match rt.block_on(verifier.attest(&token)) {
+            Ok(att) => Err(TestCaseError::fail(format!(
+                "{token:?} attested as {att:?}"
+            )))?,
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+        Ok(())
+    });
+    assert!(outcome.is_ok(), "{outcome:?}");
+}

@@ -16,6 +16,7 @@ mod cli;
 mod durability;
 mod faults;
 mod federation;
+mod fuzz_replay;
 mod h2_authority;
 mod ha;
 mod kubernetes;

@@ -764,3 +764,139 @@ async fn the_envoy_bootstrap_in_the_docs_is_envoys_and_is_served() {
     assert_eq!(secrets(&resp).into_keys().collect::<Vec<_>>(), names);
     cluster.shutdown().await;
 }
+
+/// Hostile `FetchSecrets` requests on the agent's socket (issue #13):
+/// arbitrary type URLs, resource names and node metadata never break the
+/// agent; each is answered with only requested secrets, the caller's own
+/// certificate among them, or refused with `InvalidArgument` (`Internal`
+/// only for `ALL` when the node turned the SPIFFE validator off). The agent
+/// still serves a well-formed request afterwards.
+#[test]
+fn hostile_fetch_requests_are_answered_or_refused() {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (cluster, me) = rt.block_on(cluster_with_me(Default::default()));
+    let client = rt.block_on(sds_client(&cluster));
+
+    let name = prop_oneof![
+        Just("default".to_owned()),
+        Just("ROOTCA".to_owned()),
+        Just("ALL".to_owned()),
+        Just(me.to_string()),
+        Just("spiffe://example.org".to_owned()),
+        Just("spiffe://example.org/someone-else".to_owned()),
+        Just(String::new()),
+        any::<String>(),
+        "z{2040,2060}",
+    ];
+    let kind = prop_oneof![
+        any::<bool>().prop_map(Kind::BoolValue),
+        any::<String>().prop_map(Kind::StringValue),
+        Just(Kind::StringValue("true".into())),
+        any::<f64>().prop_map(Kind::NumberValue),
+        Just(Kind::NullValue(0)),
+    ];
+    let metadata = proptest::collection::hash_map(
+        prop_oneof![
+            Just("disable_spiffe_cert_validation".to_owned()),
+            any::<String>()
+        ],
+        kind,
+        0..3,
+    );
+    let request = (
+        prop_oneof![
+            Just(SECRET_TYPE.to_owned()),
+            Just(String::new()),
+            any::<String>()
+        ],
+        proptest::collection::vec(name, 0..6),
+        proptest::option::of((metadata, any::<(u32, u32)>())),
+    )
+        .prop_map(|(type_url, names, node)| {
+            let node = node.map(|(fields, (major, minor))| {
+                let mut n = envoy_node();
+                n.metadata = Some(Struct {
+                    fields: fields
+                        .into_iter()
+                        .map(|(k, v)| (k, Value { kind: Some(v) }))
+                        .collect(),
+                });
+                n.user_agent_version_type = Some(
+                    core::node::UserAgentVersionType::UserAgentBuildVersion(core::BuildVersion {
+                        version: Some(envoy_types::pb::envoy::r#type::v3::SemanticVersion {
+                            major_number: major % 3,
+                            minor_number: minor % 40,
+                            patch: 0,
+                        }),
+                        metadata: None,
+                    }),
+                );
+                n
+            });
+            DiscoveryRequest {
+                node,
+                resource_names: names,
+                type_url,
+                ..Default::default()
+            }
+        });
+
+    let mut runner = TestRunner::new(Config {
+        failure_persistence: None,
+        ..Config::with_cases(128)
+    });
+    let outcome = runner.run(&request, |req| {
+        // Empty names are dropped; none left asks for everything.
+        let names: Vec<String> = req
+            .resource_names
+            .iter()
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .collect();
+        let answer = rt.block_on(client.clone().fetch_secrets(req));
+        match answer {
+            Ok(resp) => {
+                for (name, secret) in secrets(&resp.into_inner()) {
+                    prop_assert!(
+                        names.is_empty() || names.contains(&name),
+                        "{name} was not asked for"
+                    );
+                    if let Some(tls::secret::Type::TlsCertificate(_)) = secret.r#type {
+                        prop_assert!(
+                            name == "default" || name == me.to_string(),
+                            "certificate {name} is not the caller's"
+                        );
+                    }
+                }
+            }
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                prop_assert!(!s.message().is_empty() && s.message().len() <= 1024);
+            }
+            Err(s) if s.code() == tonic::Code::Internal => {
+                prop_assert!(names.iter().any(|n| n == "ALL"), "{s:?}");
+            }
+            Err(s) => Err(TestCaseError::fail(format!("unexpected refusal {s:?}")))?,
+        }
+        Ok(())
+    });
+    assert!(outcome.is_ok(), "{outcome:?}");
+
+    let resp = rt
+        .block_on(client.clone().fetch_secrets(request_of(&["default"])))
+        .unwrap()
+        .into_inner();
+    assert!(secrets(&resp).contains_key("default"));
+    rt.block_on(cluster.shutdown());
+}
+
+fn request_of(names: &[&str]) -> DiscoveryRequest {
+    request(names, "", "")
+}
