@@ -207,8 +207,8 @@ fn parse_identity(json: &[u8]) -> Result<AgentIdentity, AgentError> {
 
 /// Reads the two-file layout: `agent.key` (PEM) and `agent.json` (chain).
 fn parse_legacy_identity(key: &[u8], json: &[u8]) -> Result<AgentIdentity, AgentError> {
-    let pem = std::str::from_utf8(key)
-        .map_err(|e| AgentError::Corrupt(format!("{LEGACY_KEY}: {e}")))?;
+    let pem =
+        std::str::from_utf8(key).map_err(|e| AgentError::Corrupt(format!("{LEGACY_KEY}: {e}")))?;
     let key = PrivateKey::from_pem(pem)?;
     let file: LegacyChainFile = serde_json::from_slice(json)?;
     let chain = file
@@ -296,7 +296,11 @@ impl Persist {
             },
             (None, None) => Ok(None),
             (key, _) => {
-                let missing = if key.is_none() { LEGACY_KEY } else { LEGACY_CHAIN };
+                let missing = if key.is_none() {
+                    LEGACY_KEY
+                } else {
+                    LEGACY_CHAIN
+                };
                 tracing::warn!(
                     dir = %self.dir.display(),
                     missing,
@@ -464,6 +468,19 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(86_400);
 
+    /// A new key and a one-hour leaf for it, signed by `ca` for `id`.
+    fn signed(ca: &X509Authority, id: &SpiffeId, now: SystemTime) -> (PrivateKey, Vec<u8>) {
+        let key = PrivateKey::generate_p256().unwrap();
+        let leaf = ca
+            .sign_svid(
+                &SvidRequest::new(id, Duration::from_secs(3600)),
+                &key.public_key_spki_der(),
+                now,
+            )
+            .unwrap();
+        (key, leaf)
+    }
+
     fn td(name: &str) -> TrustDomain {
         TrustDomain::new(name).unwrap()
     }
@@ -534,14 +551,7 @@ mod tests {
         let now = SystemTime::now();
         let ca = X509Authority::generate(&td("example.org"), DAY, now).unwrap();
         let spiffe_id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
-        let key = PrivateKey::generate_p256().unwrap();
-        let leaf = ca
-            .sign_svid(
-                &SvidRequest::new(&spiffe_id, Duration::from_secs(3600)),
-                &key.public_key_spki_der(),
-                now,
-            )
-            .unwrap();
+        let (key, leaf) = signed(&ca, &spiffe_id, now);
         let entry = Entry::new(
             "e1".parse().unwrap(),
             spiffe_id.clone(),
@@ -576,17 +586,10 @@ mod tests {
         assert!(!cached.svids[0].fits(&with_attrs));
     }
 
-    /// An agent identity signed by `ca`: (identity, its leaf).
+    /// An agent identity signed by `ca`.
     fn agent_identity(ca: &X509Authority) -> AgentIdentity {
         let id: SpiffeId = "spiffe://example.org/agent/node-1".parse().unwrap();
-        let key = PrivateKey::generate_p256().unwrap();
-        let leaf = ca
-            .sign_svid(
-                &SvidRequest::new(&id, Duration::from_secs(3600)),
-                &key.public_key_spki_der(),
-                SystemTime::now(),
-            )
-            .unwrap();
+        let (key, leaf) = signed(ca, &id, SystemTime::now());
         AgentIdentity::new(vec![leaf], key).unwrap()
     }
 
@@ -664,8 +667,7 @@ mod tests {
                 key: b64(key.pkcs8_der()),
                 chain: chain.iter().map(|c| b64(c)).collect(),
             };
-            write_private_file(&dir.join(IDENTITY), &serde_json::to_vec(&file).unwrap())
-                .unwrap();
+            write_private_file(&dir.join(IDENTITY), &serde_json::to_vec(&file).unwrap()).unwrap();
         };
 
         // The old two-file renewal killed between its renames: the new key
@@ -728,17 +730,8 @@ mod tests {
         let now = SystemTime::now();
         let ca = X509Authority::generate(&td("example.org"), DAY, now).unwrap();
         let spiffe_id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
-        let (key, other) = (
-            PrivateKey::generate_p256().unwrap(),
-            PrivateKey::generate_p256().unwrap(),
-        );
-        let leaf = ca
-            .sign_svid(
-                &SvidRequest::new(&spiffe_id, Duration::from_secs(3600)),
-                &key.public_key_spki_der(),
-                now,
-            )
-            .unwrap();
+        let (key, leaf) = signed(&ca, &spiffe_id, now);
+        let other = PrivateKey::generate_p256().unwrap();
         let record = |k: &PrivateKey, id: &str| {
             serde_json::json!({
                 "entry_id": id,
@@ -755,7 +748,11 @@ mod tests {
         });
         write_private_file(&dir.path().join("cache.json"), doc.to_string().as_bytes()).unwrap();
         let cached = p.load_cache(now).unwrap();
-        let ids: Vec<String> = cached.svids.iter().map(|s| s.entry_id.to_string()).collect();
+        let ids: Vec<String> = cached
+            .svids
+            .iter()
+            .map(|s| s.entry_id.to_string())
+            .collect();
         assert_eq!(ids, vec!["good".to_owned()]);
     }
 }
