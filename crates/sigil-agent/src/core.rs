@@ -348,12 +348,15 @@ impl Core {
     /// Presents `identity` from now on and saves it; false if it cannot be
     /// used (its key does not match its certificate).
     fn install_identity(&mut self, identity: AgentIdentity) -> bool {
+        // Saved before it is presented: once the server has seen the new
+        // SVID it retires the old one, so a kill after a handshake with the
+        // new SVID but before the save would leave a retired SVID on disk.
+        if let Err(e) = self.persist.save_identity(&identity) {
+            tracing::error!(error = %e, "saving the renewed agent SVID failed");
+        }
         if let Err(e) = self.cert.update(identity.chain.clone(), &identity.key) {
             tracing::error!(error = %e, "installing the renewed agent SVID failed");
             return false;
-        }
-        if let Err(e) = self.persist.save_identity(&identity) {
-            tracing::error!(error = %e, "saving the renewed agent SVID failed");
         }
         self.identity_renew_at = renewal_time(identity.not_before, identity.not_after);
         tracing::info!(agent = %identity.id, "agent SVID renewed");

@@ -175,8 +175,10 @@ async fn attest(
         let (identity, resp) =
             k8s::attest_psat_with_new_key(&mut client, psat, k8s::WhenLimited::Retry).await?;
         let bundle = Bundle::from_json(cfg.trust_domain.clone(), &resp.bundle_json)?;
-        persist.save_identity(&identity)?;
+        // The bundle first: a saved identity is used only with a saved
+        // bundle, so a kill between the two must not leave the identity alone.
         persist.save_bundle(&bundle)?;
+        persist.save_identity(&identity)?;
         tracing::info!(agent = %identity.id, "attested to the server with a projected service-account token");
         return Ok((identity, bundle));
     }
@@ -221,8 +223,9 @@ async fn attest(
     .into_inner();
     let identity = AgentIdentity::new(resp.cert_chain, key)?;
     let bundle = Bundle::from_json(cfg.trust_domain.clone(), &resp.bundle_json)?;
-    persist.save_identity(&identity)?;
+    // The bundle first, as above.
     persist.save_bundle(&bundle)?;
+    persist.save_identity(&identity)?;
     tracing::info!(agent = %identity.id, "attested to the server with a join token");
     Ok((identity, bundle))
 }

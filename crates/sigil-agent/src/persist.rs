@@ -2,6 +2,12 @@
 //! token nor a reachable server: its SVID and key, the bundle, the federated
 //! bundles of other trust domains, and the entries with their workload SVIDs
 //! and keys. Every file is 0600 in a 0700 directory and written atomically.
+//!
+//! The agent's identity is one file, `identity.json` (key and chain
+//! together), replaced with one rename: a SIGKILL during a renewal leaves
+//! the old pair or the new one, never a new key beside the old chain. Agents
+//! from before kept two files, `agent.key` and `agent.json`; they still load,
+//! and the next save replaces them with `identity.json`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,11 +47,13 @@ impl std::fmt::Debug for AgentIdentity {
 }
 
 impl AgentIdentity {
-    /// Builds the identity from a freshly issued chain.
+    /// Builds the identity from a chain (leaf first) and its key; refused
+    /// when the key is not the leaf's (a torn write, a wrong answer).
     pub fn new(chain: Vec<Vec<u8>>, key: PrivateKey) -> Result<Self, AgentError> {
         let leaf = chain.first().ok_or_else(|| {
             AgentError::Bootstrap("the server returned an empty agent SVID chain".into())
         })?;
+        sigil_svid::tls::check_chain_key(&chain, &key)?;
         let info = sigil_svid::x509::cert_info(leaf)?;
         let id = info
             .spiffe_id
@@ -103,10 +111,34 @@ impl WorkloadSvid {
     }
 }
 
+/// `identity.json`: the agent's key and chain in one file, so that one
+/// rename replaces both.
 #[derive(Serialize, Deserialize)]
 struct IdentityFile {
+    /// PKCS#8 DER, base64 (secret).
+    key: String,
+    /// DER certificates, leaf first, base64.
     chain: Vec<String>,
 }
+
+impl Drop for IdentityFile {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.key);
+    }
+}
+
+/// `agent.json` of the two-file layout: the chain only, beside `agent.key`.
+#[derive(Deserialize)]
+struct LegacyChainFile {
+    chain: Vec<String>,
+}
+
+/// The agent identity file.
+const IDENTITY: &str = "identity.json";
+/// The key of the two-file layout (PEM).
+const LEGACY_KEY: &str = "agent.key";
+/// The chain of the two-file layout.
+const LEGACY_CHAIN: &str = "agent.json";
 
 #[derive(Serialize, Deserialize)]
 struct SvidFile {
@@ -161,6 +193,32 @@ fn unb64(s: &str, what: &str) -> Result<Vec<u8>, AgentError> {
         .map_err(|e| AgentError::Corrupt(format!("{what}: {e}")))
 }
 
+/// Reads `identity.json`.
+fn parse_identity(json: &[u8]) -> Result<AgentIdentity, AgentError> {
+    let file: IdentityFile = serde_json::from_slice(json)?;
+    let key = PrivateKey::from_pkcs8_der(&zeroize::Zeroizing::new(unb64(&file.key, IDENTITY)?))?;
+    let chain = file
+        .chain
+        .iter()
+        .map(|c| unb64(c, IDENTITY))
+        .collect::<Result<Vec<_>, _>>()?;
+    AgentIdentity::new(chain, key)
+}
+
+/// Reads the two-file layout: `agent.key` (PEM) and `agent.json` (chain).
+fn parse_legacy_identity(key: &[u8], json: &[u8]) -> Result<AgentIdentity, AgentError> {
+    let pem =
+        std::str::from_utf8(key).map_err(|e| AgentError::Corrupt(format!("{LEGACY_KEY}: {e}")))?;
+    let key = PrivateKey::from_pem(pem)?;
+    let file: LegacyChainFile = serde_json::from_slice(json)?;
+    let chain = file
+        .chain
+        .iter()
+        .map(|c| unb64(c, LEGACY_CHAIN))
+        .collect::<Result<Vec<_>, _>>()?;
+    AgentIdentity::new(chain, key)
+}
+
 impl Persist {
     /// Uses (and creates, 0700) the directory.
     pub fn open(dir: &Path) -> Result<Self, AgentError> {
@@ -182,30 +240,75 @@ impl Persist {
         }
     }
 
-    /// Saves the agent's SVID and key.
+    /// Saves the agent's SVID and key as one file with one rename (fsynced
+    /// file and directory), then removes the two-file layout if present.
     pub fn save_identity(&self, id: &AgentIdentity) -> Result<(), AgentError> {
-        write_private_file(&self.path("agent.key"), id.key.to_pem().as_bytes())?;
         let file = IdentityFile {
+            key: b64(id.key.pkcs8_der()),
             chain: id.chain.iter().map(|c| b64(c)).collect(),
         };
-        write_private_file(&self.path("agent.json"), &serde_json::to_vec(&file)?)?;
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(&file)?);
+        write_private_file(&self.path(IDENTITY), &json)?;
+        // Only now: until identity.json is durable, the old files are the
+        // identity a restart must find.
+        let mut removed = false;
+        for name in [LEGACY_KEY, LEGACY_CHAIN] {
+            match std::fs::remove_file(self.path(name)) {
+                Ok(()) => removed = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if removed {
+            std::fs::File::open(&self.dir)?.sync_all()?;
+        }
         Ok(())
     }
 
-    /// Loads the agent's SVID and key, if saved.
+    /// Loads the agent's SVID and key, if saved: `identity.json`, else the
+    /// two-file layout of older agents. A saved identity that is incomplete
+    /// or whose key is not its certificate's (a torn two-file write) is
+    /// never returned: it is skipped with a warning, and `None` makes the
+    /// agent attest again (with a join token or its PSAT). An unreadable
+    /// file (I/O error, wrong mode) is an error.
     pub fn load_identity(&self) -> Result<Option<AgentIdentity>, AgentError> {
-        let (Some(key), Some(json)) = (self.read_opt("agent.key")?, self.read_opt("agent.json")?)
-        else {
-            return Ok(None);
-        };
-        let key = PrivateKey::from_pem(&String::from_utf8_lossy(&key))?;
-        let file: IdentityFile = serde_json::from_slice(&json)?;
-        let chain = file
-            .chain
-            .iter()
-            .map(|c| unb64(c, "agent.json"))
-            .collect::<Result<Vec<_>, _>>()?;
-        AgentIdentity::new(chain, key).map(Some)
+        if let Some(json) = self.read_opt(IDENTITY)? {
+            match parse_identity(&json) {
+                Ok(id) => return Ok(Some(id)),
+                Err(e) => tracing::warn!(
+                    file = %self.path(IDENTITY).display(),
+                    error = %e,
+                    "ignoring an unusable saved agent identity"
+                ),
+            }
+        }
+        match (self.read_opt(LEGACY_KEY)?, self.read_opt(LEGACY_CHAIN)?) {
+            (Some(key), Some(chain)) => match parse_legacy_identity(&key, &chain) {
+                Ok(id) => Ok(Some(id)),
+                Err(e) => {
+                    tracing::warn!(
+                        dir = %self.dir.display(),
+                        error = %e,
+                        "ignoring an unusable saved agent identity (agent.key and agent.json do not form one)"
+                    );
+                    Ok(None)
+                }
+            },
+            (None, None) => Ok(None),
+            (key, _) => {
+                let missing = if key.is_none() {
+                    LEGACY_KEY
+                } else {
+                    LEGACY_CHAIN
+                };
+                tracing::warn!(
+                    dir = %self.dir.display(),
+                    missing,
+                    "ignoring a saved agent identity with a file missing"
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// Saves the trust bundle.
@@ -318,6 +421,13 @@ impl Persist {
                 .collect::<Result<Vec<_>, _>>()?;
             let key = PrivateKey::from_pkcs8_der(&unb64(&s.key, "cache.json")?)?;
             let Some(leaf) = chain.first() else { continue };
+            // Key and chain share one record of one file, so they agree
+            // unless the file was damaged; a pair that does not is signed
+            // again rather than served.
+            if let Err(e) = sigil_svid::tls::check_chain_key(&chain, &key) {
+                tracing::warn!(entry = %s.entry_id, error = %e, "ignoring a cached SVID");
+                continue;
+            }
             let info = sigil_svid::x509::cert_info(leaf)?;
             let Some(spiffe_id) = info.spiffe_id else {
                 continue;
@@ -357,6 +467,19 @@ mod tests {
     use super::*;
 
     const DAY: Duration = Duration::from_secs(86_400);
+
+    /// A new key and a one-hour leaf for it, signed by `ca` for `id`.
+    fn signed(ca: &X509Authority, id: &SpiffeId, now: SystemTime) -> (PrivateKey, Vec<u8>) {
+        let key = PrivateKey::generate_p256().unwrap();
+        let leaf = ca
+            .sign_svid(
+                &SvidRequest::new(id, Duration::from_secs(3600)),
+                &key.public_key_spki_der(),
+                now,
+            )
+            .unwrap();
+        (key, leaf)
+    }
 
     fn td(name: &str) -> TrustDomain {
         TrustDomain::new(name).unwrap()
@@ -428,14 +551,7 @@ mod tests {
         let now = SystemTime::now();
         let ca = X509Authority::generate(&td("example.org"), DAY, now).unwrap();
         let spiffe_id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
-        let key = PrivateKey::generate_p256().unwrap();
-        let leaf = ca
-            .sign_svid(
-                &SvidRequest::new(&spiffe_id, Duration::from_secs(3600)),
-                &key.public_key_spki_der(),
-                now,
-            )
-            .unwrap();
+        let (key, leaf) = signed(&ca, &spiffe_id, now);
         let entry = Entry::new(
             "e1".parse().unwrap(),
             spiffe_id.clone(),
@@ -468,5 +584,175 @@ mod tests {
         let mut with_attrs = entry;
         with_attrs.attributes = vec![Attribute::Region];
         assert!(!cached.svids[0].fits(&with_attrs));
+    }
+
+    /// An agent identity signed by `ca`.
+    fn agent_identity(ca: &X509Authority) -> AgentIdentity {
+        let id: SpiffeId = "spiffe://example.org/agent/node-1".parse().unwrap();
+        let (key, leaf) = signed(ca, &id, SystemTime::now());
+        AgentIdentity::new(vec![leaf], key).unwrap()
+    }
+
+    fn same(a: &AgentIdentity, b: &AgentIdentity) -> bool {
+        a.chain == b.chain && a.key.pkcs8_der() == b.key.pkcs8_der()
+    }
+
+    /// Writes the two-file layout of older agents for `key` and `chain`.
+    fn write_legacy(dir: &Path, key: &PrivateKey, chain: &[Vec<u8>]) {
+        write_private_file(&dir.join(LEGACY_KEY), key.to_pem().as_bytes()).unwrap();
+        let json = serde_json::json!({ "chain": chain.iter().map(|c| b64(c)).collect::<Vec<_>>() });
+        write_private_file(&dir.join(LEGACY_CHAIN), json.to_string().as_bytes()).unwrap();
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn the_agent_identity_is_one_private_file_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = X509Authority::generate(&td("example.org"), DAY, SystemTime::now()).unwrap();
+        let p = Persist::open(dir.path()).unwrap();
+        assert!(p.load_identity().unwrap().is_none(), "nothing saved yet");
+        let first = agent_identity(&ca);
+        p.save_identity(&first).unwrap();
+        assert_eq!(names(dir.path()), vec![IDENTITY.to_owned()]);
+        let mode = std::fs::metadata(dir.path().join(IDENTITY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(same(&p.load_identity().unwrap().unwrap(), &first));
+        let renewed = agent_identity(&ca);
+        p.save_identity(&renewed).unwrap();
+        assert_eq!(names(dir.path()), vec![IDENTITY.to_owned()]);
+        assert!(same(&p.load_identity().unwrap().unwrap(), &renewed));
+    }
+
+    #[test]
+    fn an_agent_saved_as_two_files_loads_and_is_upgraded_on_its_next_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = X509Authority::generate(&td("example.org"), DAY, SystemTime::now()).unwrap();
+        let old = agent_identity(&ca);
+        write_legacy(dir.path(), &old.key, &old.chain);
+        let p = Persist::open(dir.path()).unwrap();
+        assert!(same(&p.load_identity().unwrap().unwrap(), &old));
+
+        let renewed = agent_identity(&ca);
+        p.save_identity(&renewed).unwrap();
+        assert_eq!(
+            names(dir.path()),
+            vec![IDENTITY.to_owned()],
+            "the two files are gone once identity.json holds the identity"
+        );
+        assert!(same(&p.load_identity().unwrap().unwrap(), &renewed));
+    }
+
+    #[test]
+    fn torn_saved_identities_never_load_as_a_mismatched_pair() {
+        let ca = X509Authority::generate(&td("example.org"), DAY, SystemTime::now()).unwrap();
+        let (old, new) = (agent_identity(&ca), agent_identity(&ca));
+        let load = |setup: &dyn Fn(&Path)| {
+            let dir = tempfile::tempdir().unwrap();
+            setup(dir.path());
+            Persist::open(dir.path()).unwrap().load_identity().unwrap()
+        };
+        let identity_file = |dir: &Path, key: &PrivateKey, chain: &[Vec<u8>]| {
+            let file = IdentityFile {
+                key: b64(key.pkcs8_der()),
+                chain: chain.iter().map(|c| b64(c)).collect(),
+            };
+            write_private_file(&dir.join(IDENTITY), &serde_json::to_vec(&file).unwrap()).unwrap();
+        };
+
+        // The old two-file renewal killed between its renames: the new key
+        // beside the old chain. Neither pair can be rebuilt; nothing loads.
+        assert!(load(&|d| write_legacy(d, &new.key, &old.chain)).is_none());
+        // One of the two files missing.
+        assert!(
+            load(&|d| {
+                write_legacy(d, &old.key, &old.chain);
+                std::fs::remove_file(d.join(LEGACY_CHAIN)).unwrap();
+            })
+            .is_none()
+        );
+        assert!(
+            load(&|d| {
+                write_legacy(d, &old.key, &old.chain);
+                std::fs::remove_file(d.join(LEGACY_KEY)).unwrap();
+            })
+            .is_none()
+        );
+        // A truncated identity.json (only possible through damage: it is
+        // written to a temporary file and renamed) falls back to the older
+        // layout when that is whole...
+        let truncated = |d: &Path| {
+            identity_file(d, &new.key, &new.chain);
+            let text = std::fs::read(d.join(IDENTITY)).unwrap();
+            write_private_file(&d.join(IDENTITY), &text[..text.len() / 2]).unwrap();
+        };
+        let got = load(&|d| {
+            write_legacy(d, &old.key, &old.chain);
+            truncated(d);
+        })
+        .unwrap();
+        assert!(same(&got, &old));
+        // ... and loads nothing otherwise.
+        assert!(load(&truncated).is_none());
+        // A key and chain that do not belong together in identity.json.
+        assert!(load(&|d| identity_file(d, &new.key, &old.chain)).is_none());
+        // Killed after identity.json was renamed in, before the old files
+        // were removed: identity.json is the identity.
+        let got = load(&|d| {
+            write_legacy(d, &old.key, &old.chain);
+            identity_file(d, &new.key, &new.chain);
+        })
+        .unwrap();
+        assert!(same(&got, &new));
+        // Killed before the rename: a leftover temporary file is ignored.
+        let got = load(&|d| {
+            identity_file(d, &old.key, &old.chain);
+            write_private_file(&d.join(".identity.json.0011223344556677.tmp"), b"{\"ke").unwrap();
+        })
+        .unwrap();
+        assert!(same(&got, &old));
+    }
+
+    #[test]
+    fn a_cached_svid_whose_key_is_not_its_certificates_is_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Persist::open(dir.path()).unwrap();
+        let now = SystemTime::now();
+        let ca = X509Authority::generate(&td("example.org"), DAY, now).unwrap();
+        let spiffe_id: SpiffeId = "spiffe://example.org/web".parse().unwrap();
+        let (key, leaf) = signed(&ca, &spiffe_id, now);
+        let other = PrivateKey::generate_p256().unwrap();
+        let record = |k: &PrivateKey, id: &str| {
+            serde_json::json!({
+                "entry_id": id,
+                "chain": [b64(&leaf)],
+                "key": b64(k.pkcs8_der()),
+                "dns_names": [],
+                "ttl": 0,
+            })
+        };
+        let doc = serde_json::json!({
+            "revision": 1,
+            "entries": [],
+            "svids": [record(&key, "good"), record(&other, "torn")],
+        });
+        write_private_file(&dir.path().join("cache.json"), doc.to_string().as_bytes()).unwrap();
+        let cached = p.load_cache(now).unwrap();
+        let ids: Vec<String> = cached
+            .svids
+            .iter()
+            .map(|s| s.entry_id.to_string())
+            .collect();
+        assert_eq!(ids, vec!["good".to_owned()]);
     }
 }

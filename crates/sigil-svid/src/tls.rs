@@ -532,6 +532,14 @@ impl RotatingCert {
     }
 }
 
+/// Checks that `key` is the private key of the leaf of `chain` (leaf first,
+/// DER), as [`RotatingCert`] does before presenting them: a chain paired with
+/// another key (a torn write, a mix-up of files) is refused with
+/// [`SvidError::KeyMismatch`] instead of failing every handshake later.
+pub fn check_chain_key(chain: &[Vec<u8>], key: &PrivateKey) -> Result<(), SvidError> {
+    certified_key(chain.to_vec(), key).map(|_| ())
+}
+
 fn certified_key(chain: Vec<Vec<u8>>, key: &PrivateKey) -> Result<Arc<CertifiedKey>, SvidError> {
     if chain.is_empty() {
         return Err(SvidError::EmptyChain);

@@ -81,7 +81,7 @@ async fn agent_state_files_are_private() {
         std::fs::metadata(dir).unwrap().permissions().mode() & 0o777,
         0o700
     );
-    for name in ["agent.key", "agent.json", "bundle.json", "cache.json"] {
+    for name in ["identity.json", "bundle.json", "cache.json"] {
         let mode = std::fs::metadata(dir.join(name))
             .unwrap()
             .permissions()
