@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use sigil_proto::server::v1 as spb;
@@ -88,12 +88,15 @@ pub fn service_with_limit(svc: WorkloadService, max_request_bytes: usize) -> Wor
 /// What a cached JWT-SVID was minted for. Keyed by entry, not by SPIFFE ID
 /// alone: two entries may share an ID but differ in what the token carries
 /// (attributes become claims, TTLs differ), and a token minted for one must
-/// never reach a caller entitled only to the other. The entry's
-/// identity-bearing fields are in the key too, so a token minted before the
-/// entry changed is not served after.
+/// never reach a caller entitled only to the other. The entry's revision
+/// (and its identity-bearing fields) are in the key too, so a token minted
+/// before any change to the entry (its selectors included: who may hold
+/// the token) is not served after.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct JwtKey {
     entry_id: EntryId,
+    /// The store revision of the entry's last write.
+    revision: u64,
     spiffe_id: SpiffeId,
     attributes: Vec<Attribute>,
     ttl: u64,
@@ -105,6 +108,7 @@ impl JwtKey {
     fn new(e: &Entry, audience: &[String]) -> Self {
         Self {
             entry_id: e.id.clone(),
+            revision: e.revision,
             spiffe_id: e.spiffe_id.clone(),
             attributes: e.attributes.clone(),
             ttl: e.jwt_svid_ttl,
@@ -138,6 +142,9 @@ fn jwt_kid(token: &str) -> Option<String> {
 struct JwtCache {
     tokens: HashMap<JwtKey, CachedJwt>,
     limit: usize,
+    /// The snapshot the tokens were last checked against by
+    /// [`JwtCache::drop_stale`], so that is done once per snapshot.
+    checked: Weak<Snapshot>,
 }
 
 impl JwtCache {
@@ -145,6 +152,7 @@ impl JwtCache {
         Self {
             tokens: HashMap::new(),
             limit: limit.max(1),
+            checked: Weak::new(),
         }
     }
 
@@ -200,6 +208,25 @@ impl JwtCache {
         }
         self.tokens
             .retain(|_, c| c.kid.as_ref().is_none_or(|k| !tainted_kids.contains(k)));
+    }
+
+    /// Drops the tokens of entries that `snap` no longer holds as they were
+    /// when the token was minted (deleted, or changed since), so that no
+    /// path, not even the unreachable-server fallback, can serve them again.
+    fn drop_stale(&mut self, snap: &Arc<Snapshot>) {
+        // The weak reference keeps the allocation, so an address seen here
+        // is never reused by a later snapshot.
+        if std::ptr::eq(self.checked.as_ptr(), Arc::as_ptr(snap)) {
+            return;
+        }
+        self.checked = Arc::downgrade(snap);
+        if self.tokens.is_empty() {
+            return;
+        }
+        let current: HashSet<(&EntryId, u64)> =
+            snap.entries.iter().map(|e| (&e.id, e.revision)).collect();
+        self.tokens
+            .retain(|k, _| current.contains(&(&k.entry_id, k.revision)));
     }
 
     fn len(&self) -> usize {
@@ -815,8 +842,12 @@ impl WorkloadService {
     /// unreachable, the cached one until it expires).
     async fn jwt_for(&self, e: &Entry, audience: &[String]) -> Result<String, Status> {
         let key = JwtKey::new(e, audience);
-        let tainted = self.snapshots.borrow().tainted.clone();
-        lock(&self.jwt_cache).drop_tainted(&tainted.jwt_kids);
+        let snap = self.snapshots.borrow().clone();
+        {
+            let mut cache = lock(&self.jwt_cache);
+            cache.drop_tainted(&snap.tainted.jwt_kids);
+            cache.drop_stale(&snap);
+        }
         let client = (**self.client.load()).clone();
         let request = spb::NewJwtsvidRequest {
             entry_id: e.id.to_string(),
@@ -1139,7 +1170,10 @@ pub(crate) mod tests {
         renamed.spiffe_id = "spiffe://example.org/renamed".parse().unwrap();
         let mut longer = a.clone();
         longer.jwt_svid_ttl = 600;
-        for changed in [other_entry, with_attributes, renamed, longer] {
+        // Any other write to the entry, such as new selectors.
+        let mut rewritten = a.clone();
+        rewritten.revision += 1;
+        for changed in [other_entry, with_attributes, renamed, longer, rewritten] {
             assert_ne!(base, JwtKey::new(&changed, &aud), "{changed:?}");
         }
         assert_ne!(base, JwtKey::new(&a, &["other".to_owned()]));
@@ -1166,6 +1200,44 @@ pub(crate) mod tests {
         c.drop_tainted(&std::collections::BTreeSet::from([old.kid().to_owned()]));
         assert!(c.valid(&key("old"), now).is_none());
         assert!(c.fresh(&key("new"), now).is_some());
+    }
+
+    #[test]
+    fn cached_jwt_svids_of_deleted_or_changed_entries_are_dropped() {
+        let now = SystemTime::now();
+        let own = domain("example.org");
+        let kept = entry("kept", &[]);
+        let changed = entry("changed", &[]);
+        let mut c = JwtCache::new(10);
+        for e in [&kept, &changed, &entry("deleted", &[])] {
+            c.insert(
+                JwtKey::new(e, &["api".to_owned()]),
+                "t".into(),
+                now + HOUR,
+                now,
+            );
+        }
+        let mut rewritten = (*changed).clone();
+        rewritten.revision += 1;
+        let snap = Arc::new(snapshot(&own, &[kept.clone(), Arc::new(rewritten)], &[]));
+        c.drop_stale(&snap);
+        assert_eq!(c.len(), 1);
+        assert!(
+            c.fresh(&JwtKey::new(&kept, &["api".to_owned()]), now)
+                .is_some()
+        );
+        // Checked once per snapshot: a token cached since is kept until the next.
+        c.insert(
+            JwtKey::new(&changed, &["api".to_owned()]),
+            "t".into(),
+            now + HOUR,
+            now,
+        );
+        c.drop_stale(&snap);
+        assert_eq!(c.len(), 2);
+        let next = Arc::new((*snap).clone());
+        c.drop_stale(&next);
+        assert_eq!(c.len(), 1);
     }
 
     #[test]

@@ -51,6 +51,7 @@ macro_rules! conformance_suite {
             authorities,
             authority_owner_and_taint,
             concurrent_creates,
+            concurrent_duplicate_creates,
         );
     };
     (@cases $make:path, $mode:ident; $($case:ident),* $(,)?) => {
@@ -916,4 +917,45 @@ pub(crate) async fn concurrent_creates(store: Arc<dyn Store>) {
     let snap = store.list_entries().await.unwrap();
     assert_eq!(snap.entries.len(), TASKS * EACH);
     assert_eq!(snap.revision, base + total);
+}
+
+/// Eight tasks creating the same (parent ID, SPIFFE ID, selectors) under
+/// different ids at once: the store alone decides, whatever its callers
+/// checked before (two servers on one database each pass their own index).
+/// Exactly one is stored; every other is AlreadyExists naming it, and
+/// allocates no revision.
+pub(crate) async fn concurrent_duplicate_creates(store: Arc<dyn Store>) {
+    const TASKS: usize = 8;
+    let base = store.revision().await.unwrap();
+    let start = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let writers: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let store = store.clone();
+            let start = start.clone();
+            tokio::spawn(async move {
+                let mut e = simple_entry(&format!("dup{t}"));
+                e.spiffe_id = sid("spiffe://example.org/w/same");
+                start.wait().await;
+                store.create_entry(e).await
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for w in writers {
+        results.push(w.await.unwrap());
+    }
+    let won: Vec<&Entry> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    let winner = won[0].id.to_string();
+    for r in results.iter().filter(|r| r.is_err()) {
+        match r {
+            Err(StoreError::AlreadyExists(msg)) => {
+                assert!(msg.contains(&winner), "{msg:?} should name entry {winner}")
+            }
+            other => panic!("want AlreadyExists naming {winner}, got {other:?}"),
+        }
+    }
+    let snap = store.list_entries().await.unwrap();
+    assert_eq!(snap.entries.len(), 1);
+    assert_eq!(snap.revision, base + 1);
 }

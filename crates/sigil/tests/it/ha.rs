@@ -19,7 +19,7 @@ use crate::{PROMPT, init};
 /// A bound for what crosses servers through the database and for failover.
 const FAILOVER: Duration = Duration::from_secs(15);
 
-fn server_config(dir: &std::path::Path, name: &str, url: &str) -> ServerConfig {
+pub(crate) fn server_config(dir: &std::path::Path, name: &str, url: &str) -> ServerConfig {
     let td = TrustDomain::new("example.org").unwrap();
     let mut c = ServerConfig::with_defaults(td, dir.join(name));
     c.bind_address = free_addr().unwrap();

@@ -13,6 +13,7 @@ mod attributes;
 mod authority;
 mod bad_input;
 mod cli;
+mod consistency;
 mod durability;
 mod faults;
 mod federation;
