@@ -145,25 +145,30 @@ async fn a_banned_agent_is_cut_off() {
     cluster.wait_for_svid(&e1.spiffe_id).await.unwrap();
     assert!(state.is_connected(cluster.agent_id()));
 
+    // Before the ban, the agent's own SVID may make every agent call.
+    let mut client = crate::agent_api_as_the_agent(&cluster).await;
+    agent_calls(&mut client, e1.id.as_str()).await.unwrap();
+
     state.ban_agent(cluster.agent_id()).await.unwrap();
     cluster.wait_connected(false).await.unwrap();
     let e2 = cluster
         .register("/after-ban", &["unix:uid:4243"])
         .await
         .unwrap();
-    // The banned agent never learns of the new entry...
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Its SVID, over real mutual TLS, no longer opens anything on the
+    // server: Sync, BatchNewX509SVID and NewJWTSVID (even for an entry it
+    // held), and RenewAgent.
+    let mut client = crate::agent_api_as_the_agent(&cluster).await;
+    let err = agent_calls(&mut client, e1.id.as_str()).await.unwrap_err();
+    assert!(err.message().contains("banned"), "{}", err.message());
+    let err = renew_through(&mut client).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("banned"), "{}", err.message());
+    // The banned agent never learned of the entry registered after the ban:
+    // every way to it is refused (above), and it is not connected.
     let snap = cluster.agent().unwrap().snapshots.borrow().clone();
     assert!(snap.entries.iter().all(|e| e.id != e2.id));
     assert!(!state.is_connected(cluster.agent_id()));
-    // ...and its SVID no longer opens anything on the server.
-    let mut client = crate::agent_api_as_the_agent(&cluster).await;
-    let err = client
-        .sync(sigil_proto::server::v1::SyncRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied);
-    assert!(err.message().contains("banned"), "{}", err.message());
     cluster.shutdown().await;
 }
 
