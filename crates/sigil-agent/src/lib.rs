@@ -255,8 +255,20 @@ fn bind_public_socket(path: &Path) -> Result<UnixListener, AgentError> {
 }
 
 /// Starts the agent: restores or obtains its identity, then serves.
-pub async fn start(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
+pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     sigil_svid::install_crypto_provider();
+    // Each caller's connection holds two open files: the caps must fit the
+    // limit, or a flood of one uid makes accept() fail for everyone.
+    match limits::raise_open_files_limit() {
+        Ok(open_files) => {
+            if let Some(lowered) = cfg.limits.fit_to_open_files(open_files) {
+                tracing::warn!("{lowered}");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-files limit; connection caps as configured");
+        }
+    }
     // First, before a join token is spent: on a kernel without SO_PEERPIDFD
     // a recycled PID cannot be caught, and serving needs the operator's
     // explicit consent to that.

@@ -110,6 +110,49 @@ impl Default for AgentLimits {
     }
 }
 
+/// Open files one Workload API connection holds: the socket and the
+/// caller's pidfd.
+const FDS_PER_CONNECTION: u64 = 2;
+/// Open files kept free for everything else: the agent's own files and
+/// server connection, the 16 slots of callers without a uid, a burst of
+/// connections accepted and closed at once.
+const FD_RESERVE: u64 = 256;
+
+/// Raises this process's soft limit on open files to its hard limit (any
+/// process may) and returns the limit now in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    }
+    Ok(soft.max(hard))
+}
+
+impl AgentLimits {
+    /// Lowers the connection caps, if need be, so that connections at the
+    /// caps cannot use up `open_files` (then `accept()` would fail for every
+    /// caller, not just the one flooding): `max_connections` to what the
+    /// limit holds after a reserve, and `max_connections_per_uid` to at most
+    /// half of that, so other uids keep room. Says what changed, if anything.
+    pub fn fit_to_open_files(&mut self, open_files: u64) -> Option<String> {
+        let room = open_files.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION;
+        let room = usize::try_from(room).unwrap_or(usize::MAX).max(2);
+        if self.max_connections <= room {
+            return None;
+        }
+        let before = (self.max_connections, self.max_connections_per_uid);
+        self.max_connections = room;
+        self.max_connections_per_uid = self.max_connections_per_uid.min(room / 2);
+        Some(format!(
+            "the open-files limit ({open_files}) cannot hold max_connections = {} \
+             (two files each, plus {FD_RESERVE} in reserve): serving at most {} connections, \
+             {} per uid (was {}); raise the limit (LimitNOFILE=, ulimit -n) to serve more",
+            before.0, self.max_connections, self.max_connections_per_uid, before.1
+        ))
+    }
+}
+
 /// Validates `[agent.limits]`: every value must be positive.
 pub(crate) fn parse(
     s: LimitsSection,
@@ -356,6 +399,39 @@ mod tests {
 
     use super::*;
     use crate::AgentConfig;
+
+    #[test]
+    fn connection_caps_fit_the_open_files_limit() {
+        // Plenty of files: nothing changes.
+        let mut l = AgentLimits::default();
+        assert_eq!(l.fit_to_open_files(1 << 20), None);
+        assert_eq!((l.max_connections, l.max_connections_per_uid), (4096, 2048));
+        // The common 1024: (1024 - 256) / 2 connections, half of them per uid.
+        let mut l = AgentLimits::default();
+        let said = l.fit_to_open_files(1024).unwrap();
+        assert_eq!((l.max_connections, l.max_connections_per_uid), (384, 192));
+        assert!(said.contains("1024") && said.contains("384"), "{said}");
+        // A per-uid cap already below half stays.
+        let mut l = AgentLimits {
+            max_connections_per_uid: 10,
+            ..Default::default()
+        };
+        l.fit_to_open_files(1024).unwrap();
+        assert_eq!(l.max_connections_per_uid, 10);
+        // Absurdly low limits still leave a connection or two.
+        let mut l = AgentLimits::default();
+        l.fit_to_open_files(10).unwrap();
+        assert_eq!((l.max_connections, l.max_connections_per_uid), (2, 1));
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit};
+        let now = raise_open_files_limit().unwrap();
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!(soft, hard);
+        assert_eq!(now, hard);
+    }
 
     const HEAD: &str =
         "[agent]\ntrust_domain = \"example.org\"\nserver_address = \"localhost:8081\"\n";

@@ -77,12 +77,18 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 /// Starts `sigil dev --data-dir <dir>` and reads its `export` lines up to
 /// "Press Ctrl-C" (printed once the identity can be fetched).
 fn start_dev(dir: &Path) -> (Guard, Vec<(String, String)>) {
+    let mut cmd = Command::new(bin());
+    cmd.stderr(Stdio::null());
+    start_dev_with(cmd, dir)
+}
+
+/// Like [`start_dev`], with `cmd` (the sigil binary, or a wrapper that runs
+/// it, with its stderr set up) instead of a plain `sigil`.
+fn start_dev_with(mut cmd: Command, dir: &Path) -> (Guard, Vec<(String, String)>) {
     let mut child = Guard(
-        Command::new(bin())
-            .args(["dev", "--data-dir"])
+        cmd.args(["dev", "--data-dir"])
             .arg(dir)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
@@ -368,4 +374,64 @@ fn server_and_agent_processes_with_health_endpoints() {
         !admin.exists() && !socket.exists(),
         "sockets are removed on shutdown"
     );
+}
+
+/// Issue #21 item 5: each Workload API connection holds two open files
+/// (socket and pidfd). Under an open-files limit of 600, one uid holding 300
+/// idle connections used to exhaust the agent's files, so `accept()` failed
+/// for everyone. The agent now fits its connection caps to the limit (here
+/// (600 - 256) / 2 = 172 in all, 86 per uid), so another user is still
+/// served.
+#[test]
+fn connection_caps_fit_the_open_files_limit_and_one_uid_cannot_exhaust_it() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !crate::need_root("connection_caps_fit_the_open_files_limit_and_one_uid_cannot_exhaust_it") {
+        return;
+    }
+    // This test process holds 300 connections itself.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let base = tempfile::Builder::new()
+        .prefix("sigil-dev-fds-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = base.path().join("dev.log");
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=600:600")
+        .arg("--")
+        .arg(bin())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let (mut child, exports) = start_dev_with(cmd, &base.path().join("data"));
+    let socket = exports[0].1.trim_start_matches("unix://").to_owned();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("open-files limit (600)") && said.contains("172 connections"),
+        "{said}"
+    );
+    // One uid (root, this process) opens 300 connections and keeps them.
+    let held: Vec<_> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    // Another user is still served, and told it has no identity.
+    let copy = base.path().join("sigil");
+    std::fs::copy(bin(), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(&copy)
+        .args(["svid", "fetch"])
+        .envs(exports.clone())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("PermissionDenied") && stderr.contains("no identity issued"),
+        "{stderr}\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    drop(held);
+    assert!(child.stop().success());
 }
