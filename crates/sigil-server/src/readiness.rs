@@ -127,3 +127,199 @@ impl ServerState {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test code")]
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use sigil_store::{
+        AuthorityRecord, Change, EntrySnapshot, JoinToken, SqliteStore, Store, StoreError,
+    };
+    use sigil_types::{AgentRecord, Entry, EntryId, FederationRelationship, SpiffeId, TrustDomain};
+
+    use super::*;
+
+    /// SQLite that counts `revision` queries and can be made to never answer them.
+    struct Counting {
+        inner: SqliteStore,
+        revisions: AtomicUsize,
+        hang: AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Counting {
+        async fn revision(&self) -> Result<u64, StoreError> {
+            self.revisions.fetch_add(1, Ordering::SeqCst);
+            if self.hang.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            self.inner.revision().await
+        }
+        async fn create_entry(&self, e: Entry) -> Result<Entry, StoreError> {
+            self.inner.create_entry(e).await
+        }
+        async fn update_entry(&self, e: Entry) -> Result<Entry, StoreError> {
+            self.inner.update_entry(e).await
+        }
+        async fn delete_entry(&self, id: &EntryId) -> Result<Entry, StoreError> {
+            self.inner.delete_entry(id).await
+        }
+        async fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
+            self.inner.get_entry(id).await
+        }
+        async fn list_entries(&self) -> Result<EntrySnapshot, StoreError> {
+            self.inner.list_entries().await
+        }
+        async fn changes_since(&self, after: u64, limit: u32) -> Result<Vec<Change>, StoreError> {
+            self.inner.changes_since(after, limit).await
+        }
+        async fn prune_changes(&self, up_to: u64) -> Result<u64, StoreError> {
+            self.inner.prune_changes(up_to).await
+        }
+        async fn upsert_agent(&self, a: AgentRecord) -> Result<(), StoreError> {
+            self.inner.upsert_agent(a).await
+        }
+        async fn renew_agent_serial(
+            &self,
+            id: &SpiffeId,
+            presented: &str,
+            serial: &str,
+            expires_at: i64,
+            updated_at: i64,
+        ) -> Result<Option<AgentRecord>, StoreError> {
+            self.inner
+                .renew_agent_serial(id, presented, serial, expires_at, updated_at)
+                .await
+        }
+        async fn mark_agent_serial_used(
+            &self,
+            id: &SpiffeId,
+            serial: &str,
+        ) -> Result<Option<AgentRecord>, StoreError> {
+            self.inner.mark_agent_serial_used(id, serial).await
+        }
+        async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError> {
+            self.inner.get_agent(id).await
+        }
+        async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+            self.inner.list_agents().await
+        }
+        async fn delete_agent(&self, id: &SpiffeId) -> Result<AgentRecord, StoreError> {
+            self.inner.delete_agent(id).await
+        }
+        async fn set_agent_banned(
+            &self,
+            id: &SpiffeId,
+            banned: bool,
+        ) -> Result<AgentRecord, StoreError> {
+            self.inner.set_agent_banned(id, banned).await
+        }
+        async fn create_join_token(&self, t: JoinToken) -> Result<(), StoreError> {
+            self.inner.create_join_token(t).await
+        }
+        async fn consume_join_token(&self, hash: &str, now: i64) -> Result<JoinToken, StoreError> {
+            self.inner.consume_join_token(hash, now).await
+        }
+        async fn prune_join_tokens(&self, now: i64) -> Result<u64, StoreError> {
+            self.inner.prune_join_tokens(now).await
+        }
+        async fn put_bundle(&self, td: &TrustDomain, json: &str) -> Result<(), StoreError> {
+            self.inner.put_bundle(td, json).await
+        }
+        async fn get_bundle(&self, td: &TrustDomain) -> Result<Option<String>, StoreError> {
+            self.inner.get_bundle(td).await
+        }
+        async fn list_bundles(&self) -> Result<Vec<(TrustDomain, String)>, StoreError> {
+            self.inner.list_bundles().await
+        }
+        async fn delete_bundle(&self, td: &TrustDomain) -> Result<(), StoreError> {
+            self.inner.delete_bundle(td).await
+        }
+        async fn put_federation_relationship(
+            &self,
+            r: FederationRelationship,
+        ) -> Result<(), StoreError> {
+            self.inner.put_federation_relationship(r).await
+        }
+        async fn get_federation_relationship(
+            &self,
+            td: &TrustDomain,
+        ) -> Result<Option<FederationRelationship>, StoreError> {
+            self.inner.get_federation_relationship(td).await
+        }
+        async fn list_federation_relationships(
+            &self,
+        ) -> Result<Vec<FederationRelationship>, StoreError> {
+            self.inner.list_federation_relationships().await
+        }
+        async fn delete_federation_relationship(
+            &self,
+            td: &TrustDomain,
+        ) -> Result<FederationRelationship, StoreError> {
+            self.inner.delete_federation_relationship(td).await
+        }
+        async fn put_authority(&self, a: AuthorityRecord) -> Result<(), StoreError> {
+            self.inner.put_authority(a).await
+        }
+        async fn list_authorities(&self) -> Result<Vec<AuthorityRecord>, StoreError> {
+            self.inner.list_authorities().await
+        }
+        async fn delete_authority(&self, id: &str) -> Result<(), StoreError> {
+            self.inner.delete_authority(id).await
+        }
+    }
+
+    /// A probe flood costs the store one query per [`CACHE_FOR`]; a store
+    /// that does not answer makes the server not ready after
+    /// [`STORE_TIMEOUT`], not never.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_share_one_store_query_and_a_silent_store_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Counting {
+            inner: SqliteStore::open(&dir.path().join("sigil.db"))
+                .await
+                .unwrap(),
+            revisions: AtomicUsize::new(0),
+            hang: AtomicBool::new(false),
+        });
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut config = crate::ServerConfig::with_defaults(td, dir.path().join("server"));
+        config.bind_address = "127.0.0.1:0".parse().unwrap();
+        config.admin_socket = dir.path().join("admin.sock");
+        let server = crate::start_with_store(config, store.clone())
+            .await
+            .unwrap();
+
+        let before = store.revisions.load(Ordering::SeqCst);
+        let probes: Vec<_> = (0..50)
+            .map(|_| {
+                let state = server.state.clone();
+                tokio::spawn(async move { state.readiness().await })
+            })
+            .collect();
+        for p in probes {
+            assert_eq!(p.await.unwrap(), Ok(()));
+        }
+        assert_eq!(store.revisions.load(Ordering::SeqCst) - before, 1);
+
+        store.hang.store(true, Ordering::SeqCst);
+        let answer = tokio::time::timeout(STORE_TIMEOUT + CACHE_FOR * 5, async {
+            loop {
+                match server.state.readiness().await {
+                    Ok(()) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(why) => return why,
+                }
+            }
+        })
+        .await
+        .expect("a bounded answer");
+        assert_eq!(
+            answer,
+            NotReady::StoreUnreachable("no answer within 2s".to_owned())
+        );
+        server.shutdown().await;
+    }
+}
