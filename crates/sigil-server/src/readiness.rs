@@ -142,11 +142,13 @@ mod tests {
 
     use super::*;
 
-    /// SQLite that counts `revision` queries and can be made to never answer them.
+    /// SQLite that counts `revision` queries and can be made to never answer
+    /// them, or to fail reads of the change feed.
     struct Counting {
         inner: SqliteStore,
         revisions: AtomicUsize,
         hang: AtomicBool,
+        feed_broken: AtomicBool,
     }
 
     #[async_trait::async_trait]
@@ -174,6 +176,9 @@ mod tests {
             self.inner.list_entries().await
         }
         async fn changes_since(&self, after: u64, limit: u32) -> Result<Vec<Change>, StoreError> {
+            if self.feed_broken.load(Ordering::SeqCst) {
+                return Err(StoreError::Corrupt("feed broken by the test".to_owned()));
+            }
             self.inner.changes_since(after, limit).await
         }
         async fn prune_changes(&self, up_to: u64) -> Result<u64, StoreError> {
@@ -272,18 +277,14 @@ mod tests {
         }
     }
 
-    /// A probe flood costs the store one query per [`CACHE_FOR`]; a store
-    /// that does not answer makes the server not ready after
-    /// [`STORE_TIMEOUT`], not never.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn probes_share_one_store_query_and_a_silent_store_is_not_ready() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn server(dir: &tempfile::TempDir) -> (crate::ServerHandle, Arc<Counting>) {
         let store = Arc::new(Counting {
             inner: SqliteStore::open(&dir.path().join("sigil.db"))
                 .await
                 .unwrap(),
             revisions: AtomicUsize::new(0),
             hang: AtomicBool::new(false),
+            feed_broken: AtomicBool::new(false),
         });
         let td = TrustDomain::new("example.org").unwrap();
         let mut config = crate::ServerConfig::with_defaults(td, dir.path().join("server"));
@@ -292,6 +293,35 @@ mod tests {
         let server = crate::start_with_store(config, store.clone())
             .await
             .unwrap();
+        (server, store)
+    }
+
+    /// Polls the readiness until `done` holds for it; panics after `limit`.
+    async fn readiness_until(
+        state: &crate::ServerState,
+        limit: Duration,
+        done: impl Fn(&Result<(), NotReady>) -> bool,
+    ) -> Result<(), NotReady> {
+        tokio::time::timeout(limit, async {
+            loop {
+                let r = state.readiness().await;
+                if done(&r) {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the readiness changed in time")
+    }
+
+    /// A probe flood costs the store one query per [`CACHE_FOR`]; a store
+    /// that does not answer makes the server not ready after
+    /// [`STORE_TIMEOUT`], not never.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_share_one_store_query_and_a_silent_store_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, store) = server(&dir).await;
 
         let before = store.revisions.load(Ordering::SeqCst);
         let probes: Vec<_> = (0..50)
@@ -306,20 +336,30 @@ mod tests {
         assert_eq!(store.revisions.load(Ordering::SeqCst) - before, 1);
 
         store.hang.store(true, Ordering::SeqCst);
-        let answer = tokio::time::timeout(STORE_TIMEOUT + CACHE_FOR * 5, async {
-            loop {
-                match server.state.readiness().await {
-                    Ok(()) => tokio::time::sleep(Duration::from_millis(50)).await,
-                    Err(why) => return why,
-                }
-            }
-        })
-        .await
-        .expect("a bounded answer");
-        assert_eq!(
-            answer,
-            NotReady::StoreUnreachable("no answer within 2s".to_owned())
+        let limit = STORE_TIMEOUT + CACHE_FOR * 5;
+        let answer = readiness_until(&server.state, limit, Result::is_err).await;
+        let expected = NotReady::StoreUnreachable("no answer within 2s".to_owned());
+        assert_eq!(answer, Err(expected));
+        server.shutdown().await;
+    }
+
+    /// A change follower that cannot read the feed, while the store still
+    /// answers, makes the server not ready after [`FOLLOWER_STALE_AFTER`];
+    /// it is ready again once the follower reads the feed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_change_follower_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, store) = server(&dir).await;
+        assert_eq!(server.state.readiness().await, Ok(()));
+        store.feed_broken.store(true, Ordering::SeqCst);
+        let limit = FOLLOWER_STALE_AFTER + Duration::from_secs(5);
+        let answer = readiness_until(&server.state, limit, Result::is_err).await;
+        assert!(
+            matches!(answer, Err(NotReady::FollowerStale(n)) if n >= 10),
+            "{answer:?}"
         );
+        store.feed_broken.store(false, Ordering::SeqCst);
+        readiness_until(&server.state, limit, Result::is_ok).await;
         server.shutdown().await;
     }
 }
