@@ -359,7 +359,8 @@ mod tests {
             "{answer:?}"
         );
         store.feed_broken.store(false, Ordering::SeqCst);
-        readiness_until(&server.state, limit, Result::is_ok).await;
+        let back = readiness_until(&server.state, limit, Result::is_ok).await;
+        assert_eq!(back, Ok(()));
         server.shutdown().await;
     }
 }
