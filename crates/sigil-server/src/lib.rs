@@ -20,6 +20,7 @@
 //! | [`limits`] | message sizes, rate limits, connection caps, timeouts |
 //! | [`federation`] | the bundle endpoint and federation with other trust domains |
 //! | [`oidc`] | OIDC discovery and the JWKS for cloud IAMs |
+//! | [`readiness`] | what `/readyz` checks |
 
 pub mod admin_api;
 pub mod agent_api;
@@ -34,6 +35,7 @@ pub mod limits;
 pub mod metrics;
 pub mod oidc;
 pub mod psat;
+pub mod readiness;
 pub mod registry;
 pub mod tls;
 
@@ -90,6 +92,8 @@ pub struct ServerState {
     /// Agents with an open sync stream (count per agent).
     connected: std::sync::Mutex<std::collections::HashMap<SpiffeId, usize>>,
     ready: std::sync::atomic::AtomicBool,
+    /// The `/readyz` check, its cache and the follower's progress.
+    readiness: readiness::Readiness,
     /// One verifier per Kubernetes PSAT cluster profile.
     #[cfg_attr(
         not(feature = "k8s"),
@@ -112,7 +116,8 @@ impl std::fmt::Debug for ServerState {
 }
 
 impl ServerState {
-    /// Whether the server finished starting and can serve.
+    /// Whether the server finished starting; [`ServerState::readiness`]
+    /// says whether it can serve now.
     pub fn ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -316,6 +321,7 @@ pub async fn start_with_store(
         follower_wake: Notify::new(),
         connected: std::sync::Mutex::new(Default::default()),
         ready: std::sync::atomic::AtomicBool::new(false),
+        readiness: readiness::Readiness::new(),
         psat,
         agent_writes: tokio::sync::Mutex::new(()),
     });
@@ -484,7 +490,10 @@ async fn catch_up(state: &ServerState) {
             .changes_since(state.index.revision(), 1000)
             .await
         {
-            Ok(changes) if changes.is_empty() => return,
+            Ok(changes) if changes.is_empty() => {
+                state.readiness.follower_caught_up();
+                return;
+            }
             Ok(changes) => changes,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the change feed failed; retrying");

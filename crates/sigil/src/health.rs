@@ -1,7 +1,9 @@
 //! `/healthz`, `/readyz` and `/metrics` over plain HTTP for `sigil server run`,
 //! `sigil agent run` and `sigil dev`.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::Router;
@@ -9,10 +11,13 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+/// A readiness answer: `Err` says why the component is not ready.
+pub(crate) type ReadyFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
 /// What the health listener reports.
 pub(crate) trait HealthSource: Send + Sync + 'static {
-    /// Whether the component can do its job now.
-    fn ready(&self) -> bool;
+    /// Whether the component can do its job now; if not, why.
+    fn ready(&self) -> ReadyFuture<'_>;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
 }
@@ -32,10 +37,12 @@ pub(crate) async fn serve(
             get(move || {
                 let s = ready_src.clone();
                 async move {
-                    if s.ready() {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    match s.ready().await {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
                     }
                 }
             }),

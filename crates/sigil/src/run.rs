@@ -5,13 +5,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::health::{self, HealthSource};
+use crate::health::{self, HealthSource, ReadyFuture};
 
 struct ServerHealth(Arc<sigil_server::ServerState>);
 
 impl HealthSource for ServerHealth {
-    fn ready(&self) -> bool {
-        self.0.ready()
+    fn ready(&self) -> ReadyFuture<'_> {
+        Box::pin(async { self.0.readiness().await.map_err(|e| e.to_string()) })
     }
     fn metrics(&self) -> String {
         self.0.metrics_text()
@@ -24,8 +24,19 @@ struct AgentHealth(
 );
 
 impl HealthSource for AgentHealth {
-    fn ready(&self) -> bool {
-        !self.0.borrow().bundle.x509_authorities.is_empty()
+    fn ready(&self) -> ReadyFuture<'_> {
+        // Ready once it holds a bundle with an X.509 authority: without one
+        // it can verify no peer. Whether it reaches a server is left to the
+        // `sigil_agent_connected` metric, so a server outage does not take
+        // every node's agent out of service.
+        let has_bundle = !self.0.borrow().bundle.x509_authorities.is_empty();
+        Box::pin(async move {
+            if has_bundle {
+                Ok(())
+            } else {
+                Err("no trust bundle yet".to_owned())
+            }
+        })
     }
     fn metrics(&self) -> String {
         self.1.render()

@@ -1,5 +1,6 @@
 //! `[server.limits]` on a real server: oversized and malformed requests on
-//! the agent and admin APIs, the per-agent and per-address rate limits, the
+//! the agent and admin APIs, the per-agent and per-address rate limits (and
+//! that the latter refuses before any attestation work), the
 //! connection caps (in all, per source address, without a certificate), the
 //! TLS handshake and first-request timeouts, each followed by proof that the
 //! server still serves; and a fleet behind one address that attests despite
@@ -649,5 +650,64 @@ async fn an_agent_start_waits_out_the_attestation_rate_limit() {
             .starts_with("spiffe://example.org/sigil/agent/")
     );
     agent.shutdown().await;
+    server.shutdown().await;
+}
+
+/// The per-address limit of unauthenticated calls is checked before
+/// attestation: join-token attestations with an unknown token (each a
+/// store read, counted in `sigil_server_attestation_failures_total`) are
+/// refused while the address has tokens, then `ResourceExhausted`, and the
+/// refused ones add no attestation failure: no attestation work was done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attestations_over_the_rate_limit_are_refused_before_attestation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(
+        &dir,
+        ServerLimits {
+            attest: Rate::new(1, 3),
+            ..Default::default()
+        },
+    )
+    .await;
+    let failures = || {
+        server
+            .state
+            .metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix("sigil_server_attestation_failures_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("the failure counter is exported")
+    };
+    let before = failures();
+    let key = PrivateKey::generate_p256().unwrap();
+    let csr = sigil_svid::x509::make_csr(&key).unwrap();
+    let mut anon = anonymous(&server).await;
+    let mut attested_and_refused = 0;
+    let mut exhausted = 0;
+    for _ in 0..20 {
+        let err = anon
+            .attest_join_token(pb::AttestJoinTokenRequest {
+                token: "no-such-token".into(),
+                csr: csr.clone(),
+            })
+            .await
+            .expect_err("an unknown token is refused");
+        if err.code() == Code::ResourceExhausted {
+            exhausted += 1;
+        } else {
+            assert!(served(&err), "{err:?}");
+            attested_and_refused += 1;
+        }
+    }
+    assert!(
+        exhausted > 0,
+        "20 attestations over a burst of 3 are limited"
+    );
+    assert!(attested_and_refused > 0, "the burst reaches attestation");
+    assert_eq!(
+        failures() - before,
+        attested_and_refused,
+        "only the calls within the limit were attested"
+    );
     server.shutdown().await;
 }

@@ -27,6 +27,7 @@ mod processes;
 mod procs;
 mod proxy;
 mod pyspiffe;
+mod readiness;
 mod resilience;
 mod rotation;
 mod sds;

@@ -118,6 +118,12 @@ impl Proc {
         }
     }
 
+    /// Sends `signal` (e.g. SIGSTOP, SIGCONT) to the process.
+    pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
     /// Panics (quoting the log) if the process has exited.
     pub(crate) fn assert_running(&mut self) {
         if let Some(s) = self.child.try_wait().unwrap() {
@@ -233,6 +239,12 @@ impl ServerBin {
         if let Some(mut p) = self.proc.take() {
             p.kill9();
         }
+    }
+
+    /// Sends `signal` to the running server (SIGSTOP freezes it: its
+    /// sockets stay open and nothing answers).
+    pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) {
+        self.proc.as_ref().expect("the server runs").signal(signal);
     }
 
     /// SIGTERM; returns whether the exit was clean.
@@ -439,6 +451,14 @@ impl AgentBin {
         }
     }
 
+    /// Appends `toml` (e.g. an `[agent.limits]` table) to the config file.
+    pub(crate) fn with_config(self, toml: &str) -> Self {
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push_str(toml);
+        std::fs::write(&self.config, text).unwrap();
+        self
+    }
+
     /// Runs the agent under `wrapper` (the program and its arguments).
     pub(crate) fn wrapped(mut self, wrapper: &[&str]) -> Self {
         self.wrapper = wrapper.iter().map(|s| (*s).to_owned()).collect();
@@ -502,6 +522,16 @@ pub(crate) async fn server_and_agent(
     dir: &Path,
     server_extra: &str,
 ) -> (ServerBin, AgentBin, String) {
+    server_and_agent_with(dir, server_extra, "").await
+}
+
+/// Like [`server_and_agent`], with `agent_extra` (TOML tables such as
+/// `[agent.limits]`) appended to the agent's config.
+pub(crate) async fn server_and_agent_with(
+    dir: &Path,
+    server_extra: &str,
+    agent_extra: &str,
+) -> (ServerBin, AgentBin, String) {
     crate::init();
     let mut server = ServerBin::new(dir, server_extra);
     server.start().await;
@@ -510,7 +540,8 @@ pub(crate) async fn server_and_agent(
         dir,
         &server.api.to_string(),
         sigil_testkit::free_addr().unwrap(),
-    );
+    )
+    .with_config(agent_extra);
     agent.start(Some(&token)).await;
     (server, agent, agent_id)
 }
