@@ -94,22 +94,10 @@ async fn unix_channel(path: std::path::PathBuf) -> tonic::transport::Channel {
 async fn agent_api_as_the_agent(
     cluster: &Cluster,
 ) -> sigil_proto::server::v1::agent_api_client::AgentApiClient<tonic::transport::Channel> {
-    let snap = cluster.agent().unwrap().snapshots.borrow().clone();
-    let trust = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee((*snap.bundle).clone()));
     let identity = sigil_agent::persist::Persist::open(&cluster.agent_config.data_dir)
         .unwrap()
         .load_identity()
         .unwrap()
         .unwrap();
-    let cert = std::sync::Arc::new(
-        sigil_svid::tls::RotatingCert::new(identity.chain, &identity.key).unwrap(),
-    );
-    sigil_agent::client::connect(
-        &cluster.agent_config.server_address,
-        trust,
-        "spiffe://example.org/sigil/server".parse().unwrap(),
-        Some(cert),
-    )
-    .await
-    .unwrap()
+    security::agent_client_with(cluster, identity.chain, &identity.key).await
 }

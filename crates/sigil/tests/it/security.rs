@@ -617,7 +617,7 @@ async fn admin_and_downstream_entries_are_refused_as_not_supported() {
 }
 
 /// An agent-API client presenting `chain`/`key` (any agent SVID, current or not).
-async fn agent_client_with(
+pub(crate) async fn agent_client_with(
     cluster: &Cluster,
     chain: Vec<Vec<u8>>,
     key: &sigil_svid::keys::PrivateKey,
