@@ -325,8 +325,10 @@ pub fn selectors_with(
         return Ok(Lookup::NotInPod);
     };
     let candidates = pods.0.iter().filter(|p| {
-        // SPIRE indexes pods by UID and drops those without one.
-        !pod_uid(p).is_empty()
+        // SPIRE indexes pods by UID and drops those without one; a UID that
+        // is not one (no Kubernetes UID holds other characters) could not
+        // be written as a selector, and the pod would be served without it.
+        is_pod_uid(pod_uid(p))
             && options
                 .node_name
                 .as_deref()
@@ -380,6 +382,12 @@ pub fn selectors_with(
             container_id: container_id.to_owned(),
         }),
     }
+}
+
+/// A Kubernetes object UID as the API server writes them (a dashed UUID), or
+/// a static pod's config hash (32 hex digits): hex digits and dashes.
+fn is_pod_uid(uid: &str) -> bool {
+    !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
 fn pod_uid(pod: &Pod) -> &str {
