@@ -8,15 +8,22 @@ use std::borrow::Cow;
 /// by default, in bytes.
 pub const MAX_ECHO_BYTES: usize = 512;
 
+/// `text` with its control characters escaped (`\n`, `\u{1b}`), so that
+/// stored or client-sent text printed on a terminal or in a log cannot forge
+/// lines or send escape sequences.
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    clip(text, usize::MAX)
+}
+
 /// `text` cut to at most `max` bytes (on a character boundary), with a
-/// marker saying how long it was; control characters are escaped so the
-/// text cannot forge log lines or send terminal escapes.
+/// marker saying how long it was; control characters are escaped as by
+/// [`escape_controls`].
 pub fn clip(text: &str, max: usize) -> Cow<'_, str> {
     let clean = !text.chars().any(char::is_control);
     if text.len() <= max && clean {
         return Cow::Borrowed(text);
     }
-    let mut out = String::with_capacity(max.min(text.len()) + 32);
+    let mut out = String::with_capacity(max.min(text.len()).saturating_add(32));
     for c in text.chars() {
         let piece: Cow<'_, str> = if c.is_control() {
             c.escape_default().to_string().into()
@@ -24,7 +31,7 @@ pub fn clip(text: &str, max: usize) -> Cow<'_, str> {
             let mut buf = [0u8; 4];
             c.encode_utf8(&mut buf).to_owned().into()
         };
-        if out.len() + piece.len() > max {
+        if out.len().saturating_add(piece.len()) > max {
             out.push_str(&format!("… ({} bytes in all)", text.len()));
             return Cow::Owned(out);
         }
@@ -124,6 +131,13 @@ mod tests {
         let mut fast = LogBudget::new(std::time::Duration::ZERO);
         assert_eq!(fast.take(), Some(0));
         assert_eq!(fast.take(), Some(0));
+    }
+
+    #[test]
+    fn escape_controls_keeps_length_and_plain_text() {
+        let long = "x".repeat(100_000);
+        assert!(matches!(escape_controls(&long), Cow::Borrowed(_)));
+        assert_eq!(escape_controls("h\nint"), "h\\nint");
     }
 
     #[test]

@@ -277,22 +277,7 @@ pub(crate) fn fmt_time(secs: i64) -> String {
 
 /// Stored text as it may be printed on a terminal: control characters
 /// (newlines that would forge a line, escape sequences) are escaped.
-pub(crate) fn shown(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.chars().any(char::is_control) {
-        text.chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect::<String>()
-            .into()
-    } else {
-        text.into()
-    }
-}
+pub(crate) use sigil_types::text::escape_controls as shown;
 
 fn print_entry(e: &pb::Entry) {
     println!("Entry ID         : {}", shown(&e.id));
