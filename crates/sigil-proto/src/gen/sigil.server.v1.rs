@@ -128,6 +128,17 @@ pub struct SyncMessage {
     pub tainted_jwt_kids: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(bool, tag = "10")]
     pub tainted_changed: bool,
+    /// Paging: one logical update (a snapshot, or the changes of one or more
+    /// revisions) may span several messages so that no message exceeds the
+    /// server's page bound (far below what the agent decodes). Every message
+    /// but the last of an update has `continued` set. The agent buffers the
+    /// pages and applies the update only when the last one arrives: the
+    /// `snapshot`, `bundle_json`, federated-bundle and tainted fields of the
+    /// first page stand for the whole update, `upserted` and `deleted_ids` of
+    /// all pages are concatenated, and `revision` is the last page's. A stream
+    /// that ends inside an update applies nothing of it.
+    #[prost(bool, tag = "11")]
+    pub continued: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct X509svidParams {
