@@ -375,3 +375,99 @@ async fn a_join_token_agent_does_not_outlive_its_own_svid_and_a_new_token_recove
     })
     .await;
 }
+
+/// The PostgreSQL procedure of docs/operations.md ("Backup and restore",
+/// PostgreSQL), run as written: `pg_dump --format=custom` and `cp -a` of the
+/// keys while the server runs, more writes, then with the server stopped
+/// `pg_restore --clean --if-exists --single-transaction` and `cp -an`; the
+/// restored server starts, holds what the dump held and not what came after,
+/// and an agent attested before the backup (not renewed since) is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_backup_restored_as_documented_behaves_as_documented() {
+    let Some(pg) = sigil_testkit::postgres::PrivatePostgres::start_or_skip(
+        "procedures::a_postgresql_backup_restored_as_documented_behaves_as_documented",
+    )
+    .unwrap() else {
+        return;
+    };
+    let bin = sigil_testkit::postgres::PrivatePostgres::bin_dir().unwrap();
+    crate::init();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let me = format!("unix:uid:{}", nix::unistd::getuid());
+    let mut server = ServerBin::new(
+        dir,
+        &format!(
+            // Long enough that the agent does not renew during the test.
+            "agent_svid_ttl = \"10m\"\n[server.store]\ndriver = \"postgres\"\nurl = \"{}\"\n",
+            pg.url()
+        ),
+    );
+    server.start().await;
+    let (token, id) = server.join_token().await;
+    let mut agent = agent_in(dir, "a", &server);
+    agent.start(Some(&token)).await;
+    let mut admin = server.admin().await;
+    let e1 = create_entry(
+        &mut admin,
+        "spiffe://example.org/e1",
+        &id,
+        std::slice::from_ref(&me),
+        "",
+    )
+    .await
+    .unwrap();
+    wait_for_svid_of(&agent.uri(), "spiffe://example.org/e1", "e1 at the agent").await;
+
+    // The backup, as documented.
+    let backup = dir.join("backup");
+    std::fs::create_dir(&backup).unwrap();
+    let data = dir.join("server");
+    sh(&format!(
+        "{pg}/pg_dump --format=custom --file={b}/sigil.dump '{url}'\n\
+         mkdir {b}/host && cp -a {d}/keys {d}/instance-id {b}/host/",
+        pg = bin.display(),
+        b = backup.display(),
+        d = data.display(),
+        url = pg.url()
+    ));
+    let e2 = create_entry(
+        &mut admin,
+        "spiffe://example.org/e2",
+        &id,
+        std::slice::from_ref(&me),
+        "",
+    )
+    .await
+    .unwrap();
+    wait_for_svid_of(&agent.uri(), "spiffe://example.org/e2", "e2 at the agent").await;
+
+    // The restore, with the server stopped.
+    assert!(server.stop(), "the server stops cleanly:\n{}", server.log());
+    sh(&format!(
+        "{pg}/pg_restore --clean --if-exists --single-transaction --dbname='{url}' {b}/sigil.dump\n\
+         cp -an {b}/host/keys/. {d}/keys/",
+        pg = bin.display(),
+        b = backup.display(),
+        d = data.display(),
+        url = pg.url()
+    ));
+    server.start().await;
+    let mut admin = server.admin().await;
+    let ids = list_entry_ids(&mut admin).await;
+    assert!(ids.contains(&e1), "e1 (before the backup) is back: {ids:?}");
+    assert!(!ids.contains(&e2), "e2 (after the backup) is gone: {ids:?}");
+    // The agent (attested before the dump, not renewed since) is accepted
+    // and drops e2 at its next sync.
+    wait_until(START, "the agent drops e2 and keeps e1", || async {
+        let ids = served(&agent.uri()).await?;
+        (ids.iter().any(|i| i == "spiffe://example.org/e1")
+            && !ids.iter().any(|i| i == "spiffe://example.org/e2"))
+        .then_some(())
+    })
+    .await;
+    assert!(
+        server.agent(&id).await.is_some_and(|a| !a.banned),
+        "the agent is known to the restored server"
+    );
+}
