@@ -255,7 +255,11 @@ mod tests {
         write_file(&root.join("synced"), b"overwritten", false);
         fs::create_dir(root.join("late")).unwrap();
         assert_eq!(fs::read(root.join("keys/k")).unwrap(), b"k2");
-        assert!(fs.syncs().files >= 3 && fs.syncs().dirs >= 2, "{:?}", fs.syncs());
+        assert!(
+            fs.syncs().files >= 3 && fs.syncs().dirs >= 2,
+            "{:?}",
+            fs.syncs()
+        );
 
         let lost = fs.power_cut();
         assert!(lost.files >= 2 && lost.dirs >= 2, "{lost:?}");
@@ -307,7 +311,10 @@ mod tests {
         f.write_all(b"0123456789").unwrap();
         f.sync_all().unwrap();
         sync_dir(&root);
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let mut a = OpenOptions::new().append(true).open(&p).unwrap();
         a.write_all(b"ab").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"0123456789ab");
@@ -318,10 +325,19 @@ mod tests {
             .open(&p)
             .unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"");
-        assert!(OpenOptions::new().write(true).create_new(true).open(&p).is_err());
+        assert!(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+                .is_err()
+        );
         drop((f, a));
         fs.restart().unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"0123456789");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }
