@@ -36,7 +36,7 @@ use arc_swap::ArcSwap;
 use sigil_store::{AuthorityKind, AuthorityRecord, AuthorityState, Store};
 use sigil_svid::bundle::Bundle;
 use sigil_svid::jwt::{JwtAuthority, JwtKeyType};
-use sigil_svid::keys::{PrivateKey, read_private_file, write_private_file};
+use sigil_svid::keys::{PrivateKey, read_private_file, remove_private_file, write_private_file};
 use sigil_svid::x509::{X509Authority, sha256_hex};
 use sigil_types::{Jwk, TrustDomain};
 use tokio::sync::{Mutex, watch};
@@ -667,7 +667,7 @@ impl CaManager {
         }
         self.store.delete_authority(id).await?;
         let slot = slots.remove(i);
-        let _ = std::fs::remove_file(self.key_path(id));
+        self.remove_key(id);
         Ok(slot.record)
     }
 
@@ -804,7 +804,7 @@ impl CaManager {
         for i in expired.into_iter().rev() {
             let slot = slots.remove(i);
             self.store.delete_authority(&slot.record.id).await?;
-            let _ = std::fs::remove_file(self.key_path(&slot.record.id));
+            self.remove_key(&slot.record.id);
             tracing::info!(authority = %slot.record.id, "expired authority removed from the bundle");
             changed = true;
         }
@@ -831,7 +831,7 @@ impl CaManager {
         {
             let slot = slots.remove(p);
             self.store.delete_authority(&slot.record.id).await?;
-            let _ = std::fs::remove_file(self.key_path(&slot.record.id));
+            self.remove_key(&slot.record.id);
             tracing::info!(
                 authority = %slot.record.id,
                 "prepared authority of a key type no longer configured removed"
@@ -926,6 +926,17 @@ impl CaManager {
 
     fn key_path(&self, id: &str) -> PathBuf {
         self.keys_dir.join(format!("{id}.key"))
+    }
+
+    /// Deletes an authority's key after its journal record is gone, with the
+    /// keys directory synced: a revoked key must not come back after a
+    /// power cut. A failure leaves only an orphan file (no record points at
+    /// it), so it is logged rather than undoing the acknowledged change.
+    fn remove_key(&self, id: &str) {
+        let path = self.key_path(id);
+        if let Err(e) = remove_private_file(&path) {
+            tracing::warn!(authority = %id, path = %path.display(), error = %e, "cannot delete the authority's key file; delete it by hand");
+        }
     }
 
     /// The journal as (id, kind, state, not_after), for status output and tests.

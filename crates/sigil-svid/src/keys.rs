@@ -327,9 +327,46 @@ fn pem_encode_secret(label: &str, der: &[u8]) -> Zeroizing<String> {
 }
 
 /// Creates `path` (and its parents) and sets its mode to 0700.
+///
+/// Each directory created here is made durable: its parent is fsynced, so
+/// that a file later written and synced inside it (a CA key) cannot be lost
+/// after a power cut along with the directory's own entry.
 pub fn ensure_private_dir(path: &Path) -> io::Result<()> {
-    fs::create_dir_all(path)?;
+    create_dir_all_synced(path)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+}
+
+fn create_dir_all_synced(path: &Path) -> io::Result<()> {
+    if path.as_os_str().is_empty() || path.is_dir() {
+        return Ok(());
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    create_dir_all_synced(parent)?;
+    match fs::create_dir(path) {
+        Ok(()) => File::open(parent)?.sync_all(),
+        // Made by someone else meanwhile: theirs to sync.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes a secret file durably: once this returns, the file does not come
+/// back after a power cut (its directory is fsynced). A file already gone
+/// is not an error.
+pub fn remove_private_file(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }
 
 /// Writes a secret file atomically and durably: mode 0600, in a 0700 directory.
@@ -421,6 +458,27 @@ mod tests {
     use x509_parser::prelude::FromDer;
 
     use super::*;
+
+    #[test]
+    fn private_dirs_are_made_with_their_parents_and_removal_tolerates_absence() {
+        // What survives a power cut is tested on a disk that can lose power
+        // (sigil/tests/it/powercut.rs); this checks the plain behaviour.
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/keys");
+        ensure_private_dir(&deep).unwrap();
+        ensure_private_dir(&deep).unwrap();
+        let mode = fs::metadata(&deep).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let key = deep.join("x509-01.key");
+        write_private_file(&key, b"secret").unwrap();
+        remove_private_file(&key).unwrap();
+        assert!(!key.exists());
+        remove_private_file(&key).unwrap();
+        // A file where a directory is asked for is an error, not a success.
+        fs::write(dir.path().join("file"), b"").unwrap();
+        assert!(ensure_private_dir(&dir.path().join("file")).is_err());
+        assert!(ensure_private_dir(&dir.path().join("file/sub")).is_err());
+    }
 
     #[test]
     fn generate_round_trips_through_der_and_pem() {

@@ -23,6 +23,7 @@ mod ha;
 mod kubernetes;
 mod mtls;
 mod oidc;
+mod powercut;
 mod procedures;
 mod processes;
 mod procs;
