@@ -22,6 +22,7 @@
 //! | [`sds`] | Envoy's Secret Discovery Service (SDS v3) |
 //! | [`limits`] | request size, per-uid rate limits, connection cap, timeouts |
 //! | [`retry`] | waiting and retrying when the server's rate limit refuses a call |
+//! | [`pending`] | the socket's answer while the agent waits for a server to attest to |
 
 pub mod attest;
 pub mod client;
@@ -32,6 +33,7 @@ pub mod k8s;
 pub mod limits;
 pub mod metrics;
 pub mod peer;
+pub mod pending;
 pub mod persist;
 pub mod retry;
 pub mod sds;
@@ -252,6 +254,50 @@ fn bind_public_socket(path: &Path) -> Result<UnixListener, AgentError> {
     })?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
     Ok(listener)
+}
+
+/// The first wait between attestation attempts of [`start_when_attested`].
+pub const ATTEST_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+/// The longest wait between attestation attempts: a server that comes back
+/// is attested to within this (plus one attempt).
+pub const ATTEST_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Like [`start`], except that an agent that has to attest and cannot reach
+/// a server does not fail: it serves its socket at once, answering every
+/// call with `Unavailable` ([`pending::NOT_ATTESTED`]), and tries again
+/// (random waits under a ceiling doubling from [`ATTEST_RETRY_FIRST`] to
+/// [`ATTEST_RETRY_MAX`]) until it attests, then serves as [`start`] does.
+/// Any other failure (a refused or used token, a fingerprint that does not
+/// match, bad configuration) is returned as [`start`] returns it. This is
+/// how `sigil agent run` starts: an agent and its server booting in any
+/// order must not need a supervisor's restarts. [`start`] suits callers
+/// that want the first error.
+pub async fn start_when_attested(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
+    let mut why = match start(cfg.clone()).await {
+        Err(AgentError::Unavailable(why)) => why,
+        other => return other,
+    };
+    let pending = pending::Pending::serve(&cfg.socket_path, &cfg.limits)?;
+    let mut ceiling = ATTEST_RETRY_FIRST;
+    loop {
+        let wait = retry::full_jitter(ceiling);
+        tracing::warn!(
+            error = %why,
+            retry_in_ms = wait.as_millis() as u64,
+            socket = %cfg.socket_path.display(),
+            "cannot attest: no server reachable; the Workload API answers Unavailable until the agent attests"
+        );
+        tokio::time::sleep(wait).await;
+        match start(cfg.clone()).await {
+            Err(AgentError::Unavailable(w)) => why = w,
+            Ok(handle) => {
+                pending.hand_over();
+                return Ok(handle);
+            }
+            Err(e) => return Err(e),
+        }
+        ceiling = (ceiling * 2).min(ATTEST_RETRY_MAX);
+    }
 }
 
 /// Starts the agent: restores or obtains its identity, then serves.

@@ -85,7 +85,7 @@ fn hint(s: &Status) -> Duration {
 }
 
 /// A uniformly random duration in `[0, ceiling]`.
-fn full_jitter(ceiling: Duration) -> Duration {
+pub(crate) fn full_jitter(ceiling: Duration) -> Duration {
     let mut r = [0u8; 4];
     // Without randomness the full ceiling is waited: slower, never a stampede.
     if aws_lc_rs::rand::fill(&mut r).is_err() {

@@ -74,6 +74,7 @@ pub struct Cluster {
     server: Option<ServerHandle>,
     agent: Option<AgentHandle>,
     agent_id: SpiffeId,
+    _api_port: ReservedAddr,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -105,11 +106,46 @@ pub fn runnable(test: &str, available: bool, missing: &str) -> bool {
     false
 }
 
-/// A loopback address with a port that was free a moment ago, so a restarted
-/// server can come back on the address the agent knows.
+/// A loopback address with a port that was free a moment ago. Racy: the
+/// port is released on return, and another test may take it before the
+/// caller binds it. Prefer [`ReservedAddr`] for a port that must stay
+/// usable, above all one a server is restarted on.
 pub fn free_addr() -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?)
+}
+
+/// A loopback port held for as long as this value lives, so that a server
+/// can be SIGKILLed and restarted on it without another test taking it in
+/// between.
+///
+/// The port is held by a socket bound with `SO_REUSEADDR` that never
+/// listens. On Linux a listener that also sets `SO_REUSEADDR` (as tokio's
+/// `TcpListener::bind`, which the server and the health listener use, does)
+/// may bind the same address while it is held, whereas the kernel hands the
+/// port to no other socket: not to `bind` on port 0 (with or without
+/// `SO_REUSEADDR`), nor to a socket without `SO_REUSEADDR`, nor as the
+/// local port of an outgoing connection.
+#[derive(Debug)]
+pub struct ReservedAddr {
+    addr: SocketAddr,
+    _held: tokio::net::TcpSocket,
+}
+
+impl ReservedAddr {
+    /// Reserves a free loopback port.
+    pub fn new() -> anyhow::Result<Self> {
+        let held = tokio::net::TcpSocket::new_v4()?;
+        held.set_reuseaddr(true)?;
+        held.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let addr = held.local_addr()?;
+        Ok(Self { addr, _held: held })
+    }
+
+    /// The reserved address (127.0.0.1 and the port).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
 }
 
 impl Cluster {
@@ -121,7 +157,9 @@ impl Cluster {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let td = TrustDomain::new(&opts.trust_domain)?;
         let mut server_config = ServerConfig::with_defaults(td.clone(), dir.path().join("server"));
-        server_config.bind_address = free_addr()?;
+        // Held for the cluster's life: stop_server/start_server come back on it.
+        let api_port = ReservedAddr::new()?;
+        server_config.bind_address = api_port.addr();
         server_config.admin_socket = dir.path().join("admin.sock");
         server_config.default_x509_svid_ttl = opts.x509_svid_ttl;
         server_config.agent_svid_ttl = opts
@@ -158,6 +196,7 @@ impl Cluster {
             server: Some(server),
             agent: Some(agent),
             agent_id,
+            _api_port: api_port,
         };
         cluster.wait_connected(true).await?;
         Ok(cluster)

@@ -79,9 +79,12 @@ pub(crate) async fn agent(config: &Path, join_token: Option<String>) -> anyhow::
         cfg.join_token = join_token;
     }
     let health_addr = cfg.health_address;
-    let handle = sigil_agent::start(cfg)
-        .await
-        .context("starting the agent")?;
+    // Waiting for a server to attest to may last: a stop request meanwhile
+    // ends the wait.
+    let handle = tokio::select! {
+        started = sigil_agent::start_when_attested(cfg) => started.context("starting the agent")?,
+        () = crate::shutdown_signal() => return Ok(()),
+    };
     let cancel = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = health_addr {
         let bound = health::serve(addr, agent_health(&handle), cancel.clone()).await?;

@@ -9,6 +9,7 @@
     reason = "test code"
 )]
 
+mod agent_faults;
 mod attributes;
 mod authority;
 mod bad_input;

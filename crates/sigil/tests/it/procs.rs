@@ -13,7 +13,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use sigil_proto::server::v1 as pb;
 use sigil_proto::server::v1::admin_api_client::AdminApiClient;
-use sigil_testkit::free_addr;
+use sigil_testkit::ReservedAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -168,19 +168,28 @@ pub(crate) struct ServerBin {
     config: PathBuf,
     log: PathBuf,
     proc: Option<Proc>,
+    /// The loopback ports of `api` and `health`, held for as long as this
+    /// value lives, so that no other test takes them while the server is
+    /// down between a kill and a restart.
+    _ports: Vec<ReservedAddr>,
 }
 
 impl ServerBin {
-    /// Writes the config (listening on a free loopback port); `extra` is
+    /// Writes the config (listening on a reserved loopback port); `extra` is
     /// appended to the `[server]` table (e.g. `default_x509_svid_ttl = "8s"`).
     pub(crate) fn new(dir: &Path, extra: &str) -> Self {
-        Self::with_bind(dir, free_addr().unwrap(), extra)
+        let api = ReservedAddr::new().unwrap();
+        let mut server = Self::with_bind(dir, api.addr(), extra);
+        server._ports.push(api);
+        server
     }
 
-    /// Like [`ServerBin::new`], listening on `api`.
+    /// Like [`ServerBin::new`], listening on `api` (which the caller keeps
+    /// free).
     pub(crate) fn with_bind(dir: &Path, api: SocketAddr, extra: &str) -> Self {
         let admin = dir.join("admin.sock");
-        let health = free_addr().unwrap();
+        let health_port = ReservedAddr::new().unwrap();
+        let health = health_port.addr();
         let data_dir = dir.join("server");
         let config = config_file(
             dir,
@@ -199,6 +208,7 @@ impl ServerBin {
             config,
             log: dir.join("server.log"),
             proc: None,
+            _ports: vec![health_port],
         }
     }
 
@@ -411,6 +421,8 @@ pub(crate) struct AgentBin {
     /// A command the agent runs under (e.g. `ip netns exec NAME`).
     wrapper: Vec<String>,
     proc: Option<Proc>,
+    /// The health port, when reserved (see [`AgentBin::holding`]).
+    _health_port: Option<ReservedAddr>,
 }
 
 impl AgentBin {
@@ -448,6 +460,7 @@ impl AgentBin {
             log: dir.join("agent.log"),
             wrapper: Vec::new(),
             proc: None,
+            _health_port: None,
         }
     }
 
@@ -456,6 +469,13 @@ impl AgentBin {
         let mut text = std::fs::read_to_string(&self.config).unwrap();
         text.push_str(toml);
         std::fs::write(&self.config, text).unwrap();
+        self
+    }
+
+    /// Keeps `health` (the reservation of the health address) for as long
+    /// as this agent lives, so a restarted agent finds its port free.
+    pub(crate) fn holding(mut self, health: ReservedAddr) -> Self {
+        self._health_port = Some(health);
         self
     }
 
@@ -514,6 +534,14 @@ impl AgentBin {
     pub(crate) fn log(&self) -> String {
         log_tail(&self.log)
     }
+
+    /// Panics (quoting the log) unless the agent runs.
+    pub(crate) fn assert_running(&mut self) {
+        self.proc
+            .as_mut()
+            .expect("the agent was started")
+            .assert_running();
+    }
 }
 
 /// A server binary (SQLite unless `server_extra` configures `[server.store]`)
@@ -536,12 +564,10 @@ pub(crate) async fn server_and_agent_with(
     let mut server = ServerBin::new(dir, server_extra);
     server.start().await;
     let (token, agent_id) = server.join_token().await;
-    let mut agent = AgentBin::new(
-        dir,
-        &server.api.to_string(),
-        sigil_testkit::free_addr().unwrap(),
-    )
-    .with_config(agent_extra);
+    let health = ReservedAddr::new().unwrap();
+    let mut agent = AgentBin::new(dir, &server.api.to_string(), health.addr())
+        .with_config(agent_extra)
+        .holding(health);
     agent.start(Some(&token)).await;
     (server, agent, agent_id)
 }

@@ -636,7 +636,7 @@ pub(crate) async fn agent_client_with(
 }
 
 /// A fresh key and the agent SVID the server renews it into, through `client`.
-async fn renew_through(
+pub(crate) async fn renew_through(
     client: &mut sigil_proto::server::v1::agent_api_client::AgentApiClient<
         tonic::transport::Channel,
     >,
@@ -653,7 +653,7 @@ async fn renew_through(
 
 /// Every authenticated agent call with `client`: Ok(()) if all are accepted,
 /// else the first refusal (each must be PermissionDenied).
-async fn agent_calls(
+pub(crate) async fn agent_calls(
     client: &mut sigil_proto::server::v1::agent_api_client::AgentApiClient<
         tonic::transport::Channel,
     >,
