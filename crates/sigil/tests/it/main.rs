@@ -12,6 +12,7 @@
 mod attributes;
 mod authority;
 mod bad_input;
+mod bounds;
 mod cli;
 mod consistency;
 mod durability;
