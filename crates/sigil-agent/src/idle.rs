@@ -90,7 +90,8 @@ impl FrameScanner {
             if self.have == FRAME_HEADER_LEN {
                 let h = self.head;
                 self.have = 0;
-                self.skip = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+                self.skip =
+                    (usize::from(h[0]) << 16) | (usize::from(h[1]) << 8) | usize::from(h[2]);
                 on_frame(FrameHead {
                     kind: h[3],
                     flags: h[4],
