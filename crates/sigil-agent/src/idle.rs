@@ -116,7 +116,7 @@ struct Streams {
 }
 
 impl Streams {
-    fn from_client(&mut self, f: FrameHead) {
+    fn client_sent(&mut self, f: FrameHead) {
         match f.kind {
             HEADERS if f.stream > self.highest => {
                 self.highest = f.stream;
@@ -127,7 +127,7 @@ impl Streams {
         }
     }
 
-    fn from_agent(&mut self, f: FrameHead) {
+    fn agent_sent(&mut self, f: FrameHead) {
         match f.kind {
             DATA | HEADERS if f.flags & END_STREAM != 0 => self.end(f.stream),
             RST_STREAM => self.end(f.stream),
@@ -186,7 +186,7 @@ impl<C> Idle<C> {
 
     fn agent_wrote(&mut self, data: &[u8], cx: &mut Context<'_>) {
         let streams = &mut self.streams;
-        self.from_agent.feed(data, |f| streams.from_agent(f));
+        self.from_agent.feed(data, |f| streams.agent_sent(f));
         self.restart_if_emptied(cx);
     }
 }
@@ -206,7 +206,7 @@ impl<C: AsyncRead + Unpin> AsyncRead for Idle<C> {
             if read.is_ok() {
                 let streams = &mut this.streams;
                 let new = buf.filled().get(before..).unwrap_or_default();
-                this.from_client.feed(new, |f| streams.from_client(f));
+                this.from_client.feed(new, |f| streams.client_sent(f));
                 this.restart_if_emptied(cx);
             }
             return Poll::Ready(read);
@@ -336,20 +336,20 @@ mod tests {
     #[test]
     fn streams_open_on_new_ids_and_end_either_way() {
         let mut s = Streams::default();
-        s.from_client(head(HEADERS, END_STREAM, 1));
-        s.from_client(head(HEADERS, 0, 3));
-        s.from_client(head(HEADERS, 0, 5));
+        s.client_sent(head(HEADERS, END_STREAM, 1));
+        s.client_sent(head(HEADERS, 0, 3));
+        s.client_sent(head(HEADERS, 0, 5));
         assert_eq!(s.open.len(), 3);
         // Data from the agent without END_STREAM ends nothing.
-        s.from_agent(head(DATA, 0, 1));
-        s.from_agent(head(HEADERS, END_STREAM, 1));
-        s.from_agent(head(RST_STREAM, 0, 3));
-        s.from_client(head(RST_STREAM, 0, 5));
+        s.agent_sent(head(DATA, 0, 1));
+        s.agent_sent(head(HEADERS, END_STREAM, 1));
+        s.agent_sent(head(RST_STREAM, 0, 3));
+        s.client_sent(head(RST_STREAM, 0, 5));
         assert!(s.open.is_empty() && s.emptied);
         // HEADERS on a stream already used (trailers, replays) open nothing.
         s.emptied = false;
-        s.from_client(head(HEADERS, 0, 3));
-        s.from_client(head(HEADERS, 0, 5));
+        s.client_sent(head(HEADERS, 0, 3));
+        s.client_sent(head(HEADERS, 0, 5));
         assert!(s.open.is_empty() && !s.emptied);
     }
 
