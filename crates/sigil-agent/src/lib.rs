@@ -20,7 +20,8 @@
 //! | `k8s` | pod selectors from the kubelet; PSAT tokens (feature `k8s`) |
 //! | [`workload`] | the SPIFFE Workload API |
 //! | [`sds`] | Envoy's Secret Discovery Service (SDS v3) |
-//! | [`limits`] | request size, per-uid rate limits, connection cap, timeouts |
+//! | [`limits`] | request size, per-uid rate limits, connection and stream caps, timeouts |
+//! | [`idle`] | closing connections that hold no stream for the idle timeout |
 //! | [`retry`] | waiting and retrying when the server's rate limit refuses a call |
 //! | [`pending`] | the socket's answer while the agent waits for a server to attest to |
 
@@ -28,6 +29,7 @@ pub mod attest;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod idle;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod limits;
@@ -422,7 +424,8 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             client,
             metrics.clone(),
             cancel.clone(),
-        ),
+        )
+        .with_jwt_cache_budget(limits.jwt_cache_bytes, limits.jwt_cache_bytes_per_uid),
         limits.max_request_bytes,
     );
     let sds_svc = sds::service(sds::SdsService::new(
@@ -438,11 +441,15 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         // runs on after its first answer.
         // The :authority shim wraps each connection after its peer
         // credentials were taken and its slots counted, so that clients of
-        // every gRPC stack (C-core, Java) reach the services.
-        let incoming = sigil_uds::incoming(crate::limits::incoming(
-            peer::incoming(listener),
-            limits.max_connections,
-            limits.max_connections_per_uid,
+        // every gRPC stack (C-core, Java) reach the services. The idle
+        // watch sits below the shim, on the bytes as the client sent them.
+        let incoming = sigil_uds::incoming(idle::incoming(
+            crate::limits::incoming(
+                peer::incoming(listener),
+                limits.max_connections,
+                limits.max_connections_per_uid,
+            ),
+            limits.idle_timeout,
         ));
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_streams_per_connection)

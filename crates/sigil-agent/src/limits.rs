@@ -1,6 +1,7 @@
 //! Bounds on what callers of the agent's socket can make it do
-//! (`[agent.limits]`): request size, per-caller rate limits, a connection cap
-//! and a request timeout. The defaults and what a caller sees when it hits
+//! (`[agent.limits]`): request size, per-caller rate limits, connection and
+//! stream caps, idle and request timeouts, each uid's share of the agent's
+//! allowance at the server and of the JWT-SVID cache. The defaults and what a caller sees when it hits
 //! each limit are listed in docs/security.md ("Limits").
 //!
 //! Rate limits are kept per calling uid, from the kernel's peer credentials.
@@ -51,6 +52,13 @@ pub(crate) struct LimitsSection {
     call_burst: u32,
     streams_per_second: u32,
     stream_burst: u32,
+    #[serde(with = "serde_human")]
+    idle_timeout: Duration,
+    max_streams_per_uid: Option<usize>,
+    server_calls_per_second: u32,
+    server_call_burst: u32,
+    jwt_cache_bytes: usize,
+    jwt_cache_bytes_per_uid: usize,
 }
 
 impl Default for LimitsSection {
@@ -66,6 +74,12 @@ impl Default for LimitsSection {
             call_burst: d.calls.burst,
             streams_per_second: d.streams.per_second,
             stream_burst: d.streams.burst,
+            idle_timeout: d.idle_timeout,
+            max_streams_per_uid: d.max_streams_per_uid,
+            server_calls_per_second: d.server_calls.per_second,
+            server_call_burst: d.server_calls.burst,
+            jwt_cache_bytes: d.jwt_cache_bytes,
+            jwt_cache_bytes_per_uid: d.jwt_cache_bytes_per_uid,
         }
     }
 }
@@ -94,6 +108,24 @@ pub struct AgentLimits {
     /// Streams opened per uid: FetchX509SVID, FetchX509Bundles,
     /// FetchJWTBundles, SDS StreamSecrets (100/s, burst 2000).
     pub streams: Rate,
+    /// A connection with no open stream for this long is closed (5 min), so
+    /// that silent sockets do not pin open files and connection slots.
+    /// Streams are never closed for being quiet.
+    pub idle_timeout: Duration,
+    /// Most streams one uid holds open at once, Workload API and SDS
+    /// together; `None`: twice `max_connections_per_uid` (see
+    /// [`AgentLimits::streams_per_uid`]).
+    pub max_streams_per_uid: Option<usize>,
+    /// Calls one uid's requests may make to the server (a JWT-SVID minted
+    /// for a request the cache cannot answer): 20/s, burst 200, a fifth of
+    /// the server's default per-agent allowance, so that one uid is refused
+    /// long before it uses up the allowance every uid shares.
+    pub server_calls: Rate,
+    /// Bytes of JWT-SVIDs (with their keys) the cache holds (16 MiB).
+    pub jwt_cache_bytes: usize,
+    /// Bytes of that cache one uid's requests may fill (4 MiB), so that one
+    /// uid cannot evict the tokens of every other.
+    pub jwt_cache_bytes_per_uid: usize,
 }
 
 impl Default for AgentLimits {
@@ -106,6 +138,11 @@ impl Default for AgentLimits {
             max_streams_per_connection: 1000,
             calls: Rate::new(200, 2000),
             streams: Rate::new(100, 2000),
+            idle_timeout: Duration::from_secs(300),
+            max_streams_per_uid: None,
+            server_calls: Rate::new(20, 200),
+            jwt_cache_bytes: 16 * 1024 * 1024,
+            jwt_cache_bytes_per_uid: 4 * 1024 * 1024,
         }
     }
 }
@@ -130,6 +167,16 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
 }
 
 impl AgentLimits {
+    /// The cap on one uid's open streams: `max_streams_per_uid`, or twice
+    /// `max_connections_per_uid` (a workload commonly holds an X509-SVID
+    /// and a bundle stream on its connection), so that it follows the
+    /// connection caps when [`Self::fit_to_open_files`] lowers them.
+    pub fn streams_per_uid(&self) -> usize {
+        self.max_streams_per_uid
+            .unwrap_or_else(|| self.max_connections_per_uid.saturating_mul(2))
+            .max(1)
+    }
+
     /// Lowers the connection caps, if need be, so that connections at the
     /// caps cannot use up `open_files` (then `accept()` would fail for every
     /// caller, not just the one flooding): `max_connections` to what the
@@ -153,7 +200,8 @@ impl AgentLimits {
     }
 }
 
-/// Validates `[agent.limits]`: every value must be positive.
+/// Validates `[agent.limits]`: every value must be positive, and one uid's
+/// share of the JWT cache no larger than the cache.
 pub(crate) fn parse(
     s: LimitsSection,
     invalid: &dyn Fn(&'static str, String) -> ConfigError,
@@ -184,9 +232,36 @@ pub(crate) fn parse(
             ),
             ("agent.limits.stream_burst", u128::from(s.stream_burst)),
             ("agent.limits.request_timeout", s.request_timeout.as_nanos()),
+            ("agent.limits.idle_timeout", s.idle_timeout.as_nanos()),
+            (
+                "agent.limits.max_streams_per_uid",
+                s.max_streams_per_uid.map_or(1, |n| n as u128),
+            ),
+            (
+                "agent.limits.server_calls_per_second",
+                u128::from(s.server_calls_per_second),
+            ),
+            (
+                "agent.limits.server_call_burst",
+                u128::from(s.server_call_burst),
+            ),
+            ("agent.limits.jwt_cache_bytes", s.jwt_cache_bytes as u128),
+            (
+                "agent.limits.jwt_cache_bytes_per_uid",
+                s.jwt_cache_bytes_per_uid as u128,
+            ),
         ],
         invalid,
     )?;
+    if s.jwt_cache_bytes_per_uid > s.jwt_cache_bytes {
+        return Err(invalid(
+            "agent.limits.jwt_cache_bytes_per_uid",
+            format!(
+                "{} is more than the whole cache (jwt_cache_bytes = {})",
+                s.jwt_cache_bytes_per_uid, s.jwt_cache_bytes
+            ),
+        ));
+    }
     Ok(AgentLimits {
         max_request_bytes: s.max_request_bytes,
         max_connections: s.max_connections,
@@ -195,14 +270,23 @@ pub(crate) fn parse(
         max_streams_per_connection: s.max_streams_per_connection,
         calls: Rate::new(s.calls_per_second, s.call_burst),
         streams: Rate::new(s.streams_per_second, s.stream_burst),
+        idle_timeout: s.idle_timeout,
+        max_streams_per_uid: s.max_streams_per_uid,
+        server_calls: Rate::new(s.server_calls_per_second, s.server_call_burst),
+        jwt_cache_bytes: s.jwt_cache_bytes,
+        jwt_cache_bytes_per_uid: s.jwt_cache_bytes_per_uid,
     })
 }
 
-/// The per-uid rate limits of the Workload API and SDS, shared by both.
+/// The per-uid limits of the Workload API and SDS, shared by both: call
+/// and stream rates, open streams, and calls that reach the server.
 #[derive(Debug)]
 pub struct CallerLimiter {
     calls: KeyedLimiter<u32>,
     streams: KeyedLimiter<u32>,
+    server_calls: KeyedLimiter<u32>,
+    open_streams: Arc<KeyedSlots<u32>>,
+    max_open_streams: usize,
 }
 
 impl Default for CallerLimiter {
@@ -217,6 +301,9 @@ impl CallerLimiter {
         Self {
             calls: KeyedLimiter::new(limits.calls, MAX_TRACKED_CALLERS),
             streams: KeyedLimiter::new(limits.streams, MAX_TRACKED_CALLERS),
+            server_calls: KeyedLimiter::new(limits.server_calls, MAX_TRACKED_CALLERS),
+            open_streams: KeyedSlots::new(limits.streams_per_uid()),
+            max_open_streams: limits.streams_per_uid(),
         }
     }
 
@@ -225,9 +312,37 @@ impl CallerLimiter {
         self.take(&self.calls, "calls", req)
     }
 
-    /// Takes a stream-opening token of the caller's uid, or `ResourceExhausted`.
-    pub fn stream<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        self.take(&self.streams, "streams opened", req)
+    /// Takes a stream-opening token and an open-stream slot of the
+    /// caller's uid, or `ResourceExhausted` naming the limit hit. The slot
+    /// is held by the returned guard: keep it for the stream's life.
+    pub fn stream<T>(&self, req: &Request<T>) -> Result<StreamSlot, Status> {
+        self.take(&self.streams, "streams opened", req)?;
+        let Ok(peer) = peer_of(req) else {
+            return Ok(StreamSlot { _slot: None });
+        };
+        match self.open_streams.try_acquire(peer.uid) {
+            Some(slot) => Ok(StreamSlot { _slot: Some(slot) }),
+            None => Err(Status::resource_exhausted(format!(
+                "too many open streams: uid {} holds {} Workload API and SDS streams \
+                 (max_streams_per_uid in [agent.limits]); close one to open another",
+                peer.uid, self.max_open_streams
+            ))),
+        }
+    }
+
+    /// Takes a token of `uid`'s share of the agent's allowance at the
+    /// server, or `ResourceExhausted`: one uid is refused here before its
+    /// calls use up the allowance the server gives the whole agent.
+    pub fn server_call(&self, uid: u32) -> Result<(), Status> {
+        self.server_calls.check(&uid).map_err(|e| {
+            Status::resource_exhausted(format!(
+                "rate limit exceeded: uid {uid} used its share of the agent's calls to the \
+                 server (server_calls_per_second, server_call_burst in [agent.limits]: {}); \
+                 retry in {} ms",
+                e.rate,
+                e.retry_after.as_millis().max(1)
+            ))
+        })
     }
 
     fn take<T>(
@@ -244,6 +359,14 @@ impl CallerLimiter {
             .check(&peer.uid)
             .map_err(|e| exhausted(what, peer.uid, e))
     }
+}
+
+/// One open stream of a uid, counted against `max_streams_per_uid` until
+/// dropped; empty for a caller without credentials (refused right after).
+#[derive(Debug)]
+#[must_use = "the stream's slot is given back when this is dropped"]
+pub struct StreamSlot {
+    _slot: Option<Slot<u32>>,
 }
 
 /// `ResourceExhausted` naming the limit that was hit.
@@ -444,7 +567,9 @@ mod tests {
             &format!(
                 "{HEAD}[agent.limits]\nmax_request_bytes = 1024\nmax_connections = 8\n\
                  max_connections_per_uid = 7\nrequest_timeout = \"2s\"\nmax_streams_per_connection = 10\n\
-                 calls_per_second = 3\ncall_burst = 4\nstreams_per_second = 5\nstream_burst = 6\n"
+                 calls_per_second = 3\ncall_burst = 4\nstreams_per_second = 5\nstream_burst = 6\n\
+                 idle_timeout = \"1m\"\nmax_streams_per_uid = 9\nserver_calls_per_second = 11\n\
+                 server_call_burst = 12\njwt_cache_bytes = 4096\njwt_cache_bytes_per_uid = 4096\n"
             ),
             None,
         )
@@ -459,8 +584,20 @@ mod tests {
                 max_streams_per_connection: 10,
                 calls: Rate::new(3, 4),
                 streams: Rate::new(5, 6),
+                idle_timeout: Duration::from_secs(60),
+                max_streams_per_uid: Some(9),
+                server_calls: Rate::new(11, 12),
+                jwt_cache_bytes: 4096,
+                jwt_cache_bytes_per_uid: 4096,
             }
         );
+        assert_eq!(c.limits.streams_per_uid(), 9);
+        // Unset, the stream cap follows the per-uid connection cap, also
+        // when that is lowered to fit the open-files limit.
+        let mut d = AgentLimits::default();
+        assert_eq!(d.streams_per_uid(), 4096);
+        d.fit_to_open_files(1024);
+        assert_eq!(d.streams_per_uid(), 2 * 192);
     }
 
     /// A connection of the test's stream, with the uid it claims.
@@ -500,6 +637,13 @@ mod tests {
             "call_burst = 0",
             "streams_per_second = 0",
             "stream_burst = 0",
+            "idle_timeout = \"0s\"",
+            "max_streams_per_uid = 0",
+            "server_calls_per_second = 0",
+            "server_call_burst = 0",
+            "jwt_cache_bytes = 0",
+            "jwt_cache_bytes_per_uid = 0",
+            "jwt_cache_bytes_per_uid = 99999999999",
             "max_conections = 5",
         ] {
             let name = key.split(' ').next().unwrap();

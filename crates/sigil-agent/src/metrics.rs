@@ -24,6 +24,8 @@ pub struct Metrics {
     pub workload_streams: Gauge,
     /// JWT-SVIDs held in the cache.
     pub cached_jwt_svids: Gauge,
+    /// Bytes the JWT-SVID cache holds, as counted against its budget.
+    pub jwt_cache_bytes: Gauge,
     /// Federated bundles (foreign trust domains) held.
     pub federated_bundles: Gauge,
     /// Open Envoy SDS streams.
@@ -47,6 +49,7 @@ impl Default for Metrics {
             workload_refusals: Counter::default(),
             workload_streams: Gauge::default(),
             cached_jwt_svids: Gauge::default(),
+            jwt_cache_bytes: Gauge::default(),
             federated_bundles: Gauge::default(),
             sds_streams: Gauge::default(),
             sds_responses: Counter::default(),
@@ -88,6 +91,11 @@ impl Default for Metrics {
             "cached_jwt_svids",
             "JWT-SVIDs in the cache",
             m.cached_jwt_svids.clone(),
+        );
+        registry.register(
+            "jwt_cache_bytes",
+            "Bytes held by the JWT-SVID cache, as counted against jwt_cache_bytes",
+            m.jwt_cache_bytes.clone(),
         );
         registry.register(
             "federated_bundles",

@@ -663,7 +663,8 @@ impl SecretDiscoveryService for SdsService {
         &self,
         req: Request<Streaming<disc::DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        self.callers
+        let slot = self
+            .callers
             .limiter()
             .stream(&req)
             .map_err(|s| self.refuse(s))?;
@@ -694,6 +695,8 @@ impl SecretDiscoveryService for SdsService {
         let metrics = self.metrics.clone();
         let inbound = req.into_inner();
         tokio::spawn(async move {
+            // The uid's open-stream slot, given back when the stream ends.
+            let _slot = slot;
             metrics.sds_streams.inc();
             run_stream(inbound, rx, tx, state, cancel).await;
             metrics.sds_streams.dec();

@@ -34,6 +34,7 @@ use tonic::{Request, Response, Status};
 
 use crate::attest::UnixAttestor;
 use crate::core::{SharedClient, Snapshot};
+use crate::limits::StreamSlot;
 use crate::metrics::Metrics;
 use crate::peer::peer_of;
 use crate::persist::WorkloadSvid;
@@ -44,8 +45,8 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 pub const NO_IDENTITY: &str = "no identity issued";
 /// How long a first response may wait for an SVID that is being signed.
 const FIRST_SVID_WAIT: Duration = Duration::from_secs(10);
-/// Most JWT-SVIDs the agent caches (SPIRE's agent uses the same bound); when
-/// full, the token that expires soonest makes room.
+/// Most JWT-SVIDs the agent caches (SPIRE's agent uses the same bound),
+/// besides the byte budget; see `JwtCache` for what makes room.
 pub const JWT_CACHE_LIMIT: usize = 1000;
 /// The claims ValidateJWTSVID returns for a token of a foreign (federated)
 /// trust domain; other claims are that domain's business and are dropped, as
@@ -124,6 +125,12 @@ struct CachedJwt {
     refresh_at: SystemTime,
     /// The key ID in the token's header, to drop it if the key is tainted.
     kid: Option<String>,
+    /// The uid whose request fetched it: its share of the cache pays for it.
+    owner: u32,
+    /// What it costs in the byte budget.
+    bytes: usize,
+    /// When it was cached, as the cache's insertion counter.
+    seq: u64,
 }
 
 /// The `kid` in a JWT's header, if it has one; the token is not verified
@@ -138,10 +145,36 @@ fn jwt_kid(token: &str) -> Option<String> {
     value.get("kid")?.as_str().map(str::to_owned)
 }
 
-/// JWT-SVIDs by [`JwtKey`], bounded by a hard limit.
+/// Bytes a cached token costs beyond its text and key strings: the map
+/// slot, times and bookkeeping, rounded up.
+const JWT_ENTRY_OVERHEAD: usize = 256;
+
+/// Most JWT-SVIDs the requests of one uid may have in the cache: a quarter
+/// of [`JWT_CACHE_LIMIT`], like the byte share by default.
+pub const JWT_CACHE_LIMIT_PER_UID: usize = JWT_CACHE_LIMIT / 4;
+
+/// What the cache holds of one uid's requests.
+#[derive(Debug, Default, Clone, Copy)]
+struct Held {
+    tokens: usize,
+    bytes: usize,
+}
+
+/// JWT-SVIDs by [`JwtKey`], bounded in count and bytes, in all and per uid
+/// (the uid whose request fetched a token): a uid at its share makes room
+/// among its own tokens, oldest first, so one uid cannot evict the tokens of
+/// every other. When the whole cache is full, the oldest token of the uid
+/// holding the most bytes goes.
 struct JwtCache {
     tokens: HashMap<JwtKey, CachedJwt>,
     limit: usize,
+    limit_per_uid: usize,
+    max_bytes: usize,
+    max_bytes_per_uid: usize,
+    bytes: usize,
+    held: HashMap<u32, Held>,
+    /// Insertion counter: the age of a token.
+    next_seq: u64,
     /// The snapshot the tokens were last checked against by
     /// [`JwtCache::drop_stale`], so that is done once per snapshot.
     checked: Weak<Snapshot>,
@@ -149,9 +182,30 @@ struct JwtCache {
 
 impl JwtCache {
     fn new(limit: usize) -> Self {
+        let d = crate::limits::AgentLimits::default();
+        Self::with_budget(
+            limit,
+            JWT_CACHE_LIMIT_PER_UID.min(limit),
+            d.jwt_cache_bytes,
+            d.jwt_cache_bytes_per_uid,
+        )
+    }
+
+    fn with_budget(
+        limit: usize,
+        limit_per_uid: usize,
+        max_bytes: usize,
+        max_bytes_per_uid: usize,
+    ) -> Self {
         Self {
             tokens: HashMap::new(),
             limit: limit.max(1),
+            limit_per_uid: limit_per_uid.max(1),
+            max_bytes: max_bytes.max(1),
+            max_bytes_per_uid: max_bytes_per_uid.max(1),
+            bytes: 0,
+            held: HashMap::new(),
+            next_seq: 0,
             checked: Weak::new(),
         }
     }
@@ -169,22 +223,62 @@ impl JwtCache {
         self.tokens.get(key).filter(|c| now < c.expiry)
     }
 
-    /// Caches a token; drops expired ones, and when the cache is full the
-    /// one that expires soonest.
-    fn insert(&mut self, key: JwtKey, token: String, expiry: SystemTime, now: SystemTime) {
+    /// What `token` under `key` costs in the byte budget.
+    fn cost(key: &JwtKey, token: &str) -> usize {
+        let attributes = key.attributes.len() * std::mem::size_of::<Attribute>();
+        token.len()
+            + key.audience.iter().map(String::len).sum::<usize>()
+            + key.spiffe_id.as_str().len()
+            + key.entry_id.as_str().len()
+            + attributes
+            + JWT_ENTRY_OVERHEAD
+    }
+
+    /// Caches a token fetched for a request of `owner`; drops expired ones,
+    /// then makes room as the type's docs say. A token larger than a uid's
+    /// whole share is not cached.
+    fn insert(
+        &mut self,
+        key: JwtKey,
+        token: String,
+        expiry: SystemTime,
+        now: SystemTime,
+        owner: u32,
+    ) {
         let life = expiry.duration_since(now).unwrap_or_default();
-        self.tokens.retain(|_, c| c.expiry > now);
-        while self.tokens.len() >= self.limit && !self.tokens.contains_key(&key) {
-            let Some(soonest) = self
-                .tokens
+        self.remove(&key);
+        self.retain(|c| c.expiry > now);
+        let cost = Self::cost(&key, &token);
+        if cost > self.max_bytes_per_uid {
+            return;
+        }
+        loop {
+            let mine = self.held.get(&owner).copied().unwrap_or_default();
+            if mine.tokens < self.limit_per_uid && mine.bytes + cost <= self.max_bytes_per_uid {
+                break;
+            }
+            if !self.evict_oldest_of(owner) {
+                break;
+            }
+        }
+        while self.tokens.len() >= self.limit || self.bytes + cost > self.max_bytes {
+            let Some(largest) = self
+                .held
                 .iter()
-                .min_by_key(|(_, c)| c.expiry)
-                .map(|(k, _)| k.clone())
+                .max_by_key(|(uid, h)| (h.bytes, **uid))
+                .map(|(uid, _)| *uid)
             else {
                 break;
             };
-            self.tokens.remove(&soonest);
+            if !self.evict_oldest_of(largest) {
+                break;
+            }
         }
+        self.next_seq += 1;
+        let held = self.held.entry(owner).or_default();
+        held.tokens += 1;
+        held.bytes += cost;
+        self.bytes += cost;
         self.tokens.insert(
             key,
             CachedJwt {
@@ -192,12 +286,65 @@ impl JwtCache {
                 token,
                 expiry,
                 refresh_at: now + life / 2,
+                owner,
+                bytes: cost,
+                seq: self.next_seq,
             },
         );
     }
 
+    /// Drops the oldest token of `owner`; `false` if it holds none.
+    fn evict_oldest_of(&mut self, owner: u32) -> bool {
+        let oldest = self
+            .tokens
+            .iter()
+            .filter(|(_, c)| c.owner == owner)
+            .min_by_key(|(_, c)| c.seq)
+            .map(|(k, _)| k.clone());
+        match oldest {
+            Some(k) => {
+                self.remove(&k);
+                true
+            }
+            None => {
+                // The counts disagree with the tokens: nothing of this uid
+                // is held, so forget its count rather than loop on it.
+                self.held.remove(&owner);
+                false
+            }
+        }
+    }
+
+    /// Keeps the tokens `keep` accepts, with the byte and uid counts.
+    fn retain(&mut self, mut keep: impl FnMut(&CachedJwt) -> bool) {
+        let gone: Vec<JwtKey> = self
+            .tokens
+            .iter()
+            .filter(|(_, c)| !keep(c))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.remove(&k);
+        }
+    }
+
+    /// Bytes the cache holds, as counted against its budget.
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     fn remove(&mut self, key: &JwtKey) {
-        self.tokens.remove(key);
+        let Some(c) = self.tokens.remove(key) else {
+            return;
+        };
+        self.bytes = self.bytes.saturating_sub(c.bytes);
+        if let Some(h) = self.held.get_mut(&c.owner) {
+            h.tokens = h.tokens.saturating_sub(1);
+            h.bytes = h.bytes.saturating_sub(c.bytes);
+            if h.tokens == 0 {
+                self.held.remove(&c.owner);
+            }
+        }
     }
 
     /// Drops the tokens signed with a tainted key, so they are never served
@@ -206,8 +353,7 @@ impl JwtCache {
         if tainted_kids.is_empty() {
             return;
         }
-        self.tokens
-            .retain(|_, c| c.kid.as_ref().is_none_or(|k| !tainted_kids.contains(k)));
+        self.retain(|c| c.kid.as_ref().is_none_or(|k| !tainted_kids.contains(k)));
     }
 
     /// Drops the tokens of entries that `snap` no longer holds as they were
@@ -225,8 +371,15 @@ impl JwtCache {
         }
         let current: HashSet<(&EntryId, u64)> =
             snap.entries.iter().map(|e| (&e.id, e.revision)).collect();
-        self.tokens
-            .retain(|k, _| current.contains(&(&k.entry_id, k.revision)));
+        let gone: Vec<JwtKey> = self
+            .tokens
+            .keys()
+            .filter(|k| !current.contains(&(&k.entry_id, k.revision)))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.remove(&k);
+        }
     }
 
     fn len(&self) -> usize {
@@ -243,6 +396,10 @@ enum JwtFetchError {
     /// The server answered and refused, with its status code; nothing
     /// cached is served.
     Refused(tonic::Code, String),
+    /// The server was not asked: the caller's uid used up its share of the
+    /// agent's calls to the server. A cached token that is still valid is
+    /// served instead; otherwise the caller gets this status.
+    OverShare(Status),
 }
 
 impl JwtFetchError {
@@ -272,6 +429,7 @@ async fn cached_or_fetch<F, Fut>(
     cache: &Mutex<JwtCache>,
     key: JwtKey,
     now: SystemTime,
+    owner: u32,
     fetch: F,
 ) -> Result<String, Status>
 where
@@ -284,7 +442,7 @@ where
     match fetch().await {
         Ok(token) => {
             if let Ok(info) = sigil_svid::jwt::parse_jwt_unverified(&token) {
-                lock(cache).insert(key, token.clone(), info.expiry, now);
+                lock(cache).insert(key, token.clone(), info.expiry, now, owner);
             }
             Ok(token)
         }
@@ -303,6 +461,10 @@ where
                 "could not fetch JWT-SVID: {why}"
             )))
         }
+        Err(JwtFetchError::OverShare(status)) => match lock(cache).valid(&key, now) {
+            Some(c) => Ok(c.token.clone()),
+            None => Err(status),
+        },
         Err(JwtFetchError::Refused(code, why)) => {
             lock(cache).remove(&key);
             // A request the server found wrong (too many audiences, say) or
@@ -417,7 +579,8 @@ impl std::fmt::Debug for WorkloadService {
 }
 
 impl WorkloadService {
-    /// A service serving from `snapshots` to the callers `callers` attests.
+    /// A service serving from `snapshots` to the callers `callers` attests,
+    /// with the default JWT cache budget.
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
         callers: Arc<CallerAttestor>,
@@ -433,6 +596,19 @@ impl WorkloadService {
             metrics,
             cancel,
         }
+    }
+
+    /// Bounds the JWT-SVID cache to `bytes`, of which the requests of one
+    /// uid may fill `bytes_per_uid` (`[agent.limits] jwt_cache_bytes`,
+    /// `jwt_cache_bytes_per_uid`).
+    pub fn with_jwt_cache_budget(mut self, bytes: usize, bytes_per_uid: usize) -> Self {
+        self.jwt_cache = Mutex::new(JwtCache::with_budget(
+            JWT_CACHE_LIMIT,
+            JWT_CACHE_LIMIT_PER_UID,
+            bytes,
+            bytes_per_uid,
+        ));
+        self
     }
 
     async fn identify<T>(&self, req: &Request<T>) -> Result<Selectors, Status> {
@@ -517,6 +693,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// (or an error that ends the stream); a response equal to the last one sent
 /// is suppressed.
 fn spawn_stream<T, F>(
+    slot: StreamSlot,
     mut rx: watch::Receiver<Arc<Snapshot>>,
     first: T,
     metrics: Arc<Metrics>,
@@ -529,6 +706,8 @@ where
 {
     let (tx, out) = mpsc::channel(4);
     tokio::spawn(async move {
+        // The uid's open-stream slot, given back when the stream ends.
+        let _slot = slot;
         metrics.workload_streams.inc();
         let mut last = first.clone();
         if tx.send(Ok(first)).await.is_ok() {
@@ -607,7 +786,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        self.callers
+        let slot = self
+            .callers
             .limiter()
             .stream(&req)
             .map_err(|s| self.refuse(s))?;
@@ -635,6 +815,7 @@ impl SpiffeWorkloadApi for WorkloadService {
         };
         self.metrics.workload_requests.inc();
         let stream = spawn_stream(
+            slot,
             rx,
             first,
             self.metrics.clone(),
@@ -656,7 +837,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        self.callers
+        let slot = self
+            .callers
             .limiter()
             .stream(&req)
             .map_err(|s| self.refuse(s))?;
@@ -673,6 +855,7 @@ impl SpiffeWorkloadApi for WorkloadService {
             bundles: bundle_map(&snap, &matched, false),
         };
         let stream = spawn_stream(
+            slot,
             rx,
             first,
             self.metrics.clone(),
@@ -712,6 +895,10 @@ impl SpiffeWorkloadApi for WorkloadService {
             })?),
         };
         let selectors = self.identify(&req).await.map_err(|s| self.refuse(s))?;
+        // Attested, so the kernel gave the caller's credentials.
+        let uid = peer_of(&req)
+            .map_err(|_| self.refuse(Status::unavailable("workload attestation failed")))?
+            .uid;
         let mut audience: Vec<String> = req
             .get_ref()
             .audience
@@ -737,7 +924,13 @@ impl SpiffeWorkloadApi for WorkloadService {
         }
         let mut svids = Vec::new();
         for e in matched {
-            let token = self.jwt_for(&e, &audience).await?;
+            let token = self
+                .jwt_for(&e, &audience, uid)
+                .await
+                .map_err(|s| match s.code() {
+                    tonic::Code::ResourceExhausted => self.refuse(s),
+                    _ => s,
+                })?;
             svids.push(pb::Jwtsvid {
                 spiffe_id: e.spiffe_id.to_string(),
                 svid: token,
@@ -754,7 +947,8 @@ impl SpiffeWorkloadApi for WorkloadService {
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        self.callers
+        let slot = self
+            .callers
             .limiter()
             .stream(&req)
             .map_err(|s| self.refuse(s))?;
@@ -770,6 +964,7 @@ impl SpiffeWorkloadApi for WorkloadService {
             bundles: bundle_map(&snap, &matched, true),
         };
         let stream = spawn_stream(
+            slot,
             rx,
             first,
             self.metrics.clone(),
@@ -840,7 +1035,9 @@ impl WorkloadService {
     /// A cached JWT-SVID for this entry (as it is now) and audiences when it
     /// is not past half its life; otherwise a new one from the server (or, while the server is
     /// unreachable, the cached one until it expires).
-    async fn jwt_for(&self, e: &Entry, audience: &[String]) -> Result<String, Status> {
+    /// A call that must reach the server takes a token of `uid`'s share of
+    /// the agent's allowance there first.
+    async fn jwt_for(&self, e: &Entry, audience: &[String], uid: u32) -> Result<String, Status> {
         let key = JwtKey::new(e, audience);
         let snap = self.snapshots.borrow().clone();
         {
@@ -853,21 +1050,31 @@ impl WorkloadService {
             entry_id: e.id.to_string(),
             audience: audience.to_vec(),
         };
-        let token = cached_or_fetch(&self.jwt_cache, key, SystemTime::now(), || async move {
-            let Some(mut client) = client else {
-                return Err(JwtFetchError::Unreachable("server unreachable".to_owned()));
-            };
-            client
-                .new_jwtsvid(request)
-                .await
-                .map(|r| r.into_inner().token)
-                .map_err(|s| JwtFetchError::from_status(&s))
-        })
-        .await?;
-        self.metrics
-            .cached_jwt_svids
-            .set(lock(&self.jwt_cache).len() as i64);
-        Ok(token)
+        let limiter = self.callers.limiter();
+        let token = cached_or_fetch(
+            &self.jwt_cache,
+            key,
+            SystemTime::now(),
+            uid,
+            || async move {
+                limiter.server_call(uid).map_err(JwtFetchError::OverShare)?;
+                let Some(mut client) = client else {
+                    return Err(JwtFetchError::Unreachable("server unreachable".to_owned()));
+                };
+                client
+                    .new_jwtsvid(request)
+                    .await
+                    .map(|r| r.into_inner().token)
+                    .map_err(|s| JwtFetchError::from_status(&s))
+            },
+        )
+        .await;
+        {
+            let cache = lock(&self.jwt_cache);
+            self.metrics.cached_jwt_svids.set(cache.len() as i64);
+            self.metrics.jwt_cache_bytes.set(cache.bytes() as i64);
+        }
+        token
     }
 }
 
@@ -1193,7 +1400,7 @@ pub(crate) mod tests {
         for (k, ca) in [("old", &old), ("new", &new)] {
             let token = ca.sign(&sub, &aud, HOUR, now).unwrap();
             assert_eq!(jwt_kid(&token).as_deref(), Some(ca.kid()));
-            c.insert(key(k), token, now + HOUR, now);
+            c.insert(key(k), token, now + HOUR, now, 1);
         }
         c.drop_tainted(&std::collections::BTreeSet::new());
         assert_eq!(c.len(), 2);
@@ -1215,6 +1422,7 @@ pub(crate) mod tests {
                 "t".into(),
                 now + HOUR,
                 now,
+                1,
             );
         }
         let mut rewritten = (*changed).clone();
@@ -1232,6 +1440,7 @@ pub(crate) mod tests {
             "t".into(),
             now + HOUR,
             now,
+            1,
         );
         c.drop_stale(&snap);
         assert_eq!(c.len(), 2);
@@ -1241,35 +1450,98 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn jwt_cache_is_bounded_and_evicts_the_soonest_expiring() {
+    fn jwt_cache_is_bounded_and_evicts_the_oldest() {
         let now = SystemTime::now();
         let mut c = JwtCache::new(3);
-        c.insert(key("a"), "a".into(), now + 3 * HOUR, now);
-        c.insert(key("b"), "b".into(), now + HOUR, now);
-        c.insert(key("c"), "c".into(), now + 2 * HOUR, now);
-        c.insert(key("d"), "d".into(), now + 4 * HOUR, now);
+        c.insert(key("a"), "a".into(), now + 3 * HOUR, now, 1);
+        c.insert(key("b"), "b".into(), now + HOUR, now, 1);
+        c.insert(key("c"), "c".into(), now + 2 * HOUR, now, 1);
+        c.insert(key("d"), "d".into(), now + 4 * HOUR, now, 1);
         assert_eq!(c.len(), 3);
-        assert!(
-            c.valid(&key("b"), now).is_none(),
-            "soonest expiring evicted"
-        );
-        for k in ["a", "c", "d"] {
+        assert!(c.valid(&key("a"), now).is_none(), "oldest evicted");
+        for k in ["b", "c", "d"] {
             assert!(c.fresh(&key(k), now).is_some(), "{k}");
         }
-        // Replacing a held key evicts nothing.
-        c.insert(key("a"), "a2".into(), now + HOUR, now);
+        // Replacing a held key evicts nothing, and makes it the newest.
+        c.insert(key("b"), "b2".into(), now + HOUR, now, 1);
         assert_eq!(c.len(), 3);
-        assert_eq!(c.fresh(&key("a"), now).unwrap(), "a2");
+        assert_eq!(c.fresh(&key("b"), now).unwrap(), "b2");
+        c.insert(key("e"), "e".into(), now + 4 * HOUR, now, 1);
+        assert!(c.valid(&key("c"), now).is_none(), "c was the oldest");
         // Expired tokens go first, without evicting valid ones.
-        let later = now + 2 * HOUR + Duration::from_secs(1);
-        c.insert(key("e"), "e".into(), later + HOUR, later);
-        assert_eq!(c.len(), 2, "a and c expired");
+        let later = now + HOUR + Duration::from_secs(1);
+        c.insert(key("f"), "f".into(), later + HOUR, later, 1);
+        assert_eq!(c.len(), 3, "b expired");
         assert!(c.valid(&key("d"), later).is_some());
+        assert!(c.valid(&key("e"), later).is_some());
         // Fresh until half the life, valid until expiry.
-        assert!(c.fresh(&key("e"), later + HOUR / 2).is_none());
-        assert!(c.valid(&key("e"), later + HOUR / 2).is_some());
-        assert!(c.valid(&key("e"), later + HOUR).is_none());
+        assert!(c.fresh(&key("f"), later + HOUR / 2).is_none());
+        assert!(c.valid(&key("f"), later + HOUR / 2).is_some());
+        assert!(c.valid(&key("f"), later + HOUR).is_none());
         assert_eq!(JwtCache::new(JWT_CACHE_LIMIT).limit, 1000);
+    }
+
+    /// A key whose audience makes its token `n` bytes larger.
+    fn big_key(id: &str, aud: usize) -> JwtKey {
+        let mut k = key(id);
+        k.audience = vec!["x".repeat(aud)];
+        k
+    }
+
+    #[test]
+    fn one_uid_fills_only_its_share_of_the_jwt_cache() {
+        let now = SystemTime::now();
+        let exp = now + HOUR;
+        // 10 KiB in all, 4 KiB per uid; each token costs about 1.3 KiB.
+        let mut c = JwtCache::with_budget(100, 100, 10 * 1024, 4 * 1024);
+        c.insert(key("victim"), "v".into(), exp, now, 2);
+        for i in 0..50 {
+            c.insert(big_key(&format!("k{i}"), 1000), "t".into(), exp, now, 1);
+            assert!(c.held[&1].bytes <= 4 * 1024, "{i}");
+            assert!(c.bytes() <= 10 * 1024, "{i}");
+        }
+        // uid 1 kept its newest tokens; uid 2's token was never touched.
+        assert!(c.fresh(&big_key("k49", 1000), now).is_some());
+        assert!(c.fresh(&big_key("k0", 1000), now).is_none());
+        assert_eq!(c.fresh(&key("victim"), now).unwrap(), "v");
+        // The count share too.
+        let mut c = JwtCache::with_budget(100, 3, 1 << 20, 1 << 20);
+        c.insert(key("victim"), "v".into(), exp, now, 2);
+        for i in 0..10 {
+            c.insert(key(&format!("k{i}")), "t".into(), exp, now, 1);
+        }
+        assert_eq!(c.held[&1].tokens, 3);
+        assert!(c.fresh(&key("victim"), now).is_some());
+        // A token larger than a uid's whole share is not cached.
+        let mut c = JwtCache::with_budget(100, 100, 10 * 1024, 1024);
+        c.insert(big_key("huge", 2000), "t".into(), exp, now, 1);
+        assert_eq!((c.len(), c.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn a_full_jwt_cache_evicts_from_the_largest_holder() {
+        let now = SystemTime::now();
+        let exp = now + HOUR;
+        // Every key below has a two-letter ID, so all cost the same.
+        let cost = JwtCache::cost(&big_key("a0", 1000), "t");
+        // Room for 5 tokens, 3 per uid.
+        let mut c = JwtCache::with_budget(100, 100, 5 * cost, 3 * cost);
+        c.insert(big_key("a0", 1000), "t".into(), exp, now, 1);
+        for i in 0..3 {
+            c.insert(big_key(&format!("b{i}"), 1000), "t".into(), exp, now, 2);
+        }
+        c.insert(big_key("c0", 1000), "t".into(), exp, now, 3);
+        assert_eq!(c.len(), 5);
+        // Full: uid 3's next token takes room from uid 2 (the largest),
+        // oldest first; uid 1's older token stays.
+        c.insert(big_key("c1", 1000), "t".into(), exp, now, 3);
+        assert!(c.fresh(&big_key("b0", 1000), now).is_none());
+        assert!(c.fresh(&big_key("a0", 1000), now).is_some());
+        assert_eq!(c.bytes(), 5 * cost);
+        // Every removal path keeps the counts.
+        c.drop_stale(&Arc::new(snapshot(&domain("example.org"), &[], &[])));
+        assert_eq!((c.len(), c.bytes()), (0, 0));
+        assert!(c.held.is_empty());
     }
 
     #[tokio::test]
@@ -1288,12 +1560,12 @@ pub(crate) mod tests {
             async move { r }
         };
 
-        let got = cached_or_fetch(&cache, key("w"), now, || fetch(Ok(token.clone())))
+        let got = cached_or_fetch(&cache, key("w"), now, 1, || fetch(Ok(token.clone())))
             .await
             .unwrap();
         assert_eq!(got, token);
         // Before half-life: from the cache, the server is not asked.
-        let got = cached_or_fetch(&cache, key("w"), now + ttl / 4, || {
+        let got = cached_or_fetch(&cache, key("w"), now + ttl / 4, 1, || {
             fetch(Err(JwtFetchError::Unreachable("down".into())))
         })
         .await
@@ -1304,7 +1576,7 @@ pub(crate) mod tests {
         );
         // Due for refresh but the server is unreachable: the cached token,
         // still valid, is served.
-        let got = cached_or_fetch(&cache, key("w"), now + ttl * 3 / 4, || {
+        let got = cached_or_fetch(&cache, key("w"), now + ttl * 3 / 4, 1, || {
             fetch(Err(JwtFetchError::Unreachable("down".into())))
         })
         .await
@@ -1314,16 +1586,20 @@ pub(crate) mod tests {
             (token.as_str(), 2)
         );
         // Once it expired, the failure is the caller's.
-        let err = cached_or_fetch(&cache, key("w"), now + ttl + Duration::from_secs(1), || {
-            fetch(Err(JwtFetchError::Unreachable("down".into())))
-        })
+        let err = cached_or_fetch(
+            &cache,
+            key("w"),
+            now + ttl + Duration::from_secs(1),
+            1,
+            || fetch(Err(JwtFetchError::Unreachable("down".into()))),
+        )
         .await
         .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(err.message().contains("could not fetch JWT-SVID: down"));
         // A server that refuses (say, the entry is gone) is not overridden by
         // the cache, and the cached token is dropped.
-        let err = cached_or_fetch(&cache, key("w"), now + ttl / 2, || {
+        let err = cached_or_fetch(&cache, key("w"), now + ttl / 2, 1, || {
             fetch(Err(JwtFetchError::Refused(
                 tonic::Code::PermissionDenied,
                 "entry not authorized".into(),
@@ -1335,7 +1611,7 @@ pub(crate) mod tests {
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
         assert!(lock(&cache).valid(&key("w"), now).is_none());
         // A bad request keeps its code, so clients do not retry it.
-        let err = cached_or_fetch(&cache, key("w"), now, || {
+        let err = cached_or_fetch(&cache, key("w"), now, 1, || {
             fetch(Err(JwtFetchError::Refused(
                 tonic::Code::InvalidArgument,
                 "at most 32 audiences".into(),
@@ -1345,7 +1621,7 @@ pub(crate) mod tests {
         .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         // Anything else the server says is the server's trouble.
-        let err = cached_or_fetch(&cache, key("w"), now, || {
+        let err = cached_or_fetch(&cache, key("w"), now, 1, || {
             fetch(Err(JwtFetchError::Refused(
                 tonic::Code::Internal,
                 "x".into(),
@@ -1354,6 +1630,38 @@ pub(crate) mod tests {
         .await
         .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn a_uid_over_its_server_share_gets_a_valid_cached_token_or_its_refusal() {
+        let own = domain("example.org");
+        let now = SystemTime::now();
+        let ttl = Duration::from_secs(100);
+        let token = own
+            .jwt
+            .sign(&key("w").spiffe_id, &key("w").audience, ttl, now)
+            .unwrap();
+        let cache = Mutex::new(JwtCache::new(10));
+        let over = || async {
+            Err(JwtFetchError::OverShare(Status::resource_exhausted(
+                "share used",
+            )))
+        };
+        let err = cached_or_fetch(&cache, key("w"), now, 1, over)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(err.message(), "share used");
+        let t = token.clone();
+        cached_or_fetch(&cache, key("w"), now, 1, || async move { Ok(t) })
+            .await
+            .unwrap();
+        // Due for refresh, but the uid may not ask the server: the token,
+        // still valid, is served.
+        let got = cached_or_fetch(&cache, key("w"), now + ttl * 3 / 4, 1, over)
+            .await
+            .unwrap();
+        assert_eq!(got, token);
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod agent_faults;
 mod attributes;
 mod authority;
 mod bad_input;
+mod bounds;
 mod cli;
 mod consistency;
 mod durability;
