@@ -38,7 +38,7 @@ async fn source(uri: &str, hint: &str) -> X509Source {
 }
 
 /// The serial number and expiry of a DER certificate.
-fn serial_and_expiry(der: &[u8]) -> (Vec<u8>, SystemTime) {
+pub(crate) fn serial_and_expiry(der: &[u8]) -> (Vec<u8>, SystemTime) {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
     let not_after = SystemTime::UNIX_EPOCH
         + Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
@@ -70,13 +70,13 @@ impl Tally {
 /// A `frontend-<n>` / `backend-<n>` pair doing one mutual-TLS exchange after
 /// another until `stop`, each side authorizing exactly the other's ID and
 /// each checking that the certificate it was handed is within its validity.
-struct Pair {
+pub(crate) struct Pair {
     tally: Arc<Tally>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Pair {
-    async fn start(uri: &str, n: usize, stop: Arc<AtomicBool>) -> Self {
+    pub(crate) async fn start(uri: &str, n: usize, stop: Arc<AtomicBool>) -> Self {
         let fe = format!("frontend-{n}");
         let be = format!("backend-{n}");
         let server_src = source(uri, &be).await;
@@ -176,8 +176,13 @@ impl Pair {
         }
     }
 
+    /// The client-certificate serials the server side has seen so far.
+    pub(crate) fn serials(&self) -> std::collections::BTreeSet<Vec<u8>> {
+        self.tally.serials.lock().unwrap().clone()
+    }
+
     /// Stops the pair; returns (handshakes, failures, distinct client serials, errors).
-    async fn finish(self) -> (u64, u64, usize, Vec<String>) {
+    pub(crate) async fn finish(self) -> (u64, u64, usize, Vec<String>) {
         // The client loop ends by itself once `stop` is set.
         let mut tasks = self.tasks.into_iter();
         let server = tasks.next().unwrap();
@@ -200,7 +205,7 @@ impl Pair {
 
 /// Registers `n` frontend/backend pairs for this process's uid and waits
 /// until the agent serves all of them.
-async fn register_pairs(server: &ServerBin, agent: &AgentBin, agent_id: &str, n: usize) {
+pub(crate) async fn register_pairs(server: &ServerBin, agent: &AgentBin, agent_id: &str, n: usize) {
     let uid = nix::unistd::getuid();
     let mut admin = server.admin().await;
     for i in 0..n {
@@ -555,7 +560,7 @@ async fn the_database_restarted_under_load() {
 }
 
 /// Runs `ip` with these arguments; panics with its stderr on failure.
-fn ip(args: &[&str]) {
+pub(crate) fn ip(args: &[&str]) {
     let out = std::process::Command::new("ip")
         .args(args)
         .output()
