@@ -97,7 +97,12 @@ pub(crate) async fn connect_with(
             async move { first_reachable(&addresses, &connector).await }
         }))
         .await
-        .map_err(|e| AgentError::Unavailable(format!("cannot reach a server ({servers}): {e}")))?;
+        .map_err(|e| {
+            AgentError::Unavailable(format!(
+                "cannot reach a server ({servers}): {}",
+                with_sources(&e)
+            ))
+        })?;
     Ok(AgentApiClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -135,7 +140,7 @@ async fn first_reachable(
                     PREFERRED.store(i, Ordering::Relaxed);
                     return Ok(TokioIo::new(tls));
                 }
-                Ok(Err(e)) => failures.push(format!("{address} ({addr}): {e}")),
+                Ok(Err(e)) => failures.push(format!("{address} ({addr}): {e}{}", clock_hint(&e))),
                 Err(_) => failures.push(format!(
                     "{address} ({addr}): no answer within {PER_ADDRESS_TIMEOUT:?}"
                 )),
@@ -146,6 +151,47 @@ async fn first_reachable(
         std::io::ErrorKind::NotConnected,
         failures.join("; "),
     ))
+}
+
+/// An error with its chain of causes: the transport error alone says only
+/// "transport error", while the reason (every address tried, and why each
+/// failed) is in its source.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// A hint when the server's certificate was refused for its validity
+/// period: with server SVIDs backdated by only [`sigil_svid::x509::BACKDATE`],
+/// that is nearly always this host's clock, not the server.
+fn clock_hint(e: &std::io::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    let Some(rustls::Error::InvalidCertificate(c)) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return "";
+    };
+    match c {
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            " (this host's clock is behind the server's by more than the 10 s the \
+             server backdates its certificates; fix the clock, e.g. with NTP)"
+        }
+        C::Expired | C::ExpiredContext { .. } => {
+            " (if the server is up to date, this host's clock is ahead of the \
+             server's; fix the clock, e.g. with NTP)"
+        }
+        _ => "",
+    }
 }
 
 async fn handshake(

@@ -809,6 +809,12 @@ impl CaManager {
             changed = true;
         }
 
+        // The journal records a state change one record at a time, so a
+        // crash between two writes leaves a half-done step: two active
+        // authorities (a replacement written before its predecessor was
+        // retired) or none (the old one retired, the prepared one not yet
+        // activated). Finish the step rather than start another.
+        changed |= self.repair_active(slots).await?;
         let active = slots
             .iter()
             .position(|s| s.record.state == AuthorityState::Active);
@@ -879,6 +885,56 @@ impl CaManager {
             changed = true;
         }
         Ok(changed)
+    }
+
+    /// Brings `slots` back to at most one active authority after a crash in
+    /// the middle of a state change: of several active ones the newest stays
+    /// active and the others are retired (still trusted, so what they signed
+    /// stays valid); with none active, a prepared one, already published in
+    /// the bundle, is activated, instead of a new unpublished one being
+    /// created (whose SVIDs peers with the older bundle could not verify).
+    /// Returns whether anything changed.
+    async fn repair_active<A: Authority>(
+        &self,
+        slots: &mut [Slot<A>],
+    ) -> Result<bool, ServerError> {
+        let newest_active = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.record.state == AuthorityState::Active)
+            .max_by_key(|(_, s)| (s.record.not_after, s.record.created_at))
+            .map(|(i, _)| i);
+        match newest_active {
+            Some(keep) => {
+                let mut changed = false;
+                for (i, slot) in slots.iter_mut().enumerate() {
+                    if i != keep && slot.record.state == AuthorityState::Active {
+                        self.set_state(slot, AuthorityState::Retired).await?;
+                        tracing::warn!(
+                            authority = %slot.record.id,
+                            "retired an authority left active beside a newer one by an interrupted rotation"
+                        );
+                        changed = true;
+                    }
+                }
+                Ok(changed)
+            }
+            None => {
+                let Some(p) = slots
+                    .iter()
+                    .position(|s| s.record.state == AuthorityState::Prepared)
+                else {
+                    return Ok(false);
+                };
+                self.set_state(&mut slots[p], AuthorityState::Active)
+                    .await?;
+                tracing::warn!(
+                    authority = %slots[p].record.id,
+                    "activated the prepared authority of an interrupted rotation"
+                );
+                Ok(true)
+            }
+        }
     }
 
     async fn create<A: Authority>(
@@ -1525,5 +1581,87 @@ mod tests {
         let a = server(&store, dir.path(), "a", t0).await.unwrap();
         assert_eq!(a.active().x509.id(), active_now);
         assert!(!a.bundle().x509_authorities.contains(&old_der));
+    }
+
+    /// The journal's records of `kind` as (ID, state), sorted.
+    async fn states(store: &Arc<dyn Store>, kind: AuthorityKind) -> Vec<(String, AuthorityState)> {
+        let mut v: Vec<_> = store
+            .list_authorities()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| (r.id, r.state))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_retiring_and_activating_activates_the_published_successor() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let store = shared_store(dir.path()).await;
+        let a = server(&store, dir.path(), "a", t0).await.unwrap();
+        let old = a.active().x509.id();
+        let prepared = a.prepare_now(AuthorityKind::X509, t0).await.unwrap();
+        let published = a.bundle().x509_authorities.clone();
+        drop(a);
+        // The first of activation's two journal writes landed, then the
+        // process died: the old authority is retired and none is active.
+        let mut rec = store
+            .list_authorities()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|r| r.id == old)
+            .unwrap();
+        rec.state = AuthorityState::Retired;
+        store.put_authority(rec).await.unwrap();
+
+        let a = server(&store, dir.path(), "a", t0).await.unwrap();
+        // The successor everyone already trusts signs; no new, unpublished
+        // authority was made.
+        assert_eq!(a.active().x509.id(), prepared.id);
+        assert_eq!(a.bundle().x509_authorities, published);
+        let mut want = vec![
+            (old.clone(), AuthorityState::Retired),
+            (prepared.id.clone(), AuthorityState::Active),
+        ];
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(states(&store, AuthorityKind::X509).await, want);
+    }
+
+    #[tokio::test]
+    async fn a_crash_that_left_two_active_authorities_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::now();
+        let store = shared_store(dir.path()).await;
+        let a = server(&store, dir.path(), "a", t0).await.unwrap();
+        let old = a.active().x509.id();
+        let old_leaf = leaf_from(&a, t0);
+        // A successor created a minute later, written as active before the
+        // old one was retired (as the replacement of an expired authority is).
+        let next = a
+            .prepare_now(AuthorityKind::X509, t0 + Duration::from_secs(60))
+            .await
+            .unwrap();
+        drop(a);
+        let mut rec = next.clone();
+        rec.state = AuthorityState::Active;
+        store.put_authority(rec).await.unwrap();
+
+        let a = server(&store, dir.path(), "a", t0 + Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(a.active().x509.id(), next.id);
+        let mut want = vec![
+            (old.clone(), AuthorityState::Retired),
+            (next.id.clone(), AuthorityState::Active),
+        ];
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(states(&store, AuthorityKind::X509).await, want);
+        // The one retired is still trusted: what it signed stays valid.
+        assert!(verifies(&old_leaf, &a, t0 + Duration::from_secs(60)));
     }
 }

@@ -598,7 +598,7 @@ async fn the_database_restarted_under_load() {
 }
 
 /// Runs `ip` with these arguments; panics with its stderr on failure.
-fn ip(args: &[&str]) {
+pub(crate) fn ip(args: &[&str]) {
     let out = std::process::Command::new("ip")
         .args(args)
         .output()

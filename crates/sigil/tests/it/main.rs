@@ -36,6 +36,7 @@ mod resilience;
 mod rotation;
 mod sds;
 mod security;
+mod server_faults;
 mod workload_api;
 
 use std::time::Duration;

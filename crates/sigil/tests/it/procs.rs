@@ -257,6 +257,14 @@ impl ServerBin {
         self.proc.as_ref().expect("the server runs").signal(signal);
     }
 
+    /// Panics (quoting the log) if the server process has exited.
+    pub(crate) fn assert_running(&mut self) {
+        self.proc
+            .as_mut()
+            .expect("the server was started")
+            .assert_running();
+    }
+
     /// SIGTERM; returns whether the exit was clean.
     pub(crate) fn stop(&mut self) -> bool {
         self.proc.take().is_some_and(|mut p| p.stop().success())
