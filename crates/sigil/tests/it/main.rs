@@ -23,6 +23,7 @@ mod ha;
 mod kubernetes;
 mod mtls;
 mod oidc;
+mod paging;
 mod processes;
 mod procs;
 mod proxy;

@@ -514,6 +514,11 @@ impl AgentBin {
     pub(crate) fn log(&self) -> String {
         log_tail(&self.log)
     }
+
+    /// The running agent's process ID.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
 }
 
 /// A server binary (SQLite unless `server_extra` configures `[server.store]`)
