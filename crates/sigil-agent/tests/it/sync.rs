@@ -437,24 +437,28 @@ async fn an_update_over_the_bound_is_refused_with_a_backoff_and_not_buffered() {
         let mut first = setup.page(2, &[1, 2], true);
         first.snapshot = true;
         call.tx.send(Ok(first)).await.unwrap();
-        // Pages keep coming; the agent must end the stream itself.
+        // Pages keep coming; the agent must end the stream itself. Bounded,
+        // so that an agent that takes them all fails the test instead of
+        // hanging it (sends into a queue that never fills do not yield to
+        // the timeout); one that stops reading without closing fills the
+        // 64-page queue, and the timeout ends the wait.
         let flood = async {
-            let mut n = 10;
-            loop {
+            for n in (10..20_000).step_by(2) {
                 if call
                     .tx
                     .send(Ok(setup.page(2, &[n, n + 1], true)))
                     .await
                     .is_err()
                 {
-                    return;
+                    return true;
                 }
-                n += 2;
             }
+            false
         };
-        tokio::time::timeout(PROMPT, flood)
+        let ended = tokio::time::timeout(PROMPT, flood)
             .await
             .expect("the agent ends a stream over its bound");
+        assert!(ended, "the agent took 10,000 pages of one update");
     }
     assert_backoff_grew(&at);
     assert!(setup.served().is_empty(), "{:?}", setup.served());
