@@ -248,7 +248,7 @@ impl Setup {
             EntryId::try_from(format!("entry-{n}")).unwrap(),
             self.td.id_with_path(&format!("/workload-{n}")).unwrap(),
             self.agent_id.clone(),
-            Selectors::parse_all(&["unix:uid:424242"]).unwrap(),
+            Selectors::parse_all(["unix:uid:424242"]).unwrap(),
         );
         e.revision = 1;
         pb::Entry::from(&e)
