@@ -38,8 +38,11 @@ impl TrustRoots for BundleTrust {
     }
 }
 
-/// Largest message accepted from the server (a sync snapshot of many entries).
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest message accepted from the server (16 MiB). The server sends a
+/// sync update in pages of at most 4 MiB (`sigil_server::sync_pages::PAGE_BYTES`),
+/// so this fits a page with room for its bundles; what an update may hold
+/// across its pages is bounded separately ([`crate::paging::UpdateBounds`]).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// How long one address may take to accept a TCP connection and finish the
 /// TLS handshake before the next one is tried.

@@ -48,6 +48,17 @@ struct AgentSection {
     sds: Option<SdsFile>,
     #[serde(default)]
     limits: crate::limits::LimitsSection,
+    #[serde(default = "default_max_sync_update_entries")]
+    max_sync_update_entries: usize,
+    #[serde(default = "default_max_sync_update_bytes")]
+    max_sync_update_bytes: usize,
+}
+
+fn default_max_sync_update_entries() -> usize {
+    crate::paging::MAX_UPDATE_ENTRIES
+}
+fn default_max_sync_update_bytes() -> usize {
+    crate::paging::MAX_UPDATE_BYTES
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,6 +290,9 @@ pub struct AgentConfig {
     pub sds: SdsConfig,
     /// Bounds on callers of the socket: `[agent.limits]`.
     pub limits: crate::limits::AgentLimits,
+    /// What one sync update from the server may hold across its pages
+    /// (`max_sync_update_entries`, `max_sync_update_bytes`).
+    pub sync_update_bounds: crate::paging::UpdateBounds,
 }
 
 impl AgentConfig {
@@ -304,6 +318,7 @@ impl AgentConfig {
             k8s_psat: None,
             sds: SdsConfig::default(),
             limits: crate::limits::AgentLimits::default(),
+            sync_update_bounds: crate::paging::UpdateBounds::default(),
         }
     }
 
@@ -460,7 +475,25 @@ impl AgentConfig {
             }
         };
         let limits = crate::limits::parse(a.limits, &invalid)?;
+        sigil_types::config::require_positive(
+            &[
+                (
+                    "agent.max_sync_update_entries",
+                    a.max_sync_update_entries as u128,
+                ),
+                (
+                    "agent.max_sync_update_bytes",
+                    a.max_sync_update_bytes as u128,
+                ),
+            ],
+            &invalid,
+        )?;
+        let sync_update_bounds = crate::paging::UpdateBounds {
+            max_entries: a.max_sync_update_entries,
+            max_bytes: a.max_sync_update_bytes,
+        };
         Ok(Self {
+            sync_update_bounds,
             sds,
             limits,
             k8s,
@@ -508,6 +541,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(bad.contains("\"b\" must be host:port"), "{bad}");
+    }
+
+    #[test]
+    fn sync_update_bounds_default_parse_and_refuse_zero() {
+        let head = "[agent]\ntrust_domain = \"example.org\"\nserver_address = \"s:8081\"\n";
+        let d = AgentConfig::parse(head, None).unwrap();
+        assert_eq!(d.sync_update_bounds, crate::paging::UpdateBounds::default());
+        let c = AgentConfig::parse(
+            &format!("{head}max_sync_update_entries = 10\nmax_sync_update_bytes = 2048\n"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.sync_update_bounds,
+            crate::paging::UpdateBounds {
+                max_entries: 10,
+                max_bytes: 2048
+            }
+        );
+        let zero = AgentConfig::parse(&format!("{head}max_sync_update_bytes = 0\n"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(zero.contains("agent.max_sync_update_bytes"), "{zero}");
     }
 
     #[test]

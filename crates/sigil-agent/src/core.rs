@@ -520,6 +520,8 @@ impl Core {
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
         let mut stream: Option<Streaming<pb::SyncMessage>> = None;
+        // The pages of the update arriving on `stream`, applied only whole.
+        let mut pages = crate::paging::Assembler::new(self.cfg.sync_update_bounds);
         let mut retry_at = SystemTime::now();
         // The cached state was published by `start` before the socket opened.
         loop {
@@ -529,10 +531,12 @@ impl Core {
                     Ok(s) => {
                         tracing::info!(servers = %self.cfg.server_address, "connected to a server");
                         stream = Some(s);
-                        // The backoff is reset only once a message has been
-                        // applied: a stream that opens and then fails at once
-                        // (an answer the agent cannot take) must not be
-                        // retried at the shortest delay forever.
+                        pages.clear();
+                        // The backoff is reset only once a whole update has
+                        // been applied: a stream that opens and then fails at
+                        // once (an answer the agent cannot take), or after a
+                        // first page, must not be retried at the shortest
+                        // delay forever.
                         self.dirty = true;
                     }
                     Err(e) => {
@@ -557,6 +561,7 @@ impl Core {
             let now = SystemTime::now();
             if self.maintain_identity(now).await {
                 stream = None;
+                pages.clear();
                 self.client.store(Arc::new(None));
                 retry_at = now;
                 continue;
@@ -585,11 +590,27 @@ impl Core {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 msg = next_message(&mut stream) => match msg {
-                    Some(Ok(m)) => {
-                        self.apply(m);
-                        backoff.reset();
-                    }
+                    Some(Ok(page)) => match pages.push(page) {
+                        Ok(Some(update)) => {
+                            self.apply(update);
+                            backoff.reset();
+                        }
+                        // More pages of this update are to come.
+                        Ok(None) => {}
+                        Err(e) => {
+                            let d = backoff.next();
+                            tracing::error!(error = %e, retry_in = ?d, "refusing the server's sync update; reconnecting");
+                            stream = None;
+                            retry_at = SystemTime::now() + d;
+                            self.client.store(Arc::new(None));
+                            self.dirty = true;
+                        }
+                    },
                     Some(Err(status)) => {
+                        if pages.is_partial() {
+                            tracing::warn!("the sync stream broke inside an update; nothing of it was applied");
+                        }
+                        pages.clear();
                         let d = backoff.next();
                         if status.code() == tonic::Code::PermissionDenied {
                             tracing::error!(error = %status.message(), "the server cut this agent off");
@@ -602,6 +623,10 @@ impl Core {
                         self.dirty = true;
                     }
                     None => {
+                        if pages.is_partial() {
+                            tracing::warn!("the sync stream ended inside an update; nothing of it was applied");
+                        }
+                        pages.clear();
                         stream = None;
                         retry_at = SystemTime::now() + backoff.next();
                         self.client.store(Arc::new(None));
@@ -734,6 +759,22 @@ mod tests {
         assert!(last >= Duration::from_secs(1));
         b.reset();
         assert!(b.next() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn backoff_is_jittered_between_half_and_all_of_each_step() {
+        let firsts: BTreeSet<u128> = (0..50)
+            .map(|_| {
+                Backoff::new(Duration::from_millis(100), Duration::from_secs(10))
+                    .next()
+                    .as_micros()
+            })
+            .collect();
+        assert!(
+            firsts.iter().all(|d| (50_000..=100_000).contains(d)),
+            "{firsts:?}"
+        );
+        assert!(firsts.len() > 10, "no jitter: {firsts:?}");
     }
 
     fn bundle_of(name: &str) -> Bundle {

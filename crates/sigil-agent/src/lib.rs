@@ -14,6 +14,7 @@
 //! | [`config`] | the TOML config and its validation |
 //! | [`client`] | TLS connections to the server, trust bootstrap |
 //! | [`core`] | the task that owns entries and SVIDs |
+//! | [`paging`] | paged sync updates, reassembled and bounded |
 //! | [`persist`] | the on-disk state |
 //! | [`peer`] | kernel peer credentials and PID-reuse checks |
 //! | [`attest`] | the unix workload attestor |
@@ -34,6 +35,7 @@ pub mod idle;
 pub mod k8s;
 pub mod limits;
 pub mod metrics;
+pub mod paging;
 pub mod peer;
 pub mod pending;
 pub mod persist;

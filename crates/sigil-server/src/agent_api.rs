@@ -287,6 +287,27 @@ fn set_tainted(m: &mut pb::SyncMessage, t: &crate::ca::Tainted) {
     m.tainted_changed = true;
 }
 
+/// Sends one update on a sync stream, in pages of at most
+/// [`PAGE_BYTES`](crate::sync_pages::PAGE_BYTES), its entries in ID
+/// order: every update goes through here, so no message grows with the
+/// authorized set. False once the agent is gone.
+async fn send_update(
+    state: &ServerState,
+    tx: &mpsc::Sender<Result<pb::SyncMessage, Status>>,
+    mut update: pb::SyncMessage,
+) -> bool {
+    // In ID order, so that one set always pages the same way.
+    update.upserted.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    for page in crate::sync_pages::pages(update, crate::sync_pages::PAGE_BYTES) {
+        if tx.send(Ok(page)).await.is_err() {
+            return false;
+        }
+        state.metrics.sync_pages.inc();
+    }
+    state.metrics.sync_messages.inc();
+    true
+}
+
 /// A sync stream as the call opened it.
 struct Opened {
     /// The agent's record when the stream was authenticated.
@@ -334,10 +355,9 @@ async fn sync_loop(
     first.federated_bundles = federated_map(&federated_rx.borrow_and_update());
     first.federated_bundles_changed = true;
     set_tainted(&mut first, &tainted_rx.borrow_and_update());
-    if tx.send(Ok(first)).await.is_err() {
+    if !send_update(state, &tx, first).await {
         return;
     }
-    state.metrics.sync_messages.inc();
     tracing::debug!(agent = %agent.spiffe_id, entries = auth.entries.len(), "sync stream opened");
     loop {
         let mut recompute = false;
@@ -453,11 +473,10 @@ async fn sync_loop(
             });
             set_tainted(m, &t);
         }
-        if let Some(m) = msg {
-            if tx.send(Ok(m)).await.is_err() {
-                return;
-            }
-            state.metrics.sync_messages.inc();
+        if let Some(m) = msg
+            && !send_update(state, &tx, m).await
+        {
+            return;
         }
     }
 }

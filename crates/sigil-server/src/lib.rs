@@ -15,6 +15,7 @@
 //! | [`registry`] | the operations behind both APIs |
 //! | [`psat`] | Kubernetes PSAT node attestation (cargo feature `k8s`) |
 //! | [`agent_api`] | what agents call, over mutual TLS |
+//! | [`sync_pages`] | one sync update split into bounded pages |
 //! | [`admin_api`] | what operators call, over the admin socket |
 //! | [`tls`] | the TLS listener and peer identities |
 //! | [`limits`] | message sizes, rate limits, connection caps, timeouts |
@@ -37,6 +38,7 @@ pub mod oidc;
 pub mod psat;
 pub mod readiness;
 pub mod registry;
+pub mod sync_pages;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -21,8 +21,10 @@ pub struct Metrics {
     pub agent_renewals: Counter,
     /// Open agent sync streams.
     pub sync_streams: Gauge,
-    /// Sync messages pushed to agents.
+    /// Sync updates pushed to agents (each one or more pages).
     pub sync_messages: Counter,
+    /// Sync pages sent: an update larger than a page spans several.
+    pub sync_pages: Counter,
     /// Entries in the index.
     pub entries: Gauge,
     /// Active X.509 authority changes.
@@ -40,6 +42,7 @@ impl Default for Metrics {
             agent_renewals: Counter::default(),
             sync_streams: Gauge::default(),
             sync_messages: Counter::default(),
+            sync_pages: Counter::default(),
             entries: Gauge::default(),
             ca_activations: Counter::default(),
             registry: Registry::default(),
@@ -76,8 +79,13 @@ impl Default for Metrics {
         );
         registry.register(
             "sync_messages",
-            "Sync messages pushed to agents",
+            "Sync updates pushed to agents (each one or more pages)",
             m.sync_messages.clone(),
+        );
+        registry.register(
+            "sync_pages",
+            "Sync pages sent to agents (an update larger than a page spans several)",
+            m.sync_pages.clone(),
         );
         registry.register(
             "entries",

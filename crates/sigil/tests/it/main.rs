@@ -25,6 +25,7 @@ mod ha;
 mod kubernetes;
 mod mtls;
 mod oidc;
+mod paging;
 mod powercut;
 mod procedures;
 mod processes;

@@ -550,6 +550,11 @@ impl AgentBin {
             .expect("the agent was started")
             .assert_running();
     }
+
+    /// The running agent's process ID.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
+    }
 }
 
 /// A server binary (SQLite unless `server_extra` configures `[server.store]`)

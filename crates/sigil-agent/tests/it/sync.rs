@@ -1,0 +1,478 @@
+//! The agent's sync loop against a fake server: a real agent (restored from
+//! a data directory this test writes) connects over real TLS to an agent
+//! API served here, whose Sync streams the test scripts page by page. This
+//! shows what only a misbehaving or hostile server can provoke: the backoff
+//! growing while no whole update is applied, paged updates applied at once
+//! and only whole, and the bound on what the agent buffers.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failure is reported by the panic"
+)]
+
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sigil_agent::paging::UpdateBounds;
+use sigil_agent::persist::{AgentIdentity, Persist};
+use sigil_agent::{AgentConfig, AgentHandle};
+use sigil_proto::server::v1 as pb;
+use sigil_proto::server::v1::agent_api_server::{AgentApi, AgentApiServer};
+use sigil_svid::bundle::Bundle;
+use sigil_svid::keys::PrivateKey;
+use sigil_svid::x509::{SvidRequest, X509Authority};
+use sigil_types::{Entry, EntryId, Selectors, SpiffeId, TrustDomain};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+
+/// A bound for what should take milliseconds; exceeding it is a failure.
+const PROMPT: Duration = Duration::from_secs(15);
+/// The agent's smallest reconnect delay in these tests.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+type Page = Result<pb::SyncMessage, Status>;
+
+/// One Sync call the agent made: when, what it asked, and the stream the
+/// test answers on.
+struct Call {
+    at: Instant,
+    request: pb::SyncRequest,
+    tx: mpsc::Sender<Page>,
+}
+
+/// An agent API whose Sync hands each stream to the test; everything else
+/// is refused.
+struct Fake {
+    calls: mpsc::UnboundedSender<Call>,
+}
+
+#[tonic::async_trait]
+impl AgentApi for Fake {
+    async fn get_bundle(
+        &self,
+        _: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::GetBundleResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn attest_join_token(
+        &self,
+        _: Request<pb::AttestJoinTokenRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn attest_psat(
+        &self,
+        _: Request<pb::AttestPsatRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn renew_agent(
+        &self,
+        _: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::AttestResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    type SyncStream = tokio_stream::wrappers::ReceiverStream<Page>;
+
+    async fn sync(
+        &self,
+        req: Request<pb::SyncRequest>,
+    ) -> Result<Response<Self::SyncStream>, Status> {
+        let (tx, rx) = mpsc::channel(64);
+        let call = Call {
+            at: Instant::now(),
+            request: req.into_inner(),
+            tx,
+        };
+        self.calls
+            .send(call)
+            .map_err(|_| Status::unavailable("test over"))?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn batch_new_x509svid(
+        &self,
+        _: Request<pb::BatchNewX509svidRequest>,
+    ) -> Result<Response<pb::BatchNewX509svidResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+    async fn new_jwtsvid(
+        &self,
+        _: Request<pb::NewJwtsvidRequest>,
+    ) -> Result<Response<pb::NewJwtsvidResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+/// A server-side TLS connection, as tonic's listener wants it.
+struct Conn(TlsStream<TcpStream>);
+
+impl Connected for Conn {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+/// The fake server and an agent of it.
+struct Setup {
+    agent: AgentHandle,
+    calls: mpsc::UnboundedReceiver<Call>,
+    td: TrustDomain,
+    agent_id: SpiffeId,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// A CA of `example.org`, the fake server with its SVID on a loopback
+    /// port, and an agent restored from an SVID of that CA, which trusts it.
+    async fn start(bounds: UpdateBounds) -> Self {
+        sigil_svid::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = X509Authority::generate(&td, Duration::from_secs(3600), now).unwrap();
+        let svid = |id: &SpiffeId| {
+            let key = PrivateKey::generate_p256().unwrap();
+            let req = SvidRequest::new(id, Duration::from_secs(3600));
+            let der = ca.sign_svid(&req, &key.public_key_spki_der(), now).unwrap();
+            (der, key)
+        };
+
+        let server_id = td.id_with_path(sigil_types::SERVER_PATH).unwrap();
+        let (server_cert, server_key) = svid(&server_id);
+        let mut tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(server_cert)],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.pkcs8_der().to_vec())),
+            )
+            .unwrap();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (conns_tx, conns_rx) = mpsc::channel::<Result<Conn, std::io::Error>>(16);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let conns_tx = conns_tx.clone();
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        let _ = conns_tx.send(Ok(Conn(tls))).await;
+                    }
+                });
+            }
+        });
+        let (calls_tx, calls) = mpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AgentApiServer::new(Fake { calls: calls_tx }))
+                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(conns_rx)),
+        );
+
+        let agent_id = td.id_with_path("/sigil/agent/test/node-1").unwrap();
+        let (agent_cert, agent_key) = svid(&agent_id);
+        let data_dir = dir.path().join("agent");
+        let persist = Persist::open(&data_dir).unwrap();
+        let mut bundle = Bundle::new(td.clone());
+        bundle.x509_authorities.push(ca.cert_der().to_vec());
+        persist.save_bundle(&bundle).unwrap();
+        persist
+            .save_identity(&AgentIdentity::new(vec![agent_cert], agent_key).unwrap())
+            .unwrap();
+        let mut cfg = AgentConfig::with_defaults(td.clone(), addr.to_string(), data_dir);
+        cfg.socket_path = dir.path().join("agent.sock");
+        cfg.min_backoff = MIN_BACKOFF;
+        cfg.max_backoff = Duration::from_secs(30);
+        cfg.sync_update_bounds = bounds;
+        let agent = sigil_agent::start(cfg).await.unwrap();
+        Self {
+            agent,
+            calls,
+            td,
+            agent_id,
+            _dir: dir,
+        }
+    }
+
+    /// The agent's next Sync call.
+    async fn next_call(&mut self) -> Call {
+        tokio::time::timeout(Duration::from_secs(30), self.calls.recv())
+            .await
+            .expect("the agent calls Sync again")
+            .expect("the fake server runs")
+    }
+
+    /// A valid entry of this agent, as the server sends it.
+    fn entry(&self, n: usize) -> pb::Entry {
+        let mut e = Entry::new(
+            EntryId::try_from(format!("entry-{n}")).unwrap(),
+            self.td.id_with_path(&format!("/workload-{n}")).unwrap(),
+            self.agent_id.clone(),
+            Selectors::parse_all(["unix:uid:424242"]).unwrap(),
+        );
+        e.revision = 1;
+        pb::Entry::from(&e)
+    }
+
+    /// A page of `entries` at `revision`.
+    fn page(&self, revision: u64, entries: &[usize], continued: bool) -> pb::SyncMessage {
+        pb::SyncMessage {
+            revision,
+            upserted: entries.iter().map(|n| self.entry(*n)).collect(),
+            continued,
+            ..Default::default()
+        }
+    }
+
+    /// The IDs of the entries the agent serves from now.
+    fn served(&self) -> BTreeSet<String> {
+        self.agent
+            .snapshots
+            .borrow()
+            .entries
+            .iter()
+            .map(|e| e.id.to_string())
+            .collect()
+    }
+}
+
+fn ids(ns: &[usize]) -> BTreeSet<String> {
+    ns.iter().map(|n| format!("entry-{n}")).collect()
+}
+
+/// Answers `n` Sync calls with `answer` each and returns when they came.
+async fn calls_answered_with(setup: &mut Setup, n: usize, answer: &[Page]) -> Vec<Instant> {
+    let mut at = Vec::new();
+    for _ in 0..n {
+        let call = setup.next_call().await;
+        at.push(call.at);
+        for page in answer {
+            // The agent may have dropped the stream already.
+            let _ = call.tx.send(page.clone()).await;
+        }
+    }
+    at
+}
+
+/// Asserts that the delays between consecutive calls grew as the backoff
+/// does without a reset: the k-th delay is at least the smallest jittered
+/// value of the k-th backoff step (half of `MIN_BACKOFF` × 2^k). Only lower
+/// bounds: a loaded machine makes delays longer, never shorter. A backoff
+/// reset at any step keeps every later delay near `MIN_BACKOFF` and fails.
+fn assert_backoff_grew(at: &[Instant]) {
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    for (k, gap) in gaps.iter().enumerate() {
+        let floor = MIN_BACKOFF.mul_f64(0.5 * f64::from(1u32 << k));
+        assert!(
+            *gap >= floor,
+            "delay {k} was {gap:?}, below {floor:?}: {gaps:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fails_before_any_update_backs_off_more_each_time() {
+    let mut setup = Setup::start(UpdateBounds::default()).await;
+    let at = calls_answered_with(&mut setup, 6, &[Err(Status::internal("broken"))]).await;
+    assert_backoff_grew(&at);
+    setup.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_page_alone_neither_applies_nor_resets_the_backoff() {
+    let mut setup = Setup::start(UpdateBounds::default()).await;
+    let mut first = setup.page(3, &[1, 2], true);
+    first.snapshot = true;
+    let at =
+        calls_answered_with(&mut setup, 6, &[Ok(first), Err(Status::internal("broken"))]).await;
+    assert_backoff_grew(&at);
+    // Each time the agent resumed from nothing: no page was applied.
+    let call = setup.next_call().await;
+    assert_eq!(call.request.revision, 0);
+    assert!(setup.served().is_empty(), "{:?}", setup.served());
+    setup.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_update_is_applied_whole_once_and_resets_the_backoff() {
+    let mut setup = Setup::start(UpdateBounds::default()).await;
+    // Record every set the agent ever publishes.
+    let mut rx = setup.agent.snapshots.clone();
+    let seen = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while rx.changed().await.is_ok() {
+            let set: BTreeSet<String> = rx
+                .borrow_and_update()
+                .entries
+                .iter()
+                .map(|e| e.id.to_string())
+                .collect();
+            seen.push(set);
+        }
+        seen
+    });
+
+    // Six failures grow the backoff: the next delay is 1.6 to 3.2 s.
+    let at = calls_answered_with(&mut setup, 6, &[Err(Status::internal("broken"))]).await;
+    assert_backoff_grew(&at);
+
+    // A snapshot in three pages; the third comes only after a pause in
+    // which a page applied on its own would have been published.
+    let call = setup.next_call().await;
+    let mut first = setup.page(5, &[1, 2], true);
+    first.snapshot = true;
+    call.tx.send(Ok(first)).await.unwrap();
+    call.tx.send(Ok(setup.page(5, &[3], true))).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(setup.served().is_empty(), "{:?}", setup.served());
+    call.tx.send(Ok(setup.page(5, &[4], false))).await.unwrap();
+    let mut rx = setup.agent.snapshots.clone();
+    tokio::time::timeout(PROMPT, rx.wait_for(|s| s.entries.len() == 4))
+        .await
+        .expect("the whole snapshot is served")
+        .unwrap();
+    assert_eq!(setup.served(), ids(&[1, 2, 3, 4]));
+
+    // A second snapshot (entry 1 gone) whose later pages must not be lost
+    // to its snapshot flag, then an update cut off after its first page.
+    let mut first = setup.page(6, &[2], true);
+    first.snapshot = true;
+    call.tx.send(Ok(first)).await.unwrap();
+    call.tx.send(Ok(setup.page(6, &[5], false))).await.unwrap();
+    tokio::time::timeout(PROMPT, rx.wait_for(|s| s.entries.len() == 2))
+        .await
+        .expect("the second snapshot is served")
+        .unwrap();
+    assert_eq!(setup.served(), ids(&[2, 5]));
+    let broke = Instant::now();
+    call.tx
+        .send(Ok(setup.page(7, &[6, 7], true)))
+        .await
+        .unwrap();
+    call.tx
+        .send(Err(Status::internal("broken mid-update")))
+        .await
+        .unwrap();
+
+    // The agent resumes from the last whole update, soon: its backoff was
+    // reset by the applied update (without the reset the delay would be
+    // 3.2 to 6.4 s; the bound leaves a loaded machine 2 s to reconnect).
+    let again = setup.next_call().await;
+    let delay = again.at - broke;
+    assert!(delay < Duration::from_millis(2500), "{delay:?}");
+    assert_eq!(again.request.revision, 6);
+    assert_eq!(
+        again
+            .request
+            .known_entry_ids
+            .iter()
+            .cloned()
+            .collect::<BTreeSet<_>>(),
+        ids(&[2, 5])
+    );
+    assert_eq!(setup.served(), ids(&[2, 5]));
+
+    setup.agent.shutdown().await;
+    drop(again);
+    let seen = seen.await.unwrap();
+    for set in &seen {
+        assert!(
+            set.is_empty() || *set == ids(&[1, 2, 3, 4]) || *set == ids(&[2, 5]),
+            "the agent served a partial update: {set:?} (all: {seen:?})"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_over_the_bound_is_refused_with_a_backoff_and_not_buffered() {
+    let mut setup = Setup::start(UpdateBounds {
+        max_entries: 3,
+        max_bytes: usize::MAX,
+    })
+    .await;
+    let mut at = Vec::new();
+    for _ in 0..5 {
+        let call = setup.next_call().await;
+        at.push(call.at);
+        let mut first = setup.page(2, &[1, 2], true);
+        first.snapshot = true;
+        call.tx.send(Ok(first)).await.unwrap();
+        // Pages keep coming; the agent must end the stream itself. Bounded,
+        // so that an agent that takes them all fails the test instead of
+        // hanging it (sends into a queue that never fills do not yield to
+        // the timeout); one that stops reading without closing fills the
+        // 64-page queue, and the timeout ends the wait.
+        let flood = async {
+            for n in (10..20_000).step_by(2) {
+                if call
+                    .tx
+                    .send(Ok(setup.page(2, &[n, n + 1], true)))
+                    .await
+                    .is_err()
+                {
+                    return true;
+                }
+            }
+            false
+        };
+        let ended = tokio::time::timeout(PROMPT, flood)
+            .await
+            .expect("the agent ends a stream over its bound");
+        assert!(ended, "the agent took 10,000 pages of one update");
+    }
+    assert_backoff_grew(&at);
+    assert!(setup.served().is_empty(), "{:?}", setup.served());
+    // An update within the bound is still taken.
+    let call = setup.next_call().await;
+    assert_eq!(call.request.revision, 0);
+    call.tx
+        .send(Ok(setup.page(3, &[1, 2, 3], false)))
+        .await
+        .unwrap();
+    let mut rx = setup.agent.snapshots.clone();
+    tokio::time::timeout(PROMPT, rx.wait_for(|s| s.entries.len() == 3))
+        .await
+        .expect("a bounded update is served")
+        .unwrap();
+    setup.agent.shutdown().await;
+}
