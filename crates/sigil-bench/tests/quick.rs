@@ -129,6 +129,7 @@ fn bulk_registration_quick_run_reports_its_figures() {
         "bulk.batch_last",
         "bulk.agent_synced",
         "bulk.server_cpu",
+        "bulk.agent_cpu",
         "bulk.agent_write_calls_bytes",
     ] {
         let v = value(name);
