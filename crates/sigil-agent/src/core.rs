@@ -24,7 +24,7 @@ use tonic::Streaming;
 use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
-use crate::persist::{AgentIdentity, Persist, WorkloadSvid};
+use crate::persist::{AgentIdentity, CacheWriter, Persist, WorkloadSvid};
 use crate::{AgentError, client, time};
 
 /// Most CSRs sent in one signing request.
@@ -72,6 +72,8 @@ pub(crate) struct Core {
     pub(crate) cfg: AgentConfig,
     pub(crate) server_id: SpiffeId,
     pub(crate) persist: Persist,
+    /// Saves entries and SVIDs as changes to what it saved before.
+    pub(crate) cache: CacheWriter,
     pub(crate) trust: Arc<ArcSwap<Bundle>>,
     pub(crate) federated: Arc<FederatedBundles>,
     pub(crate) identity: AgentIdentity,
@@ -139,12 +141,10 @@ impl Core {
         self.snapshot.send_replace(Arc::new(snap));
     }
 
-    fn persist_cache(&self) {
-        let r = self.persist.save_cache(
-            self.revision,
-            self.entries.values().map(|e| e.as_ref()),
-            self.svids.values().map(|s| s.as_ref()),
-        );
+    fn persist_cache(&mut self) {
+        let r = self
+            .cache
+            .save(&self.persist, self.revision, &self.entries, &self.svids);
         if let Err(e) = r {
             tracing::error!(error = %e, "saving the SVID cache failed");
         }

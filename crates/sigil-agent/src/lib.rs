@@ -367,6 +367,7 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let mut core = Core {
         server_id,
         persist,
+        cache: persist::CacheWriter::new(),
         trust,
         federated,
         identity_renew_at: core::renewal_time(identity.not_before, identity.not_after),

@@ -8,9 +8,19 @@
 //! the old pair or the new one, never a new key beside the old chain. Agents
 //! from before kept two files, `agent.key` and `agent.json`; they still load,
 //! and the next save replaces them with `identity.json`.
+//!
+//! The entries and workload SVIDs are a base file, `cache.json`, and a
+//! journal beside it, `cache.journal`, that each save appends only what
+//! changed to (see [`CacheWriter`]): a save costs in proportion to the
+//! change, not to the cache. When the journal grows past the base, both are
+//! rewritten (compacted), so the bytes written stay within a small multiple
+//! of the cache's size however it grew.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::Engine;
@@ -152,11 +162,120 @@ struct SvidFile {
     attributes: Vec<Attribute>,
 }
 
+impl SvidFile {
+    fn of(s: &WorkloadSvid) -> Self {
+        Self {
+            entry_id: s.entry_id.clone(),
+            chain: s.chain.iter().map(|c| b64(c)).collect(),
+            key: b64(s.key.pkcs8_der()),
+            dns_names: s.dns_names.clone(),
+            ttl: s.ttl,
+            attributes: s.attributes.clone(),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Default)]
 struct CacheFile {
     revision: u64,
     entries: Vec<Entry>,
     svids: Vec<SvidFile>,
+    /// The journal that continues this base: only a journal whose header
+    /// names the same number is replayed on it. Absent (0) in caches
+    /// written before the journal, which then load as they are.
+    #[serde(default)]
+    journal: u64,
+}
+
+/// The cache base file.
+const CACHE: &str = "cache.json";
+/// The journal of changes after the base.
+const JOURNAL: &str = "cache.journal";
+/// A journal never triggers compaction below this size, so that a small
+/// cache is not rewritten on nearly every save.
+const JOURNAL_MIN: u64 = 64 * 1024;
+/// Bytes before each journal record's payload: its length (u32, little
+/// endian) and the first 8 bytes of the payload's SHA-256.
+const RECORD_HEADER: usize = 12;
+
+/// The first record of a journal: which base it continues.
+#[derive(Serialize, Deserialize)]
+struct JournalHeader {
+    journal: u64,
+}
+
+/// One save's worth of changes.
+#[derive(Serialize, Deserialize, Default)]
+struct JournalRecord {
+    /// The cache's revision after this record.
+    revision: u64,
+    /// Entries added or changed.
+    #[serde(default)]
+    entries: Vec<Entry>,
+    /// Entries removed.
+    #[serde(default)]
+    deleted: Vec<EntryId>,
+    /// SVIDs added or replaced (keys included: the journal is as secret
+    /// as the base).
+    #[serde(default)]
+    svids: Vec<SvidFile>,
+    /// SVIDs removed.
+    #[serde(default)]
+    svids_deleted: Vec<EntryId>,
+}
+
+impl JournalRecord {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+            && self.deleted.is_empty()
+            && self.svids.is_empty()
+            && self.svids_deleted.is_empty()
+    }
+}
+
+/// The checksum of a journal record's payload.
+fn record_digest(payload: &[u8]) -> [u8; 8] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, payload);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d.as_ref()[..8]);
+    out
+}
+
+/// Frames a journal record: length, checksum, payload.
+fn frame(payload: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, AgentError> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| AgentError::Corrupt("a cache journal record over 4 GiB".into()))?;
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(RECORD_HEADER + payload.len()));
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&record_digest(payload));
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// The payloads of the whole records at the start of `data`: a record cut
+/// short or whose checksum does not match (a save interrupted by a crash)
+/// ends the journal there, with everything after it.
+fn records(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while rest.len() >= RECORD_HEADER {
+        let (head, body) = rest.split_at(RECORD_HEADER);
+        let mut len = [0u8; 4];
+        len.copy_from_slice(&head[..4]);
+        let Ok(len) = usize::try_from(u32::from_le_bytes(len)) else {
+            break;
+        };
+        if body.len() < len {
+            break;
+        }
+        let (payload, next) = body.split_at(len);
+        if record_digest(payload) != head[4..RECORD_HEADER] {
+            break;
+        }
+        out.push(payload);
+        rest = next;
+    }
+    out
 }
 
 /// The federated bundles file: the SPIFFE bundle map form
@@ -380,46 +499,70 @@ impl Persist {
         Ok(out)
     }
 
-    /// Saves entries and workload SVIDs.
-    pub fn save_cache<'a>(
-        &self,
-        revision: u64,
-        entries: impl Iterator<Item = &'a Entry>,
-        svids: impl Iterator<Item = &'a WorkloadSvid>,
-    ) -> Result<(), AgentError> {
-        let file = CacheFile {
-            revision,
-            entries: entries.cloned().collect(),
-            svids: svids
-                .map(|s| SvidFile {
-                    entry_id: s.entry_id.clone(),
-                    chain: s.chain.iter().map(|c| b64(c)).collect(),
-                    key: b64(s.key.pkcs8_der()),
-                    dns_names: s.dns_names.clone(),
-                    ttl: s.ttl,
-                    attributes: s.attributes.clone(),
-                })
-                .collect(),
-        };
-        let json = zeroize::Zeroizing::new(serde_json::to_vec(&file)?);
-        write_private_file(&self.path("cache.json"), &json)?;
-        Ok(())
-    }
-
-    /// Loads entries and the still-valid workload SVIDs.
+    /// Loads the entries and the still-valid workload SVIDs: the base file,
+    /// then the journal's whole records in order. A journal that does not
+    /// continue this base (a compaction interrupted between its two renames)
+    /// is ignored: the base already holds what it says.
     pub fn load_cache(&self, now: SystemTime) -> Result<CachedState, AgentError> {
-        let Some(json) = self.read_opt("cache.json")? else {
+        let Some(json) = self.read_opt(CACHE)? else {
             return Ok(CachedState::default());
         };
-        let file: CacheFile = serde_json::from_slice(&json)?;
+        let base: CacheFile = serde_json::from_slice(&json)?;
+        drop(json);
+        let mut revision = base.revision;
+        let mut entries: BTreeMap<EntryId, Entry> = base
+            .entries
+            .into_iter()
+            .map(|e| (e.id.clone(), e))
+            .collect();
+        let mut svid_files: BTreeMap<EntryId, SvidFile> = base
+            .svids
+            .into_iter()
+            .map(|s| (s.entry_id.clone(), s))
+            .collect();
+        if base.journal != 0
+            && let Some(journal) = self.read_opt(JOURNAL)?
+        {
+            let mut recs = records(&journal).into_iter();
+            let continues = recs
+                .next()
+                .and_then(|h| serde_json::from_slice::<JournalHeader>(h).ok())
+                .is_some_and(|h| h.journal == base.journal);
+            if continues {
+                for payload in recs {
+                    // Checksummed, so this is damage rather than a torn
+                    // write; the state so far is still a consistent one.
+                    let Ok(rec) = serde_json::from_slice::<JournalRecord>(payload) else {
+                        tracing::warn!(
+                            file = %self.path(JOURNAL).display(),
+                            "ignoring the rest of an unreadable cache journal"
+                        );
+                        break;
+                    };
+                    revision = rec.revision;
+                    for id in rec.deleted {
+                        entries.remove(&id);
+                    }
+                    for e in rec.entries {
+                        entries.insert(e.id.clone(), e);
+                    }
+                    for id in rec.svids_deleted {
+                        svid_files.remove(&id);
+                    }
+                    for s in rec.svids {
+                        svid_files.insert(s.entry_id.clone(), s);
+                    }
+                }
+            }
+        }
         let mut svids = Vec::new();
-        for s in file.svids {
+        for s in svid_files.into_values() {
             let chain = s
                 .chain
                 .iter()
-                .map(|c| unb64(c, "cache.json"))
+                .map(|c| unb64(c, CACHE))
                 .collect::<Result<Vec<_>, _>>()?;
-            let key = PrivateKey::from_pkcs8_der(&unb64(&s.key, "cache.json")?)?;
+            let key = PrivateKey::from_pkcs8_der(&zeroize::Zeroizing::new(unb64(&s.key, CACHE)?))?;
             let Some(leaf) = chain.first() else { continue };
             // Key and chain share one record of one file, so they agree
             // unless the file was damaged; a pair that does not is signed
@@ -448,10 +591,176 @@ impl Persist {
             });
         }
         Ok(CachedState {
-            revision: file.revision,
-            entries: file.entries,
+            revision,
+            entries: entries.into_values().collect(),
             svids,
         })
+    }
+}
+
+/// What a [`CacheWriter::save`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// Nothing changed since the last save; nothing was written.
+    Nothing,
+    /// One record appended to the journal.
+    Appended,
+    /// The base and a new, empty journal written (first save, or the
+    /// journal had outgrown the base, or an earlier write failed).
+    Compacted,
+}
+
+/// Saves the agent's entries and workload SVIDs as a base file and a
+/// journal of changes. It remembers what it last saved (by pointer, shared
+/// with the agent's own maps) so that a save writes only what changed.
+#[derive(Default)]
+pub struct CacheWriter {
+    entries: HashMap<EntryId, Arc<Entry>>,
+    svids: HashMap<EntryId, Arc<WorkloadSvid>>,
+    revision: u64,
+    /// Open for appending once a compaction has made base and journal agree.
+    journal: Option<std::fs::File>,
+    journal_bytes: u64,
+    base_bytes: u64,
+}
+
+impl std::fmt::Debug for CacheWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheWriter")
+            .field("entries", &self.entries.len())
+            .field("svids", &self.svids.len())
+            .field("revision", &self.revision)
+            .field("journal_bytes", &self.journal_bytes)
+            .field("base_bytes", &self.base_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CacheWriter {
+    /// A writer that has saved nothing yet: its first save compacts, which
+    /// also discards a torn journal tail left by a crash.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Saves the agent's state at `revision`: appends one fsynced journal
+    /// record with what changed since the last save, or compacts when the
+    /// journal has grown past the base (or this is the first save).
+    pub fn save(
+        &mut self,
+        persist: &Persist,
+        revision: u64,
+        entries: &HashMap<EntryId, Arc<Entry>>,
+        svids: &HashMap<EntryId, Arc<WorkloadSvid>>,
+    ) -> Result<Saved, AgentError> {
+        if self.journal.is_none() {
+            return self.compact(persist, revision, entries, svids);
+        }
+        let mut rec = JournalRecord {
+            revision,
+            ..JournalRecord::default()
+        };
+        for (id, e) in entries {
+            if self
+                .entries
+                .get(id)
+                .is_none_or(|old| !Arc::ptr_eq(old, e) && **old != **e)
+            {
+                rec.entries.push((**e).clone());
+            }
+        }
+        rec.deleted = self
+            .entries
+            .keys()
+            .filter(|id| !entries.contains_key(*id))
+            .cloned()
+            .collect();
+        for (id, s) in svids {
+            if self.svids.get(id).is_none_or(|old| !Arc::ptr_eq(old, s)) {
+                rec.svids.push(SvidFile::of(s));
+            }
+        }
+        rec.svids_deleted = self
+            .svids
+            .keys()
+            .filter(|id| !svids.contains_key(*id))
+            .cloned()
+            .collect();
+        if rec.is_empty() && revision == self.revision {
+            return Ok(Saved::Nothing);
+        }
+        let framed = frame(&zeroize::Zeroizing::new(serde_json::to_vec(&rec)?))?;
+        if self.journal_bytes + framed.len() as u64 > self.base_bytes.max(JOURNAL_MIN) {
+            return self.compact(persist, revision, entries, svids);
+        }
+        let appended = self.journal.as_mut().map(|f| {
+            f.write_all(&framed)?;
+            f.sync_data()
+        });
+        if let Some(Err(e)) = appended {
+            // The file may end in part of this record; the next save
+            // rewrites base and journal rather than append after it.
+            self.journal = None;
+            return Err(e.into());
+        }
+        self.journal_bytes += framed.len() as u64;
+        for id in &rec.deleted {
+            self.entries.remove(id);
+        }
+        for id in &rec.svids_deleted {
+            self.svids.remove(id);
+        }
+        for e in &rec.entries {
+            if let Some(current) = entries.get(&e.id) {
+                self.entries.insert(e.id.clone(), current.clone());
+            }
+        }
+        for s in &rec.svids {
+            if let Some(current) = svids.get(&s.entry_id) {
+                self.svids.insert(s.entry_id.clone(), current.clone());
+            }
+        }
+        self.revision = revision;
+        Ok(Saved::Appended)
+    }
+
+    /// Writes the whole state as a new base naming a new journal, then
+    /// that journal, empty. A crash between the two renames leaves the new
+    /// base with the old journal, which names the old base and is ignored.
+    fn compact(
+        &mut self,
+        persist: &Persist,
+        revision: u64,
+        entries: &HashMap<EntryId, Arc<Entry>>,
+        svids: &HashMap<EntryId, Arc<WorkloadSvid>>,
+    ) -> Result<Saved, AgentError> {
+        self.journal = None;
+        let mut id = [0u8; 8];
+        aws_lc_rs::rand::fill(&mut id)
+            .map_err(|_| AgentError::Corrupt("random number generator failed".into()))?;
+        // Never 0: that is "no journal" in a base.
+        let journal = u64::from_le_bytes(id).max(1);
+        let file = CacheFile {
+            revision,
+            entries: entries.values().map(|e| (**e).clone()).collect(),
+            svids: svids.values().map(|s| SvidFile::of(s)).collect(),
+            journal,
+        };
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(&file)?);
+        write_private_file(&persist.path(CACHE), &json)?;
+        let header = frame(&serde_json::to_vec(&JournalHeader { journal })?)?;
+        write_private_file(&persist.path(JOURNAL), &header)?;
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .mode(0o600)
+            .open(persist.path(JOURNAL))?;
+        self.base_bytes = json.len() as u64;
+        self.journal_bytes = header.len() as u64;
+        self.journal = Some(f);
+        self.entries = entries.clone();
+        self.svids = svids.clone();
+        self.revision = revision;
+        Ok(Saved::Compacted)
     }
 }
 
@@ -754,5 +1063,254 @@ mod tests {
             .map(|s| s.entry_id.to_string())
             .collect();
         assert_eq!(ids, vec!["good".to_owned()]);
+    }
+
+    /// What loading must give back: revision, entries, and each SVID's
+    /// entry with its certificate and key.
+    type Summary = (u64, Vec<Entry>, Vec<(EntryId, Vec<u8>, Vec<u8>)>);
+
+    /// The agent's maps as `Core` holds them, for the cache writer.
+    #[derive(Default, Clone)]
+    struct State {
+        revision: u64,
+        entries: HashMap<EntryId, Arc<Entry>>,
+        svids: HashMap<EntryId, Arc<WorkloadSvid>>,
+    }
+
+    impl State {
+        fn put(&mut self, ca: &X509Authority, id: &str, revision: u64) {
+            let spiffe_id: SpiffeId = format!("spiffe://example.org/w/{id}").parse().unwrap();
+            let mut e = Entry::new(
+                id.parse().unwrap(),
+                spiffe_id.clone(),
+                "spiffe://example.org/agent".parse().unwrap(),
+                Selectors::parse_all(["unix:uid:1000"]).unwrap(),
+            );
+            e.revision = revision;
+            let now = SystemTime::now();
+            let (key, leaf) = signed(ca, &spiffe_id, now);
+            let info = sigil_svid::x509::cert_info(&leaf).unwrap();
+            self.svids.insert(
+                e.id.clone(),
+                Arc::new(WorkloadSvid {
+                    entry_id: e.id.clone(),
+                    spiffe_id,
+                    chain: vec![leaf],
+                    key,
+                    not_before: info.not_before,
+                    not_after: info.not_after,
+                    dns_names: vec![],
+                    ttl: 0,
+                    attributes: vec![],
+                }),
+            );
+            self.entries.insert(e.id.clone(), Arc::new(e));
+            self.revision = revision;
+        }
+
+        fn remove(&mut self, id: &str, revision: u64) {
+            let id: EntryId = id.parse().unwrap();
+            self.entries.remove(&id);
+            self.svids.remove(&id);
+            self.revision = revision;
+        }
+
+        fn save(&self, w: &mut CacheWriter, p: &Persist) -> Saved {
+            w.save(p, self.revision, &self.entries, &self.svids)
+                .unwrap()
+        }
+
+        fn summary(&self) -> Summary {
+            let mut entries: Vec<Entry> = self.entries.values().map(|e| (**e).clone()).collect();
+            entries.sort_by(|a, b| a.id.cmp(&b.id));
+            let mut svids: Vec<_> = self
+                .svids
+                .values()
+                .map(|s| {
+                    (
+                        s.entry_id.clone(),
+                        s.chain[0].clone(),
+                        s.key.pkcs8_der().to_vec(),
+                    )
+                })
+                .collect();
+            svids.sort();
+            (self.revision, entries, svids)
+        }
+    }
+
+    fn loaded(p: &Persist) -> Summary {
+        let c = p.load_cache(SystemTime::now()).unwrap();
+        let mut entries = c.entries;
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut svids: Vec<_> = c
+            .svids
+            .iter()
+            .map(|s| {
+                (
+                    s.entry_id.clone(),
+                    s.chain[0].clone(),
+                    s.key.pkcs8_der().to_vec(),
+                )
+            })
+            .collect();
+        svids.sort();
+        (c.revision, entries, svids)
+    }
+
+    #[test]
+    fn saves_append_only_the_change_and_load_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Persist::open(dir.path()).unwrap();
+        let ca = X509Authority::generate(&td("example.org"), DAY, SystemTime::now()).unwrap();
+        let mut w = CacheWriter::new();
+        let mut st = State::default();
+        for i in 0..40 {
+            st.put(&ca, &format!("e{i}"), 10);
+        }
+        assert_eq!(st.save(&mut w, &p), Saved::Compacted);
+        let base = std::fs::read(dir.path().join(CACHE)).unwrap();
+        let journal_len = || std::fs::metadata(dir.path().join(JOURNAL)).unwrap().len();
+        let start = journal_len();
+        // Nothing changed: nothing written.
+        assert_eq!(st.save(&mut w, &p), Saved::Nothing);
+        assert_eq!(journal_len(), start);
+        // One entry added and one removed: one small record, the base as it was.
+        st.put(&ca, "new", 11);
+        st.remove("e3", 11);
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
+        let grown = journal_len() - start;
+        assert!(
+            grown * 10 < base.len() as u64,
+            "a two-entry change appended {grown} bytes; the base of 40 is {}",
+            base.len()
+        );
+        assert_eq!(std::fs::read(dir.path().join(CACHE)).unwrap(), base);
+        // Only the revision moved: a record too, so that a restart resumes
+        // from it.
+        st.revision = 12;
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
+        assert_eq!(loaded(&p), st.summary());
+        for name in [CACHE, JOURNAL] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
+        // A restarted agent's writer compacts on its first save (a torn
+        // tail is gone after it) and continues from there.
+        let mut w = CacheWriter::new();
+        assert_eq!(st.save(&mut w, &p), Saved::Compacted);
+        st.put(&ca, "e5", 13);
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
+        assert_eq!(loaded(&p), st.summary());
+    }
+
+    #[test]
+    fn the_journal_is_compacted_once_it_outgrows_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Persist::open(dir.path()).unwrap();
+        let ca = X509Authority::generate(&td("example.org"), DAY, SystemTime::now()).unwrap();
+        let mut w = CacheWriter::new();
+        let mut st = State::default();
+        assert_eq!(st.save(&mut w, &p), Saved::Compacted);
+        let mut saves = Vec::new();
+        for i in 0..150u64 {
+            st.put(&ca, &format!("e{i}"), i + 1);
+            saves.push(st.save(&mut w, &p));
+            if i % 10 == 9 {
+                assert_eq!(loaded(&p), st.summary(), "after save {i}");
+            }
+        }
+        assert!(saves.contains(&Saved::Compacted), "{saves:?}");
+        let base = std::fs::metadata(dir.path().join(CACHE)).unwrap().len();
+        let journal = std::fs::metadata(dir.path().join(JOURNAL)).unwrap().len();
+        assert!(journal <= base.max(JOURNAL_MIN), "{journal} > {base}");
+    }
+
+    #[test]
+    fn a_torn_last_journal_record_loads_the_state_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Persist::open(dir.path()).unwrap();
+        let ca = X509Authority::generate(&td("example.org"), DAY, SystemTime::now()).unwrap();
+        let mut w = CacheWriter::new();
+        let mut st = State::default();
+        st.put(&ca, "a", 1);
+        st.put(&ca, "b", 1);
+        assert_eq!(st.save(&mut w, &p), Saved::Compacted);
+        st.put(&ca, "c", 2);
+        st.remove("a", 2);
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
+        let before = st.summary();
+        let journal_path = dir.path().join(JOURNAL);
+        let last_start = std::fs::metadata(&journal_path).unwrap().len() as usize;
+        // The last record: an SVID replaced, an entry removed, one added.
+        st.put(&ca, "b", 3);
+        st.remove("c", 3);
+        st.put(&ca, "d", 3);
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
+        let after = st.summary();
+        assert_ne!(before, after);
+        let whole = std::fs::read(&journal_path).unwrap();
+        assert!(whole.len() > last_start + RECORD_HEADER);
+        for cut in last_start..whole.len() {
+            write_private_file(&journal_path, &whole[..cut]).unwrap();
+            assert_eq!(
+                loaded(&p),
+                before,
+                "journal cut at {cut} of {}",
+                whole.len()
+            );
+        }
+        // Damage inside the record (not only a short file) is caught too.
+        for at in [last_start, last_start + 5, whole.len() - 1] {
+            let mut bad = whole.clone();
+            bad[at] ^= 0x40;
+            write_private_file(&journal_path, &bad).unwrap();
+            assert_eq!(loaded(&p), before, "byte {at} flipped");
+        }
+        write_private_file(&journal_path, &whole).unwrap();
+        assert_eq!(loaded(&p), after);
+    }
+
+    #[test]
+    fn a_journal_left_from_an_interrupted_compaction_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Persist::open(dir.path()).unwrap();
+        let ca = X509Authority::generate(&td("example.org"), DAY, SystemTime::now()).unwrap();
+        let mut w = CacheWriter::new();
+        let mut st = State::default();
+        st.put(&ca, "a", 1);
+        st.save(&mut w, &p);
+        st.put(&ca, "b", 2);
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
+        let old_journal = std::fs::read(dir.path().join(JOURNAL)).unwrap();
+        // A new base is written (its first save compacts), then the agent
+        // dies before the new journal replaces the old one.
+        st.remove("b", 3);
+        st.remove("a", 3);
+        st.put(&ca, "c", 3);
+        assert_eq!(st.save(&mut CacheWriter::new(), &p), Saved::Compacted);
+        write_private_file(&dir.path().join(JOURNAL), &old_journal).unwrap();
+        // The old journal would add back "b" and "a"; it is not replayed.
+        assert_eq!(loaded(&p), st.summary());
+    }
+
+    #[test]
+    fn a_journal_readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Persist::open(dir.path()).unwrap();
+        let ca = X509Authority::generate(&td("example.org"), DAY, SystemTime::now()).unwrap();
+        let mut w = CacheWriter::new();
+        let mut st = State::default();
+        st.put(&ca, "a", 1);
+        st.save(&mut w, &p);
+        std::fs::set_permissions(
+            dir.path().join(JOURNAL),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        assert!(p.load_cache(SystemTime::now()).is_err());
     }
 }

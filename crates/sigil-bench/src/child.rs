@@ -112,6 +112,11 @@ impl ChildProc {
         cpu_seconds_of(&format!("/proc/{}/stat", self.pid))
     }
 
+    /// Bytes written so far (`/proc/<pid>/io`).
+    pub(crate) fn io(&self) -> anyhow::Result<Written> {
+        written_of(&format!("/proc/{}/io", self.pid))
+    }
+
     /// Closes stdin and waits for the child to exit (killing it after 20 s).
     pub(crate) async fn stop(mut self) {
         drop(self.stdin.take());
@@ -134,6 +139,30 @@ pub(crate) fn rss_of(path: &str, field: &str) -> anyhow::Result<u64> {
         .and_then(|v| v.parse::<u64>().ok())
         .with_context(|| format!("no {field} in {path}"))?;
     Ok(kb * 1024)
+}
+
+/// What a process wrote, from `/proc/<pid>/io`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Written {
+    /// Bytes sent to the storage layer (`write_bytes`).
+    pub(crate) write_bytes: u64,
+    /// Bytes passed to write calls of any kind (`wchar`).
+    pub(crate) wchar: u64,
+}
+
+/// The write counters of a `/proc/<pid>/io` file.
+pub(crate) fn written_of(path: &str) -> anyhow::Result<Written> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let field = |name: &str| -> anyhow::Result<u64> {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {name} in {path}"))
+    };
+    Ok(Written {
+        write_bytes: field("write_bytes")?,
+        wchar: field("wchar")?,
+    })
 }
 
 /// utime + stime of a `/proc/<pid>/stat` file, in seconds.

@@ -45,7 +45,7 @@ use crate::report::{Budget, Report};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn td() -> anyhow::Result<TrustDomain> {
+pub(crate) fn td() -> anyhow::Result<TrustDomain> {
     Ok(TrustDomain::new("example.org")?)
 }
 
@@ -81,7 +81,7 @@ async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
     }
 }
 
-async fn unix_channel(path: &Path) -> anyhow::Result<Channel> {
+pub(crate) async fn unix_channel(path: &Path) -> anyhow::Result<Channel> {
     let p = path.to_path_buf();
     Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -164,7 +164,7 @@ async fn loaded(path: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
     Ok(lat)
 }
 
-type Admin = AdminApiClient<Channel>;
+pub(crate) type Admin = AdminApiClient<Channel>;
 
 async fn admin_create(admin: &mut Admin, entries: &[Entry]) -> anyhow::Result<Vec<pb::Entry>> {
     let mut out = Vec::with_capacity(entries.len());
@@ -184,7 +184,7 @@ async fn admin_create(admin: &mut Admin, entries: &[Entry]) -> anyhow::Result<Ve
     Ok(out)
 }
 
-async fn join_token(admin: &mut Admin) -> anyhow::Result<(String, SpiffeId)> {
+pub(crate) async fn join_token(admin: &mut Admin) -> anyhow::Result<(String, SpiffeId)> {
     let t = admin
         .create_join_token(pb::CreateJoinTokenRequest { ttl: 4 * 3600 })
         .await
@@ -274,7 +274,7 @@ async fn first_sync(
 }
 
 /// Follows an agent process's status lines.
-fn follow_agent(agent: &mut ChildProc) -> watch::Receiver<Value> {
+pub(crate) fn follow_agent(agent: &mut ChildProc) -> watch::Receiver<Value> {
     let mut lines = agent.take_lines();
     let (tx, rx) = watch::channel(Value::Null);
     tokio::spawn(async move {
@@ -287,7 +287,7 @@ fn follow_agent(agent: &mut ChildProc) -> watch::Receiver<Value> {
     rx
 }
 
-async fn wait_status(
+pub(crate) async fn wait_status(
     rx: &watch::Receiver<Value>,
     timeout: Duration,
     what: &str,
@@ -305,7 +305,7 @@ async fn wait_status(
     Ok(v)
 }
 
-fn spawn_agent(addr: &str, token: &str, dir: &Path) -> anyhow::Result<ChildProc> {
+pub(crate) fn spawn_agent(addr: &str, token: &str, dir: &Path) -> anyhow::Result<ChildProc> {
     ChildProc::spawn(
         "agent",
         &[
@@ -322,13 +322,13 @@ fn spawn_agent(addr: &str, token: &str, dir: &Path) -> anyhow::Result<ChildProc>
     )
 }
 
-fn str_of<'a>(v: &'a Value, k: &str) -> anyhow::Result<&'a str> {
+pub(crate) fn str_of<'a>(v: &'a Value, k: &str) -> anyhow::Result<&'a str> {
     v.get(k)
         .and_then(Value::as_str)
         .with_context(|| format!("no {k} in {v}"))
 }
 
-fn num_of(v: &Value, k: &str) -> f64 {
+pub(crate) fn num_of(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
 }
 

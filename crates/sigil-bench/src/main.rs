@@ -8,11 +8,13 @@
 //! cargo run --release -p sigil-bench                 # full run (a few minutes)
 //! cargo run --release -p sigil-bench -- --quick      # seconds, tiny sizes
 //! cargo run --release -p sigil-bench -- --json > report.json
+//! cargo run --release -p sigil-bench -- --scenario bulk-registration
 //! ```
 //!
 //! The server and agents run as child processes (this binary, with hidden
 //! subcommands) on loopback and Unix sockets in temporary directories.
 
+mod bulk;
 mod child;
 mod inproc;
 mod load;
@@ -48,9 +50,29 @@ enum Role {
     Plain(child::PlainArgs),
 }
 
+/// What a run measures.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Scenario {
+    /// Rates, latency and scale phases (every figure but bulk.*).
+    #[default]
+    Standard,
+    /// Entries registered in batches through the admin API while one real
+    /// agent is connected and authorized for them (bulk.* figures).
+    BulkRegistration,
+}
+
 /// Sizes and switches of a run; unset sizes take the full or `--quick` default.
 #[derive(clap::Args, Debug)]
 struct Opts {
+    /// Which scenario to run.
+    #[arg(long, value_enum, default_value_t)]
+    scenario: Scenario,
+    /// bulk-registration: entries registered under the connected agent [100000; quick 1000].
+    #[arg(long)]
+    bulk_entries: Option<usize>,
+    /// bulk-registration: entries per BatchCreateEntry call [500; quick 500].
+    #[arg(long)]
+    bulk_batch: Option<usize>,
     /// Tiny sizes: the whole run takes seconds (for tests and a first look).
     #[arg(long)]
     quick: bool,
@@ -184,6 +206,9 @@ fn raise_fd_limit() {
 }
 
 async fn run(o: Opts) -> anyhow::Result<()> {
+    if o.scenario == Scenario::BulkRegistration {
+        return run_bulk(&o).await;
+    }
     let sizes = Sizes::from(&o)?;
     let mut report = Report::new(if o.quick { "quick" } else { "full" });
     eprintln!("sizes: {sizes:?}");
@@ -201,6 +226,31 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         }
     });
     load::scale_phase(&sizes, &mut report, &scale_dir).await?;
+    report.loadavg_at_end = report::loadavg();
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
+}
+
+async fn run_bulk(o: &Opts) -> anyhow::Result<()> {
+    let sizes = bulk::BulkSizes {
+        entries: o
+            .bulk_entries
+            .unwrap_or(if o.quick { 1000 } else { 100_000 }),
+        batch: o.bulk_batch.unwrap_or(500),
+    };
+    let mode = if o.quick {
+        "bulk-registration quick"
+    } else {
+        "bulk-registration"
+    };
+    let mut report = Report::new(mode);
+    eprintln!("sizes: {sizes:?}");
+    let work = o.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    bulk::bulk_registration(&sizes, &mut report, &work).await?;
     report.loadavg_at_end = report::loadavg();
     if o.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

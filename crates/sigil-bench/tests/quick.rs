@@ -95,3 +95,53 @@ fn quick_run_reports_every_figure() {
         }
     }
 }
+
+#[test]
+fn bulk_registration_quick_run_reports_its_figures() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sigil-bench"))
+        .args(["--scenario", "bulk-registration", "--quick", "--json"])
+        .output()
+        .expect("run sigil-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sigil-bench failed:\n{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the report is JSON");
+    assert_eq!(report["mode"], "bulk-registration quick");
+    let figures: HashMap<String, serde_json::Value> = report["figures"]
+        .as_array()
+        .expect("figures")
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap().to_owned(), f.clone()))
+        .collect();
+    let value = |name: &str| -> f64 {
+        let f = figures
+            .get(name)
+            .unwrap_or_else(|| panic!("figure {name} missing; stderr:\n{stderr}"));
+        f["value"].as_f64().unwrap()
+    };
+    for name in [
+        "baseline.bulk_batch_no_agent",
+        "baseline.bulk_server_cpu_no_agent",
+        "baseline.bulk_registration_wall",
+        "baseline.bulk_agent_on_disk",
+        "bulk.batch_first",
+        "bulk.batch_median",
+        "bulk.batch_last",
+        "bulk.agent_synced",
+        "bulk.server_cpu",
+        "bulk.agent_cpu",
+        "bulk.agent_write_calls_bytes",
+    ] {
+        let v = value(name);
+        assert!(v.is_finite() && v > 0.0, "{name} = {v}");
+    }
+    // Block-layer writes may be 0 when the temp dir is on tmpfs.
+    assert!(value("bulk.agent_write_bytes") >= 0.0);
+    // The agent wrote at least its cache once.
+    assert!(value("bulk.agent_write_calls_bytes") >= value("baseline.bulk_agent_on_disk") * 0.5);
+    for (name, f) in &figures {
+        if let Some(b) = f["baseline"].as_str() {
+            assert!(figures.contains_key(b), "{name} refers to missing {b}");
+        }
+    }
+}

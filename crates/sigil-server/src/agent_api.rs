@@ -16,7 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::ServerState;
-use crate::index::{Authorized, IndexEvent};
+use crate::index::{Authorized, IndexEvent, SetChange};
 use crate::tls::AgentPeer;
 
 /// The agent API's interceptor (see [`service`]).
@@ -271,6 +271,76 @@ fn diff(
     })
 }
 
+/// Computes the message that brings an agent holding `sent` up to date
+/// when only the `changed` entries may differ (see
+/// [`crate::index::EntryIndex::authorized_since`]), updating `sent`. The
+/// same message [`diff`] would compute from the whole set, at a cost in
+/// proportion to the change. `None` when nothing changed for the agent.
+fn diff_changed(
+    sent: &mut Sent,
+    changed: &[(EntryId, Option<Arc<sigil_types::Entry>>)],
+    revision: u64,
+) -> Option<pb::SyncMessage> {
+    let mut upserted = Vec::new();
+    let mut deleted_ids = Vec::new();
+    for (id, now) in changed {
+        match now {
+            Some(e) => {
+                if sent.get(id).is_none_or(|held| e.revision > *held) {
+                    upserted.push(pb::Entry::from(e.as_ref()));
+                }
+                sent.insert(id.clone(), e.revision);
+            }
+            None => {
+                if sent.remove(id).is_some() {
+                    deleted_ids.push(id.to_string());
+                }
+            }
+        }
+    }
+    if upserted.is_empty() && deleted_ids.is_empty() {
+        return None;
+    }
+    Some(pb::SyncMessage {
+        revision,
+        upserted,
+        deleted_ids,
+        ..Default::default()
+    })
+}
+
+/// Brings `sent`, current at revision `*synced`, to the index's current
+/// revision: incrementally when the index can say what changed, else from
+/// the whole set (`full`, or when the index says so). Returns the message
+/// for the agent, if anything changed for it, and advances `*synced`.
+fn catch_up(
+    state: &ServerState,
+    agent: &AgentRecord,
+    sent: &mut Sent,
+    synced: &mut u64,
+    full: bool,
+) -> Option<pb::SyncMessage> {
+    let change = if full {
+        SetChange::Full(state.index.authorized(&agent.spiffe_id, &agent.selectors))
+    } else {
+        state
+            .index
+            .authorized_since(*synced, &agent.spiffe_id, &agent.selectors, |id| {
+                sent.contains_key(id)
+            })
+    };
+    match change {
+        SetChange::Full(auth) => {
+            *synced = auth.revision;
+            diff(sent, &auth, false, auth.revision)
+        }
+        SetChange::Entries { revision, changed } => {
+            *synced = revision;
+            diff_changed(sent, &changed, revision)
+        }
+    }
+}
+
 /// The `federated_bundles` map of a sync message: trust domain name → JSON.
 fn federated_map(
     set: &crate::federation::FederatedBundles,
@@ -345,8 +415,11 @@ async fn sync_loop(
     let mut bundle_rx = state.ca.subscribe_bundle();
     let mut tainted_rx = state.ca.subscribe_tainted();
     let mut federated_rx = state.federation.subscribe_bundles();
-    let revision = state.index.revision();
-    let mut auth = state.index.authorized(&agent.spiffe_id, &agent.selectors);
+    let auth = state.index.authorized(&agent.spiffe_id, &agent.selectors);
+    // The revision `sent` is current with: what the agent may resume from,
+    // and where the next incremental catch-up starts.
+    let mut synced = auth.revision;
+    let revision = synced;
     let mut first = diff(&mut sent, &auth, snapshot, revision).unwrap_or(pb::SyncMessage {
         revision,
         ..Default::default()
@@ -359,8 +432,10 @@ async fn sync_loop(
         return;
     }
     tracing::debug!(agent = %agent.spiffe_id, entries = auth.entries.len(), "sync stream opened");
+    drop(auth);
     loop {
         let mut recompute = false;
+        let mut entries_changed = false;
         let mut agent_changed = false;
         let mut bundle_json = String::new();
         let mut federated = None;
@@ -395,15 +470,17 @@ async fn sync_loop(
                 while let Some(ev) = next.take() {
                     match ev {
                         Ok(ev) => match ev.as_ref() {
-                            IndexEvent::Entry { old, new, .. } => {
-                                recompute |= old.as_ref().is_some_and(|e| auth.concerns(e))
-                                    || new.as_ref().is_some_and(|e| auth.concerns(e));
-                            }
+                            // Which entries changed, the index's log says.
+                            IndexEvent::Entry { .. } => entries_changed = true,
                             IndexEvent::Agent { id, .. } => {
                                 agent_changed |= *id == agent.spiffe_id;
                             }
                         },
-                        Err(RecvError::Lagged(_)) => recompute = true,
+                        // Missed events may include this agent's own ban.
+                        Err(RecvError::Lagged(_)) => {
+                            entries_changed = true;
+                            agent_changed = true;
+                        }
                         Err(RecvError::Closed) => return,
                     }
                     next = match events.try_recv() {
@@ -445,12 +522,13 @@ async fn sync_loop(
                 }
             }
         }
-        let revision = state.index.revision();
         let mut msg = None;
-        if recompute {
-            auth = state.index.authorized(&agent.spiffe_id, &agent.selectors);
-            msg = diff(&mut sent, &auth, false, revision);
+        if recompute || entries_changed {
+            msg = catch_up(state, &agent, &mut sent, &mut synced, recompute);
         }
+        // Not the index's revision: entry changes not yet handled may lie
+        // between, and an agent that resumed from it would never get them.
+        let revision = synced;
         if !bundle_json.is_empty() {
             let m = msg.get_or_insert_with(|| pb::SyncMessage {
                 revision,
@@ -477,6 +555,292 @@ async fn sync_loop(
             && !send_update(state, &tx, m).await
         {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use sigil_store::{Change, ChangeKind, EntrySnapshot};
+    use sigil_types::{Entry, Selectors, SpiffeId};
+
+    use super::*;
+    use crate::index::EntryIndex;
+
+    const AGENT: &str = "spiffe://td/sigil/agent/join_token/a1";
+
+    /// IDs a random entry's SPIFFE ID is drawn from: a small pool, so that
+    /// entries often parent one another and share SPIFFE IDs. The last is
+    /// reserved (never served).
+    const SPIFFE: [&str; 5] = [
+        "spiffe://td/a",
+        "spiffe://td/b",
+        "spiffe://td/c",
+        "spiffe://td/nodes/x",
+        "spiffe://td/sigil/web",
+    ];
+    /// Parents: the agent, another agent, the server (a node alias) and the pool.
+    const PARENTS: [&str; 8] = [
+        AGENT,
+        "spiffe://td/sigil/agent/join_token/b2",
+        "spiffe://td/sigil/server",
+        "spiffe://td/a",
+        "spiffe://td/b",
+        "spiffe://td/c",
+        "spiffe://td/nodes/x",
+        "spiffe://td/sigil/web",
+    ];
+    /// Selectors by bit of a mask (node selectors for aliases and agents).
+    const SELECTORS: [&str; 3] = ["node:r:1", "node:r:2", "unix:uid:1"];
+
+    fn selectors(mask: u8) -> Selectors {
+        Selectors::parse_all(
+            SELECTORS
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, s)| *s),
+        )
+        .unwrap()
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Upsert {
+            id: u8,
+            spiffe: usize,
+            parent: usize,
+            sel: u8,
+        },
+        Delete(u8),
+        /// The agent's own (node) selectors change: the stream recomputes.
+        AgentSelectors(u8),
+        /// The stream catches up now.
+        Sync,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..6, 0..SPIFFE.len(), 0..PARENTS.len(), 0u8..8).prop_map(
+                |(id, spiffe, parent, sel)| Op::Upsert { id, spiffe, parent, sel }
+            ),
+            2 => (0u8..6).prop_map(Op::Delete),
+            1 => (0u8..8).prop_map(Op::AgentSelectors),
+            3 => Just(Op::Sync),
+        ]
+    }
+
+    /// The message's content in a comparable form: upserted (ID, revision)
+    /// and deleted IDs, sorted.
+    fn content(m: &Option<pb::SyncMessage>) -> (Vec<(String, u64)>, Vec<String>) {
+        let Some(m) = m else {
+            return (vec![], vec![]);
+        };
+        let mut up: Vec<(String, u64)> = m
+            .upserted
+            .iter()
+            .map(|e| (e.id.clone(), e.revision))
+            .collect();
+        let mut del = m.deleted_ids.clone();
+        up.sort();
+        del.sort();
+        (up, del)
+    }
+
+    fn sorted(sent: &Sent) -> Vec<(EntryId, u64)> {
+        let mut v: Vec<_> = sent.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        v.sort();
+        v
+    }
+
+    /// Runs `ops` against one index, following one agent's set two ways:
+    /// the incremental catch-up and the whole-set recompute (`authorized` +
+    /// `diff`, the old sync). They must send the same messages and end
+    /// holding the same set; returns how many catch-ups were incremental.
+    fn follow(ops: &[Op], log: usize) -> usize {
+        let idx = EntryIndex::with_log_capacity(
+            EntrySnapshot {
+                entries: vec![],
+                revision: 1,
+            },
+            log,
+        );
+        let agent: SpiffeId = AGENT.parse().unwrap();
+        let mut node = Selectors::new();
+        let (mut full_sent, mut inc_sent) = (Sent::new(), Sent::new());
+        let mut synced = idx.revision();
+        let mut force_full = false;
+        let mut revision = 1;
+        let mut incremental = 0;
+        for op in ops.iter().chain([&Op::Sync]) {
+            match op {
+                Op::Upsert {
+                    id,
+                    spiffe,
+                    parent,
+                    sel,
+                } => {
+                    revision += 1;
+                    let mut e = Entry::new(
+                        format!("e{id}").parse().unwrap(),
+                        SPIFFE[*spiffe].parse().unwrap(),
+                        PARENTS[*parent].parse().unwrap(),
+                        selectors(*sel),
+                    );
+                    e.revision = revision;
+                    idx.apply(Change {
+                        revision,
+                        kind: ChangeKind::EntryUpserted(e),
+                    });
+                }
+                Op::Delete(id) => {
+                    let Some(e) = idx.get(&format!("e{id}").parse().unwrap()) else {
+                        continue;
+                    };
+                    revision += 1;
+                    idx.apply(Change {
+                        revision,
+                        kind: ChangeKind::EntryDeleted((*e).clone()),
+                    });
+                }
+                Op::AgentSelectors(mask) => {
+                    node = selectors(*mask);
+                    force_full = true;
+                }
+                Op::Sync => {
+                    let auth = idx.authorized(&agent, &node);
+                    let expected = diff(&mut full_sent, &auth, false, auth.revision);
+                    let change = if force_full {
+                        SetChange::Full(idx.authorized(&agent, &node))
+                    } else {
+                        idx.authorized_since(synced, &agent, &node, |id| inc_sent.contains_key(id))
+                    };
+                    let got = match change {
+                        SetChange::Full(a) => {
+                            synced = a.revision;
+                            diff(&mut inc_sent, &a, false, a.revision)
+                        }
+                        SetChange::Entries { revision, changed } => {
+                            incremental += 1;
+                            synced = revision;
+                            diff_changed(&mut inc_sent, &changed, revision)
+                        }
+                    };
+                    force_full = false;
+                    assert_eq!(content(&got), content(&expected), "after {op:?} in {ops:?}");
+                    assert_eq!(sorted(&inc_sent), sorted(&full_sent), "{ops:?}");
+                    assert_eq!(synced, idx.revision());
+                    if let Some(m) = &got {
+                        assert_eq!(m.revision, synced);
+                    }
+                }
+            }
+        }
+        incremental
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Creates, updates (parent, SPIFFE ID, selectors, alias or not),
+        /// deletes and agent selector changes in any order, caught up after
+        /// any number of changes, with a log long enough or too short.
+        #[test]
+        fn incremental_sync_equals_the_whole_set_recompute(
+            ops in proptest::collection::vec(op(), 1..60),
+            log in prop_oneof![Just(1usize), Just(4), Just(1000)],
+        ) {
+            follow(&ops, log);
+        }
+    }
+
+    #[test]
+    fn changes_that_move_no_subtree_are_caught_up_incrementally() {
+        // Entries created under the agent, one at a time, then updated and
+        // deleted: every catch-up is incremental.
+        let mut ops = Vec::new();
+        for id in 0..3 {
+            ops.push(Op::Upsert {
+                id,
+                spiffe: id as usize,
+                parent: 0,
+                sel: 4,
+            });
+            ops.push(Op::Sync);
+        }
+        ops.push(Op::Upsert {
+            id: 1,
+            spiffe: 1,
+            parent: 1,
+            sel: 4,
+        });
+        ops.push(Op::Sync);
+        ops.push(Op::Delete(0));
+        ops.push(Op::Sync);
+        assert_eq!(follow(&ops, 1000), 6);
+        // With a log of one change, two changes between catch-ups fall back
+        // to the whole set (and still agree, as `follow` checks).
+        let two = [
+            Op::Upsert {
+                id: 0,
+                spiffe: 0,
+                parent: 0,
+                sel: 4,
+            },
+            Op::Upsert {
+                id: 1,
+                spiffe: 1,
+                parent: 0,
+                sel: 4,
+            },
+        ];
+        assert_eq!(follow(&two, 1), 0);
+        assert_eq!(follow(&two, 2), 1);
+    }
+
+    #[test]
+    fn a_moved_parent_recomputes_the_whole_set() {
+        let idx = EntryIndex::new(EntrySnapshot {
+            entries: vec![],
+            revision: 1,
+        });
+        let agent: SpiffeId = AGENT.parse().unwrap();
+        let e = |rev, id: &str, spiffe: &str, parent: &str| {
+            let mut e = Entry::new(
+                id.parse().unwrap(),
+                spiffe.parse().unwrap(),
+                parent.parse().unwrap(),
+                Selectors::parse_all(["unix:uid:1"]).unwrap(),
+            );
+            e.revision = rev;
+            idx.apply(Change {
+                revision: rev,
+                kind: ChangeKind::EntryUpserted(e),
+            });
+        };
+        e(2, "top", "spiffe://td/top", AGENT);
+        e(3, "child", "spiffe://td/child", "spiffe://td/top");
+        let none = Selectors::new();
+        let auth = idx.authorized(&agent, &none);
+        assert_eq!(auth.entries.len(), 2);
+        let held: Vec<EntryId> = auth.entries.keys().cloned().collect();
+        // The parent moves away: its child leaves the set with it, which
+        // only the whole set shows.
+        e(4, "top", "spiffe://td/top", "spiffe://td/elsewhere");
+        match idx.authorized_since(3, &agent, &none, |id| held.contains(id)) {
+            SetChange::Full(a) => assert!(a.entries.is_empty()),
+            other => panic!("expected the whole set, got {other:?}"),
+        }
+        // Another agent never held it and does not now: incremental, empty.
+        let other: SpiffeId = "spiffe://td/sigil/agent/join_token/b2".parse().unwrap();
+        match idx.authorized_since(3, &other, &none, |_| false) {
+            SetChange::Entries { revision, changed } => {
+                assert_eq!(revision, 4);
+                assert_eq!(changed.len(), 1);
+                assert!(changed[0].1.is_none());
+            }
+            other => panic!("expected entries, got {other:?}"),
         }
     }
 }

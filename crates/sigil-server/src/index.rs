@@ -3,7 +3,10 @@
 //!
 //! It is built once from a store snapshot and then kept current by applying
 //! the store's change feed in revision order, never by full reloads. Each
-//! applied change is broadcast so that sync streams can react at once.
+//! applied change is broadcast so that sync streams can react at once, and
+//! remembered in a bounded log so that a sync stream can bring its agent up
+//! to date from the entries that changed instead of from its whole set
+//! ([`EntryIndex::authorized_since`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, RwLock};
@@ -15,6 +18,11 @@ use tokio::sync::{broadcast, watch};
 /// How many index events a slow subscriber may fall behind before it has to
 /// recompute from the index (which it can always do).
 const EVENT_BUFFER: usize = 4096;
+
+/// How many entry changes the index remembers for incremental syncs. A
+/// stream further behind than this recomputes its agent's whole set, which
+/// is always correct; the log costs about 100 bytes per change.
+const CHANGE_LOG: usize = 65_536;
 
 /// One change applied to the index.
 #[derive(Debug, Clone)]
@@ -37,6 +45,23 @@ pub enum IndexEvent {
     },
 }
 
+/// One entry change as the incremental sync needs it.
+#[derive(Debug)]
+struct Logged {
+    /// The revision of the change.
+    revision: u64,
+    /// The entry that changed.
+    id: EntryId,
+    /// The selectors of the entry before and after the change, on each side
+    /// where it was a node alias: whether the change can add or remove an
+    /// agent's alias root depends only on these.
+    alias_selectors: Vec<Selectors>,
+    /// Whether, when it changed, other entries were parented to the entry's
+    /// SPIFFE ID before or after the change: then its change may move a
+    /// whole subtree into or out of an agent's set.
+    parents_others: bool,
+}
+
 #[derive(Default)]
 struct IndexState {
     revision: u64,
@@ -44,6 +69,12 @@ struct IndexState {
     by_parent: HashMap<SpiffeId, BTreeSet<EntryId>>,
     by_spiffe_id: HashMap<SpiffeId, BTreeSet<EntryId>>,
     aliases: BTreeSet<EntryId>,
+    /// Entry changes in revision order, newest last.
+    log: VecDeque<Logged>,
+    /// Every entry change after this revision is in `log`.
+    log_floor: u64,
+    /// Most changes `log` keeps.
+    log_capacity: usize,
 }
 
 impl IndexState {
@@ -92,11 +123,136 @@ impl IndexState {
         self.aliases.remove(id);
         Some(old)
     }
+
+    /// Whether any entry is parented to `id`.
+    fn parents_something(&self, id: &SpiffeId) -> bool {
+        self.by_parent.get(id).is_some_and(|s| !s.is_empty())
+    }
+
+    /// Remembers a change of entry `id` from `old` to `new`; `old_parents`
+    /// says whether something was parented to the old SPIFFE ID before it.
+    fn log_change(
+        &mut self,
+        revision: u64,
+        id: EntryId,
+        old: Option<&Entry>,
+        old_parents: bool,
+        new: Option<&Entry>,
+    ) {
+        let parents_others =
+            old_parents || new.is_some_and(|e| self.parents_something(&e.spiffe_id));
+        let alias_selectors = [old, new]
+            .into_iter()
+            .flatten()
+            .filter(|e| e.is_node_alias())
+            .map(|e| e.selectors.clone())
+            .collect();
+        self.log.push_back(Logged {
+            revision,
+            id,
+            alias_selectors,
+            parents_others,
+        });
+        while self.log.len() > self.log_capacity {
+            if let Some(dropped) = self.log.pop_front() {
+                self.log_floor = dropped.revision;
+            }
+        }
+    }
+
+    /// See [`EntryIndex::authorized`].
+    fn authorized(&self, agent_id: &SpiffeId, node_selectors: &Selectors) -> Authorized {
+        let mut out = Authorized {
+            revision: self.revision,
+            ..Authorized::default()
+        };
+        let mut queue: VecDeque<SpiffeId> = VecDeque::new();
+        out.roots.insert(agent_id.clone());
+        queue.push_back(agent_id.clone());
+        for alias_id in &self.aliases {
+            if let Some(alias) = self.entries.get(alias_id)
+                && alias.selectors.is_subset_of(node_selectors)
+                && out.roots.insert(alias.spiffe_id.clone())
+            {
+                queue.push_back(alias.spiffe_id.clone());
+            }
+        }
+        while let Some(parent) = queue.pop_front() {
+            let Some(children) = self.by_parent.get(&parent) else {
+                continue;
+            };
+            for child_id in children {
+                let Some(child) = self.entries.get(child_id) else {
+                    continue;
+                };
+                if child.is_node_alias() {
+                    continue;
+                }
+                out.entries.insert(child.id.clone(), child.clone());
+                if out.roots.insert(child.spiffe_id.clone()) {
+                    queue.push_back(child.spiffe_id.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// See [`EntryIndex::authorized_entry`].
+    fn authorized_entry(
+        &self,
+        id: &EntryId,
+        agent_id: &SpiffeId,
+        node_selectors: &Selectors,
+    ) -> Option<Arc<Entry>> {
+        let entry = self.entries.get(id)?;
+        if entry.is_node_alias() || entry.check_reserved().is_err() {
+            return None;
+        }
+        // The common cases answer without allocating: the incremental sync
+        // asks this of every changed entry, for every connected agent.
+        if &entry.parent_id == agent_id {
+            return Some(entry.clone());
+        }
+        if !self.by_spiffe_id.contains_key(&entry.parent_id) {
+            return None;
+        }
+        // Breadth-first over the parents: an ID is a root of the agent's tree
+        // if it is the agent, a matching node alias's ID, or the SPIFFE ID of
+        // an entry (not an alias) whose own parent is such a root.
+        let mut seen: HashSet<&SpiffeId> = HashSet::new();
+        let mut queue: VecDeque<&SpiffeId> = VecDeque::from([&entry.parent_id]);
+        while let Some(parent) = queue.pop_front() {
+            if !seen.insert(parent) {
+                continue;
+            }
+            if parent == agent_id {
+                return Some(entry.clone());
+            }
+            let Some(holders) = self.by_spiffe_id.get(parent) else {
+                continue;
+            };
+            for holder_id in holders {
+                let Some(holder) = self.entries.get(holder_id) else {
+                    continue;
+                };
+                if holder.is_node_alias() {
+                    if holder.selectors.is_subset_of(node_selectors) {
+                        return Some(entry.clone());
+                    }
+                } else {
+                    queue.push_back(&holder.parent_id);
+                }
+            }
+        }
+        None
+    }
 }
 
 /// The entries an agent is authorized for, and the IDs their tree hangs from.
 #[derive(Debug, Default, Clone)]
 pub struct Authorized {
+    /// The index revision the set was computed at.
+    pub revision: u64,
     /// The entries, by ID.
     pub entries: HashMap<EntryId, Arc<Entry>>,
     /// Every ID that parents something in the set: the agent ID, the matched
@@ -111,6 +267,24 @@ impl Authorized {
             || self.entries.contains_key(&entry.id)
             || self.roots.contains(&entry.parent_id)
     }
+}
+
+/// How an agent's authorized set changed since a revision (see
+/// [`EntryIndex::authorized_since`]).
+#[derive(Debug)]
+pub enum SetChange {
+    /// The whole set: the change log no longer reaches back far enough, or a
+    /// change may have moved a subtree into or out of the set.
+    Full(Authorized),
+    /// Only these entries may have changed status; every other entry is in
+    /// the set now exactly when it was at the earlier revision.
+    Entries {
+        /// The index revision the answer is current with.
+        revision: u64,
+        /// Each changed entry: `Some` with its current state when the agent is
+        /// authorized for it now, `None` when not (or deleted). Each ID once.
+        changed: Vec<(EntryId, Option<Arc<Entry>>)>,
+    },
 }
 
 /// How `ListEntries` matches selectors.
@@ -188,8 +362,16 @@ impl std::fmt::Debug for EntryIndex {
 impl EntryIndex {
     /// Builds the index from a consistent snapshot.
     pub fn new(snapshot: EntrySnapshot) -> Self {
+        Self::with_log_capacity(snapshot, CHANGE_LOG)
+    }
+
+    /// Builds the index remembering at most `capacity` entry changes for
+    /// incremental syncs (tests use small logs to reach the fallback).
+    pub fn with_log_capacity(snapshot: EntrySnapshot, capacity: usize) -> Self {
         let mut state = IndexState {
             revision: snapshot.revision,
+            log_floor: snapshot.revision,
+            log_capacity: capacity,
             ..IndexState::default()
         };
         for e in snapshot.entries {
@@ -224,9 +406,20 @@ impl EntryIndex {
             state.revision = change.revision;
             match change.kind {
                 ChangeKind::EntryUpserted(e) => {
+                    let old_parents = state
+                        .entries
+                        .get(&e.id)
+                        .is_some_and(|o| state.parents_something(&o.spiffe_id));
                     let old = state.remove(&e.id);
                     let new = Arc::new(e);
                     state.insert(new.clone());
+                    state.log_change(
+                        change.revision,
+                        new.id.clone(),
+                        old.as_deref(),
+                        old_parents,
+                        Some(&new),
+                    );
                     Some(IndexEvent::Entry {
                         revision: change.revision,
                         old,
@@ -234,7 +427,15 @@ impl EntryIndex {
                     })
                 }
                 ChangeKind::EntryDeleted(e) => {
+                    let held = state.entries.get(&e.id).cloned();
+                    let old_parents = held
+                        .as_ref()
+                        .is_some_and(|o| state.parents_something(&o.spiffe_id))
+                        || state.parents_something(&e.spiffe_id);
                     let old = state.remove(&e.id).or_else(|| Some(Arc::new(e)));
+                    if let Some(o) = &old {
+                        state.log_change(change.revision, o.id.clone(), Some(o), old_parents, None);
+                    }
                     Some(IndexEvent::Entry {
                         revision: change.revision,
                         old,
@@ -290,37 +491,7 @@ impl EntryIndex {
     /// node alias its node selectors satisfy, and, recursively, those
     /// parented to the SPIFFE ID of an entry already in the set.
     pub fn authorized(&self, agent_id: &SpiffeId, node_selectors: &Selectors) -> Authorized {
-        let state = self.read();
-        let mut out = Authorized::default();
-        let mut queue: VecDeque<SpiffeId> = VecDeque::new();
-        out.roots.insert(agent_id.clone());
-        queue.push_back(agent_id.clone());
-        for alias_id in &state.aliases {
-            if let Some(alias) = state.entries.get(alias_id)
-                && alias.selectors.is_subset_of(node_selectors)
-                && out.roots.insert(alias.spiffe_id.clone())
-            {
-                queue.push_back(alias.spiffe_id.clone());
-            }
-        }
-        while let Some(parent) = queue.pop_front() {
-            let Some(children) = state.by_parent.get(&parent) else {
-                continue;
-            };
-            for child_id in children {
-                let Some(child) = state.entries.get(child_id) else {
-                    continue;
-                };
-                if child.is_node_alias() {
-                    continue;
-                }
-                out.entries.insert(child.id.clone(), child.clone());
-                if out.roots.insert(child.spiffe_id.clone()) {
-                    queue.push_back(child.spiffe_id.clone());
-                }
-            }
-        }
-        out
+        self.read().authorized(agent_id, node_selectors)
     }
 
     /// The entry `id` if it is authorized for the agent, found by walking up
@@ -333,40 +504,60 @@ impl EntryIndex {
         agent_id: &SpiffeId,
         node_selectors: &Selectors,
     ) -> Option<Arc<Entry>> {
+        self.read().authorized_entry(id, agent_id, node_selectors)
+    }
+
+    /// How the agent's set changed after revision `since`, at which the
+    /// agent was authorized for exactly the entries `held` says yes to. The
+    /// cost is in proportion to the entries changed since then, except when
+    /// the answer is [`SetChange::Full`]: the log no longer reaches back to
+    /// `since`, a node alias whose selectors the agent satisfies (before or
+    /// after) changed, or an entry that other entries are parented to changed
+    /// while the agent held it or holds it now. Any other change can alter
+    /// only its own entry's status, because an entry's status depends only
+    /// on the chain of entries and aliases above it (see design-notes.md).
+    pub fn authorized_since(
+        &self,
+        since: u64,
+        agent_id: &SpiffeId,
+        node_selectors: &Selectors,
+        held: impl Fn(&EntryId) -> bool,
+    ) -> SetChange {
         let state = self.read();
-        let entry = state.entries.get(id)?.clone();
-        if entry.is_node_alias() || entry.check_reserved().is_err() {
-            return None;
+        if since < state.log_floor || since > state.revision {
+            return SetChange::Full(state.authorized(agent_id, node_selectors));
         }
-        // Breadth-first over the parents: an ID is a root of the agent's tree
-        // if it is the agent, a matching node alias's ID, or the SPIFFE ID of
-        // an entry (not an alias) whose own parent is such a root.
-        let mut seen: HashSet<SpiffeId> = HashSet::new();
-        let mut queue: VecDeque<SpiffeId> = VecDeque::from([entry.parent_id.clone()]);
-        while let Some(parent) = queue.pop_front() {
-            if !seen.insert(parent.clone()) {
-                continue;
+        let first = state.log.partition_point(|l| l.revision <= since);
+        // Each changed ID once, with whether any of its changes could move
+        // a subtree.
+        let mut order: Vec<&EntryId> = Vec::new();
+        let mut moves_subtree: HashMap<&EntryId, bool> = HashMap::new();
+        for logged in state.log.range(first..) {
+            if logged
+                .alias_selectors
+                .iter()
+                .any(|s| s.is_subset_of(node_selectors))
+            {
+                return SetChange::Full(state.authorized(agent_id, node_selectors));
             }
-            if &parent == agent_id {
-                return Some(entry);
-            }
-            let Some(holders) = state.by_spiffe_id.get(&parent) else {
-                continue;
-            };
-            for holder_id in holders {
-                let Some(holder) = state.entries.get(holder_id) else {
-                    continue;
-                };
-                if holder.is_node_alias() {
-                    if holder.selectors.is_subset_of(node_selectors) {
-                        return Some(entry);
-                    }
-                } else {
-                    queue.push_back(holder.parent_id.clone());
-                }
-            }
+            let flag = moves_subtree.entry(&logged.id).or_insert_with(|| {
+                order.push(&logged.id);
+                false
+            });
+            *flag |= logged.parents_others;
         }
-        None
+        let mut changed = Vec::with_capacity(order.len());
+        for id in order {
+            let now = state.authorized_entry(id, agent_id, node_selectors);
+            if moves_subtree.get(id).copied().unwrap_or(true) && (now.is_some() || held(id)) {
+                return SetChange::Full(state.authorized(agent_id, node_selectors));
+            }
+            changed.push((id.clone(), now));
+        }
+        SetChange::Entries {
+            revision: state.revision,
+            changed,
+        }
     }
 
     /// A page of entries in ID order after `after`, filtered; returns the

@@ -153,14 +153,11 @@ async fn agent_state_survives_sigkill_and_restart_without_the_server() {
     // The agent writes its cache after it serves it; give the write a moment
     // to land (kill -9 may still hit it; what must hold is that the agent
     // comes back with whatever it had durably written).
-    let cache = agent.data_dir.join("cache.json");
-    wait_until(START, "the SVID in the agent's cache file", || async {
-        let text = std::fs::read_to_string(&cache).ok()?;
-        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-        v["svids"]
-            .as_array()
-            .is_some_and(|s| s.len() == 1)
-            .then_some(())
+    // The cache is cache.json plus its journal; read it as the agent does.
+    let cache = sigil_agent::persist::Persist::open(&agent.data_dir).unwrap();
+    wait_until(START, "the SVID in the agent's cache files", || async {
+        let cached = cache.load_cache(std::time::SystemTime::now()).ok()?;
+        (cached.svids.len() == 1).then_some(())
     })
     .await;
 

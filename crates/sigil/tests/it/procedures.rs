@@ -226,7 +226,13 @@ async fn a_sqlite_backup_restored_as_documented_behaves_as_documented() {
         t["agent_id"].as_str().unwrap().to_owned(),
     );
     assert_ne!(new_a, id_a, "a join token yields a new agent ID");
-    for f in ["identity.json", "agent.json", "agent.key", "cache.json"] {
+    for f in [
+        "identity.json",
+        "agent.json",
+        "agent.key",
+        "cache.json",
+        "cache.journal",
+    ] {
         let _ = std::fs::remove_file(a.data_dir.join(f));
     }
     a.start(Some(&token)).await;

@@ -1,0 +1,264 @@
+//! The bulk-registration scenario (`--scenario bulk-registration`): many
+//! entries registered in batches through the admin API while one real agent
+//! process is connected and authorized for all of them.
+//!
+//! It measures what registration costs while an agent is concerned: each
+//! batch's latency (first, median, last: a cost that grows with the registry
+//! shows as last >> first), the server's CPU time, and the bytes the agent
+//! wrote to keep its cache on disk. The entries are parented to the agent,
+//! with selectors that match no workload; the agent still signs one SVID per
+//! entry (it signs ahead for every entry it holds), and that signing is part
+//! of the server CPU and of the cache the agent writes.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use sigil_proto::server::v1 as pb;
+use sigil_proto::server::v1::admin_api_client::AdminApiClient;
+use sigil_types::SpiffeId;
+
+use crate::child::ChildProc;
+use crate::inproc::sample_entry;
+use crate::load::{
+    Admin, follow_agent, join_token, num_of, percentile, spawn_agent, str_of, td, unix_channel,
+    wait_status,
+};
+use crate::report::Report;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Batches measured with no agent concerned, for the baseline.
+const BASELINE_BATCHES: usize = 3;
+
+/// The sizes of the scenario.
+#[derive(Debug, Clone)]
+pub(crate) struct BulkSizes {
+    /// Entries registered under the connected agent.
+    pub(crate) entries: usize,
+    /// Entries per BatchCreateEntry call.
+    pub(crate) batch: usize,
+}
+
+/// Creates `n` entries parented to `parent` in one BatchCreateEntry call
+/// and returns its latency; `offset` keeps their SPIFFE IDs distinct.
+async fn one_batch(
+    admin: &mut Admin,
+    parent: &SpiffeId,
+    tag: &str,
+    offset: usize,
+    n: usize,
+) -> anyhow::Result<Duration> {
+    let td = td()?;
+    let entries = (offset..offset + n)
+        .map(|i| sample_entry(&td, parent, tag, i).map(|e| pb::Entry::from(&e)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let t0 = Instant::now();
+    let resp = admin
+        .batch_create_entry(pb::BatchCreateEntryRequest { entries })
+        .await
+        .map_err(|s| anyhow::anyhow!("BatchCreateEntry: {}", s.message()))?
+        .into_inner();
+    let took = t0.elapsed();
+    for r in &resp.results {
+        ensure!(r.error.is_empty(), "creating an entry: {}", r.error);
+    }
+    ensure!(
+        resp.results.len() == n,
+        "{} results for {n}",
+        resp.results.len()
+    );
+    Ok(took)
+}
+
+pub(crate) async fn bulk_registration(
+    s: &BulkSizes,
+    report: &mut Report,
+    work: &Path,
+) -> anyhow::Result<()> {
+    ensure!(
+        (1..=500).contains(&s.batch) && s.entries >= s.batch,
+        "--bulk-batch must be 1..=500 and --bulk-entries at least one batch"
+    );
+    // On disk, not tmpfs: the agent's writes are read from the block layer.
+    let dir = tempfile::Builder::new()
+        .prefix("sigil-bench-bulk-")
+        .tempdir_in(work)?;
+    let mut server = ChildProc::spawn(
+        "server",
+        &[
+            "__server".into(),
+            "--data-dir".into(),
+            dir.path().join("server").display().to_string(),
+        ],
+    )?;
+    let ready = server.next_json(Duration::from_secs(120)).await?;
+    let addr = str_of(&ready, "agent_api")?.to_owned();
+    let mut admin =
+        AdminApiClient::new(unix_channel(Path::new(str_of(&ready, "admin_socket")?)).await?);
+
+    // Baseline: the same batches for an agent that never connects.
+    let (_, idle_agent) = join_token(&mut admin).await?;
+    let cpu0 = server.cpu_seconds()?;
+    let mut idle = Vec::new();
+    for b in 0..BASELINE_BATCHES {
+        idle.push(
+            one_batch(&mut admin, &idle_agent, "idle", b * s.batch, s.batch)
+                .await?
+                .as_secs_f64()
+                * 1000.0,
+        );
+    }
+    let idle_cpu_per_entry = (server.cpu_seconds()? - cpu0) / (BASELINE_BATCHES * s.batch) as f64;
+    report.baseline(
+        "baseline.bulk_batch_no_agent",
+        percentile(&mut idle, 50.0),
+        "ms",
+        &format!(
+            "median of {BASELINE_BATCHES} BatchCreateEntry calls of {} entries (store on disk) while no agent is concerned",
+            s.batch
+        ),
+    );
+    report.baseline(
+        "baseline.bulk_server_cpu_no_agent",
+        idle_cpu_per_entry * s.entries as f64,
+        "CPU-s",
+        &format!(
+            "server CPU per entry in those batches, times {} entries",
+            s.entries
+        ),
+    );
+
+    // One real agent, authorized for everything registered from now on.
+    let (token, agent_id) = join_token(&mut admin).await?;
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir)?;
+    let mut agent = spawn_agent(&addr, &token, &agent_dir)?;
+    let status = follow_agent(&mut agent);
+    wait_status(&status, Duration::from_secs(60), "connected", |v| {
+        v["connected"] == true
+    })
+    .await?;
+    let io0 = agent.io()?;
+    let agent_cpu0 = agent.cpu_seconds()?;
+    let cpu0 = server.cpu_seconds()?;
+    let t0 = Instant::now();
+    let mut lat = Vec::new();
+    let mut offset = 0;
+    while offset < s.entries {
+        let n = s.batch.min(s.entries - offset);
+        let d = one_batch(&mut admin, &agent_id, "bulk", offset, n).await?;
+        lat.push(d.as_secs_f64() * 1000.0);
+        offset += n;
+        if lat.len() % 20 == 0 {
+            eprintln!(
+                "bulk: {offset} entries registered, last batch {:.0} ms",
+                lat[lat.len() - 1]
+            );
+        }
+    }
+    let registered = t0.elapsed().as_secs_f64();
+    let total = s.entries as f64;
+    wait_status(
+        &status,
+        Duration::from_secs(3600),
+        "all entries synced",
+        |v| num_of(v, "entries") >= total,
+    )
+    .await?;
+    let synced = t0.elapsed().as_secs_f64();
+    wait_status(&status, Duration::from_secs(3600), "all SVIDs", |v| {
+        num_of(v, "svids") >= total
+    })
+    .await?;
+    let signed = t0.elapsed().as_secs_f64();
+    // The cache write that follows the last signing.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu = server.cpu_seconds()? - cpu0;
+    let io = agent.io()?;
+    let agent_cpu = agent.cpu_seconds()? - agent_cpu0;
+    let on_disk: u64 = std::fs::read_dir(agent_dir.join("data"))
+        .context("the agent's data directory")?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    agent.stop().await;
+    server.stop().await;
+
+    report.baseline(
+        "baseline.bulk_registration_wall",
+        registered,
+        "s",
+        "wall time of all the BatchCreateEntry calls",
+    );
+    let batches = lat.len();
+    let note = format!(
+        "{} entries in {batches} BatchCreateEntry calls of {} while one agent process holds a sync stream and is authorized for all of them ({registered:.1} s in all)",
+        s.entries, s.batch
+    );
+    let (first, last) = (lat[0], lat[batches - 1]);
+    let median = percentile(&mut lat, 50.0);
+    for (name, v) in [("first", first), ("median", median), ("last", last)] {
+        report.figure(
+            &format!("bulk.batch_{name}"),
+            v,
+            "ms",
+            "baseline.bulk_batch_no_agent",
+            None,
+            &note,
+        );
+    }
+    report.figure(
+        "bulk.agent_synced",
+        synced,
+        "s",
+        "baseline.bulk_registration_wall",
+        None,
+        "from the first batch until the agent holds every entry",
+    );
+    report.figure(
+        "bulk.server_cpu",
+        cpu,
+        "CPU-s",
+        "baseline.bulk_server_cpu_no_agent",
+        None,
+        &format!(
+            "server CPU from the first batch until the agent holds an SVID for every entry ({signed:.1} s): registration, sync and signing {} SVIDs",
+            s.entries
+        ),
+    );
+    report.figure(
+        "bulk.agent_cpu",
+        agent_cpu,
+        "CPU-s",
+        "baseline.bulk_server_cpu_no_agent",
+        None,
+        &format!(
+            "agent process CPU over the same span: sync, key generation and CSRs for {} SVIDs, cache writes",
+            s.entries
+        ),
+    );
+    report.baseline(
+        "baseline.bulk_agent_on_disk",
+        on_disk as f64 / MIB,
+        "MiB",
+        "size of the agent's data directory at the end (identity, bundle, cache)",
+    );
+    report.figure(
+        "bulk.agent_write_bytes",
+        (io.write_bytes - io0.write_bytes) as f64 / MIB,
+        "MiB",
+        "baseline.bulk_agent_on_disk",
+        None,
+        "bytes the agent process wrote to storage over the run (/proc/<pid>/io write_bytes)",
+    );
+    report.figure(
+        "bulk.agent_write_calls_bytes",
+        (io.wchar - io0.wchar) as f64 / MIB,
+        "MiB",
+        "baseline.bulk_agent_on_disk",
+        None,
+        "bytes the agent process passed to write calls over the run (/proc/<pid>/io wchar: files, sockets, its status lines)",
+    );
+    Ok(())
+}
