@@ -105,6 +105,23 @@ pub(crate) fn renewal_time(not_before: SystemTime, not_after: SystemTime) -> Sys
     not_before + Duration::from_secs_f64(offset.max(0.0))
 }
 
+/// When to renew an SVID this agent has just received: at [`renewal_time`],
+/// but never sooner, by this host's clock, than the same share of its
+/// lifetime from now. On a host whose clock runs ahead of the server's by
+/// more than half a lifetime, every new SVID would otherwise be due the
+/// moment it arrives, and the agent would ask for the next one in a loop
+/// (every entry, every 10 ms) against the server.
+pub(crate) fn renewal_after_receipt(
+    now: SystemTime,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> SystemTime {
+    let at = renewal_time(not_before, not_after);
+    let issued = (not_before + sigil_svid::x509::BACKDATE).min(not_after);
+    let share = at.duration_since(issued).unwrap_or_default();
+    at.max(now + share)
+}
+
 impl Core {
     pub(crate) fn publish(&mut self) {
         let now = SystemTime::now();
@@ -358,7 +375,8 @@ impl Core {
             tracing::error!(error = %e, "installing the renewed agent SVID failed");
             return false;
         }
-        self.identity_renew_at = renewal_time(identity.not_before, identity.not_after);
+        self.identity_renew_at =
+            renewal_after_receipt(SystemTime::now(), identity.not_before, identity.not_after);
         tracing::info!(agent = %identity.id, "agent SVID renewed");
         self.identity = identity;
         true
@@ -487,8 +505,10 @@ impl Core {
                     ttl: entry.x509_svid_ttl,
                     attributes: entry.attributes.clone(),
                 };
-                self.renew_at
-                    .insert(id.clone(), renewal_time(svid.not_before, svid.not_after));
+                self.renew_at.insert(
+                    id.clone(),
+                    renewal_after_receipt(now, svid.not_before, svid.not_after),
+                );
                 self.svids.insert(id, Arc::new(svid));
                 self.metrics.svids_signed.inc();
                 self.dirty = true;
@@ -745,6 +765,31 @@ mod tests {
             let short = renewal_time(start, issued + Duration::from_secs(4));
             let after = short.duration_since(issued).unwrap().as_millis();
             assert!((1590..=2410).contains(&after), "{after}");
+        }
+    }
+
+    #[test]
+    fn a_clock_ahead_of_the_servers_does_not_renew_in_a_loop() {
+        let issued = SystemTime::now();
+        let start = issued - sigil_svid::x509::BACKDATE;
+        let end = issued + Duration::from_secs(60);
+        // This host's clock runs 10 minutes ahead: by it, the new SVID is
+        // long past its renewal time (and its expiry).
+        let now = issued + Duration::from_secs(600);
+        for _ in 0..100 {
+            let wait = renewal_after_receipt(now, start, end)
+                .duration_since(now)
+                .unwrap()
+                .as_secs_f64();
+            assert!((24.0..=36.0).contains(&wait), "{wait}");
+        }
+        // With the clocks agreeing it is the renewal time itself.
+        for _ in 0..100 {
+            let at = renewal_after_receipt(issued, start, end)
+                .duration_since(issued)
+                .unwrap()
+                .as_secs_f64();
+            assert!((24.0..=36.0).contains(&at), "{at}");
         }
     }
 
