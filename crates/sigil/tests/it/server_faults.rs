@@ -388,9 +388,12 @@ async fn check_after_restart(
     }
     let bundle = served_x509_bundle(server).await;
     // An SVID signed in the last seconds of a CA's life ends with the CA,
-    // so the agent may be between one and the next for a moment when the
-    // server was down right then; it must serve one again promptly.
-    let deadline = tokio::time::Instant::now() + START;
+    // so the agent may be between one and the next when the server was down
+    // right then. It serves one again once it has reconnected and signed:
+    // within its longest reconnection backoff (30 s, after the failures of
+    // the earlier rounds; operations.md: "agents reconnect within 30 s")
+    // plus the time to start and sign.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30) + START;
     let mut chains = loop {
         match served_chains(&agent.uri()).await {
             Some(c) if !c.is_empty() => break c,
