@@ -143,7 +143,7 @@ impl Tally {
 /// no conversion step in between that could lag behind the source, so a
 /// refused handshake is a fault of the certificates, never a window of the
 /// client library.
-struct FromSource(X509Source);
+pub(crate) struct FromSource(pub(crate) X509Source);
 
 impl std::fmt::Debug for FromSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

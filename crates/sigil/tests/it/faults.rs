@@ -3,7 +3,8 @@
 //! loop, the server away for longer than SVID half-life, an agent cut off by
 //! a network partition (in a network namespace of the test's own), and the
 //! PostgreSQL database restarted under load. Workloads doing mutual TLS
-//! (`spiffe-rustls` over `X509Source`) must not see a single failure.
+//! (rustls with each side's material read from its `X509Source` at every
+//! handshake) must not see a single failure.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -81,18 +82,30 @@ impl Pair {
         let be = format!("backend-{n}");
         let server_src = source(uri, &be).await;
         let client_src = source(uri, &fe).await;
-        let server_cfg = spiffe_rustls::mtls_server(server_src)
-            .authorize(
-                spiffe_rustls::authorizer::exact([format!("spiffe://example.org/{fe}")]).unwrap(),
-            )
-            .build()
-            .unwrap();
-        let client_cfg = spiffe_rustls::mtls_client(client_src.clone())
-            .authorize(
-                spiffe_rustls::authorizer::exact([format!("spiffe://example.org/{be}")]).unwrap(),
-            )
-            .build()
-            .unwrap();
+        // The material each side holds, read from its X509Source at every
+        // handshake (as in authority.rs): a refused handshake is then a
+        // fault of what sigil served, never the window in which a client
+        // library converts a new source revision.
+        use sigil_svid::tls::{Authorize, SpiffeClientVerifier, SpiffeServerVerifier};
+        let server_side = Arc::new(crate::authority::FromSource(server_src));
+        let client_side = Arc::new(crate::authority::FromSource(client_src.clone()));
+        let mut server_cfg = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(
+                server_side.clone(),
+                Authorize::Exact(format!("spiffe://example.org/{fe}").parse().unwrap()),
+                false,
+            )))
+            .with_cert_resolver(server_side);
+        server_cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server_cfg.send_tls13_tickets = 0;
+        let mut client_cfg = rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+                client_side.clone(),
+                Authorize::Exact(format!("spiffe://example.org/{be}").parse().unwrap()),
+            )))
+            .with_client_cert_resolver(client_side);
+        client_cfg.resumption = rustls::client::Resumption::disabled();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
