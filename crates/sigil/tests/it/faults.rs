@@ -610,6 +610,38 @@ async fn the_database_restarted_under_load() {
     }
 }
 
+/// Creates a network namespace `<prefix>-<tag>` for `test`, with a tag
+/// unique among concurrent runs (the process ID and a clock tick); returns
+/// its name and the tag. `None` (after saying why) when this process cannot:
+/// no root, no `ip`, or root without CAP_NET_ADMIN (some containers); under
+/// CI that fails the test instead, since CI is where it is meant to run.
+pub(crate) fn add_netns(test: &str, prefix: &str) -> Option<(String, String)> {
+    if !crate::need_root(test) {
+        return None;
+    }
+    let has_ip = std::process::Command::new("ip").arg("-V").output().is_ok();
+    if !sigil_testkit::runnable(test, has_ip, "the `ip` command (iproute2) is missing") {
+        return None;
+    }
+    let tick = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .subsec_micros()
+        % 100;
+    let tag = format!("{}{tick}", std::process::id() % 100_000);
+    let name = format!("{prefix}-{tag}");
+    let add = std::process::Command::new("ip")
+        .args(["netns", "add", &name])
+        .output()
+        .unwrap();
+    if !add.status.success() {
+        let why = String::from_utf8_lossy(&add.stderr);
+        sigil_testkit::runnable(test, false, &format!("ip netns add {name}: {why}"));
+        return None;
+    }
+    Some((name, tag))
+}
+
 /// Runs `ip` with these arguments; panics with its stderr on failure.
 pub(crate) fn ip(args: &[&str]) {
     let out = std::process::Command::new("ip")
@@ -641,33 +673,7 @@ struct Netns {
 impl Netns {
     /// `None` (after printing why) when this process cannot create one.
     fn create() -> Option<Self> {
-        const TEST: &str = "network partition test";
-        if !crate::need_root(TEST) {
-            return None;
-        }
-        let has_ip = std::process::Command::new("ip").arg("-V").output().is_ok();
-        if !sigil_testkit::runnable(TEST, has_ip, "the `ip` command (iproute2) is missing") {
-            return None;
-        }
-        // Unique among concurrent runs: the process ID and a clock tick.
-        let tick = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .subsec_micros()
-            % 100;
-        let tag = format!("{}{tick}", std::process::id() % 100_000);
-        let name = format!("sigil-part-{tag}");
-        let add = std::process::Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .unwrap();
-        if !add.status.success() {
-            let why = String::from_utf8_lossy(&add.stderr);
-            // Root without CAP_NET_ADMIN (some containers): fail in CI, where
-            // the test is meant to run, skip elsewhere.
-            sigil_testkit::runnable(TEST, false, &format!("ip netns add {name}: {why}"));
-            return None;
-        }
+        let (name, tag) = add_netns("network partition test", "sigil-part")?;
         let ns = Self {
             name,
             data_root: format!("sgd{tag}"),

@@ -45,29 +45,7 @@ struct AgentNetns {
 impl AgentNetns {
     /// `None` (after saying why) when this process cannot create one.
     fn create(test: &str, links: usize) -> Option<Self> {
-        if !crate::need_root(test) {
-            return None;
-        }
-        let has_ip = std::process::Command::new("ip").arg("-V").output().is_ok();
-        if !sigil_testkit::runnable(test, has_ip, "the `ip` command (iproute2) is missing") {
-            return None;
-        }
-        let tick = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .subsec_micros()
-            % 100;
-        let tag = format!("{}{tick}", std::process::id() % 100_000);
-        let name = format!("sigil-silent-{tag}");
-        let add = std::process::Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .unwrap();
-        if !add.status.success() {
-            let why = String::from_utf8_lossy(&add.stderr);
-            sigil_testkit::runnable(test, false, &format!("ip netns add {name}: {why}"));
-            return None;
-        }
+        let (name, tag) = crate::faults::add_netns(test, "sigil-silent")?;
         let mut ns = Self {
             name,
             links: Vec::new(),
