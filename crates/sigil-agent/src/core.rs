@@ -25,6 +25,7 @@ use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
 use crate::persist::{AgentIdentity, CacheWriter, Persist, WorkloadSvid};
+use crate::schedule::Timeline;
 use crate::{AgentError, client, time};
 
 /// Most CSRs sent in one signing request.
@@ -44,15 +45,62 @@ pub struct Tainted {
     pub jwt_kids: BTreeSet<String>,
 }
 
+/// The entries of a [`Snapshot`], oldest first (by creation time, then
+/// ID): the order in which the Workload API lists a caller's identities, the
+/// first being its default. A persistent map, as is [`Svids`]: a new
+/// snapshot shares everything that did not change with the one before, so
+/// that publishing one costs in proportion to the change, not to the
+/// entries held.
+#[derive(Debug, Clone, Default)]
+pub struct Entries(imbl::OrdMap<(i64, EntryId), Arc<Entry>>);
+
+impl Entries {
+    /// The entries, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> + '_ {
+        self.0.values()
+    }
+
+    /// How many entries there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn insert(&mut self, e: Arc<Entry>) {
+        self.0.insert((e.created_at, e.id.clone()), e);
+    }
+
+    fn remove(&mut self, e: &Entry) {
+        self.0.remove(&(e.created_at, e.id.clone()));
+    }
+}
+
+impl FromIterator<Arc<Entry>> for Entries {
+    fn from_iter<I: IntoIterator<Item = Arc<Entry>>>(iter: I) -> Self {
+        let mut entries = Self::default();
+        for e in iter {
+            entries.insert(e);
+        }
+        entries
+    }
+}
+
+/// Valid SVIDs by entry (a persistent map; see [`Entries`]).
+pub type Svids = imbl::HashMap<EntryId, Arc<WorkloadSvid>>;
+
 /// What the Workload API serves from: entries, their SVIDs and the bundles.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     /// Every entry this agent holds.
-    pub entries: Vec<Arc<Entry>>,
+    pub entries: Entries,
     /// Valid SVIDs by entry, each fitting its entry in `entries` (SPIFFE
-    /// ID, DNS names, TTL, attributes); an entry whose SVID does not fit
-    /// has none here until it is signed again.
-    pub svids: HashMap<EntryId, Arc<WorkloadSvid>>,
+    /// ID, DNS names, TTL, attributes) and not expired; an entry whose SVID
+    /// does not fit has none here until it is signed again.
+    pub svids: Svids,
     /// The trust bundle.
     pub bundle: Arc<Bundle>,
     /// Bundles of foreign trust domains, served to workloads whose entries
@@ -83,7 +131,21 @@ pub(crate) struct Core {
     pub(crate) entries: HashMap<EntryId, Arc<Entry>>,
     pub(crate) revision: u64,
     pub(crate) svids: HashMap<EntryId, Arc<WorkloadSvid>>,
-    pub(crate) renew_at: HashMap<EntryId, SystemTime>,
+    /// When each SVID in `svids` is to be renewed.
+    pub(crate) renew_at: Timeline<EntryId>,
+    /// When each SVID in `svids` that has not expired yet expires; taken
+    /// out as it expires (which changes what is served).
+    pub(crate) expires: Timeline<EntryId>,
+    /// Entries that need an SVID whatever the time: new, changed so that
+    /// their SVID no longer fits, or refused by the server so far.
+    pub(crate) unsigned: BTreeSet<EntryId>,
+    /// Entries whose entry or SVID changed since the cache was last saved.
+    pub(crate) touched: BTreeSet<EntryId>,
+    /// The entries the next snapshot holds, kept up to date per change.
+    pub(crate) served_entries: Entries,
+    /// The SVIDs the next snapshot holds: those that fit their entry and
+    /// have not expired (are still in `expires`), kept up to date per change.
+    pub(crate) served_svids: Svids,
     pub(crate) snapshot: watch::Sender<Arc<Snapshot>>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) dirty: bool,
@@ -123,28 +185,14 @@ pub(crate) fn renewal_after_receipt(
 }
 
 impl Core {
+    /// Sends the Workload API a new snapshot. Entries and SVIDs are
+    /// persistent maps kept up to date per change, so this costs the same
+    /// whatever the agent holds.
     pub(crate) fn publish(&mut self) {
-        let now = SystemTime::now();
         let connected = self.client.load().is_some();
         let snap = Snapshot {
-            entries: {
-                let mut v: Vec<_> = self.entries.values().cloned().collect();
-                v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-                v
-            },
-            // Only an SVID that fits its entry as the entry is now: after an
-            // entry's SPIFFE ID, DNS names, TTL or attributes change, the old
-            // SVID would otherwise reach every caller matching the entry's
-            // (possibly new) selectors until the new one is signed, and
-            // longer if signing fails.
-            svids: self
-                .svids
-                .iter()
-                .filter(|(id, s)| {
-                    s.not_after > now && self.entries.get(*id).is_some_and(|e| s.fits(e))
-                })
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            entries: self.served_entries.clone(),
+            svids: self.served_svids.clone(),
             bundle: self.trust.load_full(),
             federated: self.federated.clone(),
             connected,
@@ -159,9 +207,14 @@ impl Core {
     }
 
     fn persist_cache(&mut self) {
-        let r = self
-            .cache
-            .save(&self.persist, self.revision, &self.entries, &self.svids);
+        let touched = std::mem::take(&mut self.touched);
+        let r = self.cache.save_touched(
+            &self.persist,
+            self.revision,
+            &self.entries,
+            &self.svids,
+            &touched,
+        );
         if let Err(e) = r {
             tracing::error!(error = %e, "saving the SVID cache failed");
         }
@@ -193,25 +246,34 @@ impl Core {
         Ok(stream)
     }
 
+    /// Applies one whole update from the server. Its cost is in proportion
+    /// to what the update carries; only a snapshot (sent when the agent
+    /// connects without a usable revision) looks at every entry held.
     fn apply(&mut self, m: pb::SyncMessage) {
-        if m.snapshot {
-            self.entries.clear();
-        }
+        let held_before: Option<Vec<EntryId>> = m.snapshot.then(|| {
+            self.served_entries = Entries::default();
+            std::mem::take(&mut self.entries).into_keys().collect()
+        });
         for e in &m.upserted {
             let Ok(id) = e.id.parse::<EntryId>() else {
                 tracing::warn!(id = %e.id, "ignoring an entry without a valid ID");
                 continue;
             };
             match entry_from_proto(e, move || id) {
-                Ok(entry) => {
-                    self.entries.insert(entry.id.clone(), Arc::new(entry));
-                }
+                Ok(entry) => self.upsert(Arc::new(entry)),
                 Err(err) => tracing::warn!(error = %err, "ignoring an entry the server sent"),
+            }
+        }
+        for id in held_before.into_iter().flatten() {
+            if !self.entries.contains_key(&id) {
+                // Not in the snapshot's entries, which start empty.
+                self.forget(&id, None);
             }
         }
         for id in &m.deleted_ids {
             if let Ok(id) = id.parse::<EntryId>() {
-                self.entries.remove(&id);
+                let old = self.entries.remove(&id);
+                self.forget(&id, old.as_deref());
             }
         }
         if !m.bundle_json.is_empty() {
@@ -234,14 +296,121 @@ impl Core {
             self.apply_tainted(&m.tainted_x509_authorities, &m.tainted_jwt_kids);
         }
         self.revision = m.revision;
-        self.svids.retain(|id, _| self.entries.contains_key(id));
-        self.renew_at.retain(|id, _| self.entries.contains_key(id));
         self.dirty = true;
         tracing::debug!(
             entries = self.entries.len(),
             revision = self.revision,
             "sync applied"
         );
+    }
+
+    /// Holds `entry` (new or changed); it needs a new SVID when the one it
+    /// has no longer fits it.
+    fn upsert(&mut self, entry: Arc<Entry>) {
+        let id = entry.id.clone();
+        match self.svids.get(&id) {
+            Some(s) if s.fits(&entry) => {
+                // Changed back to what its SVID was signed for, or in
+                // what the SVID does not hold (selectors, say).
+                self.unsigned.remove(&id);
+                if self.expires.get(&id).is_some() {
+                    self.served_svids.insert(id.clone(), s.clone());
+                }
+            }
+            // Only an SVID that fits its entry as the entry is now is
+            // served: after an entry's SPIFFE ID, DNS names, TTL or
+            // attributes change, the old SVID would otherwise reach every
+            // caller matching the entry's (possibly new) selectors until the
+            // new one is signed, and longer if signing fails.
+            _ => {
+                self.unsigned.insert(id.clone());
+                self.served_svids.remove(&id);
+            }
+        }
+        self.touched.insert(id.clone());
+        if let Some(old) = self.entries.insert(id, entry.clone()) {
+            self.served_entries.remove(&old);
+        }
+        self.served_entries.insert(entry);
+    }
+
+    /// Drops the SVID and every schedule of an entry no longer held
+    /// (already removed from `entries`; `old` is what it was).
+    fn forget(&mut self, id: &EntryId, old: Option<&Entry>) {
+        if let Some(old) = old {
+            self.served_entries.remove(old);
+        }
+        self.served_svids.remove(id);
+        self.svids.remove(id);
+        self.renew_at.remove(id);
+        self.expires.remove(id);
+        self.unsigned.remove(id);
+        self.touched.insert(id.clone());
+    }
+
+    /// Holds `svid` as the SVID of its entry, due for renewal at `renew`,
+    /// and serves it if it fits the entry.
+    fn hold_svid(&mut self, svid: WorkloadSvid, renew: SystemTime) {
+        let id = svid.entry_id.clone();
+        let svid = Arc::new(svid);
+        self.renew_at.set(id.clone(), renew);
+        self.expires.set(id.clone(), svid.not_after);
+        self.touched.insert(id.clone());
+        match self.entries.get(&id) {
+            Some(e) if svid.fits(e) => {
+                self.unsigned.remove(&id);
+                self.served_svids.insert(id.clone(), svid.clone());
+            }
+            // Signed for the entry as it was before a change.
+            Some(_) => {
+                self.unsigned.insert(id.clone());
+                self.served_svids.remove(&id);
+            }
+            None => {
+                self.served_svids.remove(&id);
+            }
+        }
+        self.svids.insert(id, svid);
+    }
+
+    /// Stops serving the SVIDs that expired by `now`; true if any did.
+    fn expire(&mut self, now: SystemTime) -> bool {
+        let expired = self.expires.take_due(now);
+        for id in &expired {
+            self.served_svids.remove(id);
+        }
+        !expired.is_empty()
+    }
+
+    /// Rebuilds every schedule from the entries and SVIDs held (at start,
+    /// from the saved cache).
+    pub(crate) fn reschedule_all(&mut self) {
+        let now = SystemTime::now();
+        self.svids.retain(|id, _| self.entries.contains_key(id));
+        self.renew_at.clear();
+        self.expires.clear();
+        self.unsigned.clear();
+        self.served_svids = Svids::default();
+        self.served_entries = self.entries.values().cloned().collect();
+        for (id, s) in &self.svids {
+            self.renew_at
+                .set(id.clone(), renewal_time(s.not_before, s.not_after));
+            if s.not_after > now {
+                self.expires.set(id.clone(), s.not_after);
+            }
+        }
+        for (id, e) in &self.entries {
+            match self.svids.get(id) {
+                Some(s) if s.fits(e) => {
+                    if s.not_after > now {
+                        self.served_svids.insert(id.clone(), s.clone());
+                    }
+                }
+                _ => {
+                    self.unsigned.insert(id.clone());
+                }
+            }
+        }
     }
 
     /// Takes the server's complete set of tainted authorities; when it
@@ -285,7 +454,7 @@ impl Core {
         let mut renew = 0;
         for (id, svid) in &self.svids {
             if tainted(&svid.chain) {
-                self.renew_at.insert(id.clone(), now);
+                self.renew_at.set(id.clone(), now);
                 renew += 1;
             }
         }
@@ -420,21 +589,24 @@ impl Core {
         false
     }
 
+    /// The entries that need an SVID at `now`: those that have none, whose
+    /// SVID no longer fits the entry, or whose SVID is due for renewal. Only
+    /// what is due is looked at, not every entry held.
+    fn due(&self, now: SystemTime) -> Vec<Arc<Entry>> {
+        let ids: BTreeSet<&EntryId> = self.unsigned.iter().chain(self.renew_at.due(now)).collect();
+        ids.into_iter()
+            .filter_map(|id| self.entries.get(id))
+            .cloned()
+            .collect()
+    }
+
     /// Signs SVIDs for entries that have none, whose SVID no longer fits
     /// the entry, or whose SVID is due for renewal.
     async fn maintain_svids(&mut self, now: SystemTime) {
         if self.sign_retry_at.is_some_and(|t| now < t) {
             return;
         }
-        let due: Vec<Arc<Entry>> = self
-            .entries
-            .values()
-            .filter(|e| match self.svids.get(&e.id) {
-                None => true,
-                Some(s) => !s.fits(e) || self.renew_at.get(&e.id).is_none_or(|t| now >= *t),
-            })
-            .cloned()
-            .collect();
+        let due = self.due(now);
         if due.is_empty() {
             return;
         }
@@ -505,11 +677,8 @@ impl Core {
                     ttl: entry.x509_svid_ttl,
                     attributes: entry.attributes.clone(),
                 };
-                self.renew_at.insert(
-                    id.clone(),
-                    renewal_after_receipt(now, svid.not_before, svid.not_after),
-                );
-                self.svids.insert(id, Arc::new(svid));
+                let renew = renewal_after_receipt(now, svid.not_before, svid.not_after);
+                self.hold_svid(svid, renew);
                 self.metrics.svids_signed.inc();
                 self.dirty = true;
             }
@@ -522,17 +691,15 @@ impl Core {
 
     fn next_wake(&self, now: SystemTime) -> SystemTime {
         let mut t = self.identity_renew_at;
-        for r in self.renew_at.values() {
-            t = t.min(*r);
+        if let Some(r) = self.renew_at.first() {
+            t = t.min(r);
         }
         if let Some(r) = self.sign_retry_at {
             t = t.min(r);
         }
         // Expiry of a served SVID changes what is served.
-        for s in self.svids.values() {
-            if s.not_after > now {
-                t = t.min(s.not_after);
-            }
+        if let Some(r) = self.expires.first() {
+            t = t.min(r);
         }
         t.max(now + Duration::from_millis(10))
     }
@@ -589,13 +756,7 @@ impl Core {
             self.maintain_svids(now).await;
             // An SVID that expired is no longer served, even when nothing
             // else changed (as while the server is unreachable).
-            if self
-                .snapshot
-                .borrow()
-                .svids
-                .values()
-                .any(|s| s.not_after <= now)
-            {
+            if self.expire(now) {
                 self.dirty = true;
             }
             if self.dirty {
@@ -607,55 +768,111 @@ impl Core {
             if stream.is_none() {
                 wake = wake.min(retry_at);
             }
-            tokio::select! {
+            let received = tokio::select! {
                 _ = cancel.cancelled() => return,
-                msg = next_message(&mut stream) => match msg {
-                    Some(Ok(page)) => match pages.push(page) {
-                        Ok(Some(update)) => {
-                            self.apply(update);
-                            backoff.reset();
-                        }
-                        // More pages of this update are to come.
-                        Ok(None) => {}
-                        Err(e) => {
-                            let d = backoff.next();
-                            tracing::error!(error = %e, retry_in = ?d, "refusing the server's sync update; reconnecting");
-                            stream = None;
-                            retry_at = SystemTime::now() + d;
-                            self.client.store(Arc::new(None));
-                            self.dirty = true;
-                        }
-                    },
-                    Some(Err(status)) => {
-                        if pages.is_partial() {
-                            tracing::warn!("the sync stream broke inside an update; nothing of it was applied");
-                        }
-                        pages.clear();
-                        let d = backoff.next();
-                        if status.code() == tonic::Code::PermissionDenied {
-                            tracing::error!(error = %status.message(), "the server cut this agent off");
-                        } else {
-                            tracing::warn!(error = %status.message(), retry_in = ?d, "sync stream broke");
-                        }
-                        stream = None;
-                        retry_at = SystemTime::now() + d;
-                        self.client.store(Arc::new(None));
-                        self.dirty = true;
-                    }
-                    None => {
-                        if pages.is_partial() {
-                            tracing::warn!("the sync stream ended inside an update; nothing of it was applied");
-                        }
-                        pages.clear();
-                        stream = None;
-                        retry_at = SystemTime::now() + backoff.next();
-                        self.client.store(Arc::new(None));
-                        self.dirty = true;
-                    }
-                },
-                _ = tokio::time::sleep_until(time::instant_of(wake)) => {}
+                msg = next_message(&mut stream) => Some(msg),
+                _ = tokio::time::sleep_until(time::instant_of(wake)) => None,
+            };
+            let Some(mut msg) = received else {
+                continue;
+            };
+            // Every message already received is handled before the work
+            // that looks at what the agent holds (signing, publishing,
+            // saving): a registration of many entries reaches the agent as
+            // many small messages, and that work must not run once per
+            // message. Bounded, so that timers are not starved.
+            let until = tokio::time::Instant::now() + DRAIN_TIME;
+            for _ in 0..DRAIN_MESSAGES {
+                self.on_message(msg, &mut stream, &mut pages, &mut backoff, &mut retry_at);
+                if tokio::time::Instant::now() >= until {
+                    break;
+                }
+                match ready_message(&mut stream) {
+                    Some(next) => msg = next,
+                    None => break,
+                }
             }
         }
+    }
+
+    /// Handles one message (or the end) of the sync stream.
+    fn on_message(
+        &mut self,
+        msg: Option<Result<pb::SyncMessage, tonic::Status>>,
+        stream: &mut Option<Streaming<pb::SyncMessage>>,
+        pages: &mut crate::paging::Assembler,
+        backoff: &mut Backoff,
+        retry_at: &mut SystemTime,
+    ) {
+        match msg {
+            Some(Ok(page)) => match pages.push(page) {
+                Ok(Some(update)) => {
+                    self.apply(update);
+                    backoff.reset();
+                }
+                // More pages of this update are to come.
+                Ok(None) => {}
+                Err(e) => {
+                    let d = backoff.next();
+                    tracing::error!(error = %e, retry_in = ?d, "refusing the server's sync update; reconnecting");
+                    *stream = None;
+                    *retry_at = SystemTime::now() + d;
+                    self.client.store(Arc::new(None));
+                    self.dirty = true;
+                }
+            },
+            Some(Err(status)) => {
+                if pages.is_partial() {
+                    tracing::warn!(
+                        "the sync stream broke inside an update; nothing of it was applied"
+                    );
+                }
+                pages.clear();
+                let d = backoff.next();
+                if status.code() == tonic::Code::PermissionDenied {
+                    tracing::error!(error = %status.message(), "the server cut this agent off");
+                } else {
+                    tracing::warn!(error = %status.message(), retry_in = ?d, "sync stream broke");
+                }
+                *stream = None;
+                *retry_at = SystemTime::now() + d;
+                self.client.store(Arc::new(None));
+                self.dirty = true;
+            }
+            None => {
+                if pages.is_partial() {
+                    tracing::warn!(
+                        "the sync stream ended inside an update; nothing of it was applied"
+                    );
+                }
+                pages.clear();
+                *stream = None;
+                *retry_at = SystemTime::now() + backoff.next();
+                self.client.store(Arc::new(None));
+                self.dirty = true;
+            }
+        }
+    }
+}
+
+/// Most sync messages handled in a row before the core does its other work.
+const DRAIN_MESSAGES: usize = 4096;
+/// Longest the core handles sync messages in a row.
+const DRAIN_TIME: Duration = Duration::from_millis(200);
+
+/// The next message of the sync stream if it has already arrived (`None`
+/// when it has not): polled once, without waiting. `Streaming::message`
+/// keeps its state in the stream, so dropping the pending call loses nothing.
+fn ready_message(
+    stream: &mut Option<Streaming<pb::SyncMessage>>,
+) -> Option<Option<Result<pb::SyncMessage, tonic::Status>>> {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    let s = stream.as_mut()?;
+    let mut next = std::pin::pin!(s.message());
+    match next.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(r) => Some(r.transpose()),
+        Poll::Pending => None,
     }
 }
 
@@ -820,6 +1037,241 @@ mod tests {
             "{firsts:?}"
         );
         assert!(firsts.len() > 10, "no jitter: {firsts:?}");
+    }
+
+    mod incremental {
+        //! The core's schedules and cache saves, kept up to date per change,
+        //! against the definitions they replace (a pass over every entry).
+
+        use std::collections::BTreeMap;
+        use std::path::Path;
+
+        use proptest::prelude::*;
+        use sigil_svid::x509::{SvidRequest, X509Authority};
+        use sigil_types::Selectors;
+
+        use super::*;
+
+        fn entry(k: u8, variant: u8) -> Entry {
+            Entry::new(
+                format!("e{k}").parse().unwrap(),
+                format!("spiffe://example.org/w/{k}/{variant}")
+                    .parse()
+                    .unwrap(),
+                "spiffe://example.org/agent".parse().unwrap(),
+                Selectors::parse_all(["unix:uid:1000"]).unwrap(),
+            )
+        }
+
+        fn core_in(dir: &Path, ca: &X509Authority) -> Core {
+            let td = TrustDomain::new("example.org").unwrap();
+            let cfg = AgentConfig::with_defaults(td.clone(), "127.0.0.1:1".into(), dir.into());
+            let key = PrivateKey::generate_p256().unwrap();
+            let agent: SpiffeId = "spiffe://example.org/agent".parse().unwrap();
+            let leaf = ca
+                .sign_svid(
+                    &SvidRequest::new(&agent, Duration::from_secs(3600)),
+                    &key.public_key_spki_der(),
+                    SystemTime::now(),
+                )
+                .unwrap();
+            let identity = AgentIdentity::new(vec![leaf], key).unwrap();
+            let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key).unwrap());
+            let bundle = Arc::new(Bundle::new(td));
+            let (snapshot, _) = watch::channel(Arc::new(Snapshot {
+                entries: Default::default(),
+                svids: Default::default(),
+                bundle: bundle.clone(),
+                federated: Default::default(),
+                connected: false,
+                tainted: Default::default(),
+            }));
+            Core {
+                server_id: "spiffe://example.org/sigil/server".parse().unwrap(),
+                persist: Persist::open(dir).unwrap(),
+                cache: CacheWriter::new(),
+                trust: Arc::new(ArcSwap::new(bundle)),
+                federated: Default::default(),
+                identity_renew_at: SystemTime::now() + Duration::from_secs(86_400),
+                cert,
+                client: Arc::new(ArcSwap::from_pointee(None)),
+                entries: HashMap::new(),
+                revision: 0,
+                svids: HashMap::new(),
+                renew_at: Default::default(),
+                expires: Default::default(),
+                unsigned: Default::default(),
+                touched: Default::default(),
+                served_entries: Default::default(),
+                served_svids: Default::default(),
+                snapshot,
+                metrics: Default::default(),
+                dirty: false,
+                sign_retry_at: None,
+                tainted: Default::default(),
+                identity,
+                cfg,
+            }
+        }
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Entry `k` created or changed to variant `v` (its SPIFFE ID).
+            Upsert(u8, u8),
+            Delete(u8),
+            /// The server's full set.
+            Snapshot(Vec<(u8, u8)>),
+            /// An SVID for entry `k` as it is now, renewed after `r` s,
+            /// living `life` s.
+            Sign(u8, u16, u16),
+            Tick(u16),
+            Save,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0u8..6, 0u8..2).prop_map(|(k, v)| Op::Upsert(k, v)),
+                2 => (0u8..6).prop_map(Op::Delete),
+                1 => proptest::collection::vec((0u8..6, 0u8..2), 0..6).prop_map(Op::Snapshot),
+                4 => (0u8..6, 0u16..300, 60u16..600).prop_map(|(k, r, l)| Op::Sign(k, r, l)),
+                3 => (0u16..120).prop_map(Op::Tick),
+                1 => Just(Op::Save),
+            ]
+        }
+
+        fn message(revision: u64, snapshot: bool, up: &[Entry], del: &[String]) -> pb::SyncMessage {
+            pb::SyncMessage {
+                revision,
+                snapshot,
+                upserted: up.iter().map(pb::Entry::from).collect(),
+                deleted_ids: del.to_vec(),
+                ..Default::default()
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Whatever the server sends and whatever is signed, in any
+            /// order: the due set, the next expiry and the saved cache are
+            /// what a pass over everything held would give.
+            #[test]
+            fn schedules_and_saves_match_a_full_pass(ops in proptest::collection::vec(op(), 1..60)) {
+                let dir = tempfile::tempdir().unwrap();
+                let td = TrustDomain::new("example.org").unwrap();
+                let start = SystemTime::now();
+                let ca = X509Authority::generate(&td, Duration::from_secs(86_400), start).unwrap();
+                let mut core = core_in(dir.path(), &ca);
+                let mut now = start;
+                // The renewal time of each SVID, as the old code kept it.
+                let mut renew: BTreeMap<EntryId, SystemTime> = BTreeMap::new();
+                let mut revision = 0;
+                for op in ops {
+                    revision += 1;
+                    match op {
+                        Op::Upsert(k, v) => core.apply(message(revision, false, &[entry(k, v)], &[])),
+                        Op::Delete(k) => core.apply(message(revision, false, &[], &[format!("e{k}")])),
+                        Op::Snapshot(set) => {
+                            let es: Vec<Entry> = set.iter().map(|(k, v)| entry(*k, *v)).collect();
+                            core.apply(message(revision, true, &es, &[]));
+                        }
+                        Op::Sign(k, r, life) => {
+                            let Some(e) = core.entries.get(&format!("e{k}").parse().unwrap()).cloned() else {
+                                continue;
+                            };
+                            let key = PrivateKey::generate_p256().unwrap();
+                            let leaf = ca
+                                .sign_svid(
+                                    &SvidRequest::new(&e.spiffe_id, Duration::from_secs(life.into())),
+                                    &key.public_key_spki_der(),
+                                    now,
+                                )
+                                .unwrap();
+                            let info = sigil_svid::x509::cert_info(&leaf).unwrap();
+                            let at = now + Duration::from_secs(r.into());
+                            core.hold_svid(
+                                WorkloadSvid {
+                                    entry_id: e.id.clone(),
+                                    spiffe_id: e.spiffe_id.clone(),
+                                    chain: vec![leaf],
+                                    key,
+                                    not_before: info.not_before,
+                                    not_after: info.not_after,
+                                    dns_names: e.dns_names.clone(),
+                                    ttl: e.x509_svid_ttl,
+                                    attributes: e.attributes.clone(),
+                                },
+                                at,
+                            );
+                            renew.insert(e.id.clone(), at);
+                        }
+                        Op::Tick(secs) => {
+                            now += Duration::from_secs(secs.into());
+                            core.expire(now);
+                        }
+                        Op::Save => {
+                            core.persist_cache();
+                            let loaded = core.persist.load_cache(SystemTime::now()).unwrap();
+                            let mut held: Vec<&Entry> = core.entries.values().map(|e| &**e).collect();
+                            held.sort_by(|a, b| a.id.cmp(&b.id));
+                            let loaded_entries: Vec<&Entry> = loaded.entries.iter().collect();
+                            prop_assert_eq!(loaded_entries, held);
+                            let mut svids: Vec<(EntryId, Vec<u8>)> = core
+                                .svids
+                                .values()
+                                .filter(|s| s.not_after > SystemTime::now())
+                                .map(|s| (s.entry_id.clone(), s.chain[0].clone()))
+                                .collect();
+                            svids.sort();
+                            let mut loaded_svids: Vec<(EntryId, Vec<u8>)> = loaded
+                                .svids
+                                .iter()
+                                .map(|s| (s.entry_id.clone(), s.chain[0].clone()))
+                                .collect();
+                            loaded_svids.sort();
+                            prop_assert_eq!(loaded_svids, svids);
+                        }
+                    }
+                    // The old code dropped the schedules of entries gone.
+                    renew.retain(|id, _| core.entries.contains_key(id));
+                    let mut due: Vec<EntryId> = core.due(now).iter().map(|e| e.id.clone()).collect();
+                    due.sort();
+                    let mut full: Vec<EntryId> = core
+                        .entries
+                        .values()
+                        .filter(|e| match core.svids.get(&e.id) {
+                            None => true,
+                            Some(s) => !s.fits(e) || renew.get(&e.id).is_none_or(|t| now >= *t),
+                        })
+                        .map(|e| e.id.clone())
+                        .collect();
+                    full.sort();
+                    prop_assert_eq!(due, full);
+                    prop_assert!(core.svids.keys().all(|id| core.entries.contains_key(id)));
+                    let next_expiry = core.svids.values().map(|s| s.not_after).filter(|t| *t > now).min();
+                    prop_assert_eq!(core.expires.first(), next_expiry);
+                    prop_assert_eq!(core.renew_at.first(), renew.values().min().copied());
+                    // What is served: every entry, oldest first; and each
+                    // SVID that fits its entry and has not expired.
+                    let mut ordered: Vec<&Arc<Entry>> = core.entries.values().collect();
+                    ordered.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+                    let served: Vec<&Arc<Entry>> = core.served_entries.iter().collect();
+                    prop_assert_eq!(served, ordered);
+                    let mut served: Vec<&EntryId> = core.served_svids.keys().collect();
+                    served.sort();
+                    let mut full: Vec<&EntryId> = core
+                        .svids
+                        .iter()
+                        .filter(|(id, s)| {
+                            s.not_after > now && core.entries.get(*id).is_some_and(|e| s.fits(e))
+                        })
+                        .map(|(id, _)| id)
+                        .collect();
+                    full.sort();
+                    prop_assert_eq!(served, full);
+                }
+            }
+        }
     }
 
     fn bundle_of(name: &str) -> Bundle {

@@ -40,6 +40,7 @@ pub mod peer;
 pub mod pending;
 pub mod persist;
 pub mod retry;
+mod schedule;
 pub mod sds;
 mod time;
 pub mod workload;
@@ -356,8 +357,8 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let metrics = Arc::new(metrics::Metrics::default());
     let trust = Arc::new(ArcSwap::from_pointee(bundle));
     let (snapshot_tx, snapshots) = watch::channel(Arc::new(Snapshot {
-        entries: vec![],
-        svids: HashMap::new(),
+        entries: Default::default(),
+        svids: Default::default(),
         bundle: trust.load_full(),
         federated: federated.clone(),
         connected: false,
@@ -380,7 +381,12 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             .collect(),
         revision: cached.revision,
         svids: HashMap::new(),
-        renew_at: HashMap::new(),
+        renew_at: Default::default(),
+        expires: Default::default(),
+        unsigned: Default::default(),
+        touched: Default::default(),
+        served_entries: Default::default(),
+        served_svids: Default::default(),
         snapshot: snapshot_tx,
         metrics: metrics.clone(),
         dirty: false,
@@ -391,13 +397,10 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     };
     for s in cached.svids {
         if core.entries.contains_key(&s.entry_id) {
-            core.renew_at.insert(
-                s.entry_id.clone(),
-                core::renewal_time(s.not_before, s.not_after),
-            );
             core.svids.insert(s.entry_id.clone(), Arc::new(s));
         }
     }
+    core.reschedule_all();
     // Serve what is cached before the server is even contacted.
     core.publish();
     let agent_id = core.identity.id.clone();

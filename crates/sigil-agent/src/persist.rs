@@ -16,7 +16,7 @@
 //! rewritten (compacted), so the bytes written stay within a small multiple
 //! of the cache's size however it grew.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -645,13 +645,37 @@ impl CacheWriter {
 
     /// Saves the agent's state at `revision`: appends one fsynced journal
     /// record with what changed since the last save, or compacts when the
-    /// journal has grown past the base (or this is the first save).
+    /// journal has grown past the base (or this is the first save). Compares
+    /// everything held; see [`CacheWriter::save_touched`].
     pub fn save(
         &mut self,
         persist: &Persist,
         revision: u64,
         entries: &HashMap<EntryId, Arc<Entry>>,
         svids: &HashMap<EntryId, Arc<WorkloadSvid>>,
+    ) -> Result<Saved, AgentError> {
+        let all: BTreeSet<EntryId> = entries
+            .keys()
+            .chain(svids.keys())
+            .chain(self.entries.keys())
+            .chain(self.svids.keys())
+            .cloned()
+            .collect();
+        self.save_touched(persist, revision, entries, svids, &all)
+    }
+
+    /// As [`CacheWriter::save`], but looking only at the entries named in
+    /// `touched`, which must name every entry whose entry or SVID was
+    /// added, changed or removed since the last save: a save then costs in
+    /// proportion to the change, not to the cache. (A compaction still
+    /// writes everything.)
+    pub fn save_touched(
+        &mut self,
+        persist: &Persist,
+        revision: u64,
+        entries: &HashMap<EntryId, Arc<Entry>>,
+        svids: &HashMap<EntryId, Arc<WorkloadSvid>>,
+        touched: &BTreeSet<EntryId>,
     ) -> Result<Saved, AgentError> {
         if self.journal.is_none() {
             return self.compact(persist, revision, entries, svids);
@@ -660,32 +684,26 @@ impl CacheWriter {
             revision,
             ..JournalRecord::default()
         };
-        for (id, e) in entries {
-            if self
-                .entries
-                .get(id)
-                .is_none_or(|old| !Arc::ptr_eq(old, e) && **old != **e)
-            {
-                rec.entries.push((**e).clone());
+        for id in touched {
+            match (entries.get(id), self.entries.get(id)) {
+                (Some(e), old) => {
+                    if old.is_none_or(|old| !Arc::ptr_eq(old, e) && **old != **e) {
+                        rec.entries.push((**e).clone());
+                    }
+                }
+                (None, Some(_)) => rec.deleted.push(id.clone()),
+                (None, None) => {}
+            }
+            match (svids.get(id), self.svids.get(id)) {
+                (Some(s), old) => {
+                    if old.is_none_or(|old| !Arc::ptr_eq(old, s)) {
+                        rec.svids.push(SvidFile::of(s));
+                    }
+                }
+                (None, Some(_)) => rec.svids_deleted.push(id.clone()),
+                (None, None) => {}
             }
         }
-        rec.deleted = self
-            .entries
-            .keys()
-            .filter(|id| !entries.contains_key(*id))
-            .cloned()
-            .collect();
-        for (id, s) in svids {
-            if self.svids.get(id).is_none_or(|old| !Arc::ptr_eq(old, s)) {
-                rec.svids.push(SvidFile::of(s));
-            }
-        }
-        rec.svids_deleted = self
-            .svids
-            .keys()
-            .filter(|id| !svids.contains_key(*id))
-            .cloned()
-            .collect();
         if rec.is_empty() && revision == self.revision {
             return Ok(Saved::Nothing);
         }
@@ -1075,6 +1093,8 @@ mod tests {
         revision: u64,
         entries: HashMap<EntryId, Arc<Entry>>,
         svids: HashMap<EntryId, Arc<WorkloadSvid>>,
+        /// What changed since the last save, as `Core` tracks it.
+        touched: BTreeSet<EntryId>,
     }
 
     impl State {
@@ -1104,6 +1124,7 @@ mod tests {
                     attributes: vec![],
                 }),
             );
+            self.touched.insert(e.id.clone());
             self.entries.insert(e.id.clone(), Arc::new(e));
             self.revision = revision;
         }
@@ -1112,10 +1133,20 @@ mod tests {
             let id: EntryId = id.parse().unwrap();
             self.entries.remove(&id);
             self.svids.remove(&id);
+            self.touched.insert(id);
             self.revision = revision;
         }
 
-        fn save(&self, w: &mut CacheWriter, p: &Persist) -> Saved {
+        /// Saves what the state marked as touched, as the agent does.
+        fn save(&mut self, w: &mut CacheWriter, p: &Persist) -> Saved {
+            let touched = std::mem::take(&mut self.touched);
+            w.save_touched(p, self.revision, &self.entries, &self.svids, &touched)
+                .unwrap()
+        }
+
+        /// Saves after comparing everything.
+        fn save_all(&mut self, w: &mut CacheWriter, p: &Persist) -> Saved {
+            self.touched.clear();
             w.save(p, self.revision, &self.entries, &self.svids)
                 .unwrap()
         }
@@ -1174,6 +1205,7 @@ mod tests {
         let start = journal_len();
         // Nothing changed: nothing written.
         assert_eq!(st.save(&mut w, &p), Saved::Nothing);
+        assert_eq!(st.save_all(&mut w, &p), Saved::Nothing);
         assert_eq!(journal_len(), start);
         // One entry added and one removed: one small record, the base as it was.
         st.put(&ca, "new", 11);
@@ -1205,6 +1237,40 @@ mod tests {
         st.put(&ca, "e5", 13);
         assert_eq!(st.save(&mut w, &p), Saved::Appended);
         assert_eq!(loaded(&p), st.summary());
+        // A full comparison finds the same change as the touched set.
+        st.put(&ca, "e6", 14);
+        st.remove("e7", 14);
+        assert_eq!(st.save_all(&mut w, &p), Saved::Appended);
+        assert_eq!(loaded(&p), st.summary());
+    }
+
+    #[test]
+    fn a_save_looks_only_at_the_entries_named_as_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Persist::open(dir.path()).unwrap();
+        let ca = X509Authority::generate(&td("example.org"), DAY, SystemTime::now()).unwrap();
+        let mut w = CacheWriter::new();
+        let mut st = State::default();
+        for i in 0..20 {
+            st.put(&ca, &format!("e{i}"), 1);
+        }
+        assert_eq!(st.save(&mut w, &p), Saved::Compacted);
+        // Two changes, only one of them named: the record holds that one,
+        // which is how the agent's saves cost in proportion to the change.
+        st.put(&ca, "named", 2);
+        st.put(&ca, "unnamed", 2);
+        st.touched.remove(&"unnamed".parse::<EntryId>().unwrap());
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
+        let (_, entries, _) = loaded(&p);
+        let ids: Vec<String> = entries.iter().map(|e| e.id.to_string()).collect();
+        assert!(ids.contains(&"named".to_owned()), "{ids:?}");
+        assert!(!ids.contains(&"unnamed".to_owned()), "{ids:?}");
+        // A deletion named as touched is recorded as one.
+        st.remove("e4", 3);
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
+        let (_, entries, svids) = loaded(&p);
+        assert!(entries.iter().all(|e| e.id.as_str() != "e4"));
+        assert!(svids.iter().all(|(id, _, _)| id.as_str() != "e4"));
     }
 
     #[test]

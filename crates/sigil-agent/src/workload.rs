@@ -1213,7 +1213,7 @@ pub(crate) mod tests {
         federated: &[&Domain],
     ) -> Snapshot {
         Snapshot {
-            entries: entries.to_vec(),
+            entries: entries.iter().cloned().collect(),
             svids: entries
                 .iter()
                 .map(|e| (e.id.clone(), svid(own, e)))

@@ -24,12 +24,17 @@ use crate::load::{
     Admin, follow_agent, join_token, num_of, percentile, spawn_agent, str_of, td, unix_channel,
     wait_status,
 };
-use crate::report::Report;
+use crate::report::{Budget, Report};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// Batches measured with no agent concerned, for the baseline.
 const BASELINE_BATCHES: usize = 3;
+
+/// Most the agent's CPU for the second half of the entries may be, as a
+/// multiple of its CPU for the first half. Work in proportion to the change
+/// gives about 1; work in proportion to everything held gives about 3.
+pub(crate) const SECOND_HALF_MAX_RATIO: f64 = 1.8;
 
 /// The sizes of the scenario.
 #[derive(Debug, Clone)]
@@ -144,34 +149,48 @@ pub(crate) async fn bulk_registration(
     let cpu0 = server.cpu_seconds()?;
     let t0 = Instant::now();
     let mut lat = Vec::new();
+    let mut registered = 0.0;
+    let mut synced = 0.0;
+    let mut signed = 0.0;
+    // Two halves, the second registered once the agent holds every SVID
+    // of the first: the agent's CPU for each tells whether its work is in
+    // proportion to the change (the same for both) or to what it already
+    // holds (about three times as much for the second).
+    let half = s.entries / 2;
+    let mut half_cpu = [0.0; 2];
     let mut offset = 0;
-    while offset < s.entries {
-        let n = s.batch.min(s.entries - offset);
-        let d = one_batch(&mut admin, &agent_id, "bulk", offset, n).await?;
-        lat.push(d.as_secs_f64() * 1000.0);
-        offset += n;
-        if lat.len() % 20 == 0 {
-            eprintln!(
-                "bulk: {offset} entries registered, last batch {:.0} ms",
-                lat[lat.len() - 1]
-            );
+    for (h, end) in [half, s.entries].into_iter().enumerate() {
+        let cpu_at_start = agent.cpu_seconds()?;
+        let registering = Instant::now();
+        while offset < end {
+            let n = s.batch.min(end - offset);
+            let d = one_batch(&mut admin, &agent_id, "bulk", offset, n).await?;
+            lat.push(d.as_secs_f64() * 1000.0);
+            offset += n;
+            if lat.len() % 20 == 0 {
+                eprintln!(
+                    "bulk: {offset} entries registered, last batch {:.0} ms",
+                    lat[lat.len() - 1]
+                );
+            }
         }
+        registered += registering.elapsed().as_secs_f64();
+        let held = end as f64;
+        wait_status(
+            &status,
+            Duration::from_secs(3600),
+            "all entries synced",
+            |v| num_of(v, "entries") >= held,
+        )
+        .await?;
+        synced = t0.elapsed().as_secs_f64();
+        wait_status(&status, Duration::from_secs(3600), "all SVIDs", |v| {
+            num_of(v, "svids") >= held
+        })
+        .await?;
+        signed = t0.elapsed().as_secs_f64();
+        half_cpu[h] = agent.cpu_seconds()? - cpu_at_start;
     }
-    let registered = t0.elapsed().as_secs_f64();
-    let total = s.entries as f64;
-    wait_status(
-        &status,
-        Duration::from_secs(3600),
-        "all entries synced",
-        |v| num_of(v, "entries") >= total,
-    )
-    .await?;
-    let synced = t0.elapsed().as_secs_f64();
-    wait_status(&status, Duration::from_secs(3600), "all SVIDs", |v| {
-        num_of(v, "svids") >= total
-    })
-    .await?;
-    let signed = t0.elapsed().as_secs_f64();
     // The cache write that follows the last signing.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cpu = server.cpu_seconds()? - cpu0;
@@ -236,6 +255,25 @@ pub(crate) async fn bulk_registration(
         &format!(
             "agent process CPU over the same span: sync, key generation and CSRs for {} SVIDs, cache writes",
             s.entries
+        ),
+    );
+    report.baseline(
+        "baseline.bulk_agent_cpu_first_half",
+        half_cpu[0],
+        "CPU-s",
+        &format!(
+            "agent CPU while the first {half} entries were registered, synced and signed, from an empty agent"
+        ),
+    );
+    report.figure(
+        "bulk.agent_cpu_second_half",
+        half_cpu[1],
+        "CPU-s",
+        "baseline.bulk_agent_cpu_first_half",
+        Some(Budget::MaxRatio(SECOND_HALF_MAX_RATIO)),
+        &format!(
+            "agent CPU for the next {} entries while it holds the first {half}: about 1x when the agent's work follows the change, about 3x when it follows everything held",
+            s.entries - half
         ),
     );
     report.baseline(

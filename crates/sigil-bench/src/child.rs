@@ -318,7 +318,11 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
 
 // ------------------------------------------------------------------- agent --
 
-/// `__agent`: a sigil agent; prints its state on every change.
+/// Shortest time between two status lines of `__agent`.
+const STATUS_EVERY: Duration = Duration::from_millis(100);
+
+/// `__agent`: a sigil agent; prints its state after every change (at most
+/// every [`STATUS_EVERY`]).
 #[derive(Args, Debug, Clone)]
 pub(crate) struct AgentArgs {
     /// The server's agent API address.
@@ -368,6 +372,11 @@ pub(crate) async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
                 }
                 let v = status(&rx.borrow_and_update());
                 emit(&v);
+                // At most ten lines a second: the status reads every SVID,
+                // and at one line per snapshot this instrumentation would
+                // cost the agent's process as much as the agent's own work.
+                // A change during the pause is reported right after it.
+                tokio::time::sleep(STATUS_EVERY).await;
             }
             line = lines.next_line() => {
                 if !matches!(line, Ok(Some(_))) {

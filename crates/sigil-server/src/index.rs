@@ -590,13 +590,25 @@ impl EntryIndex {
         (page, None)
     }
 
-    /// Every entry with the same parent, SPIFFE ID and selectors as `e`,
-    /// other than `e` itself.
+    /// An entry with the same parent, SPIFFE ID and selectors as `e`,
+    /// other than `e` itself. It looks only at the smaller of the entries
+    /// sharing `e`'s parent and those sharing its SPIFFE ID: every create
+    /// asks, and one parent (an agent) can hold 100,000 entries.
     pub fn duplicate_of(&self, e: &Entry) -> Option<EntryId> {
         let state = self.read();
-        state.by_parent.get(&e.parent_id)?.iter().find_map(|id| {
+        let same_parent = state.by_parent.get(&e.parent_id)?;
+        let same_id = state.by_spiffe_id.get(&e.spiffe_id)?;
+        let fewer = if same_id.len() < same_parent.len() {
+            same_id
+        } else {
+            same_parent
+        };
+        fewer.iter().find_map(|id| {
             let other = state.entries.get(id)?;
-            (other.id != e.id && other.spiffe_id == e.spiffe_id && other.selectors == e.selectors)
+            (other.id != e.id
+                && other.parent_id == e.parent_id
+                && other.spiffe_id == e.spiffe_id
+                && other.selectors == e.selectors)
                 .then(|| other.id.clone())
         })
     }
@@ -912,6 +924,53 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(idx.list(&f, None, 100).0[0].id.as_str(), "direct");
+    }
+
+    #[test]
+    fn duplicates_are_found_whichever_side_is_smaller() {
+        // One parent with many children of distinct SPIFFE IDs, and one
+        // SPIFFE ID under many parents.
+        let mut entries: Vec<Entry> = (0..60)
+            .map(|i| {
+                entry(
+                    &format!("c{i}"),
+                    &format!("spiffe://td/w{i}"),
+                    AGENT,
+                    &["unix:uid:1"],
+                )
+            })
+            .collect();
+        entries.extend((0..50).map(|i| {
+            entry(
+                &format!("p{i}"),
+                "spiffe://td/shared",
+                &format!("spiffe://td/parent{i}"),
+                &["unix:uid:1"],
+            )
+        }));
+        let idx = EntryIndex::new(EntrySnapshot {
+            entries,
+            revision: 1,
+        });
+        let dup = entry("new", "spiffe://td/w7", AGENT, &["unix:uid:1"]);
+        assert_eq!(idx.duplicate_of(&dup).unwrap().as_str(), "c7");
+        let dup = entry(
+            "new",
+            "spiffe://td/shared",
+            "spiffe://td/parent9",
+            &["unix:uid:1"],
+        );
+        assert_eq!(idx.duplicate_of(&dup).unwrap().as_str(), "p9");
+        // The same SPIFFE ID and selectors under another parent is not one.
+        let other = entry("new", "spiffe://td/shared", AGENT, &["unix:uid:1"]);
+        assert!(idx.duplicate_of(&other).is_none());
+        let other = entry(
+            "new",
+            "spiffe://td/w7",
+            "spiffe://td/parent9",
+            &["unix:uid:1"],
+        );
+        assert!(idx.duplicate_of(&other).is_none());
     }
 
     #[test]
