@@ -67,7 +67,7 @@ struct Opts {
     /// Which scenario to run.
     #[arg(long, value_enum, default_value_t)]
     scenario: Scenario,
-    /// bulk-registration: entries registered under the connected agent [100000; quick 1000].
+    /// bulk-registration: entries registered under the connected agent [100000; quick 4000].
     #[arg(long)]
     bulk_entries: Option<usize>,
     /// bulk-registration: entries per BatchCreateEntry call [500; quick 500].
@@ -239,7 +239,7 @@ async fn run_bulk(o: &Opts) -> anyhow::Result<()> {
     let sizes = bulk::BulkSizes {
         entries: o
             .bulk_entries
-            .unwrap_or(if o.quick { 1000 } else { 100_000 }),
+            .unwrap_or(if o.quick { 4000 } else { 100_000 }),
         batch: o.bulk_batch.unwrap_or(500),
     };
     let mode = if o.quick {
