@@ -345,7 +345,7 @@ fn catch_up(
 fn federated_map(
     set: &crate::federation::FederatedBundles,
 ) -> std::collections::HashMap<String, String> {
-    set.iter()
+    crate::federation::within_budget(set)
         .map(|(td, json)| (td.name().to_owned(), json.clone()))
         .collect()
 }

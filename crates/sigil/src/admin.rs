@@ -51,8 +51,14 @@ pub(crate) async fn connect_admin(
                 path.display()
             )
         })?;
-    Ok(AdminApiClient::new(channel))
+    Ok(AdminApiClient::new(channel).max_decoding_message_size(ADMIN_RESPONSE_BYTES))
 }
+
+/// The largest admin API answer the CLI reads (16 MiB). Entry pages are
+/// bounded at 4 MiB by the server; the federated bundles, which `bundle
+/// list` receives in one answer, at 8 MiB in all (a little more when two
+/// HA servers each took one at once).
+const ADMIN_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())

@@ -105,6 +105,10 @@ pub enum FetchError {
         /// The URL.
         url: String,
     },
+    /// Taking the fetched bundle would make the federated bundles exceed
+    /// [`super::MAX_FEDERATED_BYTES`] in all; the held one is kept.
+    #[error("{0}")]
+    NoRoom(String),
     /// The whole fetch took longer than [`FETCH_TIMEOUT`].
     #[error("fetching {url} took longer than {}s", FETCH_TIMEOUT.as_secs())]
     Timeout {

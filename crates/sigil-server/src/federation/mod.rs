@@ -127,6 +127,63 @@ struct Configured {
     extra_roots: Arc<Vec<CertificateDer<'static>>>,
 }
 
+/// The most bytes the federated bundles may hold in all, as stored JSON
+/// (8 MiB). The first page of every sync update carries every federated
+/// bundle to every agent; with the server's own bundle and the tainted
+/// authorities that page must stay far within what an agent decodes (16
+/// MiB), or no agent could sync. Checked whenever a bundle is stored
+/// (`sigil bundle set`, a relationship created or updated with a bundle, a
+/// fetch, a bootstrap `bundle_file`), and again when the set is sent
+/// ([`within_budget`]), since two HA servers can each accept a bundle the
+/// other has not seen yet.
+pub const MAX_FEDERATED_BYTES: usize = 8 * 1024 * 1024;
+
+/// Why holding `len` bytes as the bundle of `td` would not fit beside the
+/// others `held` (the server's own is not counted): the bundle alone is
+/// over [`fetch::MAX_BUNDLE_BYTES`], or all together over
+/// [`MAX_FEDERATED_BYTES`].
+fn no_room<'a>(
+    held: impl IntoIterator<Item = (&'a TrustDomain, usize)>,
+    td: &TrustDomain,
+    len: usize,
+) -> Option<String> {
+    if len > fetch::MAX_BUNDLE_BYTES {
+        return Some(format!(
+            "the bundle of {td} is {len} bytes; a bundle may hold at most {} bytes",
+            fetch::MAX_BUNDLE_BYTES
+        ));
+    }
+    let others: usize = held
+        .into_iter()
+        .filter(|(t, _)| *t != td)
+        .map(|(_, n)| n)
+        .sum();
+    let total = others.saturating_add(len);
+    (total > MAX_FEDERATED_BYTES).then(|| {
+        format!(
+            "with the bundle of {td} ({len} bytes) the federated bundles would hold {total} bytes; \
+             at most {MAX_FEDERATED_BYTES} in all, since every agent receives all of them in one \
+             message (delete bundles no longer needed with `sigil bundle delete`)"
+        )
+    })
+}
+
+/// The federated bundles that go to agents: all of them, in trust-domain
+/// order, as long as they fit [`MAX_FEDERATED_BYTES`] together; any beyond
+/// are left out (and logged where the set changes), so that no set the
+/// servers hold can make a sync message too large for an agent.
+pub fn within_budget(set: &FederatedBundles) -> impl Iterator<Item = (&TrustDomain, &String)> {
+    let mut total = 0usize;
+    set.iter().filter(move |(_, json)| {
+        let next = total.saturating_add(json.len());
+        let fits = next <= MAX_FEDERATED_BYTES;
+        if fits {
+            total = next;
+        }
+        fits
+    })
+}
+
 /// What pollers share with the manager.
 struct Shared {
     own: TrustDomain,
@@ -215,7 +272,16 @@ impl Federation {
                     )
                 })?;
                 if store.get_bundle(td).await?.is_none() {
-                    store.put_bundle(td, &bundle.to_json()).await?;
+                    let json = bundle.to_json();
+                    let held = store.list_bundles().await?;
+                    let held = held
+                        .iter()
+                        .filter(|(t, _)| *t != own)
+                        .map(|(t, j)| (t, j.len()));
+                    if let Some(why) = no_room(held, td, json.len()) {
+                        return Err(config_error(KEY, td, why));
+                    }
+                    store.put_bundle(td, &json).await?;
                     tracing::info!(trust_domain = %td, file = %path.display(), "bootstrap bundle stored");
                 }
             }
@@ -301,6 +367,15 @@ impl Federation {
                 Some(j) => next.insert(td.clone(), j),
                 None => next.remove(td),
             };
+            let sent = within_budget(&next).count();
+            if sent < next.len() {
+                tracing::error!(
+                    held = next.len(),
+                    sent,
+                    max_bytes = MAX_FEDERATED_BYTES,
+                    "the federated bundles exceed what agents are sent; the last in trust-domain order are left out until bundles are deleted"
+                );
+            }
             *set = Arc::new(next);
             true
         });
@@ -480,7 +555,11 @@ impl Federation {
                 )));
             }
             if let Some(b) = bundle {
-                self.shared.store.put_bundle(&td, &b.to_json()).await?;
+                let json = b.to_json();
+                if let Some(why) = self.shared.no_room(&td, json.len()).await? {
+                    return Err(FederationError::InvalidArgument(why));
+                }
+                self.shared.store.put_bundle(&td, &json).await?;
             }
             self.shared
                 .store
@@ -512,7 +591,11 @@ impl Federation {
                 return Err(no_relationship(&td));
             }
             if let Some(b) = bundle {
-                self.shared.store.put_bundle(&td, &b.to_json()).await?;
+                let json = b.to_json();
+                if let Some(why) = self.shared.no_room(&td, json.len()).await? {
+                    return Err(FederationError::InvalidArgument(why));
+                }
+                self.shared.store.put_bundle(&td, &json).await?;
             }
             self.shared
                 .store
@@ -611,6 +694,10 @@ impl Federation {
             FederationError::InvalidArgument(format!("not a valid SPIFFE bundle of {td}: {e}"))
         })?;
         let stored = bundle.to_json();
+        let _w = self.writes.lock().await;
+        if let Some(why) = self.shared.no_room(td, stored.len()).await? {
+            return Err(FederationError::InvalidArgument(why));
+        }
         self.shared.store.put_bundle(td, &stored).await?;
         Ok(stored)
     }
@@ -649,6 +736,19 @@ fn backoff(min: Duration, failures: u32, hint: Option<u64>) -> Duration {
 }
 
 impl Shared {
+    /// Why `len` bytes as the bundle of `td` would not fit beside the
+    /// federated bundles stored now, if they would not.
+    async fn no_room(&self, td: &TrustDomain, len: usize) -> Result<Option<String>, StoreError> {
+        let held = self.store.list_bundles().await?;
+        Ok(no_room(
+            held.iter()
+                .filter(|(t, _)| *t != self.own)
+                .map(|(t, j)| (t, j.len())),
+            td,
+            len,
+        ))
+    }
+
     fn interval(&self, hint: Option<u64>) -> Duration {
         interval(self.min_refresh, hint)
     }
@@ -732,8 +832,16 @@ impl Shared {
             }
         }
         if held.as_ref() != Some(&fetched) {
+            let json = fetched.to_json();
+            if let Some(why) = self
+                .no_room(td, json.len())
+                .await
+                .map_err(|e| FetchError::Store(e.to_string()))?
+            {
+                return Err(FetchError::NoRoom(why));
+            }
             self.store
-                .put_bundle(td, &fetched.to_json())
+                .put_bundle(td, &json)
                 .await
                 .map_err(|e| FetchError::Store(e.to_string()))?;
             tracing::info!(

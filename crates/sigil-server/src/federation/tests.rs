@@ -1004,3 +1004,88 @@ async fn published_bundles_meet_go_spiffe_rules() {
     assert_eq!(doc["keys"].as_array().unwrap().len(), 4);
     assert_go_spiffe_accepts(&json);
 }
+
+#[test]
+fn the_federated_bundles_are_bounded_in_all_when_stored_and_when_sent() {
+    let td = |n: &str| TrustDomain::new(n).unwrap();
+    let mib = 1024 * 1024;
+    let held: Vec<(TrustDomain, usize)> = (0..7).map(|i| (td(&format!("t{i}.org")), mib)).collect();
+    let sizes = || held.iter().map(|(t, n)| (t, *n));
+    // 7 MiB held: one more MiB fits, a byte more does not.
+    assert_eq!(no_room(sizes(), &td("new.org"), mib), None);
+    let why = no_room(sizes(), &td("new.org"), mib + 1).unwrap();
+    assert!(why.contains("at most 1048576 bytes"), "{why}");
+    let why = no_room(sizes(), &td("new.org"), mib - 1 + 1).map(|_| ());
+    assert_eq!(why, None);
+    // Replacing a held bundle counts it once.
+    assert_eq!(no_room(sizes(), &td("t3.org"), mib), None);
+    let mut eight = held.clone();
+    eight.push((td("t7.org"), mib));
+    let why = no_room(eight.iter().map(|(t, n)| (t, *n)), &td("new.org"), 1).unwrap();
+    assert!(why.contains("at most 8388608 in all"), "{why}");
+    assert_eq!(
+        no_room(eight.iter().map(|(t, n)| (t, *n)), &td("t0.org"), mib),
+        None
+    );
+
+    // A set over the budget (two HA servers each took one) is sent only as
+    // far as it fits, in trust-domain order.
+    let set: FederatedBundles = (0..10)
+        .map(|i| (td(&format!("t{i}.org")), " ".repeat(mib)))
+        .collect();
+    let sent: Vec<String> = within_budget(&set).map(|(t, _)| t.to_string()).collect();
+    assert_eq!(
+        sent,
+        (0..8).map(|i| format!("t{i}.org")).collect::<Vec<_>>()
+    );
+    let small: FederatedBundles = [(td("a.org"), "x".to_owned())].into_iter().collect();
+    assert_eq!(within_budget(&small).count(), 1);
+}
+
+#[tokio::test]
+async fn a_fetched_bundle_that_would_overflow_the_federated_set_is_not_taken() {
+    let a = Domain::new("a.test").await;
+    let b = Domain::new("b.test").await;
+    let addr = b.serve(ServeProfile::HttpsSpiffe).await.unwrap();
+    let fed = a.federation(&[]).await;
+    let url = format!("https://127.0.0.1:{}/", addr.port());
+    let r = relationship("b.test", url, spiffe_profile(&b.server_id()));
+    let mut bootstrap = (*b.ca.bundle()).clone();
+    bootstrap.sequence = 0;
+    fed.create_relationship(r, Some(&bootstrap.to_json()))
+        .await
+        .unwrap();
+    let held = fed.refresh(&b.td).await.unwrap();
+    // Another server stored bundles up to the budget in the meantime (the
+    // store takes them as they come; the check is the servers'), and b.test
+    // publishes its next CA: the grown bundle no longer fits.
+    let filler = " ".repeat(MAX_FEDERATED_BYTES - held.len());
+    a.store
+        .put_bundle(&td("filler.test"), &filler)
+        .await
+        .unwrap();
+    b.ca.rotate(SystemTime::now() + DAY * 3 / 5).await.unwrap();
+    let err = fed.refresh(&b.td).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            FederationError::Refresh {
+                source: FetchError::NoRoom(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("at most 8388608 in all"), "{err}");
+    // The held bundle stays, and the relationship says why.
+    assert_eq!(a.store.get_bundle(&b.td).await.unwrap().unwrap(), held);
+    let (_, status) = fed.get_relationship(&b.td).await.unwrap();
+    assert!(status.last_error.unwrap().contains("at most"));
+    // Room made: the fetch is taken.
+    a.store.delete_bundle(&td("filler.test")).await.unwrap();
+    let json = fed.refresh(&b.td).await.unwrap();
+    assert_eq!(
+        Bundle::from_json(b.td.clone(), &json).unwrap(),
+        *b.ca.bundle()
+    );
+}

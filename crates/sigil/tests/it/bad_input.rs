@@ -111,6 +111,76 @@ async fn entry_fields_out_of_bounds_are_refused_and_nothing_is_stored() {
     cluster.shutdown().await;
 }
 
+/// Federated bundles are bounded in all: every agent receives every one of
+/// them in the first page of each sync update, so a set larger than what an
+/// agent decodes (16 MiB) would cut every node off. `sigil bundle set` is
+/// refused once they would exceed 8 MiB together, nothing of the refused
+/// bundle is stored, and the agent keeps syncing with what is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_bundles_beyond_what_agents_read_are_refused_and_agents_keep_syncing() {
+    init();
+    let cluster = Cluster::start(Default::default()).await.unwrap();
+    let admin = cluster.admin_socket();
+    let now = std::time::SystemTime::now();
+    let jwt = sigil_svid::jwt::JwtAuthority::generate(std::time::Duration::from_secs(86_400), now)
+        .unwrap();
+    // One public key under many key IDs: about 0.95 MiB of JSON.
+    let big = |name: &str| -> String {
+        let mut b = sigil_svid::bundle::Bundle::new(sigil_types::TrustDomain::new(name).unwrap());
+        while b.to_json().len() < 950 * 1024 {
+            for _ in 0..500 {
+                let mut k = jwt.public_jwk();
+                k.kid = Some(format!("k{}", b.jwt_authorities.len()));
+                b.jwt_authorities.push(k);
+            }
+        }
+        b.to_json()
+    };
+    let mut stored = 0;
+    let mut refusals = 0;
+    for i in 0..18 {
+        let td = format!("p{i}.org");
+        let out = run_admin(
+            &admin,
+            &["bundle", "set", "--trust-domain", &td],
+            Some(&big(&td)),
+        )
+        .await;
+        if out.status.success() {
+            assert_eq!(refusals, 0, "{td} stored after a refusal");
+            stored += 1;
+        } else {
+            refused(&out, "at most 8388608 in all");
+            refusals += 1;
+        }
+    }
+    // 8 x 0.95 MiB fit in 8 MiB; the ninth does not.
+    assert_eq!((stored, refusals), (8, 10));
+    let out = run_admin(&admin, &["bundle", "list", "-o", "json"], None).await;
+    assert!(out.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["trust_domain"].as_str().map(str::to_owned))
+        .filter(|t| t.starts_with('p'))
+        .collect();
+    assert_eq!(names.len(), 8, "{names:?}");
+    assert!(!names.contains(&"p8.org".to_owned()), "{names:?}");
+    // The agent, which received the 7.6 MiB of bundles, still syncs: an
+    // entry created now reaches it and is signed.
+    let uid = nix::unistd::getuid();
+    let entry = cluster
+        .register_with("/after-bundles", &[&format!("unix:uid:{uid}")], |e| {
+            e.federates_with = vec![sigil_types::TrustDomain::new("p3.org").unwrap()];
+        })
+        .await
+        .unwrap();
+    cluster.wait_for_svid(&entry.spiffe_id).await.unwrap();
+    cluster.shutdown().await;
+}
+
 /// Flags that contradict each other, or that would be ignored, are refused
 /// by the command line before anything is sent.
 #[test]
