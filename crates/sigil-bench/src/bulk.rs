@@ -19,12 +19,12 @@ use sigil_proto::server::v1::admin_api_client::AdminApiClient;
 use sigil_types::SpiffeId;
 
 use crate::child::ChildProc;
-use crate::inproc::sample_entry;
 use crate::load::{
     Admin, follow_agent, join_token, num_of, percentile, spawn_agent, str_of, td, unix_channel,
     wait_status,
 };
 use crate::report::{Budget, Report};
+use crate::sample::sample_entry;
 
 const MIB: f64 = 1024.0 * 1024.0;
 

@@ -226,7 +226,7 @@ async fn preload(
     let mut revision = 0;
     for i in 0..n {
         let parent = &parents[i % parents.len()];
-        let mut e = crate::inproc::sample_entry(&td, parent, tag, i)?;
+        let mut e = crate::sample::sample_entry(&td, parent, tag, i)?;
         e.created_at = unix_now();
         revision = state.store.create_entry(e).await?.revision;
     }

@@ -25,7 +25,7 @@ use sigil_svid::jwt::{JwtAuthority, validate_jwt};
 use sigil_svid::keys::PrivateKey;
 use sigil_svid::tls::{Authorize, SpiffeClientVerifier, SpiffeServerVerifier, StaticTrust};
 use sigil_svid::x509::{SvidRequest, X509Authority, csr_public_key, make_csr};
-use sigil_types::{Entry, Selectors, SpiffeId, TrustDomain};
+use sigil_types::{Entry, SpiffeId, TrustDomain};
 
 use crate::report::{Budget, Report};
 
@@ -401,7 +401,9 @@ pub(crate) fn sync_floor(n: usize) -> anyhow::Result<(Duration, usize)> {
     let parent = td.id_with_path("/sigil/agent/join_token/0123456789abcdef")?;
     let mut upserted = Vec::with_capacity(n);
     for i in 0..n {
-        upserted.push(pb::Entry::from(&sample_entry(&td, &parent, "floor", i)?));
+        upserted.push(pb::Entry::from(&crate::sample::sample_entry(
+            &td, &parent, "floor", i,
+        )?));
     }
     let msg = pb::SyncMessage {
         revision: n as u64,
@@ -430,32 +432,6 @@ pub(crate) fn sync_floor(n: usize) -> anyhow::Result<(Duration, usize)> {
         len = bytes.len();
     }
     Ok((best, len))
-}
-
-/// An entry as the load generator registers them.
-pub(crate) fn sample_entry(
-    td: &TrustDomain,
-    parent: &SpiffeId,
-    tag: &str,
-    i: usize,
-) -> anyhow::Result<Entry> {
-    Ok(Entry {
-        id: sigil_server::registry::new_entry_id()?,
-        spiffe_id: td.id_with_path(&format!("/bench/{tag}/w{i}"))?,
-        parent_id: parent.clone(),
-        selectors: Selectors::parse_all([format!("bench:id:{tag}-{i}")])?,
-        x509_svid_ttl: 0,
-        jwt_svid_ttl: 0,
-        dns_names: vec![],
-        federates_with: vec![],
-        attributes: vec![],
-        admin: false,
-        downstream: false,
-        hint: String::new(),
-        expires_at: None,
-        revision: 0,
-        created_at: 1_700_000_000,
-    })
 }
 
 /// Drives a client and a server connection through a full handshake in memory.

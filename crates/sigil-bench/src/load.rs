@@ -40,8 +40,9 @@ use tonic::{Request, Status, Streaming};
 
 use crate::Sizes;
 use crate::child::ChildProc;
-use crate::inproc::{sample_entry, sync_floor};
+use crate::inproc::sync_floor;
 use crate::report::{Budget, Report};
+use crate::sample::sample_entry;
 
 const MIB: f64 = 1024.0 * 1024.0;
 

@@ -19,6 +19,7 @@ mod child;
 mod inproc;
 mod load;
 mod report;
+mod sample;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -405,7 +405,7 @@ pub fn write_secret_file(path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
         file_name.to_string_lossy(),
-        crate::x509::hex(&suffix)
+        crate::hex::encode(&suffix)
     ));
     let result = write_synced(&tmp, data).and_then(|()| fs::rename(&tmp, path));
     if result.is_err() {

@@ -39,6 +39,7 @@
 pub mod bundle;
 mod der;
 mod error;
+mod hex;
 pub mod jwks;
 pub mod jwt;
 pub mod keys;

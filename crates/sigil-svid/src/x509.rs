@@ -24,6 +24,7 @@ use x509_parser::time::ASN1Time;
 
 use crate::SvidError;
 use crate::der::{self, TAG_BIT_STRING, TAG_SEQUENCE, TAG_UTF8_STRING};
+use crate::hex;
 use crate::keys::{PrivateKey, RcgenKey};
 
 /// How far `notBefore` is backdated, to tolerate clock skew between hosts (as SPIRE does).
@@ -558,21 +559,10 @@ pub fn split_der_certs(concat: &[u8]) -> Result<Vec<Vec<u8>>, SvidError> {
 
 /// SHA-256 of `data` as lowercase hex.
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
 }
 
 // --- helpers shared with the other modules ---------------------------------
-
-/// Lowercase hex of `bytes`.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
-}
 
 /// Parses one DER certificate, refusing trailing bytes.
 pub(crate) fn parse_cert(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
@@ -697,7 +687,7 @@ fn random_serial() -> Result<[u8; 16], SvidError> {
 /// Hex of a serial's magnitude, without the leading zero bytes DER may add.
 fn serial_hex(raw: &[u8]) -> String {
     let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
-    hex(&raw[start..])
+    hex::encode(&raw[start..])
 }
 
 fn basic_constraints_ca(cert: &X509Certificate<'_>) -> Result<bool, SvidError> {

@@ -5,6 +5,7 @@
 //! recorded fixtures.
 
 pub mod fake_k8s;
+pub mod hostile_config;
 /// A private PostgreSQL server for tests (`sigil-pgtest`).
 pub use sigil_pgtest as postgres;
 pub mod web_pki;

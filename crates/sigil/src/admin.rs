@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use hyper_util::rt::TokioIo;
 use sigil_proto::server::v1 as pb;
 use sigil_proto::server::v1::admin_api_client::AdminApiClient;
@@ -14,15 +14,7 @@ use sigil_types::{Attribute, SpiffeId, duration};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
-/// Output format of show and list commands.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, Default)]
-pub(crate) enum Output {
-    /// Human-readable text.
-    #[default]
-    Text,
-    /// JSON, one document.
-    Json,
-}
+use crate::output::Output;
 
 /// How to reach the admin API.
 #[derive(Args, Debug, Clone)]

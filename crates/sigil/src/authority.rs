@@ -4,7 +4,8 @@
 use clap::{Args, Subcommand, ValueEnum};
 use sigil_proto::server::v1 as pb;
 
-use crate::admin::{AdminOpts, Output, connect_admin, fmt_time, print_list, status_err};
+use crate::admin::{AdminOpts, connect_admin, fmt_time, print_list, status_err};
+use crate::output::Output;
 
 /// Which credentials an authority signs.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -10,7 +10,8 @@ use sigil_proto::server::v1 as pb;
 use sigil_svid::bundle::Bundle;
 use sigil_types::TrustDomain;
 
-use crate::admin::{AdminOpts, Output, connect_admin, status_err};
+use crate::admin::{AdminOpts, connect_admin, status_err};
+use crate::output::Output;
 
 /// How a bundle is written or read.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -10,8 +10,9 @@ use sigil_proto::server::v1 as pb;
 use sigil_types::TrustDomain;
 use sigil_types::federation::{BundleEndpointProfile, validate_endpoint_url};
 
-use crate::admin::{AdminOpts, Output, connect_admin, fmt_time, print_list, status_err};
+use crate::admin::{AdminOpts, connect_admin, fmt_time, print_list, status_err};
 use crate::bundle::{BundleFormat, parse_bundle, server_bundle, trust_domain_arg};
+use crate::output::Output;
 
 /// How the foreign bundle endpoint authenticates itself.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]

@@ -10,6 +10,7 @@ mod federation;
 mod health;
 #[cfg(feature = "k8s")]
 mod k8s;
+mod output;
 mod proxy;
 mod run;
 mod workload;

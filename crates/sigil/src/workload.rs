@@ -14,7 +14,7 @@ use tonic::Request;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::admin::Output;
+use crate::output::Output;
 
 /// How to reach the Workload API.
 #[derive(Args, Debug, Clone)]

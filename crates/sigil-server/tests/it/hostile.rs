@@ -13,6 +13,7 @@
 use proptest::prelude::*;
 use sigil_server::ServerConfig;
 use sigil_server::config::ConfigError;
+use sigil_testkit::hostile_config::{config_like, mutate};
 
 /// Cases per property: bounded so that CI stays fast.
 const CASES: u32 = 256;
@@ -40,27 +41,6 @@ const KEYS: &[&str] = &[
 /// Sub-tables of `[server]`.
 const TABLES: &[&str] = &["k8s_psat.c1", "oidc", "federation"];
 
-/// One edit of `sample`: flip (xor with a non-zero byte), insert or delete a
-/// byte at `pos` (modulo the length).
-fn mutate(sample: &[u8], op: u8, pos: usize, value: u8) -> Vec<u8> {
-    let mut out = sample.to_vec();
-    let pos = pos % out.len().max(1);
-    match op % 3 {
-        0 => {
-            if let Some(b) = out.get_mut(pos) {
-                *b ^= value.max(1);
-            }
-        }
-        1 => out.insert(pos.min(out.len()), value),
-        _ => {
-            if pos < out.len() {
-                out.remove(pos);
-            }
-        }
-    }
-    out
-}
-
 /// Parses `text`; a rejection must be a config error that says something.
 fn parse_cleanly(text: &str) -> Option<ServerConfig> {
     match ServerConfig::parse(text, None) {
@@ -76,56 +56,6 @@ fn parse_cleanly(text: &str) -> Option<ServerConfig> {
     }
 }
 
-/// TOML values of every type, mostly ones a key might plausibly get wrong:
-/// durations with odd units and signs, addresses, paths, huge numbers.
-fn toml_value() -> impl Strategy<Value = String> {
-    prop_oneof![
-        Just("\"example.org\"".to_owned()),
-        Just("\"spiffe://example.org\"".to_owned()),
-        Just("\"127.0.0.1:8081\"".to_owned()),
-        Just("\"[::1]:0\"".to_owned()),
-        Just("\"/tmp/x\"".to_owned()),
-        Just("\"\"".to_owned()),
-        "\"-?[0-9]{1,20}(ns|us|ms|s|m|h|d|w|y)?\"",
-        "\"[ -~&&[^\"\\\\]]{0,16}\"",
-        any::<i64>().prop_map(|n| n.to_string()),
-        any::<bool>().prop_map(|b| b.to_string()),
-        Just("[]".to_owned()),
-        Just("[\"a\", 1]".to_owned()),
-        Just("{}".to_owned()),
-        Just("1e999".to_owned()),
-        Just("nan".to_owned()),
-        Just("1979-05-27T07:32:00Z".to_owned()),
-    ]
-}
-
-/// A TOML document of the `[server]` table and maybe one sub-table, with
-/// keys drawn from the real ones (and a few unknown ones).
-fn config_like() -> impl Strategy<Value = String> {
-    let key = prop_oneof![
-        8 => proptest::sample::select(KEYS).prop_map(str::to_owned),
-        1 => "[a-z_]{1,10}",
-    ];
-    let lines = proptest::collection::vec((key.clone(), toml_value()), 0..10);
-    let sub = proptest::option::of((
-        proptest::sample::select(TABLES),
-        proptest::collection::vec((key, toml_value()), 0..5),
-    ));
-    (lines, sub).prop_map(|(lines, sub)| {
-        let mut text = String::from("[server]\n");
-        for (k, v) in lines {
-            text.push_str(&format!("{k} = {v}\n"));
-        }
-        if let Some((table, lines)) = sub {
-            text.push_str(&format!("[server.{table}]\n"));
-            for (k, v) in lines {
-                text.push_str(&format!("{k} = {v}\n"));
-            }
-        }
-        text
-    })
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(CASES))]
 
@@ -135,7 +65,7 @@ proptest! {
     }
 
     #[test]
-    fn config_like_toml_parses_or_is_refused_cleanly(text in config_like()) {
+    fn config_like_toml_parses_or_is_refused_cleanly(text in config_like("server", KEYS, TABLES)) {
         if let Some(config) = parse_cleanly(&text) {
             // An accepted file names a valid trust domain.
             prop_assert!(!config.trust_domain.name().is_empty());
