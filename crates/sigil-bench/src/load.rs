@@ -266,12 +266,26 @@ async fn first_sync(
         .await
         .map_err(|s| anyhow::anyhow!("Sync: {}", s.message()))?
         .into_inner();
-    let first = stream
+    // The first update, whole: a large authorized set arrives as pages
+    // (`continued`), which the agent applies only together.
+    let mut first = next_page(&mut stream).await?;
+    let mut more = first.continued;
+    while more {
+        let page = next_page(&mut stream).await?;
+        more = page.continued;
+        first.upserted.extend(page.upserted);
+        first.deleted_ids.extend(page.deleted_ids);
+    }
+    first.continued = false;
+    Ok((t0.elapsed(), first, stream))
+}
+
+async fn next_page(stream: &mut Streaming<pb::SyncMessage>) -> anyhow::Result<pb::SyncMessage> {
+    stream
         .message()
         .await
         .map_err(|s| anyhow::anyhow!("Sync: {}", s.message()))?
-        .context("sync stream ended")?;
-    Ok((t0.elapsed(), first, stream))
+        .context("sync stream ended")
 }
 
 /// Follows an agent process's status lines.
@@ -794,7 +808,7 @@ pub(crate) async fn scale_phase(
             &format!("baseline.sync_floor_{m}"),
             Some(Budget::Max(1000.0)),
             &format!(
-                "median of 3; one agent authorized for {m} entries, registry of {} entries; message {size} bytes",
+                "median of 3; one agent authorized for {m} entries, registry of {} entries; {size} bytes (in pages of at most 4 MiB)",
                 num_of(&v, "entries")
             ),
         );
