@@ -15,13 +15,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use sigil_proto::server::v1 as pb;
-use sigil_proto::server::v1::admin_api_client::AdminApiClient;
 use sigil_types::SpiffeId;
 
-use crate::child::ChildProc;
 use crate::load::{
-    Admin, follow_agent, join_token, num_of, percentile, spawn_agent, str_of, td, unix_channel,
-    wait_status,
+    Admin, follow_agent, join_token, num_of, percentile, spawn_agent, spawn_server, td, wait_status,
 };
 use crate::report::{Budget, Report};
 use crate::sample::sample_entry;
@@ -89,18 +86,7 @@ pub(crate) async fn bulk_registration(
     let dir = tempfile::Builder::new()
         .prefix("sigil-bench-bulk-")
         .tempdir_in(work)?;
-    let mut server = ChildProc::spawn(
-        "server",
-        &[
-            "__server".into(),
-            "--data-dir".into(),
-            dir.path().join("server").display().to_string(),
-        ],
-    )?;
-    let ready = server.next_json(Duration::from_secs(120)).await?;
-    let addr = str_of(&ready, "agent_api")?.to_owned();
-    let mut admin =
-        AdminApiClient::new(unix_channel(Path::new(str_of(&ready, "admin_socket")?)).await?);
+    let (server, addr, mut admin) = spawn_server(dir.path()).await?;
 
     // Baseline: the same batches for an agent that never connects.
     let (_, idle_agent) = join_token(&mut admin).await?;

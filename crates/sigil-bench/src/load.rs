@@ -320,6 +320,24 @@ pub(crate) async fn wait_status(
     Ok(v)
 }
 
+/// A server process with its data under `dir`, once it is ready: the
+/// process, its agent API address and an admin client on its socket.
+pub(crate) async fn spawn_server(dir: &Path) -> anyhow::Result<(ChildProc, String, Admin)> {
+    let mut server = ChildProc::spawn(
+        "server",
+        &[
+            "__server".into(),
+            "--data-dir".into(),
+            dir.join("server").display().to_string(),
+        ],
+    )?;
+    let ready = server.next_json(Duration::from_secs(120)).await?;
+    let addr = str_of(&ready, "agent_api")?.to_owned();
+    let admin =
+        AdminApiClient::new(unix_channel(Path::new(str_of(&ready, "admin_socket")?)).await?);
+    Ok((server, addr, admin))
+}
+
 pub(crate) fn spawn_agent(addr: &str, token: &str, dir: &Path) -> anyhow::Result<ChildProc> {
     ChildProc::spawn(
         "agent",
@@ -358,18 +376,7 @@ pub(crate) async fn latency_phase(
         .prefix("sigil-bench-latency-")
         .tempdir_in(work)?;
     let td = td()?;
-    let mut server = ChildProc::spawn(
-        "server",
-        &[
-            "__server".into(),
-            "--data-dir".into(),
-            dir.path().join("server").display().to_string(),
-        ],
-    )?;
-    let ready = server.next_json(Duration::from_secs(120)).await?;
-    let addr = str_of(&ready, "agent_api")?.to_owned();
-    let mut admin =
-        AdminApiClient::new(unix_channel(Path::new(str_of(&ready, "admin_socket")?)).await?);
+    let (server, addr, mut admin) = spawn_server(dir.path()).await?;
     let uid = nix::unistd::getuid().as_raw();
     let me = Selectors::parse_all([format!("unix:uid:{uid}")])?;
 

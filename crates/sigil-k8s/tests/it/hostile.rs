@@ -27,26 +27,8 @@ fn sample_cgroup() -> String {
     )
 }
 
-/// One edit of `sample`: flip (xor with a non-zero byte), insert or delete a
-/// byte at `pos` (modulo the length).
-pub(crate) fn mutate(sample: &[u8], op: u8, pos: usize, value: u8) -> Vec<u8> {
-    let mut out = sample.to_vec();
-    let pos = pos % out.len().max(1);
-    match op % 3 {
-        0 => {
-            if let Some(b) = out.get_mut(pos) {
-                *b ^= value.max(1);
-            }
-        }
-        1 => out.insert(pos.min(out.len()), value),
-        _ => {
-            if pos < out.len() {
-                out.remove(pos);
-            }
-        }
-    }
-    out
-}
+/// One-byte edits, as the config property tests make them.
+pub(crate) use sigil_testkit::hostile_config::mutate;
 
 /// Checks the shape of a located container.
 fn assert_well_formed(info: &ContainerInfo) {
