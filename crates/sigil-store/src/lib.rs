@@ -8,22 +8,21 @@
 //! that loads [`Store::list_entries`] and then polls [`Store::changes_since`]
 //! from the snapshot's revision never misses a write.
 
+mod backend;
 mod codec;
 mod error;
-#[cfg(feature = "postgres")]
-mod postgres;
 mod rows;
-mod sqlite;
+mod sql;
 
 use std::fmt;
 use std::str::FromStr;
 
 use sigil_types::{AgentRecord, Entry, EntryId, FederationRelationship, SpiffeId, TrustDomain};
 
-pub use error::StoreError;
 #[cfg(feature = "postgres")]
-pub use postgres::{CHANGES_CHANNEL, PostgresStore};
-pub use sqlite::SqliteStore;
+pub use backend::postgres::{CHANGES_CHANNEL, PostgresStore};
+pub use backend::sqlite::SqliteStore;
+pub use error::StoreError;
 
 /// Every entry, and the revision the set is consistent with.
 #[derive(Debug, Clone, PartialEq, Eq)]
