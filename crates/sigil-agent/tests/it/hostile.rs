@@ -4,19 +4,9 @@
 //! `examples/agent.toml`. [`AgentConfig::parse`] never panics, and every
 //! rejection is a [`ConfigError`] with a message.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::panic,
-    reason = "tests: a failure is reported by the panic"
-)]
-
-use proptest::prelude::*;
 use sigil_agent::AgentConfig;
 use sigil_agent::config::ConfigError;
-use sigil_testkit::hostile_config::{config_like, mutate};
-
-/// Cases per property: bounded so that CI stays fast.
-const CASES: u32 = 256;
+use sigil_testkit::hostile_config::{Suite, refused_cleanly};
 
 /// The documented example configuration, a valid sample to edit.
 const EXAMPLE: &str = include_str!("../../../../examples/agent.toml");
@@ -38,50 +28,22 @@ const KEYS: &[&str] = &[
 /// Sub-tables of `[agent]`.
 const TABLES: &[&str] = &["k8s", "k8s_psat", "sds"];
 
-/// Parses `text`; a rejection must be a config error that says something.
-fn parse_cleanly(text: &str) -> Option<AgentConfig> {
-    match AgentConfig::parse(text, None) {
-        Ok(config) => Some(config),
-        Err(e) => {
-            assert!(
-                matches!(e, ConfigError::Parse { .. } | ConfigError::Invalid { .. }),
-                "unexpected error kind for inline text: {e:?}"
-            );
-            assert!(!e.to_string().is_empty());
-            None
-        }
-    }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(CASES))]
-
-    #[test]
-    fn arbitrary_text_is_refused_cleanly(text in any::<String>()) {
-        parse_cleanly(&text);
-    }
-
-    #[test]
-    fn config_like_toml_parses_or_is_refused_cleanly(text in config_like("agent", KEYS, TABLES)) {
-        if let Some(config) = parse_cleanly(&text) {
-            // An accepted file names a valid trust domain.
-            prop_assert!(!config.trust_domain.name().is_empty());
-        }
-    }
-
-    #[test]
-    fn edited_examples_parse_or_are_refused_cleanly(
-        op in any::<u8>(),
-        pos in any::<usize>(),
-        value in any::<u8>(),
-    ) {
-        let edited = mutate(EXAMPLE.as_bytes(), op, pos, value);
-        parse_cleanly(&String::from_utf8_lossy(&edited));
-    }
+/// Parses `text` as a whole file: the trust domain of an accepted one.
+fn parse(text: &str) -> Option<String> {
+    refused_cleanly(AgentConfig::parse(text, None), |e| {
+        matches!(e, ConfigError::Parse { .. } | ConfigError::Invalid { .. })
+    })
+    .map(|config| config.trust_domain.name().to_owned())
 }
 
 #[test]
-fn the_example_is_valid() {
-    let config = parse_cleanly(EXAMPLE).unwrap();
-    assert_eq!(config.trust_domain.name(), "example.org");
+fn hostile_files_are_accepted_or_refused_cleanly() {
+    Suite {
+        section: "agent",
+        keys: KEYS,
+        tables: TABLES,
+        example: EXAMPLE,
+        parse,
+    }
+    .check();
 }
