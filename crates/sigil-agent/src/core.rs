@@ -24,7 +24,7 @@ use tonic::Streaming;
 use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
-use crate::persist::{AgentIdentity, CacheWriter, Persist, WorkloadSvid};
+use crate::persist::{AgentIdentity, CacheWriter, CachedState, Persist, WorkloadSvid};
 use crate::schedule::Timeline;
 use crate::{AgentError, client, time};
 
@@ -151,6 +151,98 @@ pub(crate) struct Core {
     pub(crate) dirty: bool,
     pub(crate) sign_retry_at: Option<SystemTime>,
     pub(crate) tainted: Arc<Tainted>,
+}
+
+/// What a [`Core`] starts from: its configuration, its data directory, the
+/// agent SVID and the trust it holds, and the handles it shares with the
+/// rest of the agent.
+pub(crate) struct CoreParts {
+    pub(crate) cfg: AgentConfig,
+    pub(crate) persist: Persist,
+    pub(crate) identity: AgentIdentity,
+    /// The trust bundle, read by the TLS verifier at every handshake.
+    pub(crate) trust: Arc<ArcSwap<Bundle>>,
+    pub(crate) federated: Arc<FederatedBundles>,
+    /// The agent SVID as presented in TLS handshakes.
+    pub(crate) cert: Arc<RotatingCert>,
+    pub(crate) client: SharedClient,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Core {
+    /// A core holding no entries or SVIDs yet, and the receiving end of the
+    /// snapshots it publishes (the first one holds only the bundles).
+    pub(crate) fn new(
+        parts: CoreParts,
+    ) -> Result<(Self, watch::Receiver<Arc<Snapshot>>), AgentError> {
+        let CoreParts {
+            cfg,
+            persist,
+            identity,
+            trust,
+            federated,
+            cert,
+            client,
+            metrics,
+        } = parts;
+        let server_id = cfg
+            .trust_domain
+            .id_with_path(sigil_types::SERVER_PATH)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let (snapshot, snapshots) = watch::channel(Arc::new(Snapshot {
+            entries: Default::default(),
+            svids: Default::default(),
+            bundle: trust.load_full(),
+            federated: federated.clone(),
+            connected: false,
+            tainted: Default::default(),
+        }));
+        let core = Core {
+            server_id,
+            persist,
+            cache: CacheWriter::new(),
+            trust,
+            federated,
+            identity_renew_at: renewal_time(identity.not_before, identity.not_after),
+            cert,
+            client,
+            entries: HashMap::new(),
+            revision: 0,
+            svids: HashMap::new(),
+            renew_at: Default::default(),
+            expires: Default::default(),
+            unsigned: Default::default(),
+            touched: Default::default(),
+            served_entries: Default::default(),
+            served_svids: Default::default(),
+            snapshot,
+            metrics,
+            dirty: false,
+            sign_retry_at: None,
+            tainted: Default::default(),
+            identity,
+            cfg,
+        };
+        Ok((core, snapshots))
+    }
+
+    /// Takes the entries and SVIDs saved before (an SVID only with its
+    /// entry) and schedules them, so they are served before the server is
+    /// contacted.
+    pub(crate) fn restore(&mut self, cached: CachedState) {
+        self.revision = cached.revision;
+        self.entries = cached
+            .entries
+            .into_iter()
+            .map(|e| (e.id.clone(), Arc::new(e)))
+            .collect();
+        for s in cached.svids {
+            if self.entries.contains_key(&s.entry_id) {
+                self.svids.insert(s.entry_id.clone(), Arc::new(s));
+            }
+        }
+        self.reschedule_all();
+    }
 }
 
 /// Half of the lifetime, plus or minus up to 10% of it: when to renew. The
@@ -1077,41 +1169,18 @@ mod tests {
                 .unwrap();
             let identity = AgentIdentity::new(vec![leaf], key).unwrap();
             let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key).unwrap());
-            let bundle = Arc::new(Bundle::new(td));
-            let (snapshot, _) = watch::channel(Arc::new(Snapshot {
-                entries: Default::default(),
-                svids: Default::default(),
-                bundle: bundle.clone(),
-                federated: Default::default(),
-                connected: false,
-                tainted: Default::default(),
-            }));
-            Core {
-                server_id: "spiffe://example.org/sigil/server".parse().unwrap(),
+            Core::new(CoreParts {
+                cfg,
                 persist: Persist::open(dir).unwrap(),
-                cache: CacheWriter::new(),
-                trust: Arc::new(ArcSwap::new(bundle)),
+                identity,
+                trust: Arc::new(ArcSwap::from_pointee(Bundle::new(td))),
                 federated: Default::default(),
-                identity_renew_at: SystemTime::now() + Duration::from_secs(86_400),
                 cert,
                 client: Arc::new(ArcSwap::from_pointee(None)),
-                entries: HashMap::new(),
-                revision: 0,
-                svids: HashMap::new(),
-                renew_at: Default::default(),
-                expires: Default::default(),
-                unsigned: Default::default(),
-                touched: Default::default(),
-                served_entries: Default::default(),
-                served_svids: Default::default(),
-                snapshot,
                 metrics: Default::default(),
-                dirty: false,
-                sign_retry_at: None,
-                tainted: Default::default(),
-                identity,
-                cfg,
-            }
+            })
+            .unwrap()
+            .0
         }
 
         #[derive(Debug, Clone)]

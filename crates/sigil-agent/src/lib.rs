@@ -45,7 +45,6 @@ pub mod sds;
 mod time;
 pub mod workload;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -341,10 +340,6 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         }
         None => attest(&cfg, &persist).await?,
     };
-    let server_id = cfg
-        .trust_domain
-        .id_with_path(sigil_types::SERVER_PATH)
-        .map_err(|e| AgentError::Config(e.to_string()))?;
     let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key)?);
     let cached = persist.load_cache(now)?;
     let federated: Arc<core::FederatedBundles> = Arc::new(
@@ -355,52 +350,18 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             .collect(),
     );
     let metrics = Arc::new(metrics::Metrics::default());
-    let trust = Arc::new(ArcSwap::from_pointee(bundle));
-    let (snapshot_tx, snapshots) = watch::channel(Arc::new(Snapshot {
-        entries: Default::default(),
-        svids: Default::default(),
-        bundle: trust.load_full(),
-        federated: federated.clone(),
-        connected: false,
-        tainted: Default::default(),
-    }));
     let client: core::SharedClient = Arc::new(ArcSwap::from_pointee(None));
-    let mut core = Core {
-        server_id,
+    let (mut core, snapshots) = Core::new(core::CoreParts {
+        cfg: cfg.clone(),
         persist,
-        cache: persist::CacheWriter::new(),
-        trust,
+        identity,
+        trust: Arc::new(ArcSwap::from_pointee(bundle)),
         federated,
-        identity_renew_at: core::renewal_time(identity.not_before, identity.not_after),
         cert,
         client: client.clone(),
-        entries: cached
-            .entries
-            .into_iter()
-            .map(|e| (e.id.clone(), Arc::new(e)))
-            .collect(),
-        revision: cached.revision,
-        svids: HashMap::new(),
-        renew_at: Default::default(),
-        expires: Default::default(),
-        unsigned: Default::default(),
-        touched: Default::default(),
-        served_entries: Default::default(),
-        served_svids: Default::default(),
-        snapshot: snapshot_tx,
         metrics: metrics.clone(),
-        dirty: false,
-        sign_retry_at: None,
-        tainted: Default::default(),
-        identity,
-        cfg: cfg.clone(),
-    };
-    for s in cached.svids {
-        if core.entries.contains_key(&s.entry_id) {
-            core.svids.insert(s.entry_id.clone(), Arc::new(s));
-        }
-    }
-    core.reschedule_all();
+    })?;
+    core.restore(cached);
     // Serve what is cached before the server is even contacted.
     core.publish();
     let agent_id = core.identity.id.clone();
