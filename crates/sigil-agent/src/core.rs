@@ -13,20 +13,19 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use sigil_proto::convert::entry_from_proto;
 use sigil_proto::server::v1 as pb;
-use sigil_proto::server::v1::agent_api_client::AgentApiClient;
 use sigil_svid::bundle::Bundle;
 use sigil_svid::keys::PrivateKey;
 use sigil_svid::tls::RotatingCert;
-use sigil_types::{Entry, EntryId, SpiffeId, TrustDomain};
+use sigil_types::{Entry, EntryId, TrustDomain};
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::Streaming;
-use tonic::transport::Channel;
 
 use crate::config::AgentConfig;
 use crate::persist::{AgentIdentity, CacheWriter, CachedState, Persist, WorkloadSvid};
 use crate::schedule::Timeline;
-use crate::{AgentError, client, time};
+use crate::server_api::{ServerClient, SyncStream};
+use crate::{AgentError, time};
 
 /// Most CSRs sent in one signing request.
 const CSR_BATCH: usize = 500;
@@ -112,13 +111,10 @@ pub struct Snapshot {
     pub tainted: Arc<Tainted>,
 }
 
-/// The shared handle to the server connection, also used by the Workload API
-/// for JWT-SVIDs.
-pub type SharedClient = Arc<ArcSwap<Option<AgentApiClient<Channel>>>>;
+pub use crate::server_api::SharedClient;
 
-pub(crate) struct Core {
+pub(crate) struct Core<S> {
     pub(crate) cfg: AgentConfig,
-    pub(crate) server_id: SpiffeId,
     pub(crate) persist: Persist,
     /// Saves entries and SVIDs as changes to what it saved before.
     pub(crate) cache: CacheWriter,
@@ -127,7 +123,8 @@ pub(crate) struct Core {
     pub(crate) identity: AgentIdentity,
     pub(crate) identity_renew_at: SystemTime,
     pub(crate) cert: Arc<RotatingCert>,
-    pub(crate) client: SharedClient,
+    /// The server, behind the trait the core asks it through.
+    pub(crate) server: S,
     pub(crate) entries: HashMap<EntryId, Arc<Entry>>,
     pub(crate) revision: u64,
     pub(crate) svids: HashMap<EntryId, Arc<WorkloadSvid>>,
@@ -156,7 +153,7 @@ pub(crate) struct Core {
 /// What a [`Core`] starts from: its configuration, its data directory, the
 /// agent SVID and the trust it holds, and the handles it shares with the
 /// rest of the agent.
-pub(crate) struct CoreParts {
+pub(crate) struct CoreParts<S> {
     pub(crate) cfg: AgentConfig,
     pub(crate) persist: Persist,
     pub(crate) identity: AgentIdentity,
@@ -165,16 +162,14 @@ pub(crate) struct CoreParts {
     pub(crate) federated: Arc<FederatedBundles>,
     /// The agent SVID as presented in TLS handshakes.
     pub(crate) cert: Arc<RotatingCert>,
-    pub(crate) client: SharedClient,
+    pub(crate) server: S,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
-impl Core {
+impl<S: ServerClient> Core<S> {
     /// A core holding no entries or SVIDs yet, and the receiving end of the
     /// snapshots it publishes (the first one holds only the bundles).
-    pub(crate) fn new(
-        parts: CoreParts,
-    ) -> Result<(Self, watch::Receiver<Arc<Snapshot>>), AgentError> {
+    pub(crate) fn new(parts: CoreParts<S>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let CoreParts {
             cfg,
             persist,
@@ -182,13 +177,9 @@ impl Core {
             trust,
             federated,
             cert,
-            client,
+            server,
             metrics,
         } = parts;
-        let server_id = cfg
-            .trust_domain
-            .id_with_path(sigil_types::SERVER_PATH)
-            .map_err(|e| AgentError::Config(e.to_string()))?;
         let (snapshot, snapshots) = watch::channel(Arc::new(Snapshot {
             entries: Default::default(),
             svids: Default::default(),
@@ -198,14 +189,13 @@ impl Core {
             tainted: Default::default(),
         }));
         let core = Core {
-            server_id,
             persist,
             cache: CacheWriter::new(),
             trust,
             federated,
             identity_renew_at: renewal_time(identity.not_before, identity.not_after),
             cert,
-            client,
+            server,
             entries: HashMap::new(),
             revision: 0,
             svids: HashMap::new(),
@@ -223,7 +213,7 @@ impl Core {
             identity,
             cfg,
         };
-        Ok((core, snapshots))
+        (core, snapshots)
     }
 
     /// Takes the entries and SVIDs saved before (an SVID only with its
@@ -276,12 +266,12 @@ pub(crate) fn renewal_after_receipt(
     at.max(now + share)
 }
 
-impl Core {
+impl<S: ServerClient> Core<S> {
     /// Sends the Workload API a new snapshot. Entries and SVIDs are
     /// persistent maps kept up to date per change, so this costs the same
     /// whatever the agent holds.
     pub(crate) fn publish(&mut self) {
-        let connected = self.client.load().is_some();
+        let connected = self.server.is_connected();
         let snap = Snapshot {
             entries: self.served_entries.clone(),
             svids: self.served_svids.clone(),
@@ -312,14 +302,7 @@ impl Core {
         }
     }
 
-    async fn open_stream(&mut self) -> Result<Streaming<pb::SyncMessage>, AgentError> {
-        let mut client = client::connect(
-            &self.cfg.server_address,
-            self.trust.clone(),
-            self.server_id.clone(),
-            Some(self.cert.clone()),
-        )
-        .await?;
+    async fn open_stream(&mut self) -> Result<SyncStream, AgentError> {
         let resume = self.revision > 0;
         let req = pb::SyncRequest {
             revision: self.revision,
@@ -329,13 +312,7 @@ impl Core {
                 vec![]
             },
         };
-        let stream = client
-            .sync(req)
-            .await
-            .map_err(AgentError::from_status)?
-            .into_inner();
-        self.client.store(Arc::new(Some(client)));
-        Ok(stream)
+        self.server.open_sync(req).await
     }
 
     /// Applies one whole update from the server. Its cost is in proportion
@@ -590,27 +567,14 @@ impl Core {
         if now < self.identity_renew_at {
             return false;
         }
-        let Some(mut client) = (**self.client.load()).clone() else {
+        if !self.server.is_connected() {
             return false;
-        };
+        }
         let result = async {
             let key = PrivateKey::generate_p256()?;
             let csr = sigil_svid::x509::make_csr(&key)?;
-            // PSAT agents re-attest with a fresh token, so the server checks
-            // the pod and node again; others renew with their current SVID.
-            #[cfg(feature = "k8s")]
-            if let Some(psat) = &self.cfg.k8s_psat {
-                let resp =
-                    crate::k8s::attest_psat(&mut client, psat, csr, crate::k8s::WhenLimited::Fail)
-                        .await?;
-                return AgentIdentity::new(resp.cert_chain, key);
-            }
-            let resp = client
-                .renew_agent(pb::RenewAgentRequest { csr })
-                .await
-                .map_err(AgentError::from_status)?
-                .into_inner();
-            AgentIdentity::new(resp.cert_chain, key)
+            let chain = self.server.renew_agent(csr).await?;
+            AgentIdentity::new(chain, key)
         }
         .await;
         match result {
@@ -648,37 +612,17 @@ impl Core {
     /// refused or expired); true if the agent holds a new SVID. False at
     /// once for agents without `[agent.k8s_psat]`.
     async fn reattest_psat(&mut self) -> bool {
-        #[cfg(feature = "k8s")]
-        if let Some(psat) = self.cfg.k8s_psat.clone() {
-            let result = async {
-                let mut client = client::connect(
-                    &self.cfg.server_address,
-                    self.trust.clone(),
-                    self.server_id.clone(),
-                    None,
-                )
-                .await?;
-                let (identity, _) = crate::k8s::attest_psat_with_new_key(
-                    &mut client,
-                    &psat,
-                    crate::k8s::WhenLimited::Fail,
-                )
-                .await?;
-                Ok::<_, AgentError>(identity)
+        match self.server.reattest().await {
+            Ok(Some(identity)) => {
+                tracing::info!(agent = %identity.id, "attested again with the service-account token");
+                self.install_identity(identity)
             }
-            .await;
-            return match result {
-                Ok(identity) => {
-                    tracing::info!(agent = %identity.id, "attested again with the service-account token");
-                    self.install_identity(identity)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "attesting again with the service-account token failed");
-                    false
-                }
-            };
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "attesting again with the service-account token failed");
+                false
+            }
         }
-        false
     }
 
     /// The entries that need an SVID at `now`: those that have none, whose
@@ -702,9 +646,9 @@ impl Core {
         if due.is_empty() {
             return;
         }
-        let Some(mut client) = (**self.client.load()).clone() else {
+        if !self.server.is_connected() {
             return;
-        };
+        }
         let mut refused = false;
         for batch in due.chunks(CSR_BATCH) {
             let mut keys = HashMap::new();
@@ -727,11 +671,12 @@ impl Core {
                 };
                 keys.insert(e.id.clone(), (key, e.clone()));
             }
-            let resp = match client
-                .batch_new_x509svid(pb::BatchNewX509svidRequest { params })
+            let resp = match self
+                .server
+                .sign_x509svids(pb::BatchNewX509svidRequest { params })
                 .await
             {
-                Ok(r) => r.into_inner(),
+                Ok(r) => r,
                 Err(status) => {
                     tracing::warn!(error = %status.message(), "signing request failed; will retry");
                     self.sign_retry_at =
@@ -798,7 +743,7 @@ impl Core {
 
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
-        let mut stream: Option<Streaming<pb::SyncMessage>> = None;
+        let mut stream: Option<SyncStream> = None;
         // The pages of the update arriving on `stream`, applied only whole.
         let mut pages = crate::paging::Assembler::new(self.cfg.sync_update_bounds);
         let mut retry_at = SystemTime::now();
@@ -822,8 +767,8 @@ impl Core {
                         let d = backoff.next();
                         tracing::warn!(error = %e, retry_in = ?d, "server unreachable; serving cached SVIDs");
                         retry_at = now + d;
-                        if self.client.load().is_some() {
-                            self.client.store(Arc::new(None));
+                        if self.server.is_connected() {
+                            self.server.disconnect();
                             self.dirty = true;
                         }
                         // Refused (evicted, say) or with an expired SVID, a
@@ -841,7 +786,7 @@ impl Core {
             if self.maintain_identity(now).await {
                 stream = None;
                 pages.clear();
-                self.client.store(Arc::new(None));
+                self.server.disconnect();
                 retry_at = now;
                 continue;
             }
@@ -891,7 +836,7 @@ impl Core {
     fn on_message(
         &mut self,
         msg: Option<Result<pb::SyncMessage, tonic::Status>>,
-        stream: &mut Option<Streaming<pb::SyncMessage>>,
+        stream: &mut Option<SyncStream>,
         pages: &mut crate::paging::Assembler,
         backoff: &mut Backoff,
         retry_at: &mut SystemTime,
@@ -909,7 +854,7 @@ impl Core {
                     tracing::error!(error = %e, retry_in = ?d, "refusing the server's sync update; reconnecting");
                     *stream = None;
                     *retry_at = SystemTime::now() + d;
-                    self.client.store(Arc::new(None));
+                    self.server.disconnect();
                     self.dirty = true;
                 }
             },
@@ -928,7 +873,7 @@ impl Core {
                 }
                 *stream = None;
                 *retry_at = SystemTime::now() + d;
-                self.client.store(Arc::new(None));
+                self.server.disconnect();
                 self.dirty = true;
             }
             None => {
@@ -940,7 +885,7 @@ impl Core {
                 pages.clear();
                 *stream = None;
                 *retry_at = SystemTime::now() + backoff.next();
-                self.client.store(Arc::new(None));
+                self.server.disconnect();
                 self.dirty = true;
             }
         }
@@ -953,17 +898,18 @@ const DRAIN_MESSAGES: usize = 4096;
 const DRAIN_TIME: Duration = Duration::from_millis(200);
 
 /// The next message of the sync stream if it has already arrived (`None`
-/// when it has not): polled once, without waiting. `Streaming::message`
-/// keeps its state in the stream, so dropping the pending call loses nothing.
+/// when it has not): polled once, without waiting. A stream keeps its state
+/// between polls, so polling without a waker loses nothing.
 fn ready_message(
-    stream: &mut Option<Streaming<pb::SyncMessage>>,
+    stream: &mut Option<SyncStream>,
 ) -> Option<Option<Result<pb::SyncMessage, tonic::Status>>> {
-    use std::future::Future;
     use std::task::{Context, Poll, Waker};
     let s = stream.as_mut()?;
-    let mut next = std::pin::pin!(s.message());
-    match next.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(r) => Some(r.transpose()),
+    match s
+        .as_mut()
+        .poll_next(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(r) => Some(r),
         Poll::Pending => None,
     }
 }
@@ -1017,10 +963,10 @@ pub(crate) fn merge_federated(
 }
 
 async fn next_message(
-    stream: &mut Option<Streaming<pb::SyncMessage>>,
+    stream: &mut Option<SyncStream>,
 ) -> Option<Result<pb::SyncMessage, tonic::Status>> {
     match stream {
-        Some(s) => s.message().await.transpose(),
+        Some(s) => s.next().await,
         None => std::future::pending().await,
     }
 }
@@ -1055,6 +1001,8 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests {
+    use sigil_types::SpiffeId;
+
     use super::*;
 
     #[test]
@@ -1155,7 +1103,7 @@ mod tests {
             )
         }
 
-        fn core_in(dir: &Path, ca: &X509Authority) -> Core {
+        fn core_in(dir: &Path, ca: &X509Authority) -> Core<crate::server_api::GrpcServer> {
             let td = TrustDomain::new("example.org").unwrap();
             let cfg = AgentConfig::with_defaults(td.clone(), "127.0.0.1:1".into(), dir.into());
             let key = PrivateKey::generate_p256().unwrap();
@@ -1169,17 +1117,18 @@ mod tests {
                 .unwrap();
             let identity = AgentIdentity::new(vec![leaf], key).unwrap();
             let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key).unwrap());
+            let trust = Arc::new(ArcSwap::from_pointee(Bundle::new(td)));
             Core::new(CoreParts {
+                server: crate::server_api::GrpcServer::new(&cfg, trust.clone(), cert.clone())
+                    .unwrap(),
                 cfg,
                 persist: Persist::open(dir).unwrap(),
                 identity,
-                trust: Arc::new(ArcSwap::from_pointee(Bundle::new(td))),
+                trust,
                 federated: Default::default(),
                 cert,
-                client: Arc::new(ArcSwap::from_pointee(None)),
                 metrics: Default::default(),
             })
-            .unwrap()
             .0
         }
 

@@ -14,6 +14,7 @@
 //! | [`config`] | the TOML config and its validation |
 //! | [`client`] | TLS connections to the server, trust bootstrap |
 //! | [`core`] | the task that owns entries and SVIDs |
+//! | [`server_api`] | the server's agent API as the core asks it (a trait), over gRPC |
 //! | [`paging`] | paged sync updates, reassembled and bounded |
 //! | [`persist`] | the on-disk state |
 //! | [`peer`] | kernel peer credentials and PID-reuse checks |
@@ -42,6 +43,7 @@ pub mod persist;
 pub mod retry;
 mod schedule;
 pub mod sds;
+pub mod server_api;
 mod time;
 pub mod workload;
 
@@ -350,17 +352,19 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             .collect(),
     );
     let metrics = Arc::new(metrics::Metrics::default());
-    let client: core::SharedClient = Arc::new(ArcSwap::from_pointee(None));
+    let trust = Arc::new(ArcSwap::from_pointee(bundle));
+    let server = server_api::GrpcServer::new(&cfg, trust.clone(), cert.clone())?;
+    let client = server.shared();
     let (mut core, snapshots) = Core::new(core::CoreParts {
         cfg: cfg.clone(),
         persist,
         identity,
-        trust: Arc::new(ArcSwap::from_pointee(bundle)),
+        trust,
         federated,
         cert,
-        client: client.clone(),
+        server,
         metrics: metrics.clone(),
-    })?;
+    });
     core.restore(cached);
     // Serve what is cached before the server is even contacted.
     core.publish();
