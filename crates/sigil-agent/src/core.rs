@@ -21,11 +21,12 @@ use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::AgentError;
 use crate::config::AgentConfig;
 use crate::persist::{AgentIdentity, CacheWriter, CachedState, Persist, WorkloadSvid};
 use crate::schedule::Timeline;
 use crate::server_api::{ServerClient, SyncStream};
-use crate::{AgentError, time};
+use crate::time::Clock;
 
 /// Most CSRs sent in one signing request.
 const CSR_BATCH: usize = 500;
@@ -146,7 +147,10 @@ pub(crate) struct Core<S> {
     pub(crate) snapshot: watch::Sender<Arc<Snapshot>>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) dirty: bool,
-    pub(crate) sign_retry_at: Option<SystemTime>,
+    /// When signing may be tried again after a failure or a refusal.
+    pub(crate) sign_retry_at: Option<tokio::time::Instant>,
+    /// The wall clock certificate times are read against (see [`crate::time`]).
+    pub(crate) clock: Clock,
     pub(crate) tainted: Arc<Tainted>,
 }
 
@@ -170,32 +174,22 @@ impl<S: ServerClient> Core<S> {
     /// A core holding no entries or SVIDs yet, and the receiving end of the
     /// snapshots it publishes (the first one holds only the bundles).
     pub(crate) fn new(parts: CoreParts<S>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
-        let CoreParts {
-            cfg,
-            persist,
-            identity,
-            trust,
-            federated,
-            cert,
-            server,
-            metrics,
-        } = parts;
         let (snapshot, snapshots) = watch::channel(Arc::new(Snapshot {
             entries: Default::default(),
             svids: Default::default(),
-            bundle: trust.load_full(),
-            federated: federated.clone(),
+            bundle: parts.trust.load_full(),
+            federated: parts.federated.clone(),
             connected: false,
             tainted: Default::default(),
         }));
         let core = Core {
-            persist,
+            persist: parts.persist,
             cache: CacheWriter::new(),
-            trust,
-            federated,
-            identity_renew_at: renewal_time(identity.not_before, identity.not_after),
-            cert,
-            server,
+            trust: parts.trust,
+            federated: parts.federated,
+            identity_renew_at: renewal_time(parts.identity.not_before, parts.identity.not_after),
+            cert: parts.cert,
+            server: parts.server,
             entries: HashMap::new(),
             revision: 0,
             svids: HashMap::new(),
@@ -206,12 +200,13 @@ impl<S: ServerClient> Core<S> {
             served_entries: Default::default(),
             served_svids: Default::default(),
             snapshot,
-            metrics,
+            metrics: parts.metrics,
             dirty: false,
             sign_retry_at: None,
+            clock: Clock::system(),
             tainted: Default::default(),
-            identity,
-            cfg,
+            identity: parts.identity,
+            cfg: parts.cfg,
         };
         (core, snapshots)
     }
@@ -454,7 +449,7 @@ impl<S: ServerClient> Core<S> {
     /// Rebuilds every schedule from the entries and SVIDs held (at start,
     /// from the saved cache).
     pub(crate) fn reschedule_all(&mut self) {
-        let now = SystemTime::now();
+        let now = self.clock.wall();
         self.svids.retain(|id, _| self.entries.contains_key(id));
         self.renew_at.clear();
         self.expires.clear();
@@ -500,7 +495,7 @@ impl<S: ServerClient> Core<S> {
             );
         }
         self.tainted = Arc::new(next);
-        self.renew_tainted(SystemTime::now());
+        self.renew_tainted(self.clock.wall());
         self.dirty = true;
     }
 
@@ -601,7 +596,7 @@ impl<S: ServerClient> Core<S> {
             return false;
         }
         self.identity_renew_at =
-            renewal_after_receipt(SystemTime::now(), identity.not_before, identity.not_after);
+            renewal_after_receipt(self.clock.wall(), identity.not_before, identity.not_after);
         tracing::info!(agent = %identity.id, "agent SVID renewed");
         self.identity = identity;
         true
@@ -636,13 +631,19 @@ impl<S: ServerClient> Core<S> {
             .collect()
     }
 
+    /// The entries to sign for now (see [`Core::due`]), unless signing
+    /// waits for its retry deadline: the choice, apart from the doing.
+    fn to_sign(&self, now: SystemTime, at: tokio::time::Instant) -> Vec<Arc<Entry>> {
+        if self.sign_retry_at.is_some_and(|t| at < t) {
+            return Vec::new();
+        }
+        self.due(now)
+    }
+
     /// Signs SVIDs for entries that have none, whose SVID no longer fits
     /// the entry, or whose SVID is due for renewal.
-    async fn maintain_svids(&mut self, now: SystemTime) {
-        if self.sign_retry_at.is_some_and(|t| now < t) {
-            return;
-        }
-        let due = self.due(now);
+    async fn maintain_svids(&mut self, now: SystemTime, at: tokio::time::Instant) {
+        let due = self.to_sign(now, at);
         if due.is_empty() {
             return;
         }
@@ -680,7 +681,7 @@ impl<S: ServerClient> Core<S> {
                 Err(status) => {
                     tracing::warn!(error = %status.message(), "signing request failed; will retry");
                     self.sign_retry_at =
-                        Some(now + self.cfg.min_backoff.max(Duration::from_secs(1)));
+                        Some(at + self.cfg.min_backoff.max(Duration::from_secs(1)));
                     return;
                 }
             };
@@ -722,23 +723,26 @@ impl<S: ServerClient> Core<S> {
         }
         // Entries the server refused (say, an entry it had not yet applied)
         // are tried again soon rather than at the next unrelated event.
-        self.sign_retry_at =
-            refused.then(|| now + self.cfg.min_backoff.max(Duration::from_secs(1)));
+        self.sign_retry_at = refused.then(|| at + self.cfg.min_backoff.max(Duration::from_secs(1)));
     }
 
-    fn next_wake(&self, now: SystemTime) -> SystemTime {
+    /// When the core has work next, without a message from the server: the
+    /// earliest certificate time (a renewal, an expiry) as a tokio deadline,
+    /// or the signing retry, but not sooner than 10 ms from now.
+    fn next_wake(&self) -> tokio::time::Instant {
         let mut t = self.identity_renew_at;
         if let Some(r) = self.renew_at.first() {
-            t = t.min(r);
-        }
-        if let Some(r) = self.sign_retry_at {
             t = t.min(r);
         }
         // Expiry of a served SVID changes what is served.
         if let Some(r) = self.expires.first() {
             t = t.min(r);
         }
-        t.max(now + Duration::from_millis(10))
+        let mut wake = self.clock.deadline(t);
+        if let Some(r) = self.sign_retry_at {
+            wake = wake.min(r);
+        }
+        wake.max(tokio::time::Instant::now() + Duration::from_millis(10))
     }
 
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
@@ -746,10 +750,10 @@ impl<S: ServerClient> Core<S> {
         let mut stream: Option<SyncStream> = None;
         // The pages of the update arriving on `stream`, applied only whole.
         let mut pages = crate::paging::Assembler::new(self.cfg.sync_update_bounds);
-        let mut retry_at = SystemTime::now();
+        let mut retry_at = tokio::time::Instant::now();
         // The cached state was published by `start` before the socket opened.
         loop {
-            let now = SystemTime::now();
+            let now = tokio::time::Instant::now();
             if stream.is_none() && now >= retry_at {
                 match self.open_stream().await {
                     Ok(s) => {
@@ -775,22 +779,23 @@ impl<S: ServerClient> Core<S> {
                         // PSAT agent attests again with its token, as at
                         // its first start; a join-token agent cannot.
                         let refused = matches!(e, AgentError::Refused(_));
-                        if (refused || self.identity.not_after <= now) && self.reattest_psat().await
+                        if (refused || self.identity.not_after <= self.clock.wall())
+                            && self.reattest_psat().await
                         {
-                            retry_at = SystemTime::now();
+                            retry_at = tokio::time::Instant::now();
                         }
                     }
                 }
             }
-            let now = SystemTime::now();
+            let (now, at) = (self.clock.wall(), tokio::time::Instant::now());
             if self.maintain_identity(now).await {
                 stream = None;
                 pages.clear();
                 self.server.disconnect();
-                retry_at = now;
+                retry_at = at;
                 continue;
             }
-            self.maintain_svids(now).await;
+            self.maintain_svids(now, at).await;
             // An SVID that expired is no longer served, even when nothing
             // else changed (as while the server is unreachable).
             if self.expire(now) {
@@ -801,14 +806,14 @@ impl<S: ServerClient> Core<S> {
                 self.publish();
                 self.persist_cache();
             }
-            let mut wake = self.next_wake(SystemTime::now());
+            let mut wake = self.next_wake();
             if stream.is_none() {
                 wake = wake.min(retry_at);
             }
             let received = tokio::select! {
                 _ = cancel.cancelled() => return,
                 msg = next_message(&mut stream) => Some(msg),
-                _ = tokio::time::sleep_until(time::instant_of(wake)) => None,
+                _ = tokio::time::sleep_until(wake) => None,
             };
             let Some(mut msg) = received else {
                 continue;
@@ -839,7 +844,7 @@ impl<S: ServerClient> Core<S> {
         stream: &mut Option<SyncStream>,
         pages: &mut crate::paging::Assembler,
         backoff: &mut Backoff,
-        retry_at: &mut SystemTime,
+        retry_at: &mut tokio::time::Instant,
     ) {
         match msg {
             Some(Ok(page)) => match pages.push(page) {
@@ -853,7 +858,7 @@ impl<S: ServerClient> Core<S> {
                     let d = backoff.next();
                     tracing::error!(error = %e, retry_in = ?d, "refusing the server's sync update; reconnecting");
                     *stream = None;
-                    *retry_at = SystemTime::now() + d;
+                    *retry_at = tokio::time::Instant::now() + d;
                     self.server.disconnect();
                     self.dirty = true;
                 }
@@ -872,7 +877,7 @@ impl<S: ServerClient> Core<S> {
                     tracing::warn!(error = %status.message(), retry_in = ?d, "sync stream broke");
                 }
                 *stream = None;
-                *retry_at = SystemTime::now() + d;
+                *retry_at = tokio::time::Instant::now() + d;
                 self.server.disconnect();
                 self.dirty = true;
             }
@@ -884,7 +889,7 @@ impl<S: ServerClient> Core<S> {
                 }
                 pages.clear();
                 *stream = None;
-                *retry_at = SystemTime::now() + backoff.next();
+                *retry_at = tokio::time::Instant::now() + backoff.next();
                 self.server.disconnect();
                 self.dirty = true;
             }
@@ -1289,6 +1294,446 @@ mod tests {
                     prop_assert_eq!(served, full);
                 }
             }
+        }
+    }
+
+    mod paused {
+        //! The core's loop against a fake server, on paused tokio time:
+        //! renewal, rotation, expiry and backoff without real sleeps. The
+        //! fake signs with a real CA at the core's wall time, which moves
+        //! with tokio's clock ([`Clock::following_tokio`]).
+
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+        use sigil_svid::x509::{SvidRequest, X509Authority};
+        use sigil_types::{Selectors, SpiffeId};
+        use tokio::sync::mpsc;
+        use tokio::time::Instant;
+
+        use super::*;
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Call {
+            OpenSync,
+            Sign,
+            RenewAgent,
+        }
+
+        type Pages = mpsc::UnboundedSender<Result<pb::SyncMessage, tonic::Status>>;
+
+        struct State {
+            clock: Clock,
+            ca: X509Authority,
+            svid_ttl: Duration,
+            agent_ttl: Duration,
+            entries: Mutex<Vec<Entry>>,
+            reachable: AtomicBool,
+            /// Signing calls still to fail.
+            failing_signs: AtomicUsize,
+            connected: AtomicBool,
+            stream: Mutex<Option<Pages>>,
+            revision: AtomicU64,
+            calls: Mutex<Vec<(Call, Instant)>>,
+        }
+
+        #[derive(Clone)]
+        struct Fake(Arc<State>);
+
+        impl Fake {
+            fn new(svid_ttl: Duration, agent_ttl: Duration, entries: Vec<Entry>) -> Self {
+                let clock = Clock::following_tokio(SystemTime::now());
+                let td = TrustDomain::new("example.org").unwrap();
+                let ca = X509Authority::generate(&td, Duration::from_secs(86_400), clock.wall())
+                    .unwrap();
+                Self(Arc::new(State {
+                    clock,
+                    ca,
+                    svid_ttl,
+                    agent_ttl,
+                    entries: Mutex::new(entries),
+                    reachable: AtomicBool::new(true),
+                    failing_signs: AtomicUsize::new(0),
+                    connected: AtomicBool::new(false),
+                    stream: Mutex::new(None),
+                    revision: AtomicU64::new(0),
+                    calls: Mutex::new(Vec::new()),
+                }))
+            }
+
+            /// A server holding one entry, signing SVIDs that live `ttl`,
+            /// and agent SVIDs that live a day.
+            fn serving_one(ttl: Duration) -> Self {
+                Self::new(ttl, Duration::from_secs(86_400), vec![workload(1)])
+            }
+
+            fn log(&self, call: Call) {
+                self.0.calls.lock().unwrap().push((call, Instant::now()));
+            }
+
+            /// When each call of this kind was made.
+            fn times(&self, call: Call) -> Vec<Instant> {
+                let calls = self.0.calls.lock().unwrap();
+                calls
+                    .iter()
+                    .filter(|(c, _)| *c == call)
+                    .map(|(_, t)| *t)
+                    .collect()
+            }
+
+            fn sign(&self, id: &SpiffeId, ttl: Duration, csr: &[u8]) -> Vec<u8> {
+                let spki = sigil_svid::x509::csr_public_key(csr).unwrap();
+                self.0
+                    .ca
+                    .sign_svid(&SvidRequest::new(id, ttl), &spki, self.0.clock.wall())
+                    .unwrap()
+            }
+
+            fn agent_identity(&self) -> AgentIdentity {
+                let key = PrivateKey::generate_p256().unwrap();
+                let csr = sigil_svid::x509::make_csr(&key).unwrap();
+                let leaf = self.sign(&agent_id(), self.0.agent_ttl, &csr);
+                AgentIdentity::new(vec![leaf], key).unwrap()
+            }
+
+            /// Sends a page on the open stream (or breaks it, with an error).
+            fn push(&self, page: Result<pb::SyncMessage, tonic::Status>) {
+                let stream = self.0.stream.lock().unwrap();
+                stream.as_ref().unwrap().send(page).unwrap();
+            }
+
+            /// Registers `e` and sends it on the open stream.
+            fn register(&self, e: Entry) {
+                self.0.entries.lock().unwrap().push(e.clone());
+                let revision = self.0.revision.fetch_add(1, Ordering::SeqCst) + 1;
+                self.push(Ok(pb::SyncMessage {
+                    revision,
+                    upserted: vec![pb::Entry::from(&e)],
+                    ..Default::default()
+                }));
+            }
+
+            /// Breaks the stream and refuses connections from now on.
+            fn go_away(&self) {
+                self.0.reachable.store(false, Ordering::SeqCst);
+                self.push(Err(tonic::Status::unavailable("gone")));
+            }
+        }
+
+        impl ServerClient for Fake {
+            async fn open_sync(&self, _req: pb::SyncRequest) -> Result<SyncStream, AgentError> {
+                self.log(Call::OpenSync);
+                if !self.0.reachable.load(Ordering::SeqCst) {
+                    return Err(AgentError::Unavailable("unreachable".into()));
+                }
+                let (tx, rx) = mpsc::unbounded_channel();
+                let entries = self.0.entries.lock().unwrap().clone();
+                let revision = self.0.revision.fetch_add(1, Ordering::SeqCst) + 1;
+                tx.send(Ok(pb::SyncMessage {
+                    revision,
+                    snapshot: true,
+                    upserted: entries.iter().map(pb::Entry::from).collect(),
+                    ..Default::default()
+                }))
+                .unwrap();
+                *self.0.stream.lock().unwrap() = Some(tx);
+                self.0.connected.store(true, Ordering::SeqCst);
+                Ok(Box::pin(
+                    tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                ))
+            }
+
+            fn disconnect(&self) {
+                self.0.connected.store(false, Ordering::SeqCst);
+            }
+
+            fn is_connected(&self) -> bool {
+                self.0.connected.load(Ordering::SeqCst)
+            }
+
+            async fn sign_x509svids(
+                &self,
+                req: pb::BatchNewX509svidRequest,
+            ) -> Result<pb::BatchNewX509svidResponse, tonic::Status> {
+                self.log(Call::Sign);
+                let failing = &self.0.failing_signs;
+                if failing
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err(tonic::Status::unavailable("busy"));
+                }
+                let entries = self.0.entries.lock().unwrap().clone();
+                let results = req
+                    .params
+                    .iter()
+                    .map(
+                        |p| match entries.iter().find(|e| e.id.as_str() == p.entry_id) {
+                            Some(e) => pb::X509svidResult {
+                                entry_id: p.entry_id.clone(),
+                                cert_chain: vec![self.sign(&e.spiffe_id, self.0.svid_ttl, &p.csr)],
+                                error: String::new(),
+                            },
+                            None => pb::X509svidResult {
+                                entry_id: p.entry_id.clone(),
+                                cert_chain: vec![],
+                                error: "unknown entry".into(),
+                            },
+                        },
+                    )
+                    .collect();
+                Ok(pb::BatchNewX509svidResponse { results })
+            }
+
+            async fn renew_agent(&self, csr: Vec<u8>) -> Result<Vec<Vec<u8>>, AgentError> {
+                self.log(Call::RenewAgent);
+                Ok(vec![self.sign(&agent_id(), self.0.agent_ttl, &csr)])
+            }
+
+            async fn reattest(&self) -> Result<Option<AgentIdentity>, AgentError> {
+                Ok(None)
+            }
+        }
+
+        fn agent_id() -> SpiffeId {
+            "spiffe://example.org/agent".parse().unwrap()
+        }
+
+        fn workload(k: u8) -> Entry {
+            Entry::new(
+                format!("w{k}").parse().unwrap(),
+                format!("spiffe://example.org/w/{k}").parse().unwrap(),
+                agent_id(),
+                Selectors::parse_all(["unix:uid:1000"]).unwrap(),
+            )
+        }
+
+        struct Running {
+            snapshots: watch::Receiver<Arc<Snapshot>>,
+            cert: Arc<RotatingCert>,
+            persist: Persist,
+            cancel: CancellationToken,
+            task: tokio::task::JoinHandle<()>,
+            _dir: tempfile::TempDir,
+        }
+
+        impl Running {
+            async fn stop(self) {
+                self.cancel.cancel();
+                self.task.await.unwrap();
+            }
+
+            /// The leaf of the SVID served for entry `k`, if one is.
+            fn served(&self, k: u8) -> Option<Vec<u8>> {
+                let id: EntryId = format!("w{k}").parse().unwrap();
+                let snap = self.snapshots.borrow();
+                snap.svids.get(&id).map(|s| s.chain[0].clone())
+            }
+        }
+
+        fn start(fake: &Fake) -> Running {
+            let dir = tempfile::tempdir().unwrap();
+            let td = TrustDomain::new("example.org").unwrap();
+            let cfg =
+                AgentConfig::with_defaults(td.clone(), "127.0.0.1:1".into(), dir.path().into());
+            let identity = fake.agent_identity();
+            let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key).unwrap());
+            let mut bundle = Bundle::new(td);
+            bundle.x509_authorities.push(fake.0.ca.cert_der().to_vec());
+            let persist = Persist::open(dir.path()).unwrap();
+            let (mut core, snapshots) = Core::new(CoreParts {
+                cfg,
+                persist: persist.clone(),
+                identity,
+                trust: Arc::new(ArcSwap::from_pointee(bundle)),
+                federated: Default::default(),
+                cert: cert.clone(),
+                server: fake.clone(),
+                metrics: Default::default(),
+            });
+            core.clock = fake.0.clock;
+            core.restore(CachedState::default());
+            core.publish();
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(core.run(cancel.clone()));
+            Running {
+                snapshots,
+                cert,
+                persist,
+                cancel,
+                task,
+                _dir: dir,
+            }
+        }
+
+        /// Lets time pass in steps of 100 ms until `done` holds; panics
+        /// after `limit`.
+        async fn until(limit: Duration, mut done: impl FnMut() -> bool) {
+            let end = Instant::now() + limit;
+            while !done() {
+                assert!(Instant::now() < end, "not done within {limit:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        fn secs(d: Duration) -> f64 {
+            d.as_secs_f64()
+        }
+
+        /// Each SVID is renewed between 40% and 60% of its lifetime after it
+        /// was signed (half, with 10% jitter), and the one it replaces is
+        /// served until then: a workload always has an SVID.
+        #[tokio::test(start_paused = true)]
+        async fn svids_renew_near_half_life_and_rotate_without_a_gap() {
+            let fake = Fake::serving_one(Duration::from_secs(100));
+            let agent = start(&fake);
+            until(Duration::from_secs(5), || agent.served(1).is_some()).await;
+            let mut leaf = agent.served(1).unwrap();
+            let mut signed_at = Instant::now();
+            for _ in 0..3 {
+                until(Duration::from_secs(100), || {
+                    let now = agent.served(1);
+                    assert!(now.is_some(), "an SVID is served throughout");
+                    now.as_ref() != Some(&leaf)
+                })
+                .await;
+                let after = secs(Instant::now() - signed_at);
+                // Certificate times have whole seconds: a second either way.
+                assert!((38.8..=61.3).contains(&after), "renewed after {after} s");
+                leaf = agent.served(1).unwrap();
+                signed_at = Instant::now();
+            }
+            // One signing per renewal, not a loop.
+            assert_eq!(fake.times(Call::Sign).len(), 4);
+            agent.stop().await;
+        }
+
+        /// A failed signing request is tried again after the retry delay
+        /// (the minimum backoff, at least 1 s), not at once and not only at
+        /// the next unrelated event.
+        #[tokio::test(start_paused = true)]
+        async fn a_failed_signing_is_retried_after_a_second() {
+            let fake = Fake::serving_one(Duration::from_secs(600));
+            fake.0.failing_signs.store(2, Ordering::SeqCst);
+            let agent = start(&fake);
+            until(Duration::from_secs(10), || agent.served(1).is_some()).await;
+            let signs = fake.times(Call::Sign);
+            assert_eq!(signs.len(), 3);
+            for pair in signs.windows(2) {
+                let gap = secs(pair[1] - pair[0]);
+                assert!((1.0..=1.05).contains(&gap), "retried after {gap} s");
+            }
+            agent.stop().await;
+        }
+
+        /// While no server answers, connection attempts back off
+        /// exponentially with jitter (each wait between half and all of a
+        /// ceiling that doubles from the minimum to the maximum backoff),
+        /// and once a whole update was applied the backoff starts over.
+        #[tokio::test(start_paused = true)]
+        async fn reconnects_back_off_to_the_cap_and_start_over_after_an_update() {
+            let fake = Fake::serving_one(Duration::from_secs(600));
+            fake.0.reachable.store(false, Ordering::SeqCst);
+            let agent = start(&fake);
+            until(Duration::from_secs(600), || {
+                fake.times(Call::OpenSync).len() >= 12
+            })
+            .await;
+            let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+            let opens = fake.times(Call::OpenSync);
+            for (k, pair) in opens.windows(2).enumerate() {
+                let ceiling = secs((min * 2u32.pow(k as u32)).min(max));
+                let gap = secs(pair[1] - pair[0]);
+                assert!(
+                    gap >= ceiling / 2.0 - 0.002 && gap <= ceiling + 0.002,
+                    "wait {k}: {gap} s, ceiling {ceiling} s"
+                );
+            }
+            assert!(!agent.snapshots.borrow().connected);
+            fake.0.reachable.store(true, Ordering::SeqCst);
+            until(max + Duration::from_secs(1), || agent.served(1).is_some()).await;
+            assert!(agent.snapshots.borrow().connected);
+            // The update was applied: the next break is retried at the
+            // shortest delay again.
+            let before = fake.times(Call::OpenSync).len();
+            let broke = Instant::now();
+            fake.push(Err(tonic::Status::unavailable("restart")));
+            until(Duration::from_secs(5), || {
+                fake.times(Call::OpenSync).len() > before
+            })
+            .await;
+            let gap = secs(fake.times(Call::OpenSync)[before] - broke);
+            assert!(gap <= secs(min) + 0.1, "retried after {gap} s");
+            agent.stop().await;
+        }
+
+        /// With the server gone, the agent serves its SVID until it
+        /// expires and not a moment longer, and asks nobody to sign.
+        #[tokio::test(start_paused = true)]
+        async fn an_svid_is_served_while_the_server_is_gone_until_it_expires() {
+            let fake = Fake::serving_one(Duration::from_secs(100));
+            let agent = start(&fake);
+            until(Duration::from_secs(5), || agent.served(1).is_some()).await;
+            let signed_at = Instant::now();
+            let signs = fake.times(Call::Sign).len();
+            fake.go_away();
+            until(Duration::from_secs(5), || {
+                !agent.snapshots.borrow().connected
+            })
+            .await;
+            until(Duration::from_secs(200), || agent.served(1).is_none()).await;
+            let served_for = secs(Instant::now() - signed_at);
+            assert!(
+                (98.8..=100.3).contains(&served_for),
+                "served for {served_for} s"
+            );
+            assert_eq!(fake.times(Call::Sign).len(), signs);
+            agent.stop().await;
+        }
+
+        /// The agent renews its own SVID near half-life, presents and saves
+        /// each new one, reconnects with it, and keeps syncing and getting
+        /// SVIDs signed after its first SVID expired.
+        #[tokio::test(start_paused = true)]
+        async fn the_agent_renews_its_own_svid_and_keeps_working() {
+            let fake = Fake::new(
+                Duration::from_secs(600),
+                Duration::from_secs(100),
+                vec![workload(1)],
+            );
+            let agent = start(&fake);
+            let first = agent.cert.leaf();
+            until(Duration::from_secs(5), || agent.served(1).is_some()).await;
+            until(Duration::from_secs(200), || {
+                fake.times(Call::RenewAgent).len() >= 2
+            })
+            .await;
+            let renewals = fake.times(Call::RenewAgent);
+            let started = fake.times(Call::OpenSync)[0];
+            let first_wait = secs(renewals[0] - started);
+            assert!(
+                (38.8..=61.3).contains(&first_wait),
+                "renewed after {first_wait} s"
+            );
+            // Each renewal is followed by a new connection presenting it.
+            until(Duration::from_secs(5), || {
+                fake.times(Call::OpenSync).len() >= 3
+            })
+            .await;
+            let opens = fake.times(Call::OpenSync);
+            assert!(opens[1] >= renewals[0] && opens[2] >= renewals[1]);
+            let presented = agent.cert.leaf();
+            assert_ne!(presented, first);
+            let saved = agent.persist.load_identity().unwrap().unwrap();
+            assert_eq!(saved.chain[0], presented);
+            // Past the first SVID's expiry, a new entry is still signed.
+            until(Duration::from_secs(200), || {
+                Instant::now() >= started + Duration::from_secs(101)
+            })
+            .await;
+            fake.register(workload(2));
+            until(Duration::from_secs(5), || agent.served(2).is_some()).await;
+            agent.stop().await;
         }
     }
 
