@@ -112,8 +112,6 @@ pub struct Snapshot {
     pub tainted: Arc<Tainted>,
 }
 
-pub use crate::server_api::SharedClient;
-
 pub(crate) struct Core<S> {
     pub(crate) cfg: AgentConfig,
     pub(crate) persist: Persist,
@@ -209,6 +207,15 @@ impl<S: ServerClient> Core<S> {
             cfg: parts.cfg,
         };
         (core, snapshots)
+    }
+
+    /// The JWT-SVIDs of this agent, fetched through the core's server
+    /// client (the Workload API serves them).
+    pub(crate) fn jwt_svids(&self) -> crate::jwt::JwtSvids
+    where
+        S: Clone,
+    {
+        crate::jwt::JwtSvids::new(self.server.clone(), self.metrics.clone())
     }
 
     /// Takes the entries and SVIDs saved before (an SVID only with its
@@ -1488,6 +1495,13 @@ mod tests {
             async fn renew_agent(&self, csr: Vec<u8>) -> Result<Vec<Vec<u8>>, AgentError> {
                 self.log(Call::RenewAgent);
                 Ok(vec![self.sign(&agent_id(), self.0.agent_ttl, &csr)])
+            }
+
+            async fn new_jwtsvid(
+                &self,
+                _req: pb::NewJwtsvidRequest,
+            ) -> Result<String, tonic::Status> {
+                Err(tonic::Status::unimplemented("no JWT-SVIDs here"))
             }
 
             async fn reattest(&self) -> Result<Option<AgentIdentity>, AgentError> {

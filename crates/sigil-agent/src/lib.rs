@@ -19,8 +19,10 @@
 //! | [`persist`] | the on-disk state |
 //! | [`peer`] | kernel peer credentials and PID-reuse checks |
 //! | [`attest`] | the unix workload attestor |
+//! | [`caller`] | who calls the socket: selectors from kernel peer credentials |
 //! | `k8s` | pod selectors from the kubelet; PSAT tokens (feature `k8s`) |
 //! | [`workload`] | the SPIFFE Workload API |
+//! | [`jwt`] | JWT-SVIDs: fetched through the core's server client, cached |
 //! | [`sds`] | Envoy's Secret Discovery Service (SDS v3) |
 //! | [`limits`] | request size, per-uid rate limits, connection and stream caps, timeouts |
 //! | [`idle`] | closing connections that hold no stream for the idle timeout |
@@ -28,10 +30,12 @@
 //! | [`pending`] | the socket's answer while the agent waits for a server to attest to |
 
 pub mod attest;
+pub mod caller;
 pub mod client;
 pub mod config;
 pub mod core;
 pub mod idle;
+pub mod jwt;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod limits;
@@ -354,7 +358,6 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     let metrics = Arc::new(metrics::Metrics::default());
     let trust = Arc::new(ArcSwap::from_pointee(bundle));
     let server = server_api::GrpcServer::new(&cfg, trust.clone(), cert.clone())?;
-    let client = server.shared();
     let (mut core, snapshots) = Core::new(core::CoreParts {
         cfg: cfg.clone(),
         persist,
@@ -366,6 +369,10 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         metrics: metrics.clone(),
     });
     core.restore(cached);
+    let jwt = Arc::new(core.jwt_svids().with_budget(
+        cfg.limits.jwt_cache_bytes,
+        cfg.limits.jwt_cache_bytes_per_uid,
+    ));
     // Serve what is cached before the server is even contacted.
     core.publish();
     let agent_id = core.identity.id.clone();
@@ -392,11 +399,10 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         workload::WorkloadService::new(
             snapshots.clone(),
             callers.clone(),
-            client,
+            jwt,
             metrics.clone(),
             cancel.clone(),
-        )
-        .with_jwt_cache_budget(limits.jwt_cache_bytes, limits.jwt_cache_bytes_per_uid),
+        ),
         limits.max_request_bytes,
     );
     let sds_svc = sds::service(sds::SdsService::new(

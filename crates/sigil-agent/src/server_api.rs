@@ -23,9 +23,8 @@ use crate::{AgentError, client};
 /// The server's push sync: one page of an update per message.
 pub type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, tonic::Status>> + Send>>;
 
-/// The shared handle to the server connection, also used by the Workload API
-/// for JWT-SVIDs.
-pub type SharedClient = Arc<ArcSwap<Option<AgentApiClient<Channel>>>>;
+/// The connection to the server, replaced when the core reconnects.
+type SharedClient = Arc<ArcSwap<Option<AgentApiClient<Channel>>>>;
 
 /// What the core asks of the server. Calls other than [`open_sync`] use the
 /// connection the last successful [`open_sync`] opened, until
@@ -57,6 +56,12 @@ pub trait ServerClient: Send + Sync + 'static {
         &self,
         csr: Vec<u8>,
     ) -> impl Future<Output = Result<Vec<Vec<u8>>, AgentError>> + Send;
+
+    /// A JWT-SVID for an entry and audiences.
+    fn new_jwtsvid(
+        &self,
+        req: pb::NewJwtsvidRequest,
+    ) -> impl Future<Output = Result<String, tonic::Status>> + Send;
 
     /// Attests again from scratch, without the current agent SVID (refused
     /// or expired); `None` when this agent has no way to (only PSAT agents
@@ -106,11 +111,6 @@ impl GrpcServer {
             psat: cfg.k8s_psat.clone(),
             conn: Arc::new(ArcSwap::from_pointee(None)),
         })
-    }
-
-    /// The connection, shared with the Workload API.
-    pub fn shared(&self) -> SharedClient {
-        self.conn.clone()
     }
 
     fn current(&self) -> Option<AgentApiClient<Channel>> {
@@ -173,6 +173,13 @@ impl ServerClient for GrpcServer {
             .map_err(AgentError::from_status)?
             .into_inner();
         Ok(resp.cert_chain)
+    }
+
+    async fn new_jwtsvid(&self, req: pb::NewJwtsvidRequest) -> Result<String, tonic::Status> {
+        let Some(mut client) = self.current() else {
+            return Err(tonic::Status::unavailable("server unreachable"));
+        };
+        client.new_jwtsvid(req).await.map(|r| r.into_inner().token)
     }
 
     async fn reattest(&self) -> Result<Option<AgentIdentity>, AgentError> {
