@@ -647,98 +647,137 @@ impl<S: ServerClient> Core<S> {
         self.due(now)
     }
 
-    /// Signs SVIDs for entries that have none, whose SVID no longer fits
-    /// the entry, or whose SVID is due for renewal.
-    async fn maintain_svids(&mut self, now: SystemTime, at: tokio::time::Instant) {
+    /// Starts signing SVIDs for entries that have none, whose SVID no
+    /// longer fits the entry, or whose SVID is due for renewal, unless a
+    /// signing is in flight. The requests run in their own task, so that
+    /// the core keeps reading the sync stream while the server signs; each
+    /// batch's answer comes back to [`Core::on_signed`].
+    fn start_signing(&mut self, now: SystemTime, at: tokio::time::Instant) -> Option<Signing>
+    where
+        S: Clone,
+    {
         let due = self.to_sign(now, at);
-        if due.is_empty() {
-            return;
+        if due.is_empty() || !self.server.is_connected() {
+            return None;
         }
-        if !self.server.is_connected() {
-            return;
-        }
-        let mut refused = false;
-        for batch in due.chunks(CSR_BATCH) {
-            let mut keys = HashMap::new();
-            let mut params = Vec::with_capacity(batch.len());
-            for e in batch {
-                let key = match PrivateKey::generate_p256()
-                    .and_then(|k| sigil_svid::x509::make_csr(&k).map(|c| (k, c)))
-                {
-                    Ok((k, csr)) => {
-                        params.push(pb::X509svidParams {
-                            entry_id: e.id.to_string(),
-                            csr,
-                        });
-                        k
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "generating a workload key failed");
-                        continue;
-                    }
-                };
-                keys.insert(e.id.clone(), (key, e.clone()));
-            }
-            let resp = match self
-                .server
-                .sign_x509svids(pb::BatchNewX509svidRequest { params })
-                .await
-            {
-                Ok(r) => r,
-                Err(status) => {
-                    tracing::warn!(error = %status.message(), "signing request failed; will retry");
-                    self.sign_retry_at =
-                        Some(at + self.cfg.min_backoff.max(Duration::from_secs(1)));
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let server = self.server.clone();
+        let task = tokio::spawn(async move {
+            for batch in due.chunks(CSR_BATCH) {
+                let mut keys = HashMap::new();
+                let mut params = Vec::with_capacity(batch.len());
+                for e in batch {
+                    let key = match PrivateKey::generate_p256()
+                        .and_then(|k| sigil_svid::x509::make_csr(&k).map(|c| (k, c)))
+                    {
+                        Ok((k, csr)) => {
+                            params.push(pb::X509svidParams {
+                                entry_id: e.id.to_string(),
+                                csr,
+                            });
+                            k
+                        }
+                        Err(err) => {
+                            tracing::error!(error = %err, "generating a workload key failed");
+                            continue;
+                        }
+                    };
+                    keys.insert(e.id.clone(), (key, e.clone()));
+                }
+                let result = server
+                    .sign_x509svids(pb::BatchNewX509svidRequest { params })
+                    .await;
+                let failed = result.is_err();
+                if tx.send(Signed { keys, result }).await.is_err() || failed {
                     return;
                 }
+            }
+        });
+        Some(Signing {
+            answers: rx,
+            _task: AbortOnDrop(task),
+            at,
+            refused: false,
+            failed: false,
+        })
+    }
+
+    /// Takes one batch's answer from the signing in flight (`None`: all
+    /// answered); afterwards, entries the server refused or could not sign
+    /// are tried again after the retry delay.
+    fn on_signed(&mut self, answer: Option<Signed>, signing: &mut Option<Signing>) {
+        let Some(flight) = signing.as_mut() else {
+            return;
+        };
+        let retry_at = flight.at + self.cfg.min_backoff.max(Duration::from_secs(1));
+        let Some(Signed { mut keys, result }) = answer else {
+            // Entries the server refused (say, an entry it had not yet
+            // applied) are tried again soon rather than at the next
+            // unrelated event.
+            if !flight.failed {
+                self.sign_retry_at = flight.refused.then_some(retry_at);
+            }
+            *signing = None;
+            return;
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "signing request failed; will retry");
+                flight.failed = true;
+                self.sign_retry_at = Some(retry_at);
+                return;
+            }
+        };
+        let now = self.clock.wall();
+        for r in resp.results {
+            let Ok(id) = r.entry_id.parse::<EntryId>() else {
+                continue;
             };
-            for r in resp.results {
-                let Ok(id) = r.entry_id.parse::<EntryId>() else {
-                    continue;
-                };
-                let Some((key, entry)) = keys.remove(&id) else {
-                    continue;
-                };
-                if !r.error.is_empty() {
-                    tracing::warn!(entry = %id, error = %r.error, "server refused to sign");
-                    refused = true;
+            let Some((key, entry)) = keys.remove(&id) else {
+                continue;
+            };
+            if !r.error.is_empty() {
+                tracing::warn!(entry = %id, error = %r.error, "server refused to sign");
+                flight.refused = true;
+                continue;
+            }
+            // Deleted while it was being signed.
+            if !self.entries.contains_key(&id) {
+                continue;
+            }
+            let info = match r.cert_chain.first().map(|c| sigil_svid::x509::cert_info(c)) {
+                Some(Ok(i)) => i,
+                _ => {
+                    tracing::warn!(entry = %id, "server returned an unusable certificate");
                     continue;
                 }
-                let info = match r.cert_chain.first().map(|c| sigil_svid::x509::cert_info(c)) {
-                    Some(Ok(i)) => i,
-                    _ => {
-                        tracing::warn!(entry = %id, "server returned an unusable certificate");
-                        continue;
-                    }
-                };
-                let svid = WorkloadSvid {
-                    entry_id: id.clone(),
-                    spiffe_id: entry.spiffe_id.clone(),
-                    chain: r.cert_chain,
-                    key,
-                    not_before: info.not_before,
-                    not_after: info.not_after,
-                    dns_names: entry.dns_names.clone(),
-                    ttl: entry.x509_svid_ttl,
-                    attributes: entry.attributes.clone(),
-                };
-                let renew = renewal_after_receipt(now, svid.not_before, svid.not_after);
-                self.hold_svid(svid, renew);
-                self.metrics.svids_signed.inc();
-                self.dirty = true;
-            }
+            };
+            let svid = WorkloadSvid {
+                entry_id: id.clone(),
+                spiffe_id: entry.spiffe_id.clone(),
+                chain: r.cert_chain,
+                key,
+                not_before: info.not_before,
+                not_after: info.not_after,
+                dns_names: entry.dns_names.clone(),
+                ttl: entry.x509_svid_ttl,
+                attributes: entry.attributes.clone(),
+            };
+            let renew = renewal_after_receipt(now, svid.not_before, svid.not_after);
+            self.hold_svid(svid, renew);
+            self.metrics.svids_signed.inc();
+            self.dirty = true;
         }
-        // Entries the server refused (say, an entry it had not yet applied)
-        // are tried again soon rather than at the next unrelated event.
-        self.sign_retry_at = refused.then(|| at + self.cfg.min_backoff.max(Duration::from_secs(1)));
     }
 
     /// When the core has work next, without a message from the server: the
     /// earliest certificate time (a renewal, an expiry) as a tokio deadline,
-    /// or the signing retry, but not sooner than 10 ms from now.
-    fn next_wake(&self) -> tokio::time::Instant {
+    /// or the signing retry, but not sooner than 10 ms from now. While a
+    /// signing is in flight, renewals wait for it (its end wakes the core).
+    fn next_wake(&self, signing: bool) -> tokio::time::Instant {
         let mut t = self.identity_renew_at;
-        if let Some(r) = self.renew_at.first() {
+        if let Some(r) = self.renew_at.first().filter(|_| !signing) {
             t = t.min(r);
         }
         // Expiry of a served SVID changes what is served.
@@ -746,18 +785,24 @@ impl<S: ServerClient> Core<S> {
             t = t.min(r);
         }
         let mut wake = self.clock.deadline(t);
-        if let Some(r) = self.sign_retry_at {
+        if let Some(r) = self.sign_retry_at.filter(|_| !signing) {
             wake = wake.min(r);
         }
         wake.max(tokio::time::Instant::now() + Duration::from_millis(10))
     }
 
-    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+    pub(crate) async fn run(mut self, cancel: CancellationToken)
+    where
+        S: Clone,
+    {
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
         let mut stream: Option<SyncStream> = None;
         // The pages of the update arriving on `stream`, applied only whole.
         let mut pages = crate::paging::Assembler::new(self.cfg.sync_update_bounds);
         let mut retry_at = tokio::time::Instant::now();
+        // At most one signing in flight; dropped (and its task aborted)
+        // when the core stops.
+        let mut signing: Option<Signing> = None;
         // The cached state was published by `start` before the socket opened.
         loop {
             let now = tokio::time::Instant::now();
@@ -802,7 +847,9 @@ impl<S: ServerClient> Core<S> {
                 retry_at = at;
                 continue;
             }
-            self.maintain_svids(now, at).await;
+            if signing.is_none() {
+                signing = self.start_signing(now, at);
+            }
             // An SVID that expired is no longer served, even when nothing
             // else changed (as while the server is unreachable).
             if self.expire(now) {
@@ -813,17 +860,18 @@ impl<S: ServerClient> Core<S> {
                 self.publish();
                 self.persist_cache();
             }
-            let mut wake = self.next_wake();
+            let mut wake = self.next_wake(signing.is_some());
             if stream.is_none() {
                 wake = wake.min(retry_at);
             }
-            let received = tokio::select! {
+            let mut msg = tokio::select! {
                 _ = cancel.cancelled() => return,
-                msg = next_message(&mut stream) => Some(msg),
-                _ = tokio::time::sleep_until(wake) => None,
-            };
-            let Some(mut msg) = received else {
-                continue;
+                msg = next_message(&mut stream) => msg,
+                answer = next_signed(&mut signing) => {
+                    self.on_signed(answer, &mut signing);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(wake) => continue,
             };
             // Every message already received is handled before the work
             // that looks at what the agent holds (signing, publishing,
@@ -901,6 +949,43 @@ impl<S: ServerClient> Core<S> {
                 self.dirty = true;
             }
         }
+    }
+}
+
+/// One batch's answer from a signing in flight: the keys of the CSRs sent,
+/// with their entries as they were, and what the server said.
+pub(crate) struct Signed {
+    keys: HashMap<EntryId, (PrivateKey, Arc<Entry>)>,
+    result: Result<pb::BatchNewX509svidResponse, tonic::Status>,
+}
+
+/// A signing in flight: its batches' answers, in order.
+pub(crate) struct Signing {
+    answers: tokio::sync::mpsc::Receiver<Signed>,
+    _task: AbortOnDrop,
+    /// When it started: retries count from here.
+    at: tokio::time::Instant,
+    /// Whether the server refused an entry so far.
+    refused: bool,
+    /// Whether a request failed (and the rest were not sent).
+    failed: bool,
+}
+
+/// Aborts the task when dropped, so a signing does not outlive the core.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The next answer of the signing in flight (`None` once all are in);
+/// never ready without one.
+async fn next_signed(signing: &mut Option<Signing>) -> Option<Signed> {
+    match signing {
+        Some(s) => s.answers.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -1340,6 +1425,8 @@ mod tests {
             failing_signs: AtomicUsize,
             connected: AtomicBool,
             stream: Mutex<Option<Pages>>,
+            /// Signing answers only while this is true.
+            gate: watch::Sender<bool>,
             revision: AtomicU64,
             calls: Mutex<Vec<(Call, Instant)>>,
         }
@@ -1363,6 +1450,7 @@ mod tests {
                     failing_signs: AtomicUsize::new(0),
                     connected: AtomicBool::new(false),
                     stream: Mutex::new(None),
+                    gate: watch::Sender::new(true),
                     revision: AtomicU64::new(0),
                     calls: Mutex::new(Vec::new()),
                 }))
@@ -1463,6 +1551,8 @@ mod tests {
                 req: pb::BatchNewX509svidRequest,
             ) -> Result<pb::BatchNewX509svidResponse, tonic::Status> {
                 self.log(Call::Sign);
+                let mut gate = self.0.gate.subscribe();
+                let _ = gate.wait_for(|open| *open).await;
                 let failing = &self.0.failing_signs;
                 if failing
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -1702,6 +1792,31 @@ mod tests {
                 "served for {served_for} s"
             );
             assert_eq!(fake.times(Call::Sign).len(), signs);
+            agent.stop().await;
+        }
+
+        /// The sync stream is read while the server signs: an entry
+        /// registered during a slow signing is held (and listed) at once,
+        /// and signed right after.
+        #[tokio::test(start_paused = true)]
+        async fn the_sync_stream_is_read_while_svids_are_signed() {
+            let fake = Fake::serving_one(Duration::from_secs(600));
+            fake.0.gate.send_replace(false);
+            let agent = start(&fake);
+            until(Duration::from_secs(5), || fake.times(Call::Sign).len() == 1).await;
+            fake.register(workload(2));
+            let w2: EntryId = "w2".parse().unwrap();
+            until(Duration::from_secs(5), || {
+                agent.snapshots.borrow().entries.iter().any(|e| e.id == w2)
+            })
+            .await;
+            assert!(agent.served(1).is_none());
+            assert_eq!(fake.times(Call::Sign).len(), 1);
+            fake.0.gate.send_replace(true);
+            until(Duration::from_secs(5), || {
+                agent.served(1).is_some() && agent.served(2).is_some()
+            })
+            .await;
             agent.stop().await;
         }
 
