@@ -719,8 +719,8 @@ mod tests {
         assert!(c.held.is_empty());
     }
 
-    #[tokio::test]
-    async fn cached_jwt_svids_are_served_while_the_server_is_unreachable() {
+    /// A 100 s token for `key("w")` signed now, and an empty cache.
+    fn token_for_w() -> (SystemTime, Duration, String, Mutex<JwtCache>) {
         let own = domain("example.org");
         let now = SystemTime::now();
         let ttl = Duration::from_secs(100);
@@ -728,7 +728,12 @@ mod tests {
             .jwt
             .sign(&key("w").spiffe_id, &key("w").audience, ttl, now)
             .unwrap();
-        let cache = Mutex::new(JwtCache::new(10));
+        (now, ttl, token, Mutex::new(JwtCache::new(10)))
+    }
+
+    #[tokio::test]
+    async fn cached_jwt_svids_are_served_while_the_server_is_unreachable() {
+        let (now, ttl, token, cache) = token_for_w();
         let calls = AtomicUsize::new(0);
         let fetch = |r: Result<String, JwtFetchError>| {
             calls.fetch_add(1, Ordering::SeqCst);
@@ -809,14 +814,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_uid_over_its_server_share_gets_a_valid_cached_token_or_its_refusal() {
-        let own = domain("example.org");
-        let now = SystemTime::now();
-        let ttl = Duration::from_secs(100);
-        let token = own
-            .jwt
-            .sign(&key("w").spiffe_id, &key("w").audience, ttl, now)
-            .unwrap();
-        let cache = Mutex::new(JwtCache::new(10));
+        let (now, ttl, token, cache) = token_for_w();
         let over = || async {
             Err(JwtFetchError::OverShare(Status::resource_exhausted(
                 "share used",
