@@ -13,20 +13,20 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use sigil_proto::convert::entry_from_proto;
 use sigil_proto::server::v1 as pb;
-use sigil_proto::server::v1::agent_api_client::AgentApiClient;
 use sigil_svid::bundle::Bundle;
 use sigil_svid::keys::PrivateKey;
 use sigil_svid::tls::RotatingCert;
-use sigil_types::{Entry, EntryId, SpiffeId, TrustDomain};
+use sigil_types::{Entry, EntryId, TrustDomain};
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
-use tonic::Streaming;
-use tonic::transport::Channel;
 
+use crate::AgentError;
 use crate::config::AgentConfig;
-use crate::persist::{AgentIdentity, CacheWriter, Persist, WorkloadSvid};
+use crate::persist::{AgentIdentity, CacheWriter, CachedState, Persist, WorkloadSvid};
 use crate::schedule::Timeline;
-use crate::{AgentError, client, time};
+use crate::server_api::{ServerClient, SyncStream};
+use crate::time::Clock;
 
 /// Most CSRs sent in one signing request.
 const CSR_BATCH: usize = 500;
@@ -112,13 +112,8 @@ pub struct Snapshot {
     pub tainted: Arc<Tainted>,
 }
 
-/// The shared handle to the server connection, also used by the Workload API
-/// for JWT-SVIDs.
-pub type SharedClient = Arc<ArcSwap<Option<AgentApiClient<Channel>>>>;
-
-pub(crate) struct Core {
+pub(crate) struct Core<S> {
     pub(crate) cfg: AgentConfig,
-    pub(crate) server_id: SpiffeId,
     pub(crate) persist: Persist,
     /// Saves entries and SVIDs as changes to what it saved before.
     pub(crate) cache: CacheWriter,
@@ -127,7 +122,8 @@ pub(crate) struct Core {
     pub(crate) identity: AgentIdentity,
     pub(crate) identity_renew_at: SystemTime,
     pub(crate) cert: Arc<RotatingCert>,
-    pub(crate) client: SharedClient,
+    /// The server, behind the trait the core asks it through.
+    pub(crate) server: S,
     pub(crate) entries: HashMap<EntryId, Arc<Entry>>,
     pub(crate) revision: u64,
     pub(crate) svids: HashMap<EntryId, Arc<WorkloadSvid>>,
@@ -149,8 +145,96 @@ pub(crate) struct Core {
     pub(crate) snapshot: watch::Sender<Arc<Snapshot>>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) dirty: bool,
-    pub(crate) sign_retry_at: Option<SystemTime>,
+    /// When signing may be tried again after a failure or a refusal.
+    pub(crate) sign_retry_at: Option<tokio::time::Instant>,
+    /// The wall clock certificate times are read against (see [`crate::time`]).
+    pub(crate) clock: Clock,
     pub(crate) tainted: Arc<Tainted>,
+}
+
+/// What a [`Core`] starts from: its configuration, its data directory, the
+/// agent SVID and the trust it holds, and the handles it shares with the
+/// rest of the agent.
+pub(crate) struct CoreParts<S> {
+    pub(crate) cfg: AgentConfig,
+    pub(crate) persist: Persist,
+    pub(crate) identity: AgentIdentity,
+    /// The trust bundle, read by the TLS verifier at every handshake.
+    pub(crate) trust: Arc<ArcSwap<Bundle>>,
+    pub(crate) federated: Arc<FederatedBundles>,
+    /// The agent SVID as presented in TLS handshakes.
+    pub(crate) cert: Arc<RotatingCert>,
+    pub(crate) server: S,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl<S: ServerClient> Core<S> {
+    /// A core holding no entries or SVIDs yet, and the receiving end of the
+    /// snapshots it publishes (the first one holds only the bundles).
+    pub(crate) fn new(parts: CoreParts<S>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let (snapshot, snapshots) = watch::channel(Arc::new(Snapshot {
+            entries: Default::default(),
+            svids: Default::default(),
+            bundle: parts.trust.load_full(),
+            federated: parts.federated.clone(),
+            connected: false,
+            tainted: Default::default(),
+        }));
+        let core = Core {
+            persist: parts.persist,
+            cache: CacheWriter::new(),
+            trust: parts.trust,
+            federated: parts.federated,
+            identity_renew_at: renewal_time(parts.identity.not_before, parts.identity.not_after),
+            cert: parts.cert,
+            server: parts.server,
+            entries: HashMap::new(),
+            revision: 0,
+            svids: HashMap::new(),
+            renew_at: Default::default(),
+            expires: Default::default(),
+            unsigned: Default::default(),
+            touched: Default::default(),
+            served_entries: Default::default(),
+            served_svids: Default::default(),
+            snapshot,
+            metrics: parts.metrics,
+            dirty: false,
+            sign_retry_at: None,
+            clock: Clock::system(),
+            tainted: Default::default(),
+            identity: parts.identity,
+            cfg: parts.cfg,
+        };
+        (core, snapshots)
+    }
+
+    /// The JWT-SVIDs of this agent, fetched through the core's server
+    /// client (the Workload API serves them).
+    pub(crate) fn jwt_svids(&self) -> crate::jwt::JwtSvids
+    where
+        S: Clone,
+    {
+        crate::jwt::JwtSvids::new(self.server.clone(), self.metrics.clone())
+    }
+
+    /// Takes the entries and SVIDs saved before (an SVID only with its
+    /// entry) and schedules them, so they are served before the server is
+    /// contacted.
+    pub(crate) fn restore(&mut self, cached: CachedState) {
+        self.revision = cached.revision;
+        self.entries = cached
+            .entries
+            .into_iter()
+            .map(|e| (e.id.clone(), Arc::new(e)))
+            .collect();
+        for s in cached.svids {
+            if self.entries.contains_key(&s.entry_id) {
+                self.svids.insert(s.entry_id.clone(), Arc::new(s));
+            }
+        }
+        self.reschedule_all();
+    }
 }
 
 /// Half of the lifetime, plus or minus up to 10% of it: when to renew. The
@@ -184,12 +268,12 @@ pub(crate) fn renewal_after_receipt(
     at.max(now + share)
 }
 
-impl Core {
+impl<S: ServerClient> Core<S> {
     /// Sends the Workload API a new snapshot. Entries and SVIDs are
     /// persistent maps kept up to date per change, so this costs the same
     /// whatever the agent holds.
     pub(crate) fn publish(&mut self) {
-        let connected = self.client.load().is_some();
+        let connected = self.server.is_connected();
         let snap = Snapshot {
             entries: self.served_entries.clone(),
             svids: self.served_svids.clone(),
@@ -220,14 +304,7 @@ impl Core {
         }
     }
 
-    async fn open_stream(&mut self) -> Result<Streaming<pb::SyncMessage>, AgentError> {
-        let mut client = client::connect(
-            &self.cfg.server_address,
-            self.trust.clone(),
-            self.server_id.clone(),
-            Some(self.cert.clone()),
-        )
-        .await?;
+    async fn open_stream(&mut self) -> Result<SyncStream, AgentError> {
         let resume = self.revision > 0;
         let req = pb::SyncRequest {
             revision: self.revision,
@@ -237,13 +314,7 @@ impl Core {
                 vec![]
             },
         };
-        let stream = client
-            .sync(req)
-            .await
-            .map_err(AgentError::from_status)?
-            .into_inner();
-        self.client.store(Arc::new(Some(client)));
-        Ok(stream)
+        self.server.open_sync(req).await
     }
 
     /// Applies one whole update from the server. Its cost is in proportion
@@ -385,7 +456,7 @@ impl Core {
     /// Rebuilds every schedule from the entries and SVIDs held (at start,
     /// from the saved cache).
     pub(crate) fn reschedule_all(&mut self) {
-        let now = SystemTime::now();
+        let now = self.clock.wall();
         self.svids.retain(|id, _| self.entries.contains_key(id));
         self.renew_at.clear();
         self.expires.clear();
@@ -431,7 +502,7 @@ impl Core {
             );
         }
         self.tainted = Arc::new(next);
-        self.renew_tainted(SystemTime::now());
+        self.renew_tainted(self.clock.wall());
         self.dirty = true;
     }
 
@@ -498,27 +569,14 @@ impl Core {
         if now < self.identity_renew_at {
             return false;
         }
-        let Some(mut client) = (**self.client.load()).clone() else {
+        if !self.server.is_connected() {
             return false;
-        };
+        }
         let result = async {
             let key = PrivateKey::generate_p256()?;
             let csr = sigil_svid::x509::make_csr(&key)?;
-            // PSAT agents re-attest with a fresh token, so the server checks
-            // the pod and node again; others renew with their current SVID.
-            #[cfg(feature = "k8s")]
-            if let Some(psat) = &self.cfg.k8s_psat {
-                let resp =
-                    crate::k8s::attest_psat(&mut client, psat, csr, crate::k8s::WhenLimited::Fail)
-                        .await?;
-                return AgentIdentity::new(resp.cert_chain, key);
-            }
-            let resp = client
-                .renew_agent(pb::RenewAgentRequest { csr })
-                .await
-                .map_err(AgentError::from_status)?
-                .into_inner();
-            AgentIdentity::new(resp.cert_chain, key)
+            let chain = self.server.renew_agent(csr).await?;
+            AgentIdentity::new(chain, key)
         }
         .await;
         match result {
@@ -545,7 +603,7 @@ impl Core {
             return false;
         }
         self.identity_renew_at =
-            renewal_after_receipt(SystemTime::now(), identity.not_before, identity.not_after);
+            renewal_after_receipt(self.clock.wall(), identity.not_before, identity.not_after);
         tracing::info!(agent = %identity.id, "agent SVID renewed");
         self.identity = identity;
         true
@@ -556,37 +614,17 @@ impl Core {
     /// refused or expired); true if the agent holds a new SVID. False at
     /// once for agents without `[agent.k8s_psat]`.
     async fn reattest_psat(&mut self) -> bool {
-        #[cfg(feature = "k8s")]
-        if let Some(psat) = self.cfg.k8s_psat.clone() {
-            let result = async {
-                let mut client = client::connect(
-                    &self.cfg.server_address,
-                    self.trust.clone(),
-                    self.server_id.clone(),
-                    None,
-                )
-                .await?;
-                let (identity, _) = crate::k8s::attest_psat_with_new_key(
-                    &mut client,
-                    &psat,
-                    crate::k8s::WhenLimited::Fail,
-                )
-                .await?;
-                Ok::<_, AgentError>(identity)
+        match self.server.reattest().await {
+            Ok(Some(identity)) => {
+                tracing::info!(agent = %identity.id, "attested again with the service-account token");
+                self.install_identity(identity)
             }
-            .await;
-            return match result {
-                Ok(identity) => {
-                    tracing::info!(agent = %identity.id, "attested again with the service-account token");
-                    self.install_identity(identity)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "attesting again with the service-account token failed");
-                    false
-                }
-            };
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "attesting again with the service-account token failed");
+                false
+            }
         }
-        false
     }
 
     /// The entries that need an SVID at `now`: those that have none, whose
@@ -600,119 +638,174 @@ impl Core {
             .collect()
     }
 
-    /// Signs SVIDs for entries that have none, whose SVID no longer fits
-    /// the entry, or whose SVID is due for renewal.
-    async fn maintain_svids(&mut self, now: SystemTime) {
-        if self.sign_retry_at.is_some_and(|t| now < t) {
-            return;
+    /// The entries to sign for now (see [`Core::due`]), unless signing
+    /// waits for its retry deadline: the choice, apart from the doing.
+    fn to_sign(&self, now: SystemTime, at: tokio::time::Instant) -> Vec<Arc<Entry>> {
+        if self.sign_retry_at.is_some_and(|t| at < t) {
+            return Vec::new();
         }
-        let due = self.due(now);
-        if due.is_empty() {
-            return;
-        }
-        let Some(mut client) = (**self.client.load()).clone() else {
-            return;
-        };
-        let mut refused = false;
-        for batch in due.chunks(CSR_BATCH) {
-            let mut keys = HashMap::new();
-            let mut params = Vec::with_capacity(batch.len());
-            for e in batch {
-                let key = match PrivateKey::generate_p256()
-                    .and_then(|k| sigil_svid::x509::make_csr(&k).map(|c| (k, c)))
-                {
-                    Ok((k, csr)) => {
-                        params.push(pb::X509svidParams {
-                            entry_id: e.id.to_string(),
-                            csr,
-                        });
-                        k
-                    }
-                    Err(err) => {
-                        tracing::error!(error = %err, "generating a workload key failed");
-                        continue;
-                    }
-                };
-                keys.insert(e.id.clone(), (key, e.clone()));
-            }
-            let resp = match client
-                .batch_new_x509svid(pb::BatchNewX509svidRequest { params })
-                .await
-            {
-                Ok(r) => r.into_inner(),
-                Err(status) => {
-                    tracing::warn!(error = %status.message(), "signing request failed; will retry");
-                    self.sign_retry_at =
-                        Some(now + self.cfg.min_backoff.max(Duration::from_secs(1)));
-                    return;
-                }
-            };
-            for r in resp.results {
-                let Ok(id) = r.entry_id.parse::<EntryId>() else {
-                    continue;
-                };
-                let Some((key, entry)) = keys.remove(&id) else {
-                    continue;
-                };
-                if !r.error.is_empty() {
-                    tracing::warn!(entry = %id, error = %r.error, "server refused to sign");
-                    refused = true;
-                    continue;
-                }
-                let info = match r.cert_chain.first().map(|c| sigil_svid::x509::cert_info(c)) {
-                    Some(Ok(i)) => i,
-                    _ => {
-                        tracing::warn!(entry = %id, "server returned an unusable certificate");
-                        continue;
-                    }
-                };
-                let svid = WorkloadSvid {
-                    entry_id: id.clone(),
-                    spiffe_id: entry.spiffe_id.clone(),
-                    chain: r.cert_chain,
-                    key,
-                    not_before: info.not_before,
-                    not_after: info.not_after,
-                    dns_names: entry.dns_names.clone(),
-                    ttl: entry.x509_svid_ttl,
-                    attributes: entry.attributes.clone(),
-                };
-                let renew = renewal_after_receipt(now, svid.not_before, svid.not_after);
-                self.hold_svid(svid, renew);
-                self.metrics.svids_signed.inc();
-                self.dirty = true;
-            }
-        }
-        // Entries the server refused (say, an entry it had not yet applied)
-        // are tried again soon rather than at the next unrelated event.
-        self.sign_retry_at =
-            refused.then(|| now + self.cfg.min_backoff.max(Duration::from_secs(1)));
+        self.due(now)
     }
 
-    fn next_wake(&self, now: SystemTime) -> SystemTime {
-        let mut t = self.identity_renew_at;
-        if let Some(r) = self.renew_at.first() {
-            t = t.min(r);
+    /// Starts signing SVIDs for entries that have none, whose SVID no
+    /// longer fits the entry, or whose SVID is due for renewal, unless a
+    /// signing is in flight. The requests run in their own task, so that
+    /// the core keeps reading the sync stream while the server signs; each
+    /// batch's answer comes back to [`Core::on_signed`].
+    fn start_signing(&mut self, now: SystemTime, at: tokio::time::Instant) -> Option<Signing>
+    where
+        S: Clone,
+    {
+        let due = self.to_sign(now, at);
+        if due.is_empty() || !self.server.is_connected() {
+            return None;
         }
-        if let Some(r) = self.sign_retry_at {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let server = self.server.clone();
+        let task = tokio::spawn(async move {
+            for batch in due.chunks(CSR_BATCH) {
+                let mut keys = HashMap::new();
+                let mut params = Vec::with_capacity(batch.len());
+                for e in batch {
+                    let key = match PrivateKey::generate_p256()
+                        .and_then(|k| sigil_svid::x509::make_csr(&k).map(|c| (k, c)))
+                    {
+                        Ok((k, csr)) => {
+                            params.push(pb::X509svidParams {
+                                entry_id: e.id.to_string(),
+                                csr,
+                            });
+                            k
+                        }
+                        Err(err) => {
+                            tracing::error!(error = %err, "generating a workload key failed");
+                            continue;
+                        }
+                    };
+                    keys.insert(e.id.clone(), (key, e.clone()));
+                }
+                let result = server
+                    .sign_x509svids(pb::BatchNewX509svidRequest { params })
+                    .await;
+                let failed = result.is_err();
+                if tx.send(Signed { keys, result }).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Some(Signing {
+            answers: rx,
+            _task: AbortOnDrop(task),
+            at,
+            refused: false,
+            failed: false,
+        })
+    }
+
+    /// Takes one batch's answer from the signing in flight (`None`: all
+    /// answered); afterwards, entries the server refused or could not sign
+    /// are tried again after the retry delay.
+    fn on_signed(&mut self, answer: Option<Signed>, signing: &mut Option<Signing>) {
+        let Some(flight) = signing.as_mut() else {
+            return;
+        };
+        let retry_at = flight.at + self.cfg.min_backoff.max(Duration::from_secs(1));
+        let Some(Signed { mut keys, result }) = answer else {
+            // Entries the server refused (say, an entry it had not yet
+            // applied) are tried again soon rather than at the next
+            // unrelated event.
+            if !flight.failed {
+                self.sign_retry_at = flight.refused.then_some(retry_at);
+            }
+            *signing = None;
+            return;
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "signing request failed; will retry");
+                flight.failed = true;
+                self.sign_retry_at = Some(retry_at);
+                return;
+            }
+        };
+        let now = self.clock.wall();
+        for r in resp.results {
+            let Ok(id) = r.entry_id.parse::<EntryId>() else {
+                continue;
+            };
+            let Some((key, entry)) = keys.remove(&id) else {
+                continue;
+            };
+            if !r.error.is_empty() {
+                tracing::warn!(entry = %id, error = %r.error, "server refused to sign");
+                flight.refused = true;
+                continue;
+            }
+            // Deleted while it was being signed.
+            if !self.entries.contains_key(&id) {
+                continue;
+            }
+            let info = match r.cert_chain.first().map(|c| sigil_svid::x509::cert_info(c)) {
+                Some(Ok(i)) => i,
+                _ => {
+                    tracing::warn!(entry = %id, "server returned an unusable certificate");
+                    continue;
+                }
+            };
+            let svid = WorkloadSvid {
+                entry_id: id.clone(),
+                spiffe_id: entry.spiffe_id.clone(),
+                chain: r.cert_chain,
+                key,
+                not_before: info.not_before,
+                not_after: info.not_after,
+                dns_names: entry.dns_names.clone(),
+                ttl: entry.x509_svid_ttl,
+                attributes: entry.attributes.clone(),
+            };
+            let renew = renewal_after_receipt(now, svid.not_before, svid.not_after);
+            self.hold_svid(svid, renew);
+            self.metrics.svids_signed.inc();
+            self.dirty = true;
+        }
+    }
+
+    /// When the core has work next, without a message from the server: the
+    /// earliest certificate time (a renewal, an expiry) as a tokio deadline,
+    /// or the signing retry, but not sooner than 10 ms from now. While a
+    /// signing is in flight, renewals wait for it (its end wakes the core).
+    fn next_wake(&self, signing: bool) -> tokio::time::Instant {
+        let mut t = self.identity_renew_at;
+        if let Some(r) = self.renew_at.first().filter(|_| !signing) {
             t = t.min(r);
         }
         // Expiry of a served SVID changes what is served.
         if let Some(r) = self.expires.first() {
             t = t.min(r);
         }
-        t.max(now + Duration::from_millis(10))
+        let mut wake = self.clock.deadline(t);
+        if let Some(r) = self.sign_retry_at.filter(|_| !signing) {
+            wake = wake.min(r);
+        }
+        wake.max(tokio::time::Instant::now() + Duration::from_millis(10))
     }
 
-    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+    pub(crate) async fn run(mut self, cancel: CancellationToken)
+    where
+        S: Clone,
+    {
         let mut backoff = Backoff::new(self.cfg.min_backoff, self.cfg.max_backoff);
-        let mut stream: Option<Streaming<pb::SyncMessage>> = None;
+        let mut stream: Option<SyncStream> = None;
         // The pages of the update arriving on `stream`, applied only whole.
         let mut pages = crate::paging::Assembler::new(self.cfg.sync_update_bounds);
-        let mut retry_at = SystemTime::now();
+        let mut retry_at = tokio::time::Instant::now();
+        // At most one signing in flight; dropped (and its task aborted)
+        // when the core stops.
+        let mut signing: Option<Signing> = None;
         // The cached state was published by `start` before the socket opened.
         loop {
-            let now = SystemTime::now();
+            let now = tokio::time::Instant::now();
             if stream.is_none() && now >= retry_at {
                 match self.open_stream().await {
                     Ok(s) => {
@@ -730,30 +823,33 @@ impl Core {
                         let d = backoff.next();
                         tracing::warn!(error = %e, retry_in = ?d, "server unreachable; serving cached SVIDs");
                         retry_at = now + d;
-                        if self.client.load().is_some() {
-                            self.client.store(Arc::new(None));
+                        if self.server.is_connected() {
+                            self.server.disconnect();
                             self.dirty = true;
                         }
                         // Refused (evicted, say) or with an expired SVID, a
                         // PSAT agent attests again with its token, as at
                         // its first start; a join-token agent cannot.
                         let refused = matches!(e, AgentError::Refused(_));
-                        if (refused || self.identity.not_after <= now) && self.reattest_psat().await
+                        if (refused || self.identity.not_after <= self.clock.wall())
+                            && self.reattest_psat().await
                         {
-                            retry_at = SystemTime::now();
+                            retry_at = tokio::time::Instant::now();
                         }
                     }
                 }
             }
-            let now = SystemTime::now();
+            let (now, at) = (self.clock.wall(), tokio::time::Instant::now());
             if self.maintain_identity(now).await {
                 stream = None;
                 pages.clear();
-                self.client.store(Arc::new(None));
-                retry_at = now;
+                self.server.disconnect();
+                retry_at = at;
                 continue;
             }
-            self.maintain_svids(now).await;
+            if signing.is_none() {
+                signing = self.start_signing(now, at);
+            }
             // An SVID that expired is no longer served, even when nothing
             // else changed (as while the server is unreachable).
             if self.expire(now) {
@@ -764,17 +860,18 @@ impl Core {
                 self.publish();
                 self.persist_cache();
             }
-            let mut wake = self.next_wake(SystemTime::now());
+            let mut wake = self.next_wake(signing.is_some());
             if stream.is_none() {
                 wake = wake.min(retry_at);
             }
-            let received = tokio::select! {
+            let mut msg = tokio::select! {
                 _ = cancel.cancelled() => return,
-                msg = next_message(&mut stream) => Some(msg),
-                _ = tokio::time::sleep_until(time::instant_of(wake)) => None,
-            };
-            let Some(mut msg) = received else {
-                continue;
+                msg = next_message(&mut stream) => msg,
+                answer = next_signed(&mut signing) => {
+                    self.on_signed(answer, &mut signing);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(wake) => continue,
             };
             // Every message already received is handled before the work
             // that looks at what the agent holds (signing, publishing,
@@ -799,10 +896,10 @@ impl Core {
     fn on_message(
         &mut self,
         msg: Option<Result<pb::SyncMessage, tonic::Status>>,
-        stream: &mut Option<Streaming<pb::SyncMessage>>,
+        stream: &mut Option<SyncStream>,
         pages: &mut crate::paging::Assembler,
         backoff: &mut Backoff,
-        retry_at: &mut SystemTime,
+        retry_at: &mut tokio::time::Instant,
     ) {
         match msg {
             Some(Ok(page)) => match pages.push(page) {
@@ -816,8 +913,8 @@ impl Core {
                     let d = backoff.next();
                     tracing::error!(error = %e, retry_in = ?d, "refusing the server's sync update; reconnecting");
                     *stream = None;
-                    *retry_at = SystemTime::now() + d;
-                    self.client.store(Arc::new(None));
+                    *retry_at = tokio::time::Instant::now() + d;
+                    self.server.disconnect();
                     self.dirty = true;
                 }
             },
@@ -835,8 +932,8 @@ impl Core {
                     tracing::warn!(error = %status.message(), retry_in = ?d, "sync stream broke");
                 }
                 *stream = None;
-                *retry_at = SystemTime::now() + d;
-                self.client.store(Arc::new(None));
+                *retry_at = tokio::time::Instant::now() + d;
+                self.server.disconnect();
                 self.dirty = true;
             }
             None => {
@@ -847,11 +944,48 @@ impl Core {
                 }
                 pages.clear();
                 *stream = None;
-                *retry_at = SystemTime::now() + backoff.next();
-                self.client.store(Arc::new(None));
+                *retry_at = tokio::time::Instant::now() + backoff.next();
+                self.server.disconnect();
                 self.dirty = true;
             }
         }
+    }
+}
+
+/// One batch's answer from a signing in flight: the keys of the CSRs sent,
+/// with their entries as they were, and what the server said.
+pub(crate) struct Signed {
+    keys: HashMap<EntryId, (PrivateKey, Arc<Entry>)>,
+    result: Result<pb::BatchNewX509svidResponse, tonic::Status>,
+}
+
+/// A signing in flight: its batches' answers, in order.
+pub(crate) struct Signing {
+    answers: tokio::sync::mpsc::Receiver<Signed>,
+    _task: AbortOnDrop,
+    /// When it started: retries count from here.
+    at: tokio::time::Instant,
+    /// Whether the server refused an entry so far.
+    refused: bool,
+    /// Whether a request failed (and the rest were not sent).
+    failed: bool,
+}
+
+/// Aborts the task when dropped, so a signing does not outlive the core.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The next answer of the signing in flight (`None` once all are in);
+/// never ready without one.
+async fn next_signed(signing: &mut Option<Signing>) -> Option<Signed> {
+    match signing {
+        Some(s) => s.answers.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -861,17 +995,18 @@ const DRAIN_MESSAGES: usize = 4096;
 const DRAIN_TIME: Duration = Duration::from_millis(200);
 
 /// The next message of the sync stream if it has already arrived (`None`
-/// when it has not): polled once, without waiting. `Streaming::message`
-/// keeps its state in the stream, so dropping the pending call loses nothing.
+/// when it has not): polled once, without waiting. A stream keeps its state
+/// between polls, so polling without a waker loses nothing.
 fn ready_message(
-    stream: &mut Option<Streaming<pb::SyncMessage>>,
+    stream: &mut Option<SyncStream>,
 ) -> Option<Option<Result<pb::SyncMessage, tonic::Status>>> {
-    use std::future::Future;
     use std::task::{Context, Poll, Waker};
     let s = stream.as_mut()?;
-    let mut next = std::pin::pin!(s.message());
-    match next.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(r) => Some(r.transpose()),
+    match s
+        .as_mut()
+        .poll_next(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(r) => Some(r),
         Poll::Pending => None,
     }
 }
@@ -925,10 +1060,10 @@ pub(crate) fn merge_federated(
 }
 
 async fn next_message(
-    stream: &mut Option<Streaming<pb::SyncMessage>>,
+    stream: &mut Option<SyncStream>,
 ) -> Option<Result<pb::SyncMessage, tonic::Status>> {
     match stream {
-        Some(s) => s.message().await.transpose(),
+        Some(s) => s.next().await,
         None => std::future::pending().await,
     }
 }
@@ -963,6 +1098,8 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests {
+    use sigil_types::SpiffeId;
+
     use super::*;
 
     #[test]
@@ -1063,7 +1200,7 @@ mod tests {
             )
         }
 
-        fn core_in(dir: &Path, ca: &X509Authority) -> Core {
+        fn core_in(dir: &Path, ca: &X509Authority) -> Core<crate::server_api::GrpcServer> {
             let td = TrustDomain::new("example.org").unwrap();
             let cfg = AgentConfig::with_defaults(td.clone(), "127.0.0.1:1".into(), dir.into());
             let key = PrivateKey::generate_p256().unwrap();
@@ -1077,41 +1214,19 @@ mod tests {
                 .unwrap();
             let identity = AgentIdentity::new(vec![leaf], key).unwrap();
             let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key).unwrap());
-            let bundle = Arc::new(Bundle::new(td));
-            let (snapshot, _) = watch::channel(Arc::new(Snapshot {
-                entries: Default::default(),
-                svids: Default::default(),
-                bundle: bundle.clone(),
-                federated: Default::default(),
-                connected: false,
-                tainted: Default::default(),
-            }));
-            Core {
-                server_id: "spiffe://example.org/sigil/server".parse().unwrap(),
-                persist: Persist::open(dir).unwrap(),
-                cache: CacheWriter::new(),
-                trust: Arc::new(ArcSwap::new(bundle)),
-                federated: Default::default(),
-                identity_renew_at: SystemTime::now() + Duration::from_secs(86_400),
-                cert,
-                client: Arc::new(ArcSwap::from_pointee(None)),
-                entries: HashMap::new(),
-                revision: 0,
-                svids: HashMap::new(),
-                renew_at: Default::default(),
-                expires: Default::default(),
-                unsigned: Default::default(),
-                touched: Default::default(),
-                served_entries: Default::default(),
-                served_svids: Default::default(),
-                snapshot,
-                metrics: Default::default(),
-                dirty: false,
-                sign_retry_at: None,
-                tainted: Default::default(),
-                identity,
+            let trust = Arc::new(ArcSwap::from_pointee(Bundle::new(td)));
+            Core::new(CoreParts {
+                server: crate::server_api::GrpcServer::new(&cfg, trust.clone(), cert.clone())
+                    .unwrap(),
                 cfg,
-            }
+                persist: Persist::open(dir).unwrap(),
+                identity,
+                trust,
+                federated: Default::default(),
+                cert,
+                metrics: Default::default(),
+            })
+            .0
         }
 
         #[derive(Debug, Clone)]
@@ -1271,6 +1386,483 @@ mod tests {
                     prop_assert_eq!(served, full);
                 }
             }
+        }
+    }
+
+    mod paused {
+        //! The core's loop against a fake server, on paused tokio time:
+        //! renewal, rotation, expiry and backoff without real sleeps. The
+        //! fake signs with a real CA at the core's wall time, which moves
+        //! with tokio's clock ([`Clock::following_tokio`]).
+
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+        use sigil_svid::x509::{SvidRequest, X509Authority};
+        use sigil_types::{Selectors, SpiffeId};
+        use tokio::sync::mpsc;
+        use tokio::time::Instant;
+
+        use super::*;
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Call {
+            OpenSync,
+            Sign,
+            RenewAgent,
+        }
+
+        type Pages = mpsc::UnboundedSender<Result<pb::SyncMessage, tonic::Status>>;
+
+        struct State {
+            clock: Clock,
+            ca: X509Authority,
+            svid_ttl: Duration,
+            agent_ttl: Duration,
+            entries: Mutex<Vec<Entry>>,
+            reachable: AtomicBool,
+            /// Signing calls still to fail.
+            failing_signs: AtomicUsize,
+            connected: AtomicBool,
+            stream: Mutex<Option<Pages>>,
+            /// Signing answers only while this is true.
+            gate: watch::Sender<bool>,
+            revision: AtomicU64,
+            calls: Mutex<Vec<(Call, Instant)>>,
+        }
+
+        #[derive(Clone)]
+        struct Fake(Arc<State>);
+
+        impl Fake {
+            fn new(svid_ttl: Duration, agent_ttl: Duration, entries: Vec<Entry>) -> Self {
+                let clock = Clock::following_tokio(SystemTime::now());
+                let td = TrustDomain::new("example.org").unwrap();
+                let ca = X509Authority::generate(&td, Duration::from_secs(86_400), clock.wall())
+                    .unwrap();
+                Self(Arc::new(State {
+                    clock,
+                    ca,
+                    svid_ttl,
+                    agent_ttl,
+                    entries: Mutex::new(entries),
+                    reachable: AtomicBool::new(true),
+                    failing_signs: AtomicUsize::new(0),
+                    connected: AtomicBool::new(false),
+                    stream: Mutex::new(None),
+                    gate: watch::Sender::new(true),
+                    revision: AtomicU64::new(0),
+                    calls: Mutex::new(Vec::new()),
+                }))
+            }
+
+            /// A server holding one entry, signing SVIDs that live `ttl`,
+            /// and agent SVIDs that live a day.
+            fn serving_one(ttl: Duration) -> Self {
+                Self::new(ttl, Duration::from_secs(86_400), vec![workload(1)])
+            }
+
+            fn log(&self, call: Call) {
+                self.0.calls.lock().unwrap().push((call, Instant::now()));
+            }
+
+            /// When each call of this kind was made.
+            fn times(&self, call: Call) -> Vec<Instant> {
+                let calls = self.0.calls.lock().unwrap();
+                calls
+                    .iter()
+                    .filter(|(c, _)| *c == call)
+                    .map(|(_, t)| *t)
+                    .collect()
+            }
+
+            fn sign(&self, id: &SpiffeId, ttl: Duration, csr: &[u8]) -> Vec<u8> {
+                let spki = sigil_svid::x509::csr_public_key(csr).unwrap();
+                self.0
+                    .ca
+                    .sign_svid(&SvidRequest::new(id, ttl), &spki, self.0.clock.wall())
+                    .unwrap()
+            }
+
+            fn agent_identity(&self) -> AgentIdentity {
+                let key = PrivateKey::generate_p256().unwrap();
+                let csr = sigil_svid::x509::make_csr(&key).unwrap();
+                let leaf = self.sign(&agent_id(), self.0.agent_ttl, &csr);
+                AgentIdentity::new(vec![leaf], key).unwrap()
+            }
+
+            /// Sends a page on the open stream (or breaks it, with an error).
+            fn push(&self, page: Result<pb::SyncMessage, tonic::Status>) {
+                let stream = self.0.stream.lock().unwrap();
+                stream.as_ref().unwrap().send(page).unwrap();
+            }
+
+            /// Registers `e` and sends it on the open stream.
+            fn register(&self, e: Entry) {
+                self.0.entries.lock().unwrap().push(e.clone());
+                let revision = self.0.revision.fetch_add(1, Ordering::SeqCst) + 1;
+                self.push(Ok(pb::SyncMessage {
+                    revision,
+                    upserted: vec![pb::Entry::from(&e)],
+                    ..Default::default()
+                }));
+            }
+
+            /// Breaks the stream and refuses connections from now on.
+            fn go_away(&self) {
+                self.0.reachable.store(false, Ordering::SeqCst);
+                self.push(Err(tonic::Status::unavailable("gone")));
+            }
+        }
+
+        impl ServerClient for Fake {
+            async fn open_sync(&self, _req: pb::SyncRequest) -> Result<SyncStream, AgentError> {
+                self.log(Call::OpenSync);
+                if !self.0.reachable.load(Ordering::SeqCst) {
+                    return Err(AgentError::Unavailable("unreachable".into()));
+                }
+                let (tx, rx) = mpsc::unbounded_channel();
+                let entries = self.0.entries.lock().unwrap().clone();
+                let revision = self.0.revision.fetch_add(1, Ordering::SeqCst) + 1;
+                tx.send(Ok(pb::SyncMessage {
+                    revision,
+                    snapshot: true,
+                    upserted: entries.iter().map(pb::Entry::from).collect(),
+                    ..Default::default()
+                }))
+                .unwrap();
+                *self.0.stream.lock().unwrap() = Some(tx);
+                self.0.connected.store(true, Ordering::SeqCst);
+                Ok(Box::pin(
+                    tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+                ))
+            }
+
+            fn disconnect(&self) {
+                self.0.connected.store(false, Ordering::SeqCst);
+            }
+
+            fn is_connected(&self) -> bool {
+                self.0.connected.load(Ordering::SeqCst)
+            }
+
+            async fn sign_x509svids(
+                &self,
+                req: pb::BatchNewX509svidRequest,
+            ) -> Result<pb::BatchNewX509svidResponse, tonic::Status> {
+                self.log(Call::Sign);
+                let mut gate = self.0.gate.subscribe();
+                let _ = gate.wait_for(|open| *open).await;
+                let failing = &self.0.failing_signs;
+                if failing
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err(tonic::Status::unavailable("busy"));
+                }
+                let entries = self.0.entries.lock().unwrap().clone();
+                let results = req
+                    .params
+                    .iter()
+                    .map(
+                        |p| match entries.iter().find(|e| e.id.as_str() == p.entry_id) {
+                            Some(e) => pb::X509svidResult {
+                                entry_id: p.entry_id.clone(),
+                                cert_chain: vec![self.sign(&e.spiffe_id, self.0.svid_ttl, &p.csr)],
+                                error: String::new(),
+                            },
+                            None => pb::X509svidResult {
+                                entry_id: p.entry_id.clone(),
+                                cert_chain: vec![],
+                                error: "unknown entry".into(),
+                            },
+                        },
+                    )
+                    .collect();
+                Ok(pb::BatchNewX509svidResponse { results })
+            }
+
+            async fn renew_agent(&self, csr: Vec<u8>) -> Result<Vec<Vec<u8>>, AgentError> {
+                self.log(Call::RenewAgent);
+                Ok(vec![self.sign(&agent_id(), self.0.agent_ttl, &csr)])
+            }
+
+            async fn new_jwtsvid(
+                &self,
+                _req: pb::NewJwtsvidRequest,
+            ) -> Result<String, tonic::Status> {
+                Err(tonic::Status::unimplemented("no JWT-SVIDs here"))
+            }
+
+            async fn reattest(&self) -> Result<Option<AgentIdentity>, AgentError> {
+                Ok(None)
+            }
+        }
+
+        fn agent_id() -> SpiffeId {
+            "spiffe://example.org/agent".parse().unwrap()
+        }
+
+        fn workload(k: u8) -> Entry {
+            Entry::new(
+                format!("w{k}").parse().unwrap(),
+                format!("spiffe://example.org/w/{k}").parse().unwrap(),
+                agent_id(),
+                Selectors::parse_all(["unix:uid:1000"]).unwrap(),
+            )
+        }
+
+        struct Running {
+            snapshots: watch::Receiver<Arc<Snapshot>>,
+            cert: Arc<RotatingCert>,
+            persist: Persist,
+            cancel: CancellationToken,
+            task: tokio::task::JoinHandle<()>,
+            _dir: tempfile::TempDir,
+        }
+
+        impl Running {
+            async fn stop(self) {
+                self.cancel.cancel();
+                self.task.await.unwrap();
+            }
+
+            /// The leaf of the SVID served for entry `k`, if one is.
+            fn served(&self, k: u8) -> Option<Vec<u8>> {
+                let id: EntryId = format!("w{k}").parse().unwrap();
+                let snap = self.snapshots.borrow();
+                snap.svids.get(&id).map(|s| s.chain[0].clone())
+            }
+        }
+
+        fn start(fake: &Fake) -> Running {
+            let dir = tempfile::tempdir().unwrap();
+            let td = TrustDomain::new("example.org").unwrap();
+            let cfg =
+                AgentConfig::with_defaults(td.clone(), "127.0.0.1:1".into(), dir.path().into());
+            let identity = fake.agent_identity();
+            let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key).unwrap());
+            let mut bundle = Bundle::new(td);
+            bundle.x509_authorities.push(fake.0.ca.cert_der().to_vec());
+            let persist = Persist::open(dir.path()).unwrap();
+            let (mut core, snapshots) = Core::new(CoreParts {
+                cfg,
+                persist: persist.clone(),
+                identity,
+                trust: Arc::new(ArcSwap::from_pointee(bundle)),
+                federated: Default::default(),
+                cert: cert.clone(),
+                server: fake.clone(),
+                metrics: Default::default(),
+            });
+            core.clock = fake.0.clock;
+            core.restore(CachedState::default());
+            core.publish();
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(core.run(cancel.clone()));
+            Running {
+                snapshots,
+                cert,
+                persist,
+                cancel,
+                task,
+                _dir: dir,
+            }
+        }
+
+        /// Lets time pass in steps of 100 ms until `done` holds; panics
+        /// after `limit`.
+        async fn until(limit: Duration, mut done: impl FnMut() -> bool) {
+            let end = Instant::now() + limit;
+            while !done() {
+                assert!(Instant::now() < end, "not done within {limit:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+
+        fn secs(d: Duration) -> f64 {
+            d.as_secs_f64()
+        }
+
+        /// Each SVID is renewed between 40% and 60% of its lifetime after it
+        /// was signed (half, with 10% jitter), and the one it replaces is
+        /// served until then: a workload always has an SVID.
+        #[tokio::test(start_paused = true)]
+        async fn svids_renew_near_half_life_and_rotate_without_a_gap() {
+            let fake = Fake::serving_one(Duration::from_secs(100));
+            let agent = start(&fake);
+            until(Duration::from_secs(5), || agent.served(1).is_some()).await;
+            let mut leaf = agent.served(1).unwrap();
+            let mut signed_at = Instant::now();
+            for _ in 0..3 {
+                until(Duration::from_secs(100), || {
+                    let now = agent.served(1);
+                    assert!(now.is_some(), "an SVID is served throughout");
+                    now.as_ref() != Some(&leaf)
+                })
+                .await;
+                let after = secs(Instant::now() - signed_at);
+                // Certificate times have whole seconds: a second either way.
+                assert!((38.8..=61.3).contains(&after), "renewed after {after} s");
+                leaf = agent.served(1).unwrap();
+                signed_at = Instant::now();
+            }
+            // One signing per renewal, not a loop.
+            assert_eq!(fake.times(Call::Sign).len(), 4);
+            agent.stop().await;
+        }
+
+        /// A failed signing request is tried again after the retry delay
+        /// (the minimum backoff, at least 1 s), not at once and not only at
+        /// the next unrelated event.
+        #[tokio::test(start_paused = true)]
+        async fn a_failed_signing_is_retried_after_a_second() {
+            let fake = Fake::serving_one(Duration::from_secs(600));
+            fake.0.failing_signs.store(2, Ordering::SeqCst);
+            let agent = start(&fake);
+            until(Duration::from_secs(10), || agent.served(1).is_some()).await;
+            let signs = fake.times(Call::Sign);
+            assert_eq!(signs.len(), 3);
+            for pair in signs.windows(2) {
+                let gap = secs(pair[1] - pair[0]);
+                assert!((1.0..=1.05).contains(&gap), "retried after {gap} s");
+            }
+            agent.stop().await;
+        }
+
+        /// While no server answers, connection attempts back off
+        /// exponentially with jitter (each wait between half and all of a
+        /// ceiling that doubles from the minimum to the maximum backoff),
+        /// and once a whole update was applied the backoff starts over.
+        #[tokio::test(start_paused = true)]
+        async fn reconnects_back_off_to_the_cap_and_start_over_after_an_update() {
+            let fake = Fake::serving_one(Duration::from_secs(600));
+            fake.0.reachable.store(false, Ordering::SeqCst);
+            let agent = start(&fake);
+            until(Duration::from_secs(600), || {
+                fake.times(Call::OpenSync).len() >= 12
+            })
+            .await;
+            let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+            let opens = fake.times(Call::OpenSync);
+            for (k, pair) in opens.windows(2).enumerate() {
+                let ceiling = secs((min * 2u32.pow(k as u32)).min(max));
+                let gap = secs(pair[1] - pair[0]);
+                assert!(
+                    gap >= ceiling / 2.0 - 0.002 && gap <= ceiling + 0.002,
+                    "wait {k}: {gap} s, ceiling {ceiling} s"
+                );
+            }
+            assert!(!agent.snapshots.borrow().connected);
+            fake.0.reachable.store(true, Ordering::SeqCst);
+            until(max + Duration::from_secs(1), || agent.served(1).is_some()).await;
+            assert!(agent.snapshots.borrow().connected);
+            // The update was applied: the next break is retried at the
+            // shortest delay again.
+            let before = fake.times(Call::OpenSync).len();
+            let broke = Instant::now();
+            fake.push(Err(tonic::Status::unavailable("restart")));
+            until(Duration::from_secs(5), || {
+                fake.times(Call::OpenSync).len() > before
+            })
+            .await;
+            let gap = secs(fake.times(Call::OpenSync)[before] - broke);
+            assert!(gap <= secs(min) + 0.1, "retried after {gap} s");
+            agent.stop().await;
+        }
+
+        /// With the server gone, the agent serves its SVID until it
+        /// expires and not a moment longer, and asks nobody to sign.
+        #[tokio::test(start_paused = true)]
+        async fn an_svid_is_served_while_the_server_is_gone_until_it_expires() {
+            let fake = Fake::serving_one(Duration::from_secs(100));
+            let agent = start(&fake);
+            until(Duration::from_secs(5), || agent.served(1).is_some()).await;
+            let signed_at = Instant::now();
+            let signs = fake.times(Call::Sign).len();
+            fake.go_away();
+            until(Duration::from_secs(5), || {
+                !agent.snapshots.borrow().connected
+            })
+            .await;
+            until(Duration::from_secs(200), || agent.served(1).is_none()).await;
+            let served_for = secs(Instant::now() - signed_at);
+            assert!(
+                (98.8..=100.3).contains(&served_for),
+                "served for {served_for} s"
+            );
+            assert_eq!(fake.times(Call::Sign).len(), signs);
+            agent.stop().await;
+        }
+
+        /// The sync stream is read while the server signs: an entry
+        /// registered during a slow signing is held (and listed) at once,
+        /// and signed right after.
+        #[tokio::test(start_paused = true)]
+        async fn the_sync_stream_is_read_while_svids_are_signed() {
+            let fake = Fake::serving_one(Duration::from_secs(600));
+            fake.0.gate.send_replace(false);
+            let agent = start(&fake);
+            until(Duration::from_secs(5), || fake.times(Call::Sign).len() == 1).await;
+            fake.register(workload(2));
+            let w2: EntryId = "w2".parse().unwrap();
+            until(Duration::from_secs(5), || {
+                agent.snapshots.borrow().entries.iter().any(|e| e.id == w2)
+            })
+            .await;
+            assert!(agent.served(1).is_none());
+            assert_eq!(fake.times(Call::Sign).len(), 1);
+            fake.0.gate.send_replace(true);
+            until(Duration::from_secs(5), || {
+                agent.served(1).is_some() && agent.served(2).is_some()
+            })
+            .await;
+            agent.stop().await;
+        }
+
+        /// The agent renews its own SVID near half-life, presents and saves
+        /// each new one, reconnects with it, and keeps syncing and getting
+        /// SVIDs signed after its first SVID expired.
+        #[tokio::test(start_paused = true)]
+        async fn the_agent_renews_its_own_svid_and_keeps_working() {
+            let fake = Fake::new(
+                Duration::from_secs(600),
+                Duration::from_secs(100),
+                vec![workload(1)],
+            );
+            let agent = start(&fake);
+            let first = agent.cert.leaf();
+            until(Duration::from_secs(5), || agent.served(1).is_some()).await;
+            until(Duration::from_secs(200), || {
+                fake.times(Call::RenewAgent).len() >= 2
+            })
+            .await;
+            let renewals = fake.times(Call::RenewAgent);
+            let started = fake.times(Call::OpenSync)[0];
+            let first_wait = secs(renewals[0] - started);
+            assert!(
+                (38.8..=61.3).contains(&first_wait),
+                "renewed after {first_wait} s"
+            );
+            // Each renewal is followed by a new connection presenting it.
+            until(Duration::from_secs(5), || {
+                fake.times(Call::OpenSync).len() >= 3
+            })
+            .await;
+            let opens = fake.times(Call::OpenSync);
+            assert!(opens[1] >= renewals[0] && opens[2] >= renewals[1]);
+            let presented = agent.cert.leaf();
+            assert_ne!(presented, first);
+            let saved = agent.persist.load_identity().unwrap().unwrap();
+            assert_eq!(saved.chain[0], presented);
+            // Past the first SVID's expiry, a new entry is still signed.
+            until(Duration::from_secs(200), || {
+                Instant::now() >= started + Duration::from_secs(101)
+            })
+            .await;
+            fake.register(workload(2));
+            until(Duration::from_secs(5), || agent.served(2).is_some()).await;
+            agent.stop().await;
         }
     }
 

@@ -14,12 +14,15 @@
 //! | [`config`] | the TOML config and its validation |
 //! | [`client`] | TLS connections to the server, trust bootstrap |
 //! | [`core`] | the task that owns entries and SVIDs |
+//! | [`server_api`] | the server's agent API as the core asks it (a trait), over gRPC |
 //! | [`paging`] | paged sync updates, reassembled and bounded |
 //! | [`persist`] | the on-disk state |
 //! | [`peer`] | kernel peer credentials and PID-reuse checks |
 //! | [`attest`] | the unix workload attestor |
+//! | [`caller`] | who calls the socket: selectors from kernel peer credentials |
 //! | `k8s` | pod selectors from the kubelet; PSAT tokens (feature `k8s`) |
 //! | [`workload`] | the SPIFFE Workload API |
+//! | [`jwt`] | JWT-SVIDs: fetched through the core's server client, cached |
 //! | [`sds`] | Envoy's Secret Discovery Service (SDS v3) |
 //! | [`limits`] | request size, per-uid rate limits, connection and stream caps, timeouts |
 //! | [`idle`] | closing connections that hold no stream for the idle timeout |
@@ -27,10 +30,12 @@
 //! | [`pending`] | the socket's answer while the agent waits for a server to attest to |
 
 pub mod attest;
+pub mod caller;
 pub mod client;
 pub mod config;
 pub mod core;
 pub mod idle;
+pub mod jwt;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod limits;
@@ -42,10 +47,10 @@ pub mod persist;
 pub mod retry;
 mod schedule;
 pub mod sds;
+pub mod server_api;
 mod time;
 pub mod workload;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -341,10 +346,6 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         }
         None => attest(&cfg, &persist).await?,
     };
-    let server_id = cfg
-        .trust_domain
-        .id_with_path(sigil_types::SERVER_PATH)
-        .map_err(|e| AgentError::Config(e.to_string()))?;
     let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key)?);
     let cached = persist.load_cache(now)?;
     let federated: Arc<core::FederatedBundles> = Arc::new(
@@ -356,51 +357,22 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     );
     let metrics = Arc::new(metrics::Metrics::default());
     let trust = Arc::new(ArcSwap::from_pointee(bundle));
-    let (snapshot_tx, snapshots) = watch::channel(Arc::new(Snapshot {
-        entries: Default::default(),
-        svids: Default::default(),
-        bundle: trust.load_full(),
-        federated: federated.clone(),
-        connected: false,
-        tainted: Default::default(),
-    }));
-    let client: core::SharedClient = Arc::new(ArcSwap::from_pointee(None));
-    let mut core = Core {
-        server_id,
+    let server = server_api::GrpcServer::new(&cfg, trust.clone(), cert.clone())?;
+    let (mut core, snapshots) = Core::new(core::CoreParts {
+        cfg: cfg.clone(),
         persist,
-        cache: persist::CacheWriter::new(),
+        identity,
         trust,
         federated,
-        identity_renew_at: core::renewal_time(identity.not_before, identity.not_after),
         cert,
-        client: client.clone(),
-        entries: cached
-            .entries
-            .into_iter()
-            .map(|e| (e.id.clone(), Arc::new(e)))
-            .collect(),
-        revision: cached.revision,
-        svids: HashMap::new(),
-        renew_at: Default::default(),
-        expires: Default::default(),
-        unsigned: Default::default(),
-        touched: Default::default(),
-        served_entries: Default::default(),
-        served_svids: Default::default(),
-        snapshot: snapshot_tx,
+        server,
         metrics: metrics.clone(),
-        dirty: false,
-        sign_retry_at: None,
-        tainted: Default::default(),
-        identity,
-        cfg: cfg.clone(),
-    };
-    for s in cached.svids {
-        if core.entries.contains_key(&s.entry_id) {
-            core.svids.insert(s.entry_id.clone(), Arc::new(s));
-        }
-    }
-    core.reschedule_all();
+    });
+    core.restore(cached);
+    let jwt = Arc::new(core.jwt_svids().with_budget(
+        cfg.limits.jwt_cache_bytes,
+        cfg.limits.jwt_cache_bytes_per_uid,
+    ));
     // Serve what is cached before the server is even contacted.
     core.publish();
     let agent_id = core.identity.id.clone();
@@ -427,11 +399,10 @@ pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         workload::WorkloadService::new(
             snapshots.clone(),
             callers.clone(),
-            client,
+            jwt,
             metrics.clone(),
             cancel.clone(),
-        )
-        .with_jwt_cache_budget(limits.jwt_cache_bytes, limits.jwt_cache_bytes_per_uid),
+        ),
         limits.max_request_bytes,
     );
     let sds_svc = sds::service(sds::SdsService::new(

@@ -64,11 +64,12 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::caller::CallerAttestor;
 use crate::config::SdsConfig;
 use crate::core::Snapshot;
 use crate::metrics::Metrics;
 use crate::persist::WorkloadSvid;
-use crate::workload::{CallerAttestor, NO_IDENTITY, federated_for, matching};
+use crate::workload::{NO_IDENTITY, federated_for, matching};
 
 /// The name of Envoy's SPIFFE certificate validator extension.
 pub const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";

@@ -1,0 +1,88 @@
+//! Who is calling the agent's socket: the caller's selectors from its
+//! kernel peer credentials. Shared by the Workload API and the Envoy SDS
+//! service, so both attest callers the same way.
+
+use std::sync::Arc;
+
+use sigil_types::Selectors;
+use tonic::{Request, Status};
+
+use crate::attest::UnixAttestor;
+use crate::peer::peer_of;
+
+/// Identifies the callers of the agent's socket from their kernel peer
+/// credentials: the unix attestor (and, with the `k8s` feature and
+/// `[agent.k8s]`, pod selectors from the kubelet). Shared by the Workload API
+/// and the Envoy SDS service, so both attest callers the same way.
+pub struct CallerAttestor {
+    attestor: Arc<UnixAttestor>,
+    limiter: Arc<crate::limits::CallerLimiter>,
+    #[cfg(feature = "k8s")]
+    pods: Option<Arc<crate::k8s::PodAttestor>>,
+}
+
+impl std::fmt::Debug for CallerAttestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallerAttestor").finish_non_exhaustive()
+    }
+}
+
+impl CallerAttestor {
+    /// Attests callers with the unix attestor only.
+    pub fn new(attestor: Arc<UnixAttestor>) -> Self {
+        Self {
+            attestor,
+            limiter: Arc::default(),
+            #[cfg(feature = "k8s")]
+            pods: None,
+        }
+    }
+
+    /// Uses `limiter`'s per-uid rate limits instead of the default ones.
+    pub fn with_limiter(mut self, limiter: Arc<crate::limits::CallerLimiter>) -> Self {
+        self.limiter = limiter;
+        self
+    }
+
+    /// The per-uid rate limits of the socket's callers.
+    pub fn limiter(&self) -> &crate::limits::CallerLimiter {
+        &self.limiter
+    }
+
+    /// Adds pod selectors from the kubelet to every caller's unix selectors.
+    #[cfg(feature = "k8s")]
+    pub fn with_pod_attestor(mut self, pods: Arc<crate::k8s::PodAttestor>) -> Self {
+        self.pods = Some(pods);
+        self
+    }
+
+    /// The caller's selectors, from its kernel credentials; refuses a caller
+    /// whose process changed while it was being attested. Every failure is
+    /// `Unavailable` "workload attestation failed" (the cause is logged).
+    pub async fn identify<T>(&self, req: &Request<T>) -> Result<Selectors, Status> {
+        let peer = peer_of(req).map_err(|e| {
+            tracing::warn!(error = %e, "cannot identify caller");
+            Status::unavailable("workload attestation failed")
+        })?;
+        #[allow(unused_mut, reason = "extended only with the k8s feature")]
+        let mut selectors = self.attestor.attest(&peer).await.map_err(|e| {
+            tracing::warn!(pid = peer.pid, error = %e, "workload attestation failed");
+            Status::unavailable("workload attestation failed")
+        })?;
+        #[cfg(feature = "k8s")]
+        if let Some(pods) = &self.pods {
+            let pod = pods.attest(peer.pid).await.map_err(|e| {
+                tracing::warn!(pid = peer.pid, error = %e, "pod attestation failed");
+                Status::unavailable("workload attestation failed")
+            })?;
+            for s in pod.iter() {
+                selectors.insert(s.clone());
+            }
+        }
+        peer.check_same_process().map_err(|e| {
+            tracing::warn!(pid = peer.pid, error = %e, "caller changed during attestation");
+            Status::unavailable("workload attestation failed")
+        })?;
+        Ok(selectors)
+    }
+}
