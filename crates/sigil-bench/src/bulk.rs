@@ -57,6 +57,7 @@ async fn one_batch(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let t0 = Instant::now();
     let resp = admin
+        .api()
         .batch_create_entry(pb::BatchCreateEntryRequest { entries })
         .await
         .map_err(|s| anyhow::anyhow!("BatchCreateEntry: {}", s.message()))?

@@ -19,24 +19,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use sigil_agent::config::ServerAddresses;
+use sigil_client::{AdminClient, UnixConnector, WorkloadClient};
 use sigil_proto::server::v1 as pb;
-use sigil_proto::server::v1::admin_api_client::AdminApiClient;
 use sigil_proto::server::v1::agent_api_client::AgentApiClient;
 use sigil_proto::workload as wpb;
-use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil_svid::bundle::Bundle;
 use sigil_svid::keys::PrivateKey;
 use sigil_svid::tls::RotatingCert;
 use sigil_types::{Entry, Selectors, SpiffeId, TrustDomain};
-use tokio::net::UnixStream;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Status, Streaming};
+use tonic::Streaming;
+use tonic::transport::Channel;
 
 use crate::Sizes;
 use crate::child::ChildProc;
@@ -66,63 +62,33 @@ fn ms(d: Duration) -> f64 {
 
 // ------------------------------------------------------------ connections --
 
-/// Connects to a Unix socket, retrying while the listener's backlog is full
-/// (a burst of 1,000 connects can fill it; a real client retries too).
-async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
-    let mut attempt = 0;
-    loop {
-        match UnixStream::connect(path).await {
-            Ok(s) => return Ok(s),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && attempt < 2000 => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
+/// Connect attempts retried while the listener's backlog is full (a burst
+/// of 1,000 connects can fill it; a real client retries too).
+const BUSY_RETRIES: u32 = 2000;
 
 pub(crate) async fn unix_channel(path: &Path) -> anyhow::Result<Channel> {
-    let p = path.to_path_buf();
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(connect_unix(&p).await?)) }
-        }))
+    UnixConnector::new(path)
+        .retry_when_busy(BUSY_RETRIES)
+        .connect()
         .await
         .with_context(|| format!("connecting to {}", path.display()))
 }
 
-type HeaderFn = fn(Request<()>) -> Result<Request<()>, Status>;
-type WlClient = SpiffeWorkloadApiClient<InterceptedService<Channel, HeaderFn>>;
-
-fn add_header(mut req: Request<()>) -> Result<Request<()>, Status> {
-    req.metadata_mut().insert(
-        "workload.spiffe.io",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    Ok(req)
-}
-
-async fn wl_connect(path: &Path) -> anyhow::Result<WlClient> {
-    Ok(SpiffeWorkloadApiClient::with_interceptor(
-        unix_channel(path).await?,
-        add_header as HeaderFn,
-    ))
+async fn wl_connect(path: &Path) -> anyhow::Result<WorkloadClient> {
+    Ok(WorkloadClient::new(unix_channel(path).await?))
 }
 
 /// A Workload API client and its open X509-SVID stream.
-type Held = (WlClient, Streaming<wpb::X509svidResponse>);
+type Held = (WorkloadClient, Streaming<wpb::X509svidResponse>);
 
 /// Connects and waits for the first X509-SVID response.
 async fn first_response(path: PathBuf) -> anyhow::Result<(Duration, Held)> {
     let t0 = Instant::now();
     let mut client = wl_connect(&path).await?;
     let mut stream = client
-        .fetch_x509svid(wpb::X509svidRequest {})
+        .fetch_x509svid()
         .await
-        .map_err(|s| anyhow::anyhow!("FetchX509SVID: {}", s.message()))?
-        .into_inner();
+        .map_err(|s| anyhow::anyhow!("FetchX509SVID: {}", s.message()))?;
     let first = stream
         .message()
         .await?
@@ -165,28 +131,23 @@ async fn loaded(path: &Path, n: usize) -> anyhow::Result<Vec<f64>> {
     Ok(lat)
 }
 
-pub(crate) type Admin = AdminApiClient<Channel>;
+pub(crate) type Admin = AdminClient;
 
 async fn admin_create(admin: &mut Admin, entries: &[Entry]) -> anyhow::Result<Vec<pb::Entry>> {
-    let mut out = Vec::with_capacity(entries.len());
-    for chunk in entries.chunks(500) {
-        let resp = admin
-            .batch_create_entry(pb::BatchCreateEntryRequest {
-                entries: chunk.iter().map(pb::Entry::from).collect(),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("BatchCreateEntry: {}", s.message()))?
-            .into_inner();
-        for r in resp.results {
-            ensure!(r.error.is_empty(), "creating an entry: {}", r.error);
-            out.push(r.entry.context("no entry in the result")?);
-        }
+    let results = admin
+        .create_entries(entries.iter().map(pb::Entry::from).collect())
+        .await?;
+    let mut out = Vec::with_capacity(results.len());
+    for r in results {
+        ensure!(r.error.is_empty(), "creating an entry: {}", r.error);
+        out.push(r.entry.context("no entry in the result")?);
     }
     Ok(out)
 }
 
 pub(crate) async fn join_token(admin: &mut Admin) -> anyhow::Result<(String, SpiffeId)> {
     let t = admin
+        .api()
         .create_join_token(pb::CreateJoinTokenRequest { ttl: 4 * 3600 })
         .await
         .map_err(|s| anyhow::anyhow!("CreateJoinToken: {}", s.message()))?
@@ -333,8 +294,7 @@ pub(crate) async fn spawn_server(dir: &Path) -> anyhow::Result<(ChildProc, Strin
     )?;
     let ready = server.next_json(Duration::from_secs(120)).await?;
     let addr = str_of(&ready, "agent_api")?.to_owned();
-    let admin =
-        AdminApiClient::new(unix_channel(Path::new(str_of(&ready, "admin_socket")?)).await?);
+    let admin = AdminClient::new(unix_channel(Path::new(str_of(&ready, "admin_socket")?)).await?);
     Ok((server, addr, admin))
 }
 
@@ -427,10 +387,9 @@ pub(crate) async fn latency_phase(
     {
         let mut client = wl_connect(&socket).await?;
         let mut stream = client
-            .fetch_x509svid(wpb::X509svidRequest {})
+            .fetch_x509svid()
             .await
-            .map_err(|s| anyhow::anyhow!("FetchX509SVID: {}", s.message()))?
-            .into_inner();
+            .map_err(|s| anyhow::anyhow!("FetchX509SVID: {}", s.message()))?;
         let (tx, ids) = watch::channel(HashSet::<String>::new());
         let reader = tokio::spawn(async move {
             while let Ok(Some(m)) = stream.message().await {
@@ -450,11 +409,8 @@ pub(crate) async fn latency_phase(
                 .context("the workload never received the new SVID")??;
             lat.push(ms(t0.elapsed()));
             admin
-                .batch_delete_entry(pb::BatchDeleteEntryRequest {
-                    ids: created.iter().map(|e| e.id.clone()).collect(),
-                })
-                .await
-                .map_err(|s| anyhow::anyhow!("BatchDeleteEntry: {}", s.message()))?;
+                .delete_entries(created.iter().map(|e| e.id.clone()).collect())
+                .await?;
             tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| !s.contains(&want)))
                 .await
                 .context("the deleted SVID was never withdrawn")??;

@@ -15,19 +15,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
+use sigil_client::WorkloadClient;
 use sigil_proto::workload as pb;
-use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil_svid::bundle::{Bundle, BundleSet};
 use sigil_svid::keys::PrivateKey;
 use sigil_svid::tls::{RotatingCert, TrustRoots};
 use sigil_types::{SpiffeId, TrustDomain};
-use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::Request;
-use tonic::transport::Endpoint;
 
 use crate::metrics::Metrics;
 
@@ -326,25 +322,13 @@ async fn open_stream(path: &std::path::Path) -> Result<Stream, SourceError> {
         path: path.display().to_string(),
         message,
     };
-    let p = path.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-        }))
+    let mut client = WorkloadClient::connect(path)
         .await
         .map_err(|e| unavailable(format!("cannot connect: {}", error_chain(&e))))?;
-    let mut client = SpiffeWorkloadApiClient::new(channel);
-    let mut req = Request::new(pb::X509svidRequest {});
-    req.metadata_mut().insert(
-        "workload.spiffe.io",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    let resp = client
-        .fetch_x509svid(req)
+    client
+        .fetch_x509svid()
         .await
-        .map_err(|s| unavailable(format!("{} ({:?})", s.message(), s.code())))?;
-    Ok(resp.into_inner())
+        .map_err(|s| unavailable(format!("{} ({:?})", s.message(), s.code())))
 }
 
 async fn next_message(
@@ -456,15 +440,5 @@ fn humantime_secs(t: SystemTime) -> humantime::Rfc3339Timestamp {
 
 /// The filesystem path of a Workload API address (`unix:///path`, `unix:/path` or `/path`).
 pub fn socket_path(addr: &str) -> Result<PathBuf, SourceError> {
-    let path = if let Some(p) = addr.strip_prefix("unix://") {
-        p
-    } else if let Some(p) = addr.strip_prefix("unix:") {
-        p
-    } else {
-        addr
-    };
-    if !path.starts_with('/') {
-        return Err(SourceError::Address(addr.to_owned()));
-    }
-    Ok(PathBuf::from(path))
+    sigil_client::socket_path(addr).map_err(|e| SourceError::Address(e.address().to_owned()))
 }

@@ -7,12 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use hyper_util::rt::TokioIo;
+use sigil_client::{AdminClient, AdminError};
 use sigil_proto::server::v1 as pb;
-use sigil_proto::server::v1::admin_api_client::AdminApiClient;
 use sigil_types::{Attribute, SpiffeId, duration};
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::output::Output;
 
@@ -27,23 +24,14 @@ pub(crate) struct AdminOpts {
     pub(crate) output: Output,
 }
 
-pub(crate) async fn connect_admin(
-    path: &std::path::Path,
-) -> anyhow::Result<AdminApiClient<Channel>> {
-    let p = path.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-        }))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to the admin socket {}; is the server running? (set --admin-socket or SIGIL_ADMIN_SOCKET)",
-                path.display()
-            )
-        })?;
-    Ok(AdminApiClient::new(channel).max_decoding_message_size(ADMIN_RESPONSE_BYTES))
+pub(crate) async fn connect_admin(path: &std::path::Path) -> anyhow::Result<AdminClient> {
+    let client = AdminClient::connect(path).await.with_context(|| {
+        format!(
+            "cannot connect to the admin socket {}; is the server running? (set --admin-socket or SIGIL_ADMIN_SOCKET)",
+            path.display()
+        )
+    })?;
+    Ok(client.max_response_bytes(ADMIN_RESPONSE_BYTES))
 }
 
 /// The largest admin API answer the CLI reads (16 MiB). Entry pages are
@@ -54,6 +42,14 @@ const ADMIN_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
 pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
+}
+
+/// A failed admin call as the user sees it: the server's message alone.
+fn admin_err(e: AdminError) -> anyhow::Error {
+    match e.status() {
+        Some(s) => anyhow::anyhow!("{}", s.message()),
+        None => anyhow::Error::new(e),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -428,33 +424,22 @@ pub(crate) async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
             };
             apply_fields(&mut e, &a.fields)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
-            let r = c
-                .batch_create_entry(pb::BatchCreateEntryRequest { entries: vec![e] })
-                .await
-                .map_err(status_err)?
-                .into_inner();
-            report(a.opts.output, r.results, "Created")
+            let r = c.create_entries(vec![e]).await.map_err(admin_err)?;
+            report(a.opts.output, r, "Created")
         }
         EntryCommand::Update(a) => {
             let mut c = connect_admin(&a.opts.admin_socket).await?;
-            let mut e = c
-                .get_entry(pb::GetEntryRequest {
-                    id: a.entry_id.clone(),
-                })
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let mut e = c.get_entry(a.entry_id.clone()).await.map_err(admin_err)?;
             apply_fields(&mut e, &a.fields)?;
-            let r = c
-                .batch_update_entry(pb::BatchUpdateEntryRequest { entries: vec![e] })
-                .await
-                .map_err(status_err)?
-                .into_inner();
-            report(a.opts.output, r.results, "Updated")
+            let r = c.update_entries(vec![e]).await.map_err(admin_err)?;
+            report(a.opts.output, r, "Updated")
         }
         EntryCommand::Delete(a) => {
             let mut c = connect_admin(&a.opts.admin_socket).await?;
+            // One call, as given: more IDs than the server's batch limit
+            // are refused whole rather than deleted in parts.
             let r = c
+                .api()
                 .batch_delete_entry(pb::BatchDeleteEntryRequest { ids: a.entry_id })
                 .await
                 .map_err(status_err)?
@@ -464,34 +449,20 @@ pub(crate) async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
         EntryCommand::Show(a) => {
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             if let Some(id) = a.entry_id {
-                let e = c
-                    .get_entry(pb::GetEntryRequest { id })
-                    .await
-                    .map_err(status_err)?
-                    .into_inner();
+                let e = c.get_entry(id).await.map_err(admin_err)?;
                 return print_entries(a.opts.output, &[e]);
             }
-            let mut all = Vec::new();
-            let mut token = String::new();
-            loop {
-                let r = c
-                    .list_entries(pb::ListEntriesRequest {
-                        spiffe_id: a.spiffe_id.clone().unwrap_or_default(),
-                        parent_id: a.parent_id.clone().unwrap_or_default(),
-                        selectors: a.selectors.clone(),
-                        selector_match: a.selector_match.clone(),
-                        page_size: 1000,
-                        page_token: token,
-                    })
-                    .await
-                    .map_err(status_err)?
-                    .into_inner();
-                all.extend(r.entries);
-                if r.next_page_token.is_empty() {
-                    break;
-                }
-                token = r.next_page_token;
-            }
+            let all = c
+                .list_entries(pb::ListEntriesRequest {
+                    spiffe_id: a.spiffe_id.clone().unwrap_or_default(),
+                    parent_id: a.parent_id.clone().unwrap_or_default(),
+                    selectors: a.selectors.clone(),
+                    selector_match: a.selector_match.clone(),
+                    page_size: 1000,
+                    page_token: String::new(),
+                })
+                .await
+                .map_err(admin_err)?;
             print_entries(a.opts.output, &all)
         }
     }
@@ -514,6 +485,7 @@ pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     let ttl = duration::parse(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
     let mut c = connect_admin(&opts.admin_socket).await?;
     let r = c
+        .api()
         .create_join_token(pb::CreateJoinTokenRequest {
             ttl: ttl.as_secs() as i64,
         })
@@ -580,6 +552,7 @@ fn print_agents(out: Output, agents: &[pb::Agent]) -> anyhow::Result<()> {
 pub(crate) async fn agent_list(o: AdminOpts) -> anyhow::Result<()> {
     let mut c = connect_admin(&o.admin_socket).await?;
     let r = c
+        .api()
         .list_agents(pb::ListAgentsRequest {})
         .await
         .map_err(status_err)?
@@ -590,6 +563,7 @@ pub(crate) async fn agent_list(o: AdminOpts) -> anyhow::Result<()> {
 pub(crate) async fn agent_show(a: AgentIdArgs) -> anyhow::Result<()> {
     let mut c = connect_admin(&a.opts.admin_socket).await?;
     let r = c
+        .api()
         .get_agent(pb::GetAgentRequest {
             spiffe_id: a.spiffe_id,
         })
@@ -602,6 +576,7 @@ pub(crate) async fn agent_show(a: AgentIdArgs) -> anyhow::Result<()> {
 pub(crate) async fn agent_evict(a: AgentIdArgs) -> anyhow::Result<()> {
     let mut c = connect_admin(&a.opts.admin_socket).await?;
     let r = c
+        .api()
         .evict_agent(pb::GetAgentRequest {
             spiffe_id: a.spiffe_id,
         })
@@ -615,6 +590,7 @@ pub(crate) async fn agent_evict(a: AgentIdArgs) -> anyhow::Result<()> {
 pub(crate) async fn agent_ban(a: AgentIdArgs) -> anyhow::Result<()> {
     let mut c = connect_admin(&a.opts.admin_socket).await?;
     let r = c
+        .api()
         .ban_agent(pb::GetAgentRequest {
             spiffe_id: a.spiffe_id,
         })
@@ -639,7 +615,8 @@ pub(crate) async fn healthcheck(a: HealthcheckArgs) -> anyhow::Result<()> {
     let started = SystemTime::now();
     if let Some(path) = a.admin_socket {
         let mut c = connect_admin(&path).await?;
-        c.get_bundle(pb::GetBundleRequest {})
+        c.api()
+            .get_bundle(pb::GetBundleRequest {})
             .await
             .map_err(status_err)?;
         println!(

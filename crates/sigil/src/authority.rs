@@ -162,6 +162,7 @@ pub(crate) async fn run(cmd: AuthorityCommand) -> anyhow::Result<()> {
         AuthorityCommand::List(opts) => {
             let mut c = connect_admin(&opts.admin_socket).await?;
             let r = c
+                .api()
                 .list_authorities(pb::ListAuthoritiesRequest {})
                 .await
                 .map_err(status_err)?
@@ -185,10 +186,10 @@ pub(crate) async fn run(cmd: AuthorityCommand) -> anyhow::Result<()> {
         id,
     };
     let r = match step {
-        Step::Prepare => c.prepare_authority(req).await,
-        Step::Activate => c.activate_authority(req).await,
-        Step::Taint => c.taint_authority(req).await,
-        Step::Revoke => c.revoke_authority(req).await,
+        Step::Prepare => c.api().prepare_authority(req).await,
+        Step::Activate => c.api().activate_authority(req).await,
+        Step::Taint => c.api().taint_authority(req).await,
+        Step::Revoke => c.api().revoke_authority(req).await,
     }
     .map_err(status_err)?
     .into_inner();

@@ -210,6 +210,7 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             let b = match td {
                 None => {
                     let r = c
+                        .api()
                         .get_bundle(pb::GetBundleRequest {})
                         .await
                         .map_err(status_err)?
@@ -218,6 +219,7 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<()> {
                 }
                 Some(td) => {
                     let r = c
+                        .api()
                         .get_federated_bundle(pb::TrustDomainRequest {
                             trust_domain: td.to_string(),
                         })
@@ -232,12 +234,14 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<()> {
         BundleCommand::List(opts) => {
             let mut c = connect_admin(&opts.admin_socket).await?;
             let own = c
+                .api()
                 .get_bundle(pb::GetBundleRequest {})
                 .await
                 .map_err(status_err)?
                 .into_inner();
             let own = server_bundle(&own.trust_domain, &own.bundle_json)?;
             let federated = c
+                .api()
                 .list_federated_bundles(pb::ListFederatedBundlesRequest {})
                 .await
                 .map_err(status_err)?
@@ -274,6 +278,7 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             let b = parse_bundle(&td, &text, a.format, &source)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             let r = c
+                .api()
                 .set_federated_bundle(pb::FederatedBundle {
                     trust_domain: td.to_string(),
                     bundle_json: b.to_json(),
@@ -304,6 +309,7 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             let td = trust_domain_arg(&trust_domain)?;
             let mut c = connect_admin(&opts.admin_socket).await?;
             let r = c
+                .api()
                 .delete_federated_bundle(pb::TrustDomainRequest {
                     trust_domain: td.to_string(),
                 })

@@ -218,6 +218,7 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             apply_fields(&mut r, &td, &a.fields)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             let created = c
+                .api()
                 .create_federation_relationship(r)
                 .await
                 .map_err(status_err)?
@@ -231,6 +232,7 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             let td = trust_domain_arg(&a.trust_domain)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             let mut r = c
+                .api()
                 .get_federation_relationship(pb::TrustDomainRequest {
                     trust_domain: td.to_string(),
                 })
@@ -240,6 +242,7 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             r.trust_domain_bundle_json.clear();
             apply_fields(&mut r, &td, &a.fields)?;
             let updated = c
+                .api()
                 .update_federation_relationship(r)
                 .await
                 .map_err(status_err)?
@@ -252,6 +255,7 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
         FederationCommand::List(opts) => {
             let mut c = connect_admin(&opts.admin_socket).await?;
             let r = c
+                .api()
                 .list_federation_relationships(pb::ListFederationRelationshipsRequest {})
                 .await
                 .map_err(status_err)?
@@ -262,6 +266,7 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             let td = trust_domain_arg(&a.trust_domain)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             let r = c
+                .api()
                 .get_federation_relationship(pb::TrustDomainRequest {
                     trust_domain: td.to_string(),
                 })
@@ -274,6 +279,7 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             let td = trust_domain_arg(&a.trust_domain)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             let r = c
+                .api()
                 .refresh_bundle(pb::TrustDomainRequest {
                     trust_domain: td.to_string(),
                 })
@@ -318,6 +324,7 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             let td = trust_domain_arg(&a.trust_domain)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             let r = c
+                .api()
                 .delete_federation_relationship(pb::TrustDomainRequest {
                     trust_domain: td.to_string(),
                 })

@@ -6,13 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use hyper_util::rt::TokioIo;
+use sigil_client::{UnixConnector, WorkloadClient};
 use sigil_proto::workload as pb;
-use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use tokio::net::UnixStream;
-use tonic::Request;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::output::Output;
 
@@ -24,54 +19,16 @@ pub(crate) struct SocketOpts {
     socket: String,
 }
 
-/// The filesystem path of a `unix:` endpoint address.
-pub(crate) fn socket_path(addr: &str) -> anyhow::Result<PathBuf> {
-    let path = if let Some(p) = addr.strip_prefix("unix://") {
-        if !p.starts_with('/') {
-            bail!("socket address {addr:?} must be unix:///absolute/path");
-        }
-        p
-    } else if let Some(p) = addr.strip_prefix("unix:") {
-        p
-    } else if addr.starts_with('/') {
-        addr
-    } else {
-        bail!("socket address {addr:?} must be unix:///absolute/path (TCP is not supported)");
-    };
-    Ok(PathBuf::from(path))
-}
-
-type Client = SpiffeWorkloadApiClient<
-    InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, tonic::Status>>,
->;
-
-fn add_header(mut req: Request<()>) -> Result<Request<()>, tonic::Status> {
-    req.metadata_mut().insert(
-        "workload.spiffe.io",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    Ok(req)
-}
-
-async fn connect(addr: &str) -> anyhow::Result<Client> {
-    let path = socket_path(addr)?;
-    let p = path.clone();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-        }))
+async fn connect(addr: &str) -> anyhow::Result<WorkloadClient> {
+    let connector = UnixConnector::from_address(addr)?;
+    WorkloadClient::connect_with(&connector)
         .await
         .with_context(|| {
             format!(
                 "cannot connect to the Workload API at {}; is the agent running? (set --socket or SPIFFE_ENDPOINT_SOCKET)",
-                path.display()
+                connector.path().display()
             )
-        })?;
-    Ok(SpiffeWorkloadApiClient::with_interceptor(
-        channel,
-        add_header as fn(Request<()>) -> Result<Request<()>, tonic::Status>,
-    ))
+        })
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -124,11 +81,7 @@ pub(crate) async fn svid(cmd: SvidCommand) -> anyhow::Result<()> {
         output,
     } = cmd;
     let mut client = connect(&socket.socket).await?;
-    let mut stream = client
-        .fetch_x509svid(pb::X509svidRequest {})
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let mut stream = client.fetch_x509svid().await.map_err(status_err)?;
     let resp = stream
         .message()
         .await
@@ -245,8 +198,7 @@ pub(crate) async fn jwt(cmd: JwtCommand) -> anyhow::Result<()> {
                     spiffe_id: spiffe_id.unwrap_or_default(),
                 })
                 .await
-                .map_err(status_err)?
-                .into_inner();
+                .map_err(status_err)?;
             match output {
                 Output::Text => {
                     for s in &r.svids {
@@ -305,8 +257,7 @@ pub(crate) async fn jwt(cmd: JwtCommand) -> anyhow::Result<()> {
                     } else {
                         status_err(s)
                     }
-                })?
-                .into_inner();
+                })?;
             let claims = r.claims.unwrap_or_default();
             match output {
                 Output::Text => {
@@ -390,9 +341,9 @@ fn fmt_value(v: &prost_types::Value) -> String {
 /// identity for the caller.
 pub(crate) async fn agent_healthcheck(socket: &str) -> anyhow::Result<()> {
     let mut client = connect(socket).await?;
-    match client.fetch_jwt_bundles(pb::JwtBundlesRequest {}).await {
+    match client.fetch_jwt_bundles().await {
         Ok(mut s) => {
-            s.get_mut().message().await.map_err(status_err)?;
+            s.message().await.map_err(status_err)?;
             Ok(())
         }
         Err(s) if s.code() == tonic::Code::PermissionDenied => Ok(()),
@@ -403,25 +354,6 @@ pub(crate) async fn agent_healthcheck(socket: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn socket_addresses() {
-        assert_eq!(
-            socket_path("unix:///tmp/a.sock").unwrap(),
-            PathBuf::from("/tmp/a.sock")
-        );
-        assert_eq!(
-            socket_path("unix:/tmp/a.sock").unwrap(),
-            PathBuf::from("/tmp/a.sock")
-        );
-        assert_eq!(
-            socket_path("/tmp/a.sock").unwrap(),
-            PathBuf::from("/tmp/a.sock")
-        );
-        for bad in ["unix://foo", "tcp://127.0.0.1:1", "relative"] {
-            assert!(socket_path(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn tokens_are_taken_as_pasted() {

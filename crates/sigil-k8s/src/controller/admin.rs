@@ -1,29 +1,27 @@
 //! The server's admin API as the controller uses it: the trust domain, all
-//! entries (paged), and a [`Plan`] applied in batches.
+//! entries (paged), and a [`Plan`] applied in batches, through
+//! [`sigil_client::AdminClient`].
 
 use std::path::Path;
 
-use hyper_util::rt::TokioIo;
+use sigil_client::AdminError;
 use sigil_proto::convert::entry_from_proto;
 use sigil_proto::server::v1 as pb;
-use sigil_proto::server::v1::admin_api_client::AdminApiClient;
 use sigil_types::{Entry, EntryId, TrustDomain};
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint};
 
 use super::ControllerError;
 use super::federation::FederationPlan;
 use super::reconcile::Plan;
 
 /// The most items in one batch call (the server's limit).
-pub const MAX_BATCH: usize = 500;
+pub use sigil_client::admin::MAX_BATCH;
 /// Entries asked for per `ListEntries` page.
 const PAGE_SIZE: u32 = 2000;
 
 /// A connection to the server's admin socket.
 #[derive(Debug, Clone)]
 pub struct AdminClient {
-    inner: AdminApiClient<Channel>,
+    inner: sigil_client::AdminClient,
 }
 
 /// What applying a plan did.
@@ -48,36 +46,30 @@ fn admin_err(call: &'static str) -> impl FnOnce(tonic::Status) -> ControllerErro
     }
 }
 
+impl From<AdminError> for ControllerError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::Call { call, status } => admin_err(call)(status),
+            other => ControllerError::BadAnswer(other.to_string()),
+        }
+    }
+}
+
 impl AdminClient {
     /// Connects to the admin socket at `path`.
     pub async fn connect(path: &Path) -> Result<Self, ControllerError> {
-        let p = path.to_owned();
-        let channel = Endpoint::from_static("http://localhost")
-            .connect_with_connector(tower::service_fn(move |_| {
-                let p = p.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-            }))
+        let inner = sigil_client::AdminClient::connect(path)
             .await
             .map_err(|e| ControllerError::Connect {
                 path: path.display().to_string(),
                 reason: e.to_string(),
             })?;
-        Ok(Self {
-            inner: AdminApiClient::new(channel),
-        })
+        Ok(Self { inner })
     }
 
     /// The server's trust domain.
     pub async fn trust_domain(&mut self) -> Result<TrustDomain, ControllerError> {
-        let r = self
-            .inner
-            .get_bundle(pb::GetBundleRequest {})
-            .await
-            .map_err(admin_err("GetBundle"))?
-            .into_inner();
-        TrustDomain::new(&r.trust_domain).map_err(|e| {
-            ControllerError::BadAnswer(format!("trust domain {:?}: {e}", r.trust_domain))
-        })
+        Ok(self.inner.trust_domain().await?)
     }
 
     /// Every entry on the server whose ID satisfies `keep` (all pages).
@@ -86,19 +78,12 @@ impl AdminClient {
         keep: impl Fn(&EntryId) -> bool,
     ) -> Result<Vec<Entry>, ControllerError> {
         let mut out = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let r = self
-                .inner
-                .list_entries(pb::ListEntriesRequest {
-                    page_size: PAGE_SIZE,
-                    page_token: page_token.clone(),
-                    ..Default::default()
-                })
-                .await
-                .map_err(admin_err("ListEntries"))?
-                .into_inner();
-            for e in &r.entries {
+        let mut pages = self.inner.entry_pages(pb::ListEntriesRequest {
+            page_size: PAGE_SIZE,
+            ..Default::default()
+        });
+        while let Some(page) = pages.next_page().await? {
+            for e in &page {
                 let Ok(id) = e.id.parse::<EntryId>() else {
                     continue;
                 };
@@ -109,11 +94,8 @@ impl AdminClient {
                     .map_err(|err| ControllerError::BadAnswer(format!("entry {}: {err}", e.id)))?;
                 out.push(entry);
             }
-            if r.next_page_token.is_empty() {
-                return Ok(out);
-            }
-            page_token = r.next_page_token;
         }
+        Ok(out)
     }
 
     /// Every federation relationship on the server.
@@ -122,6 +104,7 @@ impl AdminClient {
     ) -> Result<Vec<pb::FederationRelationship>, ControllerError> {
         Ok(self
             .inner
+            .api()
             .list_federation_relationships(pb::ListFederationRelationshipsRequest {})
             .await
             .map_err(admin_err("ListFederationRelationships"))?
@@ -137,14 +120,22 @@ impl AdminClient {
     ) -> Vec<(String, Option<String>)> {
         let mut out = Vec::new();
         for r in &plan.create {
-            let res = self.inner.create_federation_relationship(r.clone()).await;
+            let res = self
+                .inner
+                .api()
+                .create_federation_relationship(r.clone())
+                .await;
             out.push((
                 r.trust_domain.clone(),
                 res.err().map(|s| s.message().to_owned()),
             ));
         }
         for r in &plan.update {
-            let res = self.inner.update_federation_relationship(r.clone()).await;
+            let res = self
+                .inner
+                .api()
+                .update_federation_relationship(r.clone())
+                .await;
             out.push((
                 r.trust_domain.clone(),
                 res.err().map(|s| s.message().to_owned()),
@@ -153,6 +144,7 @@ impl AdminClient {
         for td in &plan.delete {
             let res = self
                 .inner
+                .api()
                 .delete_federation_relationship(pb::TrustDomainRequest {
                     trust_domain: td.to_string(),
                 })
@@ -167,67 +159,49 @@ impl AdminClient {
     /// a failed call is an error (what was done before it stays done).
     pub async fn apply(&mut self, plan: &Plan) -> Result<ApplyReport, ControllerError> {
         let mut report = ApplyReport::default();
-        for chunk in plan.create.chunks(MAX_BATCH) {
-            let r = self
-                .inner
-                .batch_create_entry(pb::BatchCreateEntryRequest {
-                    entries: chunk.iter().map(pb::Entry::from).collect(),
-                })
-                .await
-                .map_err(admin_err("BatchCreateEntry"))?
-                .into_inner();
-            tally(
-                chunk.iter().map(|e| &e.id),
-                r,
-                &mut report.created,
-                &mut report.failures,
-            );
-        }
-        for chunk in plan.update.chunks(MAX_BATCH) {
-            let r = self
-                .inner
-                .batch_update_entry(pb::BatchUpdateEntryRequest {
-                    entries: chunk.iter().map(pb::Entry::from).collect(),
-                })
-                .await
-                .map_err(admin_err("BatchUpdateEntry"))?
-                .into_inner();
-            tally(
-                chunk.iter().map(|e| &e.id),
-                r,
-                &mut report.updated,
-                &mut report.failures,
-            );
-        }
-        for chunk in plan.delete.chunks(MAX_BATCH) {
-            let r = self
-                .inner
-                .batch_delete_entry(pb::BatchDeleteEntryRequest {
-                    ids: chunk.iter().map(ToString::to_string).collect(),
-                })
-                .await
-                .map_err(admin_err("BatchDeleteEntry"))?
-                .into_inner();
-            tally(
-                chunk.iter(),
-                r,
-                &mut report.deleted,
-                &mut report.delete_failures,
-            );
-        }
+        let created = self
+            .inner
+            .create_entries(plan.create.iter().map(pb::Entry::from).collect())
+            .await?;
+        tally(
+            plan.create.iter().map(|e| &e.id),
+            created,
+            &mut report.created,
+            &mut report.failures,
+        );
+        let updated = self
+            .inner
+            .update_entries(plan.update.iter().map(pb::Entry::from).collect())
+            .await?;
+        tally(
+            plan.update.iter().map(|e| &e.id),
+            updated,
+            &mut report.updated,
+            &mut report.failures,
+        );
+        let deleted = self
+            .inner
+            .delete_entries(plan.delete.iter().map(ToString::to_string).collect())
+            .await?;
+        tally(
+            plan.delete.iter(),
+            deleted,
+            &mut report.deleted,
+            &mut report.delete_failures,
+        );
         Ok(report)
     }
 }
 
-/// Counts the successes of one batch answer and collects its refusals; the
+/// Counts the successes of batch answers and collects their refusals; the
 /// results come in the order of the request.
 fn tally<'a>(
     ids: impl Iterator<Item = &'a EntryId>,
-    r: pb::BatchEntryResponse,
+    results: Vec<pb::EntryResult>,
     ok: &mut usize,
     failures: &mut Vec<(EntryId, String)>,
 ) {
-    for (id, result) in ids.zip(r.results) {
+    for (id, result) in ids.zip(results) {
         if result.error.is_empty() {
             *ok += 1;
         } else {

@@ -1289,7 +1289,6 @@ mod running {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn controller_manages_federation_relationships() {
         use sigil_proto::server::v1 as pb;
-        use sigil_proto::server::v1::admin_api_client::AdminApiClient;
 
         let fake = FakeApi::start().await;
         let cftd = |url: &str| {
@@ -1319,29 +1318,18 @@ mod running {
         let cluster = Cluster::start(ClusterOptions::default()).await.unwrap();
         // A relationship made by hand before the controller starts: it is
         // not declared by any resource, so the controller removes it.
-        let channel = {
-            let p = cluster.admin_socket();
-            tonic::transport::Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_| {
-                    let p = p.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(p).await?,
-                        ))
-                    }
-                }))
-                .await
-                .unwrap()
-        };
-        let mut raw = AdminApiClient::new(channel);
-        raw.create_federation_relationship(pb::FederationRelationship {
-            trust_domain: "stale.test".into(),
-            bundle_endpoint_url: "https://127.0.0.1:9/".into(),
-            bundle_endpoint_profile: "https_web".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        let mut raw = sigil_client::AdminClient::connect(&cluster.admin_socket())
+            .await
+            .unwrap();
+        raw.api()
+            .create_federation_relationship(pb::FederationRelationship {
+                trust_domain: "stale.test".into(),
+                bundle_endpoint_url: "https://127.0.0.1:9/".into(),
+                bundle_endpoint_profile: "https_web".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
 
         let kubeconfig = fake.kubeconfig(cluster.dir.path());
         let client = kube_client(Some(&kubeconfig)).await.unwrap();
@@ -1372,6 +1360,7 @@ mod running {
         .await;
         // The bootstrap bundle was stored with the relationship.
         let bundle = raw
+            .api()
             .get_federated_bundle(pb::TrustDomainRequest {
                 trust_domain: "partner.test".into(),
             })

@@ -8,7 +8,6 @@
 use std::time::Duration;
 
 use base64::Engine;
-use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value};
 use sigil_agent::config::K8sWorkloadConfig;
 use sigil_proto::server::v1 as pb;
@@ -19,7 +18,6 @@ use sigil_testkit::fake_k8s::{
 };
 use sigil_types::{Attribute, Entry, Selectors, TrustDomain};
 use spiffe::WorkloadApiClient;
-use tokio::net::UnixStream;
 
 use crate::init;
 use crate::oidc::validate_raw;
@@ -257,12 +255,7 @@ async fn the_admin_api_refuses_unknown_attribute_names() {
     let cluster = sigil_testkit::Cluster::start(Default::default())
         .await
         .unwrap();
-    let path = cluster.admin_socket();
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-        }))
+    let channel = sigil_client::channel(&cluster.admin_socket())
         .await
         .unwrap();
     let mut admin = pb::admin_api_client::AdminApiClient::new(channel);

@@ -32,15 +32,7 @@ const SLACK: Duration = Duration::from_secs(30);
 
 /// A new connection to the socket; `None` if it is refused.
 async fn channel(path: PathBuf) -> Option<Channel> {
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(UnixStream::connect(p).await?))
-            }
-        }))
-        .await
-        .ok()
+    sigil_client::channel(&path).await.ok()
 }
 
 async fn workload(cluster: &Cluster) -> SpiffeWorkloadApiClient<Channel> {

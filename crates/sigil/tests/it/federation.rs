@@ -9,7 +9,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hyper_util::rt::TokioIo;
 use sigil_proto::server::v1 as pb;
 use sigil_proto::server::v1::admin_api_client::AdminApiClient;
 use sigil_server::config::FederationConfig;
@@ -22,7 +21,7 @@ use sigil_testkit::{Cluster, ClusterOptions, free_addr};
 use sigil_types::{BundleEndpointProfile, FederationRelationship, TrustDomain};
 use spiffe::{WorkloadApiClient, X509Source};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::init;
 
@@ -31,14 +30,7 @@ use crate::init;
 const CROSSING: Duration = Duration::from_secs(20);
 
 pub(crate) async fn admin(cluster: &Cluster) -> AdminApiClient<Channel> {
-    let path = cluster.admin_socket();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
+    let channel = sigil_client::channel(&cluster.admin_socket())
         .await
         .unwrap();
     AdminApiClient::new(channel)

@@ -82,15 +82,7 @@ fn need_root(test: &str) -> bool {
 
 /// A gRPC channel over the Unix socket at `path`.
 async fn unix_channel(path: std::path::PathBuf) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
+    sigil_client::channel(&path)
         .await
         .expect("connects to the Unix socket")
 }

@@ -11,20 +11,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hyper_util::rt::TokioIo;
 use jwt_compact::alg::{Es256, Rsa, RsaPublicKey};
 use jwt_compact::jwk::JsonWebKey;
 use jwt_compact::{Algorithm, AlgorithmExt, TimeOptions, UntrustedToken};
 use serde_json::{Map, Value, json};
 use sigil_proto::workload::ValidateJwtsvidRequest;
-use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use sigil_server::config::{OidcConfig, OidcTls};
 use sigil_svid::jwt::JwtKeyType;
 use sigil_svid::keys::PrivateKey;
 use spiffe::WorkloadApiClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
-use tonic::transport::Endpoint;
+use tokio::net::TcpStream;
 
 use crate::init;
 
@@ -511,25 +508,13 @@ pub(crate) async fn validate_raw(
     audience: &str,
     token: &str,
 ) -> Result<sigil_proto::workload::ValidateJwtsvidResponse, tonic::Status> {
-    let path = socket.to_owned();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(p).await?)) }
-        }))
-        .await
-        .unwrap();
-    let mut client = SpiffeWorkloadApiClient::new(channel);
-    let mut req = tonic::Request::new(ValidateJwtsvidRequest {
-        audience: audience.to_owned(),
-        svid: token.to_owned(),
-    });
-    req.metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut client = sigil_client::WorkloadClient::connect(socket).await.unwrap();
     client
-        .validate_jwtsvid(req)
+        .validate_jwtsvid(ValidateJwtsvidRequest {
+            audience: audience.to_owned(),
+            svid: token.to_owned(),
+        })
         .await
-        .map(tonic::Response::into_inner)
 }
 
 async fn forged_tokens_are_refused(key_type: JwtKeyType) {

@@ -14,7 +14,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use hyper_util::rt::TokioIo;
 use prost::Message;
 use sigil_svid::bundle::Bundle;
 use sigil_testkit::{Cluster, ClusterOptions};
@@ -23,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{PROMPT, cluster_with_me, init};
 
@@ -36,14 +35,7 @@ const QUIET: Duration = Duration::from_millis(1500);
 /// An SDS client on the agent's Unix socket, without the Workload API's
 /// security header (Envoy never sends it).
 async fn sds_client(cluster: &Cluster) -> SecretDiscoveryServiceClient<Channel> {
-    let path = cluster.agent_config.socket_path.clone();
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-            }
-        }))
+    let channel = sigil_client::channel(&cluster.agent_config.socket_path)
         .await
         .unwrap();
     SecretDiscoveryServiceClient::new(channel)
