@@ -232,6 +232,7 @@ impl Location {
 }
 
 /// What [`classify`] says, in the terms `kubelet::explain` matches on.
+#[cfg(feature = "kubelet")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Verdict {
     /// No line names a container.
@@ -246,6 +247,7 @@ pub(crate) enum Verdict {
 
 /// [`KubeletCgroups::locate`] with the default root, for the pod-list
 /// explanation; mountinfo is accepted for its callers and never read.
+#[cfg(feature = "kubelet")]
 pub(crate) fn classify(
     cgroup: &str,
     _mountinfo: Option<&str>,

@@ -8,6 +8,9 @@
 //! | [`controller`] | the entry controller: `ClusterSPIFFEID` / `ClusterStaticEntry` resources to registration entries |
 
 pub mod cgroup;
+#[cfg(feature = "controller")]
 pub mod controller;
+#[cfg(feature = "kubelet")]
 pub mod kubelet;
+#[cfg(feature = "psat")]
 pub mod psat;
