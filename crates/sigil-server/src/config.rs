@@ -301,20 +301,38 @@ impl PsatCluster {
 
 /// Whether `name` can be a cluster profile name: it becomes a SPIFFE ID path
 /// segment of agent IDs and part of the `k8s_psat:cluster:` selector.
-pub(crate) fn check_psat_cluster_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_psat_cluster_name(name: &str) -> Result<(), ClusterNameError> {
     if name.is_empty() || name == "." || name == ".." {
-        return Err(format!("{name:?} cannot be a SPIFFE ID path segment"));
+        return Err(ClusterNameError::NotASegment(name.to_owned()));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_'))
     {
-        return Err(format!(
-            "{name:?} contains {c:?}; a cluster name is a SPIFFE ID path segment \
-             (letters, digits, '.', '-', '_')"
-        ));
+        return Err(ClusterNameError::Character {
+            name: name.to_owned(),
+            c,
+        });
     }
     Ok(())
+}
+
+/// Why a name cannot be a PSAT cluster profile name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ClusterNameError {
+    /// Empty, `.` or `..`.
+    #[error("{0:?} cannot be a SPIFFE ID path segment")]
+    NotASegment(String),
+    /// A character outside letters, digits, `.`, `-`, `_`.
+    #[error(
+        "{name:?} contains {c:?}; a cluster name is a SPIFFE ID path segment (letters, digits, '.', '-', '_')"
+    )]
+    Character {
+        /// The name.
+        name: String,
+        /// Its first bad character.
+        c: char,
+    },
 }
 
 /// Validates one `[server.k8s_psat.<name>]` table into a [`PsatCluster`].
@@ -325,7 +343,7 @@ fn psat_cluster(
     s: PsatClusterSection,
     invalid: &dyn Fn(&'static str, String) -> ConfigError,
 ) -> Result<PsatCluster, ConfigError> {
-    check_psat_cluster_name(name).map_err(|m| invalid("server.k8s_psat", m))?;
+    check_psat_cluster_name(name).map_err(|e| invalid("server.k8s_psat", e.to_string()))?;
     let msg = |m: &str| format!("{m} (in [server.k8s_psat.{name}])");
     if cfg!(not(feature = "k8s")) {
         return Err(invalid(
@@ -464,7 +482,7 @@ fn oidc_config(
     let jwks_uri = match s.jwks_uri {
         Some(uri) => {
             crate::oidc::validate_https_url(&uri)
-                .map_err(|m| invalid("server.oidc.jwks_uri", m))?;
+                .map_err(|e| invalid("server.oidc.jwks_uri", e.to_string()))?;
             uri
         }
         None => crate::oidc::default_jwks_uri(&issuer),
@@ -634,7 +652,8 @@ impl ServerConfig {
         let federation = crate::federation::config::parse(s.federation, &trust_domain, &invalid)?;
         let limits = crate::limits::parse(s.limits, &invalid)?;
         if let Some(issuer) = &s.jwt_issuer {
-            crate::oidc::validate_issuer(issuer).map_err(|m| invalid("server.jwt_issuer", m))?;
+            crate::oidc::validate_issuer(issuer)
+                .map_err(|e| invalid("server.jwt_issuer", e.to_string()))?;
         }
         let oidc = s
             .oidc

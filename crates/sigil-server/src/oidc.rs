@@ -47,21 +47,39 @@ pub const MAX_CACHE_AGE: Duration = Duration::from_secs(300);
 /// Checks an `https://host[:port][/path]` URL without user information,
 /// query or fragment: what clouds accept as an OIDC issuer or `jwks_uri`
 /// (docs/cloud-identity.md).
-pub fn validate_https_url(url: &str) -> Result<(), String> {
-    sigil_types::federation::check_https_url(url).map_err(|why| {
-        let url = sigil_types::text::clip(url, sigil_types::text::MAX_ECHO_BYTES);
-        format!("{url:?} {why}")
+pub fn validate_https_url(url: &str) -> Result<(), UrlError> {
+    sigil_types::federation::check_https_url(url).map_err(|why| UrlError::NotHttps {
+        url: sigil_types::text::clip(url, sigil_types::text::MAX_ECHO_BYTES).into_owned(),
+        why,
     })?;
     if url.contains('?') {
-        return Err(format!("{url:?} must not have a query"));
+        return Err(UrlError::Query(url.to_owned()));
     }
     Ok(())
+}
+
+/// Why a URL cannot be an OIDC issuer or `jwks_uri`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UrlError {
+    /// Not an `https://` URL with a host, or it has user information, a
+    /// fragment or whitespace (the URL is clipped for the message).
+    #[error("{url:?} {why}")]
+    NotHttps {
+        /// The URL, clipped.
+        url: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The URL has a query.
+    #[error("{0:?} must not have a query")]
+    Query(String),
 }
 
 /// Checks a JWT issuer (`jwt_issuer`): the exact string tokens carry as
 /// `iss` and relying parties compare, an https URL per
 /// [`validate_https_url`]. A trailing slash is kept and matters.
-pub fn validate_issuer(issuer: &str) -> Result<(), String> {
+pub fn validate_issuer(issuer: &str) -> Result<(), UrlError> {
     validate_https_url(issuer)
 }
 
@@ -386,7 +404,7 @@ mod tests {
             ("https://oidc.example.org/#f", "fragment"),
             ("https://oidc.example.org/a b", "whitespace"),
         ] {
-            let err = validate_issuer(bad).unwrap_err();
+            let err = validate_issuer(bad).unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
         assert_eq!(

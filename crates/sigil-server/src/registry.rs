@@ -17,7 +17,7 @@ use sigil_types::{AgentRecord, Entry, EntryId, Selectors, SerialStatus, SpiffeId
 
 use crate::ServerState;
 use crate::ca::unix;
-use crate::error::ServerError;
+use crate::error::{AgentRefusal, AttestationError, EntryRefusal, ServerError, SignError};
 use crate::tls::AgentPeer;
 
 /// The most items one batch request may carry.
@@ -46,7 +46,7 @@ pub fn new_entry_id() -> Result<EntryId, ServerError> {
 }
 
 /// One signing outcome: the entry ID and the DER chain, or why not.
-pub type SignResult = (String, Result<Vec<Vec<u8>>, String>);
+pub type SignResult = (String, Result<Vec<Vec<u8>>, SignError>);
 
 /// A freshly generated join token.
 #[derive(Debug, Clone)]
@@ -68,21 +68,26 @@ struct TokenParts<'a> {
 fn split_token(token: &str) -> Result<TokenParts<'_>, ServerError> {
     let mut parts = token.split('.');
     let (Some(id), Some(secret)) = (parts.next(), parts.next()) else {
-        return Err(ServerError::InvalidArgument(
-            "malformed join token: expected <id>.<secret>[.<fingerprint>]".into(),
-        ));
+        return Err(AttestationError::MalformedJoinToken.into());
     };
     let id_ok = id.len() == 16 && id.chars().all(|c| c.is_ascii_hexdigit());
     if !id_ok || secret.is_empty() {
-        return Err(ServerError::InvalidArgument(
-            "malformed join token: expected <id>.<secret>[.<fingerprint>]".into(),
-        ));
+        return Err(AttestationError::MalformedJoinToken.into());
     }
     Ok(TokenParts { id, secret })
 }
 
 fn token_hash(parts: &TokenParts<'_>) -> String {
     sha256_hex(format!("{}.{}", parts.id, parts.secret).as_bytes())
+}
+
+/// An SVID's lifetime: the entry's own TTL in seconds, or the server's
+/// default when the entry sets none (0). X.509 and JWT alike.
+fn svid_ttl(entry_seconds: u64, default: Duration) -> Duration {
+    match entry_seconds {
+        0 => default,
+        s => Duration::from_secs(s),
+    }
 }
 
 /// The identity attributes an SVID of `entry` carries when issued through
@@ -117,9 +122,7 @@ impl ServerState {
     ) -> Result<NewJoinToken, ServerError> {
         let ttl = ttl.unwrap_or(self.config.join_token_ttl);
         if ttl.is_zero() || ttl > Duration::from_secs(30 * 24 * 3600) {
-            return Err(ServerError::InvalidArgument(
-                "join token TTL must be between 1s and 30 days".into(),
-            ));
+            return Err(AttestationError::JoinTokenTtl.into());
         }
         let id: [u8; 8] = random_bytes()?;
         let id: String = id.iter().map(|x| format!("{x:02x}")).collect();
@@ -182,14 +185,10 @@ impl ServerState {
         {
             Ok(_) => {}
             Err(sigil_store::StoreError::NotFound(_)) => {
-                return Err(ServerError::PermissionDenied(
-                    "join token is unknown or was already used".into(),
-                ));
+                return Err(AttestationError::UnknownJoinToken.into());
             }
             Err(sigil_store::StoreError::TokenExpired) => {
-                return Err(ServerError::PermissionDenied(
-                    "join token has expired".into(),
-                ));
+                return Err(AttestationError::ExpiredJoinToken.into());
             }
             Err(e) => return Err(e.into()),
         }
@@ -197,9 +196,7 @@ impl ServerState {
         if let Some(existing) = self.store.get_agent(&agent_id).await?
             && existing.banned
         {
-            return Err(ServerError::PermissionDenied(format!(
-                "agent {agent_id} is banned"
-            )));
+            return Err(AgentRefusal::Banned(agent_id).into());
         }
         let leaf = self.sign_agent_svid(&agent_id, &spki, now)?;
         let info = sigil_svid::x509::cert_info(&leaf)?;
@@ -242,14 +239,10 @@ impl ServerState {
         peer: Option<&AgentPeer>,
     ) -> Result<AgentRecord, ServerError> {
         let Some(peer) = peer else {
-            return Err(ServerError::Unauthenticated(
-                "no connection information".into(),
-            ));
+            return Err(AgentRefusal::NoConnectionInfo.into());
         };
         let Some(id) = &peer.spiffe_id else {
-            return Err(ServerError::Unauthenticated(
-                "an agent SVID is required for this call".into(),
-            ));
+            return Err(AgentRefusal::SvidRequired.into());
         };
         // From memory; the store only for an agent attested through another
         // server a moment ago, whose change this server has not applied yet.
@@ -258,14 +251,10 @@ impl ServerState {
             None => self.store.get_agent(id).await?,
         };
         let Some(record) = record else {
-            return Err(ServerError::PermissionDenied(format!(
-                "agent {id} is not attested (it may have been evicted)"
-            )));
+            return Err(AgentRefusal::NotAttested(id.clone()).into());
         };
         if record.banned {
-            return Err(ServerError::PermissionDenied(format!(
-                "agent {id} is banned"
-            )));
+            return Err(AgentRefusal::Banned(id.clone()).into());
         }
         let serial = peer.serial.as_deref().unwrap_or_default();
         if record.serial_status(serial) == SerialStatus::Current {
@@ -275,14 +264,10 @@ impl ServerState {
         // memory may lag behind another server that renewed the agent or
         // saw its new serial used a moment ago.
         let Some(stored) = self.store.get_agent(id).await? else {
-            return Err(ServerError::PermissionDenied(format!(
-                "agent {id} is not attested (it may have been evicted)"
-            )));
+            return Err(AgentRefusal::NotAttested(id.clone()).into());
         };
         if stored.banned {
-            return Err(ServerError::PermissionDenied(format!(
-                "agent {id} is banned"
-            )));
+            return Err(AgentRefusal::Banned(id.clone()).into());
         }
         match stored.serial_status(serial) {
             SerialStatus::Current => Ok(self.current_serial_used(stored, serial).await),
@@ -349,9 +334,7 @@ impl ServerState {
                 "possible agent SVID theft: an agent SVID that is no longer current was presented; refused"
             );
         }
-        ServerError::PermissionDenied(format!(
-            "agent {id} presented an SVID that is no longer current"
-        ))
+        AgentRefusal::StaleSvid(id.clone()).into()
     }
 
     /// Renews the calling agent's SVID; `presented_serial` is the serial of
@@ -380,10 +363,7 @@ impl ServerState {
             )
             .await?;
         if renewed.is_none() {
-            return Err(ServerError::PermissionDenied(format!(
-                "agent {} was banned, evicted or renewed meanwhile, or its SVID is no longer current; not renewed",
-                agent.spiffe_id
-            )));
+            return Err(AgentRefusal::NotRenewed(agent.spiffe_id.clone()).into());
         }
         // The agent presents the new serial next: it must be in memory first.
         self.settle(self.store.revision().await?).await;
@@ -398,27 +378,22 @@ impl ServerState {
         params: Vec<(String, Vec<u8>)>,
     ) -> Result<Vec<SignResult>, ServerError> {
         if params.len() > MAX_BATCH {
-            return Err(ServerError::InvalidArgument(format!(
-                "a batch may carry at most {MAX_BATCH} CSRs, got {}",
-                params.len()
-            )));
+            return Err(SignError::BatchTooLarge {
+                max: MAX_BATCH,
+                got: params.len(),
+            }
+            .into());
         }
         let authority = self.ca.active().x509.clone();
         let now = SystemTime::now();
         let mut out = Vec::with_capacity(params.len());
         for (entry_id, csr) in params {
             let result = (|| {
-                let id: EntryId = entry_id
-                    .parse()
-                    .map_err(|e: sigil_types::EntryError| e.to_string())?;
-                let entry = self
-                    .index
-                    .authorized_entry(&id, &agent.spiffe_id, &agent.selectors)
-                    .ok_or_else(|| format!("entry {id} is not authorized for this agent"))?;
+                let entry = self.authorized_entry(agent, &entry_id)?;
                 // Only the public key is taken from the CSR: its subject,
                 // SANs and extensions are ignored.
-                let spki = csr_public_key(&csr).map_err(|e| format!("invalid CSR: {e}"))?;
-                let ttl = self.x509_ttl(&entry);
+                let spki = csr_public_key(&csr).map_err(SignError::InvalidCsr)?;
+                let ttl = svid_ttl(entry.x509_svid_ttl, self.config.default_x509_svid_ttl);
                 let attributes = svid_attributes(agent, &entry);
                 let leaf = authority
                     .sign_svid(
@@ -431,8 +406,8 @@ impl ServerState {
                         &spki,
                         now,
                     )
-                    .map_err(|e| format!("signing failed: {e}"))?;
-                Ok::<_, String>(vec![leaf])
+                    .map_err(SignError::Failed)?;
+                Ok(vec![leaf])
             })();
             if result.is_ok() {
                 self.metrics.x509_svids_signed.inc();
@@ -442,11 +417,16 @@ impl ServerState {
         Ok(out)
     }
 
-    fn x509_ttl(&self, entry: &Entry) -> Duration {
-        match entry.x509_svid_ttl {
-            0 => self.config.default_x509_svid_ttl,
-            s => Duration::from_secs(s),
-        }
+    /// The entry `entry_id` names, if it is authorized for `agent`.
+    fn authorized_entry(
+        &self,
+        agent: &AgentRecord,
+        entry_id: &str,
+    ) -> Result<std::sync::Arc<Entry>, SignError> {
+        let id: EntryId = entry_id.parse().map_err(SignError::BadEntryId)?;
+        self.index
+            .authorized_entry(&id, &agent.spiffe_id, &agent.selectors)
+            .ok_or(SignError::NotAuthorized(id))
     }
 
     /// Mints a JWT-SVID for an entry authorized to `agent`: `iss` is the
@@ -458,22 +438,9 @@ impl ServerState {
         entry_id: &str,
         audience: &[String],
     ) -> Result<String, ServerError> {
-        sigil_svid::jwt::check_audiences(audience).map_err(ServerError::InvalidArgument)?;
-        let id: EntryId = entry_id
-            .parse()
-            .map_err(|e: sigil_types::EntryError| ServerError::InvalidArgument(e.to_string()))?;
-        let entry = self
-            .index
-            .authorized_entry(&id, &agent.spiffe_id, &agent.selectors)
-            .ok_or_else(|| {
-                ServerError::PermissionDenied(format!(
-                    "entry {id} is not authorized for this agent"
-                ))
-            })?;
-        let ttl = match entry.jwt_svid_ttl {
-            0 => self.config.default_jwt_svid_ttl,
-            s => Duration::from_secs(s),
-        };
+        sigil_svid::jwt::check_audiences(audience).map_err(SignError::Audience)?;
+        let entry = self.authorized_entry(agent, entry_id)?;
+        let ttl = svid_ttl(entry.jwt_svid_ttl, self.config.default_jwt_svid_ttl);
         let claims = JwtClaims {
             issuer: self.config.jwt_issuer.clone(),
             extra: svid_attributes(agent, &entry)
@@ -496,11 +463,9 @@ impl ServerState {
     pub async fn create_entry(&self, mut entry: Entry) -> Result<Entry, ServerError> {
         entry
             .validate(&self.config.trust_domain)
-            .map_err(|e| ServerError::InvalidArgument(e.to_string()))?;
+            .map_err(EntryRefusal::Invalid)?;
         if let Some(other) = self.index.duplicate_of(&entry) {
-            return Err(ServerError::Store(sigil_store::StoreError::AlreadyExists(
-                format!("entry {other} already has this parent ID, SPIFFE ID and selectors"),
-            )));
+            return Err(EntryRefusal::Duplicate(other).into());
         }
         entry.created_at = unix(SystemTime::now());
         let stored = self.store.create_entry(entry).await?;
@@ -513,18 +478,13 @@ impl ServerState {
         // Said first: whatever else is wrong with the request, an entry that
         // does not exist cannot be updated (the store checks again).
         if self.index.get(&entry.id).is_none() {
-            return Err(ServerError::NotFound(format!(
-                "entry {} not found",
-                entry.id
-            )));
+            return Err(EntryRefusal::NotFound(entry.id).into());
         }
         entry
             .validate(&self.config.trust_domain)
-            .map_err(|e| ServerError::InvalidArgument(e.to_string()))?;
+            .map_err(EntryRefusal::Invalid)?;
         if let Some(other) = self.index.duplicate_of(&entry) {
-            return Err(ServerError::Store(sigil_store::StoreError::AlreadyExists(
-                format!("entry {other} already has this parent ID, SPIFFE ID and selectors"),
-            )));
+            return Err(EntryRefusal::Duplicate(other).into());
         }
         let stored = self.store.update_entry(entry).await?;
         self.settle(stored.revision).await;

@@ -247,6 +247,7 @@ async fn an_agent_gets_only_its_own_entries() {
             .1
             .as_ref()
             .unwrap_err()
+            .to_string()
             .contains("not authorized")
     );
     assert!(results[1].1.is_ok());
