@@ -13,8 +13,11 @@ use std::collections::BTreeMap;
 use sigil_types::SpiffeId;
 
 use crate::ServerState;
-use crate::config::PsatCluster;
 use crate::error::{AttestationError, ServerError};
+
+pub mod config;
+
+pub use config::{PsatCluster, PsatVerification};
 
 /// The `attestation_type` of agents attested with a PSAT.
 pub const ATTESTATION_TYPE: &str = "k8s_psat";
@@ -188,7 +191,7 @@ mod k8s {
     use sigil_k8s::psat::{ClusterConfig, PsatError, PsatVerifier, Verification};
     use sigil_types::config::ConfigError;
 
-    use crate::config::{PsatCluster, PsatVerification};
+    use super::config::{PsatCluster, PsatVerification};
     use crate::error::ServerError;
 
     fn invalid(key: &'static str, cluster: &str, message: String) -> ServerError {
@@ -275,7 +278,7 @@ mod k8s {
         name: &str,
         cluster: &PsatCluster,
     ) -> Result<PsatVerifier, ServerError> {
-        crate::config::check_psat_cluster_name(name)
+        super::config::check_psat_cluster_name(name)
             .map_err(|e| invalid("server.k8s_psat", name, e.to_string()))?;
         let verification = match &cluster.verification {
             PsatVerification::TokenReview => Verification::TokenReview,
