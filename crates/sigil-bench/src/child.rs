@@ -222,15 +222,15 @@ async fn preload(
     if n == 0 || parents.is_empty() {
         return Ok(());
     }
-    let td = state.config.trust_domain.clone();
+    let td = state.config().trust_domain.clone();
     let mut revision = 0;
     for i in 0..n {
         let parent = &parents[i % parents.len()];
         let mut e = crate::sample::sample_entry(&td, parent, tag, i)?;
         e.created_at = unix_now();
-        revision = state.store.create_entry(e).await?.revision;
+        revision = state.store().create_entry(e).await?.revision;
     }
-    tokio::time::timeout(Duration::from_secs(1800), state.index.wait_for(revision))
+    tokio::time::timeout(Duration::from_secs(1800), state.index().wait_for(revision))
         .await
         .context("the index did not catch up with the preloaded entries")?;
     Ok(())
@@ -273,7 +273,7 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         "agents": agents,
         "preload_cpu_s": self_cpu() - cpu0,
         "preload_wall_s": t0.elapsed().as_secs_f64(),
-        "entries": state.index.len(),
+        "entries": state.index().len(),
     }));
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -300,7 +300,7 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
                         "agent_id": t.agent_id.to_string(),
                         "cpu_s": self_cpu() - cpu0,
                         "wall_s": t0.elapsed().as_secs_f64(),
-                        "entries": state.index.len(),
+                        "entries": state.index().len(),
                     }))
                 }
                 _ => bail!("unknown command {line:?}"),

@@ -51,15 +51,15 @@ async fn server(dir: &tempfile::TempDir, limits: ServerLimits) -> ServerHandle {
 }
 
 fn trust(server: &ServerHandle) -> Arc<ArcSwap<Bundle>> {
-    let td = server.state.config.trust_domain.clone();
-    let json = server.state.ca.bundle().to_json();
+    let td = server.state.config().trust_domain.clone();
+    let json = server.state.ca().bundle().to_json();
     Arc::new(ArcSwap::from_pointee(Bundle::from_json(td, &json).unwrap()))
 }
 
 fn server_id(server: &ServerHandle) -> sigil_types::SpiffeId {
     server
         .state
-        .config
+        .config()
         .trust_domain
         .id_with_path(sigil_types::SERVER_PATH)
         .unwrap()
@@ -633,7 +633,7 @@ async fn an_agent_start_waits_out_the_attestation_rate_limit() {
     assert!(refused, "the budget was never spent");
     let token = server.state.generate_join_token(None).await.unwrap();
     let mut cfg = sigil_agent::config::AgentConfig::with_defaults(
-        server.state.config.trust_domain.clone(),
+        server.state.config().trust_domain.clone(),
         server.agent_api_addr.to_string(),
         dir.path().join("agent"),
     );

@@ -106,11 +106,11 @@ impl Server {
     /// A TLS client authenticating the server; `cert`: the agent's SVID.
     async fn client(&self, cert: Option<Arc<RotatingCert>>) -> AgentApiClient<Channel> {
         let state = &self.handle().state;
-        let trust = Arc::new(ArcSwap::new(state.ca.bundle()));
+        let trust = Arc::new(ArcSwap::new(state.ca().bundle()));
         sigil_agent::client::connect(
             &sigil_agent::config::ServerAddresses::one(self.handle().agent_api_addr.to_string()),
             trust,
-            state.server_id.clone(),
+            state.server_id().clone(),
             cert,
         )
         .await
@@ -118,7 +118,7 @@ impl Server {
     }
 
     async fn agents(&self) -> Vec<AgentRecord> {
-        self.handle().state.store.list_agents().await.unwrap()
+        self.handle().state.store().list_agents().await.unwrap()
     }
 
     async fn shutdown(mut self) {
@@ -311,7 +311,7 @@ async fn reattestation_with_a_fresh_token_updates_the_same_record() {
     let first = attest(&mut client, &attempt(CLUSTER, api.token().unwrap()))
         .await
         .unwrap();
-    let store = &server.handle().state.store;
+    let store = &server.handle().state.store();
     // Move the first attestation into the past so that keeping created_at shows.
     let mut record = server.agents().await.remove(0);
     record.created_at -= 3600;

@@ -74,7 +74,7 @@ async fn attested_attributes_reach_x509_and_jwt_svids_only_when_asked_for() {
     let token_path = dir.path().join("token");
     std::fs::write(&token_path, api.token().unwrap()).unwrap();
     let bundle_path = dir.path().join("bundle.pem");
-    std::fs::write(&bundle_path, server.state.ca.bundle().x509_pem()).unwrap();
+    std::fs::write(&bundle_path, server.state.ca().bundle().x509_pem()).unwrap();
     let mut acfg = sigil_agent::AgentConfig::with_defaults(
         td,
         server.agent_api_addr.to_string(),
@@ -289,7 +289,7 @@ async fn the_admin_api_refuses_unknown_attribute_names() {
     assert!(
         server
             .state
-            .store
+            .store()
             .list_entries()
             .await
             .unwrap()
@@ -324,7 +324,7 @@ async fn the_admin_api_refuses_unknown_attribute_names() {
         "{}",
         refused.results[0].error
     );
-    let entries = server.state.store.list_entries().await.unwrap().entries;
+    let entries = server.state.store().list_entries().await.unwrap().entries;
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].attributes, [Attribute::Cluster, Attribute::Zone]);
     cluster.shutdown().await;

@@ -340,7 +340,7 @@ async fn the_jwt_cache_is_bounded_in_bytes_with_a_share_per_uid() {
             .server()
             .unwrap()
             .state
-            .metrics
+            .metrics()
             .jwt_svids_minted
             .get()
     };

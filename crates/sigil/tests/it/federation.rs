@@ -51,7 +51,13 @@ fn td(name: &str) -> TrustDomain {
 /// The X.509 authorities of a trust domain's current bundle.
 fn authorities(cluster: &Cluster) -> BTreeSet<Vec<u8>> {
     let state = &cluster.server().unwrap().state;
-    state.ca.bundle().x509_authorities.iter().cloned().collect()
+    state
+        .ca()
+        .bundle()
+        .x509_authorities
+        .iter()
+        .cloned()
+        .collect()
 }
 
 /// The X.509 authorities a workload gets for `td`, through the Workload API.
@@ -326,7 +332,7 @@ async fn two_trust_domains_federate_over_both_profiles() {
         let state = &rotating.server().unwrap().state;
         let before = authorities(rotating);
         state
-            .ca
+            .ca()
             .rotate(SystemTime::now() + rotating.server_config.ca_ttl * 3 / 5)
             .await
             .unwrap();
@@ -439,7 +445,7 @@ async fn federated_bundles_survive_restarts_and_bad_endpoints_store_nothing() {
     a.start_server().await.unwrap();
     a.wait_connected(true).await.unwrap();
     let state = a.server().unwrap().state.clone();
-    let held = state.federation.bundles();
+    let held = state.federation().bundles();
     let held = Bundle::from_json(td("b.test"), &held[&td("b.test")]).unwrap();
     assert_eq!(
         held.x509_authorities.into_iter().collect::<BTreeSet<_>>(),

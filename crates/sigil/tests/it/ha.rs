@@ -51,9 +51,9 @@ async fn eventually(limit: Duration, what: &str, mut check: impl AsyncFnMut() ->
 }
 
 fn bundle_has_both(a: &ServerHandle, b: &ServerHandle) -> bool {
-    let mine = |s: &ServerHandle| s.state.ca.active().x509.cert_der().to_vec();
+    let mine = |s: &ServerHandle| s.state.ca().active().x509.cert_der().to_vec();
     [a, b].iter().all(|s| {
-        let bundle = s.state.ca.bundle();
+        let bundle = s.state.ca().bundle();
         bundle.x509_authorities.contains(&mine(a))
             && bundle.x509_authorities.contains(&mine(b))
             && bundle.jwt_authorities.len() >= 2
@@ -129,8 +129,8 @@ async fn two_servers_share_a_database_and_an_agent_fails_over() {
         .unwrap();
     // Each server signs with its own authority; both publish both.
     assert_ne!(
-        a.state.ca.active().x509.cert_der(),
-        b.state.ca.active().x509.cert_der()
+        a.state.ca().active().x509.cert_der(),
+        b.state.ca().active().x509.cert_der()
     );
     eventually(FAILOVER, "both bundles hold both authorities", async || {
         bundle_has_both(&a, &b)
@@ -189,7 +189,7 @@ async fn two_servers_share_a_database_and_an_agent_fails_over() {
     assert_eq!(agent.agent_id, agent_id, "no new attestation");
     let record = alive
         .state
-        .store
+        .store()
         .get_agent(&agent_id)
         .await
         .unwrap()
@@ -221,7 +221,7 @@ async fn two_servers_share_a_database_and_an_agent_fails_over() {
         .map(|c| c.as_bytes().to_vec())
         .collect();
     assert!(
-        roots.contains(&alive.state.ca.active().x509.cert_der().to_vec()),
+        roots.contains(&alive.state.ca().active().x509.cert_der().to_vec()),
         "the workload trusts the surviving server's CA"
     );
 
@@ -258,7 +258,7 @@ async fn svids_keep_being_renewed_while_the_database_is_down() {
             .get(&entry.id)
             .map(|s| s.chain[0].clone())
     };
-    let server_before = server.state.server_cert.leaf();
+    let server_before = server.state.server_cert().leaf();
     let mut workload_seen = vec![workload_leaf(&agent).unwrap()];
 
     tokio::task::block_in_place(|| pg.stop()).unwrap();
@@ -270,10 +270,10 @@ async fn svids_keep_being_renewed_while_the_database_is_down() {
         {
             workload_seen.push(now);
         }
-        workload_seen.len() >= 3 && server.state.server_cert.leaf() != server_before
+        workload_seen.len() >= 3 && server.state.server_cert().leaf() != server_before
     })
     .await;
-    let info = sigil_svid::x509::cert_info(&server.state.server_cert.leaf()).unwrap();
+    let info = sigil_svid::x509::cert_info(&server.state.server_cert().leaf()).unwrap();
     assert!(info.not_after > std::time::SystemTime::now());
     assert!(agent.snapshots.borrow().connected);
     tokio::task::block_in_place(|| pg.start_again()).unwrap();

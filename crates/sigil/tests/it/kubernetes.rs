@@ -189,7 +189,7 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
     let token_path = dir.path().join("token");
     std::fs::write(&token_path, api.token().unwrap()).unwrap();
     let bundle_path = dir.path().join("bundle.pem");
-    std::fs::write(&bundle_path, server.state.ca.bundle().x509_pem()).unwrap();
+    std::fs::write(&bundle_path, server.state.ca().bundle().x509_pem()).unwrap();
     let mut acfg = sigil_agent::AgentConfig::with_defaults(
         td,
         server.agent_api_addr.to_string(),
@@ -206,7 +206,7 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
     assert_eq!(agent.agent_id.to_string(), expected);
     let record = server
         .state
-        .store
+        .store()
         .get_agent(&agent.agent_id)
         .await
         .unwrap()
@@ -276,7 +276,7 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
     loop {
         let now = server
             .state
-            .store
+            .store()
             .get_agent(&agent.agent_id)
             .await
             .unwrap()
@@ -297,7 +297,12 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
     server.state.evict_agent(&agent.agent_id).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let back = server.state.store.get_agent(&agent.agent_id).await.unwrap();
+        let back = server
+            .state
+            .store()
+            .get_agent(&agent.agent_id)
+            .await
+            .unwrap();
         if back.is_some() && server.state.is_connected(&agent.agent_id) {
             break;
         }

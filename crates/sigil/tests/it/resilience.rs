@@ -124,7 +124,7 @@ async fn expired_entries_are_deleted_and_leave_the_agent() {
     let state = cluster.server().unwrap().state.clone();
     assert_eq!(state.prune_expired_entries(now).await, 0, "not yet expired");
     assert_eq!(state.prune_expired_entries(now + 3600).await, 1);
-    assert!(state.index.get(&e.id).is_none());
+    assert!(state.index().get(&e.id).is_none());
     let mut rx = cluster.agent().unwrap().snapshots.clone();
     tokio::time::timeout(
         crate::PROMPT,

@@ -19,7 +19,7 @@ async fn the_agent_renews_its_own_svid_and_keeps_working() {
     let (cluster, _me) = cluster_with_me(opts).await;
     let state = cluster.server().unwrap().state.clone();
     let first = state
-        .store
+        .store()
         .get_agent(cluster.agent_id())
         .await
         .unwrap()
@@ -35,7 +35,7 @@ async fn the_agent_renews_its_own_svid_and_keeps_working() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         serials.insert(
             state
-                .store
+                .store()
                 .get_agent(cluster.agent_id())
                 .await
                 .unwrap()

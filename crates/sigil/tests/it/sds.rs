@@ -219,7 +219,7 @@ async fn default_and_rootca_verify_and_an_ack_gets_no_duplicate() {
         .server()
         .unwrap()
         .state
-        .ca
+        .ca()
         .bundle()
         .x509_authorities
         .clone();
@@ -384,7 +384,7 @@ async fn all_holds_the_own_and_federated_trust_domains() {
         .server()
         .unwrap()
         .state
-        .federation
+        .federation()
         .set_bundle(&other_td, &other.to_json())
         .await
         .unwrap();
@@ -410,7 +410,13 @@ async fn all_holds_the_own_and_federated_trust_domains() {
         .unwrap();
     let got = secrets(&stream.next(PROMPT).await);
     let own_pem = sigil_svid::pem::certs_to_pem(
-        &cluster.server().unwrap().state.ca.bundle().x509_authorities,
+        &cluster
+            .server()
+            .unwrap()
+            .state
+            .ca()
+            .bundle()
+            .x509_authorities,
     );
     assert_eq!(
         spiffe_validator(&got["ALL"]),
@@ -453,7 +459,7 @@ async fn all_holds_the_own_and_federated_trust_domains() {
             .server()
             .unwrap()
             .state
-            .ca
+            .ca()
             .bundle()
             .x509_pem()
             .into_bytes()

@@ -104,7 +104,7 @@ async fn a_join_token_works_once() {
         .server()
         .unwrap()
         .state
-        .store
+        .store()
         .list_agents()
         .await
         .unwrap()
@@ -115,7 +115,7 @@ async fn a_join_token_works_once() {
     cfg.trust_bundle_path = Some(third.path().join("bundle.json"));
     std::fs::write(
         third.path().join("bundle.json"),
-        cluster.server().unwrap().state.ca.bundle().to_json(),
+        cluster.server().unwrap().state.ca().bundle().to_json(),
     )
     .unwrap();
     let err = sigil_agent::start(cfg).await.unwrap_err().to_string();
@@ -124,7 +124,7 @@ async fn a_join_token_works_once() {
         .server()
         .unwrap()
         .state
-        .store
+        .store()
         .list_agents()
         .await
         .unwrap()
@@ -181,7 +181,7 @@ async fn an_evicted_agent_is_cut_off() {
     cluster.wait_connected(false).await.unwrap();
     assert!(
         state
-            .store
+            .store()
             .get_agent(cluster.agent_id())
             .await
             .unwrap()
@@ -226,7 +226,7 @@ async fn an_agent_gets_only_its_own_entries() {
     assert!(snap.entries.iter().any(|e| e.id == mine.id));
     assert!(snap.entries.iter().all(|e| e.id != foreign.id));
     let record = state
-        .store
+        .store()
         .get_agent(cluster.agent_id())
         .await
         .unwrap()
@@ -285,7 +285,7 @@ async fn an_agent_bootstraps_from_a_bundle_file_and_refuses_a_wrong_one() {
     let token = state.generate_join_token(None).await.unwrap();
     let bare: String = token.token.split('.').take(2).collect::<Vec<_>>().join(".");
     let pem = dir.path().join("bundle.pem");
-    std::fs::write(&pem, state.ca.bundle().x509_pem()).unwrap();
+    std::fs::write(&pem, state.ca().bundle().x509_pem()).unwrap();
     let mut cfg = second_agent_config(&cluster, dir.path(), bare.clone());
     cfg.trust_bundle_path = Some(pem);
     let agent = sigil_agent::start(cfg).await.unwrap();
@@ -338,7 +338,7 @@ async fn node_aliases_group_agents_by_node_selectors() {
     let cluster = Cluster::start(Default::default()).await.unwrap();
     let state = cluster.server().unwrap().state.clone();
     let record = state
-        .store
+        .store()
         .get_agent(cluster.agent_id())
         .await
         .unwrap()
@@ -623,7 +623,7 @@ pub(crate) async fn agent_client_with(
     chain: Vec<Vec<u8>>,
     key: &sigil_svid::keys::PrivateKey,
 ) -> sigil_proto::server::v1::agent_api_client::AgentApiClient<tonic::transport::Channel> {
-    let bundle = cluster.server().unwrap().state.ca.bundle();
+    let bundle = cluster.server().unwrap().state.ca().bundle();
     let trust = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee((*bundle).clone()));
     let cert = std::sync::Arc::new(sigil_svid::tls::RotatingCert::new(chain, key).unwrap());
     sigil_agent::client::connect(
@@ -824,7 +824,7 @@ async fn reserved_ids_are_refused_and_stored_ones_never_served() {
     // Written straight into the store, as an older version could have.
     let state = cluster.server().unwrap().state.clone();
     let posing = state
-        .store
+        .store()
         .create_entry(sigil_types::Entry::new(
             "posing-as-server".parse().unwrap(),
             server_id.parse().unwrap(),
@@ -1083,7 +1083,7 @@ async fn a_join_token_fingerprint_pins_only_its_authority() {
     let cluster = Cluster::start(Default::default()).await.unwrap();
     let state = cluster.server().unwrap().state.clone();
     let td = cluster.trust_domain().clone();
-    let real_ca = state.ca.active().x509.cert_der().to_vec();
+    let real_ca = state.ca().active().x509.cert_der().to_vec();
     let token = state.generate_join_token(None).await.unwrap();
     assert_eq!(
         token.token.rsplit('.').next().unwrap(),
@@ -1125,7 +1125,7 @@ async fn a_join_token_fingerprint_pins_only_its_authority() {
         .load_bundle(&td)
         .unwrap()
         .unwrap();
-    assert_eq!(kept.x509_authorities, state.ca.bundle().x509_authorities);
+    assert_eq!(kept.x509_authorities, state.ca().bundle().x509_authorities);
     cluster.shutdown().await;
 }
 
@@ -1175,7 +1175,7 @@ async fn an_agent_refuses_a_pem_bundle_holding_a_leaf() {
     let cluster = Cluster::start(Default::default()).await.unwrap();
     let state = cluster.server().unwrap().state.clone();
     let token = state.generate_join_token(None).await.unwrap();
-    let ca = state.ca.active().x509.clone();
+    let ca = state.ca().active().x509.clone();
     let key = sigil_svid::keys::PrivateKey::generate_p256().unwrap();
     let leaf = ca
         .sign_svid(
