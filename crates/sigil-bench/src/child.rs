@@ -256,7 +256,7 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     cfg.admin_socket = args.data_dir.join("admin.sock");
     cfg.join_token_ttl = Duration::from_secs(4 * 3600);
     let server = sigil_server::start(cfg).await?;
-    let state = server.state.clone();
+    let state = server.state().clone();
 
     let mut agents = Vec::new();
     let mut ids = Vec::new();
@@ -268,8 +268,8 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let (cpu0, t0) = (self_cpu(), std::time::Instant::now());
     preload(&state, &ids, args.preload_entries, "p").await?;
     emit(&json!({
-        "agent_api": server.agent_api_addr.to_string(),
-        "admin_socket": server.admin_socket.display().to_string(),
+        "agent_api": server.agent_api_addr().to_string(),
+        "admin_socket": server.admin_socket().display().to_string(),
         "agents": agents,
         "preload_cpu_s": self_cpu() - cpu0,
         "preload_wall_s": t0.elapsed().as_secs_f64(),

@@ -195,7 +195,7 @@ mod tests {
         config.admin_socket = dir.path().join("admin.sock");
         config.jwt_issuer = Some("https://oidc.example.org".into());
         let server = crate::start(config).await.unwrap();
-        let state = &server.state;
+        let state = &server.state();
         let agent = AgentRecord {
             spiffe_id: "spiffe://example.org/sigil/agent/k8s_psat/prod/n1"
                 .parse()

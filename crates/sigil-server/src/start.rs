@@ -23,25 +23,47 @@ use crate::readiness::Readiness;
 use crate::state::ServerState;
 use crate::{admin_api, agent_api, agents, background, federation, follower, oidc, psat, tls};
 
-/// A running server.
+/// A running server: what in-process callers (`sigil dev`, the testkit, the
+/// bench, tests) reach it through, and what stops it.
 #[derive(Debug)]
 pub struct ServerHandle {
-    /// Shared state, for in-process callers (`sigil dev`, tests).
-    pub state: Arc<ServerState>,
-    /// The agent API's bound address.
-    pub agent_api_addr: SocketAddr,
-    /// The admin socket.
-    pub admin_socket: PathBuf,
-    /// The OIDC discovery listener's bound address, when `[server.oidc]` is set.
-    pub oidc_addr: Option<SocketAddr>,
-    /// The SPIFFE bundle endpoint's bound address, when
-    /// `[server.federation.bundle_endpoint]` is set.
-    pub bundle_endpoint_addr: Option<SocketAddr>,
+    state: Arc<ServerState>,
+    agent_api_addr: SocketAddr,
+    admin_socket: PathBuf,
+    oidc_addr: Option<SocketAddr>,
+    bundle_endpoint_addr: Option<SocketAddr>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl ServerHandle {
+    /// The state the server's tasks share: its operations (join tokens,
+    /// entries, agents) and read access to its parts.
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// The agent API's bound address.
+    pub fn agent_api_addr(&self) -> SocketAddr {
+        self.agent_api_addr
+    }
+
+    /// The admin socket.
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
+    /// The OIDC discovery listener's bound address, when `[server.oidc]` is set.
+    pub fn oidc_addr(&self) -> Option<SocketAddr> {
+        self.oidc_addr
+    }
+
+    /// The SPIFFE bundle endpoint's bound address, when
+    /// `[server.federation.bundle_endpoint]` is set.
+    pub fn bundle_endpoint_addr(&self) -> Option<SocketAddr> {
+        self.bundle_endpoint_addr
+    }
+
     /// Stops every task and waits for them.
     pub async fn shutdown(self) {
         self.cancel.cancel();

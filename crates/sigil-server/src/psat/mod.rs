@@ -432,7 +432,7 @@ mod tests {
             }
 
             fn state(&self) -> &ServerState {
-                &self.server.as_ref().unwrap().state
+                self.server.as_ref().unwrap().state()
             }
 
             fn token(&self, sa: &str, aud: &str, ttl: i64) -> String {

@@ -37,7 +37,7 @@ fn csr() -> Vec<u8> {
 async fn an_agent_gets_nothing_for_another_agents_entry_over_mtls() {
     init();
     let mut cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let roots = state.ca().bundle().x509_authorities.clone();
 
     let token = state.generate_join_token(None).await.unwrap();

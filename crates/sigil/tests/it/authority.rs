@@ -366,7 +366,7 @@ async fn a_forced_rotation_under_mtls_load_fails_no_handshake() {
     let old = active_x509(&authority(&cluster, &["list"]).unwrap());
     let old_id = old["id"].as_str().unwrap().to_owned();
     let old_sha = old["public_key_id"].as_str().unwrap().to_owned();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let agent_serial = || async {
         state
             .store()
@@ -467,7 +467,7 @@ async fn refused_authority_commands_change_nothing() {
     let cluster = Cluster::start(ClusterOptions::default())
         .await
         .expect("cluster starts");
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let list = authority(&cluster, &["list"]).unwrap();
     let bundle = state.ca().bundle();
     let active = active_x509(&list);

@@ -339,7 +339,7 @@ async fn the_jwt_cache_is_bounded_in_bytes_with_a_share_per_uid() {
         cluster
             .server()
             .unwrap()
-            .state
+            .state()
             .metrics()
             .jwt_svids_minted
             .get()

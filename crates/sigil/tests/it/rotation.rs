@@ -17,7 +17,7 @@ async fn the_agent_renews_its_own_svid_and_keeps_working() {
         ..Default::default()
     };
     let (cluster, _me) = cluster_with_me(opts).await;
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let first = state
         .store()
         .get_agent(cluster.agent_id())

@@ -218,7 +218,7 @@ async fn default_and_rootca_verify_and_an_ack_gets_no_duplicate() {
     let server_roots = cluster
         .server()
         .unwrap()
-        .state
+        .state()
         .ca()
         .bundle()
         .x509_authorities
@@ -383,7 +383,7 @@ async fn all_holds_the_own_and_federated_trust_domains() {
     cluster
         .server()
         .unwrap()
-        .state
+        .state()
         .federation()
         .set_bundle(&other_td, &other.to_json())
         .await
@@ -413,7 +413,7 @@ async fn all_holds_the_own_and_federated_trust_domains() {
         &cluster
             .server()
             .unwrap()
-            .state
+            .state()
             .ca()
             .bundle()
             .x509_authorities,
@@ -458,7 +458,7 @@ async fn all_holds_the_own_and_federated_trust_domains() {
         cluster
             .server()
             .unwrap()
-            .state
+            .state()
             .ca()
             .bundle()
             .x509_pem()

@@ -78,7 +78,7 @@ async fn a_join_token_works_once() {
     let token = cluster
         .server()
         .unwrap()
-        .state
+        .state()
         .generate_join_token(None)
         .await
         .unwrap();
@@ -103,7 +103,7 @@ async fn a_join_token_works_once() {
     let agents_before = cluster
         .server()
         .unwrap()
-        .state
+        .state()
         .store()
         .list_agents()
         .await
@@ -115,7 +115,7 @@ async fn a_join_token_works_once() {
     cfg.trust_bundle_path = Some(third.path().join("bundle.json"));
     std::fs::write(
         third.path().join("bundle.json"),
-        cluster.server().unwrap().state.ca().bundle().to_json(),
+        cluster.server().unwrap().state().ca().bundle().to_json(),
     )
     .unwrap();
     let err = sigil_agent::start(cfg).await.unwrap_err().to_string();
@@ -123,7 +123,7 @@ async fn a_join_token_works_once() {
     let agents_after = cluster
         .server()
         .unwrap()
-        .state
+        .state()
         .store()
         .list_agents()
         .await
@@ -137,7 +137,7 @@ async fn a_join_token_works_once() {
 async fn a_banned_agent_is_cut_off() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let e1 = cluster
         .register("/before-ban", &["unix:uid:4242"])
         .await
@@ -176,7 +176,7 @@ async fn a_banned_agent_is_cut_off() {
 async fn an_evicted_agent_is_cut_off() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     state.evict_agent(cluster.agent_id()).await.unwrap();
     cluster.wait_connected(false).await.unwrap();
     assert!(
@@ -209,7 +209,7 @@ async fn an_evicted_agent_is_cut_off() {
 async fn an_agent_gets_only_its_own_entries() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     // An entry under another (unknown) agent never reaches this one, and
     // this agent cannot have it signed.
     let foreign = cluster
@@ -278,7 +278,7 @@ async fn workload_api_answers_promptly_when_nothing_matches() {
 async fn an_agent_bootstraps_from_a_bundle_file_and_refuses_a_wrong_one() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let dir = tempfile::tempdir().unwrap();
 
     // A token without the fingerprint, and the bundle given as PEM.
@@ -336,7 +336,7 @@ async fn an_agent_bootstraps_from_a_bundle_file_and_refuses_a_wrong_one() {
 async fn node_aliases_group_agents_by_node_selectors() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let record = state
         .store()
         .get_agent(cluster.agent_id())
@@ -623,7 +623,7 @@ pub(crate) async fn agent_client_with(
     chain: Vec<Vec<u8>>,
     key: &sigil_svid::keys::PrivateKey,
 ) -> sigil_proto::server::v1::agent_api_client::AgentApiClient<tonic::transport::Channel> {
-    let bundle = cluster.server().unwrap().state.ca().bundle();
+    let bundle = cluster.server().unwrap().state().ca().bundle();
     let trust = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee((*bundle).clone()));
     let cert = std::sync::Arc::new(sigil_svid::tls::RotatingCert::new(chain, key).unwrap());
     sigil_agent::client::connect(
@@ -822,7 +822,7 @@ async fn reserved_ids_are_refused_and_stored_ones_never_served() {
     );
 
     // Written straight into the store, as an older version could have.
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let posing = state
         .store()
         .create_entry(sigil_types::Entry::new(
@@ -1081,7 +1081,7 @@ fn bundle_json_of(td: &sigil_types::TrustDomain, authorities: &[&[u8]]) -> Strin
 async fn a_join_token_fingerprint_pins_only_its_authority() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let td = cluster.trust_domain().clone();
     let real_ca = state.ca().active().x509.cert_der().to_vec();
     let token = state.generate_join_token(None).await.unwrap();
@@ -1136,7 +1136,7 @@ async fn a_join_token_fingerprint_pins_only_its_authority() {
 async fn a_join_token_fingerprint_that_matches_nothing_is_refused() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let td = cluster.trust_domain().clone();
     let token = state.generate_join_token(None).await.unwrap();
     // The rogue serves only its own CA.
@@ -1173,7 +1173,7 @@ fn base64_of(der: &[u8]) -> String {
 async fn an_agent_refuses_a_pem_bundle_holding_a_leaf() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let token = state.generate_join_token(None).await.unwrap();
     let ca = state.ca().active().x509.clone();
     let key = sigil_svid::keys::PrivateKey::generate_p256().unwrap();
