@@ -222,15 +222,15 @@ async fn preload(
     if n == 0 || parents.is_empty() {
         return Ok(());
     }
-    let td = state.config.trust_domain.clone();
+    let td = state.config().trust_domain.clone();
     let mut revision = 0;
     for i in 0..n {
         let parent = &parents[i % parents.len()];
         let mut e = crate::sample::sample_entry(&td, parent, tag, i)?;
         e.created_at = unix_now();
-        revision = state.store.create_entry(e).await?.revision;
+        revision = state.store().create_entry(e).await?.revision;
     }
-    tokio::time::timeout(Duration::from_secs(1800), state.index.wait_for(revision))
+    tokio::time::timeout(Duration::from_secs(1800), state.index().wait_for(revision))
         .await
         .context("the index did not catch up with the preloaded entries")?;
     Ok(())
@@ -256,7 +256,7 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     cfg.admin_socket = args.data_dir.join("admin.sock");
     cfg.join_token_ttl = Duration::from_secs(4 * 3600);
     let server = sigil_server::start(cfg).await?;
-    let state = server.state.clone();
+    let state = server.state().clone();
 
     let mut agents = Vec::new();
     let mut ids = Vec::new();
@@ -268,12 +268,12 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let (cpu0, t0) = (self_cpu(), std::time::Instant::now());
     preload(&state, &ids, args.preload_entries, "p").await?;
     emit(&json!({
-        "agent_api": server.agent_api_addr.to_string(),
-        "admin_socket": server.admin_socket.display().to_string(),
+        "agent_api": server.agent_api_addr().to_string(),
+        "admin_socket": server.admin_socket().display().to_string(),
         "agents": agents,
         "preload_cpu_s": self_cpu() - cpu0,
         "preload_wall_s": t0.elapsed().as_secs_f64(),
-        "entries": state.index.len(),
+        "entries": state.index().len(),
     }));
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -300,7 +300,7 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
                         "agent_id": t.agent_id.to_string(),
                         "cpu_s": self_cpu() - cpu0,
                         "wall_s": t0.elapsed().as_secs_f64(),
-                        "entries": state.index.len(),
+                        "entries": state.index().len(),
                     }))
                 }
                 _ => bail!("unknown command {line:?}"),

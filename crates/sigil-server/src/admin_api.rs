@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ServerState;
 use crate::ca::AuthorityView;
-use crate::error::ServerError;
+use crate::error::{EntryRefusal, RequestError, ServerError};
 use crate::federation::RefreshStatus;
 use crate::index::{EntryFilter, SelectorMatch};
 use crate::registry::{MAX_BATCH, new_entry_id};
@@ -45,7 +45,7 @@ pub struct AdminService {
 
 /// Only root and the server's own user may administer it, whatever the
 /// socket's mode was changed to.
-fn check_caller<T>(req: &Request<T>) -> Result<(), Status> {
+fn check_caller<T>(req: &Request<T>) -> Result<(), ServerError> {
     let uid = req
         .extensions()
         .get::<UdsConnectInfo>()
@@ -55,26 +55,32 @@ fn check_caller<T>(req: &Request<T>) -> Result<(), Status> {
     match uid {
         Some(0) => Ok(()),
         Some(u) if u == me => Ok(()),
-        Some(u) => Err(Status::permission_denied(format!(
-            "uid {u} may not use the admin API (only root and uid {me})"
-        ))),
-        None => Err(Status::permission_denied("caller credentials unavailable")),
+        Some(uid) => Err(RequestError::CallerNotAllowed { uid, me }.into()),
+        None => Err(RequestError::NoCallerCredentials.into()),
     }
 }
 
-fn parse_id(s: &str, field: &str) -> Result<SpiffeId, Status> {
-    s.parse()
-        .map_err(|e| Status::invalid_argument(format!("invalid {field} {s:?}: {e}")))
+fn parse_id(s: &str, field: &'static str) -> Result<SpiffeId, ServerError> {
+    s.parse().map_err(|source| {
+        RequestError::SpiffeId {
+            field,
+            value: s.to_owned(),
+            source,
+        }
+        .into()
+    })
 }
 
-fn batch_len(n: usize) -> Result<(), Status> {
+fn batch_len(n: usize) -> Result<(), ServerError> {
     if n == 0 {
-        return Err(Status::invalid_argument("the batch is empty"));
+        return Err(RequestError::EmptyBatch.into());
     }
     if n > MAX_BATCH {
-        return Err(Status::invalid_argument(format!(
-            "a batch may carry at most {MAX_BATCH} items, got {n}"
-        )));
+        return Err(RequestError::BatchTooLarge {
+            max: MAX_BATCH,
+            got: n,
+        }
+        .into());
     }
     Ok(())
 }
@@ -84,16 +90,10 @@ fn batch_len(n: usize) -> Result<(), Status> {
 fn entry_of(e: &pb::Entry, create: bool) -> Result<sigil_types::Entry, ServerError> {
     let id = match (e.id.is_empty(), create) {
         (true, true) => new_entry_id()?,
-        (true, false) => {
-            return Err(ServerError::InvalidArgument(
-                "an update needs the entry id".into(),
-            ));
-        }
-        (false, _) => e.id.parse().map_err(|err: sigil_types::EntryError| {
-            ServerError::InvalidArgument(format!("invalid id: {err}"))
-        })?,
+        (true, false) => return Err(EntryRefusal::MissingId.into()),
+        (false, _) => e.id.parse().map_err(EntryRefusal::InvalidId)?,
     };
-    entry_from_proto(e, move || id).map_err(|err| ServerError::InvalidArgument(err.to_string()))
+    Ok(entry_from_proto(e, move || id).map_err(EntryRefusal::Malformed)?)
 }
 
 fn result_of(id: String, r: Result<sigil_types::Entry, ServerError>) -> pb::EntryResult {
@@ -106,7 +106,7 @@ fn result_of(id: String, r: Result<sigil_types::Entry, ServerError>) -> pb::Entr
         Err(e) => pb::EntryResult {
             id,
             entry: None,
-            error: Status::from(e).message().to_owned(),
+            error: e.to_status().message().to_owned(),
         },
     }
 }
@@ -165,7 +165,7 @@ impl AdminApi for AdminService {
         let mut results = Vec::with_capacity(ids.len());
         for id in ids {
             let r = match id.parse::<EntryId>() {
-                Err(e) => Err(ServerError::InvalidArgument(e.to_string())),
+                Err(e) => Err(EntryRefusal::BadId(e).into()),
                 Ok(parsed) => self.state.delete_entry(&parsed).await,
             };
             results.push(result_of(id, r));
@@ -182,10 +182,10 @@ impl AdminApi for AdminService {
             .get_ref()
             .id
             .parse()
-            .map_err(|e: sigil_types::EntryError| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| ServerError::from(EntryRefusal::BadId(e)))?;
         match self.state.index.get(&id) {
             Some(e) => Ok(Response::new(pb::Entry::from(e.as_ref()))),
-            None => Err(Status::not_found(format!("entry {id} not found"))),
+            None => Err(ServerError::from(EntryRefusal::NotFound(id)).into()),
         }
     }
 
@@ -204,8 +204,11 @@ impl AdminApi for AdminService {
         }
         if !r.selectors.is_empty() {
             let sel = Selectors::parse_all(&r.selectors)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let mode: SelectorMatch = r.selector_match.parse().map_err(Status::invalid_argument)?;
+                .map_err(|e| ServerError::from(RequestError::Selectors(e)))?;
+            let mode: SelectorMatch = r
+                .selector_match
+                .parse()
+                .map_err(|m| ServerError::from(RequestError::SelectorMatch(m)))?;
             filter.selectors = Some((sel, mode));
         }
         let after = if r.page_token.is_empty() {
@@ -215,11 +218,7 @@ impl AdminApi for AdminService {
                 r.page_token
                     .strip_prefix(PAGE_TOKEN_PREFIX)
                     .and_then(|id| id.parse::<EntryId>().ok())
-                    .ok_or_else(|| {
-                        Status::invalid_argument(
-                            "invalid page_token: pass back the next_page_token of the previous page",
-                        )
-                    })?,
+                    .ok_or(ServerError::from(RequestError::PageToken))?,
             )
         };
         let limit = match r.page_size as usize {
@@ -256,7 +255,7 @@ impl AdminApi for AdminService {
         check_caller(&req)?;
         let ttl = match req.get_ref().ttl {
             0 => None,
-            t if t < 0 => return Err(Status::invalid_argument("ttl must not be negative")),
+            t if t < 0 => return Err(ServerError::from(RequestError::NegativeTtl).into()),
             t => Some(Duration::from_secs(t as u64)),
         };
         let t = self.state.generate_join_token(ttl).await?;
@@ -297,7 +296,7 @@ impl AdminApi for AdminService {
             .map_err(ServerError::from)?
         {
             Some(a) => Ok(Response::new(agent_pb(&self.state, &a))),
-            None => Err(Status::not_found(format!("agent {id} not found"))),
+            None => Err(ServerError::from(RequestError::AgentNotFound(id)).into()),
         }
     }
 
@@ -543,27 +542,23 @@ impl AdminApi for AdminService {
     }
 }
 
-fn parse_kind(s: &str) -> Result<AuthorityKind, Status> {
+fn parse_kind(s: &str) -> Result<AuthorityKind, ServerError> {
     match s {
         "x509" => Ok(AuthorityKind::X509),
         "jwt" => Ok(AuthorityKind::Jwt),
-        "" => Err(Status::invalid_argument("kind is required: x509 or jwt")),
-        other => Err(Status::invalid_argument(format!(
-            "invalid kind {other:?}: x509 or jwt"
-        ))),
+        "" => Err(RequestError::MissingKind.into()),
+        other => Err(RequestError::InvalidKind(other.to_owned()).into()),
     }
 }
 
 /// The kind and the ID of the authority `req` names, once its caller is
 /// checked: what taint and revoke act on.
-fn kind_and_id(req: &Request<pb::AuthorityRequest>) -> Result<(AuthorityKind, &str), Status> {
+fn kind_and_id(req: &Request<pb::AuthorityRequest>) -> Result<(AuthorityKind, &str), ServerError> {
     check_caller(req)?;
     let kind = parse_kind(&req.get_ref().kind)?;
     let id = req.get_ref().id.as_str();
     if id.is_empty() {
-        return Err(Status::invalid_argument(
-            "id is required (see `sigil authority list`)",
-        ));
+        return Err(RequestError::MissingAuthorityId.into());
     }
     Ok((kind, id))
 }
@@ -591,25 +586,30 @@ fn authority_pb(v: &AuthorityView) -> pb::Authority {
     }
 }
 
-fn parse_td(s: &str) -> Result<TrustDomain, Status> {
+fn parse_td(s: &str) -> Result<TrustDomain, ServerError> {
     if s.is_empty() {
-        return Err(Status::invalid_argument("trust_domain is required"));
+        return Err(RequestError::MissingTrustDomain.into());
     }
     // Accept `spiffe://td` too, as SPIRE's tools print it.
     let name = s.strip_prefix("spiffe://").unwrap_or(s);
-    TrustDomain::new(name)
-        .map_err(|e| Status::invalid_argument(format!("invalid trust_domain {s:?}: {e}")))
+    TrustDomain::new(name).map_err(|source| {
+        RequestError::TrustDomain {
+            value: s.to_owned(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// The relationship a create or update request describes.
-fn relationship_of(r: &pb::FederationRelationship) -> Result<FederationRelationship, Status> {
+fn relationship_of(r: &pb::FederationRelationship) -> Result<FederationRelationship, ServerError> {
     let profile = BundleEndpointProfile::from_parts(
         &r.bundle_endpoint_profile,
         Some(r.endpoint_spiffe_id.as_str()),
     )
-    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    .map_err(RequestError::Profile)?;
     if r.bundle_endpoint_url.is_empty() {
-        return Err(Status::invalid_argument("bundle_endpoint_url is required"));
+        return Err(RequestError::MissingBundleEndpointUrl.into());
     }
     Ok(FederationRelationship {
         trust_domain: parse_td(&r.trust_domain)?,

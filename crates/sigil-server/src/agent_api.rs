@@ -16,6 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::ServerState;
+use crate::error::{AgentRefusal, EntryRefusal, ServerError};
 use crate::index::{Authorized, IndexEvent, SetChange};
 use crate::tls::AgentPeer;
 
@@ -158,9 +159,9 @@ impl AgentApi for AgentService {
         let mut known = HashMap::new();
         if req.revision > 0 {
             for id in &req.known_entry_ids {
-                let id: EntryId = id.parse().map_err(|e: sigil_types::EntryError| {
-                    Status::invalid_argument(e.to_string())
-                })?;
+                let id: EntryId = id
+                    .parse()
+                    .map_err(|e| ServerError::from(EntryRefusal::BadId(e)))?;
                 known.insert(id, req.revision);
             }
         }
@@ -211,7 +212,7 @@ impl AgentApi for AgentService {
                 Err(error) => pb::X509svidResult {
                     entry_id,
                     cert_chain: vec![],
-                    error,
+                    error: error.to_string(),
                 },
             })
             .collect();
@@ -442,7 +443,7 @@ async fn sync_loop(
         let mut tainted = None;
         tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = tx.send(Err(Status::unavailable("server is shutting down"))).await;
+                let _ = tx.send(Err(ServerError::ShuttingDown.into())).await;
                 return;
             }
             _ = tx.closed() => return,
@@ -503,21 +504,13 @@ async fn sync_loop(
                     return;
                 }
                 Some(_) => {
-                    let _ = tx
-                        .send(Err(Status::permission_denied(format!(
-                            "agent {} is banned",
-                            agent.spiffe_id
-                        ))))
-                        .await;
+                    let refused = AgentRefusal::Banned(agent.spiffe_id.clone());
+                    let _ = tx.send(Err(ServerError::from(refused).into())).await;
                     return;
                 }
                 None => {
-                    let _ = tx
-                        .send(Err(Status::permission_denied(format!(
-                            "agent {} was evicted",
-                            agent.spiffe_id
-                        ))))
-                        .await;
+                    let refused = AgentRefusal::Evicted(agent.spiffe_id.clone());
+                    let _ = tx.send(Err(ServerError::from(refused).into())).await;
                     return;
                 }
             }

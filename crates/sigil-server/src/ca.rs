@@ -41,7 +41,7 @@ use sigil_svid::x509::{X509Authority, sha256_hex};
 use sigil_types::{Jwk, TrustDomain};
 use tokio::sync::{Mutex, watch};
 
-use crate::error::ServerError;
+use crate::error::{AuthorityRefusal, ServerError};
 
 /// Seconds since the Unix epoch (negative times clamp to 0).
 pub(crate) fn unix(t: SystemTime) -> i64 {
@@ -552,11 +552,11 @@ impl CaManager {
             .iter()
             .find(|s| s.record.state == AuthorityState::Prepared)
         {
-            return Err(ServerError::InvalidArgument(format!(
-                "{} authority {} is already prepared; activate it",
-                A::KIND,
-                p.record.id
-            )));
+            return Err(AuthorityRefusal::AlreadyPrepared {
+                kind: A::KIND,
+                id: p.record.id.clone(),
+            }
+            .into());
         }
         let slot = self.create::<A>(AuthorityState::Prepared, now).await?;
         let record = slot.record.clone();
@@ -572,10 +572,7 @@ impl CaManager {
             .iter()
             .position(|s| s.record.state == AuthorityState::Prepared)
         else {
-            return Err(ServerError::InvalidArgument(format!(
-                "this server has no prepared {} authority; prepare one first",
-                A::KIND
-            )));
+            return Err(AuthorityRefusal::NonePrepared(A::KIND).into());
         };
         if let Some(a) = slots
             .iter()
@@ -600,19 +597,20 @@ impl CaManager {
             return Ok(i);
         }
         match peers.iter().find(|r| r.id == id) {
-            Some(r) if r.kind == A::KIND => Err(ServerError::InvalidArgument(format!(
-                "authority {id} belongs to the server with instance ID {}; \
-                 act on it through that server",
-                if r.owner.is_empty() {
-                    "(none)"
+            Some(r) if r.kind == A::KIND => Err(AuthorityRefusal::OwnedElsewhere {
+                id: id.to_owned(),
+                owner: if r.owner.is_empty() {
+                    "(none)".to_owned()
                 } else {
-                    r.owner.as_str()
-                }
-            ))),
-            _ => Err(ServerError::NotFound(format!(
-                "no {} authority {id} on this server (see `sigil authority list`)",
-                A::KIND
-            ))),
+                    r.owner.clone()
+                },
+            }
+            .into()),
+            _ => Err(AuthorityRefusal::Unknown {
+                kind: A::KIND,
+                id: id.to_owned(),
+            }
+            .into()),
         }
     }
 
@@ -626,24 +624,19 @@ impl CaManager {
         let slot = &mut slots[i];
         match slot.record.state {
             AuthorityState::Active => {
-                return Err(ServerError::InvalidArgument(format!(
-                    "{id} is the active {} authority and cannot be tainted; \
-                     prepare and activate a successor first",
-                    A::KIND
-                )));
+                return Err(AuthorityRefusal::TaintActive {
+                    id: id.to_owned(),
+                    kind: A::KIND,
+                }
+                .into());
             }
             AuthorityState::Prepared => {
-                return Err(ServerError::InvalidArgument(format!(
-                    "{id} is prepared and has signed nothing; only a retired \
-                     authority can be tainted"
-                )));
+                return Err(AuthorityRefusal::TaintPrepared(id.to_owned()).into());
             }
             AuthorityState::Retired => {}
         }
         if slot.record.tainted {
-            return Err(ServerError::InvalidArgument(format!(
-                "{id} is already tainted"
-            )));
+            return Err(AuthorityRefusal::AlreadyTainted(id.to_owned()).into());
         }
         let mut record = slot.record.clone();
         record.tainted = true;
@@ -660,10 +653,7 @@ impl CaManager {
     ) -> Result<AuthorityRecord, ServerError> {
         let i = Self::find_own(slots, peers, id)?;
         if !slots[i].record.tainted {
-            return Err(ServerError::InvalidArgument(format!(
-                "{id} is not tainted; taint it first, and revoke it once the \
-                 agents have replaced what it signed"
-            )));
+            return Err(AuthorityRefusal::NotTainted(id.to_owned()).into());
         }
         self.store.delete_authority(id).await?;
         let slot = slots.remove(i);
@@ -1484,7 +1474,7 @@ mod tests {
                 .await
                 .unwrap_err(),
         ];
-        assert!(matches!(refusals[0], ServerError::InvalidArgument(_)));
+        assert_eq!(refusals[0].to_status().code(), tonic::Code::InvalidArgument);
         assert!(
             refusals[1].to_string().contains("active"),
             "{}",
@@ -1495,8 +1485,8 @@ mod tests {
             "{}",
             refusals[2]
         );
-        assert!(matches!(refusals[3], ServerError::NotFound(_)));
-        assert!(matches!(refusals[4], ServerError::NotFound(_)));
+        assert_eq!(refusals[3].to_status().code(), tonic::Code::NotFound);
+        assert_eq!(refusals[4].to_status().code(), tonic::Code::NotFound);
         assert!(
             refusals[5].to_string().contains("instance ID b"),
             "{}",

@@ -18,17 +18,12 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sigil/server/admin.sock";
 /// Default data directory (database and keys).
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/sigil/server";
 
-/// The token audience a PSAT cluster expects unless it names another
-/// (`sigil_k8s::psat::DEFAULT_AUDIENCE`).
-pub const DEFAULT_PSAT_AUDIENCE: &str = "sigil-server";
-/// The node labels a PSAT cluster turns into location selectors unless it
-/// names others (`sigil_k8s::psat::DEFAULT_TRUSTED_NODE_LABEL_KEYS`).
-pub const DEFAULT_PSAT_TRUSTED_NODE_LABEL_KEYS: [&str; 2] = [
-    "topology.kubernetes.io/region",
-    "topology.kubernetes.io/zone",
-];
-
 pub use crate::federation::config::FederationConfig;
+pub use crate::oidc::config::{OidcConfig, OidcSection, OidcTls};
+pub use crate::psat::config::{
+    DEFAULT_PSAT_AUDIENCE, DEFAULT_PSAT_TRUSTED_NODE_LABEL_KEYS, PsatCluster, PsatClusterSection,
+    PsatVerification, PsatVerificationMode,
+};
 pub use sigil_types::config::ConfigError;
 
 /// The `[server]` file format, as written by users.
@@ -147,72 +142,6 @@ impl std::fmt::Debug for StoreConfig {
     }
 }
 
-/// Keys of the `[server.oidc]` table, as written by users.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OidcSection {
-    /// Where the discovery endpoints listen, e.g. `0.0.0.0:8443`.
-    pub address: String,
-    /// The issuer the document names; defaults to `server.jwt_issuer` and
-    /// must equal it.
-    #[serde(default)]
-    pub issuer: Option<String>,
-    /// The `jwks_uri` the document names; defaults to `<issuer>/keys`.
-    #[serde(default)]
-    pub jwks_uri: Option<String>,
-    /// PEM certificate chain to serve HTTPS with; without it (and
-    /// `key_file`) the endpoints are plain HTTP, for a TLS-terminating proxy.
-    #[serde(default)]
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key of `cert_file`.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-}
-
-/// Keys of a `[server.k8s_psat.<cluster>]` table, as written by users.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PsatClusterSection {
-    /// Service accounts whose tokens may attest agents, `namespace:name`.
-    pub service_account_allow_list: Vec<String>,
-    /// The audience the agents' projected tokens must carry.
-    #[serde(default = "default_psat_audience")]
-    pub audience: String,
-    /// How tokens are verified.
-    #[serde(default)]
-    pub verification: PsatVerificationMode,
-    /// The cluster's JWKS (`kubectl get --raw /openid/v1/jwks`); offline_jwks only.
-    #[serde(default)]
-    pub jwks_file: Option<PathBuf>,
-    /// The cluster's service account issuer (`iss`); offline_jwks only.
-    #[serde(default)]
-    pub issuer: Option<String>,
-    /// Node labels that may become `k8s_psat:region:` / `k8s_psat:zone:`.
-    #[serde(default = "default_trusted_node_label_keys")]
-    pub trusted_node_label_keys: Vec<String>,
-    /// Node labels copied into `k8s_psat:agent_node_label:` selectors.
-    #[serde(default)]
-    pub allowed_node_label_keys: Vec<String>,
-    /// Pod labels copied into `k8s_psat:agent_pod_label:` selectors.
-    #[serde(default)]
-    pub allowed_pod_label_keys: Vec<String>,
-    /// A kubeconfig for the cluster's API server; absent: inferred
-    /// (`KUBECONFIG`, `~/.kube/config`, then the in-cluster service account).
-    #[serde(default)]
-    pub kube_config_file: Option<PathBuf>,
-}
-
-/// The `verification` key of a PSAT cluster.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PsatVerificationMode {
-    /// Ask the API server (TokenReview) about every token.
-    #[default]
-    TokenReview,
-    /// Verify signatures against `jwks_file`; the API server is optional.
-    OfflineJwks,
-}
-
 fn default_bind() -> String {
     DEFAULT_BIND.to_owned()
 }
@@ -237,265 +166,6 @@ fn default_join_token_ttl() -> Duration {
 fn default_refresh_hint() -> Duration {
     Duration::from_secs(300)
 }
-fn default_psat_audience() -> String {
-    DEFAULT_PSAT_AUDIENCE.to_owned()
-}
-fn default_trusted_node_label_keys() -> Vec<String> {
-    DEFAULT_PSAT_TRUSTED_NODE_LABEL_KEYS
-        .iter()
-        .map(|k| (*k).to_owned())
-        .collect()
-}
-
-/// How the server verifies one PSAT cluster's tokens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum PsatVerification {
-    /// A TokenReview per token; needs the cluster's API server.
-    TokenReview,
-    /// Signatures checked against the cluster's JWKS, read from `jwks_file`
-    /// at start; the API server is asked about the pod and node when reachable.
-    OfflineJwks {
-        /// The JWKS document (`{"keys":[…]}`).
-        jwks_file: PathBuf,
-        /// The exact `iss` of the cluster's tokens.
-        issuer: String,
-    },
-}
-
-/// One validated `[server.k8s_psat.<cluster>]` profile; the server builds a
-/// `sigil_k8s::psat::PsatVerifier` from it at start.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PsatCluster {
-    /// Service accounts whose tokens may attest agents, `namespace:name`.
-    pub service_account_allow_list: Vec<String>,
-    /// The audience the agents' tokens must carry.
-    pub audience: String,
-    /// How tokens are verified.
-    pub verification: PsatVerification,
-    /// Node labels that may become location selectors.
-    pub trusted_node_label_keys: Vec<String>,
-    /// Node labels copied into `k8s_psat:agent_node_label:` selectors.
-    pub allowed_node_label_keys: Vec<String>,
-    /// Pod labels copied into `k8s_psat:agent_pod_label:` selectors.
-    pub allowed_pod_label_keys: Vec<String>,
-    /// The kubeconfig of the cluster's API server; `None`: inferred.
-    pub kube_config_file: Option<PathBuf>,
-}
-
-impl PsatCluster {
-    /// A profile with the default audience and trusted label keys, no label
-    /// selectors and an inferred API client.
-    pub fn new(service_account_allow_list: Vec<String>, verification: PsatVerification) -> Self {
-        Self {
-            service_account_allow_list,
-            audience: DEFAULT_PSAT_AUDIENCE.to_owned(),
-            verification,
-            trusted_node_label_keys: default_trusted_node_label_keys(),
-            allowed_node_label_keys: Vec::new(),
-            allowed_pod_label_keys: Vec::new(),
-            kube_config_file: None,
-        }
-    }
-}
-
-/// Whether `name` can be a cluster profile name: it becomes a SPIFFE ID path
-/// segment of agent IDs and part of the `k8s_psat:cluster:` selector.
-pub(crate) fn check_psat_cluster_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name == "." || name == ".." {
-        return Err(format!("{name:?} cannot be a SPIFFE ID path segment"));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !matches!(c, 'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '-' | '_'))
-    {
-        return Err(format!(
-            "{name:?} contains {c:?}; a cluster name is a SPIFFE ID path segment \
-             (letters, digits, '.', '-', '_')"
-        ));
-    }
-    Ok(())
-}
-
-/// Validates one `[server.k8s_psat.<name>]` table into a [`PsatCluster`].
-/// What needs files or the API server (the JWKS, the kubeconfig, the label
-/// key rules) is checked when the server starts.
-fn psat_cluster(
-    name: &str,
-    s: PsatClusterSection,
-    invalid: &dyn Fn(&'static str, String) -> ConfigError,
-) -> Result<PsatCluster, ConfigError> {
-    check_psat_cluster_name(name).map_err(|m| invalid("server.k8s_psat", m))?;
-    let msg = |m: &str| format!("{m} (in [server.k8s_psat.{name}])");
-    if cfg!(not(feature = "k8s")) {
-        return Err(invalid(
-            "server.k8s_psat",
-            msg("this server was built without Kubernetes support (cargo feature \"k8s\")"),
-        ));
-    }
-    if s.service_account_allow_list.is_empty() {
-        return Err(invalid(
-            "server.k8s_psat.service_account_allow_list",
-            msg("must name at least one service account (\"namespace:name\")"),
-        ));
-    }
-    for entry in &s.service_account_allow_list {
-        let ok = matches!(entry.split_once(':'),
-            Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains(':'));
-        if !ok {
-            return Err(invalid(
-                "server.k8s_psat.service_account_allow_list",
-                msg(&format!("{entry:?} is not of the form \"namespace:name\"")),
-            ));
-        }
-    }
-    if s.audience.is_empty() || s.audience.chars().any(char::is_control) {
-        return Err(invalid(
-            "server.k8s_psat.audience",
-            msg("must be a non-empty string"),
-        ));
-    }
-    let verification = match s.verification {
-        PsatVerificationMode::TokenReview => {
-            for (key, set) in [
-                ("server.k8s_psat.jwks_file", s.jwks_file.is_some()),
-                ("server.k8s_psat.issuer", s.issuer.is_some()),
-            ] {
-                if set {
-                    return Err(invalid(
-                        key,
-                        msg("is only used with verification = \"offline_jwks\""),
-                    ));
-                }
-            }
-            PsatVerification::TokenReview
-        }
-        PsatVerificationMode::OfflineJwks => {
-            let jwks_file = s.jwks_file.ok_or_else(|| {
-                invalid(
-                    "server.k8s_psat.jwks_file",
-                    msg("is required with verification = \"offline_jwks\""),
-                )
-            })?;
-            let issuer = s.issuer.filter(|i| !i.is_empty()).ok_or_else(|| {
-                invalid(
-                    "server.k8s_psat.issuer",
-                    msg("is required with verification = \"offline_jwks\" (the tokens' iss)"),
-                )
-            })?;
-            PsatVerification::OfflineJwks { jwks_file, issuer }
-        }
-    };
-    Ok(PsatCluster {
-        service_account_allow_list: s.service_account_allow_list,
-        audience: s.audience,
-        verification,
-        trusted_node_label_keys: s.trusted_node_label_keys,
-        allowed_node_label_keys: s.allowed_node_label_keys,
-        allowed_pod_label_keys: s.allowed_pod_label_keys,
-        kube_config_file: s.kube_config_file,
-    })
-}
-
-/// The validated `[server.oidc]` table: where and how the server serves
-/// OIDC discovery (`/.well-known/openid-configuration` and the JWKS).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OidcConfig {
-    /// The listener address.
-    pub address: SocketAddr,
-    /// The issuer: equal to the `iss` of every JWT-SVID.
-    pub issuer: String,
-    /// The `jwks_uri` published in the discovery document.
-    pub jwks_uri: String,
-    /// The certificate and key of the HTTPS listener; `None`: plain HTTP.
-    pub tls: Option<OidcTls>,
-}
-
-/// The certificate files of the OIDC discovery listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OidcTls {
-    /// PEM certificate chain, leaf first.
-    pub cert_file: PathBuf,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key_file: PathBuf,
-}
-
-/// Validates `[server.oidc]` against the JWT issuer.
-fn oidc_config(
-    s: OidcSection,
-    jwt_issuer: Option<&str>,
-    invalid: &dyn Fn(&'static str, String) -> ConfigError,
-) -> Result<OidcConfig, ConfigError> {
-    let address = s
-        .address
-        .parse()
-        .map_err(|e| invalid("server.oidc.address", format!("{:?}: {e}", s.address)))?;
-    let issuer = match (s.issuer, jwt_issuer) {
-        (Some(i), Some(j)) if i != j => {
-            return Err(invalid(
-                "server.oidc.issuer",
-                format!(
-                    "{i:?} differs from server.jwt_issuer {j:?}; the discovery document's \
-                     issuer must be exactly the iss of the tokens (leave issuer out to use \
-                     jwt_issuer)"
-                ),
-            ));
-        }
-        (_, Some(j)) => j.to_owned(),
-        (Some(i), None) => {
-            return Err(invalid(
-                "server.oidc.issuer",
-                format!(
-                    "is set but server.jwt_issuer is not, so JWT-SVIDs would carry no iss \
-                     and no cloud would accept them; set server.jwt_issuer = {i:?} \
-                     (issuer here may then be left out)"
-                ),
-            ));
-        }
-        (None, None) => {
-            return Err(invalid(
-                "server.jwt_issuer",
-                "is required with [server.oidc]: the https:// URL the discovery document \
-                 is published under, e.g. \"https://oidc.example.org\""
-                    .into(),
-            ));
-        }
-    };
-    let jwks_uri = match s.jwks_uri {
-        Some(uri) => {
-            crate::oidc::validate_https_url(&uri)
-                .map_err(|m| invalid("server.oidc.jwks_uri", m))?;
-            uri
-        }
-        None => crate::oidc::default_jwks_uri(&issuer),
-    };
-    let tls = match (s.cert_file, s.key_file) {
-        (Some(cert_file), Some(key_file)) => Some(OidcTls {
-            cert_file,
-            key_file,
-        }),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(invalid(
-                "server.oidc.key_file",
-                "is required with cert_file".into(),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(invalid(
-                "server.oidc.cert_file",
-                "is required with key_file".into(),
-            ));
-        }
-    };
-    Ok(OidcConfig {
-        address,
-        issuer,
-        jwks_uri,
-        tls,
-    })
-}
-
 /// The validated runtime configuration of a server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -628,17 +298,18 @@ impl ServerConfig {
         }
         let mut k8s_psat = BTreeMap::new();
         for (name, section) in s.k8s_psat {
-            let cluster = psat_cluster(&name, section, &invalid)?;
+            let cluster = crate::psat::config::parse(&name, section, &invalid)?;
             k8s_psat.insert(name, cluster);
         }
         let federation = crate::federation::config::parse(s.federation, &trust_domain, &invalid)?;
         let limits = crate::limits::parse(s.limits, &invalid)?;
         if let Some(issuer) = &s.jwt_issuer {
-            crate::oidc::validate_issuer(issuer).map_err(|m| invalid("server.jwt_issuer", m))?;
+            crate::oidc::config::validate_issuer(issuer)
+                .map_err(|e| invalid("server.jwt_issuer", e.to_string()))?;
         }
         let oidc = s
             .oidc
-            .map(|o| oidc_config(o, s.jwt_issuer.as_deref(), &invalid))
+            .map(|o| crate::oidc::config::parse(o, s.jwt_issuer.as_deref(), &invalid))
             .transpose()?;
         let store = store_config(s.store, &invalid)?;
         Ok(Self {

@@ -326,7 +326,7 @@ mod tests {
         let before = store.revisions.load(Ordering::SeqCst);
         let probes: Vec<_> = (0..50)
             .map(|_| {
-                let state = server.state.clone();
+                let state = server.state().clone();
                 tokio::spawn(async move { state.readiness().await })
             })
             .collect();
@@ -337,7 +337,7 @@ mod tests {
 
         store.hang.store(true, Ordering::SeqCst);
         let limit = STORE_TIMEOUT + CACHE_FOR * 5;
-        let answer = readiness_until(&server.state, limit, Result::is_err).await;
+        let answer = readiness_until(server.state(), limit, Result::is_err).await;
         let expected = NotReady::StoreUnreachable("no answer within 2s".to_owned());
         assert_eq!(answer, Err(expected));
         server.shutdown().await;
@@ -350,16 +350,16 @@ mod tests {
     async fn a_stale_change_follower_is_not_ready() {
         let dir = tempfile::tempdir().unwrap();
         let (server, store) = server(&dir).await;
-        assert_eq!(server.state.readiness().await, Ok(()));
+        assert_eq!(server.state().readiness().await, Ok(()));
         store.feed_broken.store(true, Ordering::SeqCst);
         let limit = FOLLOWER_STALE_AFTER + Duration::from_secs(5);
-        let answer = readiness_until(&server.state, limit, Result::is_err).await;
+        let answer = readiness_until(server.state(), limit, Result::is_err).await;
         assert!(
             matches!(answer, Err(NotReady::FollowerStale(n)) if n >= 10),
             "{answer:?}"
         );
         store.feed_broken.store(false, Ordering::SeqCst);
-        let back = readiness_until(&server.state, limit, Result::is_ok).await;
+        let back = readiness_until(server.state(), limit, Result::is_ok).await;
         assert_eq!(back, Ok(()));
         server.shutdown().await;
     }

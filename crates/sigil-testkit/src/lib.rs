@@ -174,10 +174,10 @@ impl Cluster {
         let server = sigil_server::start(server_config.clone())
             .await
             .context("starting server")?;
-        let token = server.state.generate_join_token(None).await?;
+        let token = server.state().generate_join_token(None).await?;
         let mut agent_config = AgentConfig::with_defaults(
             td,
-            server.agent_api_addr.to_string(),
+            server.agent_api_addr().to_string(),
             dir.path().join("agent"),
         );
         agent_config.socket_path = dir.path().join("agent.sock");
@@ -236,7 +236,7 @@ impl Cluster {
     /// The bound address of the server's SPIFFE bundle endpoint.
     pub fn bundle_endpoint_addr(&self) -> anyhow::Result<SocketAddr> {
         self.server()?
-            .bundle_endpoint_addr
+            .bundle_endpoint_addr()
             .context("the server has no [server.federation.bundle_endpoint]")
     }
 
@@ -259,7 +259,7 @@ impl Cluster {
             Selectors::parse_all(selectors)?,
         );
         adjust(&mut entry);
-        Ok(self.server()?.state.create_entry(entry).await?)
+        Ok(self.server()?.state().create_entry(entry).await?)
     }
 
     /// Waits until the agent serves an SVID for `spiffe_id`.

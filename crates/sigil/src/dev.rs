@@ -119,10 +119,10 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         .await
         .context("starting the server")?;
 
-    let token = server.state.generate_join_token(None).await?;
+    let token = server.state().generate_join_token(None).await?;
     let mut acfg = sigil_agent::AgentConfig::with_defaults(
         td.clone(),
-        server.agent_api_addr.to_string(),
+        server.agent_api_addr().to_string(),
         layout.agent,
     );
     acfg.socket_path = layout.agent_socket;
@@ -145,7 +145,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         agent.agent_id.clone(),
         Selectors::parse_all([format!("unix:uid:{uid}")])?,
     );
-    if let Err(e) = server.state.create_entry(entry).await {
+    if let Err(e) = server.state().create_entry(entry).await {
         // On a restart the same registration is already there.
         let status = tonic::Status::from(e);
         if status.code() != tonic::Code::AlreadyExists {
@@ -167,7 +167,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.health_address {
         let bound = health::serve(
             addr,
-            crate::run::server_health(server.state.clone()),
+            crate::run::server_health(server.state().clone()),
             cancel.clone(),
         )
         .await?;
@@ -178,7 +178,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         "sigil dev is running: trust domain {td}, data in {}",
         dir.display()
     );
-    println!("  server (agent API) : {}", server.agent_api_addr);
+    println!("  server (agent API) : {}", server.agent_api_addr());
     println!("  agent              : {}", agent.agent_id);
     println!("  your identity      : {spiffe_id} (for processes with selector unix:uid:{uid})");
     println!();
@@ -189,7 +189,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     println!(
         "  export SIGIL_ADMIN_SOCKET={}",
-        server.admin_socket.display()
+        server.admin_socket().display()
     );
     println!("  sigil svid fetch");
     println!();

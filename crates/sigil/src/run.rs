@@ -62,7 +62,7 @@ pub(crate) async fn server(config: &Path) -> anyhow::Result<()> {
     if let Some(addr) = health_addr {
         let bound = health::serve(
             addr,
-            server_health(handle.state.clone()),
+            server_health(handle.state().clone()),
             handle.cancel_token(),
         )
         .await?;

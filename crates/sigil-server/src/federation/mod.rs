@@ -222,8 +222,8 @@ fn config_error(key: &'static str, td: &TrustDomain, message: String) -> ServerE
 }
 
 /// Parses a foreign bundle strictly (spiffe.md §4.1).
-fn parse_bundle(td: &TrustDomain, json: &str) -> Result<Bundle, String> {
-    Bundle::from_json(td.clone(), json).map_err(|e| e.to_string())
+fn parse_bundle(td: &TrustDomain, json: &str) -> Result<Bundle, sigil_svid::SvidError> {
+    Bundle::from_json(td.clone(), json)
 }
 
 impl Federation {
@@ -819,7 +819,7 @@ impl Shared {
             reason,
         };
         let text = std::str::from_utf8(&body).map_err(|e| bad(format!("not UTF-8: {e}")))?;
-        let fetched = parse_bundle(td, text).map_err(bad)?;
+        let fetched = parse_bundle(td, text).map_err(|e| bad(e.to_string()))?;
         let held = self.held(td).await?;
         if let Some(h) = &held {
             // Without a sequence, the newest fetch wins (spiffe.md §4.3).

@@ -930,13 +930,15 @@ fn spire_style_bundles_parse_and_strictness_rules_hold() {
     let err = broken(&|d| {
         d["keys"][1].as_object_mut().unwrap().remove("kid");
     })
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("kid"), "{err}");
     let err = broken(&|d| {
         let c = d["keys"][0]["x5c"][0].clone();
         d["keys"][0]["x5c"] = json!([c.clone(), c]);
     })
-    .unwrap_err();
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("exactly one"), "{err}");
     assert!(
         broken(&|d| {

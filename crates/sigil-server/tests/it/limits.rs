@@ -51,15 +51,15 @@ async fn server(dir: &tempfile::TempDir, limits: ServerLimits) -> ServerHandle {
 }
 
 fn trust(server: &ServerHandle) -> Arc<ArcSwap<Bundle>> {
-    let td = server.state.config.trust_domain.clone();
-    let json = server.state.ca.bundle().to_json();
+    let td = server.state().config().trust_domain.clone();
+    let json = server.state().ca().bundle().to_json();
     Arc::new(ArcSwap::from_pointee(Bundle::from_json(td, &json).unwrap()))
 }
 
 fn server_id(server: &ServerHandle) -> sigil_types::SpiffeId {
     server
-        .state
-        .config
+        .state()
+        .config()
         .trust_domain
         .id_with_path(sigil_types::SERVER_PATH)
         .unwrap()
@@ -68,7 +68,7 @@ fn server_id(server: &ServerHandle) -> sigil_types::SpiffeId {
 /// An agent API client without a certificate (before attestation).
 async fn anonymous(server: &ServerHandle) -> AgentApiClient<Channel> {
     sigil_agent::client::connect(
-        &sigil_agent::config::ServerAddresses::one(server.agent_api_addr.to_string()),
+        &sigil_agent::config::ServerAddresses::one(server.agent_api_addr().to_string()),
         trust(server),
         server_id(server),
         None,
@@ -85,7 +85,7 @@ async fn attested(server: &ServerHandle) -> AgentApiClient<Channel> {
 
 /// Attests a new agent with a join token; returns its SVID.
 async fn attest(server: &ServerHandle) -> Arc<RotatingCert> {
-    let token = server.state.generate_join_token(None).await.unwrap();
+    let token = server.state().generate_join_token(None).await.unwrap();
     let key = PrivateKey::generate_p256().unwrap();
     let resp = anonymous(server)
         .await
@@ -102,7 +102,7 @@ async fn attest(server: &ServerHandle) -> Arc<RotatingCert> {
 /// A new connection presenting `cert`.
 async fn with_cert(server: &ServerHandle, cert: Arc<RotatingCert>) -> AgentApiClient<Channel> {
     sigil_agent::client::connect(
-        &sigil_agent::config::ServerAddresses::one(server.agent_api_addr.to_string()),
+        &sigil_agent::config::ServerAddresses::one(server.agent_api_addr().to_string()),
         trust(server),
         server_id(server),
         Some(cert),
@@ -146,7 +146,7 @@ async fn refused_soon(client: &mut AgentApiClient<Channel>) -> tonic::Status {
 
 /// A connection to the admin socket.
 async fn admin_channel(server: &ServerHandle) -> Channel {
-    let path = server.admin_socket.clone();
+    let path = server.admin_socket().to_path_buf();
     Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let p = path.clone();
@@ -291,7 +291,7 @@ async fn a_connection_flood_is_capped_and_open_connections_keep_working() {
     // The flood: CAP - 1 silent connections take the remaining slots
     // (accepted in order); every later one is closed at once, long before
     // a handshake timeout could close it.
-    let addr = server.agent_api_addr;
+    let addr = server.agent_api_addr();
     let mut silent = Vec::new();
     for _ in 0..CAP - 1 {
         silent.push(TcpStream::connect(addr).await.unwrap());
@@ -335,7 +335,7 @@ async fn a_client_that_never_starts_the_handshake_is_dropped() {
         },
     )
     .await;
-    let mut silent = TcpStream::connect(server.agent_api_addr).await.unwrap();
+    let mut silent = TcpStream::connect(server.agent_api_addr()).await.unwrap();
     // Closed by the configured timeout: the default (10s) is longer than
     // this wait.
     assert!(
@@ -349,7 +349,7 @@ async fn a_client_that_never_starts_the_handshake_is_dropped() {
 /// Whether a new connection gets the bundle.
 async fn anonymous_ok(server: &ServerHandle) -> bool {
     match sigil_agent::client::connect(
-        &sigil_agent::config::ServerAddresses::one(server.agent_api_addr.to_string()),
+        &sigil_agent::config::ServerAddresses::one(server.agent_api_addr().to_string()),
         trust(server),
         server_id(server),
         None,
@@ -416,7 +416,7 @@ async fn a_connection_without_a_call_is_closed_at_the_first_request_timeout() {
     .await;
     // Finishes TLS (without a certificate), then says nothing: closed by
     // the configured timeout, long before this wait ends.
-    let mut silent = raw_tls(server.agent_api_addr, None).await.unwrap();
+    let mut silent = raw_tls(server.agent_api_addr(), None).await.unwrap();
     assert!(
         closed_within(&mut silent, Duration::from_secs(8)).await,
         "a silent client outlived the first-request timeout"
@@ -458,7 +458,7 @@ async fn one_source_address_is_capped_and_another_still_connects() {
         },
     )
     .await;
-    let addr = server.agent_api_addr;
+    let addr = server.agent_api_addr();
     // Silent connections from 127.0.0.1 (in their handshake, whose
     // default timeout outlasts this test) fill its slots, accepted in order.
     let mut held = Vec::new();
@@ -520,7 +520,7 @@ async fn connections_without_a_certificate_are_capped_and_agents_still_connect()
             "the anonymous slots never filled"
         );
         if let Ok(mut c) = sigil_agent::client::connect(
-            &sigil_agent::config::ServerAddresses::one(server.agent_api_addr.to_string()),
+            &sigil_agent::config::ServerAddresses::one(server.agent_api_addr().to_string()),
             trust(&server),
             server_id(&server),
             None,
@@ -537,7 +537,7 @@ async fn connections_without_a_certificate_are_capped_and_agents_still_connect()
         !anonymous_ok(&server).await,
         "a client without a certificate was served over the cap"
     );
-    let mut raw = raw_tls(server.agent_api_addr, None).await.unwrap();
+    let mut raw = raw_tls(server.agent_api_addr(), None).await.unwrap();
     assert!(
         closed_within(&mut raw, Duration::from_secs(5)).await,
         "a connection without a certificate over the cap was kept"
@@ -563,7 +563,14 @@ async fn a_fleet_behind_one_address_attests_despite_a_low_rate_limit() {
     .await;
     let mut tokens = Vec::new();
     for _ in 0..AGENTS {
-        tokens.push(server.state.generate_join_token(None).await.unwrap().token);
+        tokens.push(
+            server
+                .state()
+                .generate_join_token(None)
+                .await
+                .unwrap()
+                .token,
+        );
     }
     // All at once from 127.0.0.1, each retrying as the agent does.
     let client = anonymous(&server).await;
@@ -631,10 +638,10 @@ async fn an_agent_start_waits_out_the_attestation_rate_limit() {
         }
     }
     assert!(refused, "the budget was never spent");
-    let token = server.state.generate_join_token(None).await.unwrap();
+    let token = server.state().generate_join_token(None).await.unwrap();
     let mut cfg = sigil_agent::config::AgentConfig::with_defaults(
-        server.state.config.trust_domain.clone(),
-        server.agent_api_addr.to_string(),
+        server.state().config().trust_domain.clone(),
+        server.agent_api_addr().to_string(),
         dir.path().join("agent"),
     );
     cfg.socket_path = dir.path().join("agent.sock");
@@ -671,7 +678,7 @@ async fn attestations_over_the_rate_limit_are_refused_before_attestation() {
     .await;
     let failures = || {
         server
-            .state
+            .state()
             .metrics_text()
             .lines()
             .find_map(|l| l.strip_prefix("sigil_server_attestation_failures_total "))

@@ -105,12 +105,12 @@ impl Server {
 
     /// A TLS client authenticating the server; `cert`: the agent's SVID.
     async fn client(&self, cert: Option<Arc<RotatingCert>>) -> AgentApiClient<Channel> {
-        let state = &self.handle().state;
-        let trust = Arc::new(ArcSwap::new(state.ca.bundle()));
+        let state = &self.handle().state();
+        let trust = Arc::new(ArcSwap::new(state.ca().bundle()));
         sigil_agent::client::connect(
-            &sigil_agent::config::ServerAddresses::one(self.handle().agent_api_addr.to_string()),
+            &sigil_agent::config::ServerAddresses::one(self.handle().agent_api_addr().to_string()),
             trust,
-            state.server_id.clone(),
+            state.server_id().clone(),
             cert,
         )
         .await
@@ -118,7 +118,7 @@ impl Server {
     }
 
     async fn agents(&self) -> Vec<AgentRecord> {
-        self.handle().state.store.list_agents().await.unwrap()
+        self.handle().state().store().list_agents().await.unwrap()
     }
 
     async fn shutdown(mut self) {
@@ -292,7 +292,7 @@ async fn refused_tokens_are_permission_denied_and_record_nothing() {
     assert_eq!(err.code(), Code::InvalidArgument);
 
     assert!(server.agents().await.is_empty());
-    let metrics = server.handle().state.metrics_text();
+    let metrics = server.handle().state().metrics_text();
     assert!(
         metrics.contains("sigil_server_attestation_failures_total 8"),
         "{metrics}"
@@ -311,7 +311,7 @@ async fn reattestation_with_a_fresh_token_updates_the_same_record() {
     let first = attest(&mut client, &attempt(CLUSTER, api.token().unwrap()))
         .await
         .unwrap();
-    let store = &server.handle().state.store;
+    let store = &server.handle().state().store();
     // Move the first attestation into the past so that keeping created_at shows.
     let mut record = server.agents().await.remove(0);
     record.created_at -= 3600;
@@ -355,7 +355,7 @@ async fn reattestation_with_a_fresh_token_updates_the_same_record() {
 
     // Banned, it may not come back.
     let id = updated.spiffe_id.clone();
-    server.handle().state.ban_agent(&id).await.unwrap();
+    server.handle().state().ban_agent(&id).await.unwrap();
     let err = attest(&mut client, &attempt(CLUSTER, api.token().unwrap()))
         .await
         .unwrap_err();

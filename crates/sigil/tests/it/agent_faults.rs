@@ -37,8 +37,8 @@ fn csr() -> Vec<u8> {
 async fn an_agent_gets_nothing_for_another_agents_entry_over_mtls() {
     init();
     let mut cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
-    let roots = state.ca.bundle().x509_authorities.clone();
+    let state = cluster.server().unwrap().state().clone();
+    let roots = state.ca().bundle().x509_authorities.clone();
 
     let token = state.generate_join_token(None).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -83,7 +83,7 @@ async fn an_agent_gets_nothing_for_another_agents_entry_over_mtls() {
 
     // X.509: one batch with A's entry and B's own. B's is signed, A's is
     // refused in its result, and the server signed exactly one SVID.
-    let signed_before = state.metrics.x509_svids_signed.get();
+    let signed_before = state.metrics().x509_svids_signed.get();
     let batch = as_b
         .batch_new_x509svid(pb::BatchNewX509svidRequest {
             params: vec![
@@ -115,10 +115,10 @@ async fn an_agent_gets_nothing_for_another_agents_entry_over_mtls() {
         sigil_svid::x509::verify_svid(&batch[1].cert_chain, &roots, SystemTime::now()).unwrap(),
         f.spiffe_id
     );
-    assert_eq!(state.metrics.x509_svids_signed.get(), signed_before + 1);
+    assert_eq!(state.metrics().x509_svids_signed.get(), signed_before + 1);
 
     // JWT: refused with PermissionDenied, nothing minted; B's own works.
-    let minted_before = state.metrics.jwt_svids_minted.get();
+    let minted_before = state.metrics().jwt_svids_minted.get();
     let refused = as_b
         .new_jwtsvid(pb::NewJwtsvidRequest {
             entry_id: e.id.to_string(),
@@ -128,7 +128,7 @@ async fn an_agent_gets_nothing_for_another_agents_entry_over_mtls() {
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
     assert!(refused.message().contains("not authorized"), "{refused:?}");
-    assert_eq!(state.metrics.jwt_svids_minted.get(), minted_before);
+    assert_eq!(state.metrics().jwt_svids_minted.get(), minted_before);
     let own = as_b
         .new_jwtsvid(pb::NewJwtsvidRequest {
             entry_id: f.id.to_string(),

@@ -72,10 +72,10 @@ async fn attested_attributes_reach_x509_and_jwt_svids_only_when_asked_for() {
     let token_path = dir.path().join("token");
     std::fs::write(&token_path, api.token().unwrap()).unwrap();
     let bundle_path = dir.path().join("bundle.pem");
-    std::fs::write(&bundle_path, server.state.ca.bundle().x509_pem()).unwrap();
+    std::fs::write(&bundle_path, server.state().ca().bundle().x509_pem()).unwrap();
     let mut acfg = sigil_agent::AgentConfig::with_defaults(
         td,
-        server.agent_api_addr.to_string(),
+        server.agent_api_addr().to_string(),
         dir.path().join("agent"),
     );
     acfg.socket_path = dir.path().join("agent.sock");
@@ -113,9 +113,9 @@ async fn attested_attributes_reach_x509_and_jwt_svids_only_when_asked_for() {
         Attribute::Namespace,
         Attribute::ServiceAccount,
     ];
-    let with = server.state.create_entry(with).await.unwrap();
+    let with = server.state().create_entry(with).await.unwrap();
     let without = server
-        .state
+        .state()
         .create_entry(Entry::new(
             sigil_server::registry::new_entry_id().unwrap(),
             "spiffe://example.org/blog-plain".parse().unwrap(),
@@ -281,8 +281,8 @@ async fn the_admin_api_refuses_unknown_attribute_names() {
     let server = cluster.server().unwrap();
     assert!(
         server
-            .state
-            .store
+            .state()
+            .store()
             .list_entries()
             .await
             .unwrap()
@@ -317,7 +317,7 @@ async fn the_admin_api_refuses_unknown_attribute_names() {
         "{}",
         refused.results[0].error
     );
-    let entries = server.state.store.list_entries().await.unwrap().entries;
+    let entries = server.state().store().list_entries().await.unwrap().entries;
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].attributes, [Attribute::Cluster, Attribute::Zone]);
     cluster.shutdown().await;

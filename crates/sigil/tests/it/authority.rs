@@ -366,10 +366,10 @@ async fn a_forced_rotation_under_mtls_load_fails_no_handshake() {
     let old = active_x509(&authority(&cluster, &["list"]).unwrap());
     let old_id = old["id"].as_str().unwrap().to_owned();
     let old_sha = old["public_key_id"].as_str().unwrap().to_owned();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let agent_serial = || async {
         state
-            .store
+            .store()
             .get_agent(cluster.agent_id())
             .await
             .unwrap()
@@ -467,9 +467,9 @@ async fn refused_authority_commands_change_nothing() {
     let cluster = Cluster::start(ClusterOptions::default())
         .await
         .expect("cluster starts");
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let list = authority(&cluster, &["list"]).unwrap();
-    let bundle = state.ca.bundle();
+    let bundle = state.ca().bundle();
     let active = active_x509(&list);
     let active_id = active["id"].as_str().unwrap();
 
@@ -497,7 +497,7 @@ async fn refused_authority_commands_change_nothing() {
         let err = authority(&cluster, args).expect_err("refused");
         assert!(err.contains(want), "{args:?}: {err}");
         assert_eq!(authority(&cluster, &["list"]).unwrap(), list, "{args:?}");
-        assert_eq!(state.ca.bundle(), bundle, "{args:?}");
+        assert_eq!(state.ca().bundle(), bundle, "{args:?}");
     }
     // Malformed requests never reach the server.
     for args in [
@@ -511,14 +511,14 @@ async fn refused_authority_commands_change_nothing() {
     // A prepared authority cannot be tainted, nor a second one prepared.
     let prepared = authority(&cluster, &["prepare", "--kind", "x509"]).unwrap();
     let list = authority(&cluster, &["list"]).unwrap();
-    let bundle = state.ca.bundle();
+    let bundle = state.ca().bundle();
     let id = prepared["id"].as_str().unwrap();
     let err = authority(&cluster, &["taint", "--kind", "x509", "--id", id]).unwrap_err();
     assert!(err.contains("prepared"), "{err}");
     let err = authority(&cluster, &["prepare", "--kind", "x509"]).unwrap_err();
     assert!(err.contains("already prepared"), "{err}");
     assert_eq!(authority(&cluster, &["list"]).unwrap(), list);
-    assert_eq!(state.ca.bundle(), bundle);
+    assert_eq!(state.ca().bundle(), bundle);
 
     // The text output names the states.
     let out = sigil()

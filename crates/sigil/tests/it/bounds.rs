@@ -331,8 +331,8 @@ async fn the_jwt_cache_is_bounded_in_bytes_with_a_share_per_uid() {
         cluster
             .server()
             .unwrap()
-            .state
-            .metrics
+            .state()
+            .metrics()
             .jwt_svids_minted
             .get()
     };

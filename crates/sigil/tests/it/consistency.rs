@@ -371,7 +371,10 @@ async fn concurrent_duplicate_creates_through_two_servers_store_one() {
     let b = sigil_server::start(crate::ha::server_config(dir.path(), "b", &pg.url()))
         .await
         .unwrap();
-    let sockets = [a.admin_socket.clone(), b.admin_socket.clone()];
+    let sockets = [
+        a.admin_socket().to_path_buf(),
+        b.admin_socket().to_path_buf(),
+    ];
     for round in 0..5 {
         let spiffe_id = format!("spiffe://example.org/race/{round}");
         let entry = pb::Entry {

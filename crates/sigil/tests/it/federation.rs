@@ -42,8 +42,14 @@ fn td(name: &str) -> TrustDomain {
 
 /// The X.509 authorities of a trust domain's current bundle.
 fn authorities(cluster: &Cluster) -> BTreeSet<Vec<u8>> {
-    let state = &cluster.server().unwrap().state;
-    state.ca.bundle().x509_authorities.iter().cloned().collect()
+    let state = &cluster.server().unwrap().state();
+    state
+        .ca()
+        .bundle()
+        .x509_authorities
+        .iter()
+        .cloned()
+        .collect()
 }
 
 /// The X.509 authorities a workload gets for `td`, through the Workload API.
@@ -315,10 +321,10 @@ async fn two_trust_domains_federate_over_both_profiles() {
     // A rotation in either trust domain reaches the other's workloads by
     // polling alone: the next CA is published, fetched and pushed.
     for (rotating, watching, name) in [(b, a, "b.test"), (a, b, "a.test")] {
-        let state = &rotating.server().unwrap().state;
+        let state = &rotating.server().unwrap().state();
         let before = authorities(rotating);
         state
-            .ca
+            .ca()
             .rotate(SystemTime::now() + rotating.server_config.ca_ttl * 3 / 5)
             .await
             .unwrap();
@@ -430,8 +436,8 @@ async fn federated_bundles_survive_restarts_and_bad_endpoints_store_nothing() {
     a.stop_server().await;
     a.start_server().await.unwrap();
     a.wait_connected(true).await.unwrap();
-    let state = a.server().unwrap().state.clone();
-    let held = state.federation.bundles();
+    let state = a.server().unwrap().state().clone();
+    let held = state.federation().bundles();
     let held = Bundle::from_json(td("b.test"), &held[&td("b.test")]).unwrap();
     assert_eq!(
         held.x509_authorities.into_iter().collect::<BTreeSet<_>>(),

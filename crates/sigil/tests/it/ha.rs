@@ -51,9 +51,9 @@ async fn eventually(limit: Duration, what: &str, mut check: impl AsyncFnMut() ->
 }
 
 fn bundle_has_both(a: &ServerHandle, b: &ServerHandle) -> bool {
-    let mine = |s: &ServerHandle| s.state.ca.active().x509.cert_der().to_vec();
+    let mine = |s: &ServerHandle| s.state().ca().active().x509.cert_der().to_vec();
     [a, b].iter().all(|s| {
-        let bundle = s.state.ca.bundle();
+        let bundle = s.state().ca().bundle();
         bundle.x509_authorities.contains(&mine(a))
             && bundle.x509_authorities.contains(&mine(b))
             && bundle.jwt_authorities.len() >= 2
@@ -71,7 +71,7 @@ async fn register(server: &ServerHandle, parent: &SpiffeId, path: &str) -> Entry
         parent.clone(),
         Selectors::parse_all([format!("unix:uid:{uid}")]).unwrap(),
     );
-    server.state.create_entry(entry).await.unwrap()
+    server.state().create_entry(entry).await.unwrap()
 }
 
 async fn wait_for_svid(agent: &sigil_agent::AgentHandle, id: &SpiffeId, limit: Duration) {
@@ -91,7 +91,7 @@ async fn start_agent(
     attest_on: &ServerHandle,
     servers: &[&ServerHandle],
 ) -> sigil_agent::AgentHandle {
-    let token = attest_on.state.generate_join_token(None).await.unwrap();
+    let token = attest_on.state().generate_join_token(None).await.unwrap();
     let mut config = AgentConfig::with_defaults(
         TrustDomain::new("example.org").unwrap(),
         String::new(),
@@ -100,7 +100,7 @@ async fn start_agent(
     config.server_address = ServerAddresses::new(
         servers
             .iter()
-            .map(|s| s.agent_api_addr.to_string())
+            .map(|s| s.agent_api_addr().to_string())
             .collect(),
     )
     .unwrap();
@@ -129,8 +129,8 @@ async fn two_servers_share_a_database_and_an_agent_fails_over() {
         .unwrap();
     // Each server signs with its own authority; both publish both.
     assert_ne!(
-        a.state.ca.active().x509.cert_der(),
-        b.state.ca.active().x509.cert_der()
+        a.state().ca().active().x509.cert_der(),
+        b.state().ca().active().x509.cert_der()
     );
     eventually(FAILOVER, "both bundles hold both authorities", async || {
         bundle_has_both(&a, &b)
@@ -150,7 +150,7 @@ async fn two_servers_share_a_database_and_an_agent_fails_over() {
     // Written through the server the agent does NOT sync with, an entry
     // reaches the agent within PROPAGATION (operations.md: notified at
     // commit, and a poll once a second in any case), signing included.
-    let other = if a.state.is_connected(&agent_id) {
+    let other = if a.state().is_connected(&agent_id) {
         &b
     } else {
         &a
@@ -164,10 +164,13 @@ async fn two_servers_share_a_database_and_an_agent_fails_over() {
     );
 
     // Kill the server the agent is connected to.
-    let (dead, alive) = if a.state.is_connected(&agent_id) {
+    let (dead, alive) = if a.state().is_connected(&agent_id) {
         (a, b)
     } else {
-        assert!(b.state.is_connected(&agent_id), "connected to one of them");
+        assert!(
+            b.state().is_connected(&agent_id),
+            "connected to one of them"
+        );
         (b, a)
     };
     let client = WorkloadApiClient::connect_to(format!(
@@ -183,13 +186,13 @@ async fn two_servers_share_a_database_and_an_agent_fails_over() {
     eventually(
         FAILOVER,
         "the agent syncs with the surviving server",
-        async || alive.state.is_connected(&agent_id),
+        async || alive.state().is_connected(&agent_id),
     )
     .await;
     assert_eq!(agent.agent_id, agent_id, "no new attestation");
     let record = alive
-        .state
-        .store
+        .state()
+        .store()
         .get_agent(&agent_id)
         .await
         .unwrap()
@@ -221,7 +224,7 @@ async fn two_servers_share_a_database_and_an_agent_fails_over() {
         .map(|c| c.as_bytes().to_vec())
         .collect();
     assert!(
-        roots.contains(&alive.state.ca.active().x509.cert_der().to_vec()),
+        roots.contains(&alive.state().ca().active().x509.cert_der().to_vec()),
         "the workload trusts the surviving server's CA"
     );
 
@@ -258,7 +261,7 @@ async fn svids_keep_being_renewed_while_the_database_is_down() {
             .get(&entry.id)
             .map(|s| s.chain[0].clone())
     };
-    let server_before = server.state.server_cert.leaf();
+    let server_before = server.state().server_cert().leaf();
     let mut workload_seen = vec![workload_leaf(&agent).unwrap()];
 
     tokio::task::block_in_place(|| pg.stop()).unwrap();
@@ -270,10 +273,10 @@ async fn svids_keep_being_renewed_while_the_database_is_down() {
         {
             workload_seen.push(now);
         }
-        workload_seen.len() >= 3 && server.state.server_cert.leaf() != server_before
+        workload_seen.len() >= 3 && server.state().server_cert().leaf() != server_before
     })
     .await;
-    let info = sigil_svid::x509::cert_info(&server.state.server_cert.leaf()).unwrap();
+    let info = sigil_svid::x509::cert_info(&server.state().server_cert().leaf()).unwrap();
     assert!(info.not_after > std::time::SystemTime::now());
     assert!(agent.snapshots.borrow().connected);
     tokio::task::block_in_place(|| pg.start_again()).unwrap();

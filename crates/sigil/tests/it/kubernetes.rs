@@ -189,10 +189,10 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
     let token_path = dir.path().join("token");
     std::fs::write(&token_path, api.token().unwrap()).unwrap();
     let bundle_path = dir.path().join("bundle.pem");
-    std::fs::write(&bundle_path, server.state.ca.bundle().x509_pem()).unwrap();
+    std::fs::write(&bundle_path, server.state().ca().bundle().x509_pem()).unwrap();
     let mut acfg = sigil_agent::AgentConfig::with_defaults(
         td,
-        server.agent_api_addr.to_string(),
+        server.agent_api_addr().to_string(),
         dir.path().join("agent"),
     );
     acfg.socket_path = dir.path().join("agent.sock");
@@ -205,8 +205,8 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
     let expected = format!("spiffe://example.org/sigil/agent/k8s_psat/eks-dev/{NODE_UID}");
     assert_eq!(agent.agent_id.to_string(), expected);
     let record = server
-        .state
-        .store
+        .state()
+        .store()
         .get_agent(&agent.agent_id)
         .await
         .unwrap()
@@ -239,7 +239,7 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
         ])
         .unwrap(),
     );
-    server.state.create_entry(alias).await.unwrap();
+    server.state().create_entry(alias).await.unwrap();
     let uid = nix::unistd::getuid();
     let e = sigil_types::Entry::new(
         "api-in-us-east-1".parse().unwrap(),
@@ -249,7 +249,7 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
         "spiffe://example.org/region/us-east-1".parse().unwrap(),
         sigil_types::Selectors::parse_all([format!("unix:uid:{uid}")]).unwrap(),
     );
-    server.state.create_entry(e).await.unwrap();
+    server.state().create_entry(e).await.unwrap();
     let mut rx = agent.snapshots.clone();
     tokio::time::timeout(
         Duration::from_secs(10),
@@ -275,8 +275,8 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let now = server
-            .state
-            .store
+            .state()
+            .store()
             .get_agent(&agent.agent_id)
             .await
             .unwrap()
@@ -294,11 +294,16 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
 
     // Evicted, the agent is refused; it attests again with its token by
     // itself and keeps serving, under the same ID.
-    server.state.evict_agent(&agent.agent_id).await.unwrap();
+    server.state().evict_agent(&agent.agent_id).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let back = server.state.store.get_agent(&agent.agent_id).await.unwrap();
-        if back.is_some() && server.state.is_connected(&agent.agent_id) {
+        let back = server
+            .state()
+            .store()
+            .get_agent(&agent.agent_id)
+            .await
+            .unwrap();
+        if back.is_some() && server.state().is_connected(&agent.agent_id) {
             break;
         }
         assert!(
@@ -315,7 +320,7 @@ async fn an_agent_attests_its_node_with_a_projected_token_and_reattests() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let server = sigil_server::start(scfg).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !server.state.is_connected(&agent_id) {
+    while !server.state().is_connected(&agent_id) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the agent with an expired SVID did not attest again"

@@ -111,10 +111,10 @@ pub(crate) async fn stack(
     });
     adjust(&mut cfg);
     let server = sigil_server::start(cfg).await.unwrap();
-    let token = server.state.generate_join_token(None).await.unwrap();
+    let token = server.state().generate_join_token(None).await.unwrap();
     let mut acfg = sigil_agent::AgentConfig::with_defaults(
         td,
-        server.agent_api_addr.to_string(),
+        server.agent_api_addr().to_string(),
         dir.path().join("agent"),
     );
     acfg.socket_path = dir.path().join("agent.sock");
@@ -129,7 +129,7 @@ pub(crate) async fn stack(
         agent.agent_id.clone(),
         sigil_types::Selectors::parse_all([format!("unix:uid:{uid}")]).unwrap(),
     );
-    server.state.create_entry(entry).await.unwrap();
+    server.state().create_entry(entry).await.unwrap();
     let mut rx = agent.snapshots.clone();
     tokio::time::timeout(
         Duration::from_secs(15),
@@ -353,7 +353,7 @@ async fn cloud_verifies_a_workload_token(key_type: JwtKeyType, alg: &str) {
         format!("{}/keys", stack.issuer),
         "jwks_uri defaults to <issuer>/keys"
     );
-    let active_kid = stack.server.state.ca.active().jwt.kid().to_owned();
+    let active_kid = stack.server.state().ca().active().jwt.kid().to_owned();
     assert!(
         jwks["keys"]
             .as_array()
@@ -421,7 +421,7 @@ async fn discovery_is_only_get_on_two_paths_and_a_prepared_key_is_published_befo
     );
     let (_, jwks) = discover(&stack.roots, &base).await;
     assert_eq!(jwks["keys"].as_array().unwrap().len(), 1);
-    let first = stack.server.state.ca.active().jwt.kid().to_owned();
+    let first = stack.server.state().ca().active().jwt.kid().to_owned();
 
     // Wait for the successor: published, not yet signing.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
@@ -442,7 +442,7 @@ async fn discovery_is_only_get_on_two_paths_and_a_prepared_key_is_published_befo
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    assert_eq!(stack.server.state.ca.active().jwt.kid(), first);
+    assert_eq!(stack.server.state().ca().active().jwt.kid(), first);
     let token = fetch_jwt(&stack, "aud-before").await;
     let kid = UntrustedToken::new(&token)
         .unwrap()
@@ -520,7 +520,7 @@ pub(crate) async fn validate_raw(
 async fn forged_tokens_are_refused(key_type: JwtKeyType) {
     let stack = stack(key_type, |_| {}).await;
     let socket = stack.socket_path();
-    let active = stack.server.state.ca.active().jwt.clone();
+    let active = stack.server.state().ca().active().jwt.clone();
     let real_key = active.key().clone();
     let kid = active.kid().to_owned();
     let alg = active.alg();

@@ -56,7 +56,7 @@ async fn entries_deleted_while_disconnected_are_dropped_on_resume() {
     cluster
         .server()
         .unwrap()
-        .state
+        .state()
         .delete_entry(&doomed.id)
         .await
         .unwrap();
@@ -121,10 +121,10 @@ async fn expired_entries_are_deleted_and_leave_the_agent() {
         .await
         .unwrap();
     cluster.wait_for_svid(&e.spiffe_id).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     assert_eq!(state.prune_expired_entries(now).await, 0, "not yet expired");
     assert_eq!(state.prune_expired_entries(now + 3600).await, 1);
-    assert!(state.index.get(&e.id).is_none());
+    assert!(state.index().get(&e.id).is_none());
     let mut rx = cluster.agent().unwrap().snapshots.clone();
     tokio::time::timeout(
         crate::PROMPT,

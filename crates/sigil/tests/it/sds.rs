@@ -210,8 +210,8 @@ async fn default_and_rootca_verify_and_an_ack_gets_no_duplicate() {
     let server_roots = cluster
         .server()
         .unwrap()
-        .state
-        .ca
+        .state()
+        .ca()
         .bundle()
         .x509_authorities
         .clone();
@@ -375,8 +375,8 @@ async fn all_holds_the_own_and_federated_trust_domains() {
     cluster
         .server()
         .unwrap()
-        .state
-        .federation
+        .state()
+        .federation()
         .set_bundle(&other_td, &other.to_json())
         .await
         .unwrap();
@@ -402,7 +402,13 @@ async fn all_holds_the_own_and_federated_trust_domains() {
         .unwrap();
     let got = secrets(&stream.next(PROMPT).await);
     let own_pem = sigil_svid::pem::certs_to_pem(
-        &cluster.server().unwrap().state.ca.bundle().x509_authorities,
+        &cluster
+            .server()
+            .unwrap()
+            .state()
+            .ca()
+            .bundle()
+            .x509_authorities,
     );
     assert_eq!(
         spiffe_validator(&got["ALL"]),
@@ -444,8 +450,8 @@ async fn all_holds_the_own_and_federated_trust_domains() {
         cluster
             .server()
             .unwrap()
-            .state
-            .ca
+            .state()
+            .ca()
             .bundle()
             .x509_pem()
             .into_bytes()

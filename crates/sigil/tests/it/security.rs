@@ -78,7 +78,7 @@ async fn a_join_token_works_once() {
     let token = cluster
         .server()
         .unwrap()
-        .state
+        .state()
         .generate_join_token(None)
         .await
         .unwrap();
@@ -103,8 +103,8 @@ async fn a_join_token_works_once() {
     let agents_before = cluster
         .server()
         .unwrap()
-        .state
-        .store
+        .state()
+        .store()
         .list_agents()
         .await
         .unwrap()
@@ -115,7 +115,7 @@ async fn a_join_token_works_once() {
     cfg.trust_bundle_path = Some(third.path().join("bundle.json"));
     std::fs::write(
         third.path().join("bundle.json"),
-        cluster.server().unwrap().state.ca.bundle().to_json(),
+        cluster.server().unwrap().state().ca().bundle().to_json(),
     )
     .unwrap();
     let err = sigil_agent::start(cfg).await.unwrap_err().to_string();
@@ -123,8 +123,8 @@ async fn a_join_token_works_once() {
     let agents_after = cluster
         .server()
         .unwrap()
-        .state
-        .store
+        .state()
+        .store()
         .list_agents()
         .await
         .unwrap()
@@ -137,7 +137,7 @@ async fn a_join_token_works_once() {
 async fn a_banned_agent_is_cut_off() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let e1 = cluster
         .register("/before-ban", &["unix:uid:4242"])
         .await
@@ -176,12 +176,12 @@ async fn a_banned_agent_is_cut_off() {
 async fn an_evicted_agent_is_cut_off() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     state.evict_agent(cluster.agent_id()).await.unwrap();
     cluster.wait_connected(false).await.unwrap();
     assert!(
         state
-            .store
+            .store()
             .get_agent(cluster.agent_id())
             .await
             .unwrap()
@@ -209,7 +209,7 @@ async fn an_evicted_agent_is_cut_off() {
 async fn an_agent_gets_only_its_own_entries() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     // An entry under another (unknown) agent never reaches this one, and
     // this agent cannot have it signed.
     let foreign = cluster
@@ -226,7 +226,7 @@ async fn an_agent_gets_only_its_own_entries() {
     assert!(snap.entries.iter().any(|e| e.id == mine.id));
     assert!(snap.entries.iter().all(|e| e.id != foreign.id));
     let record = state
-        .store
+        .store()
         .get_agent(cluster.agent_id())
         .await
         .unwrap()
@@ -247,6 +247,7 @@ async fn an_agent_gets_only_its_own_entries() {
             .1
             .as_ref()
             .unwrap_err()
+            .to_string()
             .contains("not authorized")
     );
     assert!(results[1].1.is_ok());
@@ -277,14 +278,14 @@ async fn workload_api_answers_promptly_when_nothing_matches() {
 async fn an_agent_bootstraps_from_a_bundle_file_and_refuses_a_wrong_one() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let dir = tempfile::tempdir().unwrap();
 
     // A token without the fingerprint, and the bundle given as PEM.
     let token = state.generate_join_token(None).await.unwrap();
     let bare: String = token.token.split('.').take(2).collect::<Vec<_>>().join(".");
     let pem = dir.path().join("bundle.pem");
-    std::fs::write(&pem, state.ca.bundle().x509_pem()).unwrap();
+    std::fs::write(&pem, state.ca().bundle().x509_pem()).unwrap();
     let mut cfg = second_agent_config(&cluster, dir.path(), bare.clone());
     cfg.trust_bundle_path = Some(pem);
     let agent = sigil_agent::start(cfg).await.unwrap();
@@ -335,9 +336,9 @@ async fn an_agent_bootstraps_from_a_bundle_file_and_refuses_a_wrong_one() {
 async fn node_aliases_group_agents_by_node_selectors() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let record = state
-        .store
+        .store()
         .get_agent(cluster.agent_id())
         .await
         .unwrap()
@@ -622,7 +623,7 @@ pub(crate) async fn agent_client_with(
     chain: Vec<Vec<u8>>,
     key: &sigil_svid::keys::PrivateKey,
 ) -> sigil_proto::server::v1::agent_api_client::AgentApiClient<tonic::transport::Channel> {
-    let bundle = cluster.server().unwrap().state.ca.bundle();
+    let bundle = cluster.server().unwrap().state().ca().bundle();
     let trust = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee((*bundle).clone()));
     let cert = std::sync::Arc::new(sigil_svid::tls::RotatingCert::new(chain, key).unwrap());
     sigil_agent::client::connect(
@@ -821,9 +822,9 @@ async fn reserved_ids_are_refused_and_stored_ones_never_served() {
     );
 
     // Written straight into the store, as an older version could have.
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let posing = state
-        .store
+        .store()
         .create_entry(sigil_types::Entry::new(
             "posing-as-server".parse().unwrap(),
             server_id.parse().unwrap(),
@@ -1080,9 +1081,9 @@ fn bundle_json_of(td: &sigil_types::TrustDomain, authorities: &[&[u8]]) -> Strin
 async fn a_join_token_fingerprint_pins_only_its_authority() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let td = cluster.trust_domain().clone();
-    let real_ca = state.ca.active().x509.cert_der().to_vec();
+    let real_ca = state.ca().active().x509.cert_der().to_vec();
     let token = state.generate_join_token(None).await.unwrap();
     assert_eq!(
         token.token.rsplit('.').next().unwrap(),
@@ -1124,7 +1125,7 @@ async fn a_join_token_fingerprint_pins_only_its_authority() {
         .load_bundle(&td)
         .unwrap()
         .unwrap();
-    assert_eq!(kept.x509_authorities, state.ca.bundle().x509_authorities);
+    assert_eq!(kept.x509_authorities, state.ca().bundle().x509_authorities);
     cluster.shutdown().await;
 }
 
@@ -1135,7 +1136,7 @@ async fn a_join_token_fingerprint_pins_only_its_authority() {
 async fn a_join_token_fingerprint_that_matches_nothing_is_refused() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let td = cluster.trust_domain().clone();
     let token = state.generate_join_token(None).await.unwrap();
     // The rogue serves only its own CA.
@@ -1172,9 +1173,9 @@ fn base64_of(der: &[u8]) -> String {
 async fn an_agent_refuses_a_pem_bundle_holding_a_leaf() {
     init();
     let cluster = Cluster::start(Default::default()).await.unwrap();
-    let state = cluster.server().unwrap().state.clone();
+    let state = cluster.server().unwrap().state().clone();
     let token = state.generate_join_token(None).await.unwrap();
-    let ca = state.ca.active().x509.clone();
+    let ca = state.ca().active().x509.clone();
     let key = sigil_svid::keys::PrivateKey::generate_p256().unwrap();
     let leaf = ca
         .sign_svid(

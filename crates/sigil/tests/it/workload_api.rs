@@ -198,7 +198,7 @@ async fn a_renamed_entry_never_serves_the_svid_of_its_old_id() {
     cluster
         .server()
         .unwrap()
-        .state
+        .state()
         .update_entry(entry)
         .await
         .unwrap();

@@ -13,8 +13,11 @@ use std::collections::BTreeMap;
 use sigil_types::SpiffeId;
 
 use crate::ServerState;
-use crate::config::PsatCluster;
-use crate::error::ServerError;
+use crate::error::{AttestationError, ServerError};
+
+pub mod config;
+
+pub use config::{PsatCluster, PsatVerification};
 
 /// The `attestation_type` of agents attested with a PSAT.
 pub const ATTESTATION_TYPE: &str = "k8s_psat";
@@ -112,7 +115,7 @@ impl ServerState {
         _token: &str,
         _csr: &[u8],
     ) -> Result<(SpiffeId, Vec<Vec<u8>>), ServerError> {
-        Err(ServerError::Unimplemented(NO_K8S_SUPPORT.into()))
+        Err(AttestationError::Unsupported(NO_K8S_SUPPORT).into())
     }
 
     #[cfg(feature = "k8s")]
@@ -131,12 +134,12 @@ impl ServerState {
 
         let spki = csr_public_key(csr)?;
         let Some(verifier) = self.psat.clusters.get(cluster) else {
-            return Err(ServerError::PermissionDenied(format!(
-                "no Kubernetes cluster profile {:?} is configured on this server",
-                shown(cluster)
-            )));
+            return Err(AttestationError::UnknownCluster(shown(cluster).to_owned()).into());
         };
-        let attestation = verifier.attest(token).await.map_err(k8s::psat_error)?;
+        let attestation = verifier
+            .attest(token)
+            .await
+            .map_err(AttestationError::Psat)?;
         let agent_id = self
             .config
             .trust_domain
@@ -148,9 +151,7 @@ impl ServerState {
         let write_guard = self.agent_writes.lock().await;
         let existing = self.store.get_agent(&agent_id).await?;
         if existing.as_ref().is_some_and(|a| a.banned) {
-            return Err(ServerError::PermissionDenied(format!(
-                "agent {agent_id} is banned"
-            )));
+            return Err(crate::error::AgentRefusal::Banned(agent_id).into());
         }
         let now = SystemTime::now();
         let leaf = self.sign_agent_svid(&agent_id, &spki, now)?;
@@ -190,7 +191,7 @@ mod k8s {
     use sigil_k8s::psat::{ClusterConfig, PsatError, PsatVerifier, Verification};
     use sigil_types::config::ConfigError;
 
-    use crate::config::{PsatCluster, PsatVerification};
+    use super::config::{PsatCluster, PsatVerification};
     use crate::error::ServerError;
 
     fn invalid(key: &'static str, cluster: &str, message: String) -> ServerError {
@@ -277,8 +278,8 @@ mod k8s {
         name: &str,
         cluster: &PsatCluster,
     ) -> Result<PsatVerifier, ServerError> {
-        crate::config::check_psat_cluster_name(name)
-            .map_err(|m| invalid("server.k8s_psat", name, m))?;
+        super::config::check_psat_cluster_name(name)
+            .map_err(|e| invalid("server.k8s_psat", name, e.to_string()))?;
         let verification = match &cluster.verification {
             PsatVerification::TokenReview => Verification::TokenReview,
             PsatVerification::OfflineJwks { jwks_file, issuer } => {
@@ -314,19 +315,6 @@ mod k8s {
             PsatError::Config { key, reason, .. } => invalid(key_of(key), name, reason),
             other => invalid("server.k8s_psat", name, other.to_string()),
         })
-    }
-
-    /// Maps a refused attestation: transient API server trouble is
-    /// `Unavailable` (the agent retries), everything else `PermissionDenied`.
-    /// The verifier's messages name only what the token says.
-    pub(super) fn psat_error(e: PsatError) -> ServerError {
-        if e.is_unavailable() {
-            ServerError::Unavailable(e.to_string())
-        } else if matches!(e, PsatError::Config { .. }) {
-            ServerError::Internal(e.to_string())
-        } else {
-            ServerError::PermissionDenied(e.to_string())
-        }
     }
 }
 
@@ -366,7 +354,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(err, ServerError::Unimplemented(ref m) if m == NO_K8S_SUPPORT),
+            matches!(err, ServerError::Attestation(AttestationError::Unsupported(m)) if m == NO_K8S_SUPPORT),
             "{err}"
         );
         let status = tonic::Status::from(err);
@@ -444,7 +432,7 @@ mod tests {
             }
 
             fn state(&self) -> &ServerState {
-                &self.server.as_ref().unwrap().state
+                self.server.as_ref().unwrap().state()
             }
 
             fn token(&self, sa: &str, aud: &str, ttl: i64) -> String {
@@ -507,8 +495,9 @@ mod tests {
         }
 
         fn denied(err: &ServerError, needle: &str) {
+            let status = err.to_status();
             assert!(
-                matches!(err, ServerError::PermissionDenied(m) if m.contains(needle)),
+                status.code() == tonic::Code::PermissionDenied && status.message().contains(needle),
                 "expected PermissionDenied containing {needle:?}, got {err:?}"
             );
         }

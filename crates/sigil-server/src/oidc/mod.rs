@@ -32,8 +32,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ca::CaManager;
 use crate::cert_files::{CertFiles, FileCertResolver};
-use crate::config::{OidcConfig, OidcTls};
 use crate::error::ServerError;
+
+pub mod config;
+
+pub use config::{
+    OidcConfig, OidcTls, UrlError, default_jwks_uri, validate_https_url, validate_issuer,
+};
 
 /// Path of the discovery document, below the issuer's path.
 pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
@@ -43,32 +48,6 @@ pub const KEYS_PATH: &str = "/keys";
 pub const BASE_CLAIMS: [&str; 5] = ["sub", "aud", "exp", "iat", "iss"];
 /// Upper bound of the `max-age` both documents are served with.
 pub const MAX_CACHE_AGE: Duration = Duration::from_secs(300);
-
-/// Checks an `https://host[:port][/path]` URL without user information,
-/// query or fragment: what clouds accept as an OIDC issuer or `jwks_uri`
-/// (docs/cloud-identity.md).
-pub fn validate_https_url(url: &str) -> Result<(), String> {
-    sigil_types::federation::check_https_url(url).map_err(|why| {
-        let url = sigil_types::text::clip(url, sigil_types::text::MAX_ECHO_BYTES);
-        format!("{url:?} {why}")
-    })?;
-    if url.contains('?') {
-        return Err(format!("{url:?} must not have a query"));
-    }
-    Ok(())
-}
-
-/// Checks a JWT issuer (`jwt_issuer`): the exact string tokens carry as
-/// `iss` and relying parties compare, an https URL per
-/// [`validate_https_url`]. A trailing slash is kept and matters.
-pub fn validate_issuer(issuer: &str) -> Result<(), String> {
-    validate_https_url(issuer)
-}
-
-/// The default `jwks_uri` of an issuer: `<issuer without trailing slash>/keys`.
-pub fn default_jwks_uri(issuer: &str) -> String {
-    format!("{}{KEYS_PATH}", issuer.trim_end_matches('/'))
-}
 
 /// The authority (`host[:port]`) and path of a URL checked by
 /// [`validate_https_url`]; the path is empty when the URL has none.
@@ -386,7 +365,7 @@ mod tests {
             ("https://oidc.example.org/#f", "fragment"),
             ("https://oidc.example.org/a b", "whitespace"),
         ] {
-            let err = validate_issuer(bad).unwrap_err();
+            let err = validate_issuer(bad).unwrap_err().to_string();
             assert!(err.contains(why), "{bad}: {err}");
         }
         assert_eq!(

@@ -1,0 +1,316 @@
+//! Signing for agents: X.509-SVIDs and JWT-SVIDs, each for an entry
+//! authorized to the calling agent, with one TTL rule for both.
+//!
+//! Identity attributes (docs/attributes.md) enter SVIDs here, and only
+//! here: computed from the calling agent's attested node selectors (its
+//! stored record, loaded when the call was authenticated) and the entry's
+//! own selectors, never from the CSR or anything else in the request.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sigil_svid::jwt::JwtClaims;
+use sigil_svid::x509::{SvidRequest, csr_public_key};
+use sigil_types::{AgentRecord, Entry, EntryId};
+
+use crate::error::{ServerError, SignError};
+use crate::registry::MAX_BATCH;
+use crate::state::ServerState;
+
+/// One signing outcome: the entry ID and the DER chain, or why not.
+pub type SignResult = (String, Result<Vec<Vec<u8>>, SignError>);
+
+/// An SVID's lifetime: the entry's own TTL in seconds, or the server's
+/// default when the entry sets none (0). X.509 and JWT alike.
+fn svid_ttl(entry_seconds: u64, default: Duration) -> Duration {
+    match entry_seconds {
+        0 => default,
+        s => Duration::from_secs(s),
+    }
+}
+
+/// The identity attributes an SVID of `entry` carries when issued through
+/// `agent`, as (name, value) sorted by name: the entry's `attributes`
+/// resolved against the agent's attested node selectors and the entry's
+/// selectors. Empty when the entry names none.
+pub fn svid_attributes(agent: &AgentRecord, entry: &Entry) -> Vec<(String, String)> {
+    if entry.attributes.is_empty() {
+        return Vec::new();
+    }
+    sigil_types::attribute::resolve(&entry.attributes, &agent.selectors, &entry.selectors)
+        .into_iter()
+        .map(|(a, v)| (a.as_str().to_owned(), v))
+        .collect()
+}
+
+impl ServerState {
+    /// Signs workload CSRs, each for an entry authorized to `agent`.
+    pub fn sign_x509_svids(
+        &self,
+        agent: &AgentRecord,
+        params: Vec<(String, Vec<u8>)>,
+    ) -> Result<Vec<SignResult>, ServerError> {
+        if params.len() > MAX_BATCH {
+            return Err(SignError::BatchTooLarge {
+                max: MAX_BATCH,
+                got: params.len(),
+            }
+            .into());
+        }
+        let authority = self.ca.active().x509.clone();
+        let now = SystemTime::now();
+        let mut out = Vec::with_capacity(params.len());
+        for (entry_id, csr) in params {
+            let result = (|| {
+                let entry = self.authorized_entry(agent, &entry_id)?;
+                // Only the public key is taken from the CSR: its subject,
+                // SANs and extensions are ignored.
+                let spki = csr_public_key(&csr).map_err(SignError::InvalidCsr)?;
+                let ttl = svid_ttl(entry.x509_svid_ttl, self.config.default_x509_svid_ttl);
+                let attributes = svid_attributes(agent, &entry);
+                let leaf = authority
+                    .sign_svid(
+                        &SvidRequest {
+                            spiffe_id: &entry.spiffe_id,
+                            dns_names: &entry.dns_names,
+                            ttl,
+                            attributes: &attributes,
+                        },
+                        &spki,
+                        now,
+                    )
+                    .map_err(SignError::Failed)?;
+                Ok(vec![leaf])
+            })();
+            if result.is_ok() {
+                self.metrics.x509_svids_signed.inc();
+            }
+            out.push((entry_id, result));
+        }
+        Ok(out)
+    }
+
+    /// The entry `entry_id` names, if it is authorized for `agent`.
+    fn authorized_entry(
+        &self,
+        agent: &AgentRecord,
+        entry_id: &str,
+    ) -> Result<Arc<Entry>, SignError> {
+        let id: EntryId = entry_id.parse().map_err(SignError::BadEntryId)?;
+        self.index
+            .authorized_entry(&id, &agent.spiffe_id, &agent.selectors)
+            .ok_or(SignError::NotAuthorized(id))
+    }
+
+    /// Mints a JWT-SVID for an entry authorized to `agent`: `iss` is the
+    /// configured `jwt_issuer` (if any), and the entry's attributes become
+    /// top-level claims named like them.
+    pub fn mint_jwt_svid(
+        &self,
+        agent: &AgentRecord,
+        entry_id: &str,
+        audience: &[String],
+    ) -> Result<String, ServerError> {
+        sigil_svid::jwt::check_audiences(audience).map_err(SignError::Audience)?;
+        let entry = self.authorized_entry(agent, entry_id)?;
+        let ttl = svid_ttl(entry.jwt_svid_ttl, self.config.default_jwt_svid_ttl);
+        let claims = JwtClaims {
+            issuer: self.config.jwt_issuer.clone(),
+            extra: svid_attributes(agent, &entry)
+                .into_iter()
+                .map(|(name, value)| (name, value.into()))
+                .collect(),
+        };
+        let token = self.ca.active().jwt.sign_with(
+            &entry.spiffe_id,
+            audience,
+            ttl,
+            SystemTime::now(),
+            &claims,
+        )?;
+        self.metrics.jwt_svids_minted.inc();
+        Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use sigil_types::Selectors;
+
+    use super::*;
+    use crate::registry::new_entry_id;
+
+    /// DER of SEQUENCE OF SEQUENCE { UTF8String, UTF8String } (short items only).
+    fn attributes_der(pairs: &[(&str, &str)]) -> Vec<u8> {
+        let tlv = |tag: u8, body: &[u8]| {
+            let mut v = vec![tag, u8::try_from(body.len()).unwrap()];
+            v.extend_from_slice(body);
+            v
+        };
+        let items: Vec<u8> = pairs
+            .iter()
+            .flat_map(|(n, v)| {
+                tlv(
+                    0x30,
+                    &[tlv(0x0c, n.as_bytes()), tlv(0x0c, v.as_bytes())].concat(),
+                )
+            })
+            .collect();
+        tlv(0x30, &items)
+    }
+
+    /// A CSR that asks for another identity, DNS name and attribute values.
+    fn smuggling_csr() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["evil.example.org".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://example.org/admin".try_into().unwrap(),
+        ));
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                sigil_svid::x509::ATTRIBUTES_OID,
+                attributes_der(&[("cluster", "evil"), ("region", "evil"), ("zone", "evil")]),
+            ));
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    fn claims_of(token: &str) -> serde_json::Map<String, serde_json::Value> {
+        let payload = token.split('.').nth(1).unwrap();
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        serde_json::from_slice(&json).unwrap()
+    }
+
+    #[tokio::test]
+    async fn attributes_come_from_the_agent_record_and_entry_never_the_request() {
+        use sigil_types::Attribute;
+        let dir = tempfile::tempdir().unwrap();
+        let td = sigil_types::TrustDomain::new("example.org").unwrap();
+        let mut config = crate::ServerConfig::with_defaults(td, dir.path().join("server"));
+        config.bind_address = "127.0.0.1:0".parse().unwrap();
+        config.admin_socket = dir.path().join("admin.sock");
+        config.jwt_issuer = Some("https://oidc.example.org".into());
+        let server = crate::start(config).await.unwrap();
+        let state = &server.state();
+        let agent = AgentRecord {
+            spiffe_id: "spiffe://example.org/sigil/agent/k8s_psat/prod/n1"
+                .parse()
+                .unwrap(),
+            attestation_type: "k8s_psat".into(),
+            selectors: Selectors::parse_all([
+                "k8s_psat:cluster:prod",
+                "k8s_psat:region:eu-west-1",
+                "k8s_psat:agent_node_name:n1",
+            ])
+            .unwrap(),
+            serial: String::new(),
+            previous_serial: String::new(),
+            serial_used: false,
+            expires_at: 0,
+            banned: false,
+            can_reattest: true,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let selectors = Selectors::parse_all(["k8s:ns:payments", "k8s:sa:api"]).unwrap();
+        let mut with = Entry::new(
+            new_entry_id().unwrap(),
+            "spiffe://example.org/payments/api".parse().unwrap(),
+            agent.spiffe_id.clone(),
+            selectors.clone(),
+        );
+        with.attributes = vec![
+            Attribute::Cluster,
+            Attribute::Region,
+            Attribute::Zone,
+            Attribute::Namespace,
+            Attribute::ServiceAccount,
+        ];
+        let with = state.create_entry(with).await.unwrap();
+        let without = state
+            .create_entry(Entry::new(
+                new_entry_id().unwrap(),
+                "spiffe://example.org/payments/plain".parse().unwrap(),
+                agent.spiffe_id.clone(),
+                selectors,
+            ))
+            .await
+            .unwrap();
+
+        let signed = state
+            .sign_x509_svids(
+                &agent,
+                vec![
+                    (with.id.to_string(), smuggling_csr()),
+                    (without.id.to_string(), smuggling_csr()),
+                ],
+            )
+            .unwrap();
+        let leaf = |i: usize| signed[i].1.as_ref().unwrap()[0].clone();
+        let pair = |n: &str, v: &str| (n.to_owned(), v.to_owned());
+        // Zone has no attested source and is left out; the CSR's values are ignored.
+        assert_eq!(
+            sigil_svid::x509::svid_attributes(&leaf(0)).unwrap(),
+            vec![
+                pair("cluster", "prod"),
+                pair("namespace", "payments"),
+                pair("region", "eu-west-1"),
+                pair("service_account", "api"),
+            ]
+        );
+        let info = sigil_svid::x509::cert_info(&leaf(0)).unwrap();
+        assert_eq!(info.spiffe_id, Some(with.spiffe_id.clone()));
+        let leaf0 = leaf(0);
+        let cert = x509_parser::parse_x509_certificate(&leaf0).unwrap().1;
+        let sans = format!("{:?}", cert.subject_alternative_name().unwrap());
+        assert!(!sans.contains("evil") && !sans.contains("admin"), "{sans}");
+        // An entry without attributes: no extension at all, whatever the CSR says.
+        assert!(
+            sigil_svid::x509::svid_attributes(&leaf(1))
+                .unwrap()
+                .is_empty()
+        );
+        let leaf1 = leaf(1);
+        let cert = x509_parser::parse_x509_certificate(&leaf1).unwrap().1;
+        assert!(
+            !cert
+                .extensions()
+                .iter()
+                .any(|e| e.oid.to_id_string() == sigil_svid::x509::ATTRIBUTES_OID_STR)
+        );
+
+        let aud = vec!["sts.amazonaws.com".to_owned()];
+        let claims = claims_of(&state.mint_jwt_svid(&agent, with.id.as_str(), &aud).unwrap());
+        assert_eq!(claims["iss"], "https://oidc.example.org");
+        assert_eq!(claims["sub"], "spiffe://example.org/payments/api");
+        assert_eq!(claims["cluster"], "prod");
+        assert_eq!(claims["region"], "eu-west-1");
+        assert_eq!(claims["namespace"], "payments");
+        assert_eq!(claims["service_account"], "api");
+        assert!(!claims.contains_key("zone"));
+        let claims = claims_of(
+            &state
+                .mint_jwt_svid(&agent, without.id.as_str(), &aud)
+                .unwrap(),
+        );
+        let mut names: Vec<&str> = claims.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["aud", "exp", "iat", "iss", "sub"]);
+
+        // The same entry through an agent attested elsewhere carries that agent's facts.
+        let mut elsewhere = agent.clone();
+        elsewhere.selectors = Selectors::parse_all(["k8s_psat:cluster:dev"]).unwrap();
+        let claims = claims_of(
+            &state
+                .mint_jwt_svid(&elsewhere, with.id.as_str(), &aud)
+                .unwrap(),
+        );
+        assert_eq!(claims["cluster"], "dev");
+        assert!(!claims.contains_key("region"));
+        server.shutdown().await;
+    }
+}

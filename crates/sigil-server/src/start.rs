@@ -1,0 +1,343 @@
+//! Running a server: opening the store, building the shared state, and
+//! starting every listener and background task; [`ServerHandle`] stops them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::SystemTime;
+
+use sigil_store::{SqliteStore, Store};
+use sigil_svid::tls::RotatingCert;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ca::{self, CaManager};
+use crate::config::{self, ServerConfig};
+use crate::error::ServerError;
+use crate::index::EntryIndex;
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
+use crate::state::ServerState;
+use crate::{admin_api, agent_api, agents, background, federation, follower, oidc, psat, tls};
+
+/// A running server: what in-process callers (`sigil dev`, the testkit, the
+/// bench, tests) reach it through, and what stops it.
+#[derive(Debug)]
+pub struct ServerHandle {
+    state: Arc<ServerState>,
+    agent_api_addr: SocketAddr,
+    admin_socket: PathBuf,
+    oidc_addr: Option<SocketAddr>,
+    bundle_endpoint_addr: Option<SocketAddr>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl ServerHandle {
+    /// The state the server's tasks share: its operations (join tokens,
+    /// entries, agents) and read access to its parts.
+    pub fn state(&self) -> &Arc<ServerState> {
+        &self.state
+    }
+
+    /// The agent API's bound address.
+    pub fn agent_api_addr(&self) -> SocketAddr {
+        self.agent_api_addr
+    }
+
+    /// The admin socket.
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
+    /// The OIDC discovery listener's bound address, when `[server.oidc]` is set.
+    pub fn oidc_addr(&self) -> Option<SocketAddr> {
+        self.oidc_addr
+    }
+
+    /// The SPIFFE bundle endpoint's bound address, when
+    /// `[server.federation.bundle_endpoint]` is set.
+    pub fn bundle_endpoint_addr(&self) -> Option<SocketAddr> {
+        self.bundle_endpoint_addr
+    }
+
+    /// Stops every task and waits for them.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        let _ = std::fs::remove_file(&self.admin_socket);
+    }
+
+    /// A token cancelled when the server stops.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+/// Opens the store, loads the CA, builds the index and starts every listener
+/// and background task.
+pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+    sigil_svid::install_crypto_provider();
+    sigil_svid::keys::ensure_private_dir(&config.data_dir)?;
+    let store = open_store(&config).await?;
+    start_with_store(config, store).await
+}
+
+/// Opens the configured store: SQLite in the data directory, or PostgreSQL.
+pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+    match &config.store {
+        config::StoreConfig::Sqlite => Ok(Arc::new(
+            SqliteStore::open(&config.data_dir.join("sigil.db")).await?,
+        )),
+        #[cfg(feature = "postgres")]
+        config::StoreConfig::Postgres { url } => {
+            let store = sigil_store::PostgresStore::connect(url).await?;
+            tracing::info!("using the PostgreSQL store");
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "postgres"))]
+        config::StoreConfig::Postgres { .. } => Err(ServerError::Internal(
+            "this build of sigil has no PostgreSQL support".into(),
+        )),
+    }
+}
+
+/// Like [`start`], with a store opened by the caller.
+pub async fn start_with_store(
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+) -> Result<ServerHandle, ServerError> {
+    sigil_svid::install_crypto_provider();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let state = build_state(config, store, &cancel, &tracker).await?;
+
+    tracker.spawn(follower::follow_changes(state.clone(), cancel.clone()));
+    tracker.spawn(background::rotate_loop(state.clone(), cancel.clone()));
+    tracker.spawn(background::prune_loop(state.clone(), cancel.clone()));
+
+    let agent_api_addr = serve_agent_api(&state, &cancel, &tracker).await?;
+    let admin_socket = serve_admin_api(&state, &cancel, &tracker)?;
+    // From here on a failure stops what already runs.
+    let listeners = serve_http(&state, &cancel, &tracker)
+        .await
+        .inspect_err(|_| cancel.cancel())?;
+
+    state.set_ready();
+    tracing::info!(
+        trust_domain = %state.config.trust_domain,
+        agent_api = %agent_api_addr,
+        admin_socket = %admin_socket.display(),
+        "server started"
+    );
+    Ok(ServerHandle {
+        state,
+        agent_api_addr,
+        admin_socket,
+        oidc_addr: listeners.oidc,
+        bundle_endpoint_addr: listeners.bundle_endpoint,
+        cancel,
+        tracker,
+    })
+}
+
+/// Reads everything the server starts from (PSAT verifiers, authorities,
+/// entries, agents, federation) and mints the server's own SVID.
+async fn build_state(
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Arc<ServerState>, ServerError> {
+    // First, so that a bad JWKS or kubeconfig stops the start before anything listens.
+    let psat = psat::PsatVerifiers::build(&config.k8s_psat).await?;
+    let now = SystemTime::now();
+    let instance_id = ca::load_or_create_instance_id(&config.data_dir)?;
+    let ca = CaManager::load(
+        config.trust_domain.clone(),
+        store.clone(),
+        &instance_id,
+        &config.data_dir.join("keys"),
+        config.ca_ttl,
+        config.bundle_refresh_hint,
+        config.jwt_key_type,
+        now,
+    )
+    .await?;
+    let index = Arc::new(EntryIndex::new(store.list_entries().await?));
+    // After the entries: changes between the two reads are applied again by
+    // the follower, which re-reads the agents they name.
+    let agents = agents::AgentRecords::load(store.as_ref()).await?;
+    let server_id = config
+        .trust_domain
+        .id_with_path(sigil_types::SERVER_PATH)
+        .map_err(|e| ServerError::Internal(e.to_string()))?;
+    let (chain, key) =
+        background::mint_server_svid(&ca, &server_id, config.default_x509_svid_ttl, now)?;
+    let server_cert = Arc::new(RotatingCert::new(chain, &key)?);
+    let federation = federation::Federation::new(
+        config.trust_domain.clone(),
+        store.clone(),
+        ca.clone(),
+        &config.federation,
+        cancel.clone(),
+        tracker.clone(),
+    )
+    .await?;
+    Ok(Arc::new(ServerState {
+        server_cert_renew_at: std::sync::Mutex::new(now + config.default_x509_svid_ttl / 2),
+        config,
+        store,
+        ca,
+        index,
+        agents,
+        federation,
+        server_id,
+        server_cert,
+        metrics: Metrics::default(),
+        follower_wake: Notify::new(),
+        connected: std::sync::Mutex::new(Default::default()),
+        ready: AtomicBool::new(false),
+        readiness: Readiness::new(),
+        psat,
+        agent_writes: tokio::sync::Mutex::new(()),
+    }))
+}
+
+/// Binds the agent API (mutual TLS) and serves it until cancelled.
+async fn serve_agent_api(
+    state: &Arc<ServerState>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<SocketAddr, ServerError> {
+    let listener = TcpListener::bind(state.config.bind_address).await?;
+    let addr = listener.local_addr()?;
+    let tls_config = Arc::new(tls::server_config(
+        state.ca.clone(),
+        state.server_cert.clone(),
+    )?);
+    let limits = state.config.limits.clone();
+    let incoming = tls::incoming(listener, tls_config, cancel.clone(), &limits);
+    let service = agent_api::service(state.clone(), cancel.clone());
+    let stop = cancel.clone().cancelled_owned();
+    tracker.spawn(async move {
+        // The request timeout ends a call that has not answered; a stream
+        // (Sync) runs on after its first answer.
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(crate::limits::KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(crate::limits::KEEPALIVE_TIMEOUT))
+            .max_concurrent_streams(limits.max_streams_per_connection)
+            .timeout(limits.request_timeout)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop)
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "agent API stopped");
+        }
+    });
+    Ok(addr)
+}
+
+/// Binds the admin API's private Unix socket and serves it until cancelled.
+fn serve_admin_api(
+    state: &Arc<ServerState>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<PathBuf, ServerError> {
+    let socket = state.config.admin_socket.clone();
+    let listener = bind_private_socket(&socket)?;
+    let service = admin_api::service(state.clone());
+    let stop = cancel.clone().cancelled_owned();
+    tracker.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                // Clients of every gRPC stack, whatever :authority they send.
+                sigil_uds::incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+                stop,
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    Ok(socket)
+}
+
+/// The bound addresses of the optional HTTP listeners.
+struct HttpListeners {
+    oidc: Option<SocketAddr>,
+    bundle_endpoint: Option<SocketAddr>,
+}
+
+/// Starts OIDC discovery and the SPIFFE bundle endpoint when configured,
+/// then the pollers of federated bundles.
+async fn serve_http(
+    state: &Arc<ServerState>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<HttpListeners, ServerError> {
+    let oidc = match &state.config.oidc {
+        Some(oidc_config) => {
+            let (addr, serve) = oidc::bind(
+                oidc_config,
+                state.ca.clone(),
+                state.config.ca_ttl,
+                cancel.clone(),
+            )
+            .await?;
+            tracker.spawn(serve);
+            Some(addr)
+        }
+        None => None,
+    };
+    let bundle_endpoint = match &state.config.federation.bundle_endpoint {
+        Some(endpoint) => Some(
+            federation::endpoint::serve(
+                endpoint,
+                state.ca.clone(),
+                state.server_cert.clone(),
+                cancel.clone(),
+                tracker,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    state.federation.start().await?;
+    if let Some(addr) = bundle_endpoint {
+        tracing::info!(address = %addr, "SPIFFE bundle endpoint listening");
+    }
+    Ok(HttpListeners {
+        oidc,
+        bundle_endpoint,
+    })
+}
+
+/// Binds a Unix socket only its owner can use: the parent directory is
+/// created 0700 if missing, a stale socket file is replaced, and the socket
+/// is made 0600.
+fn bind_private_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        sigil_svid::keys::ensure_private_dir(dir)?;
+    }
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        ServerError::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot bind admin socket {}: {e}", path.display()),
+        ))
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
