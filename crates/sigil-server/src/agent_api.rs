@@ -200,7 +200,7 @@ impl AgentApi for AgentService {
         let state = self.state.clone();
         let signed = tokio::task::spawn_blocking(move || state.sign_x509_svids(&agent, params))
             .await
-            .map_err(|e| Status::internal(format!("signing task failed: {e}")))??;
+            .map_err(|e| ServerError::Internal(format!("signing task failed: {e}")))??;
         let results = signed
             .into_iter()
             .map(|(entry_id, r)| match r {

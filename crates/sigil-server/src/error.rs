@@ -45,6 +45,10 @@ pub enum ServerError {
     /// An admin request was malformed or its caller is not allowed.
     #[error(transparent)]
     Request(#[from] RequestError),
+    /// A federation relationship or federated bundle was refused, or a
+    /// refresh failed.
+    #[error(transparent)]
+    Federation(crate::federation::FederationError),
     /// The server is stopping; the agent reconnects to it or another one.
     #[error("server is shutting down")]
     ShuttingDown,
@@ -313,7 +317,7 @@ impl ServerError {
     /// picks gRPC codes. Server faults are logged and shown as a bare
     /// "internal error".
     pub fn to_status(&self) -> Status {
-        use sigil_store::StoreError as S;
+        use crate::federation::FederationError as F;
         let message = self.to_string();
         match self {
             ServerError::Agent(AgentRefusal::NoConnectionInfo | AgentRefusal::SvidRequired) => {
@@ -353,18 +357,39 @@ impl ServerError {
             ) => Status::permission_denied(message),
             ServerError::Request(RequestError::AgentNotFound(_)) => Status::not_found(message),
             ServerError::Request(_) => Status::invalid_argument(message),
-            ServerError::Store(S::NotFound(_)) => Status::not_found(message),
-            ServerError::Store(S::AlreadyExists(_)) => Status::already_exists(message),
-            ServerError::Store(S::TokenExpired) => {
-                Status::permission_denied(AttestationError::ExpiredJoinToken.to_string())
+            ServerError::Store(e) | ServerError::Federation(F::Store(e)) => store_status(e),
+            ServerError::Federation(e) if e.needs_operator() => {
+                Status::failed_precondition(message)
             }
+            ServerError::Federation(F::NoRelationship(_) | F::NoBundle(_)) => {
+                Status::not_found(message)
+            }
+            ServerError::Federation(F::ExistsInConfig(_) | F::Exists(_)) => {
+                Status::already_exists(message)
+            }
+            ServerError::Federation(F::Refresh { .. }) => Status::unavailable(message),
+            ServerError::Federation(_) => Status::invalid_argument(message),
             ServerError::Svid(_) => Status::invalid_argument(message),
             ServerError::ShuttingDown => Status::unavailable(message),
-            ServerError::Store(_)
-            | ServerError::Io(_)
-            | ServerError::Config(_)
-            | ServerError::Internal(_) => internal(&message),
+            ServerError::Io(_) | ServerError::Config(_) | ServerError::Internal(_) => {
+                internal(&message)
+            }
         }
+    }
+}
+
+/// The status of a store error: a missing or existing row is the caller's
+/// to know, an expired join token is a refused attestation, anything else
+/// is a server fault.
+fn store_status(e: &sigil_store::StoreError) -> Status {
+    use sigil_store::StoreError as S;
+    match e {
+        S::NotFound(_) => Status::not_found(e.to_string()),
+        S::AlreadyExists(_) => Status::already_exists(e.to_string()),
+        S::TokenExpired => {
+            Status::permission_denied(AttestationError::ExpiredJoinToken.to_string())
+        }
+        _ => internal(&e.to_string()),
     }
 }
 

@@ -48,23 +48,69 @@ pub const MAX_REFRESH_INTERVAL: Duration = Duration::from_secs(3600);
 /// Every federated bundle the server holds: trust domain → SPIFFE bundle JSON.
 pub type FederatedBundles = BTreeMap<TrustDomain, String>;
 
-/// What the admin API asks of federation, and why it was refused.
+/// What the admin API asks of federation, and why it was refused. The gRPC
+/// code of each is chosen in [`crate::error`], with every other refusal.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FederationError {
-    /// The request is malformed or names this server's own trust domain.
+    /// The relationship breaks a rule of [`FederationRelationship::validate`].
+    #[error(transparent)]
+    Invalid(#[from] sigil_types::federation::FederationError),
+    /// The bundle given with a relationship is not a SPIFFE bundle of its
+    /// trust domain.
+    #[error("the bundle of {trust_domain} is not a valid SPIFFE bundle: {source}")]
+    RelationshipBundle {
+        /// The foreign trust domain.
+        trust_domain: TrustDomain,
+        /// Why it was refused.
+        #[source]
+        source: sigil_svid::SvidError,
+    },
+    /// A bundle set through the admin API is not a SPIFFE bundle of its
+    /// trust domain.
+    #[error("not a valid SPIFFE bundle of {trust_domain}: {source}")]
+    NotABundle {
+        /// The foreign trust domain.
+        trust_domain: TrustDomain,
+        /// Why it was refused.
+        #[source]
+        source: sigil_svid::SvidError,
+    },
+    /// A bundle was given or asked for under the server's own trust domain.
+    #[error(
+        "{0} is this server's own trust domain; its bundle comes from its CA (sigil bundle show)"
+    )]
+    OwnTrustDomain(TrustDomain),
+    /// Storing the bundle would exceed what agents read (see [`no_room`]).
     #[error("{0}")]
-    InvalidArgument(String),
-    /// No such relationship or bundle.
-    #[error("{0}")]
-    NotFound(String),
+    NoRoom(String),
+    /// No relationship with this trust domain.
+    #[error("no federation relationship with {0}")]
+    NoRelationship(TrustDomain),
+    /// No bundle of this trust domain is held.
+    #[error("no bundle of {0} is held")]
+    NoBundle(TrustDomain),
+    /// A relationship with that trust domain comes from the config file.
+    #[error("a relationship with {0} is defined in the server's config file")]
+    ExistsInConfig(TrustDomain),
     /// A relationship with that trust domain exists already.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The relationship comes from the config file, or a refresh cannot run
-    /// before the operator acts (no bootstrap bundle).
-    #[error("{0}")]
-    FailedPrecondition(String),
+    #[error("a relationship with {0} exists already; change it with update")]
+    Exists(TrustDomain),
+    /// The relationship comes from the config file, which is where it is
+    /// changed (`what`: change or remove).
+    #[error(
+        "the relationship with {trust_domain} is defined in the server's config file \
+         ([server.federation.federates_with.\"{trust_domain}\"]); {what} it there and restart the server"
+    )]
+    Configured {
+        /// The foreign trust domain.
+        trust_domain: TrustDomain,
+        /// What the caller asked to do.
+        what: &'static str,
+    },
+    /// The relationship changed or went away while a refresh waited.
+    #[error("the relationship with {0} changed or was removed during the refresh")]
+    ChangedDuringRefresh(TrustDomain),
     /// A refresh asked for through the admin API failed.
     #[error("{source}")]
     Refresh {
@@ -79,24 +125,28 @@ pub enum FederationError {
     Store(#[from] StoreError),
 }
 
+impl FederationError {
+    /// Whether the caller must act before asking again (a refresh that
+    /// cannot authenticate or that would go back in sequence, a
+    /// relationship owned by the config file, one changed meanwhile).
+    pub(crate) fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            FederationError::Configured { .. }
+                | FederationError::ChangedDuringRefresh(_)
+                | FederationError::Refresh {
+                    source: FetchError::NoEndpointBundle { .. }
+                        | FetchError::NoWebRoots
+                        | FetchError::StaleSequence { .. },
+                    ..
+                }
+        )
+    }
+}
+
 impl From<FederationError> for tonic::Status {
     fn from(e: FederationError) -> Self {
-        use tonic::Status;
-        match e {
-            FederationError::InvalidArgument(m) => Status::invalid_argument(m),
-            FederationError::NotFound(m) => Status::not_found(m),
-            FederationError::AlreadyExists(m) => Status::already_exists(m),
-            FederationError::FailedPrecondition(m) => Status::failed_precondition(m),
-            e @ FederationError::Refresh {
-                source:
-                    FetchError::NoEndpointBundle { .. }
-                    | FetchError::NoWebRoots
-                    | FetchError::StaleSequence { .. },
-                ..
-            } => Status::failed_precondition(e.to_string()),
-            e @ FederationError::Refresh { .. } => Status::unavailable(e.to_string()),
-            FederationError::Store(e) => ServerError::Store(e).into(),
-        }
+        ServerError::Federation(e).into()
     }
 }
 
@@ -502,27 +552,30 @@ impl Federation {
         bundle_json: Option<&str>,
     ) -> Result<Option<Bundle>, FederationError> {
         r.from_config = false;
-        r.validate(&self.shared.own)
-            .map_err(|e| FederationError::InvalidArgument(e.to_string()))?;
+        r.validate(&self.shared.own)?;
         bundle_json
             .filter(|j| !j.trim().is_empty())
             .map(|j| {
-                parse_bundle(&r.trust_domain, j).map_err(|e| {
-                    FederationError::InvalidArgument(format!(
-                        "the bundle of {} is not a valid SPIFFE bundle: {e}",
-                        r.trust_domain
-                    ))
+                parse_bundle(&r.trust_domain, j).map_err(|source| {
+                    FederationError::RelationshipBundle {
+                        trust_domain: r.trust_domain.clone(),
+                        source,
+                    }
                 })
             })
             .transpose()
     }
 
-    fn refuse_configured(&self, td: &TrustDomain, what: &str) -> Result<(), FederationError> {
+    fn refuse_configured(
+        &self,
+        td: &TrustDomain,
+        what: &'static str,
+    ) -> Result<(), FederationError> {
         if self.configured.contains_key(td) {
-            return Err(FederationError::FailedPrecondition(format!(
-                "the relationship with {td} is defined in the server's config file \
-                 ([server.federation.federates_with.\"{td}\"]); {what} it there and restart the server"
-            )));
+            return Err(FederationError::Configured {
+                trust_domain: td.clone(),
+                what,
+            });
         }
         Ok(())
     }
@@ -539,9 +592,7 @@ impl Federation {
         {
             let _w = self.writes.lock().await;
             if self.configured.contains_key(&td) {
-                return Err(FederationError::AlreadyExists(format!(
-                    "a relationship with {td} is defined in the server's config file"
-                )));
+                return Err(FederationError::ExistsInConfig(td));
             }
             if self
                 .shared
@@ -550,14 +601,12 @@ impl Federation {
                 .await?
                 .is_some()
             {
-                return Err(FederationError::AlreadyExists(format!(
-                    "a relationship with {td} exists already; change it with update"
-                )));
+                return Err(FederationError::Exists(td));
             }
             if let Some(b) = bundle {
                 let json = b.to_json();
                 if let Some(why) = self.shared.no_room(&td, json.len()).await? {
-                    return Err(FederationError::InvalidArgument(why));
+                    return Err(FederationError::NoRoom(why));
                 }
                 self.shared.store.put_bundle(&td, &json).await?;
             }
@@ -593,7 +642,7 @@ impl Federation {
             if let Some(b) = bundle {
                 let json = b.to_json();
                 if let Some(why) = self.shared.no_room(&td, json.len()).await? {
-                    return Err(FederationError::InvalidArgument(why));
+                    return Err(FederationError::NoRoom(why));
                 }
                 self.shared.store.put_bundle(&td, &json).await?;
             }
@@ -634,11 +683,7 @@ impl Federation {
             .and_then(|p| p.get(td).map(|p| p.requests.clone()))
             .ok_or_else(|| no_relationship(td))?;
         let (tx, rx) = oneshot::channel();
-        let gone = || {
-            FederationError::FailedPrecondition(format!(
-                "the relationship with {td} changed or was removed during the refresh"
-            ))
-        };
+        let gone = || FederationError::ChangedDuringRefresh(td.clone());
         requests.send(tx).await.map_err(|_| gone())?;
         rx.await
             .map_err(|_| gone())?
@@ -651,10 +696,7 @@ impl Federation {
 
     fn check_foreign(&self, td: &TrustDomain) -> Result<(), FederationError> {
         if *td == self.shared.own {
-            return Err(FederationError::InvalidArgument(format!(
-                "{td} is this server's own trust domain; its bundle comes from its CA \
-                 (sigil bundle show)"
-            )));
+            return Err(FederationError::OwnTrustDomain(td.clone()));
         }
         Ok(())
     }
@@ -679,7 +721,7 @@ impl Federation {
             .store
             .get_bundle(td)
             .await?
-            .ok_or_else(|| FederationError::NotFound(format!("no bundle of {td} is held")))
+            .ok_or_else(|| FederationError::NoBundle(td.clone()))
     }
 
     /// Stores `json` as the bundle of `td` after checking it strictly;
@@ -690,13 +732,14 @@ impl Federation {
         json: &str,
     ) -> Result<String, FederationError> {
         self.check_foreign(td)?;
-        let bundle = parse_bundle(td, json).map_err(|e| {
-            FederationError::InvalidArgument(format!("not a valid SPIFFE bundle of {td}: {e}"))
+        let bundle = parse_bundle(td, json).map_err(|source| FederationError::NotABundle {
+            trust_domain: td.clone(),
+            source,
         })?;
         let stored = bundle.to_json();
         let _w = self.writes.lock().await;
         if let Some(why) = self.shared.no_room(td, stored.len()).await? {
-            return Err(FederationError::InvalidArgument(why));
+            return Err(FederationError::NoRoom(why));
         }
         self.shared.store.put_bundle(td, &stored).await?;
         Ok(stored)
@@ -707,16 +750,14 @@ impl Federation {
         let held = self.get_bundle(td).await?;
         match self.shared.store.delete_bundle(td).await {
             Ok(()) => Ok(held),
-            Err(StoreError::NotFound(_)) => Err(FederationError::NotFound(format!(
-                "no bundle of {td} is held"
-            ))),
+            Err(StoreError::NotFound(_)) => Err(FederationError::NoBundle(td.clone())),
             Err(e) => Err(e.into()),
         }
     }
 }
 
 fn no_relationship(td: &TrustDomain) -> FederationError {
-    FederationError::NotFound(format!("no federation relationship with {td}"))
+    FederationError::NoRelationship(td.clone())
 }
 
 /// The wait after a successful fetch: the bundle's hint (5 minutes when it
