@@ -803,6 +803,10 @@ impl<S: ServerClient> Core<S> {
         // At most one signing in flight; dropped (and its task aborted)
         // when the core stops.
         let mut signing: Option<Signing> = None;
+        // Whether the cache file lags what was published, and when it was
+        // last saved.
+        let mut unsaved = false;
+        let mut saved_at = tokio::time::Instant::now();
         // The cached state was published by `start` before the socket opened.
         loop {
             let now = tokio::time::Instant::now();
@@ -858,14 +862,31 @@ impl<S: ServerClient> Core<S> {
             if self.dirty {
                 self.dirty = false;
                 self.publish();
+                unsaved = true;
+            }
+            // Saved once the signing in flight is answered, so that entries
+            // arriving with their SVIDs due are written once, with them, not
+            // once before and once after; at least every
+            // `SAVE_WHILE_SIGNING` while signings follow one another.
+            if unsaved && (signing.is_none() || at >= saved_at + SAVE_WHILE_SIGNING) {
+                unsaved = false;
+                saved_at = at;
                 self.persist_cache();
             }
             let mut wake = self.next_wake(signing.is_some());
             if stream.is_none() {
                 wake = wake.min(retry_at);
             }
+            if unsaved {
+                wake = wake.min(saved_at + SAVE_WHILE_SIGNING);
+            }
             let mut msg = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => {
+                    if unsaved {
+                        self.persist_cache();
+                    }
+                    return;
+                }
                 msg = next_message(&mut stream) => msg,
                 answer = next_signed(&mut signing) => {
                     self.on_signed(answer, &mut signing);
@@ -993,6 +1014,10 @@ async fn next_signed(signing: &mut Option<Signing>) -> Option<Signed> {
 const DRAIN_MESSAGES: usize = 4096;
 /// Longest the core handles sync messages in a row.
 const DRAIN_TIME: Duration = Duration::from_millis(200);
+/// The longest the cache file lags what is served while signings follow
+/// one another (a registration of many entries): what a crash in that
+/// window loses, the agent syncs and signs again.
+const SAVE_WHILE_SIGNING: Duration = Duration::from_secs(2);
 
 /// The next message of the sync stream if it has already arrived (`None`
 /// when it has not): polled once, without waiting. A stream keeps its state
@@ -1710,6 +1735,66 @@ mod tests {
             // One signing per renewal, not a loop.
             assert_eq!(fake.times(Call::Sign).len(), 4);
             agent.stop().await;
+        }
+
+        /// What the cache file holds: entry IDs, and those with an SVID.
+        fn saved(agent: &Running) -> (Vec<String>, Vec<String>) {
+            let cached = agent.persist.load_cache(SystemTime::now()).unwrap();
+            let mut entries: Vec<String> =
+                cached.entries.iter().map(|e| e.id.to_string()).collect();
+            let mut svids: Vec<String> = cached
+                .svids
+                .iter()
+                .map(|s| s.entry_id.to_string())
+                .collect();
+            entries.sort();
+            svids.sort();
+            (entries, svids)
+        }
+
+        /// An entry that arrives with its SVID due is saved with its SVID,
+        /// once the signing in flight is answered, not before it too; a
+        /// signing that takes long delays the save by at most
+        /// `SAVE_WHILE_SIGNING`, and a stop saves what was published.
+        #[tokio::test(start_paused = true)]
+        async fn entries_are_saved_with_their_svids_and_the_cache_lags_at_most_two_seconds() {
+            let fake = Fake::serving_one(Duration::from_secs(3600));
+            let mut agent = start(&fake);
+            let one = (vec!["w1".to_owned()], vec!["w1".to_owned()]);
+            until(Duration::from_secs(5), || saved(&agent) == one).await;
+
+            // Signing held: the new entry is served at once (as an entry),
+            // but not saved before its SVID for the first two seconds.
+            fake.0.gate.send_replace(false);
+            fake.register(workload(2));
+            until(Duration::from_secs(1), || {
+                agent.snapshots.borrow().entries.len() == 2
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert_eq!(saved(&agent), one, "saved before its signing was answered");
+            // Past the bound it is saved without its SVID.
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let w12 = vec!["w1".to_owned(), "w2".to_owned()];
+            assert_eq!(saved(&agent), (w12.clone(), one.1.clone()));
+            // Answered: saved with it.
+            fake.0.gate.send_replace(true);
+            until(Duration::from_secs(5), || {
+                saved(&agent) == (w12.clone(), w12.clone())
+            })
+            .await;
+
+            // A stop while a signing is in flight saves what was published.
+            fake.0.gate.send_replace(false);
+            fake.register(workload(3));
+            until(Duration::from_secs(1), || {
+                agent.snapshots.borrow().entries.len() == 3
+            })
+            .await;
+            agent.cancel.cancel();
+            (&mut agent.task).await.unwrap();
+            let w123 = vec!["w1".to_owned(), "w2".to_owned(), "w3".to_owned()];
+            assert_eq!(saved(&agent), (w123, w12));
         }
 
         /// A failed signing request is tried again after the retry delay
