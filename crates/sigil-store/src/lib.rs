@@ -11,6 +11,7 @@
 mod backend;
 mod codec;
 mod error;
+mod migrations;
 mod rows;
 mod sql;
 

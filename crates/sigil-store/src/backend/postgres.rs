@@ -21,8 +21,6 @@ use tokio::sync::watch;
 use crate::StoreError;
 use crate::backend::Backend;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
-
 /// The channel every feed-recording write notifies with its revision as the
 /// payload, e.g. `LISTEN sigil_changes`.
 pub const CHANGES_CHANNEL: &str = "sigil_changes";
@@ -66,7 +64,7 @@ impl PostgresStore {
     /// own reason rather than with a pool timeout.
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self, StoreError> {
         let mut first = options.connect().await?;
-        MIGRATOR.run(&mut first).await?;
+        crate::migrations::postgres().run(&mut first).await?;
         first.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)

@@ -14,8 +14,6 @@ use sqlx::{Sqlite, Transaction};
 use crate::StoreError;
 use crate::backend::Backend;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
-
 /// How long a connection waits for another process's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Readers never block the writer in WAL mode; a few cover the server's
@@ -53,7 +51,7 @@ impl SqliteStore {
                     .journal_mode(SqliteJournalMode::Wal),
             )
             .await?;
-        MIGRATOR.run(&writer).await?;
+        crate::migrations::sqlite().run(&writer).await?;
         // Opened after the migrations so readers never see a half-made schema;
         // journal_mode is persistent in the file, so readers need not set it.
         let reader = SqlitePoolOptions::new()
@@ -81,7 +79,7 @@ impl SqliteStore {
             .max_lifetime(None)
             .connect_with(options)
             .await?;
-        MIGRATOR.run(&pool).await?;
+        crate::migrations::sqlite().run(&pool).await?;
         Ok(Self {
             writer: pool.clone(),
             reader: pool,
