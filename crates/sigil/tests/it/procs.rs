@@ -118,10 +118,23 @@ impl Proc {
         }
     }
 
-    /// Sends `signal` (e.g. SIGSTOP, SIGCONT) to the process.
+    /// Sends `signal` (e.g. SIGSTOP, SIGCONT) to the process. For SIGSTOP
+    /// it returns only once every thread is stopped: `kill` merely queues
+    /// the stop, and on a loaded machine a thread already running can go on
+    /// serving for a while before it is parked.
     pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, signal).unwrap();
+        if signal == nix::sys::signal::Signal::SIGSTOP {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !all_threads_stopped(self.child.id()) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "process {pid} not stopped 10 s after SIGSTOP"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
     }
 
     /// Panics (quoting the log) if the process has exited.
@@ -607,4 +620,21 @@ pub(crate) async fn agent_connected(health: SocketAddr) -> Option<bool> {
     body.lines()
         .find_map(|l| l.strip_prefix("sigil_agent_connected "))
         .map(|v| v.trim() == "1")
+}
+
+/// Whether every thread of process `pid` is in the stopped state (`T` in
+/// `/proc/<pid>/task/<tid>/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses
+            // and may itself hold spaces or parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                == Some("T")
+        })
+    })
 }
