@@ -60,6 +60,7 @@ use sigil_proto::server::v1 as pb;
 use sigil_svid::bundle::Bundle;
 use sigil_svid::keys::PrivateKey;
 use sigil_svid::tls::RotatingCert;
+use sigil_types::BoxFuture;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -141,11 +142,14 @@ impl std::fmt::Debug for AgentHandle {
 
 impl AgentHandle {
     /// Stops the agent and waits for its tasks; the socket file is removed.
-    pub async fn shutdown(self) {
-        self.cancel.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
-        let _ = std::fs::remove_file(&self.socket_path);
+    #[inline(never)]
+    pub fn shutdown(self) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            self.cancel.cancel();
+            self.tracker.close();
+            self.tracker.wait().await;
+            let _ = std::fs::remove_file(&self.socket_path);
+        })
     }
 
     /// Whether the agent serves at least one SVID and its bundle.
@@ -282,8 +286,15 @@ pub const ATTEST_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs
 /// how `sigil agent run` starts: an agent and its server booting in any
 /// order must not need a supervisor's restarts. [`start`] suits callers
 /// that want the first error.
-pub async fn start_when_attested(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
-    let mut why = match start(cfg.clone()).await {
+#[inline(never)]
+pub fn start_when_attested(
+    cfg: AgentConfig,
+) -> BoxFuture<'static, Result<AgentHandle, AgentError>> {
+    Box::pin(start_retrying(cfg))
+}
+
+async fn start_retrying(cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
+    let mut why = match start_once(cfg.clone()).await {
         Err(AgentError::Unavailable(why)) => why,
         other => return other,
     };
@@ -298,7 +309,7 @@ pub async fn start_when_attested(cfg: AgentConfig) -> Result<AgentHandle, AgentE
             "cannot attest: no server reachable; the Workload API answers Unavailable until the agent attests"
         );
         tokio::time::sleep(wait).await;
-        match start(cfg.clone()).await {
+        match start_once(cfg.clone()).await {
             Err(AgentError::Unavailable(w)) => why = w,
             Ok(handle) => {
                 pending.hand_over();
@@ -311,7 +322,12 @@ pub async fn start_when_attested(cfg: AgentConfig) -> Result<AgentHandle, AgentE
 }
 
 /// Starts the agent: restores or obtains its identity, then serves.
-pub async fn start(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
+#[inline(never)]
+pub fn start(cfg: AgentConfig) -> BoxFuture<'static, Result<AgentHandle, AgentError>> {
+    Box::pin(start_once(cfg))
+}
+
+async fn start_once(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     sigil_svid::install_crypto_provider();
     // Each caller's connection holds two open files: the caps must fit the
     // limit, or a flood of one uid makes accept() fail for everyone.

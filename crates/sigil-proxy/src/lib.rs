@@ -38,6 +38,7 @@ pub mod tls;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use sigil_types::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -102,9 +103,12 @@ pub struct ProxyHandle {
 
 impl ProxyHandle {
     /// Stops every listener and open connection.
-    pub async fn shutdown(mut self) {
-        self.cancel.cancel();
-        while self.tasks.join_next().await.is_some() {}
+    #[inline(never)]
+    pub fn shutdown(mut self) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            self.cancel.cancel();
+            while self.tasks.join_next().await.is_some() {}
+        })
     }
 
     /// Runs until `stop` completes, then shuts down.
@@ -116,7 +120,12 @@ impl ProxyHandle {
 
 /// Starts a proxy: waits for an SVID from the Workload API named in
 /// `config`, loads the policy, binds every listener.
-pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
+#[inline(never)]
+pub fn start(config: ProxyConfig) -> BoxFuture<'static, Result<ProxyHandle, ProxyError>> {
+    Box::pin(start_from_config(config))
+}
+
+async fn start_from_config(config: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
     sigil_svid::install_crypto_provider();
     let metrics = Arc::new(Metrics::default());
     let cancel = CancellationToken::new();
@@ -135,14 +144,17 @@ pub async fn start(config: ProxyConfig) -> Result<ProxyHandle, ProxyError> {
 }
 
 /// Starts a proxy with an SVID source made elsewhere (embedding, benchmarks).
-pub async fn start_with_source(
+#[inline(never)]
+pub fn start_with_source(
     config: ProxyConfig,
     source: Arc<X509Source>,
-) -> Result<ProxyHandle, ProxyError> {
-    sigil_svid::install_crypto_provider();
-    let metrics = Arc::new(Metrics::default());
-    let policy = load_policy(&config, &metrics)?;
-    start_inner(config, source, policy, metrics, CancellationToken::new()).await
+) -> BoxFuture<'static, Result<ProxyHandle, ProxyError>> {
+    Box::pin(async move {
+        sigil_svid::install_crypto_provider();
+        let metrics = Arc::new(Metrics::default());
+        let policy = load_policy(&config, &metrics)?;
+        start_inner(config, source, policy, metrics, CancellationToken::new()).await
+    })
 }
 
 fn load_policy(

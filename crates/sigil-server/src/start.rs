@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use sigil_store::{SqliteStore, Store};
 use sigil_svid::tls::RotatingCert;
+use sigil_types::{BoxFuture, LocalBoxFuture};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -65,11 +66,14 @@ impl ServerHandle {
     }
 
     /// Stops every task and waits for them.
-    pub async fn shutdown(self) {
-        self.cancel.cancel();
-        self.tracker.close();
-        self.tracker.wait().await;
-        let _ = std::fs::remove_file(&self.admin_socket);
+    #[inline(never)]
+    pub fn shutdown(self) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            self.cancel.cancel();
+            self.tracker.close();
+            self.tracker.wait().await;
+            let _ = std::fs::remove_file(&self.admin_socket);
+        })
     }
 
     /// A token cancelled when the server stops.
@@ -80,15 +84,27 @@ impl ServerHandle {
 
 /// Opens the store, loads the CA, builds the index and starts every listener
 /// and background task.
-pub async fn start(config: ServerConfig) -> Result<ServerHandle, ServerError> {
+#[inline(never)]
+pub fn start(config: ServerConfig) -> LocalBoxFuture<'static, Result<ServerHandle, ServerError>> {
+    Box::pin(start_from_config(config))
+}
+
+async fn start_from_config(config: ServerConfig) -> Result<ServerHandle, ServerError> {
     sigil_svid::install_crypto_provider();
     sigil_svid::keys::ensure_private_dir(&config.data_dir)?;
-    let store = open_store(&config).await?;
-    start_with_store(config, store).await
+    let store = open_configured_store(&config).await?;
+    start_on(config, store).await
 }
 
 /// Opens the configured store: SQLite in the data directory, or PostgreSQL.
-pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+#[inline(never)]
+pub fn open_store(
+    config: &ServerConfig,
+) -> LocalBoxFuture<'_, Result<Arc<dyn Store>, ServerError>> {
+    Box::pin(open_configured_store(config))
+}
+
+async fn open_configured_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
     match &config.store {
         config::StoreConfig::Sqlite => Ok(Arc::new(
             SqliteStore::open(&config.data_dir.join("sigil.db")).await?,
@@ -107,7 +123,15 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerE
 }
 
 /// Like [`start`], with a store opened by the caller.
-pub async fn start_with_store(
+#[inline(never)]
+pub fn start_with_store(
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+) -> LocalBoxFuture<'static, Result<ServerHandle, ServerError>> {
+    Box::pin(start_on(config, store))
+}
+
+async fn start_on(
     config: ServerConfig,
     store: Arc<dyn Store>,
 ) -> Result<ServerHandle, ServerError> {

@@ -32,6 +32,20 @@ pub mod spiffe_id;
 pub mod text;
 
 pub use agent::{AgentRecord, SerialStatus};
+
+/// A future behind `dyn`, as returned by the entry points one sigil crate
+/// offers another (`sigil_server::start`, `sigil_agent::start`, ...).
+///
+/// rustc compiles the body of an `async fn` in every crate that awaits it,
+/// as it does a generic function's: a binary awaiting the server's `start`
+/// directly compiles the whole server a second time. Behind `dyn` the body
+/// is compiled once, in its own crate (docs/benchmarks.md, "First build").
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// [`BoxFuture`] without `Send`, for the few entry points whose future the
+/// compiler cannot prove `Send` behind `dyn` (higher-ranked lifetimes inside
+/// sqlx); they are awaited, never spawned.
+pub type LocalBoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
 pub use attribute::Attribute;
 pub use bundle::{BundleDocument, Jwk};
 pub use entry::{Entry, EntryError, EntryId};

@@ -19,6 +19,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sigil_types::BoxFuture;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -75,7 +76,12 @@ impl ControllerConfig {
 /// A Kubernetes API client from `kubeconfig` (its current context), or, without
 /// one, inferred: `KUBECONFIG`, `~/.kube/config`, then the in-cluster service
 /// account.
-pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client, ControllerError> {
+#[inline(never)]
+pub fn kube_client(kubeconfig: Option<&Path>) -> BoxFuture<'_, Result<Client, ControllerError>> {
+    Box::pin(kube_client_from(kubeconfig))
+}
+
+async fn kube_client_from(kubeconfig: Option<&Path>) -> Result<Client, ControllerError> {
     let config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path).map_err(|e| ControllerError::KubeConfig {
@@ -207,7 +213,16 @@ fn trim_meta<K: Resource>(o: &mut K) {
 /// admin socket first (and learns the trust domain from it), then waits for
 /// every watcher's first list before the first reconcile, so that a cache
 /// that has not filled yet never deletes entries.
-pub async fn run(
+#[inline(never)]
+pub fn run(
+    client: Client,
+    config: ControllerConfig,
+    shutdown: CancellationToken,
+) -> BoxFuture<'static, Result<(), ControllerError>> {
+    Box::pin(run_until_cancelled(client, config, shutdown))
+}
+
+async fn run_until_cancelled(
     client: Client,
     config: ControllerConfig,
     shutdown: CancellationToken,
