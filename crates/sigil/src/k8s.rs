@@ -66,7 +66,7 @@ pub(crate) async fn run(cmd: K8sCommand) -> anyhow::Result<()> {
 }
 
 async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
-    use sigil_k8s::controller::{ControllerConfig, crds_yaml, kube_client};
+    use sigil_k8s_controller::{ControllerConfig, crds_yaml, kube_client};
     if a.print_crds {
         print!("{}", crds_yaml()?);
         return Ok(());
@@ -74,7 +74,7 @@ async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
     let Some(cluster_name) = a.cluster_name else {
         anyhow::bail!("--cluster-name is required");
     };
-    sigil_k8s::controller::reconcile::check_cluster_name(&cluster_name)?;
+    sigil_k8s_controller::reconcile::check_cluster_name(&cluster_name)?;
     let mut config = ControllerConfig::new(a.admin_socket, &cluster_name);
     config.cluster_domain = a.cluster_domain;
     config.ignore_namespaces = a.ignore_namespaces.into_iter().collect();
@@ -86,7 +86,7 @@ async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
         crate::shutdown_signal().await;
         stop.cancel();
     });
-    sigil_k8s::controller::run(client, config, shutdown).await?;
+    sigil_k8s_controller::run(client, config, shutdown).await?;
     Ok(())
 }
 

@@ -9,9 +9,6 @@
 )]
 
 mod cgroup;
-mod controller;
-mod federation;
 mod hostile;
 mod kubelet;
 mod psat;
-mod rbac;

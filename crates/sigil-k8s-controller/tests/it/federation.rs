@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use sigil_k8s::controller::crd::BundleEndpointProfileSpec;
-use sigil_k8s::controller::federation::{
+use sigil_k8s_controller::crd::BundleEndpointProfileSpec;
+use sigil_k8s_controller::federation::{
     finish_status, plan_federation, record_result, render_federation,
 };
-use sigil_k8s::controller::{ClusterFederatedTrustDomain, ClusterFederatedTrustDomainSpec};
+use sigil_k8s_controller::{ClusterFederatedTrustDomain, ClusterFederatedTrustDomainSpec};
 use sigil_proto::server::v1 as pb;
 use sigil_types::TrustDomain;
 

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use serde_json::json;
-use sigil_k8s::controller::crd::{ClusterStaticEntrySpec, LabelSelector};
-use sigil_k8s::controller::reconcile::Owner;
-use sigil_k8s::controller::{
+use sigil_k8s_controller::crd::{ClusterStaticEntrySpec, LabelSelector};
+use sigil_k8s_controller::reconcile::Owner;
+use sigil_k8s_controller::{
     ClusterSPIFFEID, ClusterSPIFFEIDSpec, ClusterStaticEntry, Desired, Mode, Settings, Snapshot,
     crd_manifests, crds, plan, render,
 };
@@ -78,7 +78,7 @@ fn crd_yaml_reads_back_as_the_crds() {
         assert_eq!(v.name, "v1alpha1");
         assert!(v.subresources.as_ref().unwrap().status.is_some());
     }
-    let all = sigil_k8s::controller::crds_yaml().unwrap();
+    let all = sigil_k8s_controller::crds_yaml().unwrap();
     assert_eq!(
         all.matches("\n---\n").count() + usize::from(all.starts_with("---\n")),
         3
@@ -595,7 +595,7 @@ fn static_entries_render_literally() {
 // -------------------------------------------------------------- planning --
 
 /// The server's entries after applying `p` to `existing` (IDs kept).
-fn applied(existing: &[Entry], p: &sigil_k8s::controller::Plan) -> Vec<Entry> {
+fn applied(existing: &[Entry], p: &sigil_k8s_controller::Plan) -> Vec<Entry> {
     let mut out: BTreeMap<String, Entry> = existing
         .iter()
         .map(|e| (e.id.to_string(), e.clone()))
@@ -769,7 +769,7 @@ fn refused_entries_show_in_the_status() {
 // ------------------------------------------------- admin API, real server --
 
 mod admin_api {
-    use sigil_k8s::controller::admin::{AdminClient, MAX_BATCH};
+    use sigil_k8s_controller::admin::{AdminClient, MAX_BATCH};
     use sigil_testkit::{Cluster, ClusterOptions};
 
     use super::*;
@@ -783,7 +783,7 @@ mod admin_api {
         s: &Settings,
         snap: &Snapshot,
         admin: &mut AdminClient,
-    ) -> (Desired, sigil_k8s::controller::admin::ApplyReport) {
+    ) -> (Desired, sigil_k8s_controller::admin::ApplyReport) {
         let mut d = render(s, snap);
         let existing = owned(s, admin).await;
         let p = plan(s, &d, &existing);
@@ -1135,8 +1135,8 @@ mod fake_api {
 mod running {
     use std::time::Duration;
 
-    use sigil_k8s::controller::admin::AdminClient;
-    use sigil_k8s::controller::{ControllerConfig, kube_client, run};
+    use sigil_k8s_controller::admin::AdminClient;
+    use sigil_k8s_controller::{ControllerConfig, kube_client, run};
     use sigil_testkit::{Cluster, ClusterOptions};
     use tokio_util::sync::CancellationToken;
 

@@ -3,9 +3,9 @@
 //!
 //! The single source of truth is the three lists below, [`SERVER_API_CALLS`],
 //! [`CONTROLLER_API_CALLS`] and [`AGENT_KUBELET_CALLS`]. Tests keep them
-//! honest against the code: they read `src/psat.rs` (every `Api<T>` it binds
-//! and every method called on it), the entry controller's `src/controller.rs`
-//! and `src/controller/*.rs` (every `Api<T>` it builds, followed through
+//! honest against the code: they read sigil-k8s's `src/psat.rs` (every `Api<T>` it binds
+//! and every method called on it), the entry controller's crate
+//! `sigil-k8s-controller` (every `Api<T>` it builds, followed through
 //! locals, struct fields and helper functions to the methods called on it and
 //! the watchers it feeds) and `src/kubelet.rs` (every request method and
 //! kubelet path), and fail when the code makes a request the lists lack, or
@@ -52,7 +52,7 @@ const AGENT_KUBELET_CALLS: &[Grant] = &[("", "nodes/pods", "get")];
 const AGENT_LEGACY_KUBELET: Grant = ("", "nodes/proxy", "get");
 
 /// Every API server request of the entry controller (`sigil k8s
-/// controller`, `crates/sigil-k8s/src/controller/run.rs`). It runs as a
+/// controller`, `crates/sigil-k8s-controller/src/run.rs`). It runs as a
 /// second container of the server pod, so under the server's service
 /// account, with a ClusterRole of its own (`sigil-controller`).
 const CONTROLLER_API_CALLS: &[Grant] = &[
@@ -81,9 +81,8 @@ const CONTROLLER_API_CALLS: &[Grant] = &[
     ),
 ];
 
-/// The entry controller's sources: `src/controller.rs` and everything under
-/// `src/controller/`.
-const CONTROLLER_SOURCES: &str = "crates/sigil-k8s/src/controller";
+/// The entry controller's sources: everything under its crate's `src/`.
+const CONTROLLER_SOURCES: &str = "crates/sigil-k8s-controller/src/";
 
 type GrantSet = BTreeSet<(String, String, String)>;
 
@@ -1256,7 +1255,7 @@ fn code_line(code: &str, pos: usize) -> &str {
 /// own custom resources (from the CRDs it generates), or a k8s-openapi type.
 fn controller_resource_of(ty: &str) -> (String, String) {
     let kind = ty.rsplit("::").next().unwrap_or(ty);
-    if let Some(crd) = sigil_k8s::controller::crds()
+    if let Some(crd) = sigil_k8s_controller::crds()
         .into_iter()
         .find(|c| c.spec.names.kind == kind)
     {
@@ -1359,11 +1358,11 @@ fn controller_calls(files: &[(String, String)]) -> GrantSet {
     calls
 }
 
-/// The controller's sources: `src/controller.rs` and `src/controller/**.rs`.
+/// The controller's sources: its crate's `src/**.rs`.
 fn controller_sources() -> Vec<(String, String)> {
     let root = workspace_root();
     let mut files = Vec::new();
-    rust_files(&root.join("crates/sigil-k8s/src"), &mut files);
+    rust_files(&root.join(CONTROLLER_SOURCES), &mut files);
     let mut out: Vec<(String, String)> = files
         .iter()
         .map(|p| {
@@ -1392,7 +1391,7 @@ fn the_controller_call_list_matches_the_controller_code() {
     assert_eq!(
         found,
         set(CONTROLLER_API_CALLS),
-        "the Kubernetes API calls of src/controller (left) differ from CONTROLLER_API_CALLS \
+        "the Kubernetes API calls of the controller crate (left) differ from CONTROLLER_API_CALLS \
          (right): update the list and the ClusterRole sigil-controller in deploy/kubernetes and \
          the Helm chart"
     );

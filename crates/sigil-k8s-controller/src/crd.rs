@@ -322,7 +322,7 @@ pub fn crd_manifests() -> Result<BTreeMap<String, String>, ControllerError> {
             serde_saphyr::to_string(&crd).map_err(|e| ControllerError::Yaml(e.to_string()))?;
         out.insert(
             file,
-            format!("# Generated from sigil_k8s::controller::crd; do not edit.\n{yaml}"),
+            format!("# Generated from sigil_k8s_controller::crd; do not edit.\n{yaml}"),
         );
     }
     Ok(out)

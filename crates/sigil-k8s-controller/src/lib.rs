@@ -1,4 +1,4 @@
-//! The entry controller: registration entries from Kubernetes custom
+//! The entry controller of `sigil k8s controller`: registration entries from Kubernetes custom
 //! resources, kept in sync with the cluster's pods, like
 //! spire-controller-manager.
 //!

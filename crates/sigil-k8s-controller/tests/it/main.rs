@@ -1,0 +1,15 @@
+//! sigil-k8s-controller integration tests: the entry controller against a
+//! fake kube-apiserver serving recorded objects and a real sigil server,
+//! federation resources, and the shipped RBAC against the requests the code
+//! makes.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code"
+)]
+
+mod controller;
+mod federation;
+mod rbac;
