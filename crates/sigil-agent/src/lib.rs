@@ -36,6 +36,7 @@ pub mod config;
 pub mod core;
 pub mod idle;
 pub mod jwt;
+pub mod jwt_validation;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod limits;

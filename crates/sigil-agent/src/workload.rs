@@ -33,6 +33,7 @@ use tonic::{Request, Response, Status};
 pub use crate::caller::CallerAttestor;
 use crate::core::Snapshot;
 pub use crate::jwt::{JWT_CACHE_LIMIT, JWT_CACHE_LIMIT_PER_UID, JwtSvids};
+pub use crate::jwt_validation::{JWT_VALIDATION_CACHE_LIMIT, JwtValidationCache};
 use crate::limits::StreamSlot;
 use crate::metrics::Metrics;
 use crate::peer::peer_of;
@@ -87,6 +88,8 @@ pub struct WorkloadService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     callers: Arc<CallerAttestor>,
     jwt: Arc<JwtSvids>,
+    /// ValidateJWTSVID's cache of tokens that passed.
+    validated: JwtValidationCache,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 }
@@ -111,6 +114,7 @@ impl WorkloadService {
             snapshots,
             callers,
             jwt,
+            validated: JwtValidationCache::default(),
             metrics,
             cancel,
         }
@@ -508,9 +512,10 @@ impl SpiffeWorkloadApi for WorkloadService {
         let snap = self.snapshots.borrow().clone();
         let matched = matching(&snap, &selectors);
         let r = req.get_ref();
-        let (spiffe_id, claims) =
-            validate_for(&snap, &matched, &r.svid, &r.audience, SystemTime::now())
-                .map_err(|e| self.refuse(Status::invalid_argument(e.to_string())))?;
+        let (spiffe_id, claims) = self
+            .validated
+            .validate(&snap, &matched, &r.svid, &r.audience, SystemTime::now())
+            .map_err(|e| self.refuse(Status::invalid_argument(e.to_string())))?;
         self.metrics.workload_requests.inc();
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: spiffe_id.to_string(),
@@ -521,14 +526,22 @@ impl SpiffeWorkloadApi for WorkloadService {
 
 /// ValidateJWTSVID's check: the token validated against the own bundle and
 /// the federated ones the caller is entitled to (a caller without entries
-/// gets the own bundle only), with the claims it may see.
-fn validate_for(
+/// gets the own bundle only), with the claims it may see and its expiry.
+/// [`JwtValidationCache`] stands in front of it.
+pub(crate) fn validate_for(
     snap: &Snapshot,
     matched: &[Arc<Entry>],
     token: &str,
     audience: &str,
     now: SystemTime,
-) -> Result<(SpiffeId, serde_json::Map<String, serde_json::Value>), sigil_svid::SvidError> {
+) -> Result<
+    (
+        SpiffeId,
+        serde_json::Map<String, serde_json::Value>,
+        SystemTime,
+    ),
+    sigil_svid::SvidError,
+> {
     let mut set = BundleSet::default();
     for b in federated_for(snap, matched) {
         set.insert((**b).clone());
@@ -536,7 +549,7 @@ fn validate_for(
     set.insert((*snap.bundle).clone());
     let v = sigil_svid::jwt::validate_jwt(token, audience, &set, now)?;
     let foreign = v.spiffe_id.trust_domain() != snap.bundle.trust_domain;
-    Ok((v.spiffe_id, returned_claims(&v.claims, foreign)))
+    Ok((v.spiffe_id, returned_claims(&v.claims, foreign), v.expiry))
 }
 
 /// JSON claims as a protobuf Struct.
@@ -773,7 +786,7 @@ pub(crate) mod tests {
             )
             .unwrap();
 
-        let (id, got) =
+        let (id, got, _) =
             validate_for(&snap, std::slice::from_ref(&fed), &foreign, "api", now).unwrap();
         assert_eq!(id.as_str(), "spiffe://other.org/db");
         let mut names: Vec<_> = got.keys().map(String::as_str).collect();
@@ -803,7 +816,7 @@ pub(crate) mod tests {
                 &claims,
             )
             .unwrap();
-        let (_, got) = validate_for(&snap, &[], &local, "api", now).unwrap();
+        let (_, got, _) = validate_for(&snap, &[], &local, "api", now).unwrap();
         assert_eq!(got["cluster"], "east");
     }
 }

@@ -67,6 +67,7 @@ fn quick_run_reports_every_figure() {
         "x509.sign_csr",
         "jwt.sign",
         "jwt.validate",
+        "jwt.validate_cached",
         "tls.mtls_handshake_spiffe",
         "baseline.plain_grpc_rss",
         "agent.rss_idle",

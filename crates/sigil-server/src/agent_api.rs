@@ -196,11 +196,9 @@ impl AgentApi for AgentService {
             .into_iter()
             .map(|p| (p.entry_id, p.csr))
             .collect();
-        // Up to 500 signatures: CPU work that must not stall the runtime.
-        let state = self.state.clone();
-        let signed = tokio::task::spawn_blocking(move || state.sign_x509_svids(&agent, params))
-            .await
-            .map_err(|e| ServerError::Internal(format!("signing task failed: {e}")))??;
+        // Up to 500 signatures: CPU work that must not stall the runtime,
+        // spread over the cores.
+        let signed = self.state.sign_x509_svids_spread(agent, params).await?;
         let results = signed
             .into_iter()
             .map(|(entry_id, r)| match r {

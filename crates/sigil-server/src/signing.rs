@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil_svid::jwt::JwtClaims;
-use sigil_svid::x509::{SvidRequest, csr_public_key};
+use sigil_svid::x509::{SvidRequest, X509Authority, csr_public_key};
 use sigil_types::{AgentRecord, Entry, EntryId};
 
 use crate::error::{ServerError, SignError};
@@ -43,22 +43,109 @@ pub fn svid_attributes(agent: &AgentRecord, entry: &Entry) -> Vec<(String, Strin
         .collect()
 }
 
+/// Fewest CSRs a batch gives one signing task: below this, handing work to
+/// another thread costs more than it saves.
+const MIN_CSRS_PER_TASK: usize = 16;
+
+/// Slots for signing tasks, one per core, server-wide. A batch of CSRs is
+/// split into at most one part per core, and the parts of every batch in
+/// flight wait for a slot, so signing uses every core without the blocking
+/// pool growing with the number of callers.
+#[derive(Debug)]
+pub(crate) struct SigningSlots {
+    slots: Arc<tokio::sync::Semaphore>,
+    cores: usize,
+}
+
+impl SigningSlots {
+    /// One slot per core this process may run on.
+    pub(crate) fn per_core() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(cores)),
+            cores,
+        }
+    }
+}
+
+/// Refuses a batch larger than one request may carry.
+fn check_batch(len: usize) -> Result<(), ServerError> {
+    if len > MAX_BATCH {
+        return Err(SignError::BatchTooLarge {
+            max: MAX_BATCH,
+            got: len,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 impl ServerState {
-    /// Signs workload CSRs, each for an entry authorized to `agent`.
+    /// Signs workload CSRs, each for an entry authorized to `agent`, on the
+    /// calling thread.
     pub fn sign_x509_svids(
         &self,
         agent: &AgentRecord,
         params: Vec<(String, Vec<u8>)>,
     ) -> Result<Vec<SignResult>, ServerError> {
-        if params.len() > MAX_BATCH {
-            return Err(SignError::BatchTooLarge {
-                max: MAX_BATCH,
-                got: params.len(),
-            }
-            .into());
-        }
+        check_batch(params.len())?;
+        let authority = self.ca.active().x509.clone();
+        self.sign_part(agent, &authority, SystemTime::now(), params)
+    }
+
+    /// [`Self::sign_x509_svids`] off the async runtime, the batch split
+    /// across the cores (see [`SigningSlots`]); results in request order.
+    pub async fn sign_x509_svids_spread(
+        self: &Arc<Self>,
+        agent: AgentRecord,
+        params: Vec<(String, Vec<u8>)>,
+    ) -> Result<Vec<SignResult>, ServerError> {
+        check_batch(params.len())?;
         let authority = self.ca.active().x509.clone();
         let now = SystemTime::now();
+        let agent = Arc::new(agent);
+        let parts = self.signing_slots.cores;
+        let per_task = params.len().div_ceil(parts).max(MIN_CSRS_PER_TASK);
+        let mut params = params.into_iter();
+        let mut tasks = Vec::with_capacity(parts);
+        loop {
+            let part: Vec<_> = params.by_ref().take(per_task).collect();
+            if part.is_empty() {
+                break;
+            }
+            let slot = self
+                .signing_slots
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| ServerError::Internal(format!("signing slots closed: {e}")))?;
+            let (state, agent, authority) = (self.clone(), agent.clone(), authority.clone());
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                state.sign_part(&agent, &authority, now, part)
+            }));
+        }
+        let mut out = Vec::new();
+        for task in tasks {
+            let signed = task
+                .await
+                .map_err(|e| ServerError::Internal(format!("signing task failed: {e}")))??;
+            out.extend(signed);
+        }
+        Ok(out)
+    }
+
+    /// Signs one part of a batch with `authority`, at `now`.
+    fn sign_part(
+        &self,
+        agent: &AgentRecord,
+        authority: &X509Authority,
+        now: SystemTime,
+        params: Vec<(String, Vec<u8>)>,
+    ) -> Result<Vec<SignResult>, ServerError> {
+        // The CA certificate is read once per part, not once per leaf.
+        let signer = authority.leaf_signer().map_err(SignError::Failed)?;
         let mut out = Vec::with_capacity(params.len());
         for (entry_id, csr) in params {
             let result = (|| {
@@ -68,7 +155,7 @@ impl ServerState {
                 let spki = csr_public_key(&csr).map_err(SignError::InvalidCsr)?;
                 let ttl = svid_ttl(entry.x509_svid_ttl, self.config.default_x509_svid_ttl);
                 let attributes = svid_attributes(agent, &entry);
-                let leaf = authority
+                let leaf = signer
                     .sign_svid(
                         &SvidRequest {
                             spiffe_id: &entry.spiffe_id,
@@ -311,6 +398,115 @@ mod tests {
         );
         assert_eq!(claims["cluster"], "dev");
         assert!(!claims.contains_key("region"));
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spread_batch_keeps_the_request_order_and_every_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = sigil_types::TrustDomain::new("example.org").unwrap();
+        let mut config = crate::ServerConfig::with_defaults(td, dir.path().join("server"));
+        config.bind_address = "127.0.0.1:0".parse().unwrap();
+        config.admin_socket = dir.path().join("admin.sock");
+        let server = crate::start(config).await.unwrap();
+        let state = server.state().clone();
+        let agent = AgentRecord {
+            spiffe_id: "spiffe://example.org/sigil/agent/join_token/a"
+                .parse()
+                .unwrap(),
+            attestation_type: "join_token".into(),
+            selectors: Selectors::default(),
+            serial: String::new(),
+            previous_serial: String::new(),
+            serial_used: false,
+            expires_at: 0,
+            banned: false,
+            can_reattest: true,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let selectors = Selectors::parse_all(["unix:uid:1"]).unwrap();
+        let mut entries = Vec::new();
+        for i in 0..40 {
+            let mut e = Entry::new(
+                new_entry_id().unwrap(),
+                format!("spiffe://example.org/w{i}").parse().unwrap(),
+                agent.spiffe_id.clone(),
+                selectors.clone(),
+            );
+            e.x509_svid_ttl = 60 + i;
+            entries.push(state.create_entry(e).await.unwrap());
+        }
+        let elsewhere = state
+            .create_entry(Entry::new(
+                new_entry_id().unwrap(),
+                "spiffe://example.org/elsewhere".parse().unwrap(),
+                "spiffe://example.org/sigil/agent/join_token/b"
+                    .parse()
+                    .unwrap(),
+                selectors,
+            ))
+            .await
+            .unwrap();
+        let csr = || {
+            sigil_svid::x509::make_csr(&sigil_svid::keys::PrivateKey::generate_p256().unwrap())
+                .unwrap()
+        };
+        let mut params: Vec<(String, Vec<u8>)> =
+            entries.iter().map(|e| (e.id.to_string(), csr())).collect();
+        params[5].0 = "not an entry id".to_owned();
+        params[25].0 = elsewhere.id.to_string();
+        params[33].1 = b"not a CSR".to_vec();
+        let mut forged = csr();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        params[38].1 = forged;
+        let expected: Vec<String> = params.iter().map(|(id, _)| id.clone()).collect();
+
+        let signed = state
+            .sign_x509_svids_spread(agent.clone(), params)
+            .await
+            .unwrap();
+        assert_eq!(
+            signed.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+            expected
+        );
+        for (i, (_, result)) in signed.iter().enumerate() {
+            match i {
+                5 => assert!(
+                    matches!(result, Err(SignError::BadEntryId(_))),
+                    "{result:?}"
+                ),
+                25 => assert!(
+                    matches!(result, Err(SignError::NotAuthorized(_))),
+                    "{result:?}"
+                ),
+                33 | 38 => assert!(
+                    matches!(result, Err(SignError::InvalidCsr(_))),
+                    "{result:?}"
+                ),
+                _ => {
+                    let chain = result.as_ref().unwrap();
+                    let info = sigil_svid::x509::cert_info(&chain[0]).unwrap();
+                    assert_eq!(info.spiffe_id.as_ref(), Some(&entries[i].spiffe_id));
+                    let life = info.not_after.duration_since(info.not_before).unwrap();
+                    assert_eq!(
+                        life,
+                        Duration::from_secs(60 + i as u64) + sigil_svid::x509::BACKDATE
+                    );
+                }
+            }
+        }
+        // Every slot is back.
+        assert_eq!(
+            state.signing_slots.slots.available_permits(),
+            state.signing_slots.cores
+        );
+        let too_many = vec![(String::new(), Vec::new()); MAX_BATCH + 1];
+        assert!(matches!(
+            state.sign_x509_svids_spread(agent, too_many).await,
+            Err(ServerError::Sign(SignError::BatchTooLarge { .. }))
+        ));
         server.shutdown().await;
     }
 }

@@ -229,6 +229,7 @@ async fn build_state(
         readiness: Readiness::new(),
         psat,
         agent_writes: tokio::sync::Mutex::new(()),
+        signing_slots: crate::signing::SigningSlots::per_core(),
     }))
 }
 

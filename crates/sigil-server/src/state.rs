@@ -63,6 +63,8 @@ pub struct ServerState {
     pub(crate) psat: PsatVerifiers,
     /// Serializes read-modify-write of re-attestable agent records with bans.
     pub(crate) agent_writes: tokio::sync::Mutex<()>,
+    /// One slot per core for CSR signing tasks.
+    pub(crate) signing_slots: crate::signing::SigningSlots,
 }
 
 impl std::fmt::Debug for ServerState {

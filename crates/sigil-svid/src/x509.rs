@@ -221,6 +221,49 @@ impl X509Authority {
         &self.info
     }
 
+    /// Leaf X509-SVID per spiffe.md §2.1; see [`LeafSigner::sign_svid`],
+    /// which this is for one leaf.
+    pub fn sign_svid(
+        &self,
+        req: &SvidRequest<'_>,
+        subject_spki_der: &[u8],
+        now: SystemTime,
+    ) -> Result<Vec<u8>, SvidError> {
+        self.leaf_signer()?.sign_svid(req, subject_spki_der, now)
+    }
+
+    /// A signer of leaves for this authority that reads the CA certificate
+    /// (issuer name, SKI) once: for signing many leaves in a row.
+    pub fn leaf_signer(&self) -> Result<LeafSigner<'_>, SvidError> {
+        let ca_der = CertificateDer::from(self.cert_der.as_slice());
+        // The issuer's name and SKI are read back from the CA certificate, so
+        // the leaf's issuer and AKI match it byte for byte.
+        let signer = RcgenKey::new(&self.key, "an X.509 authority")?;
+        let issuer = Issuer::from_ca_cert_der(&ca_der, signer)
+            .map_err(|e| SvidError::Mint(format!("authority certificate: {e}")))?;
+        Ok(LeafSigner {
+            authority: self,
+            issuer,
+        })
+    }
+}
+
+/// Signs leaf X509-SVIDs with one [`X509Authority`], its certificate read
+/// once ([`X509Authority::leaf_signer`]).
+pub struct LeafSigner<'a> {
+    authority: &'a X509Authority,
+    issuer: Issuer<'static, RcgenKey<'a>>,
+}
+
+impl std::fmt::Debug for LeafSigner<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeafSigner")
+            .field("authority", self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeafSigner<'_> {
     /// Leaf X509-SVID per spiffe.md §2.1: exactly one URI SAN (the SPIFFE ID)
     /// plus DNS SANs from dns_names; basicConstraints cA=false (present,
     /// critical); keyUsage critical digitalSignature, keyEncipherment and
@@ -240,7 +283,7 @@ impl X509Authority {
         if req.spiffe_id.is_root() {
             return Err(SvidError::LeafRootId(req.spiffe_id.to_string()));
         }
-        if let Some(ca_id) = &self.info.spiffe_id
+        if let Some(ca_id) = &self.authority.info.spiffe_id
             && !req.spiffe_id.is_member_of(&ca_id.trust_domain())
         {
             // Validators check a leaf against its own trust domain's bundle
@@ -251,7 +294,7 @@ impl X509Authority {
                 ca_id.trust_domain()
             )));
         }
-        if self.info.not_after <= now {
+        if self.authority.info.not_after <= now {
             return Err(SvidError::Mint(
                 "the signing authority has expired".to_owned(),
             ));
@@ -261,7 +304,8 @@ impl X509Authority {
 
         let mut params = CertificateParams::default();
         params.not_before = to_offset(checked_sub(now, BACKDATE)?)?;
-        params.not_after = to_offset(checked_add(now, req.ttl)?.min(self.info.not_after))?;
+        params.not_after =
+            to_offset(checked_add(now, req.ttl)?.min(self.authority.info.not_after))?;
         params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
         let mut sans = vec![uri_san(req.spiffe_id.as_str())?];
         for name in req.dns_names {
@@ -298,14 +342,8 @@ impl X509Authority {
             params.custom_extensions.push(ext);
         }
 
-        let ca_der = CertificateDer::from(self.cert_der.as_slice());
-        // The issuer's name and SKI are read back from the CA certificate, so
-        // the leaf's issuer and AKI match it byte for byte.
-        let signer = RcgenKey::new(&self.key, "an X.509 authority")?;
-        let issuer = Issuer::from_ca_cert_der(&ca_der, signer)
-            .map_err(|e| SvidError::Mint(format!("authority certificate: {e}")))?;
         let cert = params
-            .signed_by(&subject_key, &issuer)
+            .signed_by(&subject_key, &self.issuer)
             .map_err(|e| SvidError::Mint(e.to_string()))?;
         Ok(cert.der().to_vec())
     }
@@ -922,6 +960,51 @@ mod tests {
         // Trusting both authorities still finds the right one.
         let roots = [stranger.cert_der().to_vec(), ca.cert_der().to_vec()];
         assert_eq!(verify_svid(&[leaf], &roots, now()).unwrap(), wid);
+    }
+
+    #[test]
+    fn one_leaf_signer_signs_many_leaves_under_the_same_rules() {
+        let ca = ca();
+        let signer = ca.leaf_signer().unwrap();
+        let mut serials = std::collections::HashSet::new();
+        for i in 0..3 {
+            let wid = id(&format!("spiffe://example.org/w{i}"));
+            let key = PrivateKey::generate_p256().unwrap();
+            let leaf = signer
+                .sign_svid(
+                    &SvidRequest::new(&wid, HOUR),
+                    &key.public_key_spki_der(),
+                    now(),
+                )
+                .unwrap();
+            let roots = [ca.cert_der().to_vec()];
+            assert_eq!(
+                verify_svid(std::slice::from_ref(&leaf), &roots, now()).unwrap(),
+                wid
+            );
+            assert!(serials.insert(cert_info(&leaf).unwrap().serial_hex));
+        }
+        // The checks of sign_svid hold for every leaf of the signer.
+        let key = PrivateKey::generate_p256().unwrap();
+        let spki = key.public_key_spki_der();
+        let root = id("spiffe://example.org");
+        assert!(matches!(
+            signer.sign_svid(&SvidRequest::new(&root, HOUR), &spki, now()),
+            Err(SvidError::LeafRootId(_))
+        ));
+        let foreign = id("spiffe://other.org/w");
+        assert!(matches!(
+            signer.sign_svid(&SvidRequest::new(&foreign, HOUR), &spki, now()),
+            Err(SvidError::Mint(_))
+        ));
+        assert!(matches!(
+            signer.sign_svid(
+                &SvidRequest::new(&id("spiffe://example.org/w"), HOUR),
+                &spki,
+                now() + DAY
+            ),
+            Err(SvidError::Mint(_))
+        ));
     }
 
     #[test]
