@@ -16,7 +16,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::ServerState;
-use crate::error::{AgentRefusal, EntryRefusal, ServerError};
+use crate::error::{AgentRefusal, EntryRefusal, InternalError, ServerError};
 use crate::index::{Authorized, IndexEvent, SetChange};
 use crate::tls::AgentPeer;
 
@@ -71,8 +71,9 @@ impl AgentService {
 
     /// Rate limit of unauthenticated calls, per source address.
     fn unauthenticated<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        self.limiter
-            .source(req.extensions().get::<AgentPeer>().map(|p| p.remote))
+        Ok(self
+            .limiter
+            .source(req.extensions().get::<AgentPeer>().map(|p| p.remote))?)
     }
 }
 
@@ -200,7 +201,11 @@ impl AgentApi for AgentService {
         let state = self.state.clone();
         let signed = tokio::task::spawn_blocking(move || state.sign_x509_svids(&agent, params))
             .await
-            .map_err(|e| ServerError::Internal(format!("signing task failed: {e}")))??;
+            .map_err(|source| InternalError::Task {
+                task: "signing",
+                source,
+            })
+            .map_err(ServerError::from)??;
         let results = signed
             .into_iter()
             .map(|(entry_id, r)| match r {

@@ -140,11 +140,7 @@ impl ServerState {
             .attest(token)
             .await
             .map_err(AttestationError::Psat)?;
-        let agent_id = self
-            .config
-            .trust_domain
-            .id_with_path(&attestation.agent_path)
-            .map_err(|e| ServerError::Internal(e.to_string()))?;
+        let agent_id = crate::error::own_id(&self.config.trust_domain, &attestation.agent_path)?;
 
         // Held from reading the record to writing it, so that a ban made
         // meanwhile (which takes the same lock) is not overwritten.

@@ -292,7 +292,7 @@ async fn refused_tokens_are_permission_denied_and_record_nothing() {
     assert_eq!(err.code(), Code::InvalidArgument);
 
     assert!(server.agents().await.is_empty());
-    let metrics = server.handle().state().metrics_text();
+    let metrics = server.handle().health().metrics_text();
     assert!(
         metrics.contains("sigil_server_attestation_failures_total 8"),
         "{metrics}"
