@@ -1,8 +1,10 @@
 //! The server's admin API: entries listed page by page, written in batches
-//! of at most [`MAX_BATCH`], and the trust domain; the other calls through
-//! [`AdminClient::api`].
+//! of at most [`MAX_BATCH`]; a method per call for the rest (agents, join
+//! tokens, bundles, federation, authorities), each answering the message
+//! the server sent, or an [`AdminError`] naming the call.
 
 use std::path::Path;
+use std::time::Duration;
 
 use sigil_proto::server::v1 as pb;
 use sigil_proto::server::v1::admin_api_client::AdminApiClient;
@@ -46,6 +48,33 @@ fn call_err(call: &'static str) -> impl FnOnce(Status) -> AdminError {
     move |status| AdminError::Call { call, status }
 }
 
+/// The answer of the unary call `call`, or its refusal named after it.
+async fn answer<T>(
+    call: &'static str,
+    sent: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, AdminError> {
+    sent.await
+        .map(tonic::Response::into_inner)
+        .map_err(call_err(call))
+}
+
+fn trust_domain_request(td: &TrustDomain) -> pb::TrustDomainRequest {
+    pb::TrustDomainRequest {
+        trust_domain: td.to_string(),
+    }
+}
+
+fn agent_request(spiffe_id: String) -> pb::GetAgentRequest {
+    pb::GetAgentRequest { spiffe_id }
+}
+
+fn authority_request(kind: &str, id: String) -> pb::AuthorityRequest {
+    pb::AuthorityRequest {
+        kind: kind.to_owned(),
+        id,
+    }
+}
+
 /// A client of the server's admin socket.
 #[derive(Debug, Clone)]
 pub struct AdminClient {
@@ -71,22 +100,206 @@ impl AdminClient {
         self
     }
 
-    /// The generated client, for the calls without a method here (bundles,
-    /// federation, authorities, agents, join tokens).
+    /// The generated client, for what has no method here: one batch call
+    /// timed alone (the load generator), or a call answered with its bare
+    /// status (the Kubernetes controller's federation plan).
     pub fn api(&mut self) -> &mut AdminApiClient<Channel> {
         &mut self.inner
     }
 
     /// The server's trust domain.
     pub async fn trust_domain(&mut self) -> Result<TrustDomain, AdminError> {
-        let r = self
-            .inner
-            .get_bundle(pb::GetBundleRequest {})
-            .await
-            .map_err(call_err("GetBundle"))?
-            .into_inner();
+        let r = self.bundle().await?;
         TrustDomain::new(&r.trust_domain)
             .map_err(|e| AdminError::BadAnswer(format!("trust domain {:?}: {e}", r.trust_domain)))
+    }
+
+    /// The server's own trust domain and bundle (JSON).
+    pub async fn bundle(&mut self) -> Result<pb::GetBundleResponse, AdminError> {
+        answer("GetBundle", self.inner.get_bundle(pb::GetBundleRequest {})).await
+    }
+
+    /// A single-use join token valid for `ttl` (whole seconds).
+    pub async fn create_join_token(
+        &mut self,
+        ttl: Duration,
+    ) -> Result<pb::CreateJoinTokenResponse, AdminError> {
+        // Past i64::MAX seconds the server refuses it as too long, as it
+        // would the largest value.
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let request = pb::CreateJoinTokenRequest { ttl };
+        answer("CreateJoinToken", self.inner.create_join_token(request)).await
+    }
+
+    /// Every agent the server knows.
+    pub async fn list_agents(&mut self) -> Result<Vec<pb::Agent>, AdminError> {
+        let request = pb::ListAgentsRequest {};
+        Ok(answer("ListAgents", self.inner.list_agents(request))
+            .await?
+            .agents)
+    }
+
+    /// One agent by SPIFFE ID (as given: the server checks it).
+    pub async fn get_agent(&mut self, spiffe_id: String) -> Result<pb::Agent, AdminError> {
+        let request = agent_request(spiffe_id);
+        answer("GetAgent", self.inner.get_agent(request)).await
+    }
+
+    /// Deletes an agent's record; it may attest again. Answers the record.
+    pub async fn evict_agent(&mut self, spiffe_id: String) -> Result<pb::Agent, AdminError> {
+        let request = agent_request(spiffe_id);
+        answer("EvictAgent", self.inner.evict_agent(request)).await
+    }
+
+    /// Bans an agent. Answers its record.
+    pub async fn ban_agent(&mut self, spiffe_id: String) -> Result<pb::Agent, AdminError> {
+        let request = agent_request(spiffe_id);
+        answer("BanAgent", self.inner.ban_agent(request)).await
+    }
+
+    /// The bundle held for a foreign trust domain.
+    pub async fn federated_bundle(
+        &mut self,
+        td: &TrustDomain,
+    ) -> Result<pb::FederatedBundle, AdminError> {
+        let request = trust_domain_request(td);
+        answer(
+            "GetFederatedBundle",
+            self.inner.get_federated_bundle(request),
+        )
+        .await
+    }
+
+    /// Every bundle held for a foreign trust domain.
+    pub async fn list_federated_bundles(&mut self) -> Result<Vec<pb::FederatedBundle>, AdminError> {
+        let request = pb::ListFederatedBundlesRequest {};
+        let sent = self.inner.list_federated_bundles(request);
+        Ok(answer("ListFederatedBundles", sent).await?.bundles)
+    }
+
+    /// Sets the bundle of a foreign trust domain; answers it as stored.
+    pub async fn set_federated_bundle(
+        &mut self,
+        td: &TrustDomain,
+        bundle_json: String,
+    ) -> Result<pb::FederatedBundle, AdminError> {
+        let request = pb::FederatedBundle {
+            trust_domain: td.to_string(),
+            bundle_json,
+        };
+        answer(
+            "SetFederatedBundle",
+            self.inner.set_federated_bundle(request),
+        )
+        .await
+    }
+
+    /// Deletes the bundle of a foreign trust domain; answers it.
+    pub async fn delete_federated_bundle(
+        &mut self,
+        td: &TrustDomain,
+    ) -> Result<pb::FederatedBundle, AdminError> {
+        let request = trust_domain_request(td);
+        let sent = self.inner.delete_federated_bundle(request);
+        answer("DeleteFederatedBundle", sent).await
+    }
+
+    /// Creates a federation relationship; answers it as stored.
+    pub async fn create_federation_relationship(
+        &mut self,
+        relationship: pb::FederationRelationship,
+    ) -> Result<pb::FederationRelationship, AdminError> {
+        let sent = self.inner.create_federation_relationship(relationship);
+        answer("CreateFederationRelationship", sent).await
+    }
+
+    /// Replaces a federation relationship; answers it as stored.
+    pub async fn update_federation_relationship(
+        &mut self,
+        relationship: pb::FederationRelationship,
+    ) -> Result<pb::FederationRelationship, AdminError> {
+        let sent = self.inner.update_federation_relationship(relationship);
+        answer("UpdateFederationRelationship", sent).await
+    }
+
+    /// The federation relationship with a trust domain.
+    pub async fn federation_relationship(
+        &mut self,
+        td: &TrustDomain,
+    ) -> Result<pb::FederationRelationship, AdminError> {
+        let request = trust_domain_request(td);
+        let sent = self.inner.get_federation_relationship(request);
+        answer("GetFederationRelationship", sent).await
+    }
+
+    /// Every federation relationship.
+    pub async fn list_federation_relationships(
+        &mut self,
+    ) -> Result<Vec<pb::FederationRelationship>, AdminError> {
+        let request = pb::ListFederationRelationshipsRequest {};
+        let sent = self.inner.list_federation_relationships(request);
+        Ok(answer("ListFederationRelationships", sent)
+            .await?
+            .relationships)
+    }
+
+    /// Deletes the federation relationship with a trust domain; answers it.
+    pub async fn delete_federation_relationship(
+        &mut self,
+        td: &TrustDomain,
+    ) -> Result<pb::FederationRelationship, AdminError> {
+        let request = trust_domain_request(td);
+        let sent = self.inner.delete_federation_relationship(request);
+        answer("DeleteFederationRelationship", sent).await
+    }
+
+    /// Fetches a trust domain's bundle from its endpoint now; answers the
+    /// bundle held afterwards.
+    pub async fn refresh_bundle(
+        &mut self,
+        td: &TrustDomain,
+    ) -> Result<pb::FederatedBundle, AdminError> {
+        let request = trust_domain_request(td);
+        answer("RefreshBundle", self.inner.refresh_bundle(request)).await
+    }
+
+    /// Every signing authority of the trust domain.
+    pub async fn list_authorities(&mut self) -> Result<Vec<pb::Authority>, AdminError> {
+        let request = pb::ListAuthoritiesRequest {};
+        let sent = self.inner.list_authorities(request);
+        Ok(answer("ListAuthorities", sent).await?.authorities)
+    }
+
+    /// Prepares a new authority of `kind` (`x509` or `jwt`).
+    pub async fn prepare_authority(&mut self, kind: &str) -> Result<pb::Authority, AdminError> {
+        let request = authority_request(kind, String::new());
+        answer("PrepareAuthority", self.inner.prepare_authority(request)).await
+    }
+
+    /// Makes the prepared authority of `kind` the one that signs.
+    pub async fn activate_authority(&mut self, kind: &str) -> Result<pb::Authority, AdminError> {
+        let request = authority_request(kind, String::new());
+        answer("ActivateAuthority", self.inner.activate_authority(request)).await
+    }
+
+    /// Taints a retired authority: agents replace what it signed.
+    pub async fn taint_authority(
+        &mut self,
+        kind: &str,
+        id: String,
+    ) -> Result<pb::Authority, AdminError> {
+        let request = authority_request(kind, id);
+        answer("TaintAuthority", self.inner.taint_authority(request)).await
+    }
+
+    /// Removes a tainted authority from the bundle.
+    pub async fn revoke_authority(
+        &mut self,
+        kind: &str,
+        id: String,
+    ) -> Result<pb::Authority, AdminError> {
+        let request = authority_request(kind, id);
+        answer("RevokeAuthority", self.inner.revoke_authority(request)).await
     }
 
     /// One entry by ID.
@@ -149,6 +362,17 @@ impl AdminClient {
         ids: Vec<String>,
     ) -> Result<Vec<pb::EntryResult>, AdminError> {
         self.write::<pb::BatchDeleteEntryRequest>(ids).await
+    }
+
+    /// Deletes the entries with these IDs in one call, as given: more IDs
+    /// than [`MAX_BATCH`] are refused whole rather than deleted in parts.
+    pub async fn delete_entries_in_one_call(
+        &mut self,
+        ids: Vec<String>,
+    ) -> Result<Vec<pb::EntryResult>, AdminError> {
+        let request = pb::BatchDeleteEntryRequest { ids };
+        let sent = self.inner.batch_delete_entry(request);
+        Ok(answer("BatchDeleteEntry", sent).await?.results)
     }
 
     async fn write<B: BatchWrite>(

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -149,10 +148,7 @@ impl Metrics {
 
     /// The metrics in the Prometheus text format.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
-        out
+        sigil_metrics::render(&self.registry)
     }
 }
 
@@ -207,9 +203,7 @@ pub async fn serve(
                     if status == StatusCode::OK && req.uri().path() == "/metrics" {
                         resp.headers_mut().insert(
                             hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static(
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            ),
+                            hyper::header::HeaderValue::from_static(sigil_metrics::CONTENT_TYPE),
                         );
                     }
                     async move { Ok::<_, Infallible>(resp) }

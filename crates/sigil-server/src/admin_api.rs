@@ -208,7 +208,8 @@ impl AdminApi for AdminService {
             let mode: SelectorMatch = r
                 .selector_match
                 .parse()
-                .map_err(|m| ServerError::from(RequestError::SelectorMatch(m)))?;
+                .map_err(RequestError::SelectorMatch)
+                .map_err(ServerError::from)?;
             filter.selectors = Some((sel, mode));
         }
         let after = if r.page_token.is_empty() {

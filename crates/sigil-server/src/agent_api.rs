@@ -71,8 +71,9 @@ impl AgentService {
 
     /// Rate limit of unauthenticated calls, per source address.
     fn unauthenticated<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        self.limiter
-            .source(req.extensions().get::<AgentPeer>().map(|p| p.remote))
+        Ok(self
+            .limiter
+            .source(req.extensions().get::<AgentPeer>().map(|p| p.remote))?)
     }
 }
 

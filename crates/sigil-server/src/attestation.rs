@@ -10,7 +10,7 @@ use sigil_svid::x509::{SvidRequest, csr_public_key, sha256_hex};
 use sigil_types::{AgentRecord, Selectors, SerialStatus, SpiffeId};
 
 use crate::ca::unix;
-use crate::error::{AgentRefusal, AttestationError, ServerError};
+use crate::error::{AgentRefusal, AttestationError, InternalError, ServerError};
 use crate::registry::random_bytes;
 use crate::state::ServerState;
 use crate::tls::AgentPeer;
@@ -50,13 +50,8 @@ fn token_hash(parts: &TokenParts<'_>) -> String {
 
 impl ServerState {
     fn agent_id_for_token(&self, token_id: &str) -> Result<SpiffeId, ServerError> {
-        self.config
-            .trust_domain
-            .id_with_path(&format!(
-                "{}/join_token/{token_id}",
-                sigil_types::AGENT_PATH_PREFIX
-            ))
-            .map_err(|e| ServerError::Internal(e.to_string()))
+        let path = format!("{}/join_token/{token_id}", sigil_types::AGENT_PATH_PREFIX);
+        Ok(crate::error::own_id(&self.config.trust_domain, &path)?)
     }
 
     /// Creates a single-use join token valid for `ttl` (the configured default when `None`).
@@ -149,7 +144,7 @@ impl ServerState {
             spiffe_id: agent_id.clone(),
             attestation_type: "join_token".into(),
             selectors: Selectors::parse_all([format!("join_token:{}", parts.id)])
-                .map_err(|e| ServerError::Internal(e.to_string()))?,
+                .map_err(InternalError::OwnSelector)?,
             serial: info.serial_hex,
             previous_serial: String::new(),
             serial_used: false,

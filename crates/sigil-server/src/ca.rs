@@ -41,7 +41,7 @@ use sigil_svid::x509::{X509Authority, sha256_hex};
 use sigil_types::{Jwk, TrustDomain};
 use tokio::sync::{Mutex, watch};
 
-use crate::error::{AuthorityRefusal, ServerError};
+use crate::error::{AuthorityRefusal, InternalError, ServerError};
 
 /// Seconds since the Unix epoch (negative times clamp to 0).
 pub(crate) fn unix(t: SystemTime) -> i64 {
@@ -86,8 +86,7 @@ pub fn load_or_create_instance_id(data_dir: &Path) -> Result<String, ServerError
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut raw = [0u8; 16];
-            aws_lc_rs::rand::fill(&mut raw)
-                .map_err(|_| ServerError::Internal("the random generator failed".into()))?;
+            aws_lc_rs::rand::fill(&mut raw).map_err(|_| InternalError::Random)?;
             let id: String = raw.iter().map(|b| format!("{b:02x}")).collect();
             write_private_file(&path, format!("{id}\n").as_bytes())?;
             tracing::info!(instance_id = %id, "new server instance ID created");
@@ -231,7 +230,7 @@ impl Authority for JwtAuthority {
         let kid = record
             .id
             .strip_prefix("jwt-")
-            .ok_or_else(|| ServerError::Internal(format!("bad JWT authority id {}", record.id)))?;
+            .ok_or_else(|| InternalError::AuthorityId(record.id.clone()))?;
         Ok(JwtAuthority::from_parts(
             key,
             kid.to_owned(),
@@ -321,13 +320,12 @@ impl CaManager {
                 peers.push(record);
                 continue;
             }
-            let pem = read_private_file(&key_path).map_err(|e| {
-                ServerError::Internal(format!(
-                    "authority {} is in the journal but its key {} cannot be read: {e}",
-                    record.id,
-                    key_path.display()
-                ))
-            })?;
+            let pem =
+                read_private_file(&key_path).map_err(|source| InternalError::AuthorityKey {
+                    id: record.id.clone(),
+                    path: key_path.clone(),
+                    source,
+                })?;
             let key = PrivateKey::from_pem(&String::from_utf8_lossy(&pem))?;
             match record.kind {
                 AuthorityKind::X509 => x509.push(Slot {
@@ -664,9 +662,7 @@ impl CaManager {
     /// Makes the active slots the ones that sign.
     fn install_active(&self, state: &CaState) -> Result<(), ServerError> {
         let (Some(x), Some(j)) = (active_of(&state.x509), active_of(&state.jwt)) else {
-            return Err(ServerError::Internal(
-                "no active authority after rotation".into(),
-            ));
+            return Err(InternalError::NoActiveAuthority.into());
         };
         self.active.store(Arc::new(ActiveAuthorities {
             x509: Arc::new(x.authority.clone()),
@@ -838,9 +834,7 @@ impl CaManager {
             .iter()
             .position(|s| s.record.state == AuthorityState::Active)
         else {
-            return Err(ServerError::Internal(
-                "the active authority vanished".into(),
-            ));
+            return Err(InternalError::ActiveAuthorityVanished.into());
         };
         let prepared = slots
             .iter()

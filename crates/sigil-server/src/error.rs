@@ -5,6 +5,9 @@
 //! The messages are what operators and agents read: they name what the
 //! caller sent, never the server's internals.
 
+use std::net::IpAddr;
+
+use sigil_types::ratelimit::{Exceeded, RETRY_AFTER_KEY};
 use sigil_types::{EntryId, SpiffeId};
 use tonic::Status;
 
@@ -52,9 +55,115 @@ pub enum ServerError {
     /// The server is stopping; the agent reconnects to it or another one.
     #[error("server is shutting down")]
     ShuttingDown,
-    /// A bug or broken invariant; details go to the log, not the caller.
+    /// A caller made more calls than its rate limit admits; the answer
+    /// says how long to wait, in its message and as `retry-after-ms`.
+    #[error(
+        "rate limit exceeded: {scope} (limit {}); retry in {} ms",
+        exceeded.rate,
+        retry_after_ms(exceeded)
+    )]
+    RateLimited {
+        /// Whose calls were counted.
+        scope: RateScope,
+        /// The limit and the wait until it admits a call again.
+        exceeded: Exceeded,
+    },
+    /// A server fault; details go to the log, not the caller.
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[from] InternalError),
+}
+
+/// `path` in the trust domain `td`, for an ID the server builds itself (its
+/// own, an agent's): a failure is a server fault, not the caller's.
+pub(crate) fn own_id(td: &sigil_types::TrustDomain, path: &str) -> Result<SpiffeId, InternalError> {
+    td.id_with_path(path)
+        .map_err(|source| InternalError::OwnId {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Whose calls a rate limit counts.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum RateScope {
+    /// An authenticated agent's calls, by SPIFFE ID.
+    Agent(SpiffeId),
+    /// Unauthenticated calls from one source address (an IPv6 one by /64).
+    Source(IpAddr),
+}
+
+impl std::fmt::Display for RateScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RateScope::Agent(id) => write!(f, "calls of agent {id}"),
+            RateScope::Source(key) => write!(f, "unauthenticated calls from {key}"),
+        }
+    }
+}
+
+/// The wait a refused caller is told, in whole milliseconds and never 0.
+fn retry_after_ms(e: &Exceeded) -> u128 {
+    e.retry_after.as_millis().max(1)
+}
+
+/// A server fault: what the log says of it. The caller sees only
+/// "internal error; see the server log".
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InternalError {
+    /// The system's random generator failed.
+    #[error("the random generator failed")]
+    Random,
+    /// A SPIFFE ID the server builds in its own trust domain (its own, an
+    /// agent's) does not parse.
+    #[error("the server's own SPIFFE ID {path:?} is invalid: {source}")]
+    OwnId {
+        /// The path the server put under its trust domain.
+        path: String,
+        /// Why it does not parse.
+        source: sigil_types::SpiffeIdError,
+    },
+    /// A selector the server builds itself (a join token's) does not parse.
+    #[error("the server's own selector is invalid: {0}")]
+    OwnSelector(sigil_types::SelectorError),
+    /// A freshly generated entry ID does not parse.
+    #[error("a generated entry ID is invalid: {0}")]
+    NewEntryId(sigil_types::EntryError),
+    /// A task the call waited for panicked or was cancelled.
+    #[error("{task} task failed: {source}")]
+    Task {
+        /// What the task did.
+        task: &'static str,
+        /// How it ended.
+        source: tokio::task::JoinError,
+    },
+    /// The server's signing slots were closed (it is stopping).
+    #[error("signing slots closed: {0}")]
+    SigningSlots(tokio::sync::AcquireError),
+    /// An authority record in the journal has an ID the server cannot use.
+    #[error("bad JWT authority id {0}")]
+    AuthorityId(String),
+    /// An authority of this server is in the journal but its key file
+    /// cannot be read.
+    #[error("authority {id} is in the journal but its key {} cannot be read: {source}", path.display())]
+    AuthorityKey {
+        /// The authority.
+        id: String,
+        /// Where its key should be.
+        path: std::path::PathBuf,
+        /// Why it cannot be read.
+        source: std::io::Error,
+    },
+    /// A rotation left no active authority of some kind.
+    #[error("no active authority after rotation")]
+    NoActiveAuthority,
+    /// The active authority was not among the slots being rotated.
+    #[error("the active authority vanished")]
+    ActiveAuthorityVanished,
+    /// The configuration names the PostgreSQL store, and this build has none.
+    #[error("this build of sigil has no PostgreSQL support")]
+    NoPostgres,
 }
 
 /// Why an agent's call on the agent API is refused.
@@ -267,8 +376,8 @@ pub enum RequestError {
     #[error(transparent)]
     Selectors(sigil_types::SelectorError),
     /// The selector match mode is unknown.
-    #[error("{0}")]
-    SelectorMatch(String),
+    #[error(transparent)]
+    SelectorMatch(crate::index::UnknownSelectorMatch),
     /// The page token is not one this server handed out.
     #[error("invalid page_token: pass back the next_page_token of the previous page")]
     PageToken,
@@ -371,6 +480,13 @@ impl ServerError {
             ServerError::Federation(_) => Status::invalid_argument(message),
             ServerError::Svid(_) => Status::invalid_argument(message),
             ServerError::ShuttingDown => Status::unavailable(message),
+            ServerError::RateLimited { exceeded, .. } => {
+                let mut status = Status::resource_exhausted(message);
+                if let Ok(v) = retry_after_ms(exceeded).to_string().parse() {
+                    status.metadata_mut().insert(RETRY_AFTER_KEY, v);
+                }
+                status
+            }
             ServerError::Io(_) | ServerError::Config(_) | ServerError::Internal(_) => {
                 internal(&message)
             }
@@ -397,4 +513,93 @@ fn store_status(e: &sigil_store::StoreError) -> Status {
 fn internal(detail: &str) -> Status {
     tracing::error!(error = %detail, "internal error");
     Status::internal("internal error; see the server log")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+
+    use std::time::Duration;
+
+    use sigil_types::ratelimit::Rate;
+    use tonic::Code;
+
+    use super::*;
+
+    fn exceeded(retry_after: Duration) -> Exceeded {
+        Exceeded {
+            rate: Rate::new(2, 5),
+            retry_after,
+        }
+    }
+
+    #[test]
+    fn a_rate_limit_says_whose_calls_and_how_long_to_wait() {
+        let agent: SpiffeId = "spiffe://example.org/sigil/agent/join_token/x"
+            .parse()
+            .unwrap();
+        let status = ServerError::RateLimited {
+            scope: RateScope::Agent(agent),
+            exceeded: exceeded(Duration::from_millis(1500)),
+        }
+        .to_status();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "rate limit exceeded: calls of agent spiffe://example.org/sigil/agent/join_token/x \
+             (limit 2/s, burst 5); retry in 1500 ms"
+        );
+        assert_eq!(status.metadata().get(RETRY_AFTER_KEY).unwrap(), "1500");
+
+        // Never "retry in 0 ms": an agent told 0 would call again at once.
+        let status = ServerError::RateLimited {
+            scope: RateScope::Source("192.0.2.7".parse().unwrap()),
+            exceeded: exceeded(Duration::from_micros(10)),
+        }
+        .to_status();
+        assert_eq!(
+            status.message(),
+            "rate limit exceeded: unauthenticated calls from 192.0.2.7 \
+             (limit 2/s, burst 5); retry in 1 ms"
+        );
+        assert_eq!(status.metadata().get(RETRY_AFTER_KEY).unwrap(), "1");
+    }
+
+    #[test]
+    fn server_faults_show_no_detail() {
+        let faults = [
+            InternalError::Random,
+            InternalError::NoActiveAuthority,
+            InternalError::AuthorityKey {
+                id: "x509-1".into(),
+                path: "/secret/keys/x509-1.key".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            },
+        ];
+        for fault in faults {
+            let e = ServerError::from(fault);
+            // The detail is in the error (for the log and for `sigil server
+            // run` failing at start) ...
+            assert!(e.to_string().starts_with("internal error: "), "{e}");
+            // ... and not in what a caller receives.
+            let status = e.to_status();
+            assert_eq!(status.code(), Code::Internal);
+            assert_eq!(status.message(), "internal error; see the server log");
+        }
+    }
+
+    #[test]
+    fn an_unknown_selector_match_is_named_to_the_caller() {
+        let e = "most"
+            .parse::<crate::index::SelectorMatch>()
+            .map_err(RequestError::SelectorMatch)
+            .map_err(ServerError::from)
+            .unwrap_err();
+        let status = e.to_status();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "selector match \"most\" must be one of exact, subset, superset, any"
+        );
+    }
 }

@@ -300,17 +300,20 @@ pub enum SelectorMatch {
     Any,
 }
 
+/// A selector match mode other than `exact`, `subset`, `superset` or `any`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("selector match {0:?} must be one of exact, subset, superset, any")]
+pub struct UnknownSelectorMatch(pub String);
+
 impl std::str::FromStr for SelectorMatch {
-    type Err = String;
+    type Err = UnknownSelectorMatch;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "exact" => Ok(Self::Exact),
             "subset" => Ok(Self::Subset),
             "" | "superset" => Ok(Self::Superset),
             "any" => Ok(Self::Any),
-            other => Err(format!(
-                "selector match {other:?} must be one of exact, subset, superset, any"
-            )),
+            other => Err(UnknownSelectorMatch(other.to_owned())),
         }
     }
 }

@@ -10,8 +10,9 @@ use serde::Deserialize;
 use sigil_types::SpiffeId;
 use sigil_types::config::{ConfigError, require_positive};
 use sigil_types::duration::serde_human;
-use sigil_types::ratelimit::{Exceeded, KeyedLimiter, RETRY_AFTER_KEY, Rate};
-use tonic::Status;
+use sigil_types::ratelimit::{KeyedLimiter, Rate};
+
+use crate::error::{RateScope, ServerError};
 
 /// Most callers each rate limiter remembers; idle ones are forgotten first.
 pub const MAX_TRACKED_CALLERS: usize = 10_000;
@@ -222,22 +223,28 @@ impl AgentApiLimiter {
     }
 
     /// A call of an authenticated agent: limited per SPIFFE ID.
-    pub(crate) fn agent(&self, id: &SpiffeId) -> Result<(), Status> {
+    pub(crate) fn agent(&self, id: &SpiffeId) -> Result<(), ServerError> {
         self.agents
             .check(id)
-            .map_err(|e| exhausted(&format!("calls of agent {id}"), e))
+            .map_err(|exceeded| ServerError::RateLimited {
+                scope: RateScope::Agent(id.clone()),
+                exceeded,
+            })
     }
 
     /// An unauthenticated call: limited per source address (an IPv6 address
     /// by its /64, which one host usually holds whole).
-    pub(crate) fn source(&self, remote: Option<SocketAddr>) -> Result<(), Status> {
+    pub(crate) fn source(&self, remote: Option<SocketAddr>) -> Result<(), ServerError> {
         let Some(remote) = remote else {
             return Ok(());
         };
         let key = source_key(remote.ip());
         self.sources
             .check(&key)
-            .map_err(|e| exhausted(&format!("unauthenticated calls from {key}"), e))
+            .map_err(|exceeded| ServerError::RateLimited {
+                scope: RateScope::Source(key),
+                exceeded,
+            })
     }
 }
 
@@ -255,21 +262,6 @@ pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
             }
         },
     }
-}
-
-/// `ResourceExhausted` naming the limit that was hit, with the wait until
-/// it admits a call again both in the message (for people) and as
-/// `retry-after-ms` metadata (for agents, which wait at least that long).
-fn exhausted(what: &str, e: Exceeded) -> Status {
-    let ms = e.retry_after.as_millis().max(1);
-    let mut status = Status::resource_exhausted(format!(
-        "rate limit exceeded: {what} (limit {}); retry in {ms} ms",
-        e.rate
-    ));
-    if let Ok(v) = ms.to_string().parse() {
-        status.metadata_mut().insert(RETRY_AFTER_KEY, v);
-    }
-    status
 }
 
 #[cfg(test)]

@@ -23,6 +23,23 @@ pub const CACHE_FOR: Duration = Duration::from_secs(1);
 /// (it reads it at least every second) before the server is not ready.
 pub const FOLLOWER_STALE_AFTER: Duration = Duration::from_secs(10);
 
+/// What a health listener reports of a running server (readiness and
+/// metrics), holding nothing else of it: from [`ServerHandle::health`](crate::ServerHandle::health).
+#[derive(Debug, Clone)]
+pub struct ServerHealth(pub(crate) std::sync::Arc<ServerState>);
+
+impl ServerHealth {
+    /// Whether the server can serve now; if not, why (`/readyz`).
+    pub async fn readiness(&self) -> Result<(), NotReady> {
+        self.0.readiness().await
+    }
+
+    /// The Prometheus text exposition of the server's metrics (`/metrics`).
+    pub fn metrics_text(&self) -> String {
+        self.0.metrics_text()
+    }
+}
+
 /// Why the server is not ready.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use sigil_types::{Entry, EntryId};
 
 use crate::ca::unix;
-use crate::error::{EntryRefusal, ServerError};
+use crate::error::{EntryRefusal, InternalError, ServerError};
 use crate::state::ServerState;
 
 /// The most items one batch request may carry.
@@ -15,7 +15,7 @@ pub const MAX_BATCH: usize = 500;
 /// `N` bytes from the system's random generator (join token IDs and secrets, entry IDs).
 pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N], ServerError> {
     let mut b = [0u8; N];
-    aws_lc_rs::rand::fill(&mut b).map_err(|_| ServerError::Internal("no randomness".into()))?;
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| InternalError::Random)?;
     Ok(b)
 }
 
@@ -32,7 +32,7 @@ pub fn new_entry_id() -> Result<EntryId, ServerError> {
         &h[20..]
     )
     .parse()
-    .map_err(|e: sigil_types::EntryError| ServerError::Internal(e.to_string()))
+    .map_err(|e| InternalError::NewEntryId(e).into())
 }
 
 impl ServerState {

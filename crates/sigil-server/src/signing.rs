@@ -13,7 +13,7 @@ use sigil_svid::jwt::JwtClaims;
 use sigil_svid::x509::{SvidRequest, X509Authority, csr_public_key};
 use sigil_types::{AgentRecord, Entry, EntryId};
 
-use crate::error::{ServerError, SignError};
+use crate::error::{InternalError, ServerError, SignError};
 use crate::registry::MAX_BATCH;
 use crate::state::ServerState;
 
@@ -119,7 +119,7 @@ impl ServerState {
                 .clone()
                 .acquire_owned()
                 .await
-                .map_err(|e| ServerError::Internal(format!("signing slots closed: {e}")))?;
+                .map_err(|e| ServerError::Internal(InternalError::SigningSlots(e)))?;
             let (state, agent, authority) = (self.clone(), agent.clone(), authority.clone());
             tasks.push(tokio::task::spawn_blocking(move || {
                 let _slot = slot;
@@ -128,9 +128,12 @@ impl ServerState {
         }
         let mut out = Vec::new();
         for task in tasks {
-            let signed = task
-                .await
-                .map_err(|e| ServerError::Internal(format!("signing task failed: {e}")))??;
+            let signed = task.await.map_err(|source| {
+                ServerError::Internal(InternalError::Task {
+                    task: "signing",
+                    source,
+                })
+            })??;
             out.extend(signed);
         }
         Ok(out)

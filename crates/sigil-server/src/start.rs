@@ -5,22 +5,23 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use sigil_store::{SqliteStore, Store};
 use sigil_svid::tls::RotatingCert;
-use sigil_types::{BoxFuture, LocalBoxFuture};
+use sigil_types::{BoxFuture, Entry, LocalBoxFuture};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::attestation::NewJoinToken;
 use crate::ca::{self, CaManager};
 use crate::config::{self, ServerConfig};
 use crate::error::ServerError;
 use crate::index::EntryIndex;
 use crate::metrics::Metrics;
-use crate::readiness::Readiness;
+use crate::readiness::{Readiness, ServerHealth};
 use crate::state::ServerState;
 use crate::{admin_api, agent_api, agents, background, federation, follower, oidc, psat, tls};
 
@@ -39,9 +40,29 @@ pub struct ServerHandle {
 
 impl ServerHandle {
     /// The state the server's tasks share: its operations (join tokens,
-    /// entries, agents) and read access to its parts.
+    /// entries, agents) and read access to its parts, for tests and the
+    /// bench's preloading; programs use the narrower methods below.
     pub fn state(&self) -> &Arc<ServerState> {
         &self.state
+    }
+
+    /// Creates a single-use join token, as `CreateJoinToken` does (the
+    /// configured TTL when `None`).
+    pub async fn generate_join_token(
+        &self,
+        ttl: Option<Duration>,
+    ) -> Result<NewJoinToken, ServerError> {
+        self.state.generate_join_token(ttl).await
+    }
+
+    /// Registers one entry, with the checks `BatchCreateEntry` makes.
+    pub async fn create_entry(&self, entry: Entry) -> Result<Entry, ServerError> {
+        self.state.create_entry(entry).await
+    }
+
+    /// Readiness and metrics, for a health listener.
+    pub fn health(&self) -> ServerHealth {
+        ServerHealth(self.state.clone())
     }
 
     /// The agent API's bound address.
@@ -116,9 +137,7 @@ async fn open_configured_store(config: &ServerConfig) -> Result<Arc<dyn Store>, 
             Ok(Arc::new(store))
         }
         #[cfg(not(feature = "postgres"))]
-        config::StoreConfig::Postgres { .. } => Err(ServerError::Internal(
-            "this build of sigil has no PostgreSQL support".into(),
-        )),
+        config::StoreConfig::Postgres { .. } => Err(crate::error::InternalError::NoPostgres.into()),
     }
 }
 
@@ -196,10 +215,7 @@ async fn build_state(
     // After the entries: changes between the two reads are applied again by
     // the follower, which re-reads the agents they name.
     let agents = agents::AgentRecords::load(store.as_ref()).await?;
-    let server_id = config
-        .trust_domain
-        .id_with_path(sigil_types::SERVER_PATH)
-        .map_err(|e| ServerError::Internal(e.to_string()))?;
+    let server_id = crate::error::own_id(&config.trust_domain, sigil_types::SERVER_PATH)?;
     let (chain, key) =
         background::mint_server_svid(&ca, &server_id, config.default_x509_svid_ttl, now)?;
     let server_cert = Arc::new(RotatingCert::new(chain, &key)?);

@@ -161,9 +161,7 @@ pub fn server_config(
     cert: Arc<RotatingCert>,
 ) -> Result<ServerConfig, crate::ServerError> {
     let td = ca.trust_domain().clone();
-    let agent_prefix = td
-        .id_with_path(sigil_types::AGENT_PATH_PREFIX)
-        .map_err(|e| crate::ServerError::Internal(e.to_string()))?;
+    let agent_prefix = crate::error::own_id(&td, sigil_types::AGENT_PATH_PREFIX)?;
     let verifier = SpiffeClientVerifier::new(
         Arc::new(OwnBundleTrust(ca)),
         Authorize::AnyPathPrefix(agent_prefix),

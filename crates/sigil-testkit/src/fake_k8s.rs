@@ -47,6 +47,18 @@ pub const NODE: &str = "ip-10-0-10-170.ec2.internal";
 pub const NODE_UID: &str = "d06a4e91-b2e9-4907-a60a-66fd3932aaea";
 /// That node's IP (the pod's `status.hostIP`).
 pub const NODE_IP: &str = "10.0.10.170";
+/// The selectors a token of the recorded agent pod proves by itself, under
+/// a cluster profile named `eks-dev` (those the API server's answers add
+/// depend on the profile, and are not here).
+pub const TOKEN_SELECTORS: [&str; 7] = [
+    "k8s_psat:cluster:eks-dev",
+    "k8s_psat:agent_ns:kube-system",
+    "k8s_psat:agent_sa:aws-node",
+    "k8s_psat:agent_pod_name:aws-node-9t64t",
+    "k8s_psat:agent_pod_uid:26ad33eb-1244-4226-a6e8-e8ec77195044",
+    "k8s_psat:agent_node_name:ip-10-0-10-170.ec2.internal",
+    "k8s_psat:agent_node_uid:d06a4e91-b2e9-4907-a60a-66fd3932aaea",
+];
 /// The `iss` of the tokens [`FakeApiServer`] mints (an EKS-style issuer).
 pub const ISSUER: &str =
     "https://oidc.eks.us-east-1.amazonaws.com/id/EXAMPLED539D4633E53DE1B71EXAMPLE";

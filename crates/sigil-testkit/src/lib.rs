@@ -174,7 +174,7 @@ impl Cluster {
         let server = sigil_server::start(server_config.clone())
             .await
             .context("starting server")?;
-        let token = server.state().generate_join_token(None).await?;
+        let token = server.generate_join_token(None).await?;
         let mut agent_config = AgentConfig::with_defaults(
             td,
             server.agent_api_addr().to_string(),
@@ -259,7 +259,7 @@ impl Cluster {
             Selectors::parse_all(selectors)?,
         );
         adjust(&mut entry);
-        Ok(self.server()?.state().create_entry(entry).await?)
+        Ok(self.server()?.create_entry(entry).await?)
     }
 
     /// Waits until the agent serves an SVID for `spiffe_id`.

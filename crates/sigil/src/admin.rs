@@ -40,12 +40,8 @@ pub(crate) async fn connect_admin(path: &std::path::Path) -> anyhow::Result<Admi
 /// HA servers each took one at once).
 const ADMIN_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
-pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
-}
-
 /// A failed admin call as the user sees it: the server's message alone.
-fn admin_err(e: AdminError) -> anyhow::Error {
+pub(crate) fn admin_err(e: AdminError) -> anyhow::Error {
     match e.status() {
         Some(s) => anyhow::anyhow!("{}", s.message()),
         None => anyhow::Error::new(e),
@@ -439,12 +435,10 @@ pub(crate) async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
             // One call, as given: more IDs than the server's batch limit
             // are refused whole rather than deleted in parts.
             let r = c
-                .api()
-                .batch_delete_entry(pb::BatchDeleteEntryRequest { ids: a.entry_id })
+                .delete_entries_in_one_call(a.entry_id)
                 .await
-                .map_err(status_err)?
-                .into_inner();
-            report(a.opts.output, r.results, "Deleted")
+                .map_err(admin_err)?;
+            report(a.opts.output, r, "Deleted")
         }
         EntryCommand::Show(a) => {
             let mut c = connect_admin(&a.opts.admin_socket).await?;
@@ -484,14 +478,7 @@ pub(crate) async fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     let TokenCommand::Generate { ttl, opts } = cmd;
     let ttl = duration::parse(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
     let mut c = connect_admin(&opts.admin_socket).await?;
-    let r = c
-        .api()
-        .create_join_token(pb::CreateJoinTokenRequest {
-            ttl: ttl.as_secs() as i64,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let r = c.create_join_token(ttl).await.map_err(admin_err)?;
     match opts.output {
         Output::Json => println!(
             "{}",
@@ -551,52 +538,26 @@ fn print_agents(out: Output, agents: &[pb::Agent]) -> anyhow::Result<()> {
 
 pub(crate) async fn agent_list(o: AdminOpts) -> anyhow::Result<()> {
     let mut c = connect_admin(&o.admin_socket).await?;
-    let r = c
-        .api()
-        .list_agents(pb::ListAgentsRequest {})
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    print_agents(o.output, &r.agents)
+    let agents = c.list_agents().await.map_err(admin_err)?;
+    print_agents(o.output, &agents)
 }
 
 pub(crate) async fn agent_show(a: AgentIdArgs) -> anyhow::Result<()> {
     let mut c = connect_admin(&a.opts.admin_socket).await?;
-    let r = c
-        .api()
-        .get_agent(pb::GetAgentRequest {
-            spiffe_id: a.spiffe_id,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let r = c.get_agent(a.spiffe_id).await.map_err(admin_err)?;
     print_agents(a.opts.output, &[r])
 }
 
 pub(crate) async fn agent_evict(a: AgentIdArgs) -> anyhow::Result<()> {
     let mut c = connect_admin(&a.opts.admin_socket).await?;
-    let r = c
-        .api()
-        .evict_agent(pb::GetAgentRequest {
-            spiffe_id: a.spiffe_id,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let r = c.evict_agent(a.spiffe_id).await.map_err(admin_err)?;
     println!("Evicted agent {}", r.spiffe_id);
     Ok(())
 }
 
 pub(crate) async fn agent_ban(a: AgentIdArgs) -> anyhow::Result<()> {
     let mut c = connect_admin(&a.opts.admin_socket).await?;
-    let r = c
-        .api()
-        .ban_agent(pb::GetAgentRequest {
-            spiffe_id: a.spiffe_id,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let r = c.ban_agent(a.spiffe_id).await.map_err(admin_err)?;
     println!("Banned agent {}", r.spiffe_id);
     Ok(())
 }
@@ -615,10 +576,7 @@ pub(crate) async fn healthcheck(a: HealthcheckArgs) -> anyhow::Result<()> {
     let started = SystemTime::now();
     if let Some(path) = a.admin_socket {
         let mut c = connect_admin(&path).await?;
-        c.api()
-            .get_bundle(pb::GetBundleRequest {})
-            .await
-            .map_err(status_err)?;
+        c.bundle().await.map_err(admin_err)?;
         println!(
             "server is healthy ({} ms)",
             started.elapsed().map(|d| d.as_millis()).unwrap_or(0)

@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand, ValueEnum};
 use sigil_proto::server::v1 as pb;
 
-use crate::admin::{AdminOpts, connect_admin, fmt_time, print_list, status_err};
+use crate::admin::{AdminOpts, admin_err, connect_admin, fmt_time, print_list};
 use crate::output::Output;
 
 /// Which credentials an authority signs.
@@ -161,15 +161,10 @@ pub(crate) async fn run(cmd: AuthorityCommand) -> anyhow::Result<()> {
     let (step, kind, id, opts) = match cmd {
         AuthorityCommand::List(opts) => {
             let mut c = connect_admin(&opts.admin_socket).await?;
-            let r = c
-                .api()
-                .list_authorities(pb::ListAuthoritiesRequest {})
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let authorities = c.list_authorities().await.map_err(admin_err)?;
             return print_list(
                 opts.output,
-                &r.authorities,
+                &authorities,
                 ("authority", "authorities"),
                 authority_json,
                 print_authority,
@@ -181,17 +176,13 @@ pub(crate) async fn run(cmd: AuthorityCommand) -> anyhow::Result<()> {
         AuthorityCommand::Revoke(a) => (Step::Revoke, a.kind, a.id, a.opts),
     };
     let mut c = connect_admin(&opts.admin_socket).await?;
-    let req = pb::AuthorityRequest {
-        kind: kind.name().to_owned(),
-        id,
-    };
+    let kind = kind.name();
     let r = match step {
-        Step::Prepare => c.api().prepare_authority(req).await,
-        Step::Activate => c.api().activate_authority(req).await,
-        Step::Taint => c.api().taint_authority(req).await,
-        Step::Revoke => c.api().revoke_authority(req).await,
+        Step::Prepare => c.prepare_authority(kind).await,
+        Step::Activate => c.activate_authority(kind).await,
+        Step::Taint => c.taint_authority(kind, id).await,
+        Step::Revoke => c.revoke_authority(kind, id).await,
     }
-    .map_err(status_err)?
-    .into_inner();
+    .map_err(admin_err)?;
     print(opts.output, step.done(), &r)
 }

@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use sigil_proto::server::v1 as pb;
 use sigil_svid::bundle::Bundle;
 use sigil_types::TrustDomain;
 
-use crate::admin::{AdminOpts, connect_admin, status_err};
+use crate::admin::{AdminOpts, admin_err, connect_admin};
 use crate::output::Output;
 
 /// How a bundle is written or read.
@@ -209,23 +208,11 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             let mut c = connect_admin(&admin_socket).await?;
             let b = match td {
                 None => {
-                    let r = c
-                        .api()
-                        .get_bundle(pb::GetBundleRequest {})
-                        .await
-                        .map_err(status_err)?
-                        .into_inner();
+                    let r = c.bundle().await.map_err(admin_err)?;
                     server_bundle(&r.trust_domain, &r.bundle_json)?
                 }
                 Some(td) => {
-                    let r = c
-                        .api()
-                        .get_federated_bundle(pb::TrustDomainRequest {
-                            trust_domain: td.to_string(),
-                        })
-                        .await
-                        .map_err(status_err)?
-                        .into_inner();
+                    let r = c.federated_bundle(&td).await.map_err(admin_err)?;
                     server_bundle(&r.trust_domain, &r.bundle_json)?
                 }
             };
@@ -233,20 +220,12 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<()> {
         }
         BundleCommand::List(opts) => {
             let mut c = connect_admin(&opts.admin_socket).await?;
-            let own = c
-                .api()
-                .get_bundle(pb::GetBundleRequest {})
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let own = c.bundle().await.map_err(admin_err)?;
             let own = server_bundle(&own.trust_domain, &own.bundle_json)?;
             let federated = c
-                .api()
-                .list_federated_bundles(pb::ListFederatedBundlesRequest {})
+                .list_federated_bundles()
                 .await
-                .map_err(status_err)?
-                .into_inner()
-                .bundles
+                .map_err(admin_err)?
                 .iter()
                 .map(|b| server_bundle(&b.trust_domain, &b.bundle_json))
                 .collect::<anyhow::Result<Vec<_>>>()?;
@@ -278,14 +257,9 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<()> {
             let b = parse_bundle(&td, &text, a.format, &source)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             let r = c
-                .api()
-                .set_federated_bundle(pb::FederatedBundle {
-                    trust_domain: td.to_string(),
-                    bundle_json: b.to_json(),
-                })
+                .set_federated_bundle(&td, b.to_json())
                 .await
-                .map_err(status_err)?
-                .into_inner();
+                .map_err(admin_err)?;
             let stored = server_bundle(&r.trust_domain, &r.bundle_json)?;
             match a.opts.output {
                 Output::Json => println!(
@@ -308,14 +282,7 @@ pub(crate) async fn run(cmd: BundleCommand) -> anyhow::Result<()> {
         BundleCommand::Delete { trust_domain, opts } => {
             let td = trust_domain_arg(&trust_domain)?;
             let mut c = connect_admin(&opts.admin_socket).await?;
-            let r = c
-                .api()
-                .delete_federated_bundle(pb::TrustDomainRequest {
-                    trust_domain: td.to_string(),
-                })
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let r = c.delete_federated_bundle(&td).await.map_err(admin_err)?;
             match opts.output {
                 Output::Json => println!(
                     "{}",

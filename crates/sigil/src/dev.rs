@@ -119,7 +119,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         .await
         .context("starting the server")?;
 
-    let token = server.state().generate_join_token(None).await?;
+    let token = server.generate_join_token(None).await?;
     let mut acfg = sigil_agent::AgentConfig::with_defaults(
         td.clone(),
         server.agent_api_addr().to_string(),
@@ -145,7 +145,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         agent.agent_id.clone(),
         Selectors::parse_all([format!("unix:uid:{uid}")])?,
     );
-    if let Err(e) = server.state().create_entry(entry).await {
+    if let Err(e) = server.create_entry(entry).await {
         // On a restart the same registration is already there.
         let status = tonic::Status::from(e);
         if status.code() != tonic::Code::AlreadyExists {
@@ -167,7 +167,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     if let Some(addr) = args.health_address {
         let bound = health::serve(
             addr,
-            crate::run::server_health(server.state().clone()),
+            crate::run::server_health(server.health()),
             cancel.clone(),
         )
         .await?;

@@ -10,7 +10,7 @@ use sigil_proto::server::v1 as pb;
 use sigil_types::TrustDomain;
 use sigil_types::federation::{BundleEndpointProfile, validate_endpoint_url};
 
-use crate::admin::{AdminOpts, connect_admin, fmt_time, print_list, status_err};
+use crate::admin::{AdminOpts, admin_err, connect_admin, fmt_time, print_list};
 use crate::bundle::{BundleFormat, parse_bundle, server_bundle, trust_domain_arg};
 use crate::output::Output;
 
@@ -218,11 +218,9 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             apply_fields(&mut r, &td, &a.fields)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             let created = c
-                .api()
                 .create_federation_relationship(r)
                 .await
-                .map_err(status_err)?
-                .into_inner();
+                .map_err(admin_err)?;
             if a.opts.output == Output::Text {
                 println!("Created the federation relationship with {}", td);
             }
@@ -231,22 +229,13 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
         FederationCommand::Update(a) => {
             let td = trust_domain_arg(&a.trust_domain)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
-            let mut r = c
-                .api()
-                .get_federation_relationship(pb::TrustDomainRequest {
-                    trust_domain: td.to_string(),
-                })
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let mut r = c.federation_relationship(&td).await.map_err(admin_err)?;
             r.trust_domain_bundle_json.clear();
             apply_fields(&mut r, &td, &a.fields)?;
             let updated = c
-                .api()
                 .update_federation_relationship(r)
                 .await
-                .map_err(status_err)?
-                .into_inner();
+                .map_err(admin_err)?;
             if a.opts.output == Output::Text {
                 println!("Updated the federation relationship with {}", td);
             }
@@ -254,43 +243,24 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
         }
         FederationCommand::List(opts) => {
             let mut c = connect_admin(&opts.admin_socket).await?;
-            let r = c
-                .api()
-                .list_federation_relationships(pb::ListFederationRelationshipsRequest {})
-                .await
-                .map_err(status_err)?
-                .into_inner();
-            print_relationships(opts.output, &r.relationships)
+            let relationships = c.list_federation_relationships().await.map_err(admin_err)?;
+            print_relationships(opts.output, &relationships)
         }
         FederationCommand::Show(a) => {
             let td = trust_domain_arg(&a.trust_domain)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
-            let r = c
-                .api()
-                .get_federation_relationship(pb::TrustDomainRequest {
-                    trust_domain: td.to_string(),
-                })
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let r = c.federation_relationship(&td).await.map_err(admin_err)?;
             print_one(a.opts.output, &r)
         }
         FederationCommand::Refresh(a) => {
             let td = trust_domain_arg(&a.trust_domain)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
-            let r = c
-                .api()
-                .refresh_bundle(pb::TrustDomainRequest {
-                    trust_domain: td.to_string(),
-                })
-                .await
-                .map_err(|s| {
-                    anyhow::anyhow!(
-                        "refreshing the bundle of {td} failed: {} (the previous bundle is kept)",
-                        s.message()
-                    )
-                })?
-                .into_inner();
+            let r = c.refresh_bundle(&td).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "refreshing the bundle of {td} failed: {} (the previous bundle is kept)",
+                    admin_err(e)
+                )
+            })?;
             let b = server_bundle(&r.trust_domain, &r.bundle_json)?;
             match a.opts.output {
                 Output::Json => println!(
@@ -324,13 +294,9 @@ pub(crate) async fn run(cmd: FederationCommand) -> anyhow::Result<()> {
             let td = trust_domain_arg(&a.trust_domain)?;
             let mut c = connect_admin(&a.opts.admin_socket).await?;
             let r = c
-                .api()
-                .delete_federation_relationship(pb::TrustDomainRequest {
-                    trust_domain: td.to_string(),
-                })
+                .delete_federation_relationship(&td)
                 .await
-                .map_err(status_err)?
-                .into_inner();
+                .map_err(admin_err)?;
             match a.opts.output {
                 Output::Json => {
                     println!("{}", serde_json::to_string_pretty(&relationship_json(&r))?)

@@ -55,7 +55,7 @@ pub(crate) async fn serve(
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            sigil_metrics::CONTENT_TYPE,
                         )],
                         s.metrics(),
                     )

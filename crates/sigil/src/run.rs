@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use crate::health::{self, HealthSource, ReadyFuture};
 
-struct ServerHealth(Arc<sigil_server::ServerState>);
+struct ServerHealth(sigil_server::readiness::ServerHealth);
 
 impl HealthSource for ServerHealth {
     fn ready(&self) -> ReadyFuture<'_> {
@@ -44,7 +44,7 @@ impl HealthSource for AgentHealth {
 }
 
 /// Health source of a server, for the health listener.
-pub(crate) fn server_health(s: Arc<sigil_server::ServerState>) -> Arc<dyn HealthSource> {
+pub(crate) fn server_health(s: sigil_server::readiness::ServerHealth) -> Arc<dyn HealthSource> {
     Arc::new(ServerHealth(s))
 }
 
@@ -60,12 +60,8 @@ pub(crate) async fn server(config: &Path) -> anyhow::Result<()> {
         .await
         .context("starting the server")?;
     if let Some(addr) = health_addr {
-        let bound = health::serve(
-            addr,
-            server_health(handle.state().clone()),
-            handle.cancel_token(),
-        )
-        .await?;
+        let bound =
+            health::serve(addr, server_health(handle.health()), handle.cancel_token()).await?;
         tracing::info!(%bound, "health and metrics listening");
     }
     crate::shutdown_signal().await;

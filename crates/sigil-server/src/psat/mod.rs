@@ -140,11 +140,7 @@ impl ServerState {
             .attest(token)
             .await
             .map_err(AttestationError::Psat)?;
-        let agent_id = self
-            .config
-            .trust_domain
-            .id_with_path(&attestation.agent_path)
-            .map_err(|e| ServerError::Internal(e.to_string()))?;
+        let agent_id = crate::error::own_id(&self.config.trust_domain, &attestation.agent_path)?;
 
         // Held from reading the record to writing it, so that a ban made
         // meanwhile (which takes the same lock) is not overwritten.
@@ -393,8 +389,9 @@ mod tests {
         use super::*;
         use crate::ServerHandle;
 
+        use sigil_testkit::fake_k8s::{NAMESPACE, NODE, NODE_UID, POD, POD_UID, TOKEN_SELECTORS};
+
         const ISSUER: &str = "https://kubernetes.default.svc";
-        const NODE_UID: &str = "d06a4e91-b2e9-4907-a60a-66fd3932aaea";
 
         struct Cluster {
             key: EcdsaKeyPair,
@@ -443,12 +440,12 @@ mod tests {
                 let claims = json!({
                     "aud": [aud], "iss": ISSUER, "iat": now - 60, "nbf": now - 60,
                     "exp": now + ttl,
-                    "sub": format!("system:serviceaccount:kube-system:{sa}"),
+                    "sub": format!("system:serviceaccount:{NAMESPACE}:{sa}"),
                     "kubernetes.io": {
-                        "namespace": "kube-system",
+                        "namespace": NAMESPACE,
                         "serviceaccount": { "name": sa, "uid": "0b8c5a2e-7c4b-4a86-9f57-1f7d3c1f2a11" },
-                        "pod": { "name": "aws-node-9t64t", "uid": "26ad33eb-1244-4226-a6e8-e8ec77195044" },
-                        "node": { "name": "ip-10-0-10-170.ec2.internal", "uid": NODE_UID },
+                        "pod": { "name": POD, "uid": POD_UID },
+                        "node": { "name": NODE, "uid": NODE_UID },
                     },
                 });
                 let header = json!({ "alg": "ES256", "kid": "k1", "typ": "JWT" });
@@ -520,16 +517,7 @@ mod tests {
             assert_eq!(first.attestation_type, ATTESTATION_TYPE);
             assert!(first.can_reattest && !first.banned);
             assert_eq!(first.serial, info.serial_hex);
-            let want = Selectors::parse_all([
-                "k8s_psat:cluster:eks-dev",
-                "k8s_psat:agent_ns:kube-system",
-                "k8s_psat:agent_sa:aws-node",
-                "k8s_psat:agent_pod_name:aws-node-9t64t",
-                "k8s_psat:agent_pod_uid:26ad33eb-1244-4226-a6e8-e8ec77195044",
-                "k8s_psat:agent_node_name:ip-10-0-10-170.ec2.internal",
-                "k8s_psat:agent_node_uid:d06a4e91-b2e9-4907-a60a-66fd3932aaea",
-            ])
-            .unwrap();
+            let want = Selectors::parse_all(TOKEN_SELECTORS).unwrap();
             assert_eq!(first.selectors, want);
 
             // created_at has second resolution; make the update visible.

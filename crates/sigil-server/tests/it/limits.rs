@@ -678,7 +678,7 @@ async fn attestations_over_the_rate_limit_are_refused_before_attestation() {
     .await;
     let failures = || {
         server
-            .state()
+            .health()
             .metrics_text()
             .lines()
             .find_map(|l| l.strip_prefix("sigil_server_attestation_failures_total "))

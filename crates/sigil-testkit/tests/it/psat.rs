@@ -13,7 +13,7 @@ use sigil_server::config::{PsatCluster, PsatVerification};
 use sigil_server::{ServerConfig, ServerHandle};
 use sigil_svid::keys::PrivateKey;
 use sigil_svid::tls::RotatingCert;
-use sigil_testkit::fake_k8s::{self, FakeApiServer, TokenOptions};
+use sigil_testkit::fake_k8s::{self, FakeApiServer, TOKEN_SELECTORS, TokenOptions};
 use sigil_types::{AgentRecord, Selectors, TrustDomain};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -21,17 +21,6 @@ use tonic::transport::Channel;
 const CLUSTER: &str = "eks-dev";
 const AGENT_ID: &str =
     "spiffe://example.org/sigil/agent/k8s_psat/eks-dev/d06a4e91-b2e9-4907-a60a-66fd3932aaea";
-
-/// What the token alone proves.
-const TOKEN_SELECTORS: [&str; 7] = [
-    "k8s_psat:cluster:eks-dev",
-    "k8s_psat:agent_ns:kube-system",
-    "k8s_psat:agent_sa:aws-node",
-    "k8s_psat:agent_pod_name:aws-node-9t64t",
-    "k8s_psat:agent_pod_uid:26ad33eb-1244-4226-a6e8-e8ec77195044",
-    "k8s_psat:agent_node_name:ip-10-0-10-170.ec2.internal",
-    "k8s_psat:agent_node_uid:d06a4e91-b2e9-4907-a60a-66fd3932aaea",
-];
 
 /// Added from the pod and node the API server returned.
 const API_SELECTORS: [&str; 5] = [
@@ -292,7 +281,7 @@ async fn refused_tokens_are_permission_denied_and_record_nothing() {
     assert_eq!(err.code(), Code::InvalidArgument);
 
     assert!(server.agents().await.is_empty());
-    let metrics = server.handle().state().metrics_text();
+    let metrics = server.handle().health().metrics_text();
     assert!(
         metrics.contains("sigil_server_attestation_failures_total 8"),
         "{metrics}"
