@@ -162,3 +162,41 @@ fn bulk_registration_quick_run_reports_its_figures() {
         }
     }
 }
+
+/// How many times the server's CPU per entry written with idle sync streams
+/// open may exceed the same writes with none, in one run, before CI fails.
+/// Far above the noise (1.1-1.2x measured in release runs with 100 and
+/// 1,000 streams), so that only a gross regression fails.
+const WRITE_CPU_WITH_STREAMS_MAX_RATIO: f64 = 3.0;
+
+/// Entry writes that concern none of the connected agents cost about what
+/// they cost with no agent connected: a change reaches only the streams it
+/// concerns (crates/sigil-server/src/index.rs, `Subscription`). A ratio of
+/// two figures of the same run, so a loaded machine slows both.
+#[test]
+fn entry_writes_with_idle_sync_streams_cost_about_the_same() {
+    let (_, figures, stderr) = run(&[
+        "--quick",
+        "--scale-only",
+        "--agents",
+        "300",
+        "--entries",
+        "600",
+        "--sync-sweep",
+        "600",
+    ]);
+    let f = figures
+        .get("server.entry_write_cpu_with_streams")
+        .unwrap_or_else(|| panic!("figure missing; stderr:\n{stderr}"));
+    let ratio = f["ratio"].as_f64().unwrap();
+    assert!(
+        ratio.is_finite() && ratio > 0.0,
+        "ratio {ratio}; stderr:\n{stderr}"
+    );
+    assert!(
+        ratio <= WRITE_CPU_WITH_STREAMS_MAX_RATIO,
+        "entry writes with 300 idle sync streams cost {ratio:.2}x the same writes with none \
+         (more than {WRITE_CPU_WITH_STREAMS_MAX_RATIO}x): does every change wake every stream \
+         again? {f}"
+    );
+}
