@@ -80,6 +80,9 @@ struct Opts {
     /// Print the report as JSON on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Run only the scale phase (no in-process rates, no latency phase).
+    #[arg(long)]
+    scale_only: bool,
     /// Simulated agents holding sync streams in the scale phase [1000; quick 4].
     #[arg(long)]
     agents: Option<usize>,
@@ -213,10 +216,12 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     let sizes = Sizes::from(&o)?;
     let mut report = Report::new(if o.quick { "quick" } else { "full" });
     eprintln!("sizes: {sizes:?}");
-    // The in-process rates run first, while no child process competes for the CPU.
-    inproc::measure(&mut report, sizes.rate_time, sizes.openssl_seconds)?;
     let work = o.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    load::latency_phase(&sizes, &mut report, &work).await?;
+    if !o.scale_only {
+        // The in-process rates run first, while no child process competes for the CPU.
+        inproc::measure(&mut report, sizes.rate_time, sizes.openssl_seconds)?;
+        load::latency_phase(&sizes, &mut report, &work).await?;
+    }
     let scale_dir = o.scale_dir.clone().unwrap_or_else(|| {
         let shm = PathBuf::from("/dev/shm");
         if free_bytes(&shm) >= SCALE_DIR_MIN_FREE {

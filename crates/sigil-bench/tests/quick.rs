@@ -163,3 +163,42 @@ fn bulk_registration_quick_run_reports_its_figures() {
         }
     }
 }
+
+/// How many times the server's CPU per entry written with idle sync streams
+/// open may exceed the same writes with none, in one run, before CI fails.
+/// Far above the noise (1.06-1.10x in three release runs at this size;
+/// with 600 writes instead of 4,000, fixed background costs made it up to
+/// 2.65x, so the size matters), so that only a gross regression fails.
+const WRITE_CPU_WITH_STREAMS_MAX_RATIO: f64 = 3.0;
+
+/// Entry writes that concern none of the connected agents cost about what
+/// they cost with no agent connected: a change reaches only the streams it
+/// concerns (crates/sigil-server/src/index.rs, `Subscription`). A ratio of
+/// two figures of the same run, so a loaded machine slows both.
+#[test]
+fn entry_writes_with_idle_sync_streams_cost_about_the_same() {
+    let (_, figures, stderr) = run(&[
+        "--quick",
+        "--scale-only",
+        "--agents",
+        "200",
+        "--entries",
+        "4000",
+        "--sync-sweep",
+        "4000",
+    ]);
+    let f = figures
+        .get("server.entry_write_cpu_with_streams")
+        .unwrap_or_else(|| panic!("figure missing; stderr:\n{stderr}"));
+    let ratio = f["ratio"].as_f64().unwrap();
+    assert!(
+        ratio.is_finite() && ratio > 0.0,
+        "ratio {ratio}; stderr:\n{stderr}"
+    );
+    assert!(
+        ratio <= WRITE_CPU_WITH_STREAMS_MAX_RATIO,
+        "entry writes with 200 idle sync streams cost {ratio:.2}x the same writes with none \
+         (more than {WRITE_CPU_WITH_STREAMS_MAX_RATIO}x): does every change wake every stream \
+         again? {f}"
+    );
+}

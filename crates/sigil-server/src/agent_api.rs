@@ -8,7 +8,6 @@ use std::sync::Arc;
 use sigil_proto::server::v1 as pb;
 use sigil_proto::server::v1::agent_api_server::{AgentApi, AgentApiServer};
 use sigil_types::{AgentRecord, EntryId};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ServerState;
 use crate::error::{AgentRefusal, EntryRefusal, ServerError};
-use crate::index::{Authorized, IndexEvent, SetChange};
+use crate::index::{Authorized, SetChange, Subscription};
 use crate::tls::AgentPeer;
 
 /// The agent API's interceptor (see [`service`]).
@@ -273,7 +272,7 @@ fn diff(
 
 /// Computes the message that brings an agent holding `sent` up to date
 /// when only the `changed` entries may differ (see
-/// [`crate::index::EntryIndex::authorized_since`]), updating `sent`. The
+/// [`Subscription::catch_up`]), updating `sent`. The
 /// same message [`diff`] would compute from the whole set, at a cost in
 /// proportion to the change. `None` when nothing changed for the agent.
 fn diff_changed(
@@ -310,26 +309,16 @@ fn diff_changed(
 }
 
 /// Brings `sent`, current at revision `*synced`, to the index's current
-/// revision: incrementally when the index can say what changed, else from
-/// the whole set (`full`, or when the index says so). Returns the message
-/// for the agent, if anything changed for it, and advances `*synced`.
+/// revision: incrementally from the entries routed to the subscription,
+/// else from the whole set (`full`, or when the index says so). Returns the
+/// message for the agent, if anything changed for it, and advances `*synced`.
 fn catch_up(
-    state: &ServerState,
-    agent: &AgentRecord,
+    sub: &Subscription<'_>,
     sent: &mut Sent,
     synced: &mut u64,
     full: bool,
 ) -> Option<pb::SyncMessage> {
-    let change = if full {
-        SetChange::Full(state.index.authorized(&agent.spiffe_id, &agent.selectors))
-    } else {
-        state
-            .index
-            .authorized_since(*synced, &agent.spiffe_id, &agent.selectors, |id| {
-                sent.contains_key(id)
-            })
-    };
-    match change {
+    match sub.catch_up(|id| sent.contains_key(id), full) {
         SetChange::Full(auth) => {
             *synced = auth.revision;
             diff(sent, &auth, false, auth.revision)
@@ -411,11 +400,13 @@ async fn sync_loop(
         snapshot,
     } = opened;
     // Subscribe before computing the first set, so no change falls between.
-    let mut events = state.index.subscribe();
+    let mut sub = state
+        .index
+        .subscribe(agent.spiffe_id.clone(), agent.selectors.clone());
     let mut bundle_rx = state.ca.subscribe_bundle();
     let mut tainted_rx = state.ca.subscribe_tainted();
     let mut federated_rx = state.federation.subscribe_bundles();
-    let auth = state.index.authorized(&agent.spiffe_id, &agent.selectors);
+    let auth = sub.authorized();
     // The revision `sent` is current with: what the agent may resume from,
     // and where the next incremental catch-up starts.
     let mut synced = auth.revision;
@@ -464,37 +455,23 @@ async fn sync_loop(
                 }
                 federated = Some(federated_map(&federated_rx.borrow_and_update()));
             }
-            ev = events.recv() => {
-                let mut next = Some(ev);
-                // Coalesce everything already queued into one message.
-                while let Some(ev) = next.take() {
-                    match ev {
-                        Ok(ev) => match ev.as_ref() {
-                            // Which entries changed, the index's log says.
-                            IndexEvent::Entry { .. } => entries_changed = true,
-                            IndexEvent::Agent { id, .. } => {
-                                agent_changed |= *id == agent.spiffe_id;
-                            }
-                        },
-                        // Missed events may include this agent's own ban.
-                        Err(RecvError::Lagged(_)) => {
-                            entries_changed = true;
-                            agent_changed = true;
-                        }
-                        Err(RecvError::Closed) => return,
-                    }
-                    next = match events.try_recv() {
-                        Ok(ev) => Some(Ok(ev)),
-                        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(n)) => Some(Err(RecvError::Lagged(n))),
-                        Err(_) => None,
-                    };
-                }
+            // Only changes that concern this agent arrive here; which
+            // entries changed, the subscription holds.
+            wake = sub.changed() => {
+                entries_changed = true;
+                agent_changed = wake.agent;
             }
         }
         if agent_changed {
             match state.agents.get(&agent.spiffe_id) {
                 Some(record) if !record.banned && record.serial_status(&serial).is_accepted() => {
-                    recompute |= record.selectors != agent.selectors;
+                    if record.selectors != agent.selectors {
+                        // Routed by the new selectors from here on; the
+                        // whole set is recomputed after, so an alias change
+                        // routed by the old ones in between is not missed.
+                        sub.set_selectors(record.selectors.clone());
+                        recompute = true;
+                    }
                     agent = record;
                 }
                 Some(record) if !record.banned => {
@@ -516,7 +493,7 @@ async fn sync_loop(
         }
         let mut msg = None;
         if recompute || entries_changed {
-            msg = catch_up(state, &agent, &mut sent, &mut synced, recompute);
+            msg = catch_up(&sub, &mut sent, &mut synced, recompute);
         }
         // Not the index's revision: entry changes not yet handled may lie
         // between, and an agent that resumed from it would never get them.
@@ -650,18 +627,18 @@ mod tests {
     /// the incremental catch-up and the whole-set recompute (`authorized` +
     /// `diff`, the old sync). They must send the same messages and end
     /// holding the same set; returns how many catch-ups were incremental.
-    fn follow(ops: &[Op], log: usize) -> usize {
-        let idx = EntryIndex::with_log_capacity(
+    fn follow(ops: &[Op], inbox: usize) -> usize {
+        let idx = EntryIndex::with_inbox_capacity(
             EntrySnapshot {
                 entries: vec![],
                 revision: 1,
             },
-            log,
+            inbox,
         );
         let agent: SpiffeId = AGENT.parse().unwrap();
         let mut node = Selectors::new();
+        let mut sub = idx.subscribe(agent.clone(), node.clone());
         let (mut full_sent, mut inc_sent) = (Sent::new(), Sent::new());
-        let mut synced = idx.revision();
         let mut force_full = false;
         let mut revision = 1;
         let mut incremental = 0;
@@ -698,25 +675,29 @@ mod tests {
                 }
                 Op::AgentSelectors(mask) => {
                     node = selectors(*mask);
+                    sub.set_selectors(node.clone());
                     force_full = true;
                 }
                 Op::Sync => {
                     let auth = idx.authorized(&agent, &node);
                     let expected = diff(&mut full_sent, &auth, false, auth.revision);
-                    let change = if force_full {
-                        SetChange::Full(idx.authorized(&agent, &node))
-                    } else {
-                        idx.authorized_since(synced, &agent, &node, |id| inc_sent.contains_key(id))
-                    };
-                    let got = match change {
+                    // A stream nothing was routed to sleeps: then nothing
+                    // changed for its agent.
+                    if !force_full && !sub.is_pending() {
+                        assert_eq!(
+                            content(&expected),
+                            (vec![], vec![]),
+                            "unwoken after {ops:?}"
+                        );
+                    }
+                    let change = sub.catch_up(|id| inc_sent.contains_key(id), force_full);
+                    let (got, synced) = match change {
                         SetChange::Full(a) => {
-                            synced = a.revision;
-                            diff(&mut inc_sent, &a, false, a.revision)
+                            (diff(&mut inc_sent, &a, false, a.revision), a.revision)
                         }
                         SetChange::Entries { revision, changed } => {
                             incremental += 1;
-                            synced = revision;
-                            diff_changed(&mut inc_sent, &changed, revision)
+                            (diff_changed(&mut inc_sent, &changed, revision), revision)
                         }
                     };
                     force_full = false;
@@ -741,9 +722,9 @@ mod tests {
         #[test]
         fn incremental_sync_equals_the_whole_set_recompute(
             ops in proptest::collection::vec(op(), 1..60),
-            log in prop_oneof![Just(1usize), Just(4), Just(1000)],
+            inbox in prop_oneof![Just(1usize), Just(4), Just(1000)],
         ) {
-            follow(&ops, log);
+            follow(&ops, inbox);
         }
     }
 
@@ -798,6 +779,12 @@ mod tests {
             revision: 1,
         });
         let agent: SpiffeId = AGENT.parse().unwrap();
+        let other: SpiffeId = "spiffe://td/sigil/agent/join_token/b2".parse().unwrap();
+        let third: SpiffeId = "spiffe://td/sigil/agent/join_token/c3".parse().unwrap();
+        let none = Selectors::new();
+        let mine = idx.subscribe(agent.clone(), none.clone());
+        let theirs = idx.subscribe(other.clone(), none.clone());
+        let nobody = idx.subscribe(third, none.clone());
         let e = |rev, id: &str, spiffe: &str, parent: &str| {
             let mut e = Entry::new(
                 id.parse().unwrap(),
@@ -813,26 +800,22 @@ mod tests {
         };
         e(2, "top", "spiffe://td/top", AGENT);
         e(3, "child", "spiffe://td/child", "spiffe://td/top");
-        let none = Selectors::new();
-        let auth = idx.authorized(&agent, &none);
+        let auth = mine.authorized();
         assert_eq!(auth.entries.len(), 2);
         let held: Vec<EntryId> = auth.entries.keys().cloned().collect();
-        // The parent moves away: its child leaves the set with it, which
-        // only the whole set shows.
-        e(4, "top", "spiffe://td/top", "spiffe://td/elsewhere");
-        match idx.authorized_since(3, &agent, &none, |id| held.contains(id)) {
+        // The parent moves to another agent: its child leaves the set with
+        // it, which only the whole set shows.
+        e(4, "top", "spiffe://td/top", other.as_str());
+        match mine.catch_up(|id| held.contains(id), false) {
             SetChange::Full(a) => assert!(a.entries.is_empty()),
             other => panic!("expected the whole set, got {other:?}"),
         }
-        // Another agent never held it and does not now: incremental, empty.
-        let other: SpiffeId = "spiffe://td/sigil/agent/join_token/b2".parse().unwrap();
-        match idx.authorized_since(3, &other, &none, |_| false) {
-            SetChange::Entries { revision, changed } => {
-                assert_eq!(revision, 4);
-                assert_eq!(changed.len(), 1);
-                assert!(changed[0].1.is_none());
-            }
-            other => panic!("expected entries, got {other:?}"),
+        // The new parent's agent gets both, as a whole set too.
+        match theirs.catch_up(|_| false, false) {
+            SetChange::Full(a) => assert_eq!(a.entries.len(), 2),
+            other => panic!("expected the whole set, got {other:?}"),
         }
+        // An agent that never held it and does not now is not even woken.
+        assert_eq!(nobody.routed(), 0);
     }
 }

@@ -1,65 +1,125 @@
 //! The in-memory entry index: every entry by ID and by parent, node aliases,
-//! and the authorized-set computation of the push sync.
+//! the authorized-set computation of the push sync, and the sync streams'
+//! subscriptions.
 //!
 //! It is built once from a store snapshot and then kept current by applying
 //! the store's change feed in revision order, never by full reloads. Each
-//! applied change is broadcast so that sync streams can react at once, and
-//! remembered in a bounded log so that a sync stream can bring its agent up
-//! to date from the entries that changed instead of from its whole set
-//! ([`EntryIndex::authorized_since`]).
+//! applied change is routed to the sync streams it concerns, and only to
+//! them ([`EntryIndex::subscribe`]): a stream's subscription holds the keys
+//! its agent's set hangs from (the agent's ID, the node aliases its
+//! selectors match), and a change reaches it with the entry that changed, so
+//! that the stream brings its agent up to date from that entry instead of
+//! from its whole set ([`Subscription::catch_up`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use sigil_store::{Change, ChangeKind, EntrySnapshot};
 use sigil_types::{Entry, EntryId, Selectors, SpiffeId};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, watch};
 
-/// How many index events a slow subscriber may fall behind before it has to
-/// recompute from the index (which it can always do).
-const EVENT_BUFFER: usize = 4096;
+/// How many changed entries a subscription holds for its stream before it
+/// gives them up for a whole-set recompute (which is always correct). A
+/// stream this far behind costs its agent's set once, not its backlog.
+const INBOX: usize = 4096;
 
-/// How many entry changes the index remembers for incremental syncs. A
-/// stream further behind than this recomputes its agent's whole set, which
-/// is always correct; the log costs about 100 bytes per change.
-const CHANGE_LOG: usize = 65_536;
-
-/// One change applied to the index.
-#[derive(Debug, Clone)]
-pub enum IndexEvent {
-    /// An entry was created (`old` = None), updated or deleted (`new` = None).
-    Entry {
-        /// The revision of the change.
-        revision: u64,
-        /// The entry before the change.
-        old: Option<Arc<Entry>>,
-        /// The entry after the change.
-        new: Option<Arc<Entry>>,
-    },
-    /// An agent record changed or was deleted (ban, eviction, renewal).
-    Agent {
-        /// The revision of the change.
-        revision: u64,
-        /// Which agent.
-        id: SpiffeId,
-    },
+/// What a subscription holds for its stream until the stream catches up.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Each changed entry once, with whether any of its changes may move a
+    /// subtree (other entries were parented to its SPIFFE ID before or
+    /// after the change).
+    entries: HashMap<EntryId, bool>,
+    /// The stream must recompute its agent's whole set: a node alias its
+    /// agent matches (before or after) changed, or `entries` overflowed.
+    full: bool,
+    /// The agent's record changed or was deleted.
+    agent: bool,
 }
 
-/// One entry change as the incremental sync needs it.
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && !self.full && !self.agent
+    }
+}
+
+/// The part of a subscription the index writes to and its stream reads.
+#[derive(Debug, Default)]
+struct Inbox {
+    pending: Mutex<Pending>,
+    notify: Notify,
+    /// How many changes were routed here (for tests and debugging).
+    routed: AtomicU64,
+}
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands the stream one changed entry.
+    fn entry(&self, id: &EntryId, moves_subtree: bool, capacity: usize) {
+        {
+            let mut p = self.lock();
+            if !p.full {
+                if let Some(flag) = p.entries.get_mut(id) {
+                    *flag |= moves_subtree;
+                } else if p.entries.len() < capacity {
+                    p.entries.insert(id.clone(), moves_subtree);
+                } else {
+                    p.entries.clear();
+                    p.full = true;
+                }
+            }
+        }
+        self.wake();
+    }
+
+    /// Tells the stream to recompute its agent's whole set.
+    fn full(&self) {
+        {
+            let mut p = self.lock();
+            p.entries.clear();
+            p.full = true;
+        }
+        self.wake();
+    }
+
+    /// Tells the stream its agent's record changed.
+    fn agent(&self) {
+        self.lock().agent = true;
+        self.wake();
+    }
+
+    fn wake(&self) {
+        self.routed.fetch_add(1, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+}
+
+/// One subscribed sync stream, as the index routes to it.
 #[derive(Debug)]
-struct Logged {
-    /// The revision of the change.
-    revision: u64,
-    /// The entry that changed.
-    id: EntryId,
-    /// The selectors of the entry before and after the change, on each side
-    /// where it was a node alias: whether the change can add or remove an
-    /// agent's alias root depends only on these.
-    alias_selectors: Vec<Selectors>,
-    /// Whether, when it changed, other entries were parented to the entry's
-    /// SPIFFE ID before or after the change: then its change may move a
-    /// whole subtree into or out of an agent's set.
-    parents_others: bool,
+struct Subscriber {
+    agent_id: SpiffeId,
+    node_selectors: Selectors,
+    /// The node aliases (entry IDs) the agent's selectors satisfy.
+    aliases: Vec<EntryId>,
+    inbox: Arc<Inbox>,
+}
+
+/// Every subscription, and the keys a change is routed by: the agent's ID
+/// (entries parented to it, and its record) and the node aliases it
+/// matches. Kept under the index's lock, so that routing a change and a
+/// stream reading the index see the same revision.
+#[derive(Debug, Default)]
+struct Subscribers {
+    next: u64,
+    all: HashMap<u64, Subscriber>,
+    by_agent: HashMap<SpiffeId, HashSet<u64>>,
+    by_alias: HashMap<EntryId, HashSet<u64>>,
+    /// Most changed entries one inbox holds ([`INBOX`]; tests use less).
+    capacity: usize,
 }
 
 #[derive(Default)]
@@ -69,12 +129,7 @@ struct IndexState {
     by_parent: HashMap<SpiffeId, BTreeSet<EntryId>>,
     by_spiffe_id: HashMap<SpiffeId, BTreeSet<EntryId>>,
     aliases: BTreeSet<EntryId>,
-    /// Entry changes in revision order, newest last.
-    log: VecDeque<Logged>,
-    /// Every entry change after this revision is in `log`.
-    log_floor: u64,
-    /// Most changes `log` keeps.
-    log_capacity: usize,
+    subs: Subscribers,
 }
 
 impl IndexState {
@@ -129,33 +184,89 @@ impl IndexState {
         self.by_parent.get(id).is_some_and(|s| !s.is_empty())
     }
 
-    /// Remembers a change of entry `id` from `old` to `new`; `old_parents`
-    /// says whether something was parented to the old SPIFFE ID before it.
-    fn log_change(
+    /// Routes the change of one entry from `old` to `new` (already applied)
+    /// to the subscriptions it may concern; `old_parents` says whether
+    /// something was parented to the old SPIFFE ID before the change.
+    ///
+    /// An entry is in an agent's set when the chain of entries above it
+    /// (through the holders of each parent ID) reaches the agent's ID or a
+    /// node alias its selectors match. So a change concerns the agents its
+    /// old and new parent chains reach, and, for a node alias, the agents
+    /// that matched it before or match it now; a stream told of nothing else
+    /// has nothing else to do (design-notes.md, "Sync streams subscribe").
+    fn route_entry(
         &mut self,
-        revision: u64,
-        id: EntryId,
+        id: &EntryId,
         old: Option<&Entry>,
         old_parents: bool,
         new: Option<&Entry>,
     ) {
-        let parents_others =
+        if self.subs.all.is_empty() {
+            return;
+        }
+        let moves_subtree =
             old_parents || new.is_some_and(|e| self.parents_something(&e.spiffe_id));
-        let alias_selectors = [old, new]
-            .into_iter()
-            .flatten()
-            .filter(|e| e.is_node_alias())
-            .map(|e| e.selectors.clone())
-            .collect();
-        self.log.push_back(Logged {
-            revision,
-            id,
-            alias_selectors,
-            parents_others,
-        });
-        while self.log.len() > self.log_capacity {
-            if let Some(dropped) = self.log.pop_front() {
-                self.log_floor = dropped.revision;
+        let mut full: HashSet<u64> = HashSet::new();
+        if old.is_some_and(Entry::is_node_alias) {
+            full.extend(self.subs.unmatch_alias(id));
+        }
+        if let Some(alias) = new.filter(|e| e.is_node_alias())
+            && self.aliases.contains(id)
+        {
+            full.extend(self.subs.match_alias(id, &alias.selectors));
+        }
+        let mut reached: HashSet<u64> = HashSet::new();
+        for side in [old, new].into_iter().flatten() {
+            if !side.is_node_alias() {
+                self.reach(&side.parent_id, &mut reached);
+            }
+        }
+        for sub in &full {
+            if let Some(s) = self.subs.all.get(sub) {
+                s.inbox.full();
+            }
+        }
+        for sub in reached.difference(&full) {
+            if let Some(s) = self.subs.all.get(sub) {
+                s.inbox.entry(id, moves_subtree, self.subs.capacity);
+            }
+        }
+    }
+
+    /// Adds to `out` the subscriptions whose agent an entry parented to
+    /// `parent` may belong to: the agents the chain above `parent` reaches,
+    /// and the members of the node aliases it reaches (the walk of
+    /// [`IndexState::authorized_entry`], for every agent at once).
+    fn reach(&self, parent: &SpiffeId, out: &mut HashSet<u64>) {
+        let subs = &self.subs;
+        let add = |id: &SpiffeId, out: &mut HashSet<u64>| {
+            if let Some(s) = subs.by_agent.get(id) {
+                out.extend(s);
+            }
+        };
+        // The common case, an entry parented to an agent, allocates nothing.
+        add(parent, out);
+        if !self.by_spiffe_id.contains_key(parent) {
+            return;
+        }
+        let mut seen: HashSet<&SpiffeId> = HashSet::from([parent]);
+        let mut queue: VecDeque<&SpiffeId> = VecDeque::from([parent]);
+        while let Some(p) = queue.pop_front() {
+            let Some(holders) = self.by_spiffe_id.get(p) else {
+                continue;
+            };
+            for holder_id in holders {
+                let Some(holder) = self.entries.get(holder_id) else {
+                    continue;
+                };
+                if holder.is_node_alias() {
+                    if let Some(s) = subs.by_alias.get(holder_id) {
+                        out.extend(s);
+                    }
+                } else if seen.insert(&holder.parent_id) {
+                    add(&holder.parent_id, out);
+                    queue.push_back(&holder.parent_id);
+                }
             }
         }
     }
@@ -270,11 +381,12 @@ impl Authorized {
 }
 
 /// How an agent's authorized set changed since a revision (see
-/// [`EntryIndex::authorized_since`]).
+/// [`Subscription::catch_up`]).
 #[derive(Debug)]
 pub enum SetChange {
-    /// The whole set: the change log no longer reaches back far enough, or a
-    /// change may have moved a subtree into or out of the set.
+    /// The whole set: the stream fell too far behind, a node alias the agent
+    /// matches changed, or a change may have moved a subtree into or out of
+    /// the set.
     Full(Authorized),
     /// Only these entries may have changed status; every other entry is in
     /// the set now exactly when it was at the earlier revision.
@@ -347,10 +459,125 @@ impl EntryFilter {
     }
 }
 
+impl Subscribers {
+    /// Registers a stream of `agent_id`, matching it against `aliases`.
+    fn add<'a>(
+        &mut self,
+        agent_id: SpiffeId,
+        node_selectors: Selectors,
+        aliases: impl Iterator<Item = &'a Entry>,
+    ) -> (u64, Arc<Inbox>) {
+        let sub = self.next;
+        self.next += 1;
+        let inbox = Arc::new(Inbox::default());
+        self.by_agent
+            .entry(agent_id.clone())
+            .or_default()
+            .insert(sub);
+        self.all.insert(
+            sub,
+            Subscriber {
+                agent_id,
+                node_selectors,
+                aliases: Vec::new(),
+                inbox: inbox.clone(),
+            },
+        );
+        self.match_all(sub, aliases);
+        (sub, inbox)
+    }
+
+    /// Unregisters a stream.
+    fn remove(&mut self, sub: u64) {
+        let Some(s) = self.all.remove(&sub) else {
+            return;
+        };
+        self.forget_aliases(sub, &s.aliases);
+        if let Some(set) = self.by_agent.get_mut(&s.agent_id) {
+            set.remove(&sub);
+            if set.is_empty() {
+                self.by_agent.remove(&s.agent_id);
+            }
+        }
+    }
+
+    /// Gives a stream's agent new node selectors, matching them against `aliases`.
+    fn reselect<'a>(
+        &mut self,
+        sub: u64,
+        node_selectors: Selectors,
+        aliases: impl Iterator<Item = &'a Entry>,
+    ) {
+        let Some(s) = self.all.get_mut(&sub) else {
+            return;
+        };
+        s.node_selectors = node_selectors;
+        let old = std::mem::take(&mut s.aliases);
+        self.forget_aliases(sub, &old);
+        self.match_all(sub, aliases);
+    }
+
+    fn forget_aliases(&mut self, sub: u64, aliases: &[EntryId]) {
+        for alias in aliases {
+            if let Some(set) = self.by_alias.get_mut(alias) {
+                set.remove(&sub);
+                if set.is_empty() {
+                    self.by_alias.remove(alias);
+                }
+            }
+        }
+    }
+
+    fn match_all<'a>(&mut self, sub: u64, aliases: impl Iterator<Item = &'a Entry>) {
+        let Some(s) = self.all.get_mut(&sub) else {
+            return;
+        };
+        for alias in aliases {
+            if alias.selectors.is_subset_of(&s.node_selectors) {
+                s.aliases.push(alias.id.clone());
+                self.by_alias
+                    .entry(alias.id.clone())
+                    .or_default()
+                    .insert(sub);
+            }
+        }
+    }
+
+    /// Drops node alias `id`; returns the streams that matched it.
+    fn unmatch_alias(&mut self, id: &EntryId) -> HashSet<u64> {
+        let members = self.by_alias.remove(id).unwrap_or_default();
+        for sub in &members {
+            if let Some(s) = self.all.get_mut(sub) {
+                s.aliases.retain(|a| a != id);
+            }
+        }
+        members
+    }
+
+    /// Matches node alias `id` against every stream (an alias change is rare
+    /// and concerns every agent whose selectors satisfy it); returns the
+    /// streams that match it.
+    fn match_alias(&mut self, id: &EntryId, selectors: &Selectors) -> Vec<u64> {
+        let mut members = Vec::new();
+        for (sub, s) in &mut self.all {
+            if selectors.is_subset_of(&s.node_selectors) {
+                s.aliases.push(id.clone());
+                members.push(*sub);
+            }
+        }
+        if !members.is_empty() {
+            self.by_alias
+                .entry(id.clone())
+                .or_default()
+                .extend(members.iter().copied());
+        }
+        members
+    }
+}
+
 /// The index; shared by the APIs and fed by the change follower.
 pub struct EntryIndex {
     state: RwLock<IndexState>,
-    events: broadcast::Sender<Arc<IndexEvent>>,
     revision: watch::Sender<u64>,
 }
 
@@ -365,26 +592,27 @@ impl std::fmt::Debug for EntryIndex {
 impl EntryIndex {
     /// Builds the index from a consistent snapshot.
     pub fn new(snapshot: EntrySnapshot) -> Self {
-        Self::with_log_capacity(snapshot, CHANGE_LOG)
+        Self::with_inbox_capacity(snapshot, INBOX)
     }
 
-    /// Builds the index remembering at most `capacity` entry changes for
-    /// incremental syncs (tests use small logs to reach the fallback).
-    pub fn with_log_capacity(snapshot: EntrySnapshot, capacity: usize) -> Self {
+    /// Builds the index holding at most `capacity` changed entries per
+    /// subscription before its stream recomputes the whole set (tests use
+    /// small ones to reach that fallback).
+    pub fn with_inbox_capacity(snapshot: EntrySnapshot, capacity: usize) -> Self {
         let mut state = IndexState {
             revision: snapshot.revision,
-            log_floor: snapshot.revision,
-            log_capacity: capacity,
+            subs: Subscribers {
+                capacity,
+                ..Subscribers::default()
+            },
             ..IndexState::default()
         };
         for e in snapshot.entries {
             state.insert(Arc::new(e));
         }
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (revision, _) = watch::channel(snapshot.revision);
         Self {
             state: RwLock::new(state),
-            events,
             revision,
         }
     }
@@ -393,16 +621,21 @@ impl EntryIndex {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, IndexState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The revision of the last applied change.
     pub fn revision(&self) -> u64 {
         *self.revision.borrow()
     }
 
-    /// Applies one change; changes at or below the current revision are
-    /// ignored, so replaying the feed is harmless.
+    /// Applies one change and routes it to the subscriptions it concerns;
+    /// changes at or below the current revision are ignored, so replaying
+    /// the feed is harmless.
     pub fn apply(&self, change: Change) {
-        let event = {
-            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut state = self.write();
             if change.revision <= state.revision {
                 return;
             }
@@ -416,18 +649,7 @@ impl EntryIndex {
                     let old = state.remove(&e.id);
                     let new = Arc::new(e);
                     state.insert(new.clone());
-                    state.log_change(
-                        change.revision,
-                        new.id.clone(),
-                        old.as_deref(),
-                        old_parents,
-                        Some(&new),
-                    );
-                    Some(IndexEvent::Entry {
-                        revision: change.revision,
-                        old,
-                        new: Some(new),
-                    })
+                    state.route_entry(&new.id, old.as_deref(), old_parents, Some(&new));
                 }
                 ChangeKind::EntryDeleted(e) => {
                     let held = state.entries.get(&e.id).cloned();
@@ -435,33 +657,25 @@ impl EntryIndex {
                         .as_ref()
                         .is_some_and(|o| state.parents_something(&o.spiffe_id))
                         || state.parents_something(&e.spiffe_id);
-                    let old = state.remove(&e.id).or_else(|| Some(Arc::new(e)));
-                    if let Some(o) = &old {
-                        state.log_change(change.revision, o.id.clone(), Some(o), old_parents, None);
-                    }
-                    Some(IndexEvent::Entry {
-                        revision: change.revision,
-                        old,
-                        new: None,
-                    })
+                    let old = state.remove(&e.id).unwrap_or_else(|| Arc::new(e));
+                    state.route_entry(&old.id.clone(), Some(&old), old_parents, None);
                 }
                 ChangeKind::AgentChanged(id) | ChangeKind::AgentDeleted(id) => {
-                    Some(IndexEvent::Agent {
-                        revision: change.revision,
-                        id,
-                    })
+                    if let Some(subs) = state.subs.by_agent.get(&id) {
+                        for sub in subs {
+                            if let Some(s) = state.subs.all.get(sub) {
+                                s.inbox.agent();
+                            }
+                        }
+                    }
                 }
                 // Bundles and federation relationships are not entries; the
                 // change follower hands them to federation. The revision
                 // still advances, or the follower would read them forever.
-                _ => None,
+                _ => {}
             }
-        };
-        self.revision.send_replace(change.revision);
-        // No subscriber is fine: nobody is syncing.
-        if let Some(event) = event {
-            let _ = self.events.send(Arc::new(event));
         }
+        self.revision.send_replace(change.revision);
     }
 
     /// Waits until the index has applied `revision` (read-your-writes for the admin API).
@@ -470,9 +684,36 @@ impl EntryIndex {
         let _ = rx.wait_for(|r| *r >= revision).await;
     }
 
-    /// Subscribes to applied changes.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<IndexEvent>> {
-        self.events.subscribe()
+    /// Subscribes a sync stream of agent `agent_id` with `node_selectors`
+    /// to the changes that concern it. Subscribe before reading the set
+    /// ([`Subscription::authorized`]), so that no change falls between.
+    pub fn subscribe(&self, agent_id: SpiffeId, node_selectors: Selectors) -> Subscription<'_> {
+        let mut state = self.write();
+        let IndexState {
+            entries,
+            aliases,
+            subs,
+            ..
+        } = &mut *state;
+        let (id, inbox) = subs.add(
+            agent_id.clone(),
+            node_selectors.clone(),
+            aliases
+                .iter()
+                .filter_map(|a| entries.get(a).map(|e| e.as_ref())),
+        );
+        Subscription {
+            index: self,
+            id,
+            inbox,
+            agent_id,
+            node_selectors,
+        }
+    }
+
+    /// How many sync streams are subscribed.
+    pub fn subscriptions(&self) -> usize {
+        self.read().subs.all.len()
     }
 
     /// One entry by ID.
@@ -508,59 +749,6 @@ impl EntryIndex {
         node_selectors: &Selectors,
     ) -> Option<Arc<Entry>> {
         self.read().authorized_entry(id, agent_id, node_selectors)
-    }
-
-    /// How the agent's set changed after revision `since`, at which the
-    /// agent was authorized for exactly the entries `held` says yes to. The
-    /// cost is in proportion to the entries changed since then, except when
-    /// the answer is [`SetChange::Full`]: the log no longer reaches back to
-    /// `since`, a node alias whose selectors the agent satisfies (before or
-    /// after) changed, or an entry that other entries are parented to changed
-    /// while the agent held it or holds it now. Any other change can alter
-    /// only its own entry's status, because an entry's status depends only
-    /// on the chain of entries and aliases above it (see design-notes.md).
-    pub fn authorized_since(
-        &self,
-        since: u64,
-        agent_id: &SpiffeId,
-        node_selectors: &Selectors,
-        held: impl Fn(&EntryId) -> bool,
-    ) -> SetChange {
-        let state = self.read();
-        if since < state.log_floor || since > state.revision {
-            return SetChange::Full(state.authorized(agent_id, node_selectors));
-        }
-        let first = state.log.partition_point(|l| l.revision <= since);
-        // Each changed ID once, with whether any of its changes could move
-        // a subtree.
-        let mut order: Vec<&EntryId> = Vec::new();
-        let mut moves_subtree: HashMap<&EntryId, bool> = HashMap::new();
-        for logged in state.log.range(first..) {
-            if logged
-                .alias_selectors
-                .iter()
-                .any(|s| s.is_subset_of(node_selectors))
-            {
-                return SetChange::Full(state.authorized(agent_id, node_selectors));
-            }
-            let flag = moves_subtree.entry(&logged.id).or_insert_with(|| {
-                order.push(&logged.id);
-                false
-            });
-            *flag |= logged.parents_others;
-        }
-        let mut changed = Vec::with_capacity(order.len());
-        for id in order {
-            let now = state.authorized_entry(id, agent_id, node_selectors);
-            if moves_subtree.get(id).copied().unwrap_or(true) && (now.is_some() || held(id)) {
-                return SetChange::Full(state.authorized(agent_id, node_selectors));
-            }
-            changed.push((id.clone(), now));
-        }
-        SetChange::Entries {
-            revision: state.revision,
-            changed,
-        }
     }
 
     /// A page of entries in ID order after `after`, filtered; returns the
@@ -627,6 +815,140 @@ impl EntryIndex {
     }
 }
 
+/// What woke a sync stream ([`Subscription::changed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wake {
+    /// The agent's record changed or was deleted: re-read it.
+    pub agent: bool,
+}
+
+/// A sync stream's subscription to the changes that concern its agent
+/// ([`EntryIndex::subscribe`]); unsubscribes when dropped.
+///
+/// Changes are held, not queued as events: each changed entry once, and
+/// past a bound a mark to recompute the whole set, so a stream that falls
+/// behind loses nothing and costs the index no more than a fixed amount.
+pub struct Subscription<'a> {
+    index: &'a EntryIndex,
+    id: u64,
+    inbox: Arc<Inbox>,
+    agent_id: SpiffeId,
+    node_selectors: Selectors,
+}
+
+impl std::fmt::Debug for Subscription<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("agent_id", &self.agent_id)
+            .field("routed", &self.routed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription<'_> {
+    /// The agent's whole authorized set now. Every change it reflects is
+    /// dropped from what the subscription holds, except a record change.
+    pub fn authorized(&self) -> Authorized {
+        let state = self.index.read();
+        {
+            let mut p = self.inbox.lock();
+            p.entries.clear();
+            p.full = false;
+        }
+        state.authorized(&self.agent_id, &self.node_selectors)
+    }
+
+    /// Waits until a change concerning the agent arrives (at once if one
+    /// is held). Cancel-safe: what arrived stays held until taken.
+    pub async fn changed(&self) -> Wake {
+        loop {
+            {
+                let mut p = self.inbox.lock();
+                if !p.is_empty() {
+                    return Wake {
+                        agent: std::mem::take(&mut p.agent),
+                    };
+                }
+            }
+            self.inbox.notify.notified().await;
+        }
+    }
+
+    /// How the agent's set changed since the last catch-up (or
+    /// [`Subscription::authorized`]), at which the agent was authorized for
+    /// exactly the entries `held` says yes to; the whole set if `full`.
+    ///
+    /// The cost is in proportion to the entries routed here since, except
+    /// when the answer is [`SetChange::Full`]: a node alias the agent matches
+    /// (before or after) changed, more entries changed than the
+    /// subscription holds, or an entry that other entries are parented to
+    /// changed while the agent held it or holds it now. Any other routed
+    /// change can alter only its own entry's status, and a change not routed
+    /// here none (see design-notes.md).
+    pub fn catch_up(&self, held: impl Fn(&EntryId) -> bool, full: bool) -> SetChange {
+        let state = self.index.read();
+        let (entries, overflowed) = {
+            let mut p = self.inbox.lock();
+            (std::mem::take(&mut p.entries), std::mem::take(&mut p.full))
+        };
+        if full || overflowed {
+            return SetChange::Full(state.authorized(&self.agent_id, &self.node_selectors));
+        }
+        let mut changed = Vec::with_capacity(entries.len());
+        for (id, moves_subtree) in entries {
+            let now = state.authorized_entry(&id, &self.agent_id, &self.node_selectors);
+            if moves_subtree && (now.is_some() || held(&id)) {
+                return SetChange::Full(state.authorized(&self.agent_id, &self.node_selectors));
+            }
+            changed.push((id, now));
+        }
+        SetChange::Entries {
+            revision: state.revision,
+            changed,
+        }
+    }
+
+    /// Routes by the agent's new node selectors from now on. The caller
+    /// recomputes the whole set next: aliases that changed before this call
+    /// were routed by the old ones.
+    pub fn set_selectors(&mut self, node_selectors: Selectors) {
+        if node_selectors == self.node_selectors {
+            return;
+        }
+        let mut state = self.index.write();
+        let IndexState {
+            entries,
+            aliases,
+            subs,
+            ..
+        } = &mut *state;
+        subs.reselect(
+            self.id,
+            node_selectors.clone(),
+            aliases
+                .iter()
+                .filter_map(|a| entries.get(a).map(|e| e.as_ref())),
+        );
+        self.node_selectors = node_selectors;
+    }
+
+    /// How many changes were routed to this subscription so far.
+    pub fn routed(&self) -> u64 {
+        self.inbox.routed.load(Ordering::Relaxed)
+    }
+
+    /// Whether a routed change waits to be taken.
+    pub fn is_pending(&self) -> bool {
+        !self.inbox.lock().is_empty()
+    }
+}
+
+impl Drop for Subscription<'_> {
+    fn drop(&mut self) {
+        self.index.write().subs.remove(self.id);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -642,6 +964,8 @@ mod tests {
 
     const AGENT: &str = "spiffe://td/sigil/agent/join_token/a1";
     const SERVER: &str = "spiffe://td/sigil/server";
+    const OTHER: &str = "spiffe://td/sigil/agent/join_token/b2";
+    const THIRD: &str = "spiffe://td/sigil/agent/join_token/c3";
 
     fn index() -> EntryIndex {
         EntryIndex::new(EntrySnapshot {
@@ -686,7 +1010,7 @@ mod tests {
     #[tokio::test]
     async fn bundle_and_federation_changes_advance_the_revision_only() {
         let idx = index();
-        let mut events = idx.subscribe();
+        let sub = idx.subscribe(AGENT.parse().unwrap(), Selectors::new());
         let td = sigil_types::TrustDomain::new("other.org").unwrap();
         for (revision, kind) in [
             (8, ChangeKind::BundleChanged(td.clone())),
@@ -697,9 +1021,10 @@ mod tests {
             idx.apply(Change { revision, kind });
             assert_eq!(idx.revision(), revision);
         }
-        // Waiters on the revision are released; no entry event was sent.
+        // Waiters on the revision are released; nothing was routed.
         idx.wait_for(11).await;
-        assert!(events.try_recv().is_err());
+        assert_eq!(sub.routed(), 0);
+        assert!(!sub.is_pending());
         assert_eq!(idx.len(), 7);
     }
 
@@ -773,10 +1098,33 @@ mod tests {
         );
     }
 
+    /// The entry IDs a catch-up says changed, sorted; `None` for a whole set.
+    fn caught_up(sub: &Subscription<'_>) -> Option<Vec<(String, bool)>> {
+        match sub.catch_up(|_| false, false) {
+            SetChange::Full(_) => None,
+            SetChange::Entries { changed, .. } => {
+                let mut v: Vec<_> = changed
+                    .into_iter()
+                    .map(|(id, now)| (id.to_string(), now.is_some()))
+                    .collect();
+                v.sort();
+                Some(v)
+            }
+        }
+    }
+
+    fn upsert(idx: &EntryIndex, e: Entry) {
+        let revision = idx.revision() + 1;
+        idx.apply(Change {
+            revision,
+            kind: ChangeKind::EntryUpserted(e),
+        });
+    }
+
     #[test]
-    fn changes_apply_in_order_and_are_broadcast() {
+    fn changes_apply_in_order_and_reach_their_agent() {
         let idx = index();
-        let mut rx = idx.subscribe();
+        let sub = idx.subscribe(AGENT.parse().unwrap(), Selectors::new());
         let e = entry("new", "spiffe://td/new", AGENT, &["unix:uid:9"]);
         idx.apply(Change {
             revision: 8,
@@ -789,20 +1137,231 @@ mod tests {
         });
         assert_eq!(idx.revision(), 8);
         assert!(idx.get(&"new".parse().unwrap()).is_some());
-        match &*rx.try_recv().unwrap() {
-            IndexEvent::Entry { revision, old, new } => {
-                assert_eq!(*revision, 8);
-                assert!(old.is_none());
-                assert_eq!(new.as_ref().unwrap().id.as_str(), "new");
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        assert!(rx.try_recv().is_err());
+        assert_eq!(sub.routed(), 1);
+        assert_eq!(caught_up(&sub), Some(vec![("new".into(), true)]));
+        assert!(!sub.is_pending());
         idx.apply(Change {
             revision: 9,
             kind: ChangeKind::EntryDeleted(e),
         });
         assert!(idx.get(&"new".parse().unwrap()).is_none());
+        assert_eq!(caught_up(&sub), Some(vec![("new".into(), false)]));
+        // Dropped, it is no longer routed to.
+        assert_eq!(idx.subscriptions(), 1);
+        drop(sub);
+        assert_eq!(idx.subscriptions(), 0);
+    }
+
+    #[test]
+    fn a_write_for_one_agent_does_not_wake_another() {
+        let idx = index();
+        let a = idx.subscribe(AGENT.parse().unwrap(), Selectors::new());
+        let b = idx.subscribe(OTHER.parse().unwrap(), Selectors::new());
+        // Directly under a1, and nested under a1's entry `direct`.
+        upsert(&idx, entry("w1", "spiffe://td/w1", AGENT, &["unix:uid:9"]));
+        upsert(
+            &idx,
+            entry("w2", "spiffe://td/w2", "spiffe://td/web", &["unix:uid:9"]),
+        );
+        // Under nobody's agent, and under the us alias (no one matches it).
+        upsert(
+            &idx,
+            entry("w3", "spiffe://td/w3", "spiffe://td/none", &["unix:uid:9"]),
+        );
+        upsert(
+            &idx,
+            entry(
+                "w4",
+                "spiffe://td/w4",
+                "spiffe://td/nodes/us",
+                &["unix:uid:9"],
+            ),
+        );
+        assert_eq!(b.routed(), 0);
+        assert!(!b.is_pending());
+        assert_eq!(a.routed(), 2);
+        assert_eq!(
+            caught_up(&a),
+            Some(vec![("w1".into(), true), ("w2".into(), true)])
+        );
+        // The other agent's own write and record reach it, not a1.
+        upsert(&idx, entry("w5", "spiffe://td/w5", OTHER, &["unix:uid:9"]));
+        idx.apply(Change {
+            revision: idx.revision() + 1,
+            kind: ChangeKind::AgentChanged(OTHER.parse().unwrap()),
+        });
+        assert_eq!(a.routed(), 2);
+        assert!(!a.is_pending());
+        assert_eq!(b.routed(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_alias_change_reaches_its_members_before_and_after() {
+        let idx = index();
+        let eu = Selectors::parse_all(["node:region:eu"]).unwrap();
+        let us = Selectors::parse_all(["node:region:us"]).unwrap();
+        let in_eu = idx.subscribe(AGENT.parse().unwrap(), eu.clone());
+        let mut in_us = idx.subscribe(OTHER.parse().unwrap(), us.clone());
+        let none = idx.subscribe(THIRD.parse().unwrap(), Selectors::new());
+        // A write under the eu alias reaches its member only.
+        upsert(
+            &idx,
+            entry(
+                "w",
+                "spiffe://td/w",
+                "spiffe://td/nodes/eu",
+                &["unix:uid:9"],
+            ),
+        );
+        assert_eq!(caught_up(&in_eu), Some(vec![("w".into(), true)]));
+        assert!(!in_us.is_pending() && !none.is_pending());
+        // The eu alias moves to us: members before and after recompute.
+        upsert(
+            &idx,
+            entry("alias", "spiffe://td/nodes/eu", SERVER, &["node:region:us"]),
+        );
+        assert_eq!(caught_up(&in_eu), None);
+        assert_eq!(caught_up(&in_us), None);
+        assert!(!none.is_pending());
+        // Now only the us agent gets writes under it.
+        upsert(
+            &idx,
+            entry(
+                "w",
+                "spiffe://td/w",
+                "spiffe://td/nodes/eu",
+                &["unix:uid:8"],
+            ),
+        );
+        assert!(!in_eu.is_pending());
+        assert_eq!(caught_up(&in_us), Some(vec![("w".into(), true)]));
+        // An agent whose selectors change is routed by the new ones: it
+        // matches neither us alias now.
+        in_us.set_selectors(eu.clone());
+        upsert(
+            &idx,
+            entry(
+                "w",
+                "spiffe://td/w",
+                "spiffe://td/nodes/eu",
+                &["unix:uid:7"],
+            ),
+        );
+        upsert(
+            &idx,
+            entry(
+                "w6",
+                "spiffe://td/w6",
+                "spiffe://td/nodes/us",
+                &["unix:uid:7"],
+            ),
+        );
+        assert!(!in_us.is_pending() && !in_eu.is_pending());
+        // A new alias reaches the agents it matches; deleting it, the same.
+        upsert(
+            &idx,
+            entry(
+                "alias-2",
+                "spiffe://td/nodes/2",
+                SERVER,
+                &["node:region:eu"],
+            ),
+        );
+        assert_eq!(caught_up(&in_us), None);
+        assert!(in_eu.is_pending() && !none.is_pending());
+        assert_eq!(caught_up(&in_eu), None);
+        let alias2 = idx.get(&"alias-2".parse().unwrap()).unwrap();
+        idx.apply(Change {
+            revision: idx.revision() + 1,
+            kind: ChangeKind::EntryDeleted((*alias2).clone()),
+        });
+        assert_eq!(in_us.changed().await, Wake { agent: false });
+        assert_eq!(caught_up(&in_us), None);
+        assert_eq!(caught_up(&in_eu), None);
+        assert_eq!(none.routed(), 0);
+    }
+
+    #[test]
+    fn a_reparented_entry_reaches_its_old_and_new_agent() {
+        let idx = index();
+        let a = idx.subscribe(AGENT.parse().unwrap(), Selectors::new());
+        let b = idx.subscribe(OTHER.parse().unwrap(), Selectors::new());
+        let c = idx.subscribe(THIRD.parse().unwrap(), Selectors::new());
+        // `direct` (which `nested` hangs from) moves from a1 to b2.
+        upsert(
+            &idx,
+            entry("direct", "spiffe://td/web", OTHER, &["unix:uid:1"]),
+        );
+        // It parents `nested`, and a1 held it: a1 recomputes its set.
+        assert!(matches!(a.catch_up(|_| true, false), SetChange::Full(_)));
+        // b2 did not hold it, but holds it now: b2 recomputes too.
+        assert_eq!(caught_up(&b), None);
+        assert!(!c.is_pending());
+        // A leaf moving between agents: each is told of the one entry.
+        upsert(
+            &idx,
+            entry("leaf", "spiffe://td/leaf", AGENT, &["unix:uid:1"]),
+        );
+        assert_eq!(caught_up(&a), Some(vec![("leaf".into(), true)]));
+        upsert(
+            &idx,
+            entry("leaf", "spiffe://td/leaf", OTHER, &["unix:uid:1"]),
+        );
+        assert_eq!(caught_up(&a), Some(vec![("leaf".into(), false)]));
+        assert_eq!(caught_up(&b), Some(vec![("leaf".into(), true)]));
+        assert!(!c.is_pending());
+    }
+
+    #[test]
+    fn a_subscription_that_falls_behind_recomputes_its_set() {
+        let idx = EntryIndex::with_inbox_capacity(
+            EntrySnapshot {
+                entries: vec![],
+                revision: 1,
+            },
+            3,
+        );
+        let agent: SpiffeId = AGENT.parse().unwrap();
+        let sub = idx.subscribe(agent.clone(), Selectors::new());
+        for i in 0..10 {
+            upsert(
+                &idx,
+                entry(
+                    &format!("e{i}"),
+                    &format!("spiffe://td/e{i}"),
+                    AGENT,
+                    &["unix:uid:1"],
+                ),
+            );
+        }
+        // More changes than the subscription holds: none is lost, the
+        // stream gets the whole set.
+        match sub.catch_up(|_| false, false) {
+            SetChange::Full(a) => {
+                assert_eq!(a.entries.len(), 10);
+                assert_eq!(a.revision, idx.revision());
+            }
+            other => panic!("expected the whole set, got {other:?}"),
+        }
+        // Caught up, it goes on incrementally.
+        upsert(&idx, entry("e0", "spiffe://td/e0", AGENT, &["unix:uid:2"]));
+        assert_eq!(caught_up(&sub), Some(vec![("e0".into(), true)]));
+    }
+
+    #[tokio::test]
+    async fn a_record_change_wakes_its_agent_only() {
+        let idx = index();
+        let a = idx.subscribe(AGENT.parse().unwrap(), Selectors::new());
+        let b = idx.subscribe(OTHER.parse().unwrap(), Selectors::new());
+        idx.apply(Change {
+            revision: 8,
+            kind: ChangeKind::AgentDeleted(AGENT.parse().unwrap()),
+        });
+        assert_eq!(a.changed().await, Wake { agent: true });
+        // Taken once; the catch-up finds no entry changed.
+        assert!(!a.is_pending());
+        assert_eq!(caught_up(&a), Some(vec![]));
+        assert!(!b.is_pending());
     }
 
     /// Entries with a reserved SPIFFE ID that reach the store anyway (an
