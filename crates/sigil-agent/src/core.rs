@@ -14,9 +14,9 @@ use arc_swap::ArcSwap;
 use sigil_proto::convert::entry_from_proto;
 use sigil_proto::server::v1 as pb;
 use sigil_svid::bundle::Bundle;
-use sigil_svid::keys::PrivateKey;
+use sigil_svid::keys::{CompactKey, PrivateKey};
 use sigil_svid::tls::RotatingCert;
-use sigil_types::{Entry, EntryId, TrustDomain};
+use sigil_types::{Entry, EntryId, Selectors, TrustDomain};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +25,7 @@ use crate::AgentError;
 use crate::config::AgentConfig;
 use crate::persist::{AgentIdentity, CacheWriter, CachedState, Persist, WorkloadSvid};
 use crate::schedule::Timeline;
+use crate::selector_index::{AgeKey, SelectorIndex};
 use crate::server_api::{ServerClient, SyncStream};
 use crate::time::Clock;
 
@@ -50,32 +51,67 @@ pub struct Tainted {
 /// first being its default. A persistent map, as is [`Svids`]: a new
 /// snapshot shares everything that did not change with the one before, so
 /// that publishing one costs in proportion to the change, not to the
-/// entries held.
+/// entries held. It keeps an index by selector beside it, as persistent,
+/// through which [`Entries::matching`] finds a caller's entries.
 #[derive(Debug, Clone, Default)]
-pub struct Entries(imbl::OrdMap<(i64, EntryId), Arc<Entry>>);
+pub struct Entries {
+    by_age: imbl::OrdMap<AgeKey, Arc<Entry>>,
+    index: SelectorIndex,
+}
 
 impl Entries {
     /// The entries, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> + '_ {
-        self.0.values()
+        self.by_age.values()
     }
 
     /// How many entries there are.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.by_age.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.by_age.is_empty()
     }
 
-    fn insert(&mut self, e: Arc<Entry>) {
-        self.0.insert((e.created_at, e.id.clone()), e);
+    /// The entries whose selectors the caller's `selectors` satisfy (every
+    /// one of the entry's is among them), oldest first: through the
+    /// selector index, in proportion to the entries filed under the
+    /// caller's selectors.
+    pub fn matching(&self, selectors: &Selectors) -> Vec<Arc<Entry>> {
+        self.index.matching(selectors)
     }
 
-    fn remove(&mut self, e: &Entry) {
-        self.0.remove(&(e.created_at, e.id.clone()));
+    /// The same answer as [`Entries::matching`] by a pass over every entry:
+    /// the reference the index is tested and benchmarked against.
+    pub fn matching_by_scan(&self, selectors: &Selectors) -> Vec<Arc<Entry>> {
+        self.iter()
+            .filter(|e| e.selectors.is_subset_of(selectors))
+            .cloned()
+            .collect()
+    }
+
+    /// Holds `e`, in place of an entry with the same creation time and ID.
+    pub(crate) fn insert(&mut self, e: Arc<Entry>) {
+        let key = (e.created_at, e.id.clone());
+        if let Some(old) = self.by_age.insert(key.clone(), e.clone()) {
+            self.index.remove(&key, &old.selectors);
+        }
+        self.index.insert(key, e);
+    }
+
+    /// Drops the entry held with `e`'s creation time and ID.
+    pub(crate) fn remove(&mut self, e: &Entry) {
+        let key = (e.created_at, e.id.clone());
+        if let Some(old) = self.by_age.remove(&key) {
+            self.index.remove(&key, &old.selectors);
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn index(&self) -> &SelectorIndex {
+        &self.index
     }
 }
 
@@ -757,7 +793,7 @@ impl<S: ServerClient> Core<S> {
                 entry_id: id.clone(),
                 spiffe_id: entry.spiffe_id.clone(),
                 chain: r.cert_chain,
-                key,
+                key: CompactKey::from(&key),
                 not_before: info.not_before,
                 not_after: info.not_after,
                 dns_names: entry.dns_names.clone(),
@@ -1334,7 +1370,7 @@ mod tests {
                                     entry_id: e.id.clone(),
                                     spiffe_id: e.spiffe_id.clone(),
                                     chain: vec![leaf],
-                                    key,
+                                    key: CompactKey::from(&key),
                                     not_before: info.not_before,
                                     not_after: info.not_after,
                                     dns_names: e.dns_names.clone(),

@@ -48,6 +48,7 @@ pub mod persist;
 pub mod retry;
 mod schedule;
 pub mod sds;
+mod selector_index;
 pub mod server_api;
 mod time;
 pub mod workload;

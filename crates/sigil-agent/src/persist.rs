@@ -27,7 +27,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use sigil_svid::bundle::Bundle;
-use sigil_svid::keys::{PrivateKey, read_private_file, write_private_file};
+use sigil_svid::keys::{CompactKey, PrivateKey, read_private_file, write_private_file};
 use sigil_types::{Attribute, Entry, EntryId, SpiffeId, TrustDomain};
 
 use crate::AgentError;
@@ -87,8 +87,9 @@ pub struct WorkloadSvid {
     pub spiffe_id: SpiffeId,
     /// DER chain, leaf first.
     pub chain: Vec<Vec<u8>>,
-    /// Its private key (generated on this node; never leaves it).
-    pub key: PrivateKey,
+    /// Its private key (generated on this node; never leaves it), as DER
+    /// only: the agent hands it out and never signs with it.
+    pub key: CompactKey,
     /// Validity start.
     pub not_before: SystemTime,
     /// Validity end.
@@ -582,7 +583,8 @@ impl Persist {
                 entry_id: s.entry_id,
                 spiffe_id,
                 chain,
-                key,
+                // Checked against the chain above; kept as DER only.
+                key: CompactKey::from(&key),
                 not_before: info.not_before,
                 not_after: info.not_after,
                 dns_names: s.dns_names,
@@ -1116,7 +1118,7 @@ mod tests {
                     entry_id: e.id.clone(),
                     spiffe_id,
                     chain: vec![leaf],
-                    key,
+                    key: CompactKey::from(&key),
                     not_before: info.not_before,
                     not_after: info.not_after,
                     dns_names: vec![],

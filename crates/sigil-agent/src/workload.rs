@@ -130,13 +130,10 @@ impl WorkloadService {
     }
 }
 
-/// The entries whose selectors the caller satisfies, default identity first.
+/// The entries whose selectors the caller satisfies, default identity first
+/// (through the snapshot's selector index).
 pub(crate) fn matching(snap: &Snapshot, selectors: &Selectors) -> Vec<Arc<Entry>> {
-    snap.entries
-        .iter()
-        .filter(|e| e.selectors.is_subset_of(selectors))
-        .cloned()
-        .collect()
+    snap.entries.matching(selectors)
 }
 
 /// The federated bundles the caller is entitled to: those of every trust
@@ -669,7 +666,7 @@ pub(crate) mod tests {
             entry_id: e.id.clone(),
             spiffe_id: e.spiffe_id.clone(),
             chain: vec![leaf],
-            key,
+            key: sigil_svid::keys::CompactKey::from(&key),
             not_before: now,
             not_after: now + HOUR,
             dns_names: vec![],

@@ -260,6 +260,43 @@ impl PrivateKey {
     }
 }
 
+/// A private key checked by [`PrivateKey`] and then held as its PKCS#8 DER
+/// alone, without the parsed key pair (which costs several times the DER):
+/// what a store of many keys that only hands them out keeps, such as the
+/// agent's cache of workload SVIDs. [`CompactKey::parse`] gives the full key
+/// back when one is needed.
+#[derive(Clone)]
+pub struct CompactKey(Zeroizing<Box<[u8]>>);
+
+impl fmt::Debug for CompactKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CompactKey(<redacted>)")
+    }
+}
+
+impl From<&PrivateKey> for CompactKey {
+    fn from(key: &PrivateKey) -> Self {
+        Self(Zeroizing::new(Box::from(key.pkcs8_der())))
+    }
+}
+
+impl CompactKey {
+    /// The PKCS#8 DER encoding (secret).
+    pub fn pkcs8_der(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The key as a `PRIVATE KEY` PEM block (secret).
+    pub fn to_pem(&self) -> Zeroizing<String> {
+        pem_encode_secret(PEM_LABEL, &self.0)
+    }
+
+    /// The full key, parsed again from the DER.
+    pub fn parse(&self) -> Result<PrivateKey, SvidError> {
+        PrivateKey::from_pkcs8_der(&self.0)
+    }
+}
+
 fn parse_pair(alg: &'static EcdsaSigningAlgorithm, der: &[u8]) -> Result<EcdsaKeyPair, SvidError> {
     EcdsaKeyPair::from_pkcs8(alg, der).map_err(|e| SvidError::KeyRejected(e.to_string()))
 }
@@ -455,9 +492,23 @@ pub fn read_private_file(path: &Path) -> io::Result<Zeroizing<Vec<u8>>> {
 
 #[cfg(test)]
 mod tests {
+
     use x509_parser::prelude::FromDer;
 
     use super::*;
+
+    #[test]
+    fn compact_key_keeps_the_der_and_parses_back() {
+        let key = PrivateKey::generate_p256().unwrap();
+        let compact = CompactKey::from(&key);
+        assert_eq!(compact.pkcs8_der(), key.pkcs8_der());
+        assert_eq!(compact.to_pem().as_str(), key.to_pem().as_str());
+        assert_eq!(
+            compact.parse().unwrap().public_key_spki_der(),
+            key.public_key_spki_der()
+        );
+        assert_eq!(format!("{compact:?}"), "CompactKey(<redacted>)");
+    }
 
     #[test]
     fn private_dirs_are_made_with_their_parents_and_removal_tolerates_absence() {
