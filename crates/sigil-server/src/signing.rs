@@ -231,6 +231,23 @@ mod tests {
     use super::*;
     use crate::registry::new_entry_id;
 
+    /// An agent record with `id`, `attestation_type` and `selectors`, unused serials.
+    fn agent_record(id: &str, attestation_type: &str, selectors: Selectors) -> AgentRecord {
+        AgentRecord {
+            spiffe_id: id.parse().unwrap(),
+            attestation_type: attestation_type.into(),
+            selectors,
+            serial: String::new(),
+            previous_serial: String::new(),
+            serial_used: false,
+            expires_at: 0,
+            banned: false,
+            can_reattest: true,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
     /// DER of SEQUENCE OF SEQUENCE { UTF8String, UTF8String } (short items only).
     fn attributes_der(pairs: &[(&str, &str)]) -> Vec<u8> {
         let tlv = |tag: u8, body: &[u8]| {
@@ -286,26 +303,16 @@ mod tests {
         config.jwt_issuer = Some("https://oidc.example.org".into());
         let server = crate::start(config).await.unwrap();
         let state = &server.state();
-        let agent = AgentRecord {
-            spiffe_id: "spiffe://example.org/sigil/agent/k8s_psat/prod/n1"
-                .parse()
-                .unwrap(),
-            attestation_type: "k8s_psat".into(),
-            selectors: Selectors::parse_all([
+        let agent = agent_record(
+            "spiffe://example.org/sigil/agent/k8s_psat/prod/n1",
+            "k8s_psat",
+            Selectors::parse_all([
                 "k8s_psat:cluster:prod",
                 "k8s_psat:region:eu-west-1",
                 "k8s_psat:agent_node_name:n1",
             ])
             .unwrap(),
-            serial: String::new(),
-            previous_serial: String::new(),
-            serial_used: false,
-            expires_at: 0,
-            banned: false,
-            can_reattest: true,
-            created_at: 0,
-            updated_at: 0,
-        };
+        );
         let selectors = Selectors::parse_all(["k8s:ns:payments", "k8s:sa:api"]).unwrap();
         let mut with = Entry::new(
             new_entry_id().unwrap(),
@@ -413,21 +420,11 @@ mod tests {
         config.admin_socket = dir.path().join("admin.sock");
         let server = crate::start(config).await.unwrap();
         let state = server.state().clone();
-        let agent = AgentRecord {
-            spiffe_id: "spiffe://example.org/sigil/agent/join_token/a"
-                .parse()
-                .unwrap(),
-            attestation_type: "join_token".into(),
-            selectors: Selectors::default(),
-            serial: String::new(),
-            previous_serial: String::new(),
-            serial_used: false,
-            expires_at: 0,
-            banned: false,
-            can_reattest: true,
-            created_at: 0,
-            updated_at: 0,
-        };
+        let agent = agent_record(
+            "spiffe://example.org/sigil/agent/join_token/a",
+            "join_token",
+            Selectors::default(),
+        );
         let selectors = Selectors::parse_all(["unix:uid:1"]).unwrap();
         let mut entries = Vec::new();
         for i in 0..40 {
