@@ -10,9 +10,9 @@
 
 use std::path::Path;
 
-use kube::config::{KubeConfigOptions, Kubeconfig};
 /// The client type, for crates that hold one without depending on kube.
 pub use kube::Client;
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use sigil_types::BoxFuture;
 
 /// Why no API client could be built.

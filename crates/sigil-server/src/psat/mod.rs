@@ -216,13 +216,12 @@ mod k8s {
     /// The API client of a cluster: from `kube_config_file`, or inferred.
     /// Offline verification works without one, so there a failed inference
     /// only means the pod and node are never read.
-    async fn client(
-        name: &str,
-        cluster: &PsatCluster,
-    ) -> Result<Option<Client>, ServerError> {
+    async fn client(name: &str, cluster: &PsatCluster) -> Result<Option<Client>, ServerError> {
         match api_client(cluster.kube_config_file.as_deref()).await {
             Ok(client) => Ok(Some(client)),
-            Err(ApiClientError::Infer(e)) if cluster.verification != PsatVerification::TokenReview => {
+            Err(ApiClientError::Infer(e))
+                if cluster.verification != PsatVerification::TokenReview =>
+            {
                 tracing::info!(
                     cluster = %name,
                     error = %e,
