@@ -58,7 +58,12 @@ pub use crd::{
     crds, crds_yaml,
 };
 pub use reconcile::{Desired, Plan, Settings, Snapshot, plan, render};
-pub use run::{ControllerConfig, kube_client, run};
+pub use run::{ControllerConfig, run};
+/// The API client the controller runs with: from a kubeconfig file (its
+/// current context), or inferred (`KUBECONFIG`, `~/.kube/config`, then the
+/// in-cluster service account). The server's PSAT verification builds its
+/// client the same way.
+pub use sigil_k8s::api::{ApiClientError, api_client as kube_client};
 
 /// Why the controller could not start or reconcile.
 #[derive(Debug, thiserror::Error)]
@@ -88,14 +93,6 @@ pub enum ControllerError {
     /// The server answered with something that is not a valid entry or trust domain.
     #[error("the server sent {0}")]
     BadAnswer(String),
-    /// No Kubernetes API client could be configured.
-    #[error("cannot configure the Kubernetes client from {origin}: {reason}")]
-    KubeConfig {
-        /// The kubeconfig file, or where inference looked.
-        origin: String,
-        /// Why.
-        reason: String,
-    },
     /// A Kubernetes API call failed.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),

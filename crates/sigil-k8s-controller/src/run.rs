@@ -7,13 +7,12 @@
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, Pod, PodSpec, PodStatus};
 use kube::api::{Api, Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -71,38 +70,6 @@ impl ControllerConfig {
             manage_federation: true,
         }
     }
-}
-
-/// A Kubernetes API client from `kubeconfig` (its current context), or, without
-/// one, inferred: `KUBECONFIG`, `~/.kube/config`, then the in-cluster service
-/// account.
-#[inline(never)]
-pub fn kube_client(kubeconfig: Option<&Path>) -> BoxFuture<'_, Result<Client, ControllerError>> {
-    Box::pin(kube_client_from(kubeconfig))
-}
-
-async fn kube_client_from(kubeconfig: Option<&Path>) -> Result<Client, ControllerError> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path).map_err(|e| ControllerError::KubeConfig {
-                origin: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| ControllerError::KubeConfig {
-                    origin: path.display().to_string(),
-                    reason: e.to_string(),
-                })?
-        }
-        None => kube::Config::infer()
-            .await
-            .map_err(|e| ControllerError::KubeConfig {
-                origin: "KUBECONFIG, ~/.kube/config or the in-cluster service account".into(),
-                reason: e.to_string(),
-            })?,
-    };
-    Ok(Client::try_from(config)?)
 }
 
 /// The caches of every watched kind.

@@ -2,6 +2,7 @@
 //!
 //! | module | role |
 //! |---|---|
+//! | [`api`] | the Kubernetes API client, from a kubeconfig file or inferred |
 //! | [`cgroup`] | `/proc/<pid>/cgroup` → pod UID and container ID, only under the kubelet's cgroup root |
 //! | [`kubelet`] | the kubelet pod list: client, shared cache, pod lookup, `k8s:` selectors |
 //! | [`psat`] | projected service-account token node attestation (agent and server sides) |
@@ -9,6 +10,8 @@
 //! The entry controller is the crate `sigil-k8s-controller`, so that the agent
 //! and the server, which use the parts above, need not wait for it to build.
 
+#[cfg(feature = "psat")]
+pub mod api;
 pub mod cgroup;
 #[cfg(feature = "kubelet")]
 pub mod kubelet;

@@ -183,7 +183,7 @@ impl ServerState {
 
 #[cfg(feature = "k8s")]
 mod k8s {
-    use kube::config::{KubeConfigOptions, Kubeconfig};
+    use sigil_k8s::api::{ApiClientError, Client, api_client};
     use sigil_k8s::psat::{ClusterConfig, PsatError, PsatVerifier, Verification};
     use sigil_types::config::ConfigError;
 
@@ -216,57 +216,36 @@ mod k8s {
     /// The API client of a cluster: from `kube_config_file`, or inferred.
     /// Offline verification works without one, so there a failed inference
     /// only means the pod and node are never read.
-    async fn client(
-        name: &str,
-        cluster: &PsatCluster,
-    ) -> Result<Option<kube::Client>, ServerError> {
-        let config = match &cluster.kube_config_file {
-            Some(path) => {
-                let bad = |e: &dyn std::fmt::Display| {
-                    invalid(
-                        "server.k8s_psat.kube_config_file",
-                        name,
-                        format!("{}: {e}", path.display()),
-                    )
-                };
-                let kubeconfig = Kubeconfig::read_from(path).map_err(|e| bad(&e))?;
-                kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                    .await
-                    .map_err(|e| bad(&e))?
+    async fn client(name: &str, cluster: &PsatCluster) -> Result<Option<Client>, ServerError> {
+        match api_client(cluster.kube_config_file.as_deref()).await {
+            Ok(client) => Ok(Some(client)),
+            Err(ApiClientError::Infer(e))
+                if cluster.verification != PsatVerification::TokenReview =>
+            {
+                tracing::info!(
+                    cluster = %name,
+                    error = %e,
+                    "no Kubernetes API client for this PSAT cluster; tokens are verified \
+                     offline only (no pod or node checks, no node IP, label or location \
+                     selectors)"
+                );
+                Ok(None)
             }
-            None => match kube::Config::infer().await {
-                Ok(config) => config,
-                Err(e) => {
-                    if cluster.verification == PsatVerification::TokenReview {
-                        return Err(invalid(
-                            "server.k8s_psat.kube_config_file",
-                            name,
-                            format!(
-                                "verification = \"token_review\" needs the API server, and no \
-                                 client could be inferred ({e}); set kube_config_file or run \
-                                 the server in the cluster"
-                            ),
-                        ));
-                    }
-                    tracing::info!(
-                        cluster = %name,
-                        error = %e,
-                        "no Kubernetes API client for this PSAT cluster; tokens are verified \
-                         offline only (no pod or node checks, no node IP, label or location \
-                         selectors)"
-                    );
-                    return Ok(None);
-                }
-            },
-        };
-        let client = kube::Client::try_from(config).map_err(|e| {
-            invalid(
+            Err(ApiClientError::Infer(e)) => Err(invalid(
                 "server.k8s_psat.kube_config_file",
                 name,
-                format!("cannot build a Kubernetes API client: {e}"),
-            )
-        })?;
-        Ok(Some(client))
+                format!(
+                    "verification = \"token_review\" needs the API server, and no \
+                     client could be inferred ({e}); set kube_config_file or run \
+                     the server in the cluster"
+                ),
+            )),
+            Err(e) => Err(invalid(
+                "server.k8s_psat.kube_config_file",
+                name,
+                e.to_string(),
+            )),
+        }
     }
 
     /// Builds the verifier of one cluster profile.
