@@ -19,29 +19,25 @@ use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sigil_agent::core::Entries;
-use sigil_types::{Entry, Selectors, SpiffeId};
+use sigil_types::{Entry, SpiffeId};
 
-/// `n` entries with 1 to 3 selectors each over uid, namespace and service
-/// account values (as the sigil-types scan bench), so that a few match any
-/// given caller and many share a namespace or account.
+#[path = "../../sigil-types/benches/common/selector_sets.rs"]
+mod selector_sets;
+
+/// `n` entries with the selector sets of the sigil-types scan bench
+/// ([`selector_sets::entry_selectors`]), so that a few match any given
+/// caller and many share a namespace or account.
 fn entries(n: usize) -> Entries {
     let parent = "spiffe://example.org/agent".parse::<SpiffeId>().unwrap();
     (0..n)
         .map(|i| {
-            let mut s = vec![format!("unix:uid:{}", i % 5000)];
-            if i % 2 == 0 {
-                s.push(format!("k8s:ns:ns-{}", i % 97));
-            }
-            if i % 3 == 0 {
-                s.push(format!("k8s:sa:sa-{}", i % 31));
-            }
             let mut e = Entry::new(
                 format!("e{i}").parse().unwrap(),
                 format!("spiffe://example.org/w{i}")
                     .parse::<SpiffeId>()
                     .unwrap(),
                 parent.clone(),
-                Selectors::parse_all(s).unwrap(),
+                selector_sets::entry_selectors(i),
             );
             e.created_at = i as i64;
             Arc::new(e)
@@ -50,16 +46,9 @@ fn entries(n: usize) -> Entries {
 }
 
 fn matching(c: &mut Criterion) {
-    let caller = Selectors::parse_all([
-        "unix:uid:42",
-        "unix:gid:42",
-        "unix:user:svc",
-        "k8s:ns:ns-42",
-        "k8s:sa:sa-11",
-    ])
-    .unwrap();
+    let caller = selector_sets::caller();
     let mut g = c.benchmark_group("agent_matching");
-    for n in [1_000usize, 10_000, 100_000] {
+    for n in selector_sets::SIZES {
         let set = entries(n);
         assert_eq!(
             set.matching(&caller).len(),

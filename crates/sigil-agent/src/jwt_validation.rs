@@ -268,7 +268,7 @@ mod tests {
     use sigil_svid::jwt::JwtClaims;
 
     use super::*;
-    use crate::workload::tests::{domain, entry, snapshot};
+    use crate::workload::tests::{Domain, domain, entry, snapshot};
 
     const HOUR: Duration = Duration::from_secs(3600);
 
@@ -280,15 +280,26 @@ mod tests {
         a.iter().map(|s| (*s).to_owned()).collect()
     }
 
-    #[test]
-    fn a_repeat_is_answered_from_the_cache_with_the_same_claims() {
+    /// A JWT-SVID signed by `own`'s authority for `sub` and `audiences`,
+    /// good for `ttl` from `now`.
+    fn sign(own: &Domain, sub: &str, audiences: &[&str], ttl: Duration, now: SystemTime) -> String {
+        own.jwt.sign(&id(sub), &auds(audiences), ttl, now).unwrap()
+    }
+
+    /// What most tests start from: example.org, a snapshot holding only its
+    /// bundle, the time now, and a token of example.org for
+    /// `spiffe://example.org/a` with audience `api`, good for `ttl`.
+    fn setup(ttl: Duration) -> (Domain, Snapshot, SystemTime, String) {
         let own = domain("example.org");
         let snap = snapshot(&own, &[], &[]);
         let now = SystemTime::now();
-        let token = own
-            .jwt
-            .sign(&id("spiffe://example.org/a"), &auds(&["api"]), HOUR, now)
-            .unwrap();
+        let token = sign(&own, "spiffe://example.org/a", &["api"], ttl, now);
+        (own, snap, now, token)
+    }
+
+    #[test]
+    fn a_repeat_is_answered_from_the_cache_with_the_same_claims() {
+        let (_, snap, now, token) = setup(HOUR);
         let cache = JwtValidationCache::default();
         let first = cache.validate(&snap, &[], &token, "api", now).unwrap();
         assert_eq!((cache.hits(), cache.len()), (0, 1));
@@ -306,23 +317,15 @@ mod tests {
 
     #[test]
     fn another_audience_gets_the_full_check() {
-        let own = domain("example.org");
-        let snap = snapshot(&own, &[], &[]);
-        let now = SystemTime::now();
+        let (own, snap, now, _) = setup(HOUR);
         let cache = JwtValidationCache::default();
-        let only_a = own
-            .jwt
-            .sign(&id("spiffe://example.org/a"), &auds(&["a"]), HOUR, now)
-            .unwrap();
+        let only_a = sign(&own, "spiffe://example.org/a", &["a"], HOUR, now);
         cache.validate(&snap, &[], &only_a, "a", now).unwrap();
         let err = cache.validate(&snap, &[], &only_a, "b", now).unwrap_err();
         assert!(matches!(err, SvidError::JwtAudience(_)), "{err}");
         assert_eq!(cache.hits(), 0);
 
-        let both = own
-            .jwt
-            .sign(&id("spiffe://example.org/a"), &auds(&["a", "b"]), HOUR, now)
-            .unwrap();
+        let both = sign(&own, "spiffe://example.org/a", &["a", "b"], HOUR, now);
         cache.validate(&snap, &[], &both, "a", now).unwrap();
         cache.validate(&snap, &[], &both, "b", now).unwrap();
         assert_eq!((cache.hits(), cache.len()), (0, 3));
@@ -332,14 +335,8 @@ mod tests {
 
     #[test]
     fn a_cached_token_is_refused_once_it_expires() {
-        let own = domain("example.org");
-        let snap = snapshot(&own, &[], &[]);
-        let now = SystemTime::now();
         let ttl = Duration::from_secs(60);
-        let token = own
-            .jwt
-            .sign(&id("spiffe://example.org/a"), &auds(&["api"]), ttl, now)
-            .unwrap();
+        let (_, snap, now, token) = setup(ttl);
         let cache = JwtValidationCache::default();
         cache.validate(&snap, &[], &token, "api", now).unwrap();
         cache.validate(&snap, &[], &token, "api", now).unwrap();
@@ -362,13 +359,7 @@ mod tests {
 
     #[test]
     fn a_clock_that_went_back_gets_the_full_check() {
-        let own = domain("example.org");
-        let snap = snapshot(&own, &[], &[]);
-        let now = SystemTime::now();
-        let token = own
-            .jwt
-            .sign(&id("spiffe://example.org/a"), &auds(&["api"]), HOUR, now)
-            .unwrap();
+        let (_, snap, now, token) = setup(HOUR);
         let cache = JwtValidationCache::default();
         cache.validate(&snap, &[], &token, "api", now).unwrap();
         // Before the token's `iat` (beyond the leeway): not yet valid.
@@ -382,13 +373,7 @@ mod tests {
 
     #[test]
     fn a_bundle_change_drops_the_cache_and_a_removed_key_refuses_the_token() {
-        let own = domain("example.org");
-        let now = SystemTime::now();
-        let token = own
-            .jwt
-            .sign(&id("spiffe://example.org/a"), &auds(&["api"]), HOUR, now)
-            .unwrap();
-        let snap = snapshot(&own, &[], &[]);
+        let (own, snap, now, token) = setup(HOUR);
         let cache = JwtValidationCache::default();
         cache.validate(&snap, &[], &token, "api", now).unwrap();
         cache.validate(&snap, &[], &token, "api", now).unwrap();
@@ -456,15 +441,11 @@ mod tests {
 
     #[test]
     fn a_token_with_the_same_claims_and_another_signature_is_not_a_hit() {
-        let own = domain("example.org");
-        let snap = snapshot(&own, &[], &[]);
-        let now = SystemTime::now();
-        let sub = id("spiffe://example.org/a");
-        let token = own.jwt.sign(&sub, &auds(&["api"]), HOUR, now).unwrap();
+        let (own, snap, now, token) = setup(HOUR);
         let cache = JwtValidationCache::default();
         cache.validate(&snap, &[], &token, "api", now).unwrap();
         // Header and claims of the cached token, the signature of another.
-        let other = own.jwt.sign(&sub, &auds(&["other"]), HOUR, now).unwrap();
+        let other = sign(&own, "spiffe://example.org/a", &["other"], HOUR, now);
         let (signed, _) = token.rsplit_once('.').unwrap();
         let (_, signature) = other.rsplit_once('.').unwrap();
         let forged = format!("{signed}.{signature}");
@@ -475,21 +456,18 @@ mod tests {
 
     #[test]
     fn the_cache_holds_at_most_its_limit() {
-        let own = domain("example.org");
-        let snap = snapshot(&own, &[], &[]);
-        let now = SystemTime::now();
+        let (own, snap, now, _) = setup(HOUR);
         let limit = 3;
         let cache = JwtValidationCache::new(limit);
         let tokens: Vec<String> = (0..=limit)
             .map(|i| {
-                own.jwt
-                    .sign(
-                        &id(&format!("spiffe://example.org/w{i}")),
-                        &auds(&["api"]),
-                        HOUR,
-                        now,
-                    )
-                    .unwrap()
+                sign(
+                    &own,
+                    &format!("spiffe://example.org/w{i}"),
+                    &["api"],
+                    HOUR,
+                    now,
+                )
             })
             .collect();
         for t in &tokens {
@@ -508,9 +486,7 @@ mod tests {
 
     #[test]
     fn an_oversized_token_is_checked_every_time() {
-        let own = domain("example.org");
-        let snap = snapshot(&own, &[], &[]);
-        let now = SystemTime::now();
+        let (own, snap, now, _) = setup(HOUR);
         let mut extra = serde_json::Map::new();
         extra.insert(
             "pad".to_owned(),

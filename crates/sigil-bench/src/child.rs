@@ -19,7 +19,7 @@ use sigil_proto::workload as wpb;
 use sigil_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
-use sigil_server::ServerConfig;
+use sigil_server::{ServerConfig, ServerHandle};
 use sigil_types::{SpiffeId, TrustDomain};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -186,13 +186,6 @@ fn emit(v: &Value) {
     println!("{v}");
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
 // ------------------------------------------------------------------ server --
 
 /// `__server`: a sigil server, optionally preloaded with agents' join tokens
@@ -210,11 +203,11 @@ pub(crate) struct ServerArgs {
     preload_entries: usize,
 }
 
-/// Creates `n` entries parented round-robin to `parents`, through the store
-/// (one transaction each, as the admin API does, but without waiting for
-/// the index after each), then waits until the index holds them all.
+/// Creates `n` entries parented round-robin to `parents`, one transaction
+/// each, as the admin API does, but with one wait for the index after the
+/// last instead of one after each.
 async fn preload(
-    state: &sigil_server::ServerState,
+    server: &ServerHandle,
     parents: &[SpiffeId],
     n: usize,
     tag: &str,
@@ -222,18 +215,19 @@ async fn preload(
     if n == 0 || parents.is_empty() {
         return Ok(());
     }
-    let td = state.config().trust_domain.clone();
-    let mut revision = 0;
-    for i in 0..n {
-        let parent = &parents[i % parents.len()];
-        let mut e = crate::sample::sample_entry(&td, parent, tag, i)?;
-        e.created_at = unix_now();
-        revision = state.store().create_entry(e).await?.revision;
-    }
-    tokio::time::timeout(Duration::from_secs(1800), state.index().wait_for(revision))
+    let td = server.trust_domain();
+    // Made one at a time as they are written, not all held at once: the
+    // server's memory is measured after.
+    let mut failed = None;
+    let entries = (0..n).map_while(|i| {
+        crate::sample::sample_entry(td, &parents[i % parents.len()], tag, i)
+            .map_err(|e| failed = Some(e))
+            .ok()
+    });
+    tokio::time::timeout(Duration::from_secs(1800), server.create_entries(entries))
         .await
-        .context("the index did not catch up with the preloaded entries")?;
-    Ok(())
+        .context("the preloaded entries were not all written and indexed in 30 minutes")??;
+    failed.map_or(Ok(()), Err)
 }
 
 /// User + system CPU time of this process, in seconds, at microsecond
@@ -256,24 +250,23 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     cfg.admin_socket = args.data_dir.join("admin.sock");
     cfg.join_token_ttl = Duration::from_secs(4 * 3600);
     let server = sigil_server::start(cfg).await?;
-    let state = server.state().clone();
 
     let mut agents = Vec::new();
     let mut ids = Vec::new();
     for _ in 0..args.preload_agents {
-        let t = state.generate_join_token(None).await?;
+        let t = server.generate_join_token(None).await?;
         ids.push(t.agent_id.clone());
         agents.push(json!({"token": t.token, "agent_id": t.agent_id.to_string()}));
     }
     let (cpu0, t0) = (self_cpu(), std::time::Instant::now());
-    preload(&state, &ids, args.preload_entries, "p").await?;
+    preload(&server, &ids, args.preload_entries, "p").await?;
     emit(&json!({
         "agent_api": server.agent_api_addr().to_string(),
         "admin_socket": server.admin_socket().display().to_string(),
         "agents": agents,
         "preload_cpu_s": self_cpu() - cpu0,
         "preload_wall_s": t0.elapsed().as_secs_f64(),
-        "entries": state.index().len(),
+        "entries": server.entry_count(),
     }));
 
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -286,10 +279,10 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
                 ["big", n] => {
                     let n: usize = n.parse()?;
                     big += 1;
-                    let t = state.generate_join_token(None).await?;
+                    let t = server.generate_join_token(None).await?;
                     let (cpu0, t0) = (self_cpu(), std::time::Instant::now());
                     preload(
-                        &state,
+                        &server,
                         std::slice::from_ref(&t.agent_id),
                         n,
                         &format!("big{big}"),
@@ -300,7 +293,7 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
                         "agent_id": t.agent_id.to_string(),
                         "cpu_s": self_cpu() - cpu0,
                         "wall_s": t0.elapsed().as_secs_f64(),
-                        "entries": state.index().len(),
+                        "entries": server.entry_count(),
                     }))
                 }
                 _ => bail!("unknown command {line:?}"),

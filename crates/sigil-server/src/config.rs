@@ -237,6 +237,18 @@ impl ServerConfig {
         }
     }
 
+    /// For tests: [`with_defaults`](Self::with_defaults) for example.org,
+    /// its data under `dir/server`, the agent API on a free loopback port
+    /// and the admin socket at `dir/admin.sock`.
+    #[cfg(test)]
+    pub(crate) fn for_test(dir: &Path) -> Self {
+        let td = TrustDomain::new("example.org").expect("a valid trust domain");
+        let mut config = Self::with_defaults(td, dir.join("server"));
+        config.bind_address = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.admin_socket = dir.join("admin.sock");
+        config
+    }
+
     /// Reads and validates a TOML config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

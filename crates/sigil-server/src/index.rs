@@ -12,6 +12,8 @@
 //! from its whole set ([`Subscription::catch_up`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -233,42 +235,60 @@ impl IndexState {
         }
     }
 
+    /// Walks up from `parent`, the parent ID of an entry, breadth-first
+    /// through the entries holding each ID it reaches, and shows `visit`
+    /// what the entry's set membership hangs from: every ID of the chain
+    /// ([`Above::Id`], `parent` first, each once), and every node alias
+    /// holding one of them ([`Above::Alias`]). An entry (not an alias) whose
+    /// SPIFFE ID is reached brings its own parent ID into the chain. The
+    /// entry belongs to an agent's set when the chain holds the agent's ID or
+    /// an alias the agent's selectors match. `visit` breaks the walk off.
+    ///
+    /// The common cases allocate nothing: a break at `parent`, and a
+    /// `parent` no entry holds (an entry parented to an agent); incremental
+    /// sync and routing walk from every changed entry.
+    fn walk_up<'a, B>(
+        &'a self,
+        parent: &'a SpiffeId,
+        mut visit: impl FnMut(Above<'a>) -> ControlFlow<B>,
+    ) -> ControlFlow<B> {
+        visit(Above::Id(parent))?;
+        if !self.by_spiffe_id.contains_key(parent) {
+            return ControlFlow::Continue(());
+        }
+        let mut seen: HashSet<&SpiffeId> = HashSet::from([parent]);
+        let mut queue: VecDeque<&SpiffeId> = VecDeque::from([parent]);
+        while let Some(id) = queue.pop_front() {
+            let Some(holders) = self.by_spiffe_id.get(id) else {
+                continue;
+            };
+            for holder in holders.iter().filter_map(|h| self.entries.get(h)) {
+                if holder.is_node_alias() {
+                    visit(Above::Alias(holder))?;
+                } else if seen.insert(&holder.parent_id) {
+                    visit(Above::Id(&holder.parent_id))?;
+                    queue.push_back(&holder.parent_id);
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
     /// Adds to `out` the subscriptions whose agent an entry parented to
     /// `parent` may belong to: the agents the chain above `parent` reaches,
     /// and the members of the node aliases it reaches (the walk of
     /// [`IndexState::authorized_entry`], for every agent at once).
     fn reach(&self, parent: &SpiffeId, out: &mut HashSet<u64>) {
         let subs = &self.subs;
-        let add = |id: &SpiffeId, out: &mut HashSet<u64>| {
-            if let Some(s) = subs.by_agent.get(id) {
-                out.extend(s);
-            }
-        };
-        // The common case, an entry parented to an agent, allocates nothing.
-        add(parent, out);
-        if !self.by_spiffe_id.contains_key(parent) {
-            return;
-        }
-        let mut seen: HashSet<&SpiffeId> = HashSet::from([parent]);
-        let mut queue: VecDeque<&SpiffeId> = VecDeque::from([parent]);
-        while let Some(p) = queue.pop_front() {
-            let Some(holders) = self.by_spiffe_id.get(p) else {
-                continue;
+        // Never broken off: every agent the chain reaches is wanted.
+        let ControlFlow::Continue(()) = self.walk_up(parent, |above| {
+            let members = match above {
+                Above::Id(id) => subs.by_agent.get(id),
+                Above::Alias(alias) => subs.by_alias.get(&alias.id),
             };
-            for holder_id in holders {
-                let Some(holder) = self.entries.get(holder_id) else {
-                    continue;
-                };
-                if holder.is_node_alias() {
-                    if let Some(s) = subs.by_alias.get(holder_id) {
-                        out.extend(s);
-                    }
-                } else if seen.insert(&holder.parent_id) {
-                    add(&holder.parent_id, out);
-                    queue.push_back(&holder.parent_id);
-                }
-            }
-        }
+            out.extend(members.into_iter().flatten());
+            ControlFlow::<Infallible>::Continue(())
+        });
     }
 
     /// See [`EntryIndex::authorized`].
@@ -319,44 +339,26 @@ impl IndexState {
         if entry.is_node_alias() || entry.check_reserved().is_err() {
             return None;
         }
-        // The common cases answer without allocating: the incremental sync
-        // asks this of every changed entry, for every connected agent.
-        if &entry.parent_id == agent_id {
-            return Some(entry.clone());
-        }
-        if !self.by_spiffe_id.contains_key(&entry.parent_id) {
-            return None;
-        }
-        // Breadth-first over the parents: an ID is a root of the agent's tree
-        // if it is the agent, a matching node alias's ID, or the SPIFFE ID of
-        // an entry (not an alias) whose own parent is such a root.
-        let mut seen: HashSet<&SpiffeId> = HashSet::new();
-        let mut queue: VecDeque<&SpiffeId> = VecDeque::from([&entry.parent_id]);
-        while let Some(parent) = queue.pop_front() {
-            if !seen.insert(parent) {
-                continue;
+        // The agent's own ID or a node alias it matches in the chain above.
+        let found = self.walk_up(&entry.parent_id, |above| match above {
+            Above::Id(chain_id) if chain_id == agent_id => ControlFlow::Break(()),
+            Above::Alias(alias) if alias.selectors.is_subset_of(node_selectors) => {
+                ControlFlow::Break(())
             }
-            if parent == agent_id {
-                return Some(entry.clone());
-            }
-            let Some(holders) = self.by_spiffe_id.get(parent) else {
-                continue;
-            };
-            for holder_id in holders {
-                let Some(holder) = self.entries.get(holder_id) else {
-                    continue;
-                };
-                if holder.is_node_alias() {
-                    if holder.selectors.is_subset_of(node_selectors) {
-                        return Some(entry.clone());
-                    }
-                } else {
-                    queue.push_back(&holder.parent_id);
-                }
-            }
-        }
-        None
+            _ => ControlFlow::Continue(()),
+        });
+        found.is_break().then(|| entry.clone())
     }
+}
+
+/// What [`IndexState::walk_up`] meets above an entry.
+#[derive(Debug, Clone, Copy)]
+enum Above<'a> {
+    /// An ID of the chain: the entry's parent ID, or the parent ID of an
+    /// entry holding an ID of the chain.
+    Id(&'a SpiffeId),
+    /// A node alias whose SPIFFE ID is an ID of the chain.
+    Alias(&'a Entry),
 }
 
 /// The entries an agent is authorized for, and the IDs their tree hangs from.

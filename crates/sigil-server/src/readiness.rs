@@ -303,10 +303,7 @@ mod tests {
             hang: AtomicBool::new(false),
             feed_broken: AtomicBool::new(false),
         });
-        let td = TrustDomain::new("example.org").unwrap();
-        let mut config = crate::ServerConfig::with_defaults(td, dir.path().join("server"));
-        config.bind_address = "127.0.0.1:0".parse().unwrap();
-        config.admin_socket = dir.path().join("admin.sock");
+        let config = crate::ServerConfig::for_test(dir.path());
         let server = crate::start_with_store(config, store.clone())
             .await
             .unwrap();

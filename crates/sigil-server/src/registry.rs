@@ -58,17 +58,51 @@ impl ServerState {
     }
 
     /// Validates and stores a new entry; returns it as stored.
-    pub async fn create_entry(&self, mut entry: Entry) -> Result<Entry, ServerError> {
+    pub async fn create_entry(&self, entry: Entry) -> Result<Entry, ServerError> {
+        let stored = self.store_new_entry(entry).await?;
+        self.settle(stored.revision).await;
+        Ok(stored)
+    }
+
+    /// Validates and stores new entries one by one, each in a transaction of
+    /// its own as [`create_entry`](Self::create_entry) does, but waits for
+    /// the index once, after the last: for loading many entries, where a
+    /// wait after each would cost more than the writes. Returns how many were
+    /// created; the first refusal stops it, and the entries before it stay
+    /// (the index catches up with them on its own).
+    pub async fn create_entries(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<usize, ServerError> {
+        let mut created = 0;
+        let mut last_revision = None;
+        for entry in entries {
+            last_revision = Some(self.store_new_entry(entry).await?.revision);
+            created += 1;
+        }
+        if let Some(revision) = last_revision {
+            self.settle(revision).await;
+        }
+        Ok(created)
+    }
+
+    /// Checks a new entry and writes it, without waiting for the index.
+    async fn store_new_entry(&self, mut entry: Entry) -> Result<Entry, ServerError> {
+        self.check_entry(&entry)?;
+        entry.created_at = unix(SystemTime::now());
+        Ok(self.store.create_entry(entry).await?)
+    }
+
+    /// The checks an entry passes before it is written: valid in this trust
+    /// domain, and no other entry with its parent, SPIFFE ID and selectors.
+    fn check_entry(&self, entry: &Entry) -> Result<(), ServerError> {
         entry
             .validate(&self.config.trust_domain)
             .map_err(EntryRefusal::Invalid)?;
-        if let Some(other) = self.index.duplicate_of(&entry) {
-            return Err(EntryRefusal::Duplicate(other).into());
+        match self.index.duplicate_of(entry) {
+            Some(other) => Err(EntryRefusal::Duplicate(other).into()),
+            None => Ok(()),
         }
-        entry.created_at = unix(SystemTime::now());
-        let stored = self.store.create_entry(entry).await?;
-        self.settle(stored.revision).await;
-        Ok(stored)
     }
 
     /// Validates and replaces an existing entry.
@@ -78,12 +112,7 @@ impl ServerState {
         if self.index.get(&entry.id).is_none() {
             return Err(EntryRefusal::NotFound(entry.id).into());
         }
-        entry
-            .validate(&self.config.trust_domain)
-            .map_err(EntryRefusal::Invalid)?;
-        if let Some(other) = self.index.duplicate_of(&entry) {
-            return Err(EntryRefusal::Duplicate(other).into());
-        }
+        self.check_entry(&entry)?;
         let stored = self.store.update_entry(entry).await?;
         self.settle(stored.revision).await;
         Ok(stored)
@@ -108,5 +137,46 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.as_str().len(), 36);
         assert_eq!(a.as_str().matches('-').count(), 4);
+    }
+
+    fn entry(path: &str) -> Entry {
+        Entry::new(
+            new_entry_id().unwrap(),
+            format!("spiffe://example.org{path}").parse().unwrap(),
+            "spiffe://example.org/sigil/agent/join_token/a"
+                .parse()
+                .unwrap(),
+            sigil_types::Selectors::parse_all(["unix:uid:0"]).unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn create_entries_checks_each_and_returns_once_all_are_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = crate::start(crate::ServerConfig::for_test(dir.path()))
+            .await
+            .unwrap();
+
+        let batch: Vec<Entry> = (0..50).map(|i| entry(&format!("/w{i}"))).collect();
+        assert_eq!(server.create_entries(batch.clone()).await.unwrap(), 50);
+        // In the index on return: no wait of the caller's own.
+        assert_eq!(server.entry_count(), 50);
+
+        // The checks of a single create: a duplicate under another ID stops
+        // the call, and what came before it stays.
+        let mut dup = batch[7].clone();
+        dup.id = new_entry_id().unwrap();
+        let err = server
+            .create_entries([entry("/before"), dup, entry("/after")])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ServerError::Entry(EntryRefusal::Duplicate(id)) if *id == batch[7].id),
+            "{err:?}"
+        );
+        let stored = server.state().store().list_entries().await.unwrap().entries;
+        assert_eq!(stored.len(), 51);
+        assert!(stored.iter().any(|e| e.spiffe_id.path() == "/before"));
+        server.shutdown().await;
     }
 }

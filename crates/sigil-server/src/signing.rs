@@ -296,10 +296,7 @@ mod tests {
     async fn attributes_come_from_the_agent_record_and_entry_never_the_request() {
         use sigil_types::Attribute;
         let dir = tempfile::tempdir().unwrap();
-        let td = sigil_types::TrustDomain::new("example.org").unwrap();
-        let mut config = crate::ServerConfig::with_defaults(td, dir.path().join("server"));
-        config.bind_address = "127.0.0.1:0".parse().unwrap();
-        config.admin_socket = dir.path().join("admin.sock");
+        let mut config = crate::ServerConfig::for_test(dir.path());
         config.jwt_issuer = Some("https://oidc.example.org".into());
         let server = crate::start(config).await.unwrap();
         let state = &server.state();
@@ -414,11 +411,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_spread_batch_keeps_the_request_order_and_every_check() {
         let dir = tempfile::tempdir().unwrap();
-        let td = sigil_types::TrustDomain::new("example.org").unwrap();
-        let mut config = crate::ServerConfig::with_defaults(td, dir.path().join("server"));
-        config.bind_address = "127.0.0.1:0".parse().unwrap();
-        config.admin_socket = dir.path().join("admin.sock");
-        let server = crate::start(config).await.unwrap();
+        let server = crate::start(crate::ServerConfig::for_test(dir.path()))
+            .await
+            .unwrap();
         let state = server.state().clone();
         let agent = agent_record(
             "spiffe://example.org/sigil/agent/join_token/a",

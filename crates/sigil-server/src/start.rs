@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use sigil_store::{SqliteStore, Store};
 use sigil_svid::tls::RotatingCert;
-use sigil_types::{BoxFuture, Entry, LocalBoxFuture};
+use sigil_types::{BoxFuture, Entry, LocalBoxFuture, TrustDomain};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -39,11 +39,15 @@ pub struct ServerHandle {
 }
 
 impl ServerHandle {
-    /// The state the server's tasks share: its operations (join tokens,
-    /// entries, agents) and read access to its parts, for tests and the
-    /// bench's preloading; programs use the narrower methods below.
+    /// For tests: the whole shared state.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn state(&self) -> &Arc<ServerState> {
         &self.state
+    }
+
+    /// The trust domain the server issues identities in.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.state.config.trust_domain
     }
 
     /// Creates a single-use join token, as `CreateJoinToken` does (the
@@ -55,9 +59,26 @@ impl ServerHandle {
         self.state.generate_join_token(ttl).await
     }
 
-    /// Registers one entry, with the checks `BatchCreateEntry` makes.
+    /// Registers one entry, with the checks `BatchCreateEntry` makes, and
+    /// returns once the server's index holds it.
     pub async fn create_entry(&self, entry: Entry) -> Result<Entry, ServerError> {
         self.state.create_entry(entry).await
+    }
+
+    /// Registers entries with the same checks, each written on its own, and
+    /// returns once the index holds them all (one wait, after the last):
+    /// for preloading many. Returns how many were created; the first refusal
+    /// stops it, and the entries before it stay.
+    pub async fn create_entries(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<usize, ServerError> {
+        self.state.create_entries(entries).await
+    }
+
+    /// How many entries the server's index holds.
+    pub fn entry_count(&self) -> usize {
+        self.state.index.len()
     }
 
     /// Readiness and metrics, for a health listener.

@@ -43,34 +43,18 @@ fn parse(c: &mut Criterion) {
     g.finish();
 }
 
-/// `n` entries' selector sets: 1 to 3 selectors each, over uid, ns and sa
-/// values, so that a few match any given caller.
+#[path = "common/selector_sets.rs"]
+mod selector_sets;
+
+/// `n` entries' selector sets ([`selector_sets::entry_selectors`]).
 fn entry_set(n: usize) -> Vec<Selectors> {
-    (0..n)
-        .map(|i| {
-            let mut s = vec![format!("unix:uid:{}", i % 5000)];
-            if i % 2 == 0 {
-                s.push(format!("k8s:ns:ns-{}", i % 97));
-            }
-            if i % 3 == 0 {
-                s.push(format!("k8s:sa:sa-{}", i % 31));
-            }
-            Selectors::parse_all(s).unwrap()
-        })
-        .collect()
+    (0..n).map(selector_sets::entry_selectors).collect()
 }
 
 fn matching(c: &mut Criterion) {
-    let caller = Selectors::parse_all([
-        "unix:uid:42",
-        "unix:gid:42",
-        "unix:user:svc",
-        "k8s:ns:ns-42",
-        "k8s:sa:sa-11",
-    ])
-    .unwrap();
+    let caller = selector_sets::caller();
     let mut g = c.benchmark_group("selector_match_scan");
-    for n in [1_000usize, 10_000, 100_000] {
+    for n in selector_sets::SIZES {
         let set = entry_set(n);
         let hashed: Vec<u64> = (0..n as u64).collect();
         g.throughput(Throughput::Elements(n as u64));

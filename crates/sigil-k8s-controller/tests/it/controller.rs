@@ -864,7 +864,7 @@ mod admin_api {
         let server = cluster.server().unwrap();
         let mut copy = clash.clone();
         copy.id = "clash-by-hand".parse().unwrap();
-        server.state().create_entry(copy).await.unwrap();
+        server.create_entry(copy).await.unwrap();
 
         let (d, report) = reconcile(&s, &snap, &mut admin).await;
         assert_eq!(report.created, n - 1);

@@ -298,7 +298,6 @@ mod tests {
     use std::path::Path;
 
     use sigil_svid::keys::PrivateKey;
-    use sigil_types::TrustDomain;
 
     use super::*;
     use crate::config::{PsatVerification, ServerConfig};
@@ -310,10 +309,7 @@ mod tests {
     }
 
     fn config(dir: &Path, clusters: BTreeMap<String, PsatCluster>) -> ServerConfig {
-        let td = TrustDomain::new("example.org").unwrap();
-        let mut config = ServerConfig::with_defaults(td, dir.join("server"));
-        config.bind_address = "127.0.0.1:0".parse().unwrap();
-        config.admin_socket = dir.join("admin.sock");
+        let mut config = ServerConfig::for_test(dir);
         config.k8s_psat = clusters;
         config
     }
