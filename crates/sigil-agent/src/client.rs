@@ -2,8 +2,10 @@
 //! authenticated as `spiffe://<td>/sigil/server` against the current bundle,
 //! the agent presenting its SVID once it has one.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -14,6 +16,7 @@ use sigil_proto::server::v1::agent_api_client::AgentApiClient;
 use sigil_svid::bundle::Bundle;
 use sigil_svid::tls::{Authorize, RotatingCert, SpiffeServerVerifier, TrustRoots};
 use sigil_types::{SpiffeId, TrustDomain};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint};
@@ -61,6 +64,25 @@ pub async fn connect(
     server_id: SpiffeId,
     cert: Option<Arc<RotatingCert>>,
 ) -> Result<AgentApiClient<Channel>, AgentError> {
+    connect_watched(
+        servers,
+        trust,
+        server_id,
+        cert,
+        ConnectionFailure::default(),
+    )
+    .await
+}
+
+/// Like [`connect`], recording in `failure` the I/O error that ends any
+/// connection the channel opens (see [`ConnectionFailure`]).
+pub(crate) async fn connect_watched(
+    servers: &ServerAddresses,
+    trust: Arc<ArcSwap<Bundle>>,
+    server_id: SpiffeId,
+    cert: Option<Arc<RotatingCert>>,
+    failure: ConnectionFailure,
+) -> Result<AgentApiClient<Channel>, AgentError> {
     let verifier = Arc::new(SpiffeServerVerifier::new(
         Arc::new(BundleTrust(trust)),
         Authorize::Exact(server_id),
@@ -73,7 +95,7 @@ pub async fn connect(
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
-    connect_with(servers, config).await
+    connect_with(servers, config, failure).await
 }
 
 /// Opens a channel with a given TLS config to the first server, in order,
@@ -83,6 +105,7 @@ pub async fn connect(
 pub(crate) async fn connect_with(
     servers: &ServerAddresses,
     config: ClientConfig,
+    failure: ConnectionFailure,
 ) -> Result<AgentApiClient<Channel>, AgentError> {
     let connector = TlsConnector::from(Arc::new(config));
     let addresses: Arc<[String]> = servers.as_slice().into();
@@ -97,13 +120,20 @@ pub(crate) async fn connect_with(
         .connect_with_connector(tower::service_fn(move |_| {
             let connector = connector.clone();
             let addresses = addresses.clone();
-            async move { first_reachable(&addresses, &connector).await }
+            let failure = failure.clone();
+            async move {
+                let tls = first_reachable(&addresses, &connector).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(Watched {
+                    inner: tls,
+                    failure,
+                }))
+            }
         }))
         .await
         .map_err(|e| {
             AgentError::Unavailable(format!(
                 "cannot reach a server ({servers}): {}",
-                with_sources(&e)
+                crate::error_chain(&e)
             ))
         })?;
     Ok(AgentApiClient::new(channel)
@@ -121,7 +151,7 @@ static PREFERRED: AtomicUsize = AtomicUsize::new(usize::MAX);
 async fn first_reachable(
     addresses: &[String],
     connector: &TlsConnector,
-) -> std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>> {
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let n = addresses.len();
     let start = match PREFERRED.load(Ordering::Relaxed) {
         usize::MAX => std::process::id() as usize % n,
@@ -141,7 +171,7 @@ async fn first_reachable(
             match tokio::time::timeout(PER_ADDRESS_TIMEOUT, handshake(addr, connector)).await {
                 Ok(Ok(tls)) => {
                     PREFERRED.store(i, Ordering::Relaxed);
-                    return Ok(TokioIo::new(tls));
+                    return Ok(tls);
                 }
                 Ok(Err(e)) => failures.push(format!("{address} ({addr}): {e}{}", clock_hint(&e))),
                 Err(_) => failures.push(format!(
@@ -156,21 +186,88 @@ async fn first_reachable(
     ))
 }
 
-/// An error with its chain of causes: the transport error alone says only
-/// "transport error", while the reason (every address tried, and why each
-/// failed) is in its source.
-fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
+/// The I/O error that ended the last connection to the server that failed.
+///
+/// A call in flight when its connection dies (the server killed, a reset,
+/// an alert) fails as "operation was canceled: connection closed" or with
+/// a broken pipe, without what the HTTP/2 connection task read. The
+/// connection records its error here first, so the caller can say why the
+/// call failed.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ConnectionFailure(Arc<std::sync::Mutex<Option<String>>>);
+
+impl ConnectionFailure {
+    fn record(&self, e: &std::io::Error) {
+        if let Ok(mut last) = self.0.lock() {
+            *last = Some(e.to_string());
         }
-        source = s.source();
     }
-    text
+
+    /// Takes the recorded error, leaving none.
+    pub(crate) fn take(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|mut last| last.take())
+    }
+}
+
+/// A connection's stream that records its I/O errors in a [`ConnectionFailure`].
+struct Watched<S> {
+    inner: S,
+    failure: ConnectionFailure,
+}
+
+impl<S> Watched<S> {
+    fn seen<T>(&self, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &r {
+            self.failure.record(e);
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.seen(r)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.seen(r)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.seen(r)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.seen(r)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.seen(r)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// A hint when the server's certificate was refused for its validity
@@ -206,7 +303,65 @@ async fn handshake(
     // The verifier checks the SPIFFE ID, not this name.
     let name = ServerName::try_from("sigil-server")
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    connector.connect(name, tcp).await
+    let mut tls = connector.connect(name, tcp).await?;
+    server_verdict(&mut tls).await?;
+    Ok(tls)
+}
+
+/// How long a new connection waits for the server's first records after
+/// the agent's side of the TLS handshake is done.
+const VERDICT_WAIT: Duration = Duration::from_secs(1);
+
+/// Waits, at most [`VERDICT_WAIT`], for the server's first records after the
+/// handshake, leaving what they carry for HTTP/2 to read. With TLS 1.3 the
+/// server checks the agent's certificate only once the agent's side of the
+/// handshake is done, and refuses it with an alert; read later by the
+/// HTTP/2 connection, the alert is lost to the call in flight ("connection
+/// closed", or a broken pipe if the request was written after the server
+/// closed). Read here, it fails the connection with the server's reason.
+/// A server that sends nothing within the wait is left to the call.
+async fn server_verdict(
+    tls: &mut tokio_rustls::client::TlsStream<TcpStream>,
+) -> std::io::Result<()> {
+    let refused = |why: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("the server refused the connection after the TLS handshake: {why}"),
+        )
+    };
+    let first_records = async {
+        loop {
+            let (tcp, conn) = tls.get_mut();
+            let state = conn
+                .process_new_packets()
+                .map_err(|e| refused(e.to_string()))?;
+            if state.plaintext_bytes_to_read() > 0 {
+                return Ok(());
+            }
+            if state.peer_has_closed() {
+                return Err(refused("it closed it".into()));
+            }
+            tcp.readable().await?;
+            match conn.read_tls(&mut TryRead(tcp)) {
+                Ok(0) => return Err(refused("it closed it".into())),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    tokio::time::timeout(VERDICT_WAIT, first_records)
+        .await
+        .unwrap_or(Ok(()))
+}
+
+/// A socket read without waiting, as rustls's `read_tls` wants it.
+struct TryRead<'a>(&'a TcpStream);
+
+impl std::io::Read for TryRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.try_read(buf)
+    }
 }
 
 /// The trust anchor for a first attestation with a join token that carries
@@ -238,7 +393,7 @@ pub async fn bootstrap_bundle_by_fingerprint(
         )))
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
-    let client = connect_with(servers, config).await?;
+    let client = connect_with(servers, config, ConnectionFailure::default()).await?;
     let resp = crate::retry::while_exhausted("GetBundle", || {
         let mut client = client.clone();
         async move {
@@ -249,7 +404,10 @@ pub async fn bootstrap_bundle_by_fingerprint(
     })
     .await
     .map_err(|s| {
-        AgentError::Unavailable(format!("fetching the bootstrap bundle: {}", s.message()))
+        AgentError::Unavailable(format!(
+            "fetching the bootstrap bundle: {}",
+            crate::status_chain(&s)
+        ))
     })?
     .into_inner();
     let offered = Bundle::from_json(trust_domain.clone(), &resp.bundle_json)?;

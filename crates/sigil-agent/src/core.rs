@@ -759,7 +759,7 @@ impl<S: ServerClient> Core<S> {
         let resp = match result {
             Ok(r) => r,
             Err(status) => {
-                tracing::warn!(error = %status.message(), "signing request failed; will retry");
+                tracing::warn!(error = %crate::status_chain(&status), "signing request failed; will retry");
                 flight.failed = true;
                 self.sign_retry_at = Some(retry_at);
                 return;
@@ -860,8 +860,18 @@ impl<S: ServerClient> Core<S> {
                         self.dirty = true;
                     }
                     Err(e) => {
-                        let d = backoff.next();
-                        tracing::warn!(error = %e, retry_in = ?d, "server unreachable; serving cached SVIDs");
+                        let d = self.retry_wait(&mut backoff);
+                        if self.identity.not_after <= self.clock.wall() {
+                            // The server's alert says only "CertificateExpired".
+                            tracing::warn!(
+                                error = %e,
+                                retry_in = ?d,
+                                agent_svid_expired = %humantime::format_rfc3339_seconds(self.identity.not_after),
+                                "server unreachable; serving cached SVIDs; this agent's own SVID has expired, and servers refuse it until the agent attests again"
+                            );
+                        } else {
+                            tracing::warn!(error = %e, retry_in = ?d, "server unreachable; serving cached SVIDs");
+                        }
                         retry_at = now + d;
                         if self.server.is_connected() {
                             self.server.disconnect();
@@ -949,6 +959,21 @@ impl<S: ServerClient> Core<S> {
         }
     }
 
+    /// How long to wait before the next connection attempt: the backoff's
+    /// next wait, but while the agent's own SVID is valid never more than
+    /// half of what is left of it (and at least the minimum backoff). A
+    /// join-token agent whose SVID expires before it reaches a server can
+    /// never come back by itself, so a server that returns while the SVID
+    /// is still valid must be tried before it expires, not after a full
+    /// backoff that outlasts it.
+    fn retry_wait(&self, backoff: &mut Backoff) -> Duration {
+        let wait = backoff.next();
+        match self.identity.not_after.duration_since(self.clock.wall()) {
+            Ok(left) if !left.is_zero() => wait.min((left / 2).max(self.cfg.min_backoff)),
+            _ => wait,
+        }
+    }
+
     /// Handles one message (or the end) of the sync stream.
     fn on_message(
         &mut self,
@@ -967,7 +992,7 @@ impl<S: ServerClient> Core<S> {
                 // More pages of this update are to come.
                 Ok(None) => {}
                 Err(e) => {
-                    let d = backoff.next();
+                    let d = self.retry_wait(backoff);
                     tracing::error!(error = %e, retry_in = ?d, "refusing the server's sync update; reconnecting");
                     *stream = None;
                     *retry_at = tokio::time::Instant::now() + d;
@@ -982,11 +1007,11 @@ impl<S: ServerClient> Core<S> {
                     );
                 }
                 pages.clear();
-                let d = backoff.next();
+                let d = self.retry_wait(backoff);
                 if status.code() == tonic::Code::PermissionDenied {
-                    tracing::error!(error = %status.message(), "the server cut this agent off");
+                    tracing::error!(error = %crate::status_chain(&status), "the server cut this agent off");
                 } else {
-                    tracing::warn!(error = %status.message(), retry_in = ?d, "sync stream broke");
+                    tracing::warn!(error = %crate::status_chain(&status), retry_in = ?d, "sync stream broke");
                 }
                 *stream = None;
                 *retry_at = tokio::time::Instant::now() + d;
@@ -1001,7 +1026,7 @@ impl<S: ServerClient> Core<S> {
                 }
                 pages.clear();
                 *stream = None;
-                *retry_at = tokio::time::Instant::now() + backoff.next();
+                *retry_at = tokio::time::Instant::now() + self.retry_wait(backoff);
                 self.server.disconnect();
                 self.dirty = true;
             }
@@ -1889,6 +1914,50 @@ mod tests {
             .await;
             let gap = secs(fake.times(Call::OpenSync)[before] - broke);
             assert!(gap <= secs(min) + 0.1, "retried after {gap} s");
+            agent.stop().await;
+        }
+
+        /// While no server answers, the waits between connection attempts
+        /// never outlast half of what is left of the agent's own SVID, so a
+        /// server that is back a few seconds before that SVID expires is
+        /// reached, and the SVID renewed, in time. With the backoff alone
+        /// (up to 30 s) the agent would try again only after its SVID had
+        /// expired, and a join-token agent never recovers from that.
+        #[tokio::test(start_paused = true)]
+        async fn reconnects_come_sooner_as_the_agent_svid_nears_its_expiry() {
+            let agent_ttl = Duration::from_secs(100);
+            let fake = Fake::new(Duration::from_secs(600), agent_ttl, vec![workload(1)]);
+            fake.0.reachable.store(false, Ordering::SeqCst);
+            let agent = start(&fake);
+            let expiry = Instant::now() + agent_ttl;
+            let min = Duration::from_millis(500);
+            // Back 4 s before the agent SVID expires.
+            until(agent_ttl, || {
+                Instant::now() + Duration::from_secs(4) >= expiry
+            })
+            .await;
+            fake.0.reachable.store(true, Ordering::SeqCst);
+            until(Duration::from_secs(60), || {
+                !fake.times(Call::RenewAgent).is_empty()
+            })
+            .await;
+            let renewed = fake.times(Call::RenewAgent)[0];
+            assert!(
+                renewed < expiry,
+                "the agent SVID was renewed {} s after it expired",
+                secs(renewed - expiry)
+            );
+            let opens = fake.times(Call::OpenSync);
+            for pair in opens.windows(2).filter(|p| p[0] < expiry) {
+                let cap = ((expiry - pair[0]) / 2).max(min);
+                let gap = pair[1] - pair[0];
+                assert!(
+                    gap <= cap + Duration::from_millis(2),
+                    "waited {} s with {} s of the agent SVID left",
+                    secs(gap),
+                    secs(expiry - pair[0])
+                );
+            }
             agent.stop().await;
         }
 

@@ -114,9 +114,36 @@ impl AgentError {
             tonic::Code::PermissionDenied
             | tonic::Code::Unauthenticated
             | tonic::Code::InvalidArgument => AgentError::Refused(s.message().to_owned()),
-            _ => AgentError::Unavailable(format!("server error: {}", s.message())),
+            _ => AgentError::Unavailable(format!("server error: {}", status_chain(&s))),
         }
     }
+}
+
+/// An error followed by its chain of causes, each said once. tonic reports
+/// a TLS alert from the server, a reset connection, an HTTP/2 GOAWAY and a
+/// failed reconnection all as "transport error"; which one it was is only
+/// in the chain.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    chain_from(e.to_string(), e.source())
+}
+
+/// A status's message followed by the chain of causes behind it (a status
+/// that tonic made from a transport failure keeps that failure as its
+/// source), each said once: what the agent logs of a failed call.
+pub fn status_chain(s: &tonic::Status) -> String {
+    chain_from(s.message().to_owned(), std::error::Error::source(s))
+}
+
+fn chain_from(mut text: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// A running agent.

@@ -80,6 +80,8 @@ pub struct GrpcServer {
     #[cfg_attr(not(feature = "k8s"), expect(dead_code, reason = "used by PSAT only"))]
     psat: Option<PsatConfig>,
     conn: SharedClient,
+    /// Why the last connection to fail did (a TLS alert, a reset).
+    failure: client::ConnectionFailure,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -110,27 +112,42 @@ impl GrpcServer {
             cert,
             psat: cfg.k8s_psat.clone(),
             conn: Arc::new(ArcSwap::from_pointee(None)),
+            failure: client::ConnectionFailure::default(),
         })
     }
 
     fn current(&self) -> Option<AgentApiClient<Channel>> {
         (**self.conn.load()).clone()
     }
+
+    /// [`AgentError::from_status`], followed by the error that ended the
+    /// connection when the status does not name it already.
+    fn call_failed(&self, s: tonic::Status) -> AgentError {
+        match (AgentError::from_status(s), self.failure.take()) {
+            (AgentError::Unavailable(msg), Some(cause)) if !msg.contains(&cause) => {
+                AgentError::Unavailable(format!("{msg} (the connection failed: {cause})"))
+            }
+            (e, _) => e,
+        }
+    }
 }
 
 impl ServerClient for GrpcServer {
     async fn open_sync(&self, req: pb::SyncRequest) -> Result<SyncStream, AgentError> {
-        let mut client = client::connect(
+        // What an earlier connection died of says nothing about this one.
+        self.failure.take();
+        let mut client = client::connect_watched(
             &self.servers,
             self.trust.clone(),
             self.server_id.clone(),
             Some(self.cert.clone()),
+            self.failure.clone(),
         )
         .await?;
         let stream = client
             .sync(req)
             .await
-            .map_err(AgentError::from_status)?
+            .map_err(|s| self.call_failed(s))?
             .into_inner();
         self.conn.store(Arc::new(Some(client)));
         Ok(Box::pin(stream))
@@ -170,7 +187,7 @@ impl ServerClient for GrpcServer {
         let resp = client
             .renew_agent(pb::RenewAgentRequest { csr })
             .await
-            .map_err(AgentError::from_status)?
+            .map_err(|s| self.call_failed(s))?
             .into_inner();
         Ok(resp.cert_chain)
     }

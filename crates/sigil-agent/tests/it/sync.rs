@@ -152,6 +152,36 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// Serves [`Fake`] with `tls` on a loopback port; returns the port and the
+/// Sync calls it receives.
+async fn serve_fake(
+    mut tls: rustls::ServerConfig,
+) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Call>) {
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (conns_tx, conns_rx) = mpsc::channel::<Result<Conn, std::io::Error>>(16);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let conns_tx = conns_tx.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let _ = conns_tx.send(Ok(Conn(tls))).await;
+                }
+            });
+        }
+    });
+    let (calls_tx, calls) = mpsc::unbounded_channel();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentApiServer::new(Fake { calls: calls_tx }))
+            .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(conns_rx)),
+    );
+    (addr, calls)
+}
+
 /// The fake server and an agent of it.
 struct Setup {
     agent: AgentHandle,
@@ -179,35 +209,14 @@ impl Setup {
 
         let server_id = td.id_with_path(sigil_types::SERVER_PATH).unwrap();
         let (server_cert, server_key) = svid(&server_id);
-        let mut tls = rustls::ServerConfig::builder()
+        let tls = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(
                 vec![CertificateDer::from(server_cert)],
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.pkcs8_der().to_vec())),
             )
             .unwrap();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (conns_tx, conns_rx) = mpsc::channel::<Result<Conn, std::io::Error>>(16);
-        tokio::spawn(async move {
-            while let Ok((tcp, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                let conns_tx = conns_tx.clone();
-                tokio::spawn(async move {
-                    if let Ok(tls) = acceptor.accept(tcp).await {
-                        let _ = conns_tx.send(Ok(Conn(tls))).await;
-                    }
-                });
-            }
-        });
-        let (calls_tx, calls) = mpsc::unbounded_channel();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(AgentApiServer::new(Fake { calls: calls_tx }))
-                .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(conns_rx)),
-        );
+        let (addr, calls) = serve_fake(tls).await;
 
         let agent_id = td.id_with_path("/sigil/agent/test/node-1").unwrap();
         let (agent_cert, agent_key) = svid(&agent_id);
@@ -475,4 +484,75 @@ async fn an_update_over_the_bound_is_refused_with_a_backoff_and_not_buffered() {
         .expect("a bounded update is served")
         .unwrap();
     setup.agent.shutdown().await;
+}
+
+/// A server that refuses the agent's certificate does so after the agent's
+/// side of the TLS 1.3 handshake is done. Left to the HTTP/2 connection,
+/// its alert is lost to the call in flight, which fails with a bare
+/// "transport error" ("connection closed", or a broken pipe); the agent
+/// reads the server's first records before it uses a connection, so its
+/// error, which it logs as "server unreachable", names the cause: here the
+/// server's alert that the agent's SVID expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_agent_svid_is_named_in_the_agents_error() {
+    use sigil_agent::server_api::{GrpcServer, ServerClient};
+    use sigil_svid::tls::{Authorize, RotatingCert, SpiffeClientVerifier, StaticTrust};
+
+    sigil_svid::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let td = TrustDomain::new("example.org").unwrap();
+    let ca = X509Authority::generate(&td, 24 * hour, now - 2 * hour).unwrap();
+    let svid = |id: &SpiffeId, at: SystemTime| {
+        let key = PrivateKey::generate_p256().unwrap();
+        let der = ca
+            .sign_svid(&SvidRequest::new(id, hour), &key.public_key_spki_der(), at)
+            .unwrap();
+        (der, key)
+    };
+    let server_id = td.id_with_path(sigil_types::SERVER_PATH).unwrap();
+    let (server_cert, server_key) = svid(&server_id, now);
+    let verifier = SpiffeClientVerifier::new(
+        Arc::new(StaticTrust(
+            [(td.clone(), vec![ca.cert_der().to_vec()])].into(),
+        )),
+        Authorize::AnyPathPrefix(td.id_with_path("/sigil/agent").unwrap()),
+        true,
+    );
+    let tls = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_single_cert(
+            vec![CertificateDer::from(server_cert)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.pkcs8_der().to_vec())),
+        )
+        .unwrap();
+    let (addr, mut calls) = serve_fake(tls).await;
+
+    // Signed two hours ago for an hour: expired.
+    let agent_id = td.id_with_path("/sigil/agent/test/node-1").unwrap();
+    let (agent_cert, agent_key) = svid(&agent_id, now - 2 * hour);
+    let cfg = AgentConfig::with_defaults(td.clone(), addr.to_string(), dir.path().into());
+    let mut bundle = Bundle::new(td.clone());
+    bundle.x509_authorities.push(ca.cert_der().to_vec());
+    let server = GrpcServer::new(
+        &cfg,
+        Arc::new(arc_swap::ArcSwap::from_pointee(bundle)),
+        Arc::new(RotatingCert::new(vec![agent_cert], &agent_key).unwrap()),
+    )
+    .unwrap();
+    let err = match server.open_sync(pb::SyncRequest::default()).await {
+        Ok(_) => panic!("the server took an expired agent SVID"),
+        Err(e) => e.to_string(),
+    };
+    println!("{err}");
+    assert!(
+        err.contains("the server refused the connection after the TLS handshake"),
+        "{err}"
+    );
+    assert!(
+        err.contains("received fatal alert: CertificateExpired"),
+        "{err}"
+    );
+    assert!(calls.try_recv().is_err(), "no Sync call reached the server");
 }

@@ -364,27 +364,32 @@ async fn check_after_restart(
         );
         assert!(own(&list, kind, "prepared").len() <= 1, "{list:#?}");
     }
-    let bundle = served_x509_bundle(server).await;
+    // Before the next kill, the agent syncs with the restarted server: it
+    // trusts the certificate the server now serves (signed by an authority
+    // the agent received while it was prepared), and the outages of
+    // successive rounds do not add up, from the agent's side, to more than
+    // the life of its own SVID, which the product does not survive
+    // (operations.md, "Recovery after a long outage"). Within its
+    // reconnection bound: 30 s, or before its own SVID expires.
+    let health = agent.health;
+    within_reconnection_bound(
+        server,
+        agent,
+        round,
+        "the agent did not reconnect",
+        || async { (crate::procs::agent_connected(health).await == Some(true)).then_some(()) },
+    )
+    .await;
     // An SVID signed in the last seconds of a CA's life ends with the CA,
     // so the agent may be between one and the next when the server was down
-    // right then. It serves one again once it has reconnected and signed:
-    // within its longest reconnection backoff (30 s, after the failures of
-    // the earlier rounds; operations.md: "agents reconnect within 30 s")
-    // plus the time to start and sign.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30) + START;
-    let mut chains = loop {
-        match served_chains(&agent.uri()).await {
-            Some(c) if !c.is_empty() => break c,
-            _ => {}
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "round {round}: the agent serves no SVID\nagent:\n{}\nserver:\n{}",
-            agent.log(),
-            server.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // right then. It serves one again once it has reconnected and signed.
+    let uri = agent.uri();
+    let mut chains =
+        within_reconnection_bound(server, agent, round, "the agent serves no SVID", || async {
+            served_chains(&uri).await.filter(|c| !c.is_empty())
+        })
+        .await;
+    let bundle = served_x509_bundle(server).await;
     let identity = sigil_agent::persist::Persist::open(&agent.data_dir)
         .unwrap()
         .load_identity()
@@ -422,6 +427,36 @@ async fn check_after_restart(
     signers
 }
 
+/// Polls `check` every 100 ms until it yields a value; after the agent's
+/// longest reconnection backoff (30 s, after the failures of the earlier
+/// rounds; operations.md: "agents reconnect within 30 s") plus the time to
+/// start and sign, panics with `what` and both logs.
+async fn within_reconnection_bound<T, F, Fut>(
+    server: &ServerBin,
+    agent: &AgentBin,
+    round: usize,
+    what: &str,
+    mut check: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30) + START;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "round {round}: {what}\nagent:\n{}\nserver:\n{}",
+            agent.log(),
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// One forced rotation step through the admin API, chosen by the state
 /// (prepare, activate, or taint a retired authority), for `kind`.
 async fn forced_step(server: &ServerBin, kind: &str) -> (&'static str, pb::AuthorityRequest) {
@@ -447,6 +482,8 @@ async fn forced_step(server: &ServerBin, kind: &str) -> (&'static str, pb::Autho
 /// automatic rotation (two-minute CAs), right after a forced prepare,
 /// activate or taint was sent, and while it starts (when it catches up with
 /// the rotation schedule). After every restart it must come up by itself,
+/// have the agent (a join-token agent whose own SVID lives 30 s, less than
+/// its longest reconnection backoff) connected again before the next kill,
 /// serve a bundle that verifies everything the agent holds, have lost no
 /// key that signed something still valid, and keep exactly one active
 /// authority per kind; and rotation goes on.
