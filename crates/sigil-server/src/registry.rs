@@ -1,13 +1,33 @@
 //! Entries: creating, replacing, deleting and expiring them, always
 //! through the store and then waiting for the index to catch up.
 
+use std::collections::HashMap;
 use std::time::SystemTime;
 
-use sigil_types::{Entry, EntryId};
+use sigil_types::{Entry, EntryId, Selectors, SpiffeId};
 
 use crate::ca::unix;
 use crate::error::{EntryRefusal, InternalError, ServerError};
 use crate::state::ServerState;
+
+/// What makes two entries duplicates: the same parent ID, SPIFFE ID and
+/// selectors.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct EntryKey {
+    parent_id: SpiffeId,
+    spiffe_id: SpiffeId,
+    selectors: Selectors,
+}
+
+impl EntryKey {
+    fn of(e: &Entry) -> Self {
+        Self {
+            parent_id: e.parent_id.clone(),
+            spiffe_id: e.spiffe_id.clone(),
+            selectors: e.selectors.clone(),
+        }
+    }
+}
 
 /// The most items one batch request may carry.
 pub const MAX_BATCH: usize = 500;
@@ -58,17 +78,103 @@ impl ServerState {
     }
 
     /// Validates and stores a new entry; returns it as stored.
-    pub async fn create_entry(&self, mut entry: Entry) -> Result<Entry, ServerError> {
+    pub async fn create_entry(&self, entry: Entry) -> Result<Entry, ServerError> {
+        let entry = self.check_new_entry(entry, unix(SystemTime::now()))?;
+        let stored = self.store.create_entry(entry).await?;
+        self.settle(stored.revision).await;
+        Ok(stored)
+    }
+
+    /// Validates and stores new entries in one store transaction, with the
+    /// outcome [`create_entry`](Self::create_entry) has for each in turn:
+    /// one result per entry, in order, an entry given as an error keeping
+    /// it. An entry refused does not stop the others; one with the parent
+    /// ID, SPIFFE ID and selectors of an entry created earlier in the batch
+    /// is refused as a duplicate of that one. `Err` when the store failed:
+    /// then none of the batch was created.
+    pub async fn create_entries(
+        &self,
+        entries: Vec<Result<Entry, ServerError>>,
+    ) -> Result<Vec<Result<Entry, ServerError>>, ServerError> {
+        let created_at = unix(SystemTime::now());
+        let mut batch = Vec::new();
+        // Per entry, its refusal, or None where it went into the batch.
+        let refused: Vec<Option<ServerError>> = entries
+            .into_iter()
+            .map(
+                |entry| match entry.and_then(|e| self.check_new_entry(e, created_at)) {
+                    Ok(e) => {
+                        batch.push(e);
+                        None
+                    }
+                    Err(e) => Some(e),
+                },
+            )
+            .collect();
+        if batch.is_empty() {
+            return Ok(refused.into_iter().flatten().map(Err).collect());
+        }
+        let keys: Vec<(EntryKey, EntryId)> = batch
+            .iter()
+            .map(|e| (EntryKey::of(e), e.id.clone()))
+            .collect();
+        let stored = self.store.create_entries(batch).await?;
+        if stored.len() != keys.len() {
+            return Err(InternalError::BatchResults {
+                sent: keys.len(),
+                got: stored.len(),
+            }
+            .into());
+        }
+        // The index did not hold the entries created earlier in the batch
+        // when it was asked; the store refused their duplicates, which are
+        // said as the index would have said them.
+        let mut created: HashMap<EntryKey, EntryId> = HashMap::new();
+        let mut last = 0;
+        let mut stored = stored
+            .into_iter()
+            .zip(keys)
+            .map(|(result, (key, id))| match result {
+                Ok(e) => {
+                    last = last.max(e.revision);
+                    created.insert(key, e.id.clone());
+                    Ok(e)
+                }
+                Err(err) => match created.get(&key) {
+                    Some(other) if *other != id => {
+                        Err(EntryRefusal::Duplicate(other.clone()).into())
+                    }
+                    _ => Err(err.into()),
+                },
+            });
+        let results = refused
+            .into_iter()
+            .map(|refusal| match refusal {
+                Some(err) => Err(err),
+                None => stored
+                    .next()
+                    .unwrap_or_else(|| Err(InternalError::BatchResults { sent: 0, got: 0 }.into())),
+            })
+            .collect();
+        drop(stored);
+        if last > 0 {
+            self.settle(last).await;
+        }
+        Ok(results)
+    }
+
+    /// The checks of a new entry before the store's: valid, and no entry in
+    /// the index with its parent ID, SPIFFE ID and selectors. Returns it
+    /// with `created_at` set.
+    fn check_new_entry(&self, mut entry: Entry, created_at: i64) -> Result<Entry, ServerError> {
         entry
             .validate(&self.config.trust_domain)
             .map_err(EntryRefusal::Invalid)?;
         if let Some(other) = self.index.duplicate_of(&entry) {
             return Err(EntryRefusal::Duplicate(other).into());
         }
-        entry.created_at = unix(SystemTime::now());
-        let stored = self.store.create_entry(entry).await?;
-        self.settle(stored.revision).await;
-        Ok(stored)
+        entry.created_at = created_at;
+        Ok(entry)
     }
 
     /// Validates and replaces an existing entry.
