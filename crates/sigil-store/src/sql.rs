@@ -374,7 +374,11 @@ fn values_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
 }
 
 /// Rows of `entries` one statement of a batch inserts (15 parameters each).
-const ENTRY_ROWS: usize = 64;
+/// Few: sqlx looks up every parameter's name when it binds, which SQLite
+/// answers by a walk of the statement's list of names, so the binding cost
+/// of a statement grows with the square of its parameters (at 64 rows it
+/// was half the SQLite thread's time in a bulk load).
+const ENTRY_ROWS: usize = 16;
 
 /// Rows of `changes` one statement of a batch inserts: few enough
 /// parameters for either database (SQLite allows 32,766, PostgreSQL 65,535),
