@@ -74,6 +74,39 @@ async fn one_batch(
     Ok(took)
 }
 
+/// Wall seconds and server CPU seconds of registering `s.entries` entries
+/// in batches of `s.batch`, one call after the other, for an agent that
+/// never connects: the bulk load a registration pipeline does.
+async fn load_phase(
+    admin: &mut Admin,
+    server: &crate::child::ChildProc,
+    s: &BulkSizes,
+) -> anyhow::Result<(f64, f64)> {
+    let (_, parent) = join_token(admin).await?;
+    let cpu0 = server.cpu_seconds()?;
+    let t0 = Instant::now();
+    let mut offset = 0;
+    while offset < s.entries {
+        let n = s.batch.min(s.entries - offset);
+        one_batch(admin, &parent, "load", offset, n).await?;
+        offset += n;
+    }
+    Ok((t0.elapsed().as_secs_f64(), server.cpu_seconds()? - cpu0))
+}
+
+/// Wall seconds and CPU seconds (this process) of the load phase's rows
+/// inserted into plain SQLite, `s.batch` to a transaction.
+async fn load_floor(dir: &Path, s: &BulkSizes) -> anyhow::Result<(f64, f64)> {
+    let td = td()?;
+    let parent = td.id_with_path("/sigil/agent/bench/floor")?;
+    let rows = (0..s.entries)
+        .map(|i| sample_entry(&td, &parent, "load", i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cpu0 = crate::child::self_cpu();
+    let wall = crate::floor::plain_inserts(&dir.join("floor.db"), &rows, s.batch).await?;
+    Ok((wall.as_secs_f64(), crate::child::self_cpu() - cpu0))
+}
+
 pub(crate) async fn bulk_registration(
     s: &BulkSizes,
     report: &mut Report,
@@ -189,7 +222,9 @@ pub(crate) async fn bulk_registration(
         .map(|m| m.len())
         .sum();
     agent.stop().await;
+    let load = load_phase(&mut admin, &server, s).await?;
     server.stop().await;
+    let floor = load_floor(dir.path(), s).await?;
 
     report.baseline(
         "baseline.bulk_registration_wall",
@@ -284,6 +319,44 @@ pub(crate) async fn bulk_registration(
         "baseline.bulk_agent_on_disk",
         None,
         "bytes the agent process passed to write calls over the run (/proc/<pid>/io wchar: files, sockets, its status lines)",
+    );
+
+    let (load_wall, load_cpu) = load;
+    let (floor_wall, floor_cpu) = floor;
+    let entries = s.entries as f64;
+    report.baseline(
+        "baseline.sqlite_batch_insert_rate",
+        entries / floor_wall,
+        "rows/s",
+        &format!(
+            "{} plain SQLite inserts of the same rows through sqlx, {} to a transaction, the store's pragmas (WAL, synchronous=FULL), in the load generator",
+            s.entries, s.batch
+        ),
+    );
+    report.baseline(
+        "baseline.sqlite_batch_insert_cpu",
+        floor_cpu / entries * 1e6,
+        "us",
+        "CPU per row of those inserts (the load generator's process)",
+    );
+    report.figure(
+        "bulk.load_rate",
+        entries / load_wall,
+        "entries/s",
+        "baseline.sqlite_batch_insert_rate",
+        None,
+        &format!(
+            "{} more entries in BatchCreateEntry calls of {}, one after the other, for an agent that never connects (registry of {} already), each call acknowledged once the index holds it",
+            s.entries, s.batch, s.entries + BASELINE_BATCHES * s.batch
+        ),
+    );
+    report.figure(
+        "bulk.load_server_cpu",
+        load_cpu / entries * 1e6,
+        "us",
+        "baseline.sqlite_batch_insert_cpu",
+        None,
+        "server CPU per entry over those calls: gRPC, checks, one store transaction per call, the index",
     );
     Ok(())
 }

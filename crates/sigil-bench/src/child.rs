@@ -224,16 +224,43 @@ async fn preload(
             .map_err(|e| failed = Some(e))
             .ok()
     });
-    tokio::time::timeout(Duration::from_secs(1800), server.create_entries(entries))
+    tokio::time::timeout(Duration::from_secs(1800), server.preload_entries(entries))
         .await
         .context("the preloaded entries were not all written and indexed in 30 minutes")??;
     failed.map_or(Ok(()), Err)
 }
 
+/// Rows of the plain SQLite floor the preload is compared with: enough that
+/// the per-row CPU is steady, few enough to add a second or two.
+const FLOOR_ROWS: usize = 2000;
+
+/// Inserts up to [`FLOOR_ROWS`] of the rows `preload` would write into a
+/// plain SQLite database beside the store, one transaction each as the
+/// preload's creates are, in this process (so with the same runtime around
+/// it); returns the rows and the CPU seconds they took.
+async fn floor(
+    server: &ServerHandle,
+    data_dir: &Path,
+    parents: &[SpiffeId],
+    n: usize,
+) -> anyhow::Result<(usize, f64)> {
+    let n = n.min(FLOOR_ROWS);
+    if n == 0 || parents.is_empty() {
+        return Ok((0, 0.0));
+    }
+    let td = server.trust_domain();
+    let rows = (0..n)
+        .map(|i| crate::sample::sample_entry(td, &parents[i % parents.len()], "floor", i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let cpu0 = self_cpu();
+    crate::floor::plain_inserts(&data_dir.join("floor.db"), &rows, 1).await?;
+    Ok((n, self_cpu() - cpu0))
+}
+
 /// User + system CPU time of this process, in seconds, at microsecond
 /// resolution (`/proc/<pid>/stat` counts whole clock ticks, too coarse for a
 /// few hundred entry writes).
-fn self_cpu() -> f64 {
+pub(crate) fn self_cpu() -> f64 {
     use nix::sys::resource::{UsageWho, getrusage};
     getrusage(UsageWho::RUSAGE_SELF)
         .map(|u| {
@@ -258,9 +285,12 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
         ids.push(t.agent_id.clone());
         agents.push(json!({"token": t.token, "agent_id": t.agent_id.to_string()}));
     }
+    let floor = floor(&server, &args.data_dir, &ids, args.preload_entries).await?;
     let (cpu0, t0) = (self_cpu(), std::time::Instant::now());
     preload(&server, &ids, args.preload_entries, "p").await?;
     emit(&json!({
+        "floor_rows": floor.0,
+        "floor_cpu_s": floor.1,
         "agent_api": server.agent_api_addr().to_string(),
         "admin_socket": server.admin_socket().display().to_string(),
         "agents": agents,

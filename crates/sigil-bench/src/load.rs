@@ -594,6 +594,13 @@ pub(crate) async fn latency_phase(
 
 // ------------------------------------------------------------------- scale --
 
+/// Most the server's CPU per entry created may be, as a multiple of plain
+/// SQLite inserts of the same rows in the same process and run: about 3x in
+/// a debug build, less in release (docs/benchmarks.md, "Bulk registration
+/// in one transaction per batch"); a 3x regression of the write path lands
+/// well above it.
+pub(crate) const ENTRY_CREATE_MAX_RATIO: f64 = 6.0;
+
 pub(crate) async fn scale_phase(
     s: &Sizes,
     report: &mut Report,
@@ -637,6 +644,29 @@ pub(crate) async fn scale_phase(
             num_of(&ready, "preload_wall_s")
         ),
     );
+
+    let floor_rows = num_of(&ready, "floor_rows");
+    if floor_rows > 0.0 {
+        report.baseline(
+            "baseline.sqlite_insert_cpu",
+            num_of(&ready, "floor_cpu_s") / floor_rows * 1e6,
+            "us",
+            &format!(
+                "server process CPU per row of {floor_rows} plain SQLite inserts of the same rows through sqlx, one transaction each, the store's pragmas (WAL, synchronous=FULL), its own file"
+            ),
+        );
+        report.figure(
+            "server.entry_create_cpu",
+            num_of(&ready, "preload_cpu_s") / s.entries.max(1) as f64 * 1e6,
+            "us",
+            "baseline.sqlite_insert_cpu",
+            Some(Budget::MaxRatio(ENTRY_CREATE_MAX_RATIO)),
+            &format!(
+                "baseline.entry_write_cpu_no_streams again: server CPU per entry created through Store::create_entry, one transaction each, into the index ({} entries)",
+                s.entries
+            ),
+        );
+    }
 
     let api = Arc::new(AgentApi::bootstrap(&addr, &tokens[0]).await?);
     let per_agent = s.entries / s.agents.max(1);

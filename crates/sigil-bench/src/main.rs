@@ -16,6 +16,7 @@
 
 mod bulk;
 mod child;
+mod floor;
 mod inproc;
 mod load;
 mod report;

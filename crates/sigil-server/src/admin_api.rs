@@ -126,14 +126,15 @@ impl AdminApi for AdminService {
         check_caller(&req)?;
         let entries = req.into_inner().entries;
         batch_len(entries.len())?;
-        let mut results = Vec::with_capacity(entries.len());
-        for e in entries {
-            let r = match entry_of(&e, true) {
-                Ok(entry) => self.state.create_entry(entry).await,
-                Err(err) => Err(err),
-            };
-            results.push(result_of(e.id, r));
-        }
+        // One store transaction for the batch: if the store fails, the call
+        // fails and no entry of it was created.
+        let parsed = entries.iter().map(|e| entry_of(e, true)).collect();
+        let created = self.state.create_entries(parsed).await?;
+        let results = entries
+            .into_iter()
+            .zip(created)
+            .map(|(e, r)| result_of(e.id, r))
+            .collect();
         Ok(Response::new(pb::BatchEntryResponse { results }))
     }
 

@@ -127,6 +127,15 @@ pub enum InternalError {
     /// A selector the server builds itself (a join token's) does not parse.
     #[error("the server's own selector is invalid: {0}")]
     OwnSelector(sigil_types::SelectorError),
+    /// The store answered a batch with a different number of results than
+    /// it was given entries.
+    #[error("the store answered {got} results for a batch of {sent} entries")]
+    BatchResults {
+        /// Entries in the batch.
+        sent: usize,
+        /// Results the store gave.
+        got: usize,
+    },
     /// A freshly generated entry ID does not parse.
     #[error("a generated entry ID is invalid: {0}")]
     NewEntryId(sigil_types::EntryError),

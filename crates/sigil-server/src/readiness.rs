@@ -180,6 +180,12 @@ mod tests {
         async fn create_entry(&self, e: Entry) -> Result<Entry, StoreError> {
             self.inner.create_entry(e).await
         }
+        async fn create_entries(
+            &self,
+            e: Vec<Entry>,
+        ) -> Result<Vec<Result<Entry, StoreError>>, StoreError> {
+            self.inner.create_entries(e).await
+        }
         async fn update_entry(&self, e: Entry) -> Result<Entry, StoreError> {
             self.inner.update_entry(e).await
         }

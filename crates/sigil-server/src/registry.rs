@@ -1,13 +1,33 @@
 //! Entries: creating, replacing, deleting and expiring them, always
 //! through the store and then waiting for the index to catch up.
 
+use std::collections::HashMap;
 use std::time::SystemTime;
 
-use sigil_types::{Entry, EntryId};
+use sigil_types::{Entry, EntryId, Selectors, SpiffeId};
 
 use crate::ca::unix;
 use crate::error::{EntryRefusal, InternalError, ServerError};
 use crate::state::ServerState;
+
+/// What makes two entries duplicates: the same parent ID, SPIFFE ID and
+/// selectors.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct EntryKey {
+    parent_id: SpiffeId,
+    spiffe_id: SpiffeId,
+    selectors: Selectors,
+}
+
+impl EntryKey {
+    fn of(e: &Entry) -> Self {
+        Self {
+            parent_id: e.parent_id.clone(),
+            spiffe_id: e.spiffe_id.clone(),
+            selectors: e.selectors.clone(),
+        }
+    }
+}
 
 /// The most items one batch request may carry.
 pub const MAX_BATCH: usize = 500;
@@ -64,33 +84,98 @@ impl ServerState {
         Ok(stored)
     }
 
-    /// Validates and stores new entries one by one, each in a transaction of
-    /// its own as [`create_entry`](Self::create_entry) does, but waits for
-    /// the index once, after the last: for loading many entries, where a
-    /// wait after each would cost more than the writes. Returns how many were
-    /// created; the first refusal stops it, and the entries before it stay
-    /// (the index catches up with them on its own).
-    pub async fn create_entries(
-        &self,
-        entries: impl IntoIterator<Item = Entry>,
-    ) -> Result<usize, ServerError> {
-        let mut created = 0;
-        let mut last_revision = None;
-        for entry in entries {
-            last_revision = Some(self.store_new_entry(entry).await?.revision);
-            created += 1;
-        }
-        if let Some(revision) = last_revision {
-            self.settle(revision).await;
-        }
-        Ok(created)
+    /// Checks a new entry and writes it in a transaction of its own,
+    /// without waiting for the index.
+    pub(crate) async fn store_new_entry(&self, entry: Entry) -> Result<Entry, ServerError> {
+        let entry = self.check_new_entry(entry, unix(SystemTime::now()))?;
+        Ok(self.store.create_entry(entry).await?)
     }
 
-    /// Checks a new entry and writes it, without waiting for the index.
-    async fn store_new_entry(&self, mut entry: Entry) -> Result<Entry, ServerError> {
+    /// Validates and stores new entries in one store transaction, with the
+    /// outcome [`create_entry`](Self::create_entry) has for each in turn:
+    /// one result per entry, in order, an entry given as an error keeping
+    /// it. An entry refused does not stop the others; one with the parent
+    /// ID, SPIFFE ID and selectors of an entry created earlier in the batch
+    /// is refused as a duplicate of that one. `Err` when the store failed:
+    /// then none of the batch was created.
+    pub async fn create_entries(
+        &self,
+        entries: Vec<Result<Entry, ServerError>>,
+    ) -> Result<Vec<Result<Entry, ServerError>>, ServerError> {
+        let created_at = unix(SystemTime::now());
+        let mut batch = Vec::new();
+        // Per entry, its refusal, or None where it went into the batch.
+        let refused: Vec<Option<ServerError>> = entries
+            .into_iter()
+            .map(
+                |entry| match entry.and_then(|e| self.check_new_entry(e, created_at)) {
+                    Ok(e) => {
+                        batch.push(e);
+                        None
+                    }
+                    Err(e) => Some(e),
+                },
+            )
+            .collect();
+        if batch.is_empty() {
+            return Ok(refused.into_iter().flatten().map(Err).collect());
+        }
+        let keys: Vec<(EntryKey, EntryId)> = batch
+            .iter()
+            .map(|e| (EntryKey::of(e), e.id.clone()))
+            .collect();
+        let stored = self.store.create_entries(batch).await?;
+        if stored.len() != keys.len() {
+            return Err(InternalError::BatchResults {
+                sent: keys.len(),
+                got: stored.len(),
+            }
+            .into());
+        }
+        // The index did not hold the entries created earlier in the batch
+        // when it was asked; the store refused their duplicates, which are
+        // said as the index would have said them.
+        let mut created: HashMap<EntryKey, EntryId> = HashMap::new();
+        let mut last = 0;
+        let mut stored = stored
+            .into_iter()
+            .zip(keys)
+            .map(|(result, (key, id))| match result {
+                Ok(e) => {
+                    last = last.max(e.revision);
+                    created.insert(key, e.id.clone());
+                    Ok(e)
+                }
+                Err(err) => match created.get(&key) {
+                    Some(other) if *other != id => {
+                        Err(EntryRefusal::Duplicate(other.clone()).into())
+                    }
+                    _ => Err(err.into()),
+                },
+            });
+        let results = refused
+            .into_iter()
+            .map(|refusal| match refusal {
+                Some(err) => Err(err),
+                None => stored
+                    .next()
+                    .unwrap_or_else(|| Err(InternalError::BatchResults { sent: 0, got: 0 }.into())),
+            })
+            .collect();
+        drop(stored);
+        if last > 0 {
+            self.settle(last).await;
+        }
+        Ok(results)
+    }
+
+    /// The checks of a new entry before the store's: valid, and no entry in
+    /// the index with its parent ID, SPIFFE ID and selectors. Returns it
+    /// with `created_at` set.
+    fn check_new_entry(&self, mut entry: Entry, created_at: i64) -> Result<Entry, ServerError> {
         self.check_entry(&entry)?;
-        entry.created_at = unix(SystemTime::now());
-        Ok(self.store.create_entry(entry).await?)
+        entry.created_at = created_at;
+        Ok(entry)
     }
 
     /// The checks an entry passes before it is written: valid in this trust
@@ -151,14 +236,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn create_entries_checks_each_and_returns_once_all_are_indexed() {
+    async fn preload_entries_checks_each_and_returns_once_all_are_indexed() {
         let dir = tempfile::tempdir().unwrap();
         let server = crate::start(crate::ServerConfig::for_test(dir.path()))
             .await
             .unwrap();
 
         let batch: Vec<Entry> = (0..50).map(|i| entry(&format!("/w{i}"))).collect();
-        assert_eq!(server.create_entries(batch.clone()).await.unwrap(), 50);
+        assert_eq!(server.preload_entries(batch.clone()).await.unwrap(), 50);
         // In the index on return: no wait of the caller's own.
         assert_eq!(server.entry_count(), 50);
 
@@ -167,7 +252,7 @@ mod tests {
         let mut dup = batch[7].clone();
         dup.id = new_entry_id().unwrap();
         let err = server
-            .create_entries([entry("/before"), dup, entry("/after")])
+            .preload_entries([entry("/before"), dup, entry("/after")])
             .await
             .unwrap_err();
         assert!(

@@ -65,15 +65,28 @@ impl ServerHandle {
         self.state.create_entry(entry).await
     }
 
-    /// Registers entries with the same checks, each written on its own, and
-    /// returns once the index holds them all (one wait, after the last):
-    /// for preloading many. Returns how many were created; the first refusal
-    /// stops it, and the entries before it stay.
-    pub async fn create_entries(
+    /// Registers entries one after the other, each with the checks and the
+    /// transaction of [`create_entry`](Self::create_entry) (so what it costs
+    /// per entry is what a single create costs), but returns once the index
+    /// holds them all, with one wait after the last instead of one after
+    /// each: for preloading many. Returns how many were created. The first
+    /// refusal stops it, and the entries before it stay (the index catches
+    /// up with them on its own). `BatchCreateEntry` is the bulk path: one
+    /// transaction per batch.
+    pub async fn preload_entries(
         &self,
         entries: impl IntoIterator<Item = Entry>,
     ) -> Result<usize, ServerError> {
-        self.state.create_entries(entries).await
+        let mut created = 0;
+        let mut last_revision = None;
+        for entry in entries {
+            last_revision = Some(self.state.store_new_entry(entry).await?.revision);
+            created += 1;
+        }
+        if let Some(revision) = last_revision {
+            self.state.settle(revision).await;
+        }
+        Ok(created)
     }
 
     /// How many entries the server's index holds.

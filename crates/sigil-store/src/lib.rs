@@ -194,6 +194,20 @@ pub trait Store: Send + Sync + 'static {
     /// [`StoreError::AlreadyExists`] if the id is taken or another entry has
     /// the same parent ID, SPIFFE ID and selectors.
     async fn create_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
+    /// Inserts new entries in one transaction, with the outcome of calling
+    /// [`create_entry`](Self::create_entry) for each in turn: one result per
+    /// entry, in order. Each entry created gets the next revision and its
+    /// own change (revisions contiguous, in the order given); an entry
+    /// refused ([`StoreError::AlreadyExists`], against the stored entries
+    /// or an entry created earlier in the batch, with the same message; or
+    /// [`StoreError::Unstorable`]) gets its error in its place and does not
+    /// stop the others.
+    ///
+    /// `Err` when the database fails: then nothing of the batch is written.
+    async fn create_entries(
+        &self,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<Result<Entry, StoreError>>, StoreError>;
     /// Replaces an existing entry (NotFound otherwise); keeps the stored created_at; assigns a new revision.
     async fn update_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
     /// Deletes and returns the entry; NotFound if absent.

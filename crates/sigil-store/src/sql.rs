@@ -17,11 +17,19 @@
 //! in commit order without gaps, and a follower reading
 //! [`Store::changes_since`] never skips one.
 //!
+//! A batch ([`Store::create_entries`]) is one such write with many
+//! revisions: its first statement reserves one per entry it may create, the
+//! entries created take them in order, and before committing it lowers the
+//! counter to the last one taken, so the revisions of refused entries are
+//! not skipped. It records one change per entry created.
+//!
 //! Writes the feed does not record (join tokens, authorities, pruning) run
 //! outside such a transaction.
 
+use std::collections::HashSet;
+
 use sigil_types::{AgentRecord, Entry, EntryId, FederationRelationship, SpiffeId, TrustDomain};
-use sqlx::{Database, Encode, Executor, IntoArguments, Transaction, Type};
+use sqlx::{AssertSqlSafe, Database, Encode, Executor, IntoArguments, Transaction, Type};
 use tokio::sync::watch;
 
 use crate::backend::Backend;
@@ -84,13 +92,47 @@ where
     /// Begins the transaction and allocates the next revision as its first
     /// statement.
     async fn begin(backend: &B) -> Result<Self, StoreError> {
+        Self::begin_reserving(backend, 1).await
+    }
+
+    /// Begins the transaction and allocates the next `n` revisions as its
+    /// first statement; `revision` is the highest. A batch
+    /// reserves one per entry it may create and gives back, before it
+    /// commits, what it did not use ([`release_unused`](Self::release_unused)).
+    async fn begin_reserving(backend: &B, n: u64) -> Result<Self, StoreError> {
         let mut tx = backend.begin_write().await?;
         let row =
-            sqlx::query("UPDATE meta SET revision = revision + 1 WHERE id = 1 RETURNING revision")
+            sqlx::query("UPDATE meta SET revision = revision + $1 WHERE id = 1 RETURNING revision")
+                .bind(codec::to_i64("revisions reserved", n)?)
                 .fetch_one(&mut *tx)
                 .await?;
         let revision = meta_revision(&row)?;
         Ok(Self { tx, revision })
+    }
+
+    /// Gives entry `id`, inserted by this write, the revision `revision`.
+    async fn move_revision(&mut self, id: &EntryId, revision: u64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE entries SET revision = $1 WHERE id = $2")
+            .bind(codec::to_i64("revision", revision)?)
+            .bind(id.as_str())
+            .execute(self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Lowers the counter to `last`, the highest revision the write used, so
+    /// the revisions it reserved but did not use are the next writer's and
+    /// none is skipped. The counter's row is still this transaction's, so no
+    /// other writer has seen the reserved ones.
+    async fn release_unused(&mut self, last: u64) -> Result<(), StoreError> {
+        if last < self.revision {
+            sqlx::query("UPDATE meta SET revision = $1 WHERE id = 1")
+                .bind(codec::to_i64("revision", last)?)
+                .execute(self.conn())
+                .await?;
+            self.revision = last;
+        }
+        Ok(())
     }
 
     /// The transaction's connection, for the write itself.
@@ -115,8 +157,36 @@ where
         .bind(payload)
         .execute(&mut *self.tx)
         .await?;
+        self.finish().await
+    }
+
+    /// Announces the write's (highest) revision and commits.
+    async fn finish(mut self) -> Result<(), StoreError> {
         B::announce(&mut self.tx, self.revision).await?;
         self.tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records the entry changes of a batch, `CHANGE_ROWS` rows a statement.
+    async fn record_entry_changes(&mut self, changes: &[EntryChange]) -> Result<(), StoreError> {
+        for chunk in changes.chunks(CHANGE_ROWS) {
+            let sql = values_sql(
+                "INSERT INTO changes (revision, kind, subject, payload) VALUES ",
+                4,
+                chunk.len(),
+                "",
+            );
+            // Only numbered placeholders are spliced in: the values are bound.
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for change in chunk {
+                query = query
+                    .bind(change.revision)
+                    .bind(codec::ENTRY_UPSERTED)
+                    .bind(change.subject.as_str())
+                    .bind(Some(change.payload.as_str()));
+            }
+            query.execute(self.conn()).await?;
+        }
         Ok(())
     }
 
@@ -132,19 +202,23 @@ where
 
     /// Finds another entry with the same (parent_id, spiffe_id, selectors), so
     /// the error can name it; the unique index would only say that one exists.
+    /// Only rows with a revision below `before` count (see
+    /// [`refusal`](Self::refusal)).
     async fn find_duplicate(
         &mut self,
         entry: &Entry,
         selectors: &str,
+        before: i64,
     ) -> Result<Option<String>, StoreError> {
         let row = sqlx::query(
             "SELECT id FROM entries WHERE parent_id = $1 AND spiffe_id = $2 AND selectors = $3 \
-             AND id <> $4 LIMIT 1",
+             AND id <> $4 AND revision < $5 LIMIT 1",
         )
         .bind(entry.parent_id.as_str())
         .bind(entry.spiffe_id.as_str())
         .bind(selectors)
         .bind(entry.id.as_str())
+        .bind(before)
         .fetch_optional(self.conn())
         .await?;
         Ok(row
@@ -152,16 +226,78 @@ where
             .transpose()?)
     }
 
-    /// Runs `sql`, an INSERT or UPDATE taking the entry's columns as `$1` to
-    /// `$15` in the order of `entry_cols!`; a unique-index violation the
-    /// checks missed is [`StoreError::AlreadyExists`].
-    async fn write_entry(
+    /// Inserts new entries, each unless its id, or its parent ID, SPIFFE ID
+    /// and selectors, are taken, by a stored entry or one earlier in
+    /// `entries`: the unique indexes decide, in the insert itself (`ON
+    /// CONFLICT DO NOTHING`, which, unlike a failed statement, leaves a
+    /// PostgreSQL transaction usable for the rest of a batch), `ENTRY_ROWS`
+    /// rows a statement. Each entry's `revision` must be distinct: it is
+    /// what the statement returns of the rows it inserted, and what comes
+    /// back is the set of them.
+    async fn insert_entries(
         &mut self,
-        sql: &'static str,
+        entries: &[(Entry, EntryColumns)],
+    ) -> Result<HashSet<i64>, StoreError> {
+        let mut inserted = HashSet::with_capacity(entries.len());
+        for chunk in entries.chunks(ENTRY_ROWS) {
+            let sql = values_sql(
+                concat!("INSERT INTO entries (", entry_cols!(), ") VALUES "),
+                15,
+                chunk.len(),
+                " ON CONFLICT DO NOTHING RETURNING revision",
+            );
+            // Only numbered placeholders are spliced in: the values are bound.
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for (entry, cols) in chunk {
+                query = Self::bind_entry(query, entry, cols)?;
+            }
+            for row in query.fetch_all(self.conn()).await? {
+                inserted.insert(row.int("revision")?);
+            }
+        }
+        Ok(inserted)
+    }
+
+    /// Why the insert of `entry` (revision `before`) did nothing, worded as
+    /// [`Store::create_entry`] documents, from the rows written before it
+    /// (a lower revision): a later entry of its batch may have taken its id
+    /// since. Only a refused insert pays for these queries.
+    async fn refusal(
+        &mut self,
         entry: &Entry,
         cols: &EntryColumns,
-    ) -> Result<(), StoreError> {
-        sqlx::query(sql)
+        before: i64,
+    ) -> Result<StoreError, StoreError> {
+        let taken = sqlx::query("SELECT id FROM entries WHERE id = $1 AND revision < $2")
+            .bind(entry.id.as_str())
+            .bind(before)
+            .fetch_optional(self.conn())
+            .await?;
+        if taken.is_some() {
+            return Ok(StoreError::AlreadyExists(format!(
+                "entry {} already exists",
+                entry.id
+            )));
+        }
+        if let Some(other) = self.find_duplicate(entry, &cols.selectors, before).await? {
+            return Ok(duplicate_error(entry, &other));
+        }
+        // PostgreSQL's index compares a hash of the selectors: a collision
+        // of two different sets lands here.
+        Ok(StoreError::AlreadyExists(format!(
+            "entry {} duplicates another entry",
+            entry.id
+        )))
+    }
+
+    /// Binds the entry's columns, in the order of `entry_cols!`, as the
+    /// next 15 parameters of `query`.
+    fn bind_entry<'q>(
+        query: sqlx::query::Query<'q, DB, DB::Arguments>,
+        entry: &Entry,
+        cols: &EntryColumns,
+    ) -> Result<sqlx::query::Query<'q, DB, DB::Arguments>, StoreError> {
+        Ok(query
             .bind(entry.id.as_str())
             .bind(entry.spiffe_id.as_str())
             .bind(entry.parent_id.as_str())
@@ -174,9 +310,21 @@ where
             .bind(entry.downstream)
             .bind(entry.hint.as_str())
             .bind(entry.expires_at)
-            .bind(cols.revision)
+            .bind(codec::to_i64("revision", entry.revision)?)
             .bind(entry.created_at)
-            .bind(cols.attributes.as_str())
+            .bind(cols.attributes.as_str()))
+    }
+
+    /// Runs `sql`, an UPDATE taking the entry's columns as `$1` to `$15` in
+    /// the order of `entry_cols!`; a unique-index violation the checks
+    /// missed is [`StoreError::AlreadyExists`].
+    async fn write_entry(
+        &mut self,
+        sql: &'static str,
+        entry: &Entry,
+        cols: &EntryColumns,
+    ) -> Result<(), StoreError> {
+        Self::bind_entry(sqlx::query(sql), entry, cols)?
             .execute(self.conn())
             .await
             .map_err(|e| {
@@ -205,6 +353,45 @@ where
     }
 }
 
+/// `head`, then `rows` groups of `width` numbered placeholders (`($1, $2),
+/// ($3, $4)`), then `tail`: a multi-row statement whose values are all
+/// bound.
+fn values_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(head.len() + tail.len() + rows * width * 6);
+    sql.push_str(head);
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for col in 0..width {
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${}", row * width + col + 1));
+        }
+        sql.push(')');
+    }
+    sql.push_str(tail);
+    sql
+}
+
+/// Rows of `entries` one statement of a batch inserts (15 parameters each).
+/// Few: sqlx looks up every parameter's name when it binds, which SQLite
+/// answers by a walk of the statement's list of names, so the binding cost
+/// of a statement grows with the square of its parameters (at 64 rows it
+/// was half the SQLite thread's time in a bulk load).
+const ENTRY_ROWS: usize = 16;
+
+/// Rows of `changes` one statement of a batch inserts: few enough
+/// parameters for either database (SQLite allows 32,766, PostgreSQL 65,535),
+/// many enough that the round trips stop mattering.
+const CHANGE_ROWS: usize = 64;
+
+/// The change a batch records for one entry it created.
+struct EntryChange {
+    revision: i64,
+    subject: String,
+    payload: String,
+}
+
 /// An entry's columns in database form, encoded before any write so that an
 /// unstorable value fails before the transaction touches anything.
 struct EntryColumns {
@@ -214,7 +401,6 @@ struct EntryColumns {
     dns_names: String,
     federates_with: String,
     attributes: String,
-    revision: i64,
 }
 
 impl EntryColumns {
@@ -226,7 +412,6 @@ impl EntryColumns {
             dns_names: codec::dns_names_json(&entry.dns_names)?,
             federates_with: codec::federates_with_json(&entry.federates_with)?,
             attributes: codec::attributes_json(&entry.attributes)?,
-            revision: codec::to_i64("revision", entry.revision)?,
         })
     }
 }
@@ -250,39 +435,88 @@ where
         self.subscribe()
     }
 
-    async fn create_entry(&self, mut entry: Entry) -> Result<Entry, StoreError> {
-        let mut write = Write::begin(self).await?;
-        entry.revision = write.revision;
+    async fn create_entry(&self, entry: Entry) -> Result<Entry, StoreError> {
         let cols = EntryColumns::new(&entry)?;
-        let taken = sqlx::query("SELECT id FROM entries WHERE id = $1")
-            .bind(entry.id.as_str())
-            .fetch_optional(write.conn())
-            .await?;
-        if taken.is_some() {
-            return Err(StoreError::AlreadyExists(format!(
-                "entry {} already exists",
-                entry.id
-            )));
+        let mut write = Write::begin(self).await?;
+        let mut one = [(entry, cols)];
+        one[0].0.revision = write.revision;
+        let inserted = write.insert_entries(&one).await?;
+        let [(entry, cols)] = one;
+        if inserted.is_empty() {
+            let before = codec::to_i64("revision", entry.revision)?;
+            return Err(write.refusal(&entry, &cols, before).await?);
         }
-        if let Some(other) = write.find_duplicate(&entry, &cols.selectors).await? {
-            return Err(duplicate_error(&entry, &other));
-        }
-        write
-            .write_entry(
-                concat!(
-                    "INSERT INTO entries (",
-                    entry_cols!(),
-                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
-                ),
-                &entry,
-                &cols,
-            )
-            .await?;
         let payload = codec::entry_json(&entry)?;
         write
             .commit(codec::ENTRY_UPSERTED, entry.id.as_str(), Some(&payload))
             .await?;
         Ok(entry)
+    }
+
+    async fn create_entries(
+        &self,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<Result<Entry, StoreError>>, StoreError> {
+        // Encoded before the transaction, so an unstorable entry is refused
+        // on its own and reserves no revision.
+        let mut results = Vec::with_capacity(entries.len());
+        let mut storable = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match EntryColumns::new(&entry) {
+                Ok(cols) => {
+                    storable.push((entry, cols));
+                    results.push(None);
+                }
+                Err(refusal) => results.push(Some(Err(refusal))),
+            }
+        }
+        if storable.is_empty() {
+            return Ok(results.into_iter().flatten().collect());
+        }
+        let reserved = storable.len() as u64;
+        let mut write = Write::begin_reserving(self, reserved).await?;
+        let first = write.revision + 1 - reserved;
+        // Each entry is inserted under a revision of its own, by which the
+        // statement says which it inserted; those after a refused one then
+        // move down, so the revisions used are contiguous.
+        for (entry, revision) in storable.iter_mut().zip(first..) {
+            entry.0.revision = revision;
+        }
+        let inserted = write.insert_entries(&storable).await?;
+        let mut next = first;
+        let mut changes = Vec::with_capacity(inserted.len());
+        let mut outcomes = Vec::with_capacity(storable.len());
+        for (mut entry, cols) in storable {
+            let provisional = codec::to_i64("revision", entry.revision)?;
+            if !inserted.contains(&provisional) {
+                outcomes.push(Err(write.refusal(&entry, &cols, provisional).await?));
+                continue;
+            }
+            if entry.revision != next {
+                write.move_revision(&entry.id, next).await?;
+                entry.revision = next;
+            }
+            // Failing here (it cannot for a storable entry) fails the whole
+            // batch: the entry's row is already written.
+            changes.push(EntryChange {
+                revision: codec::to_i64("revision", next)?,
+                subject: entry.id.to_string(),
+                payload: codec::entry_json(&entry)?,
+            });
+            next += 1;
+            outcomes.push(Ok(entry));
+        }
+        if !changes.is_empty() {
+            write.release_unused(next - 1).await?;
+            write.record_entry_changes(&changes).await?;
+            write.finish().await?;
+        }
+        // Else dropped: rolled back, the reserved revisions with it.
+        let mut outcomes = outcomes.into_iter();
+        Ok(results
+            .into_iter()
+            .filter_map(|r| r.or_else(|| outcomes.next()))
+            .collect())
     }
 
     async fn update_entry(&self, mut entry: Entry) -> Result<Entry, StoreError> {
@@ -293,7 +527,10 @@ where
             return Err(StoreError::NotFound(format!("entry {}", entry.id)));
         };
         entry.created_at = stored.created_at;
-        if let Some(other) = write.find_duplicate(&entry, &cols.selectors).await? {
+        if let Some(other) = write
+            .find_duplicate(&entry, &cols.selectors, i64::MAX)
+            .await?
+        {
             return Err(duplicate_error(&entry, &other));
         }
         // created_at is the stored one, written back unchanged.

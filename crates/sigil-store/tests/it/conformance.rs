@@ -52,6 +52,9 @@ macro_rules! conformance_suite {
             authority_owner_and_taint,
             concurrent_creates,
             concurrent_duplicate_creates,
+            batch_create_refuses_each_entry_on_its_own,
+            batch_create_all_refused_writes_nothing,
+            concurrent_batches_commit_revisions_in_order,
         );
     };
     (@cases $make:path, $mode:ident; $($case:ident),* $(,)?) => {
@@ -861,6 +864,70 @@ pub(crate) async fn authority_owner_and_taint(store: Arc<dyn Store>) {
     );
 }
 
+/// A follower reading the feed from `base`, `page` changes a read, until it
+/// has seen `total` more revisions, failing if it ever skips one; returns
+/// the last revision seen.
+fn follow_feed(
+    store: &Arc<dyn Store>,
+    base: u64,
+    total: u64,
+    page: u32,
+) -> tokio::task::JoinHandle<u64> {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let mut seen = base;
+        while seen < base + total {
+            for change in store.changes_since(seen, page).await.unwrap() {
+                assert_eq!(change.revision, seen + 1, "the feed skipped a revision");
+                seen = change.revision;
+            }
+            tokio::task::yield_now().await;
+        }
+        seen
+    })
+}
+
+/// Checks that the writers were handed `base + 1 ..= base + total`, each
+/// once (`handed`), that the follower saw them all, and that the feed holds
+/// one change for each; returns the feed.
+async fn every_revision_once(
+    store: &Arc<dyn Store>,
+    handed: &BTreeSet<u64>,
+    follower: tokio::task::JoinHandle<u64>,
+    base: u64,
+    total: u64,
+) -> Vec<Change> {
+    assert_eq!(*handed, (base + 1..=base + total).collect::<BTreeSet<_>>());
+    assert_eq!(follower.await.unwrap(), base + total);
+    let feed = store.changes_since(base, 1000).await.unwrap();
+    assert_eq!(
+        revisions(&feed),
+        (base + 1..=base + total).collect::<Vec<_>>()
+    );
+    feed
+}
+
+/// A task creating entries `<prefix>0` to `<prefix><n - 1>` one at a time;
+/// returns their revisions.
+fn single_creates(
+    store: &Arc<dyn Store>,
+    prefix: String,
+    n: usize,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let mut revs = Vec::new();
+        for i in 0..n {
+            let e = store
+                .create_entry(simple_entry(&format!("{prefix}{i}")))
+                .await
+                .unwrap();
+            revs.push(e.revision);
+        }
+        revs
+    })
+}
+
 /// Eight tasks creating at once all succeed, with distinct revisions, and a
 /// follower reading the feed meanwhile never sees a gap.
 pub(crate) async fn concurrent_creates(store: Arc<dyn Store>) {
@@ -869,36 +936,10 @@ pub(crate) async fn concurrent_creates(store: Arc<dyn Store>) {
     let base = store.revision().await.unwrap();
     let total = (TASKS * EACH) as u64;
 
-    let follower = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            let mut seen = base;
-            while seen < base + total {
-                for change in store.changes_since(seen, 7).await.unwrap() {
-                    assert_eq!(change.revision, seen + 1, "the feed skipped a revision");
-                    seen = change.revision;
-                }
-                tokio::task::yield_now().await;
-            }
-            seen
-        })
-    };
+    let follower = follow_feed(&store, base, total, 7);
 
     let writers: Vec<_> = (0..TASKS)
-        .map(|t| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                let mut revs = Vec::new();
-                for i in 0..EACH {
-                    let e = store
-                        .create_entry(simple_entry(&format!("t{t}-{i}")))
-                        .await
-                        .unwrap();
-                    revs.push(e.revision);
-                }
-                revs
-            })
-        })
+        .map(|t| single_creates(&store, format!("t{t}-"), EACH))
         .collect();
     let mut all = BTreeSet::new();
     for w in writers {
@@ -906,14 +947,7 @@ pub(crate) async fn concurrent_creates(store: Arc<dyn Store>) {
             assert!(all.insert(rev), "revision {rev} handed out twice");
         }
     }
-    assert_eq!(all, (base + 1..=base + total).collect::<BTreeSet<_>>());
-    assert_eq!(follower.await.unwrap(), base + total);
-
-    let feed = store.changes_since(base, 1000).await.unwrap();
-    assert_eq!(
-        revisions(&feed),
-        (base + 1..=base + total).collect::<Vec<_>>()
-    );
+    every_revision_once(&store, &all, follower, base, total).await;
     let snap = store.list_entries().await.unwrap();
     assert_eq!(snap.entries.len(), TASKS * EACH);
     assert_eq!(snap.revision, base + total);
@@ -958,4 +992,199 @@ pub(crate) async fn concurrent_duplicate_creates(store: Arc<dyn Store>) {
     let snap = store.list_entries().await.unwrap();
     assert_eq!(snap.entries.len(), 1);
     assert_eq!(snap.revision, base + 1);
+}
+
+/// The message of a refused entry in a batch's results.
+fn refusal(result: &Result<Entry, StoreError>) -> String {
+    match result {
+        Err(StoreError::AlreadyExists(msg)) => msg.clone(),
+        other => panic!("want AlreadyExists, got {other:?}"),
+    }
+}
+
+/// A batch has the outcome of creating its entries one after the other:
+/// an entry duplicating one created earlier in the batch, or a stored one,
+/// or taking a used id, or unstorable, is refused with the message a single
+/// create gives, and the others are created, with contiguous revisions in
+/// batch order and one change each.
+pub(crate) async fn batch_create_refuses_each_entry_on_its_own(store: Arc<dyn Store>) {
+    let stored = store.create_entry(full_entry("stored")).await.unwrap();
+    let base = store.revision().await.unwrap();
+
+    let mut same_triple_as_a = simple_entry("a-twin");
+    same_triple_as_a.spiffe_id = sid("spiffe://example.org/w/a");
+    let mut same_id_as_a = simple_entry("a");
+    same_id_as_a.spiffe_id = sid("spiffe://example.org/w/a-other");
+    let mut same_triple_as_stored = full_entry("stored-twin");
+    same_triple_as_stored.hint = "other fields differ".into();
+    let mut unstorable = simple_entry("huge");
+    unstorable.x509_svid_ttl = u64::MAX;
+    // Refused as a's duplicate, though an entry later in the batch takes
+    // its id: what is said is what was true when its turn came.
+    let mut x_as_a = simple_entry("x");
+    x_as_a.spiffe_id = sid("spiffe://example.org/w/a");
+    let batch = vec![
+        simple_entry("a"),
+        same_triple_as_a.clone(),
+        same_id_as_a.clone(),
+        unstorable,
+        same_triple_as_stored.clone(),
+        x_as_a,
+        simple_entry("x"),
+        simple_entry("b"),
+    ];
+    let results = store.create_entries(batch).await.unwrap();
+    assert_eq!(results.len(), 8);
+
+    let a = results[0].as_ref().unwrap();
+    assert_eq!(a.revision, base + 1);
+    assert_eq!(
+        refusal(&results[1]),
+        "entry a already has parent_id spiffe://example.org/sigil/agent/join_token/abc, spiffe_id spiffe://example.org/w/a and the same selectors"
+    );
+    assert_eq!(refusal(&results[2]), "entry a already exists");
+    assert!(
+        matches!(&results[3], Err(StoreError::Unstorable(m)) if m.contains("x509_svid_ttl")),
+        "{:?}",
+        results[3]
+    );
+    assert!(refusal(&results[4]).starts_with("entry stored already has parent_id"));
+    assert_eq!(refusal(&results[5]), refusal(&results[1]));
+    let x = results[6].as_ref().unwrap();
+    assert_eq!(x.revision, base + 2, "a refused entry takes no revision");
+    let b = results[7].as_ref().unwrap();
+    assert_eq!(
+        *b,
+        Entry {
+            revision: base + 3,
+            ..simple_entry("b")
+        }
+    );
+
+    // Single creates of the same entries now are refused in the same words.
+    for (entry, result) in [
+        (same_triple_as_a, &results[1]),
+        (same_id_as_a, &results[2]),
+        (same_triple_as_stored, &results[4]),
+    ] {
+        let single_result = store.create_entry(entry).await;
+        assert_eq!(refusal(&single_result), refusal(result));
+    }
+
+    assert_eq!(store.revision().await.unwrap(), base + 3);
+    let feed = store.changes_since(base, 100).await.unwrap();
+    assert_eq!(revisions(&feed), vec![base + 1, base + 2, base + 3]);
+    assert_eq!(feed[0].kind, ChangeKind::EntryUpserted(a.clone()));
+    assert_eq!(feed[1].kind, ChangeKind::EntryUpserted(x.clone()));
+    assert_eq!(feed[2].kind, ChangeKind::EntryUpserted(b.clone()));
+    let snapshot = store.list_entries().await.unwrap();
+    assert_eq!(
+        snapshot.entries,
+        vec![a.clone(), b.clone(), stored, x.clone()]
+    );
+    assert_eq!(snapshot.revision, base + 3);
+    // The revisions reserved for the refused entries were given back.
+    let c = store.create_entry(simple_entry("c")).await.unwrap();
+    assert_eq!(c.revision, base + 4);
+}
+
+/// A batch whose every entry is refused writes nothing and spends no revision.
+pub(crate) async fn batch_create_all_refused_writes_nothing(store: Arc<dyn Store>) {
+    store.create_entry(simple_entry("a")).await.unwrap();
+    let base = store.revision().await.unwrap();
+    let mut huge = simple_entry("huge");
+    huge.jwt_svid_ttl = u64::MAX;
+    let results = store
+        .create_entries(vec![simple_entry("a"), huge])
+        .await
+        .unwrap();
+    assert_eq!(refusal(&results[0]), "entry a already exists");
+    assert!(matches!(&results[1], Err(StoreError::Unstorable(_))));
+    assert!(store.create_entries(vec![]).await.unwrap().is_empty());
+    assert_eq!(store.revision().await.unwrap(), base);
+    assert!(store.changes_since(base, 10).await.unwrap().is_empty());
+    assert_eq!(store.list_entries().await.unwrap().entries.len(), 1);
+}
+
+/// Batches and single creates racing: every revision is handed out once,
+/// each batch's are contiguous (it commits as one), and a follower reading
+/// the feed meanwhile never sees a gap; the feed has one change per entry.
+pub(crate) async fn concurrent_batches_commit_revisions_in_order(store: Arc<dyn Store>) {
+    const BATCHES: usize = 4;
+    const EACH: usize = 30;
+    const SINGLES: usize = 10;
+    let base = store.revision().await.unwrap();
+    let total = (BATCHES * EACH + SINGLES) as u64;
+    let follower = follow_feed(&store, base, total, 13);
+    let batches: Vec<_> = (0..BATCHES)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let entries = (0..EACH)
+                    .map(|i| simple_entry(&format!("b{t}-{i}")))
+                    .collect();
+                let created: Vec<Entry> = store
+                    .create_entries(entries)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(Result::unwrap)
+                    .collect();
+                created
+            })
+        })
+        .collect();
+    let singles = single_creates(&store, "s".to_owned(), SINGLES);
+    let mut all = BTreeSet::new();
+    let mut created = Vec::new();
+    for b in batches {
+        let entries = b.await.unwrap();
+        let revs: Vec<u64> = entries.iter().map(|e| e.revision).collect();
+        let first = revs[0];
+        assert_eq!(
+            revs,
+            (first..first + EACH as u64).collect::<Vec<_>>(),
+            "a batch's revisions are contiguous, in batch order"
+        );
+        all.extend(revs);
+        created.extend(entries);
+    }
+    for rev in singles.await.unwrap() {
+        assert!(all.insert(rev), "revision {rev} handed out twice");
+    }
+    let feed = every_revision_once(&store, &all, follower, base, total).await;
+    for e in created {
+        let change = &feed[(e.revision - base - 1) as usize];
+        assert_eq!(change.kind, ChangeKind::EntryUpserted(e));
+    }
+    let snap = store.list_entries().await.unwrap();
+    assert_eq!(snap.entries.len(), BATCHES * EACH + SINGLES);
+    assert_eq!(snap.revision, base + total);
+}
+
+/// A batch the database fails partway (`fails` is an entry whose insert
+/// the backend's test has made fail, e.g. with a trigger) writes nothing:
+/// not the entries before it (more than one statement's worth), not their
+/// changes, not a revision.
+pub(crate) async fn batch_failure_writes_nothing(store: Arc<dyn Store>, fails: &str) {
+    store.create_entry(simple_entry("before")).await.unwrap();
+    let base = store.revision().await.unwrap();
+    let mut batch: Vec<Entry> = (1..=200).map(|i| simple_entry(&format!("x{i}"))).collect();
+    batch.insert(150, simple_entry(fails));
+    match store.create_entries(batch).await {
+        Err(StoreError::Backend(_)) => {}
+        other => panic!("want the batch to fail with a backend error, got {other:?}"),
+    }
+    assert_eq!(store.revision().await.unwrap(), base);
+    assert!(store.changes_since(base, 10).await.unwrap().is_empty());
+    let snap = store.list_entries().await.unwrap();
+    assert_eq!(snap.entries.len(), 1, "{:?}", snap.entries);
+    assert_eq!(store.get_entry(&id("x1")).await.unwrap(), None);
+    // The store goes on: the same entries without the failing one.
+    let results = store
+        .create_entries(vec![simple_entry("x1"), simple_entry("x2")])
+        .await
+        .unwrap();
+    assert_eq!(results[0].as_ref().unwrap().revision, base + 1);
+    assert_eq!(results[1].as_ref().unwrap().revision, base + 2);
 }

@@ -536,3 +536,25 @@ async fn unreachable_server_is_a_backend_error() {
     let err = PostgresStore::connect("not a url").await.unwrap_err();
     assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
 }
+
+/// A batch the database fails partway writes nothing: a trigger fails the
+/// insert of one entry, after others of the batch were inserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_failing_partway_writes_nothing() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = db.store().await;
+    let mut conn = db.options().connect().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION fail_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.id = 'boom' THEN RAISE EXCEPTION 'injected fault'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER fail_boom BEFORE INSERT ON entries FOR EACH ROW \
+         EXECUTE FUNCTION fail_boom();",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    crate::conformance::batch_failure_writes_nothing(Arc::new(store), "boom").await;
+}

@@ -182,3 +182,26 @@ async fn in_memory_stores_are_private() {
     a.create_entry(simple_entry("e")).await.unwrap();
     assert!(b.list_entries().await.unwrap().entries.is_empty());
 }
+
+/// A batch the database fails partway writes nothing: a trigger, added
+/// through a connection of its own, fails the insert of one entry.
+#[tokio::test]
+async fn batch_failing_partway_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sigil.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    let mut conn = SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER fail_boom BEFORE INSERT ON entries WHEN NEW.id = 'boom' \
+         BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    crate::conformance::batch_failure_writes_nothing(Arc::new(store), "boom").await;
+}
