@@ -3,7 +3,11 @@
 //!
 //! Rotation follows the peer's proven schedule: the next authority is
 //! prepared (and published in the bundle) once the active one has used half of
-//! its life, and activated at five sixths. Retired authorities stay in the
+//! its life, and activated at five sixths, but never before it has been
+//! published for a minimum time (`activation`), unless the active one is
+//! about to expire: a server that was down (or whose passes failed) through
+//! the whole window between the two points must not sign with an authority
+//! no agent or peer holds yet. Retired authorities stay in the
 //! bundle until their own expiry, which is the latest moment anything they
 //! signed can be valid, because leaves never outlive their CA.
 //!
@@ -243,6 +247,101 @@ impl Authority for JwtAuthority {
 struct Slot<A> {
     record: AuthorityRecord,
     authority: A,
+    /// Whether this process has already warned that the authority's
+    /// activation is delayed (a log flag only: the decision itself comes
+    /// from the journal).
+    delay_warned: bool,
+}
+
+impl<A> Slot<A> {
+    fn new(record: AuthorityRecord, authority: A) -> Self {
+        Self {
+            record,
+            authority,
+            delay_warned: false,
+        }
+    }
+}
+
+/// The longest an agent waits between two attempts to reach the server (the
+/// agent's `max_backoff`); once connected it syncs the bundle at once.
+const AGENT_MAX_BACKOFF: i64 = 30;
+
+/// The most the last moment before the active authority's expiry, when the
+/// prepared one is activated however recently it was published, is ever
+/// set to: four of an agent's longest reconnection waits, so that agents
+/// renew what the old authority signed (clamped to its expiry) under the new
+/// one before it lapses, and a dozen rotation passes (10 s apart) to get the
+/// activation written if the database stumbles.
+const LAST_MOMENT_MAX: i64 = 4 * AGENT_MAX_BACKOFF;
+
+/// What a rotation pass does with a prepared authority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    /// Nothing: the active authority has more than a sixth of its life left.
+    NotDue,
+    /// Due by the schedule, but the prepared authority was published too
+    /// recently; it activates at `at` (Unix seconds).
+    Delayed { at: i64 },
+    /// Activate it: due, and published long enough.
+    Now,
+    /// Activate it although it was published only `published_for` seconds
+    /// ago: the active authority is about to expire.
+    Forced { published_for: i64 },
+}
+
+/// How long a prepared authority must have been published before it
+/// activates, for an active authority that lives `lifetime` seconds: long
+/// enough for a federated peer to refresh once (`refresh_hint`) and for an
+/// agent that lost the server to reconnect and sync (twice its longest
+/// reconnection wait), but never more than a quarter of the lifetime, so
+/// that the normal schedule (published at one half, activated at five
+/// sixths: a third of the lifetime, give or take a rotation pass) is never
+/// delayed by it.
+fn min_publication(lifetime: i64, refresh_hint: Duration) -> i64 {
+    let hint = i64::try_from(refresh_hint.as_secs()).unwrap_or(i64::MAX);
+    hint.max(2 * AGENT_MAX_BACKOFF).min(lifetime / 4)
+}
+
+/// How close to the active authority's expiry the prepared one is activated
+/// however recently it was published: a twelfth of the lifetime (half the
+/// normal sixth, which keeps short test lifetimes workable), at most
+/// [`LAST_MOMENT_MAX`].
+fn last_moment(lifetime: i64) -> i64 {
+    (lifetime / 12).min(LAST_MOMENT_MAX)
+}
+
+/// Whether the `prepared` authority replaces the `active` one at `now`
+/// (Unix seconds). Decided from the journal records alone (the active one's
+/// validity, the prepared one's `created_at`, when it entered the bundle),
+/// so that a restarted server decides the same: due at five sixths of the
+/// active life, once the prepared one has been published for
+/// [`min_publication`]; before that only in the [`last_moment`] before the
+/// active one expires. SVIDs signed by the active authority meanwhile end
+/// with it (leaves never outlive their CA), so waiting is safe until then.
+fn activation(
+    active: &AuthorityRecord,
+    prepared: &AuthorityRecord,
+    now: i64,
+    refresh_hint: Duration,
+) -> Activation {
+    let lifetime = (active.not_after - active.not_before).max(1);
+    let remaining = active.not_after - now;
+    if remaining > lifetime / 6 {
+        return Activation::NotDue;
+    }
+    let published_for = (now - prepared.created_at).max(0);
+    let min = min_publication(lifetime, refresh_hint);
+    if published_for >= min {
+        return Activation::Now;
+    }
+    let last = last_moment(lifetime);
+    if remaining <= last {
+        return Activation::Forced { published_for };
+    }
+    Activation::Delayed {
+        at: (prepared.created_at + min).min(active.not_after - last),
+    }
 }
 
 struct CaState {
@@ -328,14 +427,14 @@ impl CaManager {
                 })?;
             let key = PrivateKey::from_pem(&String::from_utf8_lossy(&pem))?;
             match record.kind {
-                AuthorityKind::X509 => x509.push(Slot {
-                    authority: X509Authority::restore(&record, key)?,
-                    record,
-                }),
-                AuthorityKind::Jwt => jwt.push(Slot {
-                    authority: JwtAuthority::restore(&record, key)?,
-                    record,
-                }),
+                AuthorityKind::X509 => {
+                    let authority = X509Authority::restore(&record, key)?;
+                    x509.push(Slot::new(record, authority));
+                }
+                AuthorityKind::Jwt => {
+                    let authority = JwtAuthority::restore(&record, key)?;
+                    jwt.push(Slot::new(record, authority));
+                }
             }
         }
         let sequence = match store.get_bundle(&trust_domain).await? {
@@ -855,20 +954,53 @@ impl CaManager {
             slots.push(slot);
             changed = true;
         }
-        let prepared = slots
+        let Some(p) = slots
             .iter()
-            .position(|s| s.record.state == AuthorityState::Prepared);
-        if let Some(p) = prepared
-            && remaining <= lifetime / 6
-        {
-            self.set_state(&mut slots[active], AuthorityState::Retired)
-                .await?;
-            self.set_state(&mut slots[p], AuthorityState::Active)
-                .await?;
-            tracing::info!(authority = %slots[p].record.id, "authority activated");
-            changed = true;
+            .position(|s| s.record.state == AuthorityState::Prepared)
+        else {
+            return Ok(changed);
+        };
+        let decision = activation(
+            &slots[active].record,
+            &slots[p].record,
+            unix(now),
+            self.refresh_hint,
+        );
+        match decision {
+            Activation::NotDue => return Ok(changed),
+            Activation::Delayed { at } => {
+                if !slots[p].delay_warned {
+                    slots[p].delay_warned = true;
+                    tracing::warn!(
+                        authority = %slots[p].record.id,
+                        published_at = slots[p].record.created_at,
+                        activate_at = at,
+                        active_expires_at = slots[active].record.not_after,
+                        "activation of the next authority delayed past its normal point: it was \
+                         published only recently (the server was down, or its rotation passes \
+                         failed), and agents and federated peers need time to fetch it; the \
+                         active authority signs until then"
+                    );
+                }
+                return Ok(changed);
+            }
+            Activation::Forced { published_for } => tracing::warn!(
+                authority = %slots[p].record.id,
+                published_for_secs = published_for,
+                active_expires_at = slots[active].record.not_after,
+                "next authority activated before its minimum publication time because the \
+                 active one is about to expire: agents that have not synced the bundle since \
+                 it was published will refuse the server (UnknownIssuer) until re-attested, \
+                 and federated peers that have not refreshed reject its SVIDs until they do"
+            ),
+            Activation::Now => {}
         }
-        Ok(changed)
+        self.set_state(&mut slots[active], AuthorityState::Retired)
+            .await?;
+        self.set_state(&mut slots[p], AuthorityState::Active)
+            .await?;
+        tracing::info!(authority = %slots[p].record.id, "authority activated");
+        Ok(true)
     }
 
     /// Brings `slots` back to at most one active authority after a crash in
@@ -944,7 +1076,7 @@ impl CaManager {
             tainted: false,
         };
         self.store.put_authority(record.clone()).await?;
-        Ok(Slot { record, authority })
+        Ok(Slot::new(record, authority))
     }
 
     async fn set_state<A>(
@@ -1647,5 +1779,305 @@ mod tests {
         assert_eq!(states(&store, AuthorityKind::X509).await, want);
         // The one retired is still trusted: what it signed stays valid.
         assert!(verifies(&old_leaf, &a, t0 + Duration::from_secs(60)));
+    }
+
+    /// What the code under test logs, for the WARNs operators depend on.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+        type Writer = Logs;
+        fn make_writer(&'a self) -> Logs {
+            self.clone()
+        }
+    }
+
+    impl Logs {
+        /// Captures this thread's log (the tests run on one thread) until
+        /// the guard is dropped.
+        fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+            let logs = Logs::default();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(logs.clone())
+                .with_ansi(false)
+                .finish();
+            (logs, tracing::subscriber::set_default(subscriber))
+        }
+
+        /// The WARN lines written since the last call.
+        fn take_warnings(&self) -> Vec<String> {
+            let bytes = std::mem::take(&mut *self.0.lock().unwrap());
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .filter(|l| l.contains(" WARN "))
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    const DELAYED: &str = "activation of the next authority delayed past its normal point";
+    const FORCED: &str = "next authority activated before its minimum publication time";
+
+    fn active_ids(ca: &CaManager) -> (String, String) {
+        let a = ca.active();
+        (a.x509.id(), a.jwt.id())
+    }
+
+    fn sorted_active_ids(ca: &CaManager) -> Vec<String> {
+        let (x509, jwt) = active_ids(ca);
+        let mut v = vec![x509, jwt];
+        v.sort();
+        v
+    }
+
+    /// A server with hour-long authorities created at `t0`, whose log is
+    /// captured from then on.
+    struct Watched {
+        logs: Logs,
+        _guard: tracing::subscriber::DefaultGuard,
+        dir: tempfile::TempDir,
+        t0: SystemTime,
+        ca: Arc<CaManager>,
+        /// The active (X.509, JWT) authority IDs at `t0`.
+        first: (String, String),
+    }
+
+    impl Watched {
+        async fn start() -> Self {
+            let (logs, _guard) = Logs::capture();
+            let dir = tempfile::tempdir().unwrap();
+            let t0 = SystemTime::now();
+            let ca = manager(dir.path(), HOUR, t0).await;
+            let first = active_ids(&ca);
+            let _ = logs.take_warnings();
+            Self {
+                logs,
+                _guard,
+                dir,
+                t0,
+                ca,
+                first,
+            }
+        }
+    }
+
+    async fn prepared_ids(ca: &CaManager) -> Vec<String> {
+        let mut v: Vec<String> = ca
+            .authorities()
+            .await
+            .into_iter()
+            .filter(|a| a.2 == AuthorityState::Prepared)
+            .map(|a| a.0)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn in_bundle(ca: &CaManager, ids: &[String]) -> bool {
+        let list = ca.bundle();
+        ids.iter().all(|id| match id.strip_prefix("jwt-") {
+            Some(kid) => kids(&list).contains(kid),
+            None => list.x509_authorities.iter().any(|der| {
+                sigil_svid::x509::cert_info(der)
+                    .is_ok_and(|i| format!("x509-{}", i.serial_hex) == *id)
+            }),
+        })
+    }
+
+    fn record(not_before: i64, not_after: i64, created_at: i64) -> AuthorityRecord {
+        AuthorityRecord {
+            id: "x509-01".into(),
+            kind: AuthorityKind::X509,
+            state: AuthorityState::Active,
+            public: Vec::new(),
+            not_before,
+            not_after,
+            created_at,
+            owner: "test-instance".into(),
+            tainted: false,
+        }
+    }
+
+    #[test]
+    fn activation_waits_for_the_minimum_publication_until_the_last_moment() {
+        let hint = Duration::from_secs(300);
+        // A day-long authority: 5 min publication (the refresh hint), the
+        // last 2 min force.
+        let day = 86_400;
+        let active = record(0, day, 0);
+        let due = day - day / 6;
+        // Prepared on schedule, at half of the life: activates at five sixths.
+        let on_time = record(0, 0, day / 2);
+        assert_eq!(
+            activation(&active, &on_time, due - 1, hint),
+            Activation::NotDue
+        );
+        assert_eq!(activation(&active, &on_time, due, hint), Activation::Now);
+        // Prepared late (the server was down through the window): waits
+        // five minutes after its publication, then activates.
+        let late = record(0, 0, due + 3600);
+        assert_eq!(
+            activation(&active, &late, due + 3600, hint),
+            Activation::Delayed { at: due + 3900 }
+        );
+        assert_eq!(
+            activation(&active, &late, due + 3899, hint),
+            Activation::Delayed { at: due + 3900 }
+        );
+        assert_eq!(
+            activation(&active, &late, due + 3900, hint),
+            Activation::Now
+        );
+        // Prepared in the last minutes: activates in the last two, forced.
+        let last = record(0, 0, day - 200);
+        assert_eq!(
+            activation(&active, &last, day - 121, hint),
+            Activation::Delayed { at: day - 120 }
+        );
+        assert_eq!(
+            activation(&active, &last, day - 120, hint),
+            Activation::Forced { published_for: 80 }
+        );
+        // Past the active one's expiry: at once.
+        assert_eq!(
+            activation(&active, &record(0, 0, day + 5), day + 5, hint),
+            Activation::Forced { published_for: 0 }
+        );
+        // A longer refresh hint asks for a longer publication, a shorter one
+        // never less than two agent reconnection waits.
+        assert_eq!(
+            activation(&active, &late, due + 3600 + 900, Duration::from_secs(1800)),
+            Activation::Delayed {
+                at: due + 3600 + 1800
+            }
+        );
+        assert_eq!(
+            activation(&active, &late, due + 3600 + 59, Duration::from_secs(5)),
+            Activation::Delayed {
+                at: due + 3600 + 60
+            }
+        );
+        // A two-minute authority (tests): at most a quarter of its life is
+        // asked (30 s), the last 10 s force.
+        let short = record(0, 120, 0);
+        let late = record(0, 0, 100);
+        assert_eq!(
+            activation(&short, &late, 100, hint),
+            Activation::Delayed { at: 110 }
+        );
+        assert_eq!(
+            activation(&short, &late, 110, hint),
+            Activation::Forced { published_for: 10 }
+        );
+        let on_time = record(0, 0, 60);
+        assert_eq!(activation(&short, &on_time, 100, hint), Activation::Now);
+    }
+
+    #[tokio::test]
+    async fn a_pass_that_first_sees_five_sixths_prepares_and_activates_only_after_publication() {
+        let w = Watched::start().await;
+        let (logs, t0, first) = (&w.logs, w.t0, &w.first);
+        let ca = &w.ca;
+
+        // Down (or failing) from before half of the life until past five
+        // sixths: the first pass prepares both kinds and publishes them, but
+        // the old authorities go on signing.
+        let back = t0 + Duration::from_secs(3100);
+        assert!(!ca.rotate(back).await.unwrap());
+        assert_eq!(active_ids(ca), *first);
+        let prepared = prepared_ids(ca).await;
+        assert_eq!(prepared.len(), 2, "{prepared:?}");
+        assert!(in_bundle(ca, &prepared));
+        let warnings = logs.take_warnings();
+        assert_eq!(
+            warnings.iter().filter(|l| l.contains(DELAYED)).count(),
+            2,
+            "one WARN per kind: {warnings:#?}"
+        );
+
+        // Still within the minimum publication (the 5 min refresh hint):
+        // nothing changes, and the WARN is not repeated.
+        ca.rotate(t0 + Duration::from_secs(3399)).await.unwrap();
+        assert_eq!(active_ids(ca), *first);
+        assert!(logs.take_warnings().is_empty());
+
+        // A restart decides the same from the journal (the first manager
+        // stays idle from now on).
+        let restarted = manager(w.dir.path(), HOUR, t0 + Duration::from_secs(3399)).await;
+        let ca = &restarted;
+        assert_eq!(active_ids(ca), *first);
+        assert_eq!(prepared_ids(ca).await, prepared);
+
+        // Published for the minimum time: both activate, without a forced WARN.
+        assert!(ca.rotate(t0 + Duration::from_secs(3400)).await.unwrap());
+        assert_eq!(sorted_active_ids(ca), prepared);
+        assert!(prepared_ids(ca).await.is_empty());
+        let list = ca.authorities().await;
+        assert!(
+            list.iter()
+                .any(|a| a.0 == first.0 && a.2 == AuthorityState::Retired)
+        );
+        assert!(
+            list.iter()
+                .any(|a| a.0 == first.1 && a.2 == AuthorityState::Retired)
+        );
+        assert!(!logs.take_warnings().iter().any(|l| l.contains(FORCED)));
+    }
+
+    #[tokio::test]
+    async fn an_active_authority_about_to_expire_is_replaced_at_once_with_a_warning() {
+        let w = Watched::start().await;
+
+        // Back 100 s before the end (inside the last 2 min): waiting for the
+        // publication would let the active authorities expire, so the
+        // successors are prepared and activated in the same pass.
+        assert!(w.ca.rotate(w.t0 + Duration::from_secs(3500)).await.unwrap());
+        let (x509, jwt) = active_ids(&w.ca);
+        assert_ne!(x509, w.first.0);
+        assert_ne!(jwt, w.first.1);
+        assert!(in_bundle(
+            &w.ca,
+            &[x509, jwt, w.first.0.clone(), w.first.1.clone()]
+        ));
+        let warnings = w.logs.take_warnings();
+        let forced: Vec<_> = warnings.iter().filter(|l| l.contains(FORCED)).collect();
+        assert_eq!(forced.len(), 2, "one WARN per kind: {warnings:#?}");
+        assert!(
+            forced.iter().all(|l| l.contains("UnknownIssuer")),
+            "{forced:#?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_delayed_activation_is_forced_in_the_last_moment() {
+        let w = Watched::start().await;
+        // Prepared 250 s before the end: the 5 min publication would end
+        // after the last moment (120 s before the end), so it waits until then.
+        w.ca.rotate(w.t0 + Duration::from_secs(3350)).await.unwrap();
+        let prepared = prepared_ids(&w.ca).await;
+        assert_eq!(prepared.len(), 2);
+        w.ca.rotate(w.t0 + Duration::from_secs(3479)).await.unwrap();
+        assert_eq!(active_ids(&w.ca), w.first);
+        assert!(w.logs.take_warnings().iter().all(|l| l.contains(DELAYED)));
+        assert!(w.ca.rotate(w.t0 + Duration::from_secs(3480)).await.unwrap());
+        assert_eq!(sorted_active_ids(&w.ca), prepared);
+        assert_eq!(
+            w.logs
+                .take_warnings()
+                .iter()
+                .filter(|l| l.contains(FORCED))
+                .count(),
+            2
+        );
     }
 }
