@@ -960,17 +960,25 @@ impl<S: ServerClient> Core<S> {
     }
 
     /// How long to wait before the next connection attempt: the backoff's
-    /// next wait, but while the agent's own SVID is valid never more than
-    /// half of what is left of it (and at least the minimum backoff). A
-    /// join-token agent whose SVID expires before it reaches a server can
-    /// never come back by itself, so a server that returns while the SVID
-    /// is still valid must be tried before it expires, not after a full
-    /// backoff that outlasts it.
+    /// next wait, but never more than half of the time left until the
+    /// first expiry of what the agent holds (its own SVID, or an SVID it
+    /// serves), and at least the minimum backoff. A join-token agent whose
+    /// SVID expires before it reaches a server can never come back by
+    /// itself, and a workload whose SVID expires loses its identity: a
+    /// server that returns while they are still valid must be tried before
+    /// they expire, not after a full backoff that outlasts them.
     fn retry_wait(&self, backoff: &mut Backoff) -> Duration {
         let wait = backoff.next();
-        match self.identity.not_after.duration_since(self.clock.wall()) {
-            Ok(left) if !left.is_zero() => wait.min((left / 2).max(self.cfg.min_backoff)),
-            _ => wait,
+        let now = self.clock.wall();
+        let left = [Some(self.identity.not_after), self.expires.first()]
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.duration_since(now).ok())
+            .filter(|left| !left.is_zero())
+            .min();
+        match left {
+            Some(left) => wait.min((left / 2).max(self.cfg.min_backoff)),
+            None => wait,
         }
     }
 
@@ -1958,6 +1966,49 @@ mod tests {
                     secs(expiry - pair[0])
                 );
             }
+            agent.stop().await;
+        }
+
+        /// The same for an SVID the agent serves: a server that is back a
+        /// few seconds before a workload's SVID expires is reached, and
+        /// the SVID renewed, before the workload loses its identity.
+        #[tokio::test(start_paused = true)]
+        async fn reconnects_come_sooner_as_a_served_svid_nears_its_expiry() {
+            let ttl = Duration::from_secs(100);
+            let fake = Fake::serving_one(ttl);
+            let agent = start(&fake);
+            until(Duration::from_secs(5), || agent.served(1).is_some()).await;
+            let expiry = Instant::now() + ttl;
+            fake.go_away();
+            let min = Duration::from_millis(500);
+            // Back 4 s before the workload's SVID expires.
+            until(ttl, || Instant::now() + Duration::from_secs(4) >= expiry).await;
+            let back = Instant::now();
+            fake.0.reachable.store(true, Ordering::SeqCst);
+            until(Duration::from_secs(60), || {
+                fake.times(Call::Sign).iter().any(|t| *t >= back)
+            })
+            .await;
+            let signed = *fake.times(Call::Sign).last().unwrap();
+            assert!(
+                signed < expiry,
+                "the workload's SVID was renewed {} s after it expired",
+                secs(signed - expiry)
+            );
+            let opens = fake.times(Call::OpenSync);
+            let mut gaps = 0;
+            for pair in opens.windows(2).filter(|p| p[0] < expiry) {
+                let cap = ((expiry - pair[0]) / 2).max(min);
+                let gap = pair[1] - pair[0];
+                gaps += 1;
+                assert!(
+                    gap <= cap + Duration::from_millis(2),
+                    "waited {} s with {} s of the workload's SVID left",
+                    secs(gap),
+                    secs(expiry - pair[0])
+                );
+            }
+            assert!(gaps >= 5, "only {gaps} reconnection attempts were seen");
             agent.stop().await;
         }
 
