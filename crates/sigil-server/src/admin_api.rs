@@ -145,14 +145,14 @@ impl AdminApi for AdminService {
         check_caller(&req)?;
         let entries = req.into_inner().entries;
         batch_len(entries.len())?;
-        let mut results = Vec::with_capacity(entries.len());
-        for e in entries {
-            let r = match entry_of(&e, false) {
-                Ok(entry) => self.state.update_entry(entry).await,
-                Err(err) => Err(err),
-            };
-            results.push(result_of(e.id, r));
-        }
+        // One store transaction for the batch, as for creates.
+        let parsed = entries.iter().map(|e| entry_of(e, false)).collect();
+        let updated = self.state.update_entries(parsed).await?;
+        let results = entries
+            .into_iter()
+            .zip(updated)
+            .map(|(e, r)| result_of(e.id, r))
+            .collect();
         Ok(Response::new(pb::BatchEntryResponse { results }))
     }
 
@@ -163,14 +163,20 @@ impl AdminApi for AdminService {
         check_caller(&req)?;
         let ids = req.into_inner().ids;
         batch_len(ids.len())?;
-        let mut results = Vec::with_capacity(ids.len());
-        for id in ids {
-            let r = match id.parse::<EntryId>() {
-                Err(e) => Err(EntryRefusal::BadId(e).into()),
-                Ok(parsed) => self.state.delete_entry(&parsed).await,
-            };
-            results.push(result_of(id, r));
-        }
+        // One store transaction for the batch, as for creates.
+        let parsed = ids
+            .iter()
+            .map(|id| {
+                id.parse::<EntryId>()
+                    .map_err(|e| EntryRefusal::BadId(e).into())
+            })
+            .collect();
+        let deleted = self.state.delete_entries(parsed).await?;
+        let results = ids
+            .into_iter()
+            .zip(deleted)
+            .map(|(id, r)| result_of(id, r))
+            .collect();
         Ok(Response::new(pb::BatchEntryResponse { results }))
     }
 

@@ -192,6 +192,18 @@ mod tests {
         async fn delete_entry(&self, id: &EntryId) -> Result<Entry, StoreError> {
             self.inner.delete_entry(id).await
         }
+        async fn update_entries(
+            &self,
+            e: Vec<Entry>,
+        ) -> Result<Vec<Result<Entry, StoreError>>, StoreError> {
+            self.inner.update_entries(e).await
+        }
+        async fn delete_entries(
+            &self,
+            ids: &[EntryId],
+        ) -> Result<Vec<Result<Entry, StoreError>>, StoreError> {
+            self.inner.delete_entries(ids).await
+        }
         async fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
             self.inner.get_entry(id).await
         }

@@ -1,9 +1,10 @@
 //! Entries: creating, replacing, deleting and expiring them, always
 //! through the store and then waiting for the index to catch up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::SystemTime;
 
+use sigil_store::StoreError;
 use sigil_types::{Entry, EntryId, Selectors, SpiffeId};
 
 use crate::ca::unix;
@@ -12,7 +13,7 @@ use crate::state::ServerState;
 
 /// What makes two entries duplicates: the same parent ID, SPIFFE ID and
 /// selectors.
-#[derive(Debug, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct EntryKey {
     parent_id: SpiffeId,
     spiffe_id: SpiffeId,
@@ -60,13 +61,26 @@ impl ServerState {
     /// seconds); returns how many were deleted.
     pub async fn prune_expired_entries(&self, now: i64) -> usize {
         let mut deleted = 0;
-        for id in self.index.expired(now) {
-            match self.store.delete_entry(&id).await {
-                Ok(_) => {
-                    deleted += 1;
-                    tracing::info!(entry = %id, "expired entry deleted");
+        // A transaction per batch of the size an admin call may send.
+        for ids in self.index.expired(now).chunks(MAX_BATCH) {
+            match self.store.delete_entries(ids).await {
+                Ok(results) => {
+                    for (id, result) in ids.iter().zip(results) {
+                        match result {
+                            Ok(_) => {
+                                deleted += 1;
+                                tracing::info!(entry = %id, "expired entry deleted");
+                            }
+                            // Deleted by someone else meanwhile.
+                            Err(e) => {
+                                tracing::debug!(entry = %id, error = %e, "expired entry not deleted")
+                            }
+                        }
+                    }
                 }
-                Err(e) => tracing::warn!(entry = %id, error = %e, "deleting expired entry failed"),
+                Err(e) => {
+                    tracing::warn!(entries = ids.len(), error = %e, "deleting expired entries failed")
+                }
             }
         }
         if deleted > 0
@@ -103,20 +117,12 @@ impl ServerState {
         entries: Vec<Result<Entry, ServerError>>,
     ) -> Result<Vec<Result<Entry, ServerError>>, ServerError> {
         let created_at = unix(SystemTime::now());
-        let mut batch = Vec::new();
-        // Per entry, its refusal, or None where it went into the batch.
-        let refused: Vec<Option<ServerError>> = entries
-            .into_iter()
-            .map(
-                |entry| match entry.and_then(|e| self.check_new_entry(e, created_at)) {
-                    Ok(e) => {
-                        batch.push(e);
-                        None
-                    }
-                    Err(e) => Some(e),
-                },
-            )
-            .collect();
+        let (batch, refused) = split_batch(
+            entries
+                .into_iter()
+                .map(|entry| entry.and_then(|e| self.check_new_entry(e, created_at)))
+                .collect(),
+        );
         if batch.is_empty() {
             return Ok(refused.into_iter().flatten().map(Err).collect());
         }
@@ -153,15 +159,7 @@ impl ServerState {
                     _ => Err(err.into()),
                 },
             });
-        let results = refused
-            .into_iter()
-            .map(|refusal| match refusal {
-                Some(err) => Err(err),
-                None => stored
-                    .next()
-                    .unwrap_or_else(|| Err(InternalError::BatchResults { sent: 0, got: 0 }.into())),
-            })
-            .collect();
+        let results = merge_batch(refused, &mut stored);
         drop(stored);
         if last > 0 {
             self.settle(last).await;
@@ -203,12 +201,166 @@ impl ServerState {
         Ok(stored)
     }
 
+    /// Validates and replaces existing entries in one store transaction,
+    /// with the outcome [`update_entry`](Self::update_entry) has for each
+    /// in turn: one result per entry, in order, an entry given as an error
+    /// keeping it. An entry refused does not stop the others. `Err` when
+    /// the store failed: then none of the batch was written.
+    pub async fn update_entries(
+        &self,
+        entries: Vec<Result<Entry, ServerError>>,
+    ) -> Result<Vec<Result<Entry, ServerError>>, ServerError> {
+        // An entry of the batch may give up its parent ID, SPIFFE ID and
+        // selectors to another one updated after it: whether a duplicate of
+        // one of them is refused is the store's to say, in the transaction,
+        // in the batch's order. A duplicate of any other entry is refused
+        // here, as a single update would be.
+        let in_batch: HashSet<EntryId> = entries.iter().flatten().map(|e| e.id.clone()).collect();
+        // Per entry sent to the store, the entry of the batch the index
+        // says it duplicates (whose update may have moved it away).
+        let mut deferred = Vec::new();
+        let checked = entries
+            .into_iter()
+            .map(|entry| {
+                let entry = entry?;
+                if self.index.get(&entry.id).is_none() {
+                    return Err(EntryRefusal::NotFound(entry.id).into());
+                }
+                entry
+                    .validate(&self.config.trust_domain)
+                    .map_err(EntryRefusal::Invalid)?;
+                match self.index.duplicate_of(&entry) {
+                    Some(other) if !in_batch.contains(&other) => {
+                        Err(EntryRefusal::Duplicate(other).into())
+                    }
+                    other => {
+                        deferred.push((EntryKey::of(&entry), other));
+                        Ok(entry)
+                    }
+                }
+            })
+            .collect();
+        let (batch, refused) = split_batch(checked);
+        if batch.is_empty() {
+            return Ok(refused.into_iter().flatten().map(Err).collect());
+        }
+        let sent = batch.len();
+        let stored = self.store.update_entries(batch).await?;
+        if stored.len() != sent {
+            return Err(InternalError::BatchResults {
+                sent,
+                got: stored.len(),
+            }
+            .into());
+        }
+        let last = stored
+            .iter()
+            .flatten()
+            .map(|e| e.revision)
+            .max()
+            .unwrap_or(0);
+        // A duplicate the store refused is said as the index would have
+        // said it when the entry's turn came: the entry of the batch that
+        // took that key before it, or the one that held it and kept it.
+        let mut holder: HashMap<EntryKey, EntryId> = HashMap::new();
+        let mut held: HashMap<EntryId, EntryKey> = HashMap::new();
+        let stored = stored
+            .into_iter()
+            .zip(deferred)
+            .map(|(result, (key, other))| match result {
+                Ok(e) => {
+                    if let Some(old) = held.remove(&e.id) {
+                        holder.remove(&old);
+                    }
+                    holder.insert(key.clone(), e.id.clone());
+                    held.insert(e.id.clone(), key);
+                    Ok(e)
+                }
+                Err(StoreError::AlreadyExists(m)) => match (holder.get(&key), other) {
+                    (Some(h), _) => Err(EntryRefusal::Duplicate(h.clone()).into()),
+                    (None, Some(o)) if !held.contains_key(&o) => {
+                        Err(EntryRefusal::Duplicate(o).into())
+                    }
+                    _ => Err(StoreError::AlreadyExists(m).into()),
+                },
+                Err(err) => Err(err.into()),
+            });
+        let results = merge_batch(refused, stored);
+        if last > 0 {
+            self.settle(last).await;
+        }
+        Ok(results)
+    }
+
     /// Deletes an entry.
     pub async fn delete_entry(&self, id: &EntryId) -> Result<Entry, ServerError> {
         let deleted = self.store.delete_entry(id).await?;
         self.settle(self.store.revision().await?).await;
         Ok(deleted)
     }
+
+    /// Deletes entries in one store transaction, with the outcome
+    /// [`delete_entry`](Self::delete_entry) has for each in turn: one
+    /// result per ID, in order, an ID given as an error keeping it. `Err`
+    /// when the store failed: then none was deleted.
+    pub async fn delete_entries(
+        &self,
+        ids: Vec<Result<EntryId, ServerError>>,
+    ) -> Result<Vec<Result<Entry, ServerError>>, ServerError> {
+        let (batch, refused) = split_batch(ids);
+        if batch.is_empty() {
+            return Ok(refused.into_iter().flatten().map(Err).collect());
+        }
+        let sent = batch.len();
+        let deleted = self.store.delete_entries(&batch).await?;
+        if deleted.len() != sent {
+            return Err(InternalError::BatchResults {
+                sent,
+                got: deleted.len(),
+            }
+            .into());
+        }
+        let any = deleted.iter().any(Result::is_ok);
+        let results = merge_batch(refused, deleted.into_iter().map(|r| r.map_err(Into::into)));
+        if any {
+            self.settle(self.store.revision().await?).await;
+        }
+        Ok(results)
+    }
+}
+
+/// The items of a batch that go to the store, and per item its refusal or
+/// `None` where it went.
+fn split_batch<T>(items: Vec<Result<T, ServerError>>) -> (Vec<T>, Vec<Option<ServerError>>) {
+    let mut batch = Vec::with_capacity(items.len());
+    let refused = items
+        .into_iter()
+        .map(|item| match item {
+            Ok(t) => {
+                batch.push(t);
+                None
+            }
+            Err(e) => Some(e),
+        })
+        .collect();
+    (batch, refused)
+}
+
+/// The results of a batch in the caller's order: each refusal in its
+/// place, the store's outcomes, in order, in the others.
+fn merge_batch<T>(
+    refused: Vec<Option<ServerError>>,
+    mut stored: impl Iterator<Item = Result<T, ServerError>>,
+) -> Vec<Result<T, ServerError>> {
+    refused
+        .into_iter()
+        .map(|refusal| match refusal {
+            Some(err) => Err(err),
+            None => stored
+                .next()
+                .unwrap_or_else(|| Err(InternalError::BatchResults { sent: 0, got: 0 }.into())),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -210,8 +210,34 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Result<Entry, StoreError>>, StoreError>;
     /// Replaces an existing entry (NotFound otherwise); keeps the stored created_at; assigns a new revision.
     async fn update_entry(&self, entry: Entry) -> Result<Entry, StoreError>;
+    /// Replaces existing entries in one transaction, with the outcome of
+    /// calling [`update_entry`](Self::update_entry) for each in turn: one
+    /// result per entry, in order, revisions contiguous in that order. An
+    /// entry refused (not found, a duplicate of a stored entry or of one
+    /// updated earlier in the batch, unstorable) gets its error in its
+    /// place and does not stop the others.
+    ///
+    /// `Err` when the database fails: then nothing of the batch is written.
+    /// On PostgreSQL that includes an update the unique index refuses
+    /// although the duplicate check passed (a hash collision of two
+    /// different selector sets): the failed statement ends the transaction.
+    async fn update_entries(
+        &self,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<Result<Entry, StoreError>>, StoreError>;
     /// Deletes and returns the entry; NotFound if absent.
     async fn delete_entry(&self, id: &EntryId) -> Result<Entry, StoreError>;
+    /// Deletes entries in one transaction, with the outcome of calling
+    /// [`delete_entry`](Self::delete_entry) for each in turn: one result
+    /// per ID, in order, a change each (revisions contiguous in that
+    /// order); an ID not found (or given twice) is [`StoreError::NotFound`]
+    /// in its place.
+    ///
+    /// `Err` when the database fails: then nothing of the batch is written.
+    async fn delete_entries(
+        &self,
+        ids: &[EntryId],
+    ) -> Result<Vec<Result<Entry, StoreError>>, StoreError>;
     /// The entry with this id, if any.
     async fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError>;
     /// Every entry plus the revision they are consistent with (read in one transaction).

@@ -167,6 +167,72 @@ where
         Ok(())
     }
 
+    /// Replaces stored entry `entry.id` with `entry` under `revision`,
+    /// keeping the stored `created_at` (set into `entry`). The inner error is
+    /// the refusal [`Store::update_entry`] documents (not found, a
+    /// duplicate), with nothing written; the outer one a database failure.
+    async fn replace_entry(
+        &mut self,
+        entry: &mut Entry,
+        cols: &EntryColumns,
+        revision: u64,
+    ) -> Result<Result<(), StoreError>, StoreError> {
+        let Some(stored) = self.fetch_entry(entry.id.as_str()).await? else {
+            return Ok(Err(StoreError::NotFound(format!("entry {}", entry.id))));
+        };
+        entry.created_at = stored.created_at;
+        entry.revision = revision;
+        if let Some(other) = self
+            .find_duplicate(entry, &cols.selectors, i64::MAX)
+            .await?
+        {
+            return Ok(Err(duplicate_error(entry, &other)));
+        }
+        // created_at is the stored one, written back unchanged.
+        match self
+            .write_entry(
+                "UPDATE entries SET spiffe_id = $2, parent_id = $3, selectors = $4, \
+                 x509_svid_ttl = $5, jwt_svid_ttl = $6, dns_names = $7, federates_with = $8, \
+                 admin = $9, downstream = $10, hint = $11, expires_at = $12, revision = $13, \
+                 created_at = $14, attributes = $15 WHERE id = $1",
+                entry,
+                cols,
+            )
+            .await
+        {
+            Ok(()) => Ok(Ok(())),
+            Err(refused @ StoreError::AlreadyExists(_)) => Ok(Err(refused)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes stored entry `id`; the entry as it was, or `None` when there
+    /// is none.
+    async fn remove_entry(&mut self, id: &EntryId) -> Result<Option<Entry>, StoreError> {
+        sqlx::query(concat!(
+            "DELETE FROM entries WHERE id = $1 RETURNING ",
+            entry_cols!()
+        ))
+        .bind(id.as_str())
+        .fetch_optional(self.conn())
+        .await?
+        .as_ref()
+        .map(entry_from_row)
+        .transpose()
+    }
+
+    /// Ends a batch that reserved revisions and used them up to `last`:
+    /// with changes, gives back the revisions it did not use, records the
+    /// changes and commits; without, rolls back (the reservation with it).
+    async fn finish_batch(mut self, changes: &[EntryChange], last: u64) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.release_unused(last).await?;
+        self.record_entry_changes(changes).await?;
+        self.finish().await
+    }
+
     /// Records the entry changes of a batch, `CHANGE_ROWS` rows a statement.
     async fn record_entry_changes(&mut self, changes: &[EntryChange]) -> Result<(), StoreError> {
         for chunk in changes.chunks(CHANGE_ROWS) {
@@ -181,7 +247,7 @@ where
             for change in chunk {
                 query = query
                     .bind(change.revision)
-                    .bind(codec::ENTRY_UPSERTED)
+                    .bind(change.kind)
                     .bind(change.subject.as_str())
                     .bind(Some(change.payload.as_str()));
             }
@@ -385,11 +451,63 @@ const ENTRY_ROWS: usize = 16;
 /// many enough that the round trips stop mattering.
 const CHANGE_ROWS: usize = 64;
 
-/// The change a batch records for one entry it created.
+/// The change a batch records for one entry it wrote.
 struct EntryChange {
     revision: i64,
+    /// `codec::ENTRY_UPSERTED` or `codec::ENTRY_DELETED`.
+    kind: &'static str,
     subject: String,
     payload: String,
+}
+
+impl EntryChange {
+    fn new(kind: &'static str, revision: u64, entry: &Entry) -> Result<Self, StoreError> {
+        Ok(Self {
+            revision: codec::to_i64("revision", revision)?,
+            kind,
+            subject: entry.id.to_string(),
+            payload: codec::entry_json(entry)?,
+        })
+    }
+}
+
+/// The entries of a batch that can be stored, with their columns, and per
+/// entry its refusal (unstorable), or `None` where it went. Encoded before
+/// the transaction, so an unstorable entry is refused on its own and
+/// reserves no revision.
+#[allow(clippy::type_complexity, reason = "a pair of plain vectors")]
+fn encode_batch(
+    entries: Vec<Entry>,
+) -> (
+    Vec<(Entry, EntryColumns)>,
+    Vec<Option<Result<Entry, StoreError>>>,
+) {
+    let mut refused = Vec::with_capacity(entries.len());
+    let mut storable = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match EntryColumns::new(&entry) {
+            Ok(cols) => {
+                storable.push((entry, cols));
+                refused.push(None);
+            }
+            Err(refusal) => refused.push(Some(Err(refusal))),
+        }
+    }
+    (storable, refused)
+}
+
+/// The results of a batch in the caller's order: each refusal of
+/// [`encode_batch`] in its place, the transaction's outcomes, in order, in
+/// the others.
+fn merge_batch(
+    refused: Vec<Option<Result<Entry, StoreError>>>,
+    outcomes: Vec<Result<Entry, StoreError>>,
+) -> Vec<Result<Entry, StoreError>> {
+    let mut outcomes = outcomes.into_iter();
+    refused
+        .into_iter()
+        .filter_map(|r| r.or_else(|| outcomes.next()))
+        .collect()
 }
 
 /// An entry's columns in database form, encoded before any write so that an
@@ -457,19 +575,7 @@ where
         &self,
         entries: Vec<Entry>,
     ) -> Result<Vec<Result<Entry, StoreError>>, StoreError> {
-        // Encoded before the transaction, so an unstorable entry is refused
-        // on its own and reserves no revision.
-        let mut results = Vec::with_capacity(entries.len());
-        let mut storable = Vec::with_capacity(entries.len());
-        for entry in entries {
-            match EntryColumns::new(&entry) {
-                Ok(cols) => {
-                    storable.push((entry, cols));
-                    results.push(None);
-                }
-                Err(refusal) => results.push(Some(Err(refusal))),
-            }
-        }
+        let (mut storable, results) = encode_batch(entries);
         if storable.is_empty() {
             return Ok(results.into_iter().flatten().collect());
         }
@@ -498,52 +604,19 @@ where
             }
             // Failing here (it cannot for a storable entry) fails the whole
             // batch: the entry's row is already written.
-            changes.push(EntryChange {
-                revision: codec::to_i64("revision", next)?,
-                subject: entry.id.to_string(),
-                payload: codec::entry_json(&entry)?,
-            });
+            changes.push(EntryChange::new(codec::ENTRY_UPSERTED, next, &entry)?);
             next += 1;
             outcomes.push(Ok(entry));
         }
-        if !changes.is_empty() {
-            write.release_unused(next - 1).await?;
-            write.record_entry_changes(&changes).await?;
-            write.finish().await?;
-        }
-        // Else dropped: rolled back, the reserved revisions with it.
-        let mut outcomes = outcomes.into_iter();
-        Ok(results
-            .into_iter()
-            .filter_map(|r| r.or_else(|| outcomes.next()))
-            .collect())
+        write.finish_batch(&changes, next - 1).await?;
+        Ok(merge_batch(results, outcomes))
     }
 
     async fn update_entry(&self, mut entry: Entry) -> Result<Entry, StoreError> {
-        let mut write = Write::begin(self).await?;
-        entry.revision = write.revision;
         let cols = EntryColumns::new(&entry)?;
-        let Some(stored) = write.fetch_entry(entry.id.as_str()).await? else {
-            return Err(StoreError::NotFound(format!("entry {}", entry.id)));
-        };
-        entry.created_at = stored.created_at;
-        if let Some(other) = write
-            .find_duplicate(&entry, &cols.selectors, i64::MAX)
-            .await?
-        {
-            return Err(duplicate_error(&entry, &other));
-        }
-        // created_at is the stored one, written back unchanged.
-        write
-            .write_entry(
-                "UPDATE entries SET spiffe_id = $2, parent_id = $3, selectors = $4, \
-                 x509_svid_ttl = $5, jwt_svid_ttl = $6, dns_names = $7, federates_with = $8, \
-                 admin = $9, downstream = $10, hint = $11, expires_at = $12, revision = $13, \
-                 created_at = $14, attributes = $15 WHERE id = $1",
-                &entry,
-                &cols,
-            )
-            .await?;
+        let mut write = Write::begin(self).await?;
+        let revision = write.revision;
+        write.replace_entry(&mut entry, &cols, revision).await??;
         let payload = codec::entry_json(&entry)?;
         write
             .commit(codec::ENTRY_UPSERTED, entry.id.as_str(), Some(&payload))
@@ -551,20 +624,69 @@ where
         Ok(entry)
     }
 
+    async fn update_entries(
+        &self,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<Result<Entry, StoreError>>, StoreError> {
+        let (storable, results) = encode_batch(entries);
+        if storable.is_empty() {
+            return Ok(results.into_iter().flatten().collect());
+        }
+        let reserved = storable.len() as u64;
+        let mut write = Write::begin_reserving(self, reserved).await?;
+        let mut next = write.revision + 1 - reserved;
+        let mut changes = Vec::with_capacity(storable.len());
+        let mut outcomes = Vec::with_capacity(storable.len());
+        for (mut entry, cols) in storable {
+            match write.replace_entry(&mut entry, &cols, next).await? {
+                Ok(()) => {
+                    changes.push(EntryChange::new(codec::ENTRY_UPSERTED, next, &entry)?);
+                    next += 1;
+                    outcomes.push(Ok(entry));
+                }
+                Err(refusal) => outcomes.push(Err(refusal)),
+            }
+        }
+        write.finish_batch(&changes, next - 1).await?;
+        Ok(merge_batch(results, outcomes))
+    }
+
     async fn delete_entry(&self, id: &EntryId) -> Result<Entry, StoreError> {
         let mut write = Write::begin(self).await?;
-        let Some(entry) = write.fetch_entry(id.as_str()).await? else {
+        let Some(entry) = write.remove_entry(id).await? else {
             return Err(StoreError::NotFound(format!("entry {id}")));
         };
-        sqlx::query("DELETE FROM entries WHERE id = $1")
-            .bind(id.as_str())
-            .execute(write.conn())
-            .await?;
         let payload = codec::entry_json(&entry)?;
         write
             .commit(codec::ENTRY_DELETED, id.as_str(), Some(&payload))
             .await?;
         Ok(entry)
+    }
+
+    async fn delete_entries(
+        &self,
+        ids: &[EntryId],
+    ) -> Result<Vec<Result<Entry, StoreError>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reserved = ids.len() as u64;
+        let mut write = Write::begin_reserving(self, reserved).await?;
+        let mut next = write.revision + 1 - reserved;
+        let mut changes = Vec::with_capacity(ids.len());
+        let mut outcomes = Vec::with_capacity(ids.len());
+        for id in ids {
+            match write.remove_entry(id).await? {
+                Some(entry) => {
+                    changes.push(EntryChange::new(codec::ENTRY_DELETED, next, &entry)?);
+                    next += 1;
+                    outcomes.push(Ok(entry));
+                }
+                None => outcomes.push(Err(StoreError::NotFound(format!("entry {id}")))),
+            }
+        }
+        write.finish_batch(&changes, next - 1).await?;
+        Ok(outcomes)
     }
 
     async fn get_entry(&self, id: &EntryId) -> Result<Option<Entry>, StoreError> {

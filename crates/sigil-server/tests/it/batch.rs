@@ -1,6 +1,7 @@
-//! `ServerState::create_entries`, the bulk path of BatchCreateEntry: one
-//! store transaction for the batch, with the outcome, entry by entry, of
-//! creating the entries one after the other.
+//! `ServerState::create_entries`, `update_entries` and `delete_entries`,
+//! the bulk paths of BatchCreateEntry, BatchUpdateEntry and
+//! BatchDeleteEntry: one store transaction for the batch, with the outcome,
+//! entry by entry, of writing the entries one after the other.
 
 #![allow(
     clippy::unwrap_used,
@@ -11,7 +12,7 @@
 
 use sigil_server::error::{EntryRefusal, ServerError};
 use sigil_server::{ServerConfig, ServerHandle};
-use sigil_types::{Entry, Selectors, TrustDomain};
+use sigil_types::{Entry, EntryId, Selectors, TrustDomain};
 
 async fn server(dir: &tempfile::TempDir) -> ServerHandle {
     sigil_svid::install_crypto_provider();
@@ -134,4 +135,131 @@ async fn a_batch_of_refusals_writes_nothing() {
         .unwrap();
     assert!(results.iter().all(Result::is_err), "{results:?}");
     assert_eq!(s.state().store().revision().await.unwrap(), before);
+}
+
+/// The entries both servers of a comparison hold before the batch.
+const STORED: [(&str, &str, &str); 5] = [
+    ("a", "/a", "unix:uid:1"),
+    ("b", "/b", "unix:uid:1"),
+    ("c", "/c", "unix:uid:1"),
+    ("d", "/d", "unix:uid:1"),
+    ("stored", "/stored", "unix:uid:0"),
+];
+
+/// Two servers holding `STORED`: one for single calls, one for the batch.
+async fn pair(dirs: &(tempfile::TempDir, tempfile::TempDir)) -> (ServerHandle, ServerHandle) {
+    let (one, batch) = (server(&dirs.0).await, server(&dirs.1).await);
+    for s in [&one, &batch] {
+        for (id, path, selector) in STORED {
+            s.state()
+                .create_entry(entry(id, path, selector))
+                .await
+                .unwrap();
+        }
+    }
+    (one, batch)
+}
+
+/// Every rule an update can break, and entries handing their parent ID,
+/// SPIFFE ID and selectors to one another within the batch.
+fn updates() -> Vec<Result<Entry, ServerError>> {
+    vec![
+        // a moves away from /a, and b takes /a after it.
+        Ok(entry("a", "/a-moved", "unix:uid:1")),
+        Ok(entry("b", "/a", "unix:uid:1")),
+        Ok(entry("missing", "/m", "unix:uid:1")),
+        // Duplicates a, moved there earlier in the batch.
+        Ok(entry("c", "/a-moved", "unix:uid:1")),
+        // Duplicates d, which moves away only later in the batch.
+        Ok(entry("c", "/d", "unix:uid:1")),
+        // Duplicates the entry no update touches.
+        Ok(entry("c", "/stored", "unix:uid:0")),
+        Ok(entry("c", "/sigil/agent/x", "unix:uid:1")),
+        Err(EntryRefusal::MissingId.into()),
+        Ok(entry("d", "/d-moved", "unix:uid:1")),
+        // Now free: d moved away.
+        Ok(entry("c", "/d", "unix:uid:1")),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_updates_has_the_outcome_of_updating_one_after_the_other() {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (one, batch) = pair(&dirs).await;
+    let mut singly = Vec::new();
+    for r in updates() {
+        singly.push(match r {
+            Ok(e) => one.state().update_entry(e).await,
+            Err(e) => Err(e),
+        });
+    }
+    let before = batch.state().store().revision().await.unwrap();
+    let batched = batch.state().update_entries(updates()).await.unwrap();
+
+    assert_eq!(outcome(&batched), outcome(&singly));
+    for (i, other) in [(3, "a"), (4, "d"), (5, "stored")] {
+        assert!(
+            matches!(
+                &batched[i],
+                Err(ServerError::Entry(EntryRefusal::Duplicate(o))) if o.as_str() == other
+            ),
+            "result {i}: {:?}",
+            batched[i]
+        );
+    }
+    let written: Vec<&Entry> = batched.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(
+        written.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "d", "c"]
+    );
+    let revisions: Vec<u64> = written.iter().map(|e| e.revision).collect();
+    assert_eq!(revisions, [before + 1, before + 2, before + 3, before + 4]);
+    // The index holds them on return, as the single updates left theirs.
+    for (id, ..) in STORED {
+        let id: EntryId = id.parse().unwrap();
+        let path = |s: &ServerHandle| s.state().index().get(&id).map(|e| e.spiffe_id.clone());
+        assert_eq!(path(&batch), path(&one), "entry {id}");
+    }
+    for e in &written {
+        assert_eq!(batch.state().index().get(&e.id).as_deref(), Some(*e));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_deletes_has_the_outcome_of_deleting_one_after_the_other() {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (one, batch) = pair(&dirs).await;
+    let ids = || -> Vec<Result<EntryId, ServerError>> {
+        vec![
+            Ok("a".parse().unwrap()),
+            Ok("missing".parse().unwrap()),
+            Err(EntryRefusal::MissingId.into()),
+            Ok("c".parse().unwrap()),
+            Ok("a".parse().unwrap()),
+        ]
+    };
+    let mut singly = Vec::new();
+    for r in ids() {
+        singly.push(match r {
+            Ok(id) => one.state().delete_entry(&id).await,
+            Err(e) => Err(e),
+        });
+    }
+    let before = batch.state().store().revision().await.unwrap();
+    let batched = batch.state().delete_entries(ids()).await.unwrap();
+    assert_eq!(outcome(&batched), outcome(&singly));
+    assert_eq!(
+        outcome(&batched)
+            .into_iter()
+            .filter_map(Result::ok)
+            .collect::<Vec<_>>(),
+        ["a", "c"]
+    );
+    assert_eq!(batch.state().store().revision().await.unwrap(), before + 2);
+    // Gone from the index on return; the others stay.
+    for (id, ..) in STORED {
+        let id: EntryId = id.parse().unwrap();
+        let held = batch.state().index().get(&id).is_some();
+        assert_eq!(held, !["a", "c"].contains(&id.as_str()), "entry {id}");
+    }
 }

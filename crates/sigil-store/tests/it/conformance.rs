@@ -55,6 +55,8 @@ macro_rules! conformance_suite {
             batch_create_refuses_each_entry_on_its_own,
             batch_create_all_refused_writes_nothing,
             concurrent_batches_commit_revisions_in_order,
+            batch_update_refuses_each_entry_on_its_own,
+            batch_delete_refuses_each_id_on_its_own,
         );
     };
     (@cases $make:path, $mode:ident; $($case:ident),* $(,)?) => {
@@ -1106,6 +1108,143 @@ pub(crate) async fn batch_create_all_refused_writes_nothing(store: Arc<dyn Store
     assert_eq!(store.list_entries().await.unwrap().entries.len(), 1);
 }
 
+/// A batch of updates has the outcome of updating its entries one after
+/// the other: one not found, unstorable, or duplicating a stored entry or
+/// one updated earlier in the batch is refused with the message a single
+/// update gives; the others are written with contiguous revisions in batch
+/// order, their stored `created_at`, and one change each. An entry may
+/// take the parent ID, SPIFFE ID and selectors another one gave up earlier
+/// in the same batch.
+pub(crate) async fn batch_update_refuses_each_entry_on_its_own(store: Arc<dyn Store>) {
+    for name in ["a", "b", "c", "stored"] {
+        store.create_entry(simple_entry(name)).await.unwrap();
+    }
+    let base = store.revision().await.unwrap();
+
+    // a gives up its SPIFFE ID, and b takes it after that.
+    let mut a = simple_entry("a");
+    a.spiffe_id = sid("spiffe://example.org/w/a-moved");
+    a.created_at = 99;
+    let mut b_as_old_a = simple_entry("b");
+    b_as_old_a.spiffe_id = sid("spiffe://example.org/w/a");
+    // c takes a's new SPIFFE ID: a duplicate of a, updated earlier.
+    let mut c_as_a = simple_entry("c");
+    c_as_a.spiffe_id = sid("spiffe://example.org/w/a-moved");
+    let mut c_as_stored = simple_entry("c");
+    c_as_stored.spiffe_id = sid("spiffe://example.org/w/stored");
+    let mut unstorable = simple_entry("c");
+    unstorable.jwt_svid_ttl = u64::MAX;
+    let mut c = simple_entry("c");
+    c.hint = "updated".into();
+    let batch = vec![
+        a,
+        simple_entry("missing"),
+        b_as_old_a,
+        c_as_a.clone(),
+        c_as_stored.clone(),
+        unstorable,
+        c,
+    ];
+    let results = store.update_entries(batch).await.unwrap();
+    assert_eq!(results.len(), 7);
+    let a = results[0].as_ref().unwrap();
+    assert_eq!(
+        (a.revision, a.created_at),
+        (base + 1, 1),
+        "stored created_at kept"
+    );
+    assert!(
+        matches!(&results[1], Err(StoreError::NotFound(m)) if m == "entry missing"),
+        "{:?}",
+        results[1]
+    );
+    assert_eq!(results[2].as_ref().unwrap().revision, base + 2);
+    assert!(refusal(&results[3]).starts_with("entry a already has parent_id"));
+    assert!(refusal(&results[4]).starts_with("entry stored already has parent_id"));
+    assert!(matches!(&results[5], Err(StoreError::Unstorable(_))));
+    let c = results[6].as_ref().unwrap();
+    assert_eq!((c.revision, c.hint.as_str()), (base + 3, "updated"));
+
+    // What was written is what a reader sees, one change each, in order.
+    assert_eq!(store.revision().await.unwrap(), base + 3);
+    let feed = store.changes_since(base, 100).await.unwrap();
+    assert_eq!(revisions(&feed), vec![base + 1, base + 2, base + 3]);
+    for (change, want) in feed.iter().zip([&results[0], &results[2], &results[6]]) {
+        assert_eq!(
+            change.kind,
+            ChangeKind::EntryUpserted(want.as_ref().unwrap().clone())
+        );
+    }
+    assert_eq!(
+        store.get_entry(&id("b")).await.unwrap().unwrap().spiffe_id,
+        sid("spiffe://example.org/w/a")
+    );
+    // Single updates of the refused entries are refused in the same words.
+    assert_eq!(
+        refusal(&store.update_entry(c_as_a).await),
+        refusal(&results[3])
+    );
+    assert_eq!(
+        refusal(&store.update_entry(c_as_stored).await),
+        refusal(&results[4])
+    );
+
+    // A batch with nothing to write writes nothing, not even a revision.
+    let results = store
+        .update_entries(vec![simple_entry("missing")])
+        .await
+        .unwrap();
+    assert!(matches!(&results[0], Err(StoreError::NotFound(_))));
+    assert!(store.update_entries(vec![]).await.unwrap().is_empty());
+    assert_eq!(store.revision().await.unwrap(), base + 3);
+}
+
+/// A batch of deletes has the outcome of deleting its IDs one after the
+/// other: each entry deleted returns as it was, with a change of its own
+/// under contiguous revisions; an ID not found, or given a second time,
+/// is `NotFound` in its place.
+pub(crate) async fn batch_delete_refuses_each_id_on_its_own(store: Arc<dyn Store>) {
+    let a = store.create_entry(full_entry("a")).await.unwrap();
+    let b = store.create_entry(simple_entry("b")).await.unwrap();
+    store.create_entry(simple_entry("kept")).await.unwrap();
+    let base = store.revision().await.unwrap();
+
+    let results = store
+        .delete_entries(&[id("a"), id("missing"), id("b"), id("a")])
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 4);
+    assert_eq!(results[0].as_ref().unwrap(), &a);
+    assert!(
+        matches!(&results[1], Err(StoreError::NotFound(m)) if m == "entry missing"),
+        "{:?}",
+        results[1]
+    );
+    assert_eq!(results[2].as_ref().unwrap(), &b);
+    assert!(matches!(&results[3], Err(StoreError::NotFound(_))));
+
+    assert_eq!(store.revision().await.unwrap(), base + 2);
+    let feed = store.changes_since(base, 100).await.unwrap();
+    assert_eq!(revisions(&feed), vec![base + 1, base + 2]);
+    assert_eq!(feed[0].kind, ChangeKind::EntryDeleted(a));
+    assert_eq!(feed[1].kind, ChangeKind::EntryDeleted(b));
+    let left: Vec<EntryId> = store
+        .list_entries()
+        .await
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, vec![id("kept")]);
+
+    // Nothing to delete: nothing written, not even a revision.
+    let results = store.delete_entries(&[id("a")]).await.unwrap();
+    assert!(matches!(&results[0], Err(StoreError::NotFound(_))));
+    assert!(store.delete_entries(&[]).await.unwrap().is_empty());
+    assert_eq!(store.revision().await.unwrap(), base + 2);
+}
+
 /// Batches and single creates racing: every revision is handed out once,
 /// each batch's are contiguous (it commits as one), and a follower reading
 /// the feed meanwhile never sees a gap; the feed has one change per entry.
@@ -1187,4 +1326,43 @@ pub(crate) async fn batch_failure_writes_nothing(store: Arc<dyn Store>, fails: &
         .unwrap();
     assert_eq!(results[0].as_ref().unwrap().revision, base + 1);
     assert_eq!(results[1].as_ref().unwrap().revision, base + 2);
+}
+
+/// Batches of updates and deletes the database fails partway (`stuck` is
+/// a stored entry whose update and delete the backend's test has made
+/// fail) write nothing either: not the entries before it, not their
+/// changes, not a revision.
+pub(crate) async fn update_and_delete_batch_failures_write_nothing(
+    store: Arc<dyn Store>,
+    stuck: &str,
+) {
+    let names: Vec<String> = (1..=100).map(|i| format!("u{i}")).collect();
+    for name in &names {
+        store.create_entry(simple_entry(name)).await.unwrap();
+    }
+    let base = store.revision().await.unwrap();
+    let before = store.list_entries().await.unwrap().entries;
+
+    let mut updates: Vec<Entry> = names
+        .iter()
+        .map(|n| {
+            let mut e = simple_entry(n);
+            e.hint = "changed".into();
+            e
+        })
+        .collect();
+    updates.insert(60, simple_entry(stuck));
+    match store.update_entries(updates).await {
+        Err(StoreError::Backend(_)) => {}
+        other => panic!("want the update batch to fail with a backend error, got {other:?}"),
+    }
+    let mut ids: Vec<EntryId> = names.iter().map(|n| id(n)).collect();
+    ids.insert(60, id(stuck));
+    match store.delete_entries(&ids).await {
+        Err(StoreError::Backend(_)) => {}
+        other => panic!("want the delete batch to fail with a backend error, got {other:?}"),
+    }
+    assert_eq!(store.revision().await.unwrap(), base);
+    assert!(store.changes_since(base, 10).await.unwrap().is_empty());
+    assert_eq!(store.list_entries().await.unwrap().entries, before);
 }

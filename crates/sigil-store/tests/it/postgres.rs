@@ -558,3 +558,28 @@ async fn batch_failing_partway_writes_nothing() {
     conn.close().await.unwrap();
     crate::conformance::batch_failure_writes_nothing(Arc::new(store), "boom").await;
 }
+
+/// The same for batches of updates and deletes: a trigger fails the update
+/// and the delete of one stored entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_and_delete_batches_failing_partway_write_nothing() {
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = db.store().await;
+    store.create_entry(simple_entry("stuck")).await.unwrap();
+    let mut conn = db.options().connect().await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION fail_stuck() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF OLD.id = 'stuck' THEN RAISE EXCEPTION 'injected fault'; END IF; \
+         IF TG_OP = 'DELETE' THEN RETURN OLD; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER fail_stuck BEFORE UPDATE OR DELETE ON entries FOR EACH ROW \
+         EXECUTE FUNCTION fail_stuck();",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    crate::conformance::update_and_delete_batch_failures_write_nothing(Arc::new(store), "stuck")
+        .await;
+}

@@ -205,3 +205,29 @@ async fn batch_failing_partway_writes_nothing() {
     conn.close().await.unwrap();
     crate::conformance::batch_failure_writes_nothing(Arc::new(store), "boom").await;
 }
+
+/// The same for batches of updates and deletes: triggers fail the update
+/// and the delete of one stored entry.
+#[tokio::test]
+async fn update_and_delete_batches_failing_partway_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sigil.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    store.create_entry(simple_entry("stuck")).await.unwrap();
+    let mut conn = SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
+    for trigger in [
+        "CREATE TRIGGER fail_update BEFORE UPDATE ON entries WHEN OLD.id = 'stuck' \
+         BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+        "CREATE TRIGGER fail_delete BEFORE DELETE ON entries WHEN OLD.id = 'stuck' \
+         BEGIN SELECT RAISE(ABORT, 'injected fault'); END",
+    ] {
+        sqlx::query(trigger).execute(&mut conn).await.unwrap();
+    }
+    conn.close().await.unwrap();
+    crate::conformance::update_and_delete_batch_failures_write_nothing(Arc::new(store), "stuck")
+        .await;
+}
