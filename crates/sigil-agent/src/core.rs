@@ -920,6 +920,11 @@ impl<S: ServerClient> Core<S> {
         };
         flight.batch = None;
         let retry_at = flight.at + self.cfg.min_backoff.max(Duration::from_secs(1));
+        // The next request goes out before this answer is taken in, so
+        // that its keys are made and the server signs while the core
+        // checks and holds these SVIDs.
+        let answered = matches!(&answer, Some(Signed { result: Ok(_), .. }));
+        let sent = answered && self.send_batch(flight);
         match answer {
             Some(signed) => self.take_signed(signed, flight),
             None => flight.failed = true,
@@ -928,7 +933,7 @@ impl<S: ServerClient> Core<S> {
             // The rest of the round is not sent.
             self.sign_retry_at = Some(retry_at);
             *signing = None;
-        } else if !self.send_batch(flight) {
+        } else if !sent {
             // Entries the server refused (say, an entry it had not yet
             // applied) are tried again soon rather than at the next
             // unrelated event.
@@ -1861,16 +1866,23 @@ mod tests {
                 {
                     return Err(tonic::Status::unavailable("busy"));
                 }
-                let entries = self.0.entries.lock().unwrap().clone();
-                let entries: HashMap<&str, &Entry> =
-                    entries.iter().map(|e| (e.id.as_str(), e)).collect();
+                // The SPIFFE IDs asked for, looked up under the lock.
+                let entries: HashMap<String, SpiffeId> = {
+                    let held = self.0.entries.lock().unwrap();
+                    let asked: std::collections::HashSet<&str> =
+                        req.params.iter().map(|p| p.entry_id.as_str()).collect();
+                    held.iter()
+                        .filter(|e| asked.contains(e.id.as_str()))
+                        .map(|e| (e.id.to_string(), e.spiffe_id.clone()))
+                        .collect()
+                };
                 let results = req
                     .params
                     .iter()
-                    .map(|p| match entries.get(p.entry_id.as_str()) {
-                        Some(e) => pb::X509svidResult {
+                    .map(|p| match entries.get(&p.entry_id) {
+                        Some(spiffe_id) => pb::X509svidResult {
                             entry_id: p.entry_id.clone(),
-                            cert_chain: vec![self.sign(&e.spiffe_id, self.0.svid_ttl, &p.csr)],
+                            cert_chain: vec![self.sign(spiffe_id, self.0.svid_ttl, &p.csr)],
                             error: String::new(),
                         },
                         None => pb::X509svidResult {

@@ -105,7 +105,8 @@ impl Interest {
         if *mine == ids {
             return;
         }
-        let added: Vec<&EntryId> = ids.iter().filter(|id| !mine.contains(id)).collect();
+        let before: HashSet<&EntryId> = mine.iter().collect();
+        let added: Vec<&EntryId> = ids.iter().filter(|id| !before.contains(id)).collect();
         let mut s = self.demand.state();
         for id in &ids {
             *s.open.entry(id.clone()).or_default() += 1;
@@ -113,6 +114,7 @@ impl Interest {
         release(&mut s, &mine);
         drop(s);
         self.demand.ask(added);
+        drop(before);
         *mine = ids;
     }
 }
