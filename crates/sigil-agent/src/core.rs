@@ -206,6 +206,9 @@ pub(crate) struct Core<S> {
     /// (never asked: 0): the order in which the bound on SVIDs held
     /// (`x509_svid_cache_max_size`) drops them.
     pub(crate) by_asked: BTreeSet<(u64, EntryId)>,
+    /// Whether SVIDs were held or asked for since [`Core::enforce_bound`]
+    /// last looked.
+    pub(crate) bound_check: bool,
 }
 
 /// What a [`Core`] starts from: its configuration, its data directory, the
@@ -264,6 +267,7 @@ impl<S: ServerClient> Core<S> {
             asked_at: Default::default(),
             ask_count: 0,
             by_asked: Default::default(),
+            bound_check: true,
             identity: parts.identity,
             cfg: parts.cfg,
         };
@@ -496,6 +500,7 @@ impl<S: ServerClient> Core<S> {
         if asked.is_empty() {
             return;
         }
+        self.bound_check = true;
         self.ask_count += 1;
         for id in asked {
             if !self.entries.contains_key(&id) {
@@ -525,7 +530,7 @@ impl<S: ServerClient> Core<S> {
     /// leave the cache file too.
     fn enforce_bound(&mut self) {
         let bound = self.cfg.x509_svid_cache_max_size;
-        if bound == 0 || self.svids.len() <= bound {
+        if bound == 0 || self.svids.len() <= bound || !std::mem::take(&mut self.bound_check) {
             return;
         }
         let open: std::collections::HashSet<EntryId> = self
@@ -568,6 +573,7 @@ impl<S: ServerClient> Core<S> {
         self.expires.set(id.clone(), svid.not_after);
         self.touched.insert(id.clone());
         self.by_asked.insert(self.asked_key(&id));
+        self.bound_check = true;
         match self.entries.get(&id) {
             Some(e) if svid.fits(e) => {
                 self.unsigned.remove(&id);
