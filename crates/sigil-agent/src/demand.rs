@@ -176,4 +176,24 @@ mod tests {
         assert!(d.open().is_empty());
         assert_eq!(d.take_asked().len(), 2);
     }
+
+    /// Many streams matching the same entries add counts, not IDs: what the
+    /// record holds is bounded by the entries, not by the streams.
+    #[test]
+    fn many_streams_hold_one_id_per_entry() {
+        let d = Demand::default();
+        let streams: Vec<Interest> = (0..1000)
+            .map(|_| {
+                let i = d.interest();
+                i.set(ids(&["e1", "e2"]));
+                i
+            })
+            .collect();
+        assert_eq!(d.open().len(), 2);
+        assert_eq!(d.take_asked().len(), 2);
+        assert_eq!(d.state().open[&"e1".parse::<EntryId>().unwrap()], 1000);
+        drop(streams);
+        assert!(d.open().is_empty());
+        assert_eq!(d.take_asked().len(), 2);
+    }
 }
