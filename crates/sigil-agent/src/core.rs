@@ -550,6 +550,7 @@ impl<S: ServerClient> Core<S> {
             .take(idle - bound)
             .cloned()
             .collect();
+        self.metrics.svids_evicted.inc_by(evict.len() as u64);
         for key in evict {
             let id = &key.1;
             self.by_asked.remove(&key);
@@ -560,7 +561,6 @@ impl<S: ServerClient> Core<S> {
             self.unsigned.insert(id.clone());
             self.touched.insert(id.clone());
         }
-        self.metrics.svids_evicted.inc_by((idle - bound) as u64);
         self.dirty = true;
     }
 
