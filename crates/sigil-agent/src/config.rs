@@ -52,6 +52,8 @@ struct AgentSection {
     max_sync_update_entries: usize,
     #[serde(default = "default_max_sync_update_bytes")]
     max_sync_update_bytes: usize,
+    #[serde(default)]
+    x509_svid_cache_max_size: usize,
 }
 
 fn default_max_sync_update_entries() -> usize {
@@ -293,6 +295,10 @@ pub struct AgentConfig {
     /// What one sync update from the server may hold across its pages
     /// (`max_sync_update_entries`, `max_sync_update_bytes`).
     pub sync_update_bounds: crate::paging::UpdateBounds,
+    /// The most X509-SVIDs held for entries no open stream matches
+    /// (`x509_svid_cache_max_size`); 0: no bound, every entry's SVID is
+    /// held. See docs/configuration.md.
+    pub x509_svid_cache_max_size: usize,
 }
 
 impl AgentConfig {
@@ -319,6 +325,7 @@ impl AgentConfig {
             sds: SdsConfig::default(),
             limits: crate::limits::AgentLimits::default(),
             sync_update_bounds: crate::paging::UpdateBounds::default(),
+            x509_svid_cache_max_size: 0,
         }
     }
 
@@ -494,6 +501,7 @@ impl AgentConfig {
         };
         Ok(Self {
             sync_update_bounds,
+            x509_svid_cache_max_size: a.x509_svid_cache_max_size,
             sds,
             limits,
             k8s,
@@ -541,6 +549,24 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(bad.contains("\"b\" must be host:port"), "{bad}");
+    }
+
+    #[test]
+    fn x509_svid_cache_max_size_defaults_to_no_bound() {
+        let head = "[agent]\ntrust_domain = \"example.org\"\nserver_address = \"s:8081\"\n";
+        assert_eq!(
+            AgentConfig::parse(head, None)
+                .unwrap()
+                .x509_svid_cache_max_size,
+            0
+        );
+        let c =
+            AgentConfig::parse(&format!("{head}x509_svid_cache_max_size = 5000\n"), None).unwrap();
+        assert_eq!(c.x509_svid_cache_max_size, 5000);
+        let bad = AgentConfig::parse(&format!("{head}x509_svid_cache_max_size = -1\n"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("x509_svid_cache_max_size"), "{bad}");
     }
 
     #[test]

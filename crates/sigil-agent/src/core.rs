@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AgentError;
 use crate::config::AgentConfig;
+use crate::demand::Demand;
 use crate::persist::{AgentIdentity, CacheWriter, CachedState, Persist, WorkloadSvid};
 use crate::schedule::Timeline;
 use crate::selector_index::{AgeKey, SelectorIndex};
@@ -31,6 +32,13 @@ use crate::time::Clock;
 
 /// Most CSRs sent in one signing request.
 const CSR_BATCH: usize = 500;
+
+/// CSRs in the first request of a signing round (apart from entries a
+/// caller waits for); each later request holds twice as many as the one
+/// before, up to [`CSR_BATCH`]. Small first requests put the first SVIDs
+/// before the callers within milliseconds of a start with thousands due;
+/// growing ones keep the number of requests near that of full batches.
+const FIRST_BATCH: usize = 16;
 
 /// Federated bundles by trust domain; never holds the agent's own.
 pub type FederatedBundles = BTreeMap<TrustDomain, Arc<Bundle>>;
@@ -186,6 +194,21 @@ pub(crate) struct Core<S> {
     /// The wall clock certificate times are read against (see [`crate::time`]).
     pub(crate) clock: Clock,
     pub(crate) tainted: Arc<Tainted>,
+    /// What the Workload API and SDS callers ask for.
+    pub(crate) demand: Demand,
+    /// Entries a caller asked for that have no SVID served: signed first.
+    pub(crate) wanted: BTreeSet<EntryId>,
+    /// When each entry was last asked for, as a count of
+    /// [`Core::take_demand`] calls that found something asked.
+    pub(crate) asked_at: HashMap<EntryId, u64>,
+    pub(crate) ask_count: u64,
+    /// The entries with an SVID held, least recently asked for first
+    /// (never asked: 0): the order in which the bound on SVIDs held
+    /// (`x509_svid_cache_max_size`) drops them.
+    pub(crate) by_asked: BTreeSet<(u64, EntryId)>,
+    /// Whether SVIDs were held or asked for since [`Core::enforce_bound`]
+    /// last looked.
+    pub(crate) bound_check: bool,
 }
 
 /// What a [`Core`] starts from: its configuration, its data directory, the
@@ -239,6 +262,12 @@ impl<S: ServerClient> Core<S> {
             sign_retry_at: None,
             clock: Clock::system(),
             tainted: Default::default(),
+            demand: Demand::default(),
+            wanted: Default::default(),
+            asked_at: Default::default(),
+            ask_count: 0,
+            by_asked: Default::default(),
+            bound_check: true,
             identity: parts.identity,
             cfg: parts.cfg,
         };
@@ -452,7 +481,87 @@ impl<S: ServerClient> Core<S> {
         self.renew_at.remove(id);
         self.expires.remove(id);
         self.unsigned.remove(id);
+        self.wanted.remove(id);
+        let asked = self.asked_at.remove(id).unwrap_or(0);
+        self.by_asked.remove(&(asked, id.clone()));
         self.touched.insert(id.clone());
+    }
+
+    /// The entry's key in [`Core::by_asked`].
+    fn asked_key(&self, id: &EntryId) -> (u64, EntryId) {
+        (self.asked_at.get(id).copied().unwrap_or(0), id.clone())
+    }
+
+    /// Takes what callers asked for since the last call: the entries
+    /// become the most recently asked, and those without an SVID served
+    /// are signed first.
+    pub(crate) fn take_demand(&mut self) {
+        let asked = self.demand.take_asked();
+        if asked.is_empty() {
+            return;
+        }
+        self.bound_check = true;
+        self.ask_count += 1;
+        for id in asked {
+            if !self.entries.contains_key(&id) {
+                continue;
+            }
+            if self.svids.contains_key(&id) {
+                self.by_asked.remove(&self.asked_key(&id));
+                self.by_asked.insert((self.ask_count, id.clone()));
+            }
+            self.asked_at.insert(id.clone(), self.ask_count);
+            if !self.served_svids.contains_key(&id) {
+                self.wanted.insert(id);
+            }
+        }
+    }
+
+    /// Whether SVIDs are bounded now: a bound is set and the entries
+    /// outnumber it. Otherwise every entry's SVID is held.
+    fn bounded(&self) -> bool {
+        let bound = self.cfg.x509_svid_cache_max_size;
+        bound > 0 && self.entries.len() > bound
+    }
+
+    /// Drops the least recently asked SVIDs that no open stream matches
+    /// until at most `x509_svid_cache_max_size` such (idle) SVIDs are held;
+    /// their entries are signed again when a caller asks. Dropped SVIDs
+    /// leave the cache file too.
+    fn enforce_bound(&mut self) {
+        let bound = self.cfg.x509_svid_cache_max_size;
+        if bound == 0 || self.svids.len() <= bound || !std::mem::take(&mut self.bound_check) {
+            return;
+        }
+        let open: std::collections::HashSet<EntryId> = self
+            .demand
+            .open()
+            .into_iter()
+            .filter(|id| self.svids.contains_key(id))
+            .collect();
+        let idle = self.svids.len() - open.len();
+        if idle <= bound {
+            return;
+        }
+        let evict: Vec<(u64, EntryId)> = self
+            .by_asked
+            .iter()
+            .filter(|(_, id)| !open.contains(id))
+            .take(idle - bound)
+            .cloned()
+            .collect();
+        self.metrics.svids_evicted.inc_by(evict.len() as u64);
+        for key in evict {
+            let id = &key.1;
+            self.by_asked.remove(&key);
+            self.svids.remove(id);
+            self.served_svids.remove(id);
+            self.renew_at.remove(id);
+            self.expires.remove(id);
+            self.unsigned.insert(id.clone());
+            self.touched.insert(id.clone());
+        }
+        self.dirty = true;
     }
 
     /// Holds `svid` as the SVID of its entry, due for renewal at `renew`,
@@ -463,9 +572,12 @@ impl<S: ServerClient> Core<S> {
         self.renew_at.set(id.clone(), renew);
         self.expires.set(id.clone(), svid.not_after);
         self.touched.insert(id.clone());
+        self.by_asked.insert(self.asked_key(&id));
+        self.bound_check = true;
         match self.entries.get(&id) {
             Some(e) if svid.fits(e) => {
                 self.unsigned.remove(&id);
+                self.wanted.remove(&id);
                 self.served_svids.insert(id.clone(), svid.clone());
             }
             // Signed for the entry as it was before a change.
@@ -499,6 +611,7 @@ impl<S: ServerClient> Core<S> {
         self.unsigned.clear();
         self.served_svids = Svids::default();
         self.served_entries = self.entries.values().cloned().collect();
+        self.by_asked = self.svids.keys().map(|id| self.asked_key(id)).collect();
         for (id, s) in &self.svids {
             self.renew_at
                 .set(id.clone(), renewal_time(s.not_before, s.not_after));
@@ -663,105 +776,185 @@ impl<S: ServerClient> Core<S> {
         }
     }
 
-    /// The entries that need an SVID at `now`: those that have none, whose
-    /// SVID no longer fits the entry, or whose SVID is due for renewal. Only
-    /// what is due is looked at, not every entry held.
-    fn due(&self, now: SystemTime) -> Vec<Arc<Entry>> {
-        let ids: BTreeSet<&EntryId> = self.unsigned.iter().chain(self.renew_at.due(now)).collect();
-        ids.into_iter()
-            .filter_map(|id| self.entries.get(id))
+    /// The entries that need an SVID at `now`, those a caller asked for
+    /// first: those that have none, whose SVID no longer fits the entry,
+    /// or whose SVID is due for renewal. Only what is due is looked at, not
+    /// every entry held. While SVIDs are bounded (see [`Core::bounded`]),
+    /// an entry without an SVID is due only when a caller asked for it or
+    /// while fewer SVIDs than the bound are held.
+    fn due(&self, now: SystemTime) -> Vec<EntryId> {
+        let unsigned: Box<dyn Iterator<Item = &EntryId> + '_> = if self.bounded() {
+            let room = self
+                .cfg
+                .x509_svid_cache_max_size
+                .saturating_sub(self.svids.len());
+            Box::new(self.unsigned.iter().take(room))
+        } else {
+            Box::new(self.unsigned.iter())
+        };
+        let wanted = self
+            .wanted
+            .iter()
+            .filter(|id| !self.served_svids.contains_key(*id));
+        let mut seen = std::collections::HashSet::new();
+        wanted
+            .chain(self.renew_at.due(now))
+            .chain(unsigned)
+            .filter(|id| self.entries.contains_key(*id) && seen.insert(*id))
             .cloned()
             .collect()
     }
 
     /// The entries to sign for now (see [`Core::due`]), unless signing
     /// waits for its retry deadline: the choice, apart from the doing.
-    fn to_sign(&self, now: SystemTime, at: tokio::time::Instant) -> Vec<Arc<Entry>> {
+    fn to_sign(&self, now: SystemTime, at: tokio::time::Instant) -> Vec<EntryId> {
         if self.sign_retry_at.is_some_and(|t| at < t) {
             return Vec::new();
         }
         self.due(now)
     }
 
-    /// Starts signing SVIDs for entries that have none, whose SVID no
-    /// longer fits the entry, or whose SVID is due for renewal, unless a
-    /// signing is in flight. The requests run in their own task, so that
-    /// the core keeps reading the sync stream while the server signs; each
-    /// batch's answer comes back to [`Core::on_signed`].
+    /// Starts a signing round for the entries due (see [`Core::due`]),
+    /// unless one is in flight. The requests run in their own task, one at
+    /// a time, so that the core keeps reading the sync stream while the
+    /// server signs; each answer comes back to [`Core::on_signed`], which
+    /// sends the next request: entries a caller asked for meanwhile first,
+    /// then the rest of the round, in requests growing from
+    /// [`FIRST_BATCH`] to [`CSR_BATCH`] CSRs.
     fn start_signing(&mut self, now: SystemTime, at: tokio::time::Instant) -> Option<Signing>
     where
         S: Clone,
     {
-        let due = self.to_sign(now, at);
-        if due.is_empty() || !self.server.is_connected() {
+        if !self.server.is_connected() {
             return None;
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let server = self.server.clone();
-        let task = tokio::spawn(async move {
-            for batch in due.chunks(CSR_BATCH) {
-                let mut keys = HashMap::new();
-                let mut params = Vec::with_capacity(batch.len());
-                for e in batch {
-                    let key = match PrivateKey::generate_p256()
-                        .and_then(|k| sigil_svid::x509::make_csr(&k).map(|c| (k, c)))
-                    {
-                        Ok((k, csr)) => {
-                            params.push(pb::X509svidParams {
-                                entry_id: e.id.to_string(),
-                                csr,
-                            });
-                            k
-                        }
-                        Err(err) => {
-                            tracing::error!(error = %err, "generating a workload key failed");
-                            continue;
-                        }
-                    };
-                    keys.insert(e.id.clone(), (key, e.clone()));
-                }
-                let result = server
-                    .sign_x509svids(pb::BatchNewX509svidRequest { params })
-                    .await;
-                let failed = result.is_err();
-                if tx.send(Signed { keys, result }).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Some(Signing {
-            answers: rx,
-            _task: AbortOnDrop(task),
+        let due = self.to_sign(now, at);
+        if due.is_empty() {
+            return None;
+        }
+        let mut flight = Signing {
+            batch: None,
+            queue: due.into(),
+            tried: Default::default(),
+            requests: 0,
             at,
             refused: false,
             failed: false,
-        })
+        };
+        self.send_batch(&mut flight).then_some(flight)
     }
 
-    /// Takes one batch's answer from the signing in flight (`None`: all
-    /// answered); afterwards, entries the server refused or could not sign
-    /// are tried again after the retry delay.
-    fn on_signed(&mut self, answer: Option<Signed>, signing: &mut Option<Signing>) {
+    /// Sends the next request of the round `flight`: the entries callers
+    /// asked for that it has not tried yet (up to [`CSR_BATCH`]), then its
+    /// queue up to the request's size (which the callers' entries count
+    /// towards); false when nothing is left.
+    fn send_batch(&mut self, flight: &mut Signing) -> bool
+    where
+        S: Clone,
+    {
+        let size = FIRST_BATCH
+            .saturating_mul(1 << flight.requests.min(16))
+            .min(CSR_BATCH);
+        let mut batch: Vec<Arc<Entry>> = Vec::new();
+        for id in &self.wanted {
+            if batch.len() == CSR_BATCH {
+                break;
+            }
+            if self.served_svids.contains_key(id) {
+                continue;
+            }
+            if let Some(e) = self.entries.get(id)
+                && flight.tried.insert(id.clone())
+            {
+                batch.push(e.clone());
+            }
+        }
+        while batch.len() < size.max(1) {
+            let Some(id) = flight.queue.pop_front() else {
+                break;
+            };
+            if let Some(e) = self.entries.get(&id)
+                && flight.tried.insert(id)
+            {
+                batch.push(e.clone());
+            }
+        }
+        if batch.is_empty() {
+            return false;
+        }
+        flight.requests += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let server = self.server.clone();
+        let task = tokio::spawn(async move {
+            let mut keys = HashMap::new();
+            let mut params = Vec::with_capacity(batch.len());
+            for e in batch {
+                match PrivateKey::generate_p256()
+                    .and_then(|k| sigil_svid::x509::make_csr(&k).map(|c| (k, c)))
+                {
+                    Ok((key, csr)) => {
+                        params.push(pb::X509svidParams {
+                            entry_id: e.id.to_string(),
+                            csr,
+                        });
+                        keys.insert(e.id.clone(), (key, e));
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, "generating a workload key failed");
+                    }
+                }
+            }
+            let result = server
+                .sign_x509svids(pb::BatchNewX509svidRequest { params })
+                .await;
+            let _ = tx.send(Signed { keys, result });
+        });
+        flight.batch = Some((rx, AbortOnDrop(task)));
+        true
+    }
+
+    /// Takes the answer to the request in flight (`None`: its task ended
+    /// without one) and sends the round's next request; once the round is
+    /// over, entries the server refused or could not sign are tried again
+    /// after the retry delay.
+    fn on_signed(&mut self, answer: Option<Signed>, signing: &mut Option<Signing>)
+    where
+        S: Clone,
+    {
         let Some(flight) = signing.as_mut() else {
             return;
         };
+        flight.batch = None;
         let retry_at = flight.at + self.cfg.min_backoff.max(Duration::from_secs(1));
-        let Some(Signed { mut keys, result }) = answer else {
+        // The next request goes out before this answer is taken in, so
+        // that its keys are made and the server signs while the core
+        // checks and holds these SVIDs.
+        let answered = matches!(&answer, Some(Signed { result: Ok(_), .. }));
+        let sent = answered && self.send_batch(flight);
+        match answer {
+            Some(signed) => self.take_signed(signed, flight),
+            None => flight.failed = true,
+        }
+        if flight.failed {
+            // The rest of the round is not sent.
+            self.sign_retry_at = Some(retry_at);
+            *signing = None;
+        } else if !sent {
             // Entries the server refused (say, an entry it had not yet
             // applied) are tried again soon rather than at the next
             // unrelated event.
-            if !flight.failed {
-                self.sign_retry_at = flight.refused.then_some(retry_at);
-            }
+            self.sign_retry_at = flight.refused.then_some(retry_at);
             *signing = None;
-            return;
-        };
+        }
+    }
+
+    /// Holds the SVIDs of one answer.
+    fn take_signed(&mut self, Signed { mut keys, result }: Signed, flight: &mut Signing) {
         let resp = match result {
             Ok(r) => r,
             Err(status) => {
                 tracing::warn!(error = %crate::status_chain(&status), "signing request failed; will retry");
                 flight.failed = true;
-                self.sign_retry_at = Some(retry_at);
                 return;
             }
         };
@@ -843,6 +1036,7 @@ impl<S: ServerClient> Core<S> {
         // last saved.
         let mut unsaved = false;
         let mut saved_at = tokio::time::Instant::now();
+        let demand = self.demand.clone();
         // The cached state was published by `start` before the socket opened.
         loop {
             let now = tokio::time::Instant::now();
@@ -897,6 +1091,8 @@ impl<S: ServerClient> Core<S> {
                 retry_at = at;
                 continue;
             }
+            self.take_demand();
+            self.enforce_bound();
             if signing.is_none() {
                 signing = self.start_signing(now, at);
             }
@@ -938,6 +1134,7 @@ impl<S: ServerClient> Core<S> {
                     self.on_signed(answer, &mut signing);
                     continue;
                 }
+                _ = demand.asked() => continue,
                 _ = tokio::time::sleep_until(wake) => continue,
             };
             // Every message already received is handled before the work
@@ -1049,10 +1246,17 @@ pub(crate) struct Signed {
     result: Result<pb::BatchNewX509svidResponse, tonic::Status>,
 }
 
-/// A signing in flight: its batches' answers, in order.
+/// A signing round in flight: the request being answered, and what is
+/// left to send.
 pub(crate) struct Signing {
-    answers: tokio::sync::mpsc::Receiver<Signed>,
-    _task: AbortOnDrop,
+    /// The answer to the request in flight, and its task.
+    batch: Option<(tokio::sync::oneshot::Receiver<Signed>, AbortOnDrop)>,
+    /// The entries due when the round started, not yet sent.
+    queue: std::collections::VecDeque<EntryId>,
+    /// The entries sent in this round: each is tried once per round.
+    tried: std::collections::HashSet<EntryId>,
+    /// The requests sent so far.
+    requests: u32,
     /// When it started: retries count from here.
     at: tokio::time::Instant,
     /// Whether the server refused an entry so far.
@@ -1070,11 +1274,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The next answer of the signing in flight (`None` once all are in);
-/// never ready without one.
+/// The answer to the signing request in flight (`None`: its task ended
+/// without one); never ready without one.
 async fn next_signed(signing: &mut Option<Signing>) -> Option<Signed> {
-    match signing {
-        Some(s) => s.answers.recv().await,
+    match signing.as_mut().and_then(|s| s.batch.as_mut()) {
+        Some((answer, _)) => answer.await.ok(),
         None => std::future::pending().await,
     }
 }
@@ -1443,7 +1647,7 @@ mod tests {
                     }
                     // The old code dropped the schedules of entries gone.
                     renew.retain(|id, _| core.entries.contains_key(id));
-                    let mut due: Vec<EntryId> = core.due(now).iter().map(|e| e.id.clone()).collect();
+                    let mut due: Vec<EntryId> = core.due(now);
                     due.sort();
                     let mut full: Vec<EntryId> = core
                         .entries
@@ -1523,6 +1727,8 @@ mod tests {
             gate: watch::Sender<bool>,
             revision: AtomicU64,
             calls: Mutex<Vec<(Call, Instant)>>,
+            /// The entry IDs of each signing request, in order.
+            requests: Mutex<Vec<Vec<String>>>,
         }
 
         #[derive(Clone)]
@@ -1547,7 +1753,14 @@ mod tests {
                     gate: watch::Sender::new(true),
                     revision: AtomicU64::new(0),
                     calls: Mutex::new(Vec::new()),
+                    requests: Mutex::new(Vec::new()),
                 }))
+            }
+
+            /// A server holding entries w1 to w`n` (see [`many`]), signing
+            /// SVIDs that live `ttl`, and agent SVIDs that live a day.
+            fn serving_many(n: u32, ttl: Duration) -> Self {
+                Self::new(ttl, Duration::from_secs(86_400), many(n))
             }
 
             /// A server holding one entry, signing SVIDs that live `ttl`,
@@ -1645,6 +1858,11 @@ mod tests {
                 req: pb::BatchNewX509svidRequest,
             ) -> Result<pb::BatchNewX509svidResponse, tonic::Status> {
                 self.log(Call::Sign);
+                self.0
+                    .requests
+                    .lock()
+                    .unwrap()
+                    .push(req.params.iter().map(|p| p.entry_id.clone()).collect());
                 let mut gate = self.0.gate.subscribe();
                 let _ = gate.wait_for(|open| *open).await;
                 let failing = &self.0.failing_signs;
@@ -1654,24 +1872,31 @@ mod tests {
                 {
                     return Err(tonic::Status::unavailable("busy"));
                 }
-                let entries = self.0.entries.lock().unwrap().clone();
+                // The SPIFFE IDs asked for, looked up under the lock.
+                let entries: HashMap<String, SpiffeId> = {
+                    let held = self.0.entries.lock().unwrap();
+                    let asked: std::collections::HashSet<&str> =
+                        req.params.iter().map(|p| p.entry_id.as_str()).collect();
+                    held.iter()
+                        .filter(|e| asked.contains(e.id.as_str()))
+                        .map(|e| (e.id.to_string(), e.spiffe_id.clone()))
+                        .collect()
+                };
                 let results = req
                     .params
                     .iter()
-                    .map(
-                        |p| match entries.iter().find(|e| e.id.as_str() == p.entry_id) {
-                            Some(e) => pb::X509svidResult {
-                                entry_id: p.entry_id.clone(),
-                                cert_chain: vec![self.sign(&e.spiffe_id, self.0.svid_ttl, &p.csr)],
-                                error: String::new(),
-                            },
-                            None => pb::X509svidResult {
-                                entry_id: p.entry_id.clone(),
-                                cert_chain: vec![],
-                                error: "unknown entry".into(),
-                            },
+                    .map(|p| match entries.get(&p.entry_id) {
+                        Some(spiffe_id) => pb::X509svidResult {
+                            entry_id: p.entry_id.clone(),
+                            cert_chain: vec![self.sign(spiffe_id, self.0.svid_ttl, &p.csr)],
+                            error: String::new(),
                         },
-                    )
+                        None => pb::X509svidResult {
+                            entry_id: p.entry_id.clone(),
+                            cert_chain: vec![],
+                            error: "unknown entry".into(),
+                        },
+                    })
                     .collect();
                 Ok(pb::BatchNewX509svidResponse { results })
             }
@@ -1708,6 +1933,7 @@ mod tests {
 
         struct Running {
             snapshots: watch::Receiver<Arc<Snapshot>>,
+            demand: Demand,
             cert: Arc<RotatingCert>,
             persist: Persist,
             cancel: CancellationToken,
@@ -1730,10 +1956,16 @@ mod tests {
         }
 
         fn start(fake: &Fake) -> Running {
+            start_bounded(fake, 0)
+        }
+
+        /// Starts an agent holding at most `bound` idle SVIDs (0: no bound).
+        fn start_bounded(fake: &Fake, bound: usize) -> Running {
             let dir = tempfile::tempdir().unwrap();
             let td = TrustDomain::new("example.org").unwrap();
-            let cfg =
+            let mut cfg =
                 AgentConfig::with_defaults(td.clone(), "127.0.0.1:1".into(), dir.path().into());
+            cfg.x509_svid_cache_max_size = bound;
             let identity = fake.agent_identity();
             let cert = Arc::new(RotatingCert::new(identity.chain.clone(), &identity.key).unwrap());
             let mut bundle = Bundle::new(td);
@@ -1752,10 +1984,12 @@ mod tests {
             core.clock = fake.0.clock;
             core.restore(CachedState::default());
             core.publish();
+            let demand = core.demand.clone();
             let cancel = CancellationToken::new();
             let task = tokio::spawn(core.run(cancel.clone()));
             Running {
                 snapshots,
+                demand,
                 cert,
                 persist,
                 cancel,
@@ -1776,6 +2010,226 @@ mod tests {
 
         fn secs(d: Duration) -> f64 {
             d.as_secs_f64()
+        }
+
+        /// Entries w1 to wn, all for the same caller.
+        fn many(n: u32) -> Vec<Entry> {
+            (1..=n)
+                .map(|k| {
+                    Entry::new(
+                        id(k),
+                        format!("spiffe://example.org/w/{k}").parse().unwrap(),
+                        agent_id(),
+                        Selectors::parse_all(["unix:uid:1000"]).unwrap(),
+                    )
+                })
+                .collect()
+        }
+
+        fn id(k: u32) -> EntryId {
+            format!("w{k}").parse().unwrap()
+        }
+
+        fn ids(ks: &[u32]) -> Vec<EntryId> {
+            let mut v: Vec<EntryId> = ks.iter().map(|k| id(*k)).collect();
+            v.sort();
+            v
+        }
+
+        impl Running {
+            /// The entries with an SVID served, sorted.
+            fn served_ids(&self) -> Vec<EntryId> {
+                let mut v: Vec<EntryId> = self.snapshots.borrow().svids.keys().cloned().collect();
+                v.sort();
+                v
+            }
+
+            /// Records, until `done` holds for one, the number of SVIDs of
+            /// every published snapshot that serves any, and whether `done`
+            /// held for it.
+            fn record(
+                &self,
+                done: impl Fn(&Snapshot) -> bool + Send + 'static,
+            ) -> tokio::task::JoinHandle<Vec<(usize, bool)>> {
+                let mut rx = self.snapshots.clone();
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    while rx.changed().await.is_ok() {
+                        let snap = rx.borrow_and_update().clone();
+                        let end = done(&snap);
+                        if !snap.svids.is_empty() {
+                            seen.push((snap.svids.len(), end));
+                        }
+                        if end {
+                            break;
+                        }
+                    }
+                    seen
+                })
+            }
+        }
+
+        fn request_sizes(fake: &Fake) -> Vec<usize> {
+            fake.0
+                .requests
+                .lock()
+                .unwrap()
+                .iter()
+                .map(Vec::len)
+                .collect()
+        }
+
+        /// With 10,000 SVIDs due at a fresh start, the first request holds
+        /// 16 CSRs and each later one twice as many as the one before, up
+        /// to 500; the SVIDs of each answer are published before the next
+        /// answer, so the first 16 are served before the rest are signed.
+        #[tokio::test(start_paused = true)]
+        async fn a_fresh_start_signs_in_growing_requests_and_publishes_each_answer() {
+            const N: usize = 10_000;
+            let fake = Fake::serving_many(N as u32, Duration::from_secs(3600));
+            let agent = start(&fake);
+            let seen = agent.record(|s| s.svids.len() == N);
+            let seen = tokio::time::timeout(Duration::from_secs(60), seen)
+                .await
+                .unwrap()
+                .unwrap();
+            let sizes = request_sizes(&fake);
+            assert_eq!(sizes[..6], [16, 32, 64, 128, 256, 500]);
+            assert!(
+                sizes[6..sizes.len() - 1].iter().all(|n| *n == 500),
+                "{sizes:?}"
+            );
+            assert_eq!(sizes.iter().sum::<usize>(), N);
+            // Each publication falls on the end of an answer.
+            let ends: Vec<usize> = sizes
+                .iter()
+                .scan(0, |sum, n| {
+                    *sum += n;
+                    Some(*sum)
+                })
+                .collect();
+            assert_eq!(seen[0].0, 16, "{seen:?}");
+            assert!(seen.iter().all(|(n, _)| ends.contains(n)), "{seen:?}");
+            assert_eq!(seen.len(), sizes.len(), "one publication per answer");
+            agent.stop().await;
+        }
+
+        /// A caller waiting for entries without an SVID has them signed in
+        /// the next request, ahead of the thousands due before, and served
+        /// with that request's answer.
+        #[tokio::test(start_paused = true)]
+        async fn entries_a_caller_waits_for_jump_the_queue() {
+            const N: usize = 10_000;
+            let fake = Fake::serving_many(N as u32, Duration::from_secs(3600));
+            fake.0.gate.send_replace(false);
+            let agent = start(&fake);
+            until(Duration::from_secs(5), || fake.times(Call::Sign).len() == 1).await;
+            // Sorted last and near the middle of the 10,000.
+            let wanted = [id(9999), id(5000)];
+            let stream = agent.demand.interest();
+            stream.set(wanted.to_vec());
+            let seen = agent.record(move |s| wanted.iter().all(|w| s.svids.contains_key(w)));
+            // The core takes the request before the answer comes.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            fake.0.gate.send_replace(true);
+            let seen = tokio::time::timeout(Duration::from_secs(60), seen)
+                .await
+                .unwrap()
+                .unwrap();
+            let second = fake.0.requests.lock().unwrap()[1].clone();
+            assert_eq!(second[..2], ["w5000", "w9999"]);
+            // The caller's two count among the second request's 32.
+            assert_eq!(second.len(), 32);
+            // Served with the second answer: the first publication that
+            // holds them holds only the first two requests' SVIDs.
+            assert_eq!(seen.last(), Some(&(16 + 32, true)), "{seen:?}");
+            drop(stream);
+            until(Duration::from_secs(60), || agent.served_ids().len() == N).await;
+            agent.stop().await;
+        }
+
+        /// With `x509_svid_cache_max_size = 3` and 6 entries, the agent
+        /// holds 3 SVIDs while nobody asks (saved too); an entry a caller
+        /// asks for is signed on demand; when the SVIDs no stream matches
+        /// outnumber the bound, the least recently asked for is dropped
+        /// (from memory and from the cache file); only held SVIDs are
+        /// renewed; and one caller matching more entries than the bound has
+        /// all of them while its stream is open.
+        #[tokio::test(start_paused = true)]
+        async fn the_bound_keeps_the_most_recently_asked_svids_and_signs_others_on_demand() {
+            let fake = Fake::serving_many(6, Duration::from_secs(100));
+            let agent = start_bounded(&fake, 3);
+            until(Duration::from_secs(5), || {
+                agent.served_ids() == ids(&[1, 2, 3])
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert_eq!(agent.served_ids(), ids(&[1, 2, 3]));
+            assert_eq!(saved(&agent).1, ["w1", "w2", "w3"]);
+            // Asked for in this order: w2, then w1; w3 never.
+            agent.demand.ask(&[id(2)]);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            agent.demand.ask(&[id(1)]);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // A stream for w5, which has no SVID: signed on demand, and
+            // held beyond the bound while the stream is open.
+            let stream = agent.demand.interest();
+            stream.set(vec![id(5)]);
+            until(Duration::from_secs(5), || {
+                agent.served_ids() == ids(&[1, 2, 3, 5])
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(agent.served_ids(), ids(&[1, 2, 3, 5]));
+            // Its end makes w5 the most recently asked: w3 goes.
+            drop(stream);
+            until(Duration::from_secs(5), || {
+                agent.served_ids() == ids(&[1, 2, 5])
+            })
+            .await;
+            // A one-shot request for w4: w2 (asked before w1) goes.
+            agent.demand.ask(&[id(4)]);
+            until(Duration::from_secs(5), || {
+                agent.served_ids() == ids(&[1, 4, 5])
+            })
+            .await;
+            until(Duration::from_secs(5), || {
+                saved(&agent).1 == ["w1", "w4", "w5"]
+            })
+            .await;
+            // Three lifetimes later, only the held SVIDs were renewed.
+            let before = fake.0.requests.lock().unwrap().len();
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            let renewed: BTreeSet<String> = fake.0.requests.lock().unwrap()[before..]
+                .iter()
+                .flatten()
+                .cloned()
+                .collect();
+            assert_eq!(
+                renewed,
+                BTreeSet::from(["w1".into(), "w4".into(), "w5".into()])
+            );
+            assert_eq!(agent.served_ids(), ids(&[1, 4, 5]));
+            // One caller matching all six has all six while it is open.
+            let stream = agent.demand.interest();
+            stream.set(ids(&[1, 2, 3, 4, 5, 6]));
+            until(Duration::from_secs(5), || agent.served_ids().len() == 6).await;
+            drop(stream);
+            until(Duration::from_secs(5), || agent.served_ids().len() == 3).await;
+            agent.stop().await;
+        }
+
+        /// A bound the entries do not exceed changes nothing: every entry's
+        /// SVID is signed at once and kept.
+        #[tokio::test(start_paused = true)]
+        async fn a_bound_above_the_entries_holds_every_svid() {
+            let fake = Fake::serving_many(6, Duration::from_secs(100));
+            let agent = start_bounded(&fake, 6);
+            until(Duration::from_secs(5), || agent.served_ids().len() == 6).await;
+            tokio::time::sleep(Duration::from_secs(200)).await;
+            assert_eq!(agent.served_ids().len(), 6);
+            assert_eq!(saved(&agent).1.len(), 6);
+            agent.stop().await;
         }
 
         /// Each SVID is renewed between 40% and 60% of its lifetime after it

@@ -34,6 +34,7 @@ pub mod caller;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod demand;
 pub mod idle;
 pub mod jwt;
 pub mod jwt_validation;
@@ -414,6 +415,7 @@ async fn start_once(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         metrics: metrics.clone(),
     });
     core.restore(cached);
+    let demand = core.demand.clone();
     let jwt = Arc::new(core.jwt_svids().with_budget(
         cfg.limits.jwt_cache_bytes,
         cfg.limits.jwt_cache_bytes_per_uid,
@@ -447,16 +449,20 @@ async fn start_once(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             jwt,
             metrics.clone(),
             cancel.clone(),
-        ),
+        )
+        .with_demand(demand.clone()),
         limits.max_request_bytes,
     );
-    let sds_svc = sds::service(sds::SdsService::new(
-        snapshots.clone(),
-        callers,
-        cfg.sds.clone(),
-        metrics.clone(),
-        cancel.clone(),
-    ));
+    let sds_svc = sds::service(
+        sds::SdsService::new(
+            snapshots.clone(),
+            callers,
+            cfg.sds.clone(),
+            metrics.clone(),
+            cancel.clone(),
+        )
+        .with_demand(demand),
+    );
     let c = cancel.clone();
     tracker.spawn(async move {
         // The request timeout ends a call that has not answered; a stream

@@ -10,6 +10,9 @@ pub struct Metrics {
     registry: Registry,
     /// Workload SVIDs signed by the server for this agent.
     pub svids_signed: Counter,
+    /// Workload SVIDs dropped by the bound on SVIDs held
+    /// (`x509_svid_cache_max_size`).
+    pub svids_evicted: Counter,
     /// Workload SVIDs held in the cache.
     pub cached_svids: Gauge,
     /// 1 while the agent holds a sync stream to a server, 0 while it serves
@@ -42,6 +45,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("sigil_agent");
         let m = Self {
             svids_signed: Counter::default(),
+            svids_evicted: Counter::default(),
             cached_svids: Gauge::default(),
             connected: Gauge::default(),
             workload_requests: Counter::default(),
@@ -60,6 +64,11 @@ impl Default for Metrics {
             "svids_signed",
             "Workload SVIDs signed for this agent",
             m.svids_signed.clone(),
+        );
+        registry.register(
+            "svids_evicted",
+            "Workload SVIDs dropped by x509_svid_cache_max_size",
+            m.svids_evicted.clone(),
         );
         registry.register(
             "cached_svids",

@@ -67,9 +67,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::caller::CallerAttestor;
 use crate::config::SdsConfig;
 use crate::core::Snapshot;
+use crate::demand::{Demand, Interest};
 use crate::metrics::Metrics;
 use crate::persist::WorkloadSvid;
-use crate::workload::{NO_IDENTITY, federated_for, matching};
+use crate::workload::{NO_IDENTITY, entry_ids, federated_for, matching};
 
 /// The name of Envoy's SPIFFE certificate validator extension.
 pub const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
@@ -116,6 +117,8 @@ pub struct SdsService {
     cancel: CancellationToken,
     /// Warnings caused by FetchSecrets requests, one per interval.
     unary_warnings: std::sync::Mutex<LogBudget>,
+    /// Where the entries callers ask for are told to the core.
+    demand: Option<Demand>,
 }
 
 impl std::fmt::Debug for SdsService {
@@ -142,7 +145,15 @@ impl SdsService {
             metrics,
             cancel,
             unary_warnings: std::sync::Mutex::new(LogBudget::new(WARNING_INTERVAL)),
+            demand: None,
         }
+    }
+
+    /// Tells `demand` (the core's) which entries callers ask for (see
+    /// [`crate::workload::WorkloadService::with_demand`]).
+    pub fn with_demand(mut self, demand: Demand) -> Self {
+        self.demand = Some(demand);
+        self
     }
 
     fn refuse(&self, s: Status) -> Status {
@@ -468,6 +479,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// The state of one StreamSecrets stream.
 struct StreamState {
     selectors: Selectors,
+    /// Tells the core which entries this stream's caller matches.
+    interest: Option<Interest>,
     cfg: Arc<SdsConfig>,
     metrics: Arc<Metrics>,
     node_id: String,
@@ -551,6 +564,9 @@ impl StreamState {
             return Ok(None);
         };
         let matched = matching(snap, &self.selectors);
+        if let Some(i) = &self.interest {
+            i.set(entry_ids(&matched));
+        }
         let resources = match build(snap, &matched, names, &self.cfg, self.spiffe)? {
             Built::Ready(r) => r,
             Built::Pending => return Ok(None),
@@ -679,6 +695,7 @@ impl SecretDiscoveryService for SdsService {
         }
         let state = StreamState {
             selectors,
+            interest: self.demand.as_ref().map(Demand::interest),
             cfg: self.cfg.clone(),
             metrics: self.metrics.clone(),
             node_id: String::new(),
@@ -730,9 +747,14 @@ impl SecretDiscoveryService for SdsService {
         };
         let mut rx = self.snapshots.clone();
         let deadline = tokio::time::Instant::now() + FETCH_WAIT;
+        let mut asked = false;
         let resources = loop {
             let snap = rx.borrow_and_update().clone();
             let matched = matching(&snap, &selectors);
+            if let Some(d) = self.demand.as_ref().filter(|_| !asked) {
+                d.ask(matched.iter().map(|e| &e.id));
+                asked = true;
+            }
             match build(&snap, &matched, &names, &self.cfg, spiffe).map_err(|s| self.refuse(s))? {
                 Built::Ready(r) => break r,
                 Built::Pending => match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -1138,6 +1160,7 @@ mod tests {
         let snap = snapshot(&own, std::slice::from_ref(&web), &[]);
         let metrics = Arc::new(Metrics::default());
         let mut st = StreamState {
+            interest: None,
             selectors: web.selectors.clone(),
             cfg: Arc::new(SdsConfig::default()),
             metrics: metrics.clone(),

@@ -23,7 +23,7 @@ use sigil_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use sigil_svid::bundle::{Bundle, BundleSet};
-use sigil_types::{Entry, Selectors, SpiffeId};
+use sigil_types::{Entry, EntryId, Selectors, SpiffeId};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status};
 
 pub use crate::caller::CallerAttestor;
 use crate::core::Snapshot;
+use crate::demand::Demand;
 pub use crate::jwt::{JWT_CACHE_LIMIT, JWT_CACHE_LIMIT_PER_UID, JwtSvids};
 pub use crate::jwt_validation::{JWT_VALIDATION_CACHE_LIMIT, JwtValidationCache};
 use crate::limits::StreamSlot;
@@ -92,6 +93,8 @@ pub struct WorkloadService {
     validated: JwtValidationCache,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
+    /// Where the entries callers ask for are told to the core.
+    demand: Option<Demand>,
 }
 
 impl std::fmt::Debug for WorkloadService {
@@ -117,7 +120,16 @@ impl WorkloadService {
             validated: JwtValidationCache::default(),
             metrics,
             cancel,
+            demand: None,
         }
+    }
+
+    /// Tells `demand` (the core's) which entries callers ask for: their
+    /// SVIDs are then signed first, signed on demand, and held whatever the
+    /// bound on SVIDs held while a stream matches them.
+    pub fn with_demand(mut self, demand: Demand) -> Self {
+        self.demand = Some(demand);
+        self
     }
 
     async fn identify<T>(&self, req: &Request<T>) -> Result<Selectors, Status> {
@@ -134,6 +146,11 @@ impl WorkloadService {
 /// (through the snapshot's selector index).
 pub(crate) fn matching(snap: &Snapshot, selectors: &Selectors) -> Vec<Arc<Entry>> {
     snap.entries.matching(selectors)
+}
+
+/// The IDs of `matched`, as told to the core's [`Demand`].
+pub(crate) fn entry_ids(matched: &[Arc<Entry>]) -> Vec<EntryId> {
+    matched.iter().map(|e| e.id.clone()).collect()
 }
 
 /// The federated bundles the caller is entitled to: those of every trust
@@ -300,11 +317,15 @@ impl SpiffeWorkloadApi for WorkloadService {
         let selectors = self.identify(&req).await.map_err(|s| self.refuse(s))?;
         let mut rx = self.snapshots.clone();
         let deadline = tokio::time::Instant::now() + FIRST_SVID_WAIT;
+        let interest = self.demand.as_ref().map(Demand::interest);
         let first = loop {
             let snap = rx.borrow_and_update().clone();
             let matched = matching(&snap, &selectors);
             if matched.is_empty() {
                 return Err(self.refuse(Status::permission_denied(NO_IDENTITY)));
+            }
+            if let Some(i) = &interest {
+                i.set(entry_ids(&matched));
             }
             if let Some(resp) = x509_response(&snap, &matched) {
                 break resp;
@@ -330,6 +351,11 @@ impl SpiffeWorkloadApi for WorkloadService {
                 let matched = matching(snap, &selectors);
                 if matched.is_empty() {
                     return Err(Status::permission_denied(NO_IDENTITY));
+                }
+                // Held by the stream: its entries' SVIDs are held while it
+                // is open.
+                if let Some(i) = &interest {
+                    i.set(entry_ids(&matched));
                 }
                 Ok(x509_response(snap, &matched))
             },

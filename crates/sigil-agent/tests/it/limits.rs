@@ -47,7 +47,7 @@ async fn cluster(limits: AgentLimits) -> Cluster {
 }
 
 /// A new connection to the socket.
-async fn channel(path: PathBuf) -> Result<Channel, tonic::transport::Error> {
+pub(crate) async fn channel(path: PathBuf) -> Result<Channel, tonic::transport::Error> {
     Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let p = path.clone();
@@ -57,7 +57,7 @@ async fn channel(path: PathBuf) -> Result<Channel, tonic::transport::Error> {
 }
 
 /// A request carrying the Workload API security header.
-fn req<T>(msg: T) -> Request<T> {
+pub(crate) fn req<T>(msg: T) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut()
         .insert("workload.spiffe.io", "true".parse().unwrap());

@@ -3,7 +3,9 @@
 //! API served here, whose Sync streams the test scripts page by page. This
 //! shows what only a misbehaving or hostile server can provoke: the backoff
 //! growing while no whole update is applied, paged updates applied at once
-//! and only whole, and the bound on what the agent buffers.
+//! and only whole, and the bound on what the agent buffers; and, with
+//! `x509_svid_cache_max_size`, an SVID signed on demand for a Workload API
+//! caller.
 
 #![allow(
     clippy::unwrap_used,
@@ -51,10 +53,12 @@ struct Call {
     tx: mpsc::Sender<Page>,
 }
 
-/// An agent API whose Sync hands each stream to the test; everything else
-/// is refused.
+/// An agent API whose Sync hands each stream to the test and which signs
+/// every workload CSR; everything else is refused.
 struct Fake {
     calls: mpsc::UnboundedSender<Call>,
+    /// Signs the agent's CSRs: entry `entry-<n>` gets `/workload-<n>`.
+    ca: Arc<X509Authority>,
 }
 
 #[tonic::async_trait]
@@ -106,9 +110,33 @@ impl AgentApi for Fake {
 
     async fn batch_new_x509svid(
         &self,
-        _: Request<pb::BatchNewX509svidRequest>,
+        req: Request<pb::BatchNewX509svidRequest>,
     ) -> Result<Response<pb::BatchNewX509svidResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+        let td = TrustDomain::new("example.org").unwrap();
+        let results = req
+            .into_inner()
+            .params
+            .into_iter()
+            .map(|p| {
+                let n = p.entry_id.trim_start_matches("entry-");
+                let id = td.id_with_path(&format!("/workload-{n}")).unwrap();
+                let spki = sigil_svid::x509::csr_public_key(&p.csr).unwrap();
+                let leaf = self
+                    .ca
+                    .sign_svid(
+                        &SvidRequest::new(&id, Duration::from_secs(3600)),
+                        &spki,
+                        SystemTime::now(),
+                    )
+                    .unwrap();
+                pb::X509svidResult {
+                    entry_id: p.entry_id,
+                    cert_chain: vec![leaf],
+                    error: String::new(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::BatchNewX509svidResponse { results }))
     }
     async fn new_jwtsvid(
         &self,
@@ -155,6 +183,7 @@ impl AsyncWrite for Conn {
 /// Serves [`Fake`] with `tls` on a loopback port; returns the port and the
 /// Sync calls it receives.
 async fn serve_fake(
+    ca: Arc<X509Authority>,
     mut tls: rustls::ServerConfig,
 ) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Call>) {
     tls.alpn_protocols = vec![b"h2".to_vec()];
@@ -176,7 +205,10 @@ async fn serve_fake(
     let (calls_tx, calls) = mpsc::unbounded_channel();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(AgentApiServer::new(Fake { calls: calls_tx }))
+            .add_service(AgentApiServer::new(Fake {
+                calls: calls_tx,
+                ca,
+            }))
             .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(conns_rx)),
     );
     (addr, calls)
@@ -195,11 +227,16 @@ impl Setup {
     /// A CA of `example.org`, the fake server with its SVID on a loopback
     /// port, and an agent restored from an SVID of that CA, which trusts it.
     async fn start(bounds: UpdateBounds) -> Self {
+        Self::start_bounded(bounds, 0).await
+    }
+
+    /// The same, the agent holding at most `svid_cache_max_size` idle SVIDs.
+    async fn start_bounded(bounds: UpdateBounds, svid_cache_max_size: usize) -> Self {
         sigil_svid::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let now = SystemTime::now();
         let td = TrustDomain::new("example.org").unwrap();
-        let ca = X509Authority::generate(&td, Duration::from_secs(3600), now).unwrap();
+        let ca = Arc::new(X509Authority::generate(&td, Duration::from_secs(7200), now).unwrap());
         let svid = |id: &SpiffeId| {
             let key = PrivateKey::generate_p256().unwrap();
             let req = SvidRequest::new(id, Duration::from_secs(3600));
@@ -216,7 +253,7 @@ impl Setup {
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.pkcs8_der().to_vec())),
             )
             .unwrap();
-        let (addr, calls) = serve_fake(tls).await;
+        let (addr, calls) = serve_fake(ca.clone(), tls).await;
 
         let agent_id = td.id_with_path("/sigil/agent/test/node-1").unwrap();
         let (agent_cert, agent_key) = svid(&agent_id);
@@ -233,6 +270,7 @@ impl Setup {
         cfg.min_backoff = MIN_BACKOFF;
         cfg.max_backoff = Duration::from_secs(30);
         cfg.sync_update_bounds = bounds;
+        cfg.x509_svid_cache_max_size = svid_cache_max_size;
         let agent = sigil_agent::start(cfg).await.unwrap();
         Self {
             agent,
@@ -253,11 +291,16 @@ impl Setup {
 
     /// A valid entry of this agent, as the server sends it.
     fn entry(&self, n: usize) -> pb::Entry {
+        self.entry_for(n, "unix:uid:424242")
+    }
+
+    /// A valid entry of this agent for callers with `selector`.
+    fn entry_for(&self, n: usize, selector: &str) -> pb::Entry {
         let mut e = Entry::new(
             EntryId::try_from(format!("entry-{n}")).unwrap(),
             self.td.id_with_path(&format!("/workload-{n}")).unwrap(),
             self.agent_id.clone(),
-            Selectors::parse_all(["unix:uid:424242"]).unwrap(),
+            Selectors::parse_all([selector]).unwrap(),
         );
         e.revision = 1;
         pb::Entry::from(&e)
@@ -503,7 +546,7 @@ async fn a_refused_agent_svid_is_named_in_the_agents_error() {
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
     let td = TrustDomain::new("example.org").unwrap();
-    let ca = X509Authority::generate(&td, 24 * hour, now - 2 * hour).unwrap();
+    let ca = Arc::new(X509Authority::generate(&td, 24 * hour, now - 2 * hour).unwrap());
     let svid = |id: &SpiffeId, at: SystemTime| {
         let key = PrivateKey::generate_p256().unwrap();
         let der = ca
@@ -527,7 +570,7 @@ async fn a_refused_agent_svid_is_named_in_the_agents_error() {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.pkcs8_der().to_vec())),
         )
         .unwrap();
-    let (addr, mut calls) = serve_fake(tls).await;
+    let (addr, mut calls) = serve_fake(ca.clone(), tls).await;
 
     // Signed two hours ago for an hour: expired.
     let agent_id = td.id_with_path("/sigil/agent/test/node-1").unwrap();
@@ -555,4 +598,60 @@ async fn a_refused_agent_svid_is_named_in_the_agents_error() {
         "{err}"
     );
     assert!(calls.try_recv().is_err(), "no Sync call reached the server");
+}
+
+/// With `x509_svid_cache_max_size = 1` and three entries, the agent signs
+/// one SVID up front (the first entry's); a Workload API caller whose entry
+/// has none is answered with its SVID, signed on demand, in its first
+/// response, not with an empty answer or `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_gets_its_svid_signed_on_demand_under_the_bound() {
+    use sigil_proto::workload as wl;
+    use sigil_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    let mut setup = Setup::start_bounded(UpdateBounds::default(), 1).await;
+    let call = setup.next_call().await;
+    let uid = nix::unistd::getuid();
+    let mut page = setup.page(1, &[1, 2], false);
+    page.upserted
+        .push(setup.entry_for(3, &format!("unix:uid:{uid}")));
+    call.tx.send(Ok(page)).await.unwrap();
+    let held = |setup: &Setup| -> BTreeSet<String> {
+        let snap = setup.agent.snapshots.borrow();
+        snap.svids.keys().map(ToString::to_string).collect()
+    };
+    let deadline = Instant::now() + PROMPT;
+    while held(&setup).is_empty() {
+        assert!(Instant::now() < deadline, "no SVID signed up front");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(held(&setup), ids(&[1]));
+
+    let channel = crate::limits::channel(setup.agent.socket_path.clone())
+        .await
+        .unwrap();
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let mut stream = client
+        .fetch_x509svid(crate::limits::req(wl::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(PROMPT, stream.message())
+        .await
+        .expect("first response in time")
+        .unwrap()
+        .expect("a response");
+    let got: Vec<&str> = first.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    assert_eq!(got, ["spiffe://example.org/workload-3"]);
+    // Held beside the first while the stream is open.
+    assert_eq!(held(&setup), ids(&[1, 3]));
+    drop(stream);
+    // Its end makes entry-3 the most recently asked: entry-1 goes.
+    let deadline = Instant::now() + PROMPT;
+    while held(&setup) != ids(&[3]) {
+        assert!(Instant::now() < deadline, "held {:?}", held(&setup));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    setup.agent.shutdown().await;
 }
