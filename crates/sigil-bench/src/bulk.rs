@@ -51,6 +51,17 @@ async fn one_batch(
     offset: usize,
     n: usize,
 ) -> anyhow::Result<Duration> {
+    Ok(create_batch(admin, parent, tag, offset, n).await?.0)
+}
+
+/// [`one_batch`], also returning the entries as created.
+async fn create_batch(
+    admin: &mut Admin,
+    parent: &SpiffeId,
+    tag: &str,
+    offset: usize,
+    n: usize,
+) -> anyhow::Result<(Duration, Vec<pb::Entry>)> {
     let td = td()?;
     let entries = (offset..offset + n)
         .map(|i| sample_entry(&td, parent, tag, i).map(|e| pb::Entry::from(&e)))
@@ -62,36 +73,100 @@ async fn one_batch(
         .await
         .map_err(|s| anyhow::anyhow!("BatchCreateEntry: {}", s.message()))?
         .into_inner();
-    let took = t0.elapsed();
-    for r in &resp.results {
-        ensure!(r.error.is_empty(), "creating an entry: {}", r.error);
-    }
+    Ok((t0.elapsed(), entries_of("creating", resp, n)?))
+}
+
+/// The entries of a batch call's answer, every one of the `n` written.
+fn entries_of(
+    what: &str,
+    resp: pb::BatchEntryResponse,
+    n: usize,
+) -> anyhow::Result<Vec<pb::Entry>> {
     ensure!(
         resp.results.len() == n,
         "{} results for {n}",
         resp.results.len()
     );
-    Ok(took)
+    resp.results
+        .into_iter()
+        .map(|r| {
+            ensure!(r.error.is_empty(), "{what} an entry: {}", r.error);
+            r.entry.context("a result without its entry")
+        })
+        .collect()
 }
 
-/// Wall seconds and server CPU seconds of registering `s.entries` entries
-/// in batches of `s.batch`, one call after the other, for an agent that
-/// never connects: the bulk load a registration pipeline does.
+/// Wall seconds and server CPU seconds of one kind of write.
+type Cost = (f64, f64);
+
+/// What the load phase measured: creating, updating, then deleting the
+/// same entries, each in batches one call after the other.
+struct LoadCosts {
+    create: Cost,
+    update: Cost,
+    delete: Cost,
+}
+
+/// Registers `s.entries` entries in batches of `s.batch`, one call after
+/// the other, for an agent that never connects (the bulk load a
+/// registration pipeline does), then changes each of them (a new hint) in
+/// BatchUpdateEntry calls and deletes them in BatchDeleteEntry calls.
 async fn load_phase(
     admin: &mut Admin,
     server: &crate::child::ChildProc,
     s: &BulkSizes,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<LoadCosts> {
     let (_, parent) = join_token(admin).await?;
+    let mut entries = Vec::with_capacity(s.entries);
     let cpu0 = server.cpu_seconds()?;
     let t0 = Instant::now();
     let mut offset = 0;
     while offset < s.entries {
         let n = s.batch.min(s.entries - offset);
-        one_batch(admin, &parent, "load", offset, n).await?;
+        entries.extend(create_batch(admin, &parent, "load", offset, n).await?.1);
         offset += n;
     }
-    Ok((t0.elapsed().as_secs_f64(), server.cpu_seconds()? - cpu0))
+    let create = (t0.elapsed().as_secs_f64(), server.cpu_seconds()? - cpu0);
+
+    for e in &mut entries {
+        e.hint = "updated".into();
+    }
+    let cpu0 = server.cpu_seconds()?;
+    let t0 = Instant::now();
+    for chunk in entries.chunks(s.batch) {
+        let resp = admin
+            .api()
+            .batch_update_entry(pb::BatchUpdateEntryRequest {
+                entries: chunk.to_vec(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("BatchUpdateEntry: {}", s.message()))?
+            .into_inner();
+        for e in entries_of("updating", resp, chunk.len())? {
+            ensure!(e.hint == "updated", "an update that did not take");
+        }
+    }
+    let update = (t0.elapsed().as_secs_f64(), server.cpu_seconds()? - cpu0);
+
+    let cpu0 = server.cpu_seconds()?;
+    let t0 = Instant::now();
+    for chunk in entries.chunks(s.batch) {
+        let resp = admin
+            .api()
+            .batch_delete_entry(pb::BatchDeleteEntryRequest {
+                ids: chunk.iter().map(|e| e.id.clone()).collect(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("BatchDeleteEntry: {}", s.message()))?
+            .into_inner();
+        entries_of("deleting", resp, chunk.len())?;
+    }
+    let delete = (t0.elapsed().as_secs_f64(), server.cpu_seconds()? - cpu0);
+    Ok(LoadCosts {
+        create,
+        update,
+        delete,
+    })
 }
 
 /// Wall seconds and CPU seconds (this process) of the load phase's rows
@@ -321,7 +396,7 @@ pub(crate) async fn bulk_registration(
         "bytes the agent process passed to write calls over the run (/proc/<pid>/io wchar: files, sockets, its status lines)",
     );
 
-    let (load_wall, load_cpu) = load;
+    let (load_wall, load_cpu) = load.create;
     let (floor_wall, floor_cpu) = floor;
     let entries = s.entries as f64;
     report.baseline(
@@ -358,5 +433,29 @@ pub(crate) async fn bulk_registration(
         None,
         "server CPU per entry over those calls: gRPC, checks, one store transaction per call, the index",
     );
+    for (kind, call, (wall, cpu)) in [
+        ("update", "BatchUpdateEntry", load.update),
+        ("delete", "BatchDeleteEntry", load.delete),
+    ] {
+        report.figure(
+            &format!("bulk.{kind}_rate"),
+            entries / wall,
+            "entries/s",
+            "baseline.sqlite_batch_insert_rate",
+            None,
+            &format!(
+                "the same {} entries again, in {call} calls of {}, one after the other, each call acknowledged once the index holds it",
+                s.entries, s.batch
+            ),
+        );
+        report.figure(
+            &format!("bulk.{kind}_server_cpu"),
+            cpu / entries * 1e6,
+            "us",
+            "baseline.sqlite_batch_insert_cpu",
+            None,
+            &format!("server CPU per entry over those {call} calls"),
+        );
+    }
     Ok(())
 }

@@ -160,6 +160,10 @@ fn bulk_registration_quick_run_reports_its_figures() {
         "baseline.sqlite_batch_insert_cpu",
         "bulk.load_rate",
         "bulk.load_server_cpu",
+        "bulk.update_rate",
+        "bulk.update_server_cpu",
+        "bulk.delete_rate",
+        "bulk.delete_server_cpu",
     ] {
         let v = value(name);
         assert!(v.is_finite() && v > 0.0, "{name} = {v}");
