@@ -276,6 +276,12 @@ pub(crate) async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     cfg.bind_address = "127.0.0.1:0".parse()?;
     cfg.admin_socket = args.data_dir.join("admin.sock");
     cfg.join_token_ttl = Duration::from_secs(4 * 3600);
+    // Every simulated agent connects from 127.0.0.1, as a fleet behind one
+    // address would: the caps are raised to fit them, as
+    // docs/configuration.md says to for such a fleet.
+    let fleet = args.preload_agents + 1000;
+    cfg.limits.max_connections = cfg.limits.max_connections.max(fleet);
+    cfg.limits.max_connections_per_source = cfg.limits.max_connections_per_source.max(fleet);
     let server = sigil_server::start(cfg).await?;
 
     let mut agents = Vec::new();
