@@ -369,17 +369,28 @@ impl<S: ServerClient> Core<S> {
         }
     }
 
-    async fn open_stream(&mut self) -> Result<SyncStream, AgentError> {
-        let resume = self.revision > 0;
+    /// Opens a sync stream: resuming a broken snapshot `pages` staged, else
+    /// from the last revision applied, else (nothing applied, or more
+    /// entries held than a request can name) asking for a snapshot. True
+    /// with the stream when it resumes the staged snapshot.
+    async fn open_stream(
+        &mut self,
+        pages: &mut crate::paging::Assembler,
+    ) -> Result<(SyncStream, bool), AgentError> {
+        if let Some(req) = pages.resume_request() {
+            return Ok((self.server.open_sync(req).await?, true));
+        }
+        let resume = self.revision > 0
+            && crate::paging::known_ids_fit(self.entries.keys().map(EntryId::as_str));
         let req = pb::SyncRequest {
-            revision: self.revision,
+            revision: if resume { self.revision } else { 0 },
             known_entry_ids: if resume {
                 self.entries.keys().map(|k| k.to_string()).collect()
             } else {
                 vec![]
             },
         };
-        self.server.open_sync(req).await
+        Ok((self.server.open_sync(req).await?, false))
     }
 
     /// Applies one whole update from the server. Its cost is in proportion
@@ -1041,11 +1052,11 @@ impl<S: ServerClient> Core<S> {
         loop {
             let now = tokio::time::Instant::now();
             if stream.is_none() && now >= retry_at {
-                match self.open_stream().await {
-                    Ok(s) => {
-                        tracing::info!(servers = %self.cfg.server_address, "connected to a server");
+                match self.open_stream(&mut pages).await {
+                    Ok((s, resumed)) => {
+                        tracing::info!(servers = %self.cfg.server_address, resumed_snapshot = resumed, "connected to a server");
                         stream = Some(s);
-                        pages.clear();
+                        pages.opened(resumed);
                         // The backoff is reset only once a whole update has
                         // been applied: a stream that opens and then fails at
                         // once (an answer the agent cannot take), or after a
@@ -1208,7 +1219,7 @@ impl<S: ServerClient> Core<S> {
             Some(Err(status)) => {
                 if pages.is_partial() {
                     tracing::warn!(
-                        "the sync stream broke inside an update; nothing of it was applied"
+                        "the sync stream broke inside an update; nothing of it was applied (a snapshot's pages are kept to resume from)"
                     );
                 }
                 pages.clear();
@@ -1226,7 +1237,7 @@ impl<S: ServerClient> Core<S> {
             None => {
                 if pages.is_partial() {
                     tracing::warn!(
-                        "the sync stream ended inside an update; nothing of it was applied"
+                        "the sync stream ended inside an update; nothing of it was applied (a snapshot's pages are kept to resume from)"
                     );
                 }
                 pages.clear();

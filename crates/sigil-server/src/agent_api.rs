@@ -233,20 +233,36 @@ impl AgentApi for AgentService {
 /// What a sync stream has told its agent so far: entry ID → revision.
 type Sent = HashMap<EntryId, u64>;
 
+/// One update for an agent: its message without entries (the header and
+/// the deleted IDs), and the upserted entries, converted to their wire form
+/// only page by page as they are sent (see [`send_update`]).
+struct Update {
+    msg: pb::SyncMessage,
+    upserted: Vec<Arc<sigil_types::Entry>>,
+}
+
+impl Update {
+    /// An update of nothing but a header, at `revision`.
+    fn at(revision: u64) -> Self {
+        Self {
+            msg: pb::SyncMessage {
+                revision,
+                ..Default::default()
+            },
+            upserted: Vec::new(),
+        }
+    }
+}
+
 /// Computes the message that brings an agent holding `sent` to `auth`,
 /// updating `sent`. `None` when nothing changed.
-fn diff(
-    sent: &mut Sent,
-    auth: &Authorized,
-    snapshot: bool,
-    revision: u64,
-) -> Option<pb::SyncMessage> {
+fn diff(sent: &mut Sent, auth: &Authorized, snapshot: bool, revision: u64) -> Option<Update> {
     let mut upserted = Vec::new();
     for (id, e) in &auth.entries {
         // An entry's revision only grows, so one the agent holds at a
         // revision at least this entry's is already current there.
         if snapshot || sent.get(id).is_none_or(|held| e.revision > *held) {
-            upserted.push(pb::Entry::from(e.as_ref()));
+            upserted.push(e.clone());
         }
     }
     let deleted_ids: Vec<String> = sent
@@ -261,12 +277,14 @@ fn diff(
     if upserted.is_empty() && deleted_ids.is_empty() && !snapshot {
         return None;
     }
-    Some(pb::SyncMessage {
-        revision,
-        snapshot,
+    Some(Update {
+        msg: pb::SyncMessage {
+            revision,
+            snapshot,
+            deleted_ids: if snapshot { vec![] } else { deleted_ids },
+            ..Default::default()
+        },
         upserted,
-        deleted_ids: if snapshot { vec![] } else { deleted_ids },
-        ..Default::default()
     })
 }
 
@@ -279,14 +297,14 @@ fn diff_changed(
     sent: &mut Sent,
     changed: &[(EntryId, Option<Arc<sigil_types::Entry>>)],
     revision: u64,
-) -> Option<pb::SyncMessage> {
+) -> Option<Update> {
     let mut upserted = Vec::new();
     let mut deleted_ids = Vec::new();
     for (id, now) in changed {
         match now {
             Some(e) => {
                 if sent.get(id).is_none_or(|held| e.revision > *held) {
-                    upserted.push(pb::Entry::from(e.as_ref()));
+                    upserted.push(e.clone());
                 }
                 sent.insert(id.clone(), e.revision);
             }
@@ -300,11 +318,13 @@ fn diff_changed(
     if upserted.is_empty() && deleted_ids.is_empty() {
         return None;
     }
-    Some(pb::SyncMessage {
-        revision,
+    Some(Update {
+        msg: pb::SyncMessage {
+            revision,
+            deleted_ids,
+            ..Default::default()
+        },
         upserted,
-        deleted_ids,
-        ..Default::default()
     })
 }
 
@@ -317,7 +337,7 @@ fn catch_up(
     sent: &mut Sent,
     synced: &mut u64,
     full: bool,
-) -> Option<pb::SyncMessage> {
+) -> Option<Update> {
     match sub.catch_up(|id| sent.contains_key(id), full) {
         SetChange::Full(auth) => {
             *synced = auth.revision;
@@ -349,15 +369,20 @@ fn set_tainted(m: &mut pb::SyncMessage, t: &crate::ca::Tainted) {
 /// Sends one update on a sync stream, in pages of at most
 /// [`PAGE_BYTES`](crate::sync_pages::PAGE_BYTES), its entries in ID
 /// order: every update goes through here, so no message grows with the
-/// authorized set. False once the agent is gone.
+/// authorized set. Each page is built (its entries converted to the wire
+/// form) only when the previous one is handed to the stream, so that the
+/// agent decodes a page while the next is built, and a large set never
+/// exists in wire form at once. False once the agent is gone.
 async fn send_update(
     state: &ServerState,
     tx: &mpsc::Sender<Result<pb::SyncMessage, Status>>,
-    mut update: pb::SyncMessage,
+    update: Update,
 ) -> bool {
+    let Update { msg, mut upserted } = update;
     // In ID order, so that one set always pages the same way.
-    update.upserted.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-    for page in crate::sync_pages::pages(update, crate::sync_pages::PAGE_BYTES) {
+    upserted.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+    let wire = upserted.iter().map(|e| pb::Entry::from(e.as_ref()));
+    for page in crate::sync_pages::Pages::new(msg, wire, crate::sync_pages::PAGE_BYTES) {
         if tx.send(Ok(page)).await.is_err() {
             return false;
         }
@@ -411,14 +436,12 @@ async fn sync_loop(
     // and where the next incremental catch-up starts.
     let mut synced = auth.revision;
     let revision = synced;
-    let mut first = diff(&mut sent, &auth, snapshot, revision).unwrap_or(pb::SyncMessage {
-        revision,
-        ..Default::default()
-    });
-    first.bundle_json = bundle_rx.borrow_and_update().to_json();
-    first.federated_bundles = federated_map(&federated_rx.borrow_and_update());
-    first.federated_bundles_changed = true;
-    set_tainted(&mut first, &tainted_rx.borrow_and_update());
+    let mut first =
+        diff(&mut sent, &auth, snapshot, revision).unwrap_or_else(|| Update::at(revision));
+    first.msg.bundle_json = bundle_rx.borrow_and_update().to_json();
+    first.msg.federated_bundles = federated_map(&federated_rx.borrow_and_update());
+    first.msg.federated_bundles_changed = true;
+    set_tainted(&mut first.msg, &tainted_rx.borrow_and_update());
     if !send_update(state, &tx, first).await {
         return;
     }
@@ -499,26 +522,17 @@ async fn sync_loop(
         // between, and an agent that resumed from it would never get them.
         let revision = synced;
         if !bundle_json.is_empty() {
-            let m = msg.get_or_insert_with(|| pb::SyncMessage {
-                revision,
-                ..Default::default()
-            });
-            m.bundle_json = bundle_json;
+            msg.get_or_insert_with(|| Update::at(revision))
+                .msg
+                .bundle_json = bundle_json;
         }
         if let Some(set) = federated {
-            let m = msg.get_or_insert_with(|| pb::SyncMessage {
-                revision,
-                ..Default::default()
-            });
+            let m = &mut msg.get_or_insert_with(|| Update::at(revision)).msg;
             m.federated_bundles = set;
             m.federated_bundles_changed = true;
         }
         if let Some(t) = tainted {
-            let m = msg.get_or_insert_with(|| pb::SyncMessage {
-                revision,
-                ..Default::default()
-            });
-            set_tainted(m, &t);
+            set_tainted(&mut msg.get_or_insert_with(|| Update::at(revision)).msg, &t);
         }
         if let Some(m) = msg
             && !send_update(state, &tx, m).await
@@ -602,16 +616,16 @@ mod tests {
 
     /// The message's content in a comparable form: upserted (ID, revision)
     /// and deleted IDs, sorted.
-    fn content(m: &Option<pb::SyncMessage>) -> (Vec<(String, u64)>, Vec<String>) {
+    fn content(m: &Option<Update>) -> (Vec<(String, u64)>, Vec<String>) {
         let Some(m) = m else {
             return (vec![], vec![]);
         };
         let mut up: Vec<(String, u64)> = m
             .upserted
             .iter()
-            .map(|e| (e.id.clone(), e.revision))
+            .map(|e| (e.id.to_string(), e.revision))
             .collect();
-        let mut del = m.deleted_ids.clone();
+        let mut del = m.msg.deleted_ids.clone();
         up.sort();
         del.sort();
         (up, del)
@@ -705,7 +719,7 @@ mod tests {
                     assert_eq!(sorted(&inc_sent), sorted(&full_sent), "{ops:?}");
                     assert_eq!(synced, idx.revision());
                     if let Some(m) = &got {
-                        assert_eq!(m.revision, synced);
+                        assert_eq!(m.msg.revision, synced);
                     }
                 }
             }

@@ -27,51 +27,135 @@ pub const PAGE_BYTES: usize = 4 * 1024 * 1024;
 /// or a first page whose bundles alone are larger (the bundles then travel
 /// alone on it).
 pub fn pages(update: pb::SyncMessage, bound: usize) -> Vec<pb::SyncMessage> {
-    let mut first = update;
-    first.continued = false;
-    let revision = first.revision;
-    let upserted = std::mem::take(&mut first.upserted);
-    let deleted = std::mem::take(&mut first.deleted_ids);
-    // Sizes are counted as if `continued` were set: a page is sized before
-    // it is known to be the last, and the flag only shrinks the last one.
-    let flag = pb::SyncMessage {
-        continued: true,
-        ..Default::default()
-    }
-    .encoded_len();
-    let next_page = || pb::SyncMessage {
-        revision,
-        ..Default::default()
-    };
-    let empty = next_page().encoded_len() + flag;
-    let mut out = Vec::new();
-    let mut page = first;
-    let mut len = page.encoded_len() + flag;
-    // Protobuf fields add up: a page's size is its header plus each item.
-    for e in upserted {
-        let n = prost::encoding::message::encoded_len(3, &e);
-        if len + n > bound && len > empty {
-            out.push(std::mem::replace(&mut page, next_page()));
-            len = empty;
+    let mut header = update;
+    let upserted = std::mem::take(&mut header.upserted);
+    Pages::new(header, upserted, bound).collect()
+}
+
+/// The pages of one update, made one at a time as they are asked for (see
+/// [`pages`], which collects them): the server converts and encodes an
+/// entry only when its page is due, so that the agent decodes one page
+/// while the server builds the next, and no more than a page of wire
+/// entries exists at once, whatever the set's size.
+pub struct Pages<I> {
+    /// The first page's header, until that page is made.
+    header: Option<pb::SyncMessage>,
+    revision: u64,
+    upserted: I,
+    deleted: std::vec::IntoIter<String>,
+    /// The item that did not fit the previous page: the next one's first.
+    carry: Option<Item>,
+    bound: usize,
+    /// Encoded size of the `continued` flag.
+    flag: usize,
+    /// Encoded size of a later page without items (flag included).
+    empty: usize,
+    done: bool,
+}
+
+/// One thing a page holds besides its header. One is held at a time (the
+/// carry), so its size does not matter; boxing would allocate per entry.
+#[allow(clippy::large_enum_variant)]
+enum Item {
+    Upserted(pb::Entry),
+    Deleted(String),
+}
+
+impl Item {
+    /// Its encoded size within a `SyncMessage` (protobuf fields add up).
+    fn len(&self) -> usize {
+        match self {
+            Item::Upserted(e) => prost::encoding::message::encoded_len(3, e),
+            Item::Deleted(id) => prost::encoding::string::encoded_len(4, id),
         }
-        len += n;
-        page.upserted.push(e);
     }
-    for id in deleted {
-        let n = prost::encoding::string::encoded_len(4, &id);
-        if len + n > bound && len > empty {
-            out.push(std::mem::replace(&mut page, next_page()));
-            len = empty;
+}
+
+impl<I: Iterator<Item = pb::Entry>> Pages<I> {
+    /// The pages of an update: `header` (its `upserted` ignored; its
+    /// `deleted_ids` and every other field taken) and `upserted`, in the
+    /// order given.
+    pub fn new(
+        mut header: pb::SyncMessage,
+        upserted: impl IntoIterator<IntoIter = I>,
+        bound: usize,
+    ) -> Self {
+        header.upserted.clear();
+        header.continued = false;
+        let deleted = std::mem::take(&mut header.deleted_ids).into_iter();
+        let revision = header.revision;
+        // Sizes are counted as if `continued` were set: a page is sized
+        // before it is known to be the last, and the flag only shrinks it.
+        let flag = pb::SyncMessage {
+            continued: true,
+            ..Default::default()
         }
-        len += n;
-        page.deleted_ids.push(id);
+        .encoded_len();
+        let empty = Self::later_page(revision).encoded_len() + flag;
+        Self {
+            header: Some(header),
+            revision,
+            upserted: upserted.into_iter(),
+            deleted,
+            carry: None,
+            bound,
+            flag,
+            empty,
+            done: false,
+        }
     }
-    out.push(page);
-    let last = out.len() - 1;
-    for p in &mut out[..last] {
-        p.continued = true;
+
+    fn later_page(revision: u64) -> pb::SyncMessage {
+        pb::SyncMessage {
+            revision,
+            ..Default::default()
+        }
     }
-    out
+
+    fn next_item(&mut self) -> Option<Item> {
+        if let Some(i) = self.carry.take() {
+            return Some(i);
+        }
+        if let Some(e) = self.upserted.next() {
+            return Some(Item::Upserted(e));
+        }
+        self.deleted.next().map(Item::Deleted)
+    }
+}
+
+impl<I: Iterator<Item = pb::Entry>> Iterator for Pages<I> {
+    type Item = pb::SyncMessage;
+
+    fn next(&mut self) -> Option<pb::SyncMessage> {
+        if self.done {
+            return None;
+        }
+        let (mut page, mut len) = match self.header.take() {
+            Some(h) => {
+                let len = h.encoded_len() + self.flag;
+                (h, len)
+            }
+            None => (Self::later_page(self.revision), self.empty),
+        };
+        loop {
+            let Some(item) = self.next_item() else {
+                self.done = true;
+                page.continued = false;
+                return Some(page);
+            };
+            let n = item.len();
+            if len + n > self.bound && len > self.empty {
+                self.carry = Some(item);
+                page.continued = true;
+                return Some(page);
+            }
+            len += n;
+            match item {
+                Item::Upserted(e) => page.upserted.push(e),
+                Item::Deleted(id) => page.deleted_ids.push(id),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -332,6 +332,29 @@ fn ids(ns: &[usize]) -> BTreeSet<String> {
     ns.iter().map(|n| format!("entry-{n}")).collect()
 }
 
+/// Records every set of entry IDs the agent publishes, until it stops.
+fn record_served(setup: &Setup) -> tokio::task::JoinHandle<Vec<BTreeSet<String>>> {
+    let mut rx = setup.agent.snapshots.clone();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while rx.changed().await.is_ok() {
+            let set: BTreeSet<String> = rx
+                .borrow_and_update()
+                .entries
+                .iter()
+                .map(|e| e.id.to_string())
+                .collect();
+            seen.push(set);
+        }
+        seen
+    })
+}
+
+/// The entry IDs a Sync call names as held.
+fn known(call: &Call) -> BTreeSet<String> {
+    call.request.known_entry_ids.iter().cloned().collect()
+}
+
 /// Answers `n` Sync calls with `answer` each and returns when they came.
 async fn calls_answered_with(setup: &mut Setup, n: usize, answer: &[Page]) -> Vec<Instant> {
     let mut at = Vec::new();
@@ -378,31 +401,74 @@ async fn a_first_page_alone_neither_applies_nor_resets_the_backoff() {
     let at =
         calls_answered_with(&mut setup, 6, &[Ok(first), Err(Status::internal("broken"))]).await;
     assert_backoff_grew(&at);
-    // Each time the agent resumed from nothing: no page was applied.
+    // No page was applied; the snapshot's first page is only staged: the
+    // agent resumes from its revision, naming its entries as held.
     let call = setup.next_call().await;
-    assert_eq!(call.request.revision, 0);
+    assert_eq!(call.request.revision, 3);
+    assert_eq!(known(&call), ids(&[1, 2]));
     assert!(setup.served().is_empty(), "{:?}", setup.served());
     setup.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_broken_off_resumes_from_its_pages_and_drops_what_was_deleted() {
+    let mut setup = Setup::start(UpdateBounds::default()).await;
+    let seen = record_served(&setup);
+    // A first sync at revision 5: two pages of three arrive, then the
+    // stream breaks.
+    let call = setup.next_call().await;
+    assert_eq!(call.request.revision, 0);
+    let mut first = setup.page(5, &[1, 2], true);
+    first.snapshot = true;
+    call.tx.send(Ok(first)).await.unwrap();
+    call.tx.send(Ok(setup.page(5, &[3], true))).await.unwrap();
+    call.tx.send(Err(Status::internal("broken"))).await.unwrap();
+
+    // The next stream resumes: revision 5, entries 1 to 3 named as held.
+    let call = setup.next_call().await;
+    assert_eq!(call.request.revision, 5);
+    assert_eq!(known(&call), ids(&[1, 2, 3]));
+    assert!(setup.served().is_empty(), "{:?}", setup.served());
+    // What a server answers: entry 2 deleted since, entry 4 the rest of the
+    // set, in two pages.
+    call.tx.send(Ok(setup.page(8, &[4], true))).await.unwrap();
+    let last = pb::SyncMessage {
+        revision: 8,
+        deleted_ids: vec!["entry-2".into()],
+        ..Default::default()
+    };
+    call.tx.send(Ok(last)).await.unwrap();
+    let mut rx = setup.agent.snapshots.clone();
+    tokio::time::timeout(PROMPT, rx.wait_for(|s| s.entries.len() == 3))
+        .await
+        .expect("the completed snapshot is served")
+        .unwrap();
+    assert_eq!(setup.served(), ids(&[1, 3, 4]));
+
+    // From there on the agent is at revision 8 with that set.
+    call.tx
+        .send(Err(Status::internal("broken again")))
+        .await
+        .unwrap();
+    let again = setup.next_call().await;
+    assert_eq!(again.request.revision, 8);
+    assert_eq!(known(&again), ids(&[1, 3, 4]));
+    setup.agent.shutdown().await;
+    drop((call, again));
+    let seen = seen.await.unwrap();
+    for set in &seen {
+        assert!(
+            set.is_empty() || *set == ids(&[1, 3, 4]),
+            "the agent served a partial or stale set: {set:?} (all: {seen:?})"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paged_update_is_applied_whole_once_and_resets_the_backoff() {
     let mut setup = Setup::start(UpdateBounds::default()).await;
     // Record every set the agent ever publishes.
-    let mut rx = setup.agent.snapshots.clone();
-    let seen = tokio::spawn(async move {
-        let mut seen = Vec::new();
-        while rx.changed().await.is_ok() {
-            let set: BTreeSet<String> = rx
-                .borrow_and_update()
-                .entries
-                .iter()
-                .map(|e| e.id.to_string())
-                .collect();
-            seen.push(set);
-        }
-        seen
-    });
+    let seen = record_served(&setup);
 
     // Six failures grow the backoff: the next delay is 1.6 to 3.2 s.
     let at = calls_answered_with(&mut setup, 6, &[Err(Status::internal("broken"))]).await;
@@ -453,15 +519,7 @@ async fn a_paged_update_is_applied_whole_once_and_resets_the_backoff() {
     let delay = again.at - broke;
     assert!(delay < Duration::from_millis(2500), "{delay:?}");
     assert_eq!(again.request.revision, 6);
-    assert_eq!(
-        again
-            .request
-            .known_entry_ids
-            .iter()
-            .cloned()
-            .collect::<BTreeSet<_>>(),
-        ids(&[2, 5])
-    );
+    assert_eq!(known(&again), ids(&[2, 5]));
     assert_eq!(setup.served(), ids(&[2, 5]));
 
     setup.agent.shutdown().await;
