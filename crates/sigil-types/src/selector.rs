@@ -74,10 +74,26 @@ impl Selector {
 /// stores keep), not the order of the `type:value` strings.
 impl Ord for Selector {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
         if Arc::ptr_eq(&self.0, &other.0) {
-            return std::cmp::Ordering::Equal;
+            return Ordering::Equal;
         }
-        self.parts().cmp(&other.parts())
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) else {
+            // One is a prefix of the other: the same type, a shorter value.
+            return a.len().cmp(&b.len());
+        };
+        // Equal up to `i`. A colon at `i` that is the first of its string
+        // ends a type that is a prefix of the other's type: it sorts first,
+        // whatever byte the other has there. Anywhere else the bytes decide.
+        let ends_type = |s: &[u8]| s[i] == b':' && !s[..i].contains(&b':');
+        if ends_type(a) {
+            Ordering::Less
+        } else if ends_type(b) {
+            Ordering::Greater
+        } else {
+            a[i].cmp(&b[i])
+        }
     }
 }
 
@@ -369,6 +385,13 @@ mod tests {
                 let set = |v: &[(String, String)]| {
                     Selectors::parse_all(v.iter().map(|(k, v)| format!("{k}:{v}"))).unwrap()
                 };
+                for (ka, va) in &a {
+                    for (kb, vb) in &b {
+                        let x: Selector = format!("{ka}:{va}").parse().unwrap();
+                        let y: Selector = format!("{kb}:{vb}").parse().unwrap();
+                        prop_assert_eq!(x.cmp(&y), (ka, va).cmp(&(kb, vb)), "{} {}", x, y);
+                    }
+                }
                 let (ma, mb) = (model(&a), model(&b));
                 let (sa, sb) = (set(&a), set(&b));
                 let want: Vec<String> = ma.iter().map(|(k, v)| format!("{k}:{v}")).collect();
