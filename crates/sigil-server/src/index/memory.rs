@@ -203,7 +203,7 @@ impl Breakdown {
 
 /// Most heap bytes (malloc blocks) the index may hold per entry, as a
 /// multiple of the entry's protobuf encoding, before CI fails: about twice
-/// what it holds (3.76x for the load generator's entries, 3.89x for the
+/// what it holds (3.77x for the load generator's entries, 3.89x for the
 /// Kubernetes-like ones at 100,000 entries); it held 10.5x and 12.1x before
 /// the compact representation of #15 item 2 (docs/benchmarks.md, "Server
 /// memory per entry"). A ratio of two counts of one run, not a time; the
