@@ -11,6 +11,7 @@
 //! that the stream brings its agent up to date from that entry instead of
 //! from its whole set ([`Subscription::catch_up`]).
 
+use std::collections::hash_map::Entry as Slot;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::ops::ControlFlow;
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use sigil_store::{Change, ChangeKind, EntrySnapshot};
-use sigil_types::{Entry, EntryId, Selectors, SpiffeId};
+use sigil_types::{Entry, EntryId, Selector, Selectors, SpiffeId};
 use tokio::sync::{Notify, watch};
 
 /// How many changed entries a subscription holds for its stream before it
@@ -124,18 +125,130 @@ struct Subscribers {
     capacity: usize,
 }
 
+/// The IDs of the entries sharing a parent ID or a SPIFFE ID, in ID order.
+/// Most SPIFFE IDs are held by one entry, so one ID is held inline: a
+/// `BTreeSet` of one takes a 200-byte node (docs/benchmarks.md, "Server
+/// memory per entry"). Never empty in the maps.
+#[derive(Debug, PartialEq, Eq)]
+enum Ids {
+    One(EntryId),
+    #[allow(
+        clippy::box_collection,
+        reason = "boxed, the set keeps `Ids` as small as one inline ID (16 bytes, not 32), and so the maps' buckets; two or more IDs are the rare case"
+    )]
+    Many(Box<BTreeSet<EntryId>>),
+}
+
+impl Ids {
+    fn insert(&mut self, id: EntryId) {
+        match self {
+            Ids::One(one) if *one == id => {}
+            Ids::One(one) => {
+                let set = BTreeSet::from([one.clone(), id]);
+                *self = Ids::Many(Box::new(set));
+            }
+            Ids::Many(set) => {
+                set.insert(id);
+            }
+        }
+    }
+
+    /// Removes `id`; returns whether none is left.
+    fn remove(&mut self, id: &EntryId) -> bool {
+        match self {
+            Ids::One(one) => one == id,
+            // Two or more before (one is held inline), so one or more after.
+            Ids::Many(set) => {
+                set.remove(id);
+                if set.len() == 1
+                    && let Some(last) = set.pop_first()
+                {
+                    *self = Ids::One(last);
+                }
+                false
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Ids::One(_) => 1,
+            Ids::Many(set) => set.len(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &EntryId> {
+        let (one, many) = match self {
+            Ids::One(id) => (Some(id), None),
+            Ids::Many(set) => (None, Some(set.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
+/// Adds `id` under `key`, sharing `key`'s text with the map's copy, or,
+/// for a new key, with `other`'s (parent IDs are often SPIFFE IDs of other
+/// entries, and the other way round).
+fn add_id(
+    map: &mut HashMap<SpiffeId, Ids>,
+    other: &HashMap<SpiffeId, Ids>,
+    key: &mut SpiffeId,
+    id: EntryId,
+) {
+    match map.entry(key.clone()) {
+        Slot::Occupied(mut o) => {
+            *key = o.key().clone();
+            o.get_mut().insert(id);
+        }
+        Slot::Vacant(v) => match other.get_key_value(key) {
+            Some((shared, _)) => {
+                *key = shared.clone();
+                map.insert(shared.clone(), Ids::One(id));
+            }
+            None => {
+                v.insert(Ids::One(id));
+            }
+        },
+    }
+}
+
+/// Removes `id` from under `key`, and `key` when nothing is left under it.
+fn remove_id(map: &mut HashMap<SpiffeId, Ids>, key: &SpiffeId, id: &EntryId) {
+    if let Some(ids) = map.get_mut(key)
+        && ids.remove(id)
+    {
+        map.remove(key);
+    }
+}
+
 #[derive(Default)]
 struct IndexState {
     revision: u64,
     entries: BTreeMap<EntryId, Arc<Entry>>,
-    by_parent: HashMap<SpiffeId, BTreeSet<EntryId>>,
-    by_spiffe_id: HashMap<SpiffeId, BTreeSet<EntryId>>,
+    by_parent: HashMap<SpiffeId, Ids>,
+    by_spiffe_id: HashMap<SpiffeId, Ids>,
+    /// One copy of each selector the entries carry, shared by all of them,
+    /// with how many entries carry it (removed at zero).
+    selectors: HashMap<Selector, u32>,
     aliases: BTreeSet<EntryId>,
     subs: Subscribers,
 }
 
 impl IndexState {
-    fn insert(&mut self, e: Arc<Entry>) {
+    /// Adds an entry (whose ID is not in the index), its parent ID, SPIFFE
+    /// ID and selectors sharing the copies the index holds.
+    fn insert(&mut self, mut e: Entry) -> Arc<Entry> {
+        let table = &mut self.selectors;
+        e.selectors.share(|s| match table.entry(s.clone()) {
+            Slot::Occupied(mut o) => {
+                *o.get_mut() += 1;
+                o.key().clone()
+            }
+            Slot::Vacant(v) => {
+                v.insert(1);
+                s.clone()
+            }
+        });
         // Written before the rule existed (an upgrade), or by an older
         // server sharing the database: listed, so it can be updated or
         // deleted, but never part of an agent's set or signed.
@@ -146,44 +259,49 @@ impl IndexState {
                 %reason,
                 "stored entry has a reserved SPIFFE ID and is not served; delete it or change its SPIFFE ID"
             );
-            self.entries.insert(e.id.clone(), e);
-            return;
+            let e = Arc::new(e);
+            self.entries.insert(e.id.clone(), e.clone());
+            return e;
         }
-        self.by_parent
-            .entry(e.parent_id.clone())
-            .or_default()
-            .insert(e.id.clone());
-        self.by_spiffe_id
-            .entry(e.spiffe_id.clone())
-            .or_default()
-            .insert(e.id.clone());
+        add_id(
+            &mut self.by_parent,
+            &self.by_spiffe_id,
+            &mut e.parent_id,
+            e.id.clone(),
+        );
+        add_id(
+            &mut self.by_spiffe_id,
+            &self.by_parent,
+            &mut e.spiffe_id,
+            e.id.clone(),
+        );
         if e.is_node_alias() {
             self.aliases.insert(e.id.clone());
         }
-        self.entries.insert(e.id.clone(), e);
+        let e = Arc::new(e);
+        self.entries.insert(e.id.clone(), e.clone());
+        e
     }
 
     fn remove(&mut self, id: &EntryId) -> Option<Arc<Entry>> {
         let old = self.entries.remove(id)?;
-        if let Some(set) = self.by_parent.get_mut(&old.parent_id) {
-            set.remove(id);
-            if set.is_empty() {
-                self.by_parent.remove(&old.parent_id);
+        for s in &old.selectors {
+            if let Some(n) = self.selectors.get_mut(s) {
+                *n -= 1;
+                if *n == 0 {
+                    self.selectors.remove(s);
+                }
             }
         }
-        if let Some(set) = self.by_spiffe_id.get_mut(&old.spiffe_id) {
-            set.remove(id);
-            if set.is_empty() {
-                self.by_spiffe_id.remove(&old.spiffe_id);
-            }
-        }
+        remove_id(&mut self.by_parent, &old.parent_id, id);
+        remove_id(&mut self.by_spiffe_id, &old.spiffe_id, id);
         self.aliases.remove(id);
         Some(old)
     }
 
     /// Whether any entry is parented to `id`.
     fn parents_something(&self, id: &SpiffeId) -> bool {
-        self.by_parent.get(id).is_some_and(|s| !s.is_empty())
+        self.by_parent.contains_key(id)
     }
 
     /// Routes the change of one entry from `old` to `new` (already applied)
@@ -312,7 +430,7 @@ impl IndexState {
             let Some(children) = self.by_parent.get(&parent) else {
                 continue;
             };
-            for child_id in children {
+            for child_id in children.iter() {
                 let Some(child) = self.entries.get(child_id) else {
                     continue;
                 };
@@ -610,7 +728,7 @@ impl EntryIndex {
             ..IndexState::default()
         };
         for e in snapshot.entries {
-            state.insert(Arc::new(e));
+            state.insert(e);
         }
         let (revision, _) = watch::channel(snapshot.revision);
         Self {
@@ -649,8 +767,7 @@ impl EntryIndex {
                         .get(&e.id)
                         .is_some_and(|o| state.parents_something(&o.spiffe_id));
                     let old = state.remove(&e.id);
-                    let new = Arc::new(e);
-                    state.insert(new.clone());
+                    let new = state.insert(e);
                     state.route_entry(&new.id, old.as_deref(), old_parents, Some(&new));
                 }
                 ChangeKind::EntryDeleted(e) => {
@@ -950,6 +1067,12 @@ impl Drop for Subscription<'_> {
         self.index.write().subs.remove(self.id);
     }
 }
+
+#[cfg(test)]
+mod memory;
+
+#[cfg(test)]
+mod prop;
 
 #[cfg(test)]
 mod tests {

@@ -54,6 +54,9 @@ mod state;
 pub mod sync_pages;
 pub mod tls;
 
+#[cfg(test)]
+mod test_alloc;
+
 pub use config::ServerConfig;
 pub use error::ServerError;
 pub use start::{ServerHandle, open_store, start, start_with_store};

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -112,9 +113,12 @@ pub enum EntryError {
 }
 
 /// A registration entry's unique ID.
+///
+/// The text is shared: a clone (a key of the server's index, of a sync
+/// stream's record of what its agent holds) costs a reference count.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct EntryId(String);
+pub struct EntryId(Arc<str>);
 
 impl EntryId {
     /// The ID as a string.
@@ -131,7 +135,7 @@ impl FromStr for EntryId {
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
         if ok {
-            Ok(Self(s.to_owned()))
+            Ok(Self(Arc::from(s)))
         } else {
             Err(EntryError::BadId(s.to_owned()))
         }
@@ -147,7 +151,7 @@ impl TryFrom<String> for EntryId {
 
 impl From<EntryId> for String {
     fn from(id: EntryId) -> Self {
-        id.0
+        id.0.to_string()
     }
 }
 

@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -154,9 +155,13 @@ impl FromStr for TrustDomain {
 }
 
 /// A SPIFFE ID, `spiffe://<trust-domain>[<path>]` (SPIFFE ID §2).
+///
+/// The text is shared: a clone costs a reference count, so the server's
+/// index keeps one copy of a parent ID that many entries name
+/// (docs/benchmarks.md, "Server memory per entry").
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    full: String,
+    full: Arc<str>,
     td_end: usize,
 }
 
@@ -189,7 +194,7 @@ impl SpiffeId {
     /// Returns the ID if it has a path, as workload and agent IDs must.
     pub fn require_path(self) -> Result<Self, SpiffeIdError> {
         if self.is_root() {
-            Err(SpiffeIdError::MissingPath(self.full))
+            Err(SpiffeIdError::MissingPath(self.full.to_string()))
         } else {
             Ok(self)
         }
@@ -246,7 +251,7 @@ impl FromStr for SpiffeId {
         check_trust_domain(td)?;
         validate_path(path)?;
         Ok(Self {
-            full: input.to_owned(),
+            full: Arc::from(input),
             td_end: SCHEME_PREFIX.len() + td_len,
         })
     }
