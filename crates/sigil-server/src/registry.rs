@@ -387,6 +387,30 @@ mod tests {
         )
     }
 
+    /// A call waiting for the index when the server stops (the follower
+    /// stops with it) ends, so the graceful shutdown that waits for the
+    /// calls in flight ends too: an agent's first call with a renewed SVID
+    /// waits for the index, and one that arrived during a SIGTERM held the
+    /// server until it was killed. The timeouts only turn a hang into a
+    /// failure.
+    #[tokio::test]
+    async fn a_call_waiting_for_the_index_ends_when_the_server_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = crate::start(crate::ServerConfig::for_test(dir.path()))
+            .await
+            .unwrap();
+        let state = server.state().clone();
+        let waiting = tokio::spawn(async move { state.settle(u64::MAX).await });
+        let hang = std::time::Duration::from_secs(60);
+        tokio::time::timeout(hang, server.shutdown())
+            .await
+            .expect("the server stops");
+        tokio::time::timeout(hang, waiting)
+            .await
+            .expect("the call waiting for the index ends")
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn preload_entries_checks_each_and_returns_once_all_are_indexed() {
         let dir = tempfile::tempdir().unwrap();

@@ -274,6 +274,7 @@ async fn build_state(
         server_cert,
         metrics: Metrics::default(),
         follower_wake: Notify::new(),
+        stopping: cancel.clone(),
         connected: std::sync::Mutex::new(Default::default()),
         ready: AtomicBool::new(false),
         readiness: Readiness::new(),

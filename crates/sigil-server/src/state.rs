@@ -46,6 +46,9 @@ pub struct ServerState {
     pub(crate) metrics: Metrics,
     /// Wakes the change follower after a local write.
     pub(crate) follower_wake: Notify,
+    /// Cancelled when the server stops (the follower with it): nothing
+    /// waits for the index past that.
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
     /// Agents with an open sync stream (count per agent).
     pub(crate) connected: std::sync::Mutex<HashMap<SpiffeId, usize>>,
     /// Set once every listener runs.
@@ -153,9 +156,15 @@ impl ServerState {
         self.metrics.sync_streams.inc_by(delta as i64);
     }
 
-    /// Waits until the index has caught up with `revision`, waking the follower.
+    /// Waits until the index has caught up with `revision`, waking the
+    /// follower; or until the server stops, when the follower no longer
+    /// runs. A call that reached the server as it was stopping must end,
+    /// not hold the graceful shutdown until it is killed.
     pub(crate) async fn settle(&self, revision: u64) {
         self.follower_wake.notify_one();
-        self.index.wait_for(revision).await;
+        tokio::select! {
+            () = self.index.wait_for(revision) => {}
+            () = self.stopping.cancelled() => {}
+        }
     }
 }
