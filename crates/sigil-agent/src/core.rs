@@ -1176,7 +1176,6 @@ impl<S: ServerClient> Core<S> {
     /// server that returns while they are still valid must be tried before
     /// they expire, not after a full backoff that outlasts them.
     fn retry_wait(&self, backoff: &mut Backoff) -> Duration {
-        let wait = backoff.next();
         let now = self.clock.wall();
         let left = [Some(self.identity.not_after), self.expires.first()]
             .into_iter()
@@ -1185,8 +1184,8 @@ impl<S: ServerClient> Core<S> {
             .filter(|left| !left.is_zero())
             .min();
         match left {
-            Some(left) => wait.min((left / 2).max(self.cfg.min_backoff)),
-            None => wait,
+            Some(left) => backoff.next_at_most((left / 2).max(self.cfg.min_backoff)),
+            None => backoff.next(),
         }
     }
 
@@ -1403,6 +1402,18 @@ impl Backoff {
         self.current = (self.current * 2).min(self.max);
         d
     }
+    /// The next wait, but at most `cap`. A capped wait is where the
+    /// backoff goes on from: once the cap is gone, the wait grows from the
+    /// one last taken, not from a backoff that kept doubling meanwhile
+    /// (which would have jumped to the maximum at once).
+    pub(crate) fn next_at_most(&mut self, cap: Duration) -> Duration {
+        let d = self.next();
+        if d <= cap {
+            return d;
+        }
+        self.current = (cap * 2).clamp(self.min, self.max);
+        cap
+    }
 }
 
 #[cfg(test)]
@@ -1410,6 +1421,28 @@ mod tests {
     use sigil_types::SpiffeId;
 
     use super::*;
+
+    /// Waits cut short while SVIDs neared their expiry do not leave the
+    /// backoff at its maximum: once they expired (a PSAT agent whose SVID
+    /// expired while the server was down, say), the next attempt comes
+    /// about twice the last wait later, not up to 30 s later.
+    #[test]
+    fn a_capped_wait_is_where_the_backoff_goes_on_from() {
+        let (min, max) = (Duration::from_millis(500), Duration::from_secs(30));
+        let mut b = Backoff::new(min, max);
+        for _ in 0..12 {
+            assert!(b.next_at_most(min) <= min);
+        }
+        let next = b.next();
+        assert!(next <= 2 * min, "waited {next:?} after waits of {min:?}");
+        // Uncapped, it grows as before.
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            waits.push(b.next());
+        }
+        assert!(waits.iter().all(|w| *w <= max));
+        assert!(*waits.last().unwrap() >= max / 2, "{waits:?}");
+    }
 
     #[test]
     fn renewal_is_near_half_life() {
