@@ -5,8 +5,7 @@
 //! protobuf encoding, measured in the same run.
 //!
 //! Print the breakdown with
-//! `cargo test -p sigil-server --lib index::memory -- --nocapture`
-//! (`--ignored` adds a million entries).
+//! `cargo test -p sigil-server --lib index::memory -- --nocapture`.
 
 use std::sync::Arc;
 
@@ -239,11 +238,4 @@ fn a_set_of_ids_is_as_small_as_one_id() {
         std::mem::size_of::<super::Ids>(),
         std::mem::size_of::<sigil_types::EntryId>()
     );
-}
-
-#[test]
-#[ignore = "a million entries: slow in a debug build; run by hand for the figure"]
-fn index_memory_per_entry_at_a_million() {
-    let bench = measure(1_000_000, 10_000, bench_entry);
-    bench.print("load generator shape");
 }
