@@ -130,14 +130,7 @@ impl ServerState {
             .iter()
             .map(|e| (EntryKey::of(e), e.id.clone()))
             .collect();
-        let stored = self.store.create_entries(batch).await?;
-        if stored.len() != keys.len() {
-            return Err(InternalError::BatchResults {
-                sent: keys.len(),
-                got: stored.len(),
-            }
-            .into());
-        }
+        let stored = one_per_item(keys.len(), self.store.create_entries(batch).await?)?;
         // The index did not hold the entries created earlier in the batch
         // when it was asked; the store refused their duplicates, which are
         // said as the index would have said them.
@@ -244,15 +237,7 @@ impl ServerState {
         if batch.is_empty() {
             return Ok(refused.into_iter().flatten().map(Err).collect());
         }
-        let sent = batch.len();
-        let stored = self.store.update_entries(batch).await?;
-        if stored.len() != sent {
-            return Err(InternalError::BatchResults {
-                sent,
-                got: stored.len(),
-            }
-            .into());
-        }
+        let stored = one_per_item(batch.len(), self.store.update_entries(batch).await?)?;
         let last = stored
             .iter()
             .flatten()
@@ -311,15 +296,7 @@ impl ServerState {
         if batch.is_empty() {
             return Ok(refused.into_iter().flatten().map(Err).collect());
         }
-        let sent = batch.len();
-        let deleted = self.store.delete_entries(&batch).await?;
-        if deleted.len() != sent {
-            return Err(InternalError::BatchResults {
-                sent,
-                got: deleted.len(),
-            }
-            .into());
-        }
+        let deleted = one_per_item(batch.len(), self.store.delete_entries(&batch).await?)?;
         let any = deleted.iter().any(Result::is_ok);
         let results = merge_batch(refused, deleted.into_iter().map(|r| r.map_err(Into::into)));
         if any {
@@ -344,6 +321,19 @@ fn split_batch<T>(items: Vec<Result<T, ServerError>>) -> (Vec<T>, Vec<Option<Ser
         })
         .collect();
     (batch, refused)
+}
+
+/// The store's results of a batch of `sent` items, refused unless there
+/// is one per item.
+fn one_per_item<T>(sent: usize, results: Vec<T>) -> Result<Vec<T>, ServerError> {
+    if results.len() != sent {
+        return Err(InternalError::BatchResults {
+            sent,
+            got: results.len(),
+        }
+        .into());
+    }
+    Ok(results)
 }
 
 /// The results of a batch in the caller's order: each refusal in its
