@@ -176,6 +176,16 @@ async fn oversized_and_malformed_requests_are_refused_and_the_server_keeps_servi
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    // Sync's request too: the server frames Sync's responses itself
+    // (agent_api::SyncBody), not its requests' bound.
+    let err = client
+        .sync(pb::SyncRequest {
+            revision: 1,
+            known_entry_ids: vec!["x".repeat(64 * 1024 + 1)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     // The same connection still serves.
     client.get_bundle(pb::GetBundleRequest {}).await.unwrap();
 
