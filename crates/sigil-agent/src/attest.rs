@@ -28,6 +28,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
 use nix::unistd::{Gid, Group, Uid, User};
@@ -109,11 +110,71 @@ impl HashCache {
     }
 }
 
+/// How long a user or group name that NSS gave is reused for the same
+/// numeric id. A name is a function of the id, not of the process, so a
+/// cached name never tells one caller's identity to another: the only
+/// effect is that an account renamed or removed in the user database is
+/// seen up to this much later (nscd, if it runs, already keeps names for
+/// ten minutes).
+const NAME_TTL: Duration = Duration::from_secs(10);
+
+/// How many names to remember; when full the cache is emptied.
+const NAME_CACHE_CAPACITY: usize = 1024;
+
+/// A numeric id whose name NSS gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Id {
+    User(u32),
+    Group(u32),
+}
+
+/// User and group names by numeric id, each kept for [`NAME_TTL`].
+#[derive(Debug, Default)]
+struct NameCache {
+    names: Mutex<HashMap<Id, (Instant, Option<String>)>>,
+}
+
+impl NameCache {
+    /// The name of `id` looked up at most [`NAME_TTL`] before `now`
+    /// (`Some(None)`: the id has no name), or `None` if there is none.
+    fn get(&self, id: Id, now: Instant) -> Option<Option<String>> {
+        let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        let (at, name) = names.get(&id)?;
+        (now.saturating_duration_since(*at) < NAME_TTL).then(|| name.clone())
+    }
+
+    fn insert(&self, id: Id, name: Option<String>, at: Instant) {
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        if names.len() >= NAME_CACHE_CAPACITY {
+            names.clear();
+        }
+        names.insert(id, (at, name));
+    }
+
+    /// The name of `id`, from the cache or else through NSS (which may
+    /// block: call on the blocking pool). A failed lookup gives no name and
+    /// is not remembered.
+    fn lookup(&self, id: Id) -> Option<String> {
+        let now = Instant::now();
+        if let Some(name) = self.get(id, now) {
+            return name;
+        }
+        let found = match id {
+            Id::User(uid) => user_name(uid),
+            Id::Group(gid) => group_name(gid),
+        };
+        let name = found.ok()?;
+        self.insert(id, name.clone(), now);
+        name
+    }
+}
+
 /// The `unix` workload attestor; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct UnixAttestor {
     config: UnixAttestorConfig,
     cache: Arc<HashCache>,
+    names: Arc<NameCache>,
 }
 
 impl UnixAttestor {
@@ -122,6 +183,7 @@ impl UnixAttestor {
         Self {
             config,
             cache: Arc::default(),
+            names: Arc::default(),
         }
     }
 
@@ -132,75 +194,114 @@ impl UnixAttestor {
     ///
     /// The uid and gid are the effective ones, as in SPIRE and `SO_PEERCRED`;
     /// if `/proc` disagrees with the ids recorded at connect the call fails
-    /// with [`PeerError::CredentialsChanged`]. The file I/O runs on tokio's
-    /// blocking pool.
+    /// with [`PeerError::CredentialsChanged`]. `/proc/<pid>/status` is read
+    /// in place (procfs answers from memory); name lookups not cached and
+    /// the executable's path and digest run on tokio's blocking pool.
     pub async fn attest(&self, peer: &PeerInfo) -> Result<Selectors, PeerError> {
+        let selectors = self.read_unchecked(peer).await?;
+        // Everything was read by PID; it described the caller only if the
+        // caller still holds that PID now.
+        peer.check_same_process()?;
+        Ok(selectors)
+    }
+
+    /// [`UnixAttestor::attest`] without its last step: the selectors read
+    /// from `/proc/<pid>`, which describe the caller only once
+    /// [`PeerInfo::check_same_process`] has passed *after* this returns.
+    /// For [`crate::caller::CallerAttestor::identify`], which runs that
+    /// check once after every attestor.
+    pub(crate) async fn read_unchecked(&self, peer: &PeerInfo) -> Result<Selectors, PeerError> {
+        let status = checked_status(peer)?;
+        if !self.config.discover_workload_path {
+            // With every name cached, nothing here can block: no hop to
+            // the blocking pool (a burst of callers of one uid takes one).
+            let now = Instant::now();
+            if let Some(selectors) = id_selectors(&status, |id| self.names.get(id, now)) {
+                return Ok(selectors);
+            }
+        }
         let peer = peer.clone();
         let config = self.config.clone();
         let cache = Arc::clone(&self.cache);
-        tokio::task::spawn_blocking(move || attest_blocking(&peer, &config, &cache))
-            .await
-            .map_err(|e| PeerError::Task(e.to_string()))?
+        let names = Arc::clone(&self.names);
+        tokio::task::spawn_blocking(move || {
+            let mut out = id_selectors(&status, |id| Some(names.lookup(id))).unwrap_or_default();
+            if config.discover_workload_path {
+                exe_selectors(&peer, &config, &cache, &mut out)?;
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| PeerError::Task(e.to_string()))?
     }
 }
 
-fn attest_blocking(
-    peer: &PeerInfo,
-    config: &UnixAttestorConfig,
-    cache: &HashCache,
-) -> Result<Selectors, PeerError> {
-    let pid = peer.pid;
-    let status = peer::read_status(pid)?;
+/// The caller's `/proc/<pid>/status`, refused if its effective ids are not
+/// the ones recorded at connect.
+fn checked_status(peer: &PeerInfo) -> Result<peer::ProcStatus, PeerError> {
+    let status = peer::read_status(peer.pid)?;
     if status.uid != peer.uid || status.gid != peer.gid {
-        return Err(PeerError::CredentialsChanged { pid });
+        return Err(PeerError::CredentialsChanged { pid: peer.pid });
     }
+    Ok(status)
+}
 
+/// The id selectors of `status`, with the names `name` gives (`Some(None)`:
+/// the id has no name); `None` as soon as `name` does not know one.
+fn id_selectors(
+    status: &peer::ProcStatus,
+    mut name: impl FnMut(Id) -> Option<Option<String>>,
+) -> Option<Selectors> {
     let mut out = Selectors::new();
     push(&mut out, &format!("uid:{}", status.uid));
-    if let Some(name) = user_name(status.uid) {
-        push(&mut out, &format!("user:{name}"));
+    if let Some(n) = name(Id::User(status.uid))? {
+        push(&mut out, &format!("user:{n}"));
     }
     push(&mut out, &format!("gid:{}", status.gid));
-    if let Some(name) = group_name(status.gid) {
-        push(&mut out, &format!("group:{name}"));
+    if let Some(n) = name(Id::Group(status.gid))? {
+        push(&mut out, &format!("group:{n}"));
     }
     for gid in &status.groups {
         push(&mut out, &format!("supplementary_gid:{gid}"));
-        if let Some(name) = group_name(*gid) {
-            push(&mut out, &format!("supplementary_group:{name}"));
+        if let Some(n) = name(Id::Group(*gid))? {
+            push(&mut out, &format!("supplementary_group:{n}"));
         }
     }
+    Some(out)
+}
 
-    if config.discover_workload_path {
-        let exe = format!("/proc/{pid}/exe");
-        let target = std::fs::read_link(&exe).map_err(|e| peer::proc_error(pid, &exe, e))?;
-        // Checked after the link is read: a process that is in the agent's
-        // mount namespace now has been in it since it executed the binary,
-        // since only a process privileged over the host can enter it again
-        // after leaving.
-        if in_agent_mount_namespace(pid)? {
-            match target.to_str() {
-                Some(path) => push(&mut out, &format!("path:{path}")),
-                // A lossy conversion could make two paths look alike.
-                None => {
-                    tracing::warn!(pid, path = ?target, "executable path is not UTF-8; no unix:path selector")
-                }
+/// Adds `unix:path` and `unix:sha256` (blocking: may hash the binary).
+fn exe_selectors(
+    peer: &PeerInfo,
+    config: &UnixAttestorConfig,
+    cache: &HashCache,
+    out: &mut Selectors,
+) -> Result<(), PeerError> {
+    let pid = peer.pid;
+    let exe = format!("/proc/{pid}/exe");
+    let target = std::fs::read_link(&exe).map_err(|e| peer::proc_error(pid, &exe, e))?;
+    // Checked after the link is read: a process that is in the agent's
+    // mount namespace now has been in it since it executed the binary,
+    // since only a process privileged over the host can enter it again
+    // after leaving.
+    if in_agent_mount_namespace(pid)? {
+        match target.to_str() {
+            Some(path) => push(out, &format!("path:{path}")),
+            // A lossy conversion could make two paths look alike.
+            None => {
+                tracing::warn!(pid, path = ?target, "executable path is not UTF-8; no unix:path selector")
             }
-        } else {
-            tracing::debug!(
-                pid,
-                "caller is in another mount namespace; no unix:path selector"
-            );
         }
-        if let Some(hex) = exe_sha256(pid, &exe, config.workload_size_limit, cache)? {
-            push(&mut out, &format!("sha256:{hex}"));
-        }
+    } else {
+        tracing::debug!(
+            pid,
+            "caller is in another mount namespace; no unix:path selector"
+        );
     }
-
-    // Everything above was read by PID; it described the caller only if the
-    // caller still holds that PID now.
-    peer.check_same_process()?;
-    Ok(out)
+    if let Some(hex) = exe_sha256(pid, &exe, config.workload_size_limit, cache)? {
+        push(out, &format!("sha256:{hex}"));
+    }
+    Ok(())
 }
 
 /// Whether the caller's mount namespace is the agent's, compared by the
@@ -225,22 +326,24 @@ fn push(out: &mut Selectors, value: &str) {
     }
 }
 
-fn user_name(uid: u32) -> Option<String> {
+/// The name of `uid` (`Ok(None)`: it has none); `Err` when NSS failed.
+fn user_name(uid: u32) -> Result<Option<String>, ()> {
     match User::from_uid(Uid::from_raw(uid)) {
-        Ok(user) => user.map(|u| u.name),
+        Ok(user) => Ok(user.map(|u| u.name)),
         Err(e) => {
             tracing::debug!(uid, error = %e, "user lookup failed");
-            None
+            Err(())
         }
     }
 }
 
-fn group_name(gid: u32) -> Option<String> {
+/// The name of `gid` (`Ok(None)`: it has none); `Err` when NSS failed.
+fn group_name(gid: u32) -> Result<Option<String>, ()> {
     match Group::from_gid(Gid::from_raw(gid)) {
-        Ok(group) => group.map(|g| g.name),
+        Ok(group) => Ok(group.map(|g| g.name)),
         Err(e) => {
             tracing::debug!(gid, error = %e, "group lookup failed");
-            None
+            Err(())
         }
     }
 }
@@ -304,16 +407,9 @@ fn sha256_hex(reader: &mut impl Read) -> io::Result<String> {
 mod tests {
     use super::*;
     use std::process::{Command, Stdio};
-    use std::time::Duration;
 
     fn own_peer() -> PeerInfo {
-        PeerInfo::capture(
-            i32::try_from(std::process::id()).unwrap(),
-            nix::unistd::geteuid().as_raw(),
-            nix::unistd::getegid().as_raw(),
-            None,
-        )
-        .unwrap()
+        PeerInfo::this_process()
     }
 
     fn has(sel: &Selectors, s: &str) -> bool {
@@ -427,6 +523,63 @@ mod tests {
         assert_eq!(cache.len(), 1);
     }
 
+    #[test]
+    fn names_are_kept_per_id_and_only_for_their_ttl() {
+        let cache = NameCache::default();
+        let t0 = Instant::now();
+        cache.insert(Id::User(1000), Some("alice".into()), t0);
+        cache.insert(Id::Group(1001), None, t0);
+        assert_eq!(cache.get(Id::User(1000), t0), Some(Some("alice".into())));
+        assert_eq!(cache.get(Id::Group(1001), t0), Some(None));
+        // Another id, or the same number as a group, is not a hit.
+        assert_eq!(cache.get(Id::User(1001), t0), None);
+        assert_eq!(cache.get(Id::Group(1000), t0), None);
+        // Kept for the TTL, and not after.
+        let last = t0 + NAME_TTL - Duration::from_millis(1);
+        assert_eq!(cache.get(Id::User(1000), last), Some(Some("alice".into())));
+        assert_eq!(cache.get(Id::User(1000), t0 + NAME_TTL), None);
+        // Full: emptied, not grown.
+        let cache = NameCache::default();
+        for i in 0..=NAME_CACHE_CAPACITY as u32 {
+            cache.insert(Id::Group(i), None, t0);
+        }
+        assert_eq!(
+            cache
+                .names
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len(),
+            1
+        );
+    }
+
+    /// Once its names are cached, a caller is attested in place: with the
+    /// blocking pool busy, the call completes on its first poll.
+    #[test]
+    fn cached_names_attest_without_the_blocking_pool() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let attestor = UnixAttestor::new(UnixAttestorConfig::default());
+            let peer = own_peer();
+            let first = attestor.attest(&peer).await.unwrap();
+            // The only blocking thread waits until released.
+            let (release, wait) = std::sync::mpsc::channel::<()>();
+            let busy = tokio::task::spawn_blocking(move || wait.recv());
+            let mut read = std::pin::pin!(attestor.read_unchecked(&peer));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let polled = read.as_mut().poll(&mut cx);
+            release.send(()).unwrap();
+            busy.await.unwrap().unwrap();
+            match polled {
+                std::task::Poll::Ready(again) => assert_eq!(again.unwrap(), first),
+                std::task::Poll::Pending => panic!("the attestation waited for the blocking pool"),
+            }
+        });
+    }
+
     /// Needs root to start a process as another user; CI runs as root.
     #[tokio::test]
     async fn child_running_as_nobody() {
@@ -459,19 +612,39 @@ mod tests {
         assert!(has(&sel, "unix:uid:65534"), "{sel:?}");
         assert!(has(&sel, "unix:gid:65534"), "{sel:?}");
         assert!(!has(&sel, "unix:uid:0"), "{sel:?}");
+
+        // Names are cached by numeric id: with root's names cached (and
+        // answered in place), the child still gets its own, never root's.
+        let ids_only = UnixAttestor::new(UnixAttestorConfig::default());
+        let own = ids_only.attest(&own_peer()).await.unwrap();
+        assert!(has(&own, "unix:user:root"), "{own:?}");
+        for _ in 0..2 {
+            let child_sel = ids_only.attest(&peer).await.unwrap();
+            assert!(has(&child_sel, "unix:uid:65534"), "{child_sel:?}");
+            assert!(!has(&child_sel, "unix:user:root"), "{child_sel:?}");
+            assert!(!has(&child_sel, "unix:group:root"), "{child_sel:?}");
+            let want = user_name(65534).unwrap();
+            assert_eq!(
+                values_of(&child_sel, "user:"),
+                want.iter().map(String::as_str).collect::<Vec<_>>()
+            );
+        }
         let path = values_of(&sel, "path:");
         assert_eq!(path.len(), 1);
         assert!(path[0].ends_with("/sleep"), "{path:?}");
 
         child.kill().unwrap();
         child.wait().unwrap();
-        let err = attestor.attest(&peer).await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                PeerError::ProcessGone { .. } | PeerError::PidReused { .. }
-            ),
-            "{err:?}"
-        );
+        // Cached names or not, a caller that is gone gets nothing.
+        for a in [&attestor, &ids_only] {
+            let err = a.attest(&peer).await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    PeerError::ProcessGone { .. } | PeerError::PidReused { .. }
+                ),
+                "{err:?}"
+            );
+        }
     }
 }

@@ -65,7 +65,7 @@ impl CallerAttestor {
             Status::unavailable("workload attestation failed")
         })?;
         #[allow(unused_mut, reason = "extended only with the k8s feature")]
-        let mut selectors = self.attestor.attest(&peer).await.map_err(|e| {
+        let mut selectors = self.attestor.read_unchecked(&peer).await.map_err(|e| {
             tracing::warn!(pid = peer.pid, error = %e, "workload attestation failed");
             Status::unavailable("workload attestation failed")
         })?;
@@ -79,10 +79,60 @@ impl CallerAttestor {
                 selectors.insert(s.clone());
             }
         }
+        // The one check that everything read above, by PID, described the
+        // process that connected: it must come after the last attestor.
         peer.check_same_process().map_err(|e| {
             tracing::warn!(pid = peer.pid, error = %e, "caller changed during attestation");
             Status::unavailable("workload attestation failed")
         })?;
         Ok(selectors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attest::UnixAttestorConfig;
+    use crate::peer::{PeerConnectInfo, PeerInfo};
+
+    fn request(peer: PeerInfo) -> Request<()> {
+        let mut req = Request::new(());
+        req.extensions_mut()
+            .insert(PeerConnectInfo { peer: Ok(peer) });
+        req
+    }
+
+    /// The attestor's reads are checked once, at the end of `identify`:
+    /// a PID that changed hands since connect, or a caller that exited, is
+    /// refused, also when its names are cached and it is attested in place.
+    #[tokio::test]
+    async fn identify_refuses_a_reused_pid_and_an_exited_caller() {
+        let callers =
+            CallerAttestor::new(Arc::new(UnixAttestor::new(UnixAttestorConfig::default())));
+        let uid = nix::unistd::geteuid().as_raw();
+        let sel = callers
+            .identify(&request(PeerInfo::this_process()))
+            .await
+            .unwrap();
+        assert!(sel.contains(&format!("unix:uid:{uid}").parse().unwrap()));
+
+        let err = callers
+            .identify(&request(PeerInfo::this_process().with_other_start_time()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let fd = crate::peer::pidfd_open(pid).unwrap();
+        let peer = PeerInfo::with_own_ids(pid, Some(fd));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let err = callers.identify(&request(peer)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     }
 }

@@ -253,6 +253,35 @@ impl PeerInfo {
         Ok(())
     }
 
+    /// This peer as if its PID had been handed to another process since it
+    /// was captured (another start time), for tests of the PID-reuse check.
+    #[cfg(test)]
+    pub(crate) fn with_other_start_time(mut self) -> Self {
+        self.start_time += 1;
+        self
+    }
+
+    /// Process `pid` captured as a caller with this process's effective
+    /// ids (a child of the test, or the test itself), for tests.
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used, reason = "test helper")]
+    pub(crate) fn with_own_ids(pid: i32, pidfd: Option<OwnedFd>) -> Self {
+        Self::capture(
+            pid,
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+            pidfd,
+        )
+        .unwrap()
+    }
+
+    /// This process captured as a caller, without a pidfd, for tests.
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used, reason = "test helper")]
+    pub(crate) fn this_process() -> Self {
+        Self::with_own_ids(i32::try_from(std::process::id()).unwrap(), None)
+    }
+
     /// Whether a pidfd pins the caller (tells which PID-reuse guard applies).
     pub fn has_pidfd(&self) -> bool {
         self.pidfd.is_some()
@@ -383,9 +412,40 @@ pub(crate) fn read_status(pid: i32) -> Result<ProcStatus, PeerError> {
     })
 }
 
+/// What a `/proc/<pid>/status` or `stat` read starts with room for (status
+/// is about 1.5 KiB); a longer file grows the buffer.
+const PROC_READ_START: usize = 4096;
+
 /// Reads a `/proc/<pid>/…` file; a missing entry means the process is gone.
+///
+/// Every Workload API call reads these files, so this is `open`, `read`
+/// until it returns nothing, `close`: procfs reports a size of 0, and
+/// `fs::read_to_string` would also `statx` and `lseek` the file and grow
+/// its buffer from that size.
 fn read_proc(pid: i32, path: &str) -> Result<String, PeerError> {
-    fs::read_to_string(path).map_err(|e| proc_error(pid, path, e))
+    use std::io::Read;
+    let err = |e| proc_error(pid, path, e);
+    let mut file = fs::File::open(path).map_err(err)?;
+    let mut buf = vec![0u8; PROC_READ_START];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        match file.read(buf.get_mut(len..).unwrap_or_default()) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|e| {
+        PeerError::Proc(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path}: {e}"),
+        ))
+    })
 }
 
 /// Maps an I/O error on `/proc/<pid>/…`: ENOENT (reaped) and ESRCH (exited
@@ -685,13 +745,7 @@ mod tests {
     async fn pidfd_open_fallback_works_for_a_live_process() {
         let pid = i32::try_from(std::process::id()).unwrap();
         let fd = pidfd_open(pid).unwrap();
-        let peer = PeerInfo::capture(
-            pid,
-            nix::unistd::geteuid().as_raw(),
-            nix::unistd::getegid().as_raw(),
-            Some(fd),
-        )
-        .unwrap();
+        let peer = PeerInfo::with_own_ids(pid, Some(fd));
         peer.check_same_process().unwrap();
     }
 
@@ -757,13 +811,7 @@ mod tests {
     #[test]
     fn changed_start_time_means_pid_reused() {
         let pid = i32::try_from(std::process::id()).unwrap();
-        let mut peer = PeerInfo::capture(
-            pid,
-            nix::unistd::geteuid().as_raw(),
-            nix::unistd::getegid().as_raw(),
-            None,
-        )
-        .unwrap();
+        let mut peer = PeerInfo::with_own_ids(pid, None);
         peer.start_time += 1;
         let err = peer.check_same_process().unwrap_err();
         assert!(
@@ -787,6 +835,19 @@ mod tests {
             matches!(err, PeerError::CredentialsChanged { .. }),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn proc_reads_grow_past_their_first_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("long");
+        let text: String = (0..3 * PROC_READ_START)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(read_proc(1, path.to_str().unwrap()).unwrap(), text);
+        let err = read_proc(1, dir.path().join("gone").to_str().unwrap()).unwrap_err();
+        assert!(matches!(err, PeerError::ProcessGone { pid: 1 }), "{err:?}");
     }
 
     #[test]

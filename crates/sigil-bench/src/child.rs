@@ -375,6 +375,11 @@ pub(crate) async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     cfg.join_token = Some(args.token);
     cfg.min_backoff = Duration::from_millis(100);
     cfg.max_backoff = Duration::from_secs(1);
+    // Every Workload API round opens over a thousand streams from this
+    // process's uid, several rounds in a row: past the default 100 streams
+    // a second (burst 2000) the second round would be refused. The limiter
+    // is still consulted on every call, at the same cost at any rate.
+    cfg.limits.streams = sigil_types::ratelimit::Rate::new(100_000, 100_000);
     let agent = sigil_agent::start(cfg).await?;
     let mut rx = agent.snapshots.clone();
     let status = |s: &sigil_agent::core::Snapshot| {

@@ -84,6 +84,14 @@ struct Opts {
     /// Run only the scale phase (no in-process rates, no latency phase).
     #[arg(long)]
     scale_only: bool,
+    /// Run only the Workload API first-response rounds (burst and loaded,
+    /// against the plain baseline and the agent): no rates, no other
+    /// latency figures, no scale phase.
+    #[arg(long, conflicts_with = "scale_only")]
+    workload_only: bool,
+    /// Pairs of Workload API rounds (plain and agent, alternating which goes first) [5; quick 2].
+    #[arg(long)]
+    burst_pairs: Option<usize>,
     /// Simulated agents holding sync streams in the scale phase [1000; quick 4].
     #[arg(long)]
     agents: Option<usize>,
@@ -143,6 +151,9 @@ pub(crate) struct Sizes {
     pub(crate) agent_svids: usize,
     pub(crate) rate_time: Duration,
     pub(crate) openssl_seconds: u32,
+    pub(crate) burst_pairs: usize,
+    /// Only the Workload API rounds of the latency phase.
+    pub(crate) workload_only: bool,
 }
 
 impl Sizes {
@@ -169,13 +180,18 @@ impl Sizes {
             agent_svids: pick(o.agent_svids, 10_000, 50),
             rate_time: Duration::from_millis(o.rate_ms.unwrap_or(if q { 50 } else { 1000 })),
             openssl_seconds: o.openssl_seconds.unwrap_or(if q { 0 } else { 3 }),
+            burst_pairs: pick(o.burst_pairs, 5, 2),
+            workload_only: o.workload_only,
         };
         anyhow::ensure!(
             s.agents >= 1 && s.entries >= s.agents,
             "--entries must be at least --agents (and --agents at least 1)"
         );
         anyhow::ensure!(
-            s.clients >= 1 && s.latency_iterations >= 1 && s.loaded_iterations >= 1,
+            s.clients >= 1
+                && s.latency_iterations >= 1
+                && s.loaded_iterations >= 1
+                && s.burst_pairs >= 1,
             "sizes must be at least 1"
         );
         anyhow::ensure!(
@@ -218,10 +234,14 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     let mut report = Report::new(if o.quick { "quick" } else { "full" });
     eprintln!("sizes: {sizes:?}");
     let work = o.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    if !o.scale_only {
+    if !o.scale_only && !o.workload_only {
         // The in-process rates run first, while no child process competes for the CPU.
         inproc::measure(&mut report, sizes.rate_time, sizes.openssl_seconds)?;
         load::latency_phase(&sizes, &mut report, &work).await?;
+    }
+    if o.workload_only {
+        load::latency_phase(&sizes, &mut report, &work).await?;
+        return finish(report, o.json);
     }
     let scale_dir = o.scale_dir.clone().unwrap_or_else(|| {
         let shm = PathBuf::from("/dev/shm");
@@ -233,8 +253,13 @@ async fn run(o: Opts) -> anyhow::Result<()> {
         }
     });
     load::scale_phase(&sizes, &mut report, &scale_dir).await?;
+    finish(report, o.json)
+}
+
+/// Prints the report, as text or as JSON.
+fn finish(mut report: Report, json: bool) -> anyhow::Result<()> {
     report.loadavg_at_end = report::loadavg();
-    if o.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report.text());
@@ -258,13 +283,7 @@ async fn run_bulk(o: &Opts) -> anyhow::Result<()> {
     eprintln!("sizes: {sizes:?}");
     let work = o.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     bulk::bulk_registration(&sizes, &mut report, &work).await?;
-    report.loadavg_at_end = report::loadavg();
-    if o.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.text());
-    }
-    Ok(())
+    finish(report, o.json)
 }
 
 #[tokio::main]

@@ -171,6 +171,22 @@ impl Report {
         });
     }
 
+    /// Records a figure that is itself a ratio of two same-run figures
+    /// (unit `x`), which must be at most `max`.
+    pub(crate) fn ratio(&mut self, name: &str, value: f64, max: f64, note: &str) {
+        self.push(Figure {
+            name: name.into(),
+            value,
+            unit: "x".into(),
+            baseline: None,
+            baseline_value: None,
+            ratio: Some(value),
+            budget: Some(format!("<= {max:.2}x")),
+            budget_met: Some(value <= max),
+            note: note.into(),
+        });
+    }
+
     fn push(&mut self, f: Figure) {
         eprintln!("{}", line(&f));
         self.figures.push(f);
@@ -218,6 +234,7 @@ fn line(f: &Figure) -> String {
             s.push_str(&format!(" ({}x {b} = {})", fmt(r), fmt(bv)));
         }
         (Some(b), _, _) => s.push_str(&format!(" (baseline {b} missing)")),
+        (None, Some(_), _) => s.push_str(" [ratio]"),
         _ => s.push_str(" [baseline]"),
     }
     if let (Some(b), Some(met)) = (&f.budget, f.budget_met) {

@@ -139,6 +139,45 @@ fn quick_run_reports_every_figure() {
     }
 }
 
+/// `--workload-only` runs the Workload API rounds alone, in pairs
+/// alternating the plain server and the agent, and reports the median of
+/// the pairs' p99 ratios beside the usual burst figures.
+#[test]
+fn workload_only_reports_the_burst_pairs_and_nothing_else() {
+    let (_, figures, stderr) = run(&["--quick", "--workload-only", "--burst-pairs", "3"]);
+    let value = |name: &str| value_of(&figures, &stderr, name);
+    for name in [
+        "baseline.plain_grpc_burst_p99",
+        "workload.first_response_burst_p50",
+        "workload.first_response_burst_p99",
+        "workload.first_response_loaded_p99",
+        "agent.rss_streams",
+    ] {
+        let v = value(name);
+        assert!(v.is_finite() && v > 0.0, "{name} = {v}");
+    }
+    let ratio = &figures["workload.first_response_burst_p99_pair_ratio"];
+    assert!(ratio["value"].as_f64().is_some_and(|r| r > 0.0), "{ratio}");
+    assert_eq!(ratio["unit"], "x");
+    assert!(ratio["budget_met"].is_boolean(), "{ratio}");
+    let pairs = ratio["note"].as_str().unwrap().rsplit(':').next().unwrap();
+    assert_eq!(pairs.split(',').count(), 3, "{ratio}");
+    // Both orders ran: plain first in pairs 0 and 2, the agent in pair 1.
+    assert_eq!(stderr.matches("(plain first)").count(), 2, "{stderr}");
+    assert_eq!(stderr.matches("(agent first)").count(), 1, "{stderr}");
+    for absent in [
+        "baseline.p256_sign",
+        "latency.entry_to_svid_p50",
+        "api.signing_throughput",
+        "server.rss",
+    ] {
+        assert!(
+            !figures.contains_key(absent),
+            "{absent} in a --workload-only run"
+        );
+    }
+}
+
 #[test]
 fn bulk_registration_quick_run_reports_its_figures() {
     let (report, figures, stderr) = run(&["--scenario", "bulk-registration", "--quick"]);
