@@ -16,7 +16,7 @@ use sigil_proto::server::v1 as pb;
 use sigil_svid::bundle::Bundle;
 use sigil_svid::keys::{CompactKey, PrivateKey};
 use sigil_svid::tls::RotatingCert;
-use sigil_types::{Entry, EntryId, Selectors, TrustDomain};
+use sigil_types::{Entry, EntryId, Selectors, SpiffeId, TrustDomain};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,9 @@ use crate::schedule::Timeline;
 use crate::selector_index::{AgeKey, SelectorIndex};
 use crate::server_api::{ServerClient, SyncStream};
 use crate::time::Clock;
+
+#[cfg(test)]
+mod memory;
 
 /// Most CSRs sent in one signing request.
 const CSR_BATCH: usize = 500;
@@ -204,11 +207,17 @@ pub(crate) struct Core<S> {
     pub(crate) ask_count: u64,
     /// The entries with an SVID held, least recently asked for first
     /// (never asked: 0): the order in which the bound on SVIDs held
-    /// (`x509_svid_cache_max_size`) drops them.
+    /// (`x509_svid_cache_max_size`) drops them. Kept, with `asked_at`, only
+    /// under a bound: without one nothing reads them.
     pub(crate) by_asked: BTreeSet<(u64, EntryId)>,
     /// Whether SVIDs were held or asked for since [`Core::enforce_bound`]
     /// last looked.
     pub(crate) bound_check: bool,
+    /// The parent ID of the last entry taken in (see [`Core::share_parent`]).
+    pub(crate) last_parent: Option<SpiffeId>,
+    /// Entries and SVIDs saved since the allocator last gave memory back
+    /// (see [`crate::trim`]).
+    pub(crate) churn: usize,
 }
 
 /// What a [`Core`] starts from: its configuration, its data directory, the
@@ -268,6 +277,8 @@ impl<S: ServerClient> Core<S> {
             ask_count: 0,
             by_asked: Default::default(),
             bound_check: true,
+            last_parent: None,
+            churn: 0,
             identity: parts.identity,
             cfg: parts.cfg,
         };
@@ -288,14 +299,17 @@ impl<S: ServerClient> Core<S> {
     /// contacted.
     pub(crate) fn restore(&mut self, cached: CachedState) {
         self.revision = cached.revision;
-        self.entries = cached
-            .entries
-            .into_iter()
-            .map(|e| (e.id.clone(), Arc::new(e)))
-            .collect();
-        for s in cached.svids {
-            if self.entries.contains_key(&s.entry_id) {
-                self.svids.insert(s.entry_id.clone(), Arc::new(s));
+        let mut entries = HashMap::with_capacity(cached.entries.len());
+        for mut e in cached.entries {
+            self.share_parent(&mut e);
+            entries.insert(e.id.clone(), Arc::new(e));
+        }
+        self.entries = entries;
+        for mut s in cached.svids {
+            if let Some((id, _)) = self.entries.get_key_value(&s.entry_id) {
+                // The entry's own ID text, shared by every map keyed by it.
+                s.entry_id = id.clone();
+                self.svids.insert(id.clone(), Arc::new(s));
             }
         }
         self.reschedule_all();
@@ -357,6 +371,7 @@ impl<S: ServerClient> Core<S> {
 
     fn persist_cache(&mut self) {
         let touched = std::mem::take(&mut self.touched);
+        self.churn += touched.len();
         let r = self.cache.save_touched(
             &self.persist,
             self.revision,
@@ -407,7 +422,10 @@ impl<S: ServerClient> Core<S> {
                 continue;
             };
             match entry_from_proto(e, move || id) {
-                Ok(entry) => self.upsert(Arc::new(entry)),
+                Ok(mut entry) => {
+                    self.share_parent(&mut entry);
+                    self.upsert(Arc::new(entry))
+                }
                 Err(err) => tracing::warn!(error = %err, "ignoring an entry the server sent"),
             }
         }
@@ -449,6 +467,17 @@ impl<S: ServerClient> Core<S> {
             revision = self.revision,
             "sync applied"
         );
+    }
+
+    /// Makes `e`'s parent ID the text of the last entry's parent when they
+    /// are the same ID: the entries of an agent are nearly all under the
+    /// agent itself or a few node aliases, and each would otherwise hold
+    /// its own copy.
+    fn share_parent(&mut self, e: &mut Entry) {
+        match &self.last_parent {
+            Some(p) if *p == e.parent_id => e.parent_id = p.clone(),
+            _ => self.last_parent = Some(e.parent_id.clone()),
+        }
     }
 
     /// Holds `entry` (new or changed); it needs a new SVID when the one it
@@ -513,19 +542,28 @@ impl<S: ServerClient> Core<S> {
         }
         self.bound_check = true;
         self.ask_count += 1;
+        let bounded = self.has_bound();
         for id in asked {
             if !self.entries.contains_key(&id) {
                 continue;
             }
-            if self.svids.contains_key(&id) {
-                self.by_asked.remove(&self.asked_key(&id));
-                self.by_asked.insert((self.ask_count, id.clone()));
+            if bounded {
+                if self.svids.contains_key(&id) {
+                    self.by_asked.remove(&self.asked_key(&id));
+                    self.by_asked.insert((self.ask_count, id.clone()));
+                }
+                self.asked_at.insert(id.clone(), self.ask_count);
             }
-            self.asked_at.insert(id.clone(), self.ask_count);
             if !self.served_svids.contains_key(&id) {
                 self.wanted.insert(id);
             }
         }
+    }
+
+    /// Whether a bound on SVIDs held is set (`x509_svid_cache_max_size`):
+    /// only then is the order in which callers asked for them kept.
+    fn has_bound(&self) -> bool {
+        self.cfg.x509_svid_cache_max_size > 0
     }
 
     /// Whether SVIDs are bounded now: a bound is set and the entries
@@ -583,7 +621,9 @@ impl<S: ServerClient> Core<S> {
         self.renew_at.set(id.clone(), renew);
         self.expires.set(id.clone(), svid.not_after);
         self.touched.insert(id.clone());
-        self.by_asked.insert(self.asked_key(&id));
+        if self.has_bound() {
+            self.by_asked.insert(self.asked_key(&id));
+        }
         self.bound_check = true;
         match self.entries.get(&id) {
             Some(e) if svid.fits(e) => {
@@ -622,7 +662,11 @@ impl<S: ServerClient> Core<S> {
         self.unsigned.clear();
         self.served_svids = Svids::default();
         self.served_entries = self.entries.values().cloned().collect();
-        self.by_asked = self.svids.keys().map(|id| self.asked_key(id)).collect();
+        self.by_asked = if self.has_bound() {
+            self.svids.keys().map(|id| self.asked_key(id)).collect()
+        } else {
+            BTreeSet::new()
+        };
         for (id, s) in &self.svids {
             self.renew_at
                 .set(id.clone(), renewal_time(s.not_before, s.not_after));
@@ -993,10 +1037,14 @@ impl<S: ServerClient> Core<S> {
                     continue;
                 }
             };
+            // Without the spare capacity decoding left.
+            let mut chain = r.cert_chain;
+            chain.shrink_to_fit();
             let svid = WorkloadSvid {
-                entry_id: id.clone(),
+                // The entry's own ID text, shared by every map keyed by it.
+                entry_id: entry.id.clone(),
                 spiffe_id: entry.spiffe_id.clone(),
-                chain: r.cert_chain,
+                chain,
                 key: CompactKey::from(&key),
                 not_before: info.not_before,
                 not_after: info.not_after,
@@ -1125,6 +1173,11 @@ impl<S: ServerClient> Core<S> {
                 unsaved = false;
                 saved_at = at;
                 self.persist_cache();
+                // The buffers of a large change (the sync messages, the
+                // signing answers, the saved file) are free now.
+                if crate::trim::due(&mut self.churn, signing.is_none()) {
+                    crate::trim::give_back_free_memory();
+                }
             }
             let mut wake = self.next_wake(signing.is_some());
             if stream.is_none() {
@@ -1518,7 +1571,7 @@ mod tests {
         assert!(firsts.len() > 10, "no jitter: {firsts:?}");
     }
 
-    mod incremental {
+    pub(super) mod incremental {
         //! The core's schedules and cache saves, kept up to date per change,
         //! against the definitions they replace (a pass over every entry).
 
@@ -1542,7 +1595,10 @@ mod tests {
             )
         }
 
-        fn core_in(dir: &Path, ca: &X509Authority) -> Core<crate::server_api::GrpcServer> {
+        pub(in crate::core) fn core_in(
+            dir: &Path,
+            ca: &X509Authority,
+        ) -> Core<crate::server_api::GrpcServer> {
             let td = TrustDomain::new("example.org").unwrap();
             let cfg = AgentConfig::with_defaults(td.clone(), "127.0.0.1:1".into(), dir.into());
             let key = PrivateKey::generate_p256().unwrap();

@@ -52,7 +52,13 @@ pub mod sds;
 mod selector_index;
 pub mod server_api;
 mod time;
+mod trim;
 pub mod workload;
+
+/// The unit-test binary counts heap bytes per thread (`core::memory`).
+#[cfg(test)]
+#[global_allocator]
+static COUNTING: sigil_testkit::alloc::Counting = sigil_testkit::alloc::Counting;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -359,6 +365,7 @@ pub fn start(cfg: AgentConfig) -> BoxFuture<'static, Result<AgentHandle, AgentEr
 
 async fn start_once(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
     sigil_svid::install_crypto_provider();
+    trim::limit_arenas();
     // Each caller's connection holds two open files: the caps must fit the
     // limit, or a flood of one uid makes accept() fail for everyone.
     match limits::raise_open_files_limit() {

@@ -4,6 +4,7 @@
 //! [`fake_k8s`] adds fake Kubernetes endpoints (API server, kubelet) fed with
 //! recorded fixtures.
 
+pub mod alloc;
 pub mod fake_k8s;
 pub mod hostile_config;
 /// A private PostgreSQL server for tests (`sigil-pgtest`).

@@ -14,7 +14,7 @@ use sigil_store::EntrySnapshot;
 use sigil_types::{Entry, Selectors, SpiffeId};
 
 use super::{EntryIndex, IndexState};
-use crate::test_alloc::{Held, held};
+use crate::test_alloc::{Held, Meter, held};
 
 /// An entry as the load generator registers them (sigil-bench, `sample_entry`):
 /// a random UUID entry ID, one selector of its own, parented round-robin to join
@@ -63,20 +63,6 @@ fn agents(n: usize) -> Vec<SpiffeId> {
         .collect()
 }
 
-/// What dropping each structure in turn frees.
-struct Meter {
-    at: Held,
-    parts: Vec<(&'static str, Held)>,
-}
-
-impl Meter {
-    fn freed(&mut self, name: &'static str) {
-        let now = held();
-        self.parts.push((name, self.at - now));
-        self.at = now;
-    }
-}
-
 /// The bytes of an index of `n` entries, by structure.
 struct Breakdown {
     n: usize,
@@ -113,10 +99,7 @@ fn measure(n: usize, agent_count: usize, make: fn(usize, &[SpiffeId]) -> Entry) 
     // Each structure dropped in turn: what it alone holds. Strings shared
     // with a structure still alive are not freed, so each part is the cost
     // of that structure on top of the others.
-    let mut m = Meter {
-        at: held(),
-        parts: Vec::new(),
-    };
+    let mut m = Meter::new();
     let EntryIndex { state, revision } = idx;
     let IndexState {
         revision: _,
@@ -165,10 +148,7 @@ fn measure(n: usize, agent_count: usize, make: fn(usize, &[SpiffeId]) -> Entry) 
 
 impl Breakdown {
     fn per_entry(&self, h: Held) -> (f64, f64) {
-        (
-            h.requested as f64 / self.n as f64,
-            h.chunks as f64 / self.n as f64,
-        )
+        h.per(self.n)
     }
 
     /// Heap bytes (malloc blocks) per entry ÷ encoded bytes per entry.
