@@ -11,6 +11,8 @@ pub(crate) enum Budget {
     MinRatio(f64),
     /// The figure itself (in its unit) must be at most this.
     Max(f64),
+    /// The figure itself (in its unit) must be at least this.
+    Min(f64),
     /// The figure divided by its baseline must be at most this.
     MaxRatio(f64),
 }
@@ -153,6 +155,7 @@ impl Report {
                 ratio.map(|r| r >= min),
             ),
             Some(Budget::Max(max)) => (Some(format!("<= {} {unit}", fmt(max))), Some(value <= max)),
+            Some(Budget::Min(min)) => (Some(format!(">= {} {unit}", fmt(min))), Some(value >= min)),
             Some(Budget::MaxRatio(max)) => (
                 Some(format!("<= {max:.2}x {against}")),
                 ratio.map(|r| r <= max),

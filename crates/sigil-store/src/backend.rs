@@ -51,6 +51,14 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// How many rows a statement changed.
     fn rows_affected(done: &<Self::Db as Database>::QueryResult) -> u64;
 
+    /// Appends the placeholder of the `n`th (1-based) parameter of a
+    /// generated multi-row statement ([`crate::sql`]'s batch inserts, whose
+    /// parameters are bound in order): `$n`, which both databases read.
+    fn placeholder(sql: &mut String, n: usize) {
+        sql.push('$');
+        sql.push_str(&n.to_string());
+    }
+
     /// [`Store::subscribe_changes`](crate::Store::subscribe_changes).
     fn subscribe(&self) -> Option<watch::Receiver<u64>> {
         None

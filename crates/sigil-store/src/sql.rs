@@ -1,6 +1,8 @@
 //! The [`Store`], written once for every [`Backend`]: all the SQL (with
-//! `$N` placeholders, which SQLite reads as numbered parameters too), and the
-//! one shape of a write the change feed records.
+//! `$N` placeholders, which SQLite reads as numbered parameters too, except
+//! in the generated multi-row inserts of a batch, whose placeholders are the
+//! backend's: [`Backend::placeholder`]), and the one shape of a write the
+//! change feed records.
 //!
 //! # Revisions commit in order
 //!
@@ -236,13 +238,13 @@ where
     /// Records the entry changes of a batch, `CHANGE_ROWS` rows a statement.
     async fn record_entry_changes(&mut self, changes: &[EntryChange]) -> Result<(), StoreError> {
         for chunk in changes.chunks(CHANGE_ROWS) {
-            let sql = values_sql(
+            let sql = values_sql::<B>(
                 "INSERT INTO changes (revision, kind, subject, payload) VALUES ",
                 4,
                 chunk.len(),
                 "",
             );
-            // Only numbered placeholders are spliced in: the values are bound.
+            // Only placeholders are spliced in: the values are bound.
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for change in chunk {
                 query = query
@@ -306,13 +308,13 @@ where
     ) -> Result<HashSet<i64>, StoreError> {
         let mut inserted = HashSet::with_capacity(entries.len());
         for chunk in entries.chunks(ENTRY_ROWS) {
-            let sql = values_sql(
+            let sql = values_sql::<B>(
                 concat!("INSERT INTO entries (", entry_cols!(), ") VALUES "),
                 15,
                 chunk.len(),
                 " ON CONFLICT DO NOTHING RETURNING revision",
             );
-            // Only numbered placeholders are spliced in: the values are bound.
+            // Only placeholders are spliced in: the values are bound.
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for (entry, cols) in chunk {
                 query = Self::bind_entry(query, entry, cols)?;
@@ -419,10 +421,10 @@ where
     }
 }
 
-/// `head`, then `rows` groups of `width` numbered placeholders (`($1, $2),
-/// ($3, $4)`), then `tail`: a multi-row statement whose values are all
-/// bound.
-fn values_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
+/// `head`, then `rows` groups of `width` placeholders of `B`'s
+/// ([`Backend::placeholder`]: `($1, $2), ($3, $4)` or `(?, ?), (?, ?)`),
+/// then `tail`: a multi-row statement whose values are all bound, in order.
+fn values_sql<B: Backend>(head: &str, width: usize, rows: usize, tail: &str) -> String {
     let mut sql = String::with_capacity(head.len() + tail.len() + rows * width * 6);
     sql.push_str(head);
     for row in 0..rows {
@@ -431,7 +433,7 @@ fn values_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
             if col > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("${}", row * width + col + 1));
+            B::placeholder(&mut sql, row * width + col + 1);
         }
         sql.push(')');
     }
@@ -439,12 +441,9 @@ fn values_sql(head: &str, width: usize, rows: usize, tail: &str) -> String {
     sql
 }
 
-/// Rows of `entries` one statement of a batch inserts (15 parameters each).
-/// Few: sqlx looks up every parameter's name when it binds, which SQLite
-/// answers by a walk of the statement's list of names, so the binding cost
-/// of a statement grows with the square of its parameters (at 64 rows it
-/// was half the SQLite thread's time in a bulk load).
-const ENTRY_ROWS: usize = 16;
+/// Rows of `entries` one statement of a batch inserts (15 parameters each,
+/// 960 a statement: far below either database's limit).
+const ENTRY_ROWS: usize = 64;
 
 /// Rows of `changes` one statement of a batch inserts: few enough
 /// parameters for either database (SQLite allows 32,766, PostgreSQL 65,535),
@@ -1109,5 +1108,26 @@ where
             .execute(self.writer())
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::values_sql;
+
+    /// SQLite's batch statements use anonymous parameters: with numbered
+    /// ones, binding a statement costs the square of its parameter count
+    /// ([`crate::backend::sqlite::SqliteStore`]'s `placeholder`).
+    #[test]
+    fn sqlite_batch_statements_bind_by_position() {
+        let sql = values_sql::<crate::SqliteStore>("INSERT INTO t (a, b) VALUES ", 2, 3, " X");
+        assert_eq!(sql, "INSERT INTO t (a, b) VALUES (?, ?), (?, ?), (?, ?) X");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    fn postgres_batch_statements_number_their_parameters() {
+        let sql = values_sql::<crate::PostgresStore>("INSERT INTO t (a, b) VALUES ", 2, 2, "");
+        assert_eq!(sql, "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4)");
     }
 }
