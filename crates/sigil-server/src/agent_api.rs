@@ -1000,6 +1000,23 @@ mod tests {
         assert!(next_frame(&mut body).is_none());
     }
 
+    /// A sync stream's task can queue only [`QUEUED_PAGES`] pages ahead of
+    /// an agent that does not read: the next waits (the task with it), so
+    /// a slow or stalled agent pins at most that many pages of the server,
+    /// not the whole update.
+    #[test]
+    fn a_stream_queues_at_most_two_pages_for_an_agent_that_does_not_read() {
+        let (tx, _rx) = send_queue();
+        for _ in 0..QUEUED_PAGES {
+            tx.try_send(Ok(Box::new(page_of(1)))).unwrap();
+        }
+        assert!(matches!(
+            tx.try_send(Ok(Box::new(page_of(1)))),
+            Err(mpsc::error::TrySendError::Full(_))
+        ));
+        assert_eq!(QUEUED_PAGES, 2);
+    }
+
     /// What an open sync stream holds once its pages are written, against
     /// the size of the first sync it sent (a ratio of two counts of this
     /// thread's heap, see `crate::test_alloc`). tonic's encoder kept a
