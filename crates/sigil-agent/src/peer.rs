@@ -418,34 +418,17 @@ const PROC_READ_START: usize = 4096;
 
 /// Reads a `/proc/<pid>/…` file; a missing entry means the process is gone.
 ///
-/// Every Workload API call reads these files, so this is `open`, `read`
-/// until it returns nothing, `close`: procfs reports a size of 0, and
-/// `fs::read_to_string` would also `statx` and `lseek` the file and grow
-/// its buffer from that size.
+/// Every Workload API call reads these files. Read through `take`, so
+/// that std's generic loop reads into a buffer made for the file's usual
+/// size: `File`'s own `read_to_string` would first `statx` and `lseek` it
+/// for a size, which procfs reports as 0.
 fn read_proc(pid: i32, path: &str) -> Result<String, PeerError> {
     use std::io::Read;
     let err = |e| proc_error(pid, path, e);
-    let mut file = fs::File::open(path).map_err(err)?;
-    let mut buf = vec![0u8; PROC_READ_START];
-    let mut len = 0;
-    loop {
-        if len == buf.len() {
-            buf.resize(len * 2, 0);
-        }
-        match file.read(buf.get_mut(len..).unwrap_or_default()) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(err(e)),
-        }
-    }
-    buf.truncate(len);
-    String::from_utf8(buf).map_err(|e| {
-        PeerError::Proc(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{path}: {e}"),
-        ))
-    })
+    let file = fs::File::open(path).map_err(err)?;
+    let mut text = String::with_capacity(PROC_READ_START);
+    file.take(u64::MAX).read_to_string(&mut text).map_err(err)?;
+    Ok(text)
 }
 
 /// Maps an I/O error on `/proc/<pid>/…`: ENOENT (reaped) and ESRCH (exited

@@ -649,15 +649,16 @@ async fn workload_first_response(
     // server's share may round to nothing, and the pair is left out.
     let cpu_measured = cpu_of(&plains) > 0.0;
     if cpu_measured {
-        report.baseline(
-        "baseline.plain_grpc_burst_cpu_per_client",
-        cpu_of(&plains),
-        "us",
-        &format!(
+        let note = format!(
             "plain server process CPU time during a burst of {} clients, per client; median over {pairs} rounds",
             s.clients
-        ),
-    );
+        );
+        report.baseline(
+            "baseline.plain_grpc_burst_cpu_per_client",
+            cpu_of(&plains),
+            "us",
+            &note,
+        );
     }
 
     for (name, p) in [("p50", 50.0), ("p99", 99.0)] {
@@ -691,17 +692,18 @@ async fn workload_first_response(
         ),
     );
     if cpu_measured {
-        report.figure(
-        "workload.burst_cpu_per_client",
-        cpu_of(&agents),
-        "us",
-        "baseline.plain_grpc_burst_cpu_per_client",
-        None,
-        &format!(
+        let note = format!(
             "agent process CPU time during a burst of {} clients, per client (accept, attestation, matching, response, HTTP/2); median over {pairs} rounds",
             s.clients
-        ),
-    );
+        );
+        report.figure(
+            "workload.burst_cpu_per_client",
+            cpu_of(&agents),
+            "us",
+            "baseline.plain_grpc_burst_cpu_per_client",
+            None,
+            &note,
+        );
     }
     let mut l = pooled(&agents);
     for (name, p) in [("p50", 50.0), ("p99", 99.0)] {
