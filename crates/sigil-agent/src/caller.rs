@@ -135,4 +135,29 @@ mod tests {
         let err = callers.identify(&request(peer)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     }
+
+    /// With a pidfd, the final check is only the pidfd's `poll`; a caller
+    /// whose effective ids are not the ones `SO_PEERCRED` recorded is still
+    /// refused, by the attestor's read of `/proc/<pid>/status`, also when
+    /// its names are cached (the fast path that reads nothing else).
+    #[tokio::test]
+    async fn identify_refuses_changed_ids_of_a_caller_pinned_by_its_pidfd() {
+        let callers =
+            CallerAttestor::new(Arc::new(UnixAttestor::new(UnixAttestorConfig::default())));
+        let pid = i32::try_from(std::process::id()).unwrap();
+        let own = PeerInfo::with_own_ids(pid, Some(crate::peer::pidfd_open(pid).unwrap()));
+        assert!(own.has_pidfd());
+        // Twice: the second call finds the names cached.
+        for _ in 0..2 {
+            callers.identify(&request(own.clone())).await.unwrap();
+        }
+        let uid = nix::unistd::geteuid().as_raw();
+        let gid = nix::unistd::getegid().as_raw();
+        for (u, g) in [(uid.wrapping_add(1), gid), (uid, gid.wrapping_add(1))] {
+            let fd = crate::peer::pidfd_open(pid).unwrap();
+            let other = PeerInfo::capture(pid, u, g, Some(fd)).unwrap();
+            let err = callers.identify(&request(other)).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        }
+    }
 }

@@ -145,12 +145,24 @@ pub struct PeerInfo {
     pub uid: u32,
     /// Effective group ID of the caller when it connected.
     pub gid: u32,
-    /// A pidfd for the exact process that connected; `None` only when the
-    /// kernel offers neither `SO_PEERPIDFD` nor `pidfd_open`. Shared because
-    /// every request on a connection carries a clone of this value.
-    pidfd: Option<Arc<OwnedFd>>,
-    /// Field 22 of `/proc/<pid>/stat` (clock ticks after boot), read at accept.
-    start_time: u64,
+    /// What ties the PID to the process that connected.
+    pin: ProcessPin,
+}
+
+/// How [`PeerInfo::check_same_process`] knows the PID still names the
+/// caller.
+#[derive(Debug, Clone)]
+enum ProcessPin {
+    /// A pidfd for the exact process that connected. It turns readable when
+    /// that process exits, and a PID is handed to another process only once
+    /// its holder has exited and been reaped; so while the pidfd is not
+    /// readable, the PID is the caller's. Shared because every request on a
+    /// connection carries a clone of this value.
+    Pidfd(Arc<OwnedFd>),
+    /// Only when the kernel offers neither `SO_PEERPIDFD` nor `pidfd_open`:
+    /// field 22 of `/proc/<pid>/stat` (clock ticks after boot), read at
+    /// accept, compared with the one read after attestation.
+    StartTime(u64),
 }
 
 impl PeerInfo {
@@ -195,51 +207,51 @@ impl PeerInfo {
         Self::capture(pid, creds.uid(), creds.gid(), pidfd)
     }
 
-    /// Records the start time for a process whose credentials and pidfd are
-    /// already known.
+    /// Pins a process whose credentials and pidfd are already known: by its
+    /// pidfd, or without one by its start time.
     pub(crate) fn capture(
         pid: i32,
         uid: u32,
         gid: u32,
         pidfd: Option<OwnedFd>,
     ) -> Result<Self, PeerError> {
-        let stat = read_stat(pid)?;
-        if stat.is_dead() {
-            return Err(PeerError::ProcessGone { pid });
-        }
-        let info = Self {
-            pid,
-            uid,
-            gid,
-            pidfd: pidfd.map(Arc::new),
-            start_time: stat.start_time,
+        let pin = match pidfd {
+            // Already gone: refused now rather than after attestation.
+            Some(fd) if pidfd_exited(&fd)? => return Err(PeerError::ProcessGone { pid }),
+            Some(fd) => ProcessPin::Pidfd(Arc::new(fd)),
+            None => {
+                let stat = read_stat(pid)?;
+                if stat.is_dead() {
+                    return Err(PeerError::ProcessGone { pid });
+                }
+                ProcessPin::StartTime(stat.start_time)
+            }
         };
-        // The start time just read belongs to the pidfd's process only if that
-        // process was still alive after the read: a live process's PID cannot
-        // have been handed to anyone else.
-        if let Some(fd) = &info.pidfd
-            && pidfd_exited(fd)?
-        {
-            return Err(PeerError::ProcessGone { pid });
-        }
-        Ok(info)
+        Ok(Self { pid, uid, gid, pin })
     }
 
-    /// After attestation: `Err` unless the process that connected is still
-    /// alive, its PID has not been reused (start time unchanged) and its
-    /// effective uid/gid still match the ones recorded at connect.
+    /// After attestation: `Err` unless the process that connected still
+    /// holds its PID.
     ///
     /// Call this after every attestor has read `/proc`; success proves all
-    /// those reads described the caller.
+    /// those reads described the caller. With a pidfd that is one `poll`:
+    /// the caller had not exited after the last read, so no other process
+    /// can have held its PID during them. The caller's effective uid and gid
+    /// are checked against the ones recorded at connect where the
+    /// attestor reads them (`/proc/<pid>/status`, before this). Without a
+    /// pidfd, the PID is also re-read: its start time must be unchanged,
+    /// it must not be a zombie, and its ids must still be the recorded ones.
     pub fn check_same_process(&self) -> Result<(), PeerError> {
         let pid = self.pid;
-        if let Some(fd) = &self.pidfd
-            && pidfd_exited(fd)?
-        {
-            return Err(PeerError::ProcessGone { pid });
-        }
+        let start_time = match &self.pin {
+            ProcessPin::Pidfd(fd) if pidfd_exited(fd)? => {
+                return Err(PeerError::ProcessGone { pid });
+            }
+            ProcessPin::Pidfd(_) => return Ok(()),
+            ProcessPin::StartTime(t) => *t,
+        };
         let stat = read_stat(pid)?;
-        if stat.start_time != self.start_time {
+        if stat.start_time != start_time {
             return Err(PeerError::PidReused { pid });
         }
         // Without a pidfd a zombie still has its /proc entry and start time.
@@ -253,12 +265,24 @@ impl PeerInfo {
         Ok(())
     }
 
-    /// This peer as if its PID had been handed to another process since it
-    /// was captured (another start time), for tests of the PID-reuse check.
+    /// This peer pinned by its start time only, as if the kernel had given
+    /// no pidfd, for tests of that guard.
     #[cfg(test)]
-    pub(crate) fn with_other_start_time(mut self) -> Self {
-        self.start_time += 1;
-        self
+    #[allow(clippy::unwrap_used, reason = "test helper")]
+    pub(crate) fn without_pidfd(&self) -> Self {
+        Self::capture(self.pid, self.uid, self.gid, None).unwrap()
+    }
+
+    /// This peer as if its PID had been handed to another process since it
+    /// was captured (another start time; no pidfd), for tests of the
+    /// PID-reuse check.
+    #[cfg(test)]
+    pub(crate) fn with_other_start_time(self) -> Self {
+        let mut p = self.without_pidfd();
+        if let ProcessPin::StartTime(t) = &mut p.pin {
+            *t += 1;
+        }
+        p
     }
 
     /// Process `pid` captured as a caller with this process's effective
@@ -284,7 +308,7 @@ impl PeerInfo {
 
     /// Whether a pidfd pins the caller (tells which PID-reuse guard applies).
     pub fn has_pidfd(&self) -> bool {
-        self.pidfd.is_some()
+        matches!(self.pin, ProcessPin::Pidfd(_))
     }
 }
 
@@ -741,10 +765,7 @@ mod tests {
         assert_eq!(peer.pid, i32::try_from(child.id()).unwrap());
         assert!(peer.has_pidfd());
         // A copy without the pidfd exercises the start-time-only guard.
-        let no_pidfd = PeerInfo {
-            pidfd: None,
-            ..peer.clone()
-        };
+        let no_pidfd = peer.without_pidfd();
         peer.check_same_process().unwrap();
         no_pidfd.check_same_process().unwrap();
 
@@ -768,10 +789,7 @@ mod tests {
         let mut child = spawn_connecting_child(&path);
         let server = accept(&listener).await;
         let peer = PeerInfo::from_stream(&server).unwrap();
-        let no_pidfd = PeerInfo {
-            pidfd: None,
-            ..peer.clone()
-        };
+        let no_pidfd = peer.without_pidfd();
         // Killed but not yet reaped: /proc/<pid> is still there with the same
         // start time, so only the zombie state or the pidfd give it away.
         nix::sys::signal::kill(
@@ -794,8 +812,7 @@ mod tests {
     #[test]
     fn changed_start_time_means_pid_reused() {
         let pid = i32::try_from(std::process::id()).unwrap();
-        let mut peer = PeerInfo::with_own_ids(pid, None);
-        peer.start_time += 1;
+        let peer = PeerInfo::with_own_ids(pid, None).with_other_start_time();
         let err = peer.check_same_process().unwrap_err();
         assert!(
             matches!(err, PeerError::PidReused { pid: p } if p == pid),

@@ -66,8 +66,15 @@ async fn create_batch(
     n: usize,
 ) -> anyhow::Result<(Duration, Vec<pb::Entry>)> {
     let td = td()?;
+    // Without IDs: the server assigns them, as it does for `sigil entry
+    // create` and for most registration pipelines.
     let entries = (offset..offset + n)
-        .map(|i| sample_entry(&td, parent, tag, i).map(|e| pb::Entry::from(&e)))
+        .map(|i| {
+            sample_entry(&td, parent, tag, i).map(|e| pb::Entry {
+                id: String::new(),
+                ..pb::Entry::from(&e)
+            })
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let t0 = Instant::now();
     let resp = admin
