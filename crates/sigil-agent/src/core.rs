@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use sigil_proto::convert::entry_from_proto;
+use sigil_proto::convert::entry_with_id_from_proto;
 use sigil_proto::server::v1 as pb;
 use sigil_svid::bundle::Bundle;
 use sigil_svid::keys::{CompactKey, PrivateKey};
@@ -421,7 +421,7 @@ impl<S: ServerClient> Core<S> {
                 tracing::warn!(id = %e.id, "ignoring an entry without a valid ID");
                 continue;
             };
-            match entry_from_proto(e, move || id) {
+            match entry_with_id_from_proto(e, id) {
                 Ok(mut entry) => {
                     self.share_parent(&mut entry);
                     self.upsert(Arc::new(entry))

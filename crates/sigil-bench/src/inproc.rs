@@ -469,6 +469,15 @@ fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> anyhow::
     let name = ServerName::try_from("bench.example.org")?;
     let mut c = ClientConnection::new(client.clone(), name)?;
     let mut s = ServerConnection::new(server.clone())?;
+    complete_handshake(&mut c, &mut s)
+}
+
+/// Exchanges a new client and server connection's records in memory until
+/// both have finished the handshake.
+pub(crate) fn complete_handshake(
+    c: &mut ClientConnection,
+    s: &mut ServerConnection,
+) -> anyhow::Result<()> {
     let mut buf = Vec::new();
     for _ in 0..32 {
         if !c.is_handshaking() && !s.is_handshaking() {
@@ -496,11 +505,11 @@ fn handshake(client: &Arc<ClientConfig>, server: &Arc<ServerConfig>) -> anyhow::
     bail!("handshake did not finish")
 }
 
-type TlsPair = (Arc<ClientConfig>, Arc<ServerConfig>);
+pub(crate) type TlsPair = (Arc<ClientConfig>, Arc<ServerConfig>);
 
 /// Plain rustls (webpki) and SPIFFE configs over the same SVIDs; resumption
 /// is off so every handshake verifies certificates.
-fn tls_configs(ca: &X509Authority) -> anyhow::Result<[TlsPair; 2]> {
+pub(crate) fn tls_configs(ca: &X509Authority) -> anyhow::Result<[TlsPair; 2]> {
     let now = SystemTime::now();
     let server_id: SpiffeId = "spiffe://example.org/sigil/server".parse()?;
     let client_id: SpiffeId = "spiffe://example.org/sigil/agent/join_token/x".parse()?;

@@ -21,6 +21,7 @@ mod inproc;
 mod load;
 mod report;
 mod sample;
+mod stages;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -128,6 +129,10 @@ struct Opts {
     /// Seconds per `openssl speed` measurement; 0 skips it [3; quick 0].
     #[arg(long)]
     openssl_seconds: Option<u32>,
+    /// Print where the CPU time of a first sync of this many entries goes,
+    /// stage by stage, measured in this process (thread CPU time), and exit.
+    #[arg(long)]
+    sync_stages: Option<usize>,
     /// Directory for the latency phase's server and agent (store on disk) [the system temp dir].
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -227,6 +232,9 @@ fn raise_fd_limit() {
 }
 
 async fn run(o: Opts) -> anyhow::Result<()> {
+    if let Some(n) = o.sync_stages {
+        return stages::run(n);
+    }
     if o.scenario == Scenario::BulkRegistration {
         return run_bulk(&o).await;
     }

@@ -59,7 +59,7 @@
 
 pub mod convert;
 
-pub use convert::{ConvertError, entry_from_proto};
+pub use convert::{ConvertError, entry_from_proto, entry_with_id_from_proto};
 
 /// The SPIFFE Workload API (`proto/workload.proto`, no package): messages,
 /// [`spiffe_workload_api_server`](workload::spiffe_workload_api_server) and

@@ -47,8 +47,9 @@ pub fn service(state: Arc<ServerState>, cancel: CancellationToken) -> AgentApiRo
 /// tonic encodes a response stream into one buffer that lives as long as
 /// the stream and keeps the capacity of the largest burst it encoded (the
 /// first sync: 32 KiB for 100 entries, megabytes for a large set), held by
-/// every idle stream; [`SyncBody`] gives each page an allocation of its own,
-/// freed once it is written.
+/// every idle stream; [`SyncBody`] sends each page as the gRPC message the
+/// stream's task wrote it into ([`crate::sync_pages::Pages`]), an
+/// allocation of its own, freed once it is written.
 #[derive(Clone)]
 pub struct AgentApiRoutes {
     inner: InterceptedService<AgentApiServer<AgentService>, CallMarker>,
@@ -115,7 +116,11 @@ async fn serve_sync(api: &AgentService, max: usize, req: HttpRequest) -> HttpRes
     }
 }
 
-async fn open_sync(api: &AgentService, max: usize, req: HttpRequest) -> Result<SyncStream, Status> {
+async fn open_sync(
+    api: &AgentService,
+    max: usize,
+    req: HttpRequest,
+) -> Result<FrameStream, Status> {
     // What the interceptor does for the other calls: on the headers, before
     // the body is read.
     if let Some(peer) = req.extensions().get::<AgentPeer>() {
@@ -139,7 +144,7 @@ async fn open_sync(api: &AgentService, max: usize, req: HttpRequest) -> Result<S
         .await?
         .ok_or_else(|| Status::internal("Missing request message."))?;
     let req = Request::from_http(http::Request::from_parts(parts, message));
-    Ok(api.sync(req).await?.into_inner())
+    api.open_sync(req).await
 }
 
 /// Decodes the Sync request.
@@ -159,11 +164,11 @@ impl tonic::codec::Decoder for RequestDecoder {
     }
 }
 
-/// A Sync response body: one gRPC message per page, each encoded into an
-/// allocation of its own (freed when h2 has written it), then the status in
-/// the trailers, as tonic's server encoder sends them.
+/// A Sync response body: one gRPC message per page, each in an allocation
+/// of its own (freed when h2 has written it), then the status in the
+/// trailers, as tonic's server encoder sends them.
 struct SyncBody {
-    stream: SyncStream,
+    stream: FrameStream,
     done: bool,
 }
 
@@ -180,10 +185,7 @@ impl hyper::body::Body for SyncBody {
             return Poll::Ready(None);
         }
         let status = match std::task::ready!(self.stream.as_mut().poll_next(cx)) {
-            Some(Ok(page)) => match grpc_frame(&page) {
-                Ok(data) => return Poll::Ready(Some(Ok(hyper::body::Frame::data(data)))),
-                Err(status) => status,
-            },
+            Some(Ok(page)) => return Poll::Ready(Some(Ok(hyper::body::Frame::data(page)))),
             Some(Err(status)) => status,
             None => Status::ok(""),
         };
@@ -201,16 +203,13 @@ impl hyper::body::Body for SyncBody {
     }
 }
 
-/// One gRPC message: the uncompressed flag, the length, the encoding.
-fn grpc_frame(m: &pb::SyncMessage) -> Result<hyper::body::Bytes, Status> {
-    let len = prost::Message::encoded_len(m);
-    let prefix = u32::try_from(len)
-        .map_err(|_| Status::internal("a sync page does not fit a gRPC message"))?;
-    let mut buf = Vec::with_capacity(5 + len);
-    buf.push(0);
-    buf.extend_from_slice(&prefix.to_be_bytes());
-    prost::Message::encode(m, &mut buf).map_err(|e| Status::internal(e.to_string()))?;
-    Ok(buf.into())
+/// A page's message as [`SyncBody`] sent it, decoded (the generated
+/// service's form of the Sync stream).
+fn decode_frame(frame: &[u8]) -> Result<pb::SyncMessage, Status> {
+    let body = frame
+        .get(crate::sync_pages::FRAME_PREFIX..)
+        .ok_or_else(|| Status::internal("a sync page without its gRPC prefix"))?;
+    prost::Message::decode(body).map_err(|e| Status::internal(e.to_string()))
 }
 
 /// Runs on a call's headers, before its body is read, so that a large
@@ -259,6 +258,45 @@ fn peer_serial<T>(req: &Request<T>) -> String {
 }
 
 type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncMessage, Status>> + Send>>;
+
+/// A Sync stream as [`SyncBody`] sends it: each page already a gRPC message.
+type FrameStream = Pin<Box<dyn Stream<Item = Result<hyper::body::Bytes, Status>> + Send>>;
+
+impl AgentService {
+    /// Opens a sync stream for the calling agent: its pages as gRPC
+    /// messages, the first (the snapshot or the changes since the request's
+    /// revision) at once.
+    async fn open_sync(&self, req: Request<pb::SyncRequest>) -> Result<FrameStream, Status> {
+        let agent = self.agent(&req).await?;
+        let serial = peer_serial(&req);
+        let req = req.into_inner();
+        let mut known = HashMap::new();
+        if req.revision > 0 {
+            for id in &req.known_entry_ids {
+                let id: EntryId = id
+                    .parse()
+                    .map_err(|e| ServerError::from(EntryRefusal::BadId(e)))?;
+                known.insert(id, req.revision);
+            }
+        }
+        let (tx, rx) = send_queue();
+        let state = self.state.clone();
+        let cancel = self.cancel.clone();
+        tokio::spawn(async move {
+            state.track_stream(&agent.spiffe_id, 1);
+            let id = agent.spiffe_id.clone();
+            let opened = Opened {
+                agent,
+                serial,
+                sent: known,
+                snapshot: req.revision == 0,
+            };
+            sync_loop(&state, opened, tx, cancel).await;
+            state.track_stream(&id, -1);
+        });
+        Ok(Box::pin(rx))
+    }
+}
 
 #[tonic::async_trait]
 impl AgentApi for AgentService {
@@ -323,38 +361,18 @@ impl AgentApi for AgentService {
 
     type SyncStream = SyncStream;
 
+    /// The stream of [`AgentService::open_sync`], decoded. [`AgentApiRoutes`]
+    /// serves Sync with the pages as written ([`serve_sync`]); this is the
+    /// generated service's form, for a server built without the routes.
     async fn sync(
         &self,
         req: Request<pb::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
-        let agent = self.agent(&req).await?;
-        let serial = peer_serial(&req);
-        let req = req.into_inner();
-        let mut known = HashMap::new();
-        if req.revision > 0 {
-            for id in &req.known_entry_ids {
-                let id: EntryId = id
-                    .parse()
-                    .map_err(|e| ServerError::from(EntryRefusal::BadId(e)))?;
-                known.insert(id, req.revision);
-            }
-        }
-        let (tx, rx) = send_queue();
-        let state = self.state.clone();
-        let cancel = self.cancel.clone();
-        tokio::spawn(async move {
-            state.track_stream(&agent.spiffe_id, 1);
-            let id = agent.spiffe_id.clone();
-            let opened = Opened {
-                agent,
-                serial,
-                sent: known,
-                snapshot: req.revision == 0,
-            };
-            sync_loop(&state, opened, tx, cancel).await;
-            state.track_stream(&id, -1);
-        });
-        Ok(Response::new(Box::pin(rx)))
+        use tokio_stream::StreamExt;
+        let frames = self.open_sync(req).await?;
+        Ok(Response::new(Box::pin(
+            frames.map(|f| f.and_then(|f| decode_frame(&f))),
+        )))
     }
 
     async fn batch_new_x509svid(
@@ -409,11 +427,12 @@ impl AgentApi for AgentService {
 /// buffer), and the agent still decodes one page while the next is built.
 const QUEUED_PAGES: usize = 2;
 
-/// One item of a sync stream's queue. Boxed: the queue's storage is
-/// allocated in blocks of 32 slots whatever its capacity, and is held as
-/// long as the stream, so a slot of a whole message (about 200 bytes)
-/// would cost each connected agent some 6 KiB for nothing.
-type Queued = Result<Box<pb::SyncMessage>, Status>;
+/// One item of a sync stream's queue: a page as its gRPC message. Boxed:
+/// the queue's storage is allocated in blocks of 32 slots whatever its
+/// capacity, and is held as long as the stream, so every byte of a slot
+/// costs each connected agent 32 (a whole message, about 200 bytes, cost
+/// some 6 KiB; `Bytes` unboxed, 512 bytes more than the box).
+type Queued = Result<Box<hyper::body::Bytes>, Status>;
 
 /// The sending end of a sync stream's queue.
 type Outbox = mpsc::Sender<Queued>;
@@ -422,7 +441,7 @@ type Outbox = mpsc::Sender<Queued>;
 /// the stream tonic encodes them from.
 fn send_queue() -> (
     Outbox,
-    impl Stream<Item = Result<pb::SyncMessage, Status>> + Send,
+    impl Stream<Item = Result<hyper::body::Bytes, Status>> + Send,
 ) {
     use tokio_stream::StreamExt;
     let (tx, rx) = mpsc::channel::<Queued>(QUEUED_PAGES);
@@ -457,7 +476,14 @@ impl Update {
 /// Computes the message that brings an agent holding `sent` to `auth`,
 /// updating `sent`. `None` when nothing changed.
 fn diff(sent: &mut Sent, auth: &Authorized, snapshot: bool, revision: u64) -> Option<Update> {
-    let mut upserted = Vec::new();
+    let update = changes(sent, auth, snapshot, revision);
+    record(sent, auth);
+    update
+}
+
+/// The message of [`diff`], without updating `sent` (see [`record`]).
+fn changes(sent: &Sent, auth: &Authorized, snapshot: bool, revision: u64) -> Option<Update> {
+    let mut upserted = Vec::with_capacity(if snapshot { auth.entries.len() } else { 0 });
     for (id, e) in &auth.entries {
         // An entry's revision only grows, so one the agent holds at a
         // revision at least this entry's is already current there.
@@ -470,10 +496,6 @@ fn diff(sent: &mut Sent, auth: &Authorized, snapshot: bool, revision: u64) -> Op
         .filter(|id| !auth.entries.contains_key(*id))
         .map(|id| id.to_string())
         .collect();
-    sent.retain(|id, _| auth.entries.contains_key(id));
-    for (id, e) in &auth.entries {
-        sent.insert(id.clone(), e.revision);
-    }
     if upserted.is_empty() && deleted_ids.is_empty() && !snapshot {
         return None;
     }
@@ -486,6 +508,17 @@ fn diff(sent: &mut Sent, auth: &Authorized, snapshot: bool, revision: u64) -> Op
         },
         upserted,
     })
+}
+
+/// Records that the agent holds `auth`'s entries, and nothing else: `sent`
+/// once the message of [`changes`] is applied.
+fn record(sent: &mut Sent, auth: &Authorized) {
+    sent.retain(|id, _| auth.entries.contains_key(id));
+    // Room for the whole set at once: growing would hash every ID again.
+    sent.reserve(auth.entries.len().saturating_sub(sent.len()));
+    for (id, e) in &auth.entries {
+        sent.insert(id.clone(), e.revision);
+    }
 }
 
 /// Computes the message that brings an agent holding `sent` up to date
@@ -569,17 +602,19 @@ fn set_tainted(m: &mut pb::SyncMessage, t: &crate::ca::Tainted) {
 /// Sends one update on a sync stream, in pages of at most
 /// [`PAGE_BYTES`](crate::sync_pages::PAGE_BYTES), its entries in ID
 /// order: every update goes through here, so no message grows with the
-/// authorized set. Each page is built (its entries converted to the wire
-/// form) only when the previous one is handed to the stream, so that the
-/// agent decodes a page while the next is built, and a large set never
-/// exists in wire form at once. False once the agent is gone.
+/// authorized set. Each page is built (its entries encoded straight into
+/// its gRPC message) only when the previous one is handed to the stream,
+/// so that the agent decodes a page while the next is built, and a large
+/// set never exists in wire form at once. False once the agent is gone.
 async fn send_update(state: &ServerState, tx: &Outbox, update: Update) -> bool {
     let Update { msg, mut upserted } = update;
-    // In ID order, so that one set always pages the same way.
-    upserted.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-    let wire = upserted.iter().map(|e| pb::Entry::from(e.as_ref()));
-    for page in crate::sync_pages::Pages::new(msg, wire, crate::sync_pages::PAGE_BYTES) {
-        if tx.send(Ok(Box::new(page))).await.is_err() {
+    crate::sync_pages::sort_by_id(&mut upserted);
+    for page in crate::sync_pages::Pages::new(msg, upserted, crate::sync_pages::PAGE_BYTES) {
+        let page = page
+            .map(|p| Box::new(hyper::body::Bytes::from(p)))
+            .map_err(|e| Status::internal(e.to_string()));
+        let refused = page.is_err();
+        if tx.send(page).await.is_err() || refused {
             return false;
         }
         state.metrics.sync_pages.inc();
@@ -628,7 +663,7 @@ async fn sync_loop(state: &ServerState, opened: Opened, tx: Outbox, cancel: Canc
     let mut synced = auth.revision;
     let revision = synced;
     let mut first =
-        diff(&mut sent, &auth, snapshot, revision).unwrap_or_else(|| Update::at(revision));
+        changes(&sent, &auth, snapshot, revision).unwrap_or_else(|| Update::at(revision));
     first.msg.bundle_json = bundle_rx.borrow_and_update().to_json();
     first.msg.federated_bundles = federated_map(&federated_rx.borrow_and_update());
     first.msg.federated_bundles_changed = true;
@@ -636,6 +671,10 @@ async fn sync_loop(state: &ServerState, opened: Opened, tx: Outbox, cancel: Canc
     if !send_update(state, &tx, first).await {
         return;
     }
+    // Recorded once the last pages are queued, while the agent decodes
+    // them, rather than before the first page: nothing reads `sent` until
+    // the next catch-up.
+    record(&mut sent, &auth);
     tracing::debug!(agent = %agent.spiffe_id, entries = auth.entries.len(), "sync stream opened");
     drop(auth);
     loop {
@@ -949,9 +988,20 @@ mod tests {
         }
     }
 
+    /// `m` as the one gRPC message a sync stream's task writes for it.
+    fn frame_of(m: pb::SyncMessage) -> hyper::body::Bytes {
+        use crate::sync_pages::{PAGE_BYTES, Pages};
+        let mut header = m;
+        let upserted = std::mem::take(&mut header.upserted);
+        let mut pages: Vec<_> = Pages::new(header, upserted, PAGE_BYTES).collect();
+        assert_eq!(pages.len(), 1);
+        pages.remove(0).unwrap().into()
+    }
+
     fn body_of(items: Vec<Result<pb::SyncMessage, Status>>) -> SyncBody {
+        let frames = items.into_iter().map(|m| m.map(frame_of));
         SyncBody {
-            stream: Box::pin(tokio_stream::iter(items)),
+            stream: Box::pin(tokio_stream::iter(frames)),
             done: false,
         }
     }
@@ -1008,10 +1058,10 @@ mod tests {
     fn a_stream_queues_at_most_two_pages_for_an_agent_that_does_not_read() {
         let (tx, _rx) = send_queue();
         for _ in 0..QUEUED_PAGES {
-            tx.try_send(Ok(Box::new(page_of(1)))).unwrap();
+            tx.try_send(Ok(Box::new(frame_of(page_of(1))))).unwrap();
         }
         assert!(matches!(
-            tx.try_send(Ok(Box::new(page_of(1)))),
+            tx.try_send(Ok(Box::new(frame_of(page_of(1))))),
             Err(mpsc::error::TrySendError::Full(_))
         ));
         assert_eq!(QUEUED_PAGES, 2);
@@ -1026,8 +1076,8 @@ mod tests {
     #[test]
     fn an_idle_sync_stream_holds_no_page_it_sent() {
         use crate::test_alloc::held;
-        let page = page_of(2000);
-        let page_bytes = prost::Message::encoded_len(&page);
+        let page = frame_of(page_of(2000));
+        let page_bytes = page.len();
         let before = held();
         let (tx, rx) = send_queue();
         let mut body = SyncBody {

@@ -430,6 +430,11 @@ impl IndexState {
             let Some(children) = self.by_parent.get(&parent) else {
                 continue;
             };
+            // Room for every child at once: growing would hash every key
+            // again (about a fifth of this walk for an agent of 100,000
+            // entries; docs/benchmarks.md, "First sync of 100,000 entries").
+            out.entries.reserve(children.len());
+            out.roots.reserve(children.len());
             for child_id in children.iter() {
                 let Some(child) = self.entries.get(child_id) else {
                     continue;

@@ -4,8 +4,18 @@
 //! cannot decode (the protocol is in `SyncMessage.continued`,
 //! crates/sigil-proto/proto/server.proto; docs/design-notes.md, "Paged
 //! sync").
+//!
+//! Each page is written straight into its gRPC message: the index's entries
+//! are encoded from [`sigil_types::Entry`] by
+//! [`entry_wire`](sigil_proto::convert::entry_wire), never built as
+//! [`pb::Entry`] values, and each entry is sized once (docs/benchmarks.md,
+//! "First sync of 100,000 entries").
+
+use std::sync::Arc;
 
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+use sigil_proto::convert::entry_wire;
 use sigil_proto::server::v1 as pb;
 
 /// The most encoded bytes of one sync page (4 MiB). Far below what the
@@ -14,37 +24,105 @@ use sigil_proto::server::v1 as pb;
 /// server holds a few pages per stream in its send queue, not a whole set.
 pub const PAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// Splits `update` into pages of at most `bound` encoded bytes each.
+/// The bytes before a gRPC message: the compression flag (0) and the
+/// message's length (big-endian `u32`).
+pub const FRAME_PREFIX: usize = 5;
+
+/// The `SyncMessage` fields a page spreads an update's lists over.
+const UPSERTED: u32 = 3;
+const DELETED_IDS: u32 = 4;
+
+/// An upserted entry as a page writes it: the size of its `Entry` message
+/// body and that body.
+pub trait WireEntry {
+    /// The encoded size of the message body (no field key, no length).
+    fn body_len(&self) -> usize;
+    /// Appends the message body, `body_len` bytes.
+    fn encode_body(&self, buf: &mut Vec<u8>);
+}
+
+/// An entry already in wire form, encoded by prost.
+impl WireEntry for pb::Entry {
+    fn body_len(&self) -> usize {
+        self.encoded_len()
+    }
+
+    fn encode_body(&self, buf: &mut Vec<u8>) {
+        self.encode_raw(buf);
+    }
+}
+
+/// An entry of the index, encoded straight from it: the bytes of its
+/// `pb::Entry`, without building one.
+impl WireEntry for Arc<sigil_types::Entry> {
+    fn body_len(&self) -> usize {
+        entry_wire::encoded_len(self)
+    }
+
+    fn encode_body(&self, buf: &mut Vec<u8>) {
+        entry_wire::encode(self, buf);
+    }
+}
+
+/// Sorts entries by ID, the order an update's entries are paged in (so
+/// that one set always pages the same way).
+///
+/// Each ID's first 16 bytes, read as one big-endian number (zero-padded),
+/// order the IDs as the strings do; only IDs with equal prefixes compare
+/// whole. Sorting (prefix, entry) pairs reads each entry once, where a
+/// comparison of two `Arc<Entry>` by ID follows two pointers per side: for
+/// 100,000 entries that sort was dominated by cache misses
+/// (docs/benchmarks.md, "First sync of 100,000 entries").
+pub fn sort_by_id(entries: &mut Vec<Arc<sigil_types::Entry>>) {
+    fn prefix(id: &str) -> u128 {
+        let mut b = [0u8; 16];
+        let n = id.len().min(16);
+        b[..n].copy_from_slice(&id.as_bytes()[..n]);
+        u128::from_be_bytes(b)
+    }
+    let mut keyed: Vec<(u128, Arc<sigil_types::Entry>)> = entries
+        .drain(..)
+        .map(|e| (prefix(e.id.as_str()), e))
+        .collect();
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+    entries.extend(keyed.into_iter().map(|(_, e)| e));
+}
+
+/// A page whose message does not fit the `u32` length of a gRPC message
+/// (only bundles of gigabytes could make one).
+#[derive(Debug, thiserror::Error)]
+#[error("a sync page of {0} bytes does not fit a gRPC message")]
+pub struct PageTooLarge(pub usize);
+
+/// The pages of one update, each a gRPC message ([`FRAME_PREFIX`], then the
+/// `SyncMessage`), made one at a time as they are asked for: the server
+/// encodes an entry only when its page is due, so that the agent decodes
+/// one page while the server builds the next, and no more than a page of
+/// encoded entries exists at once, whatever the set's size.
 ///
 /// The first page carries the update's `snapshot` flag, bundle, federated
 /// bundles and tainted authorities; every page carries its revision; every
 /// page but the last has `continued` set. The upserted entries, then the
 /// deleted IDs, are spread over the pages in order, so that concatenating
 /// the pages' lists gives the update's. An update without entries is one
-/// page. Only one thing can exceed `bound`: a page holding a single entry
+/// page. Only one thing can exceed the bound: a page holding a single entry
 /// that alone is larger (entry validation keeps every entry far below
 /// [`PAGE_BYTES`]; see the test `the_largest_valid_entry_fits_a_page_many_times`)
 /// or a first page whose bundles alone are larger (the bundles then travel
 /// alone on it).
-pub fn pages(update: pb::SyncMessage, bound: usize) -> Vec<pb::SyncMessage> {
-    let mut header = update;
-    let upserted = std::mem::take(&mut header.upserted);
-    Pages::new(header, upserted, bound).collect()
-}
-
-/// The pages of one update, made one at a time as they are asked for (see
-/// [`pages`], which collects them): the server converts and encodes an
-/// entry only when its page is due, so that the agent decodes one page
-/// while the server builds the next, and no more than a page of wire
-/// entries exists at once, whatever the set's size.
-pub struct Pages<I> {
+///
+/// A page's bytes are prost's encoding of the same `SyncMessage`: prost
+/// writes fields by tag, so a page is written as the header's fields 1 and 2
+/// (revision, snapshot), the entries (3), the deleted IDs (4), then the
+/// header's fields 5 to 11 (bundles, tainted authorities, `continued`).
+pub struct Pages<I: Iterator> {
     /// The first page's header, until that page is made.
     header: Option<pb::SyncMessage>,
     revision: u64,
     upserted: I,
     deleted: std::vec::IntoIter<String>,
     /// The item that did not fit the previous page: the next one's first.
-    carry: Option<Item>,
+    carry: Option<Item<I::Item>>,
     bound: usize,
     /// Encoded size of the `continued` flag.
     flag: usize,
@@ -53,28 +131,42 @@ pub struct Pages<I> {
     done: bool,
 }
 
-/// One thing a page holds besides its header. One is held at a time (the
-/// carry), so its size does not matter; boxing would allocate per entry.
-#[allow(clippy::large_enum_variant)]
-enum Item {
-    Upserted(pb::Entry),
+/// One thing a page holds besides its header.
+enum Item<E> {
+    /// An entry and the size of its message body, computed once.
+    Upserted(E, usize),
     Deleted(String),
 }
 
-impl Item {
+impl<E: WireEntry> Item<E> {
     /// Its encoded size within a `SyncMessage` (protobuf fields add up).
     fn len(&self) -> usize {
         match self {
-            Item::Upserted(e) => prost::encoding::message::encoded_len(3, e),
-            Item::Deleted(id) => prost::encoding::string::encoded_len(4, id),
+            Item::Upserted(_, body) => key_len(UPSERTED) + encoded_len_varint(*body as u64) + body,
+            Item::Deleted(id) => prost::encoding::string::encoded_len(DELETED_IDS, id),
+        }
+    }
+
+    fn encode(self, buf: &mut Vec<u8>) {
+        match self {
+            Item::Upserted(e, body) => {
+                encode_key(UPSERTED, WireType::LengthDelimited, buf);
+                encode_varint(body as u64, buf);
+                e.encode_body(buf);
+            }
+            Item::Deleted(id) => prost::encoding::string::encode(DELETED_IDS, &id, buf),
         }
     }
 }
 
-impl<I: Iterator<Item = pb::Entry>> Pages<I> {
+impl<I> Pages<I>
+where
+    I: Iterator,
+    I::Item: WireEntry,
+{
     /// The pages of an update: `header` (its `upserted` ignored; its
     /// `deleted_ids` and every other field taken) and `upserted`, in the
-    /// order given.
+    /// order given, in pages of at most `bound` encoded bytes.
     pub fn new(
         mut header: pb::SyncMessage,
         upserted: impl IntoIterator<IntoIter = I>,
@@ -112,49 +204,80 @@ impl<I: Iterator<Item = pb::Entry>> Pages<I> {
         }
     }
 
-    fn next_item(&mut self) -> Option<Item> {
+    fn next_item(&mut self) -> Option<Item<I::Item>> {
         if let Some(i) = self.carry.take() {
             return Some(i);
         }
         if let Some(e) = self.upserted.next() {
-            return Some(Item::Upserted(e));
+            let body = e.body_len();
+            return Some(Item::Upserted(e, body));
         }
         self.deleted.next().map(Item::Deleted)
     }
 }
 
-impl<I: Iterator<Item = pb::Entry>> Iterator for Pages<I> {
-    type Item = pb::SyncMessage;
+/// Makes room in `buf` for `n` more bytes: at least double the capacity, as
+/// `Vec` grows, but not past `most` (what the page can reach), so that a
+/// page near the bound is not given twice its size.
+fn reserve(buf: &mut Vec<u8>, n: usize, most: usize) {
+    let need = buf.len() + n;
+    if need > buf.capacity() {
+        let want = (buf.capacity() * 2).min(most).max(need);
+        buf.reserve_exact(want - buf.len());
+    }
+}
 
-    fn next(&mut self) -> Option<pb::SyncMessage> {
+impl<I> Iterator for Pages<I>
+where
+    I: Iterator,
+    I::Item: WireEntry,
+{
+    type Item = Result<Vec<u8>, PageTooLarge>;
+
+    fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
         }
-        let (mut page, mut len) = match self.header.take() {
-            Some(h) => {
-                let len = h.encoded_len() + self.flag;
-                (h, len)
+        // The header's fields before the lists (1, 2) and after them (5 to 11).
+        let (head, mut tail) = match self.header.take() {
+            Some(mut h) => {
+                let head = pb::SyncMessage {
+                    revision: std::mem::take(&mut h.revision),
+                    snapshot: std::mem::take(&mut h.snapshot),
+                    ..Default::default()
+                };
+                (head, h)
             }
-            None => (Self::later_page(self.revision), self.empty),
+            None => (Self::later_page(self.revision), pb::SyncMessage::default()),
         };
+        let mut len = head.encoded_len() + tail.encoded_len() + self.flag;
+        let mut buf = Vec::with_capacity(FRAME_PREFIX + len);
+        buf.extend_from_slice(&[0; FRAME_PREFIX]);
+        head.encode_raw(&mut buf);
         loop {
             let Some(item) = self.next_item() else {
                 self.done = true;
-                page.continued = false;
-                return Some(page);
+                break;
             };
             let n = item.len();
             if len + n > self.bound && len > self.empty {
                 self.carry = Some(item);
-                page.continued = true;
-                return Some(page);
+                tail.continued = true;
+                break;
             }
             len += n;
-            match item {
-                Item::Upserted(e) => page.upserted.push(e),
-                Item::Deleted(id) => page.deleted_ids.push(id),
-            }
+            reserve(&mut buf, n, FRAME_PREFIX + len.max(self.bound));
+            item.encode(&mut buf);
         }
+        reserve(&mut buf, tail.encoded_len(), 0);
+        tail.encode_raw(&mut buf);
+        let body = buf.len() - FRAME_PREFIX;
+        let Ok(prefix) = u32::try_from(body) else {
+            self.done = true;
+            return Some(Err(PageTooLarge(body)));
+        };
+        buf[1..FRAME_PREFIX].copy_from_slice(&prefix.to_be_bytes());
+        Some(Ok(buf))
     }
 }
 
@@ -222,6 +345,72 @@ mod tests {
         e.revision = u64::MAX;
         e.created_at = i64::MIN;
         (e, td)
+    }
+
+    /// The pages of `update` (its entries encoded by prost), decoded, each
+    /// checked to be one gRPC message whose bytes are prost's encoding of
+    /// what it decodes to.
+    fn pages(update: pb::SyncMessage, bound: usize) -> Vec<pb::SyncMessage> {
+        let mut header = update;
+        let upserted = std::mem::take(&mut header.upserted);
+        Pages::new(header, upserted, bound)
+            .map(|f| decode_frame(&f.unwrap()))
+            .collect()
+    }
+
+    fn decode_frame(f: &[u8]) -> pb::SyncMessage {
+        assert_eq!(f[0], 0, "not compressed");
+        let len = u32::from_be_bytes(f[1..FRAME_PREFIX].try_into().unwrap()) as usize;
+        assert_eq!(len, f.len() - FRAME_PREFIX);
+        let m = pb::SyncMessage::decode(&f[FRAME_PREFIX..]).unwrap();
+        if m.federated_bundles.len() <= 1 {
+            // (A map of several is encoded in its iteration order.)
+            assert_eq!(m.encode_to_vec(), &f[FRAME_PREFIX..]);
+        }
+        assert_eq!(m.encoded_len(), len);
+        m
+    }
+
+    /// Entries of the index are paged and encoded exactly as their wire
+    /// form would be.
+    #[test]
+    fn index_entries_page_as_their_wire_form() {
+        let (big, _) = largest_valid_entry();
+        let entries: Vec<Arc<Entry>> = (0..300)
+            .map(|i| {
+                let mut e = Entry::new(
+                    EntryId::try_from(format!("e{i:04}")).unwrap(),
+                    format!("spiffe://example.org/w/{i}").parse().unwrap(),
+                    "spiffe://example.org/sigil/agent/join_token/a"
+                        .parse()
+                        .unwrap(),
+                    Selectors::parse_all([format!("unix:uid:{i}")]).unwrap(),
+                );
+                e.revision = i;
+                e.hint = "h".repeat(i as usize % 7);
+                Arc::new(if i % 100 == 50 { big.clone() } else { e })
+            })
+            .collect();
+        let wire: Vec<pb::Entry> = entries
+            .iter()
+            .map(|e| pb::Entry::from(e.as_ref()))
+            .collect();
+        let header = pb::SyncMessage {
+            revision: 300,
+            snapshot: true,
+            bundle_json: "{}".into(),
+            deleted_ids: vec!["gone".into()],
+            tainted_changed: true,
+            ..Default::default()
+        };
+        let direct: Vec<Vec<u8>> = Pages::new(header.clone(), entries, 64 * 1024)
+            .map(Result::unwrap)
+            .collect();
+        let prost: Vec<Vec<u8>> = Pages::new(header, wire, 64 * 1024)
+            .map(Result::unwrap)
+            .collect();
+        assert!(direct.len() > 2);
+        assert_eq!(direct, prost);
     }
 
     #[test]
@@ -329,6 +518,34 @@ mod tests {
     }
 
     proptest! {
+        /// The same order as sorting by the ID strings, IDs sharing long
+        /// prefixes (or being prefixes of others) included.
+        #[test]
+        fn entries_sort_by_id_as_the_strings_do(
+            ids in proptest::collection::vec(
+                prop_oneof!["[a-c]{1,20}", "0123456789abcdef[a-c._-]{0,4}", "[0-9a-f-]{36}"],
+                0..80,
+            ),
+        ) {
+            let mut entries: Vec<Arc<Entry>> = ids
+                .iter()
+                .map(|id| {
+                    Arc::new(Entry::new(
+                        EntryId::try_from(id.clone()).unwrap(),
+                        "spiffe://example.org/w".parse().unwrap(),
+                        "spiffe://example.org/p".parse().unwrap(),
+                        Selectors::new(),
+                    ))
+                })
+                .collect();
+            let mut want = entries.clone();
+            want.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+            sort_by_id(&mut entries);
+            let got: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+            let want: Vec<&str> = want.iter().map(|e| e.id.as_str()).collect();
+            prop_assert_eq!(got, want);
+        }
+
         #[test]
         fn pages_are_bounded_ordered_and_flagged((m, bound) in update()) {
             let p = pages(m.clone(), bound);

@@ -49,6 +49,11 @@ pub enum SelectorError {
 pub struct Selector(Arc<str>);
 
 impl Selector {
+    /// The whole selector, `type:value`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// Builds a selector from its parts, validating both.
     pub fn new(kind: &str, value: &str) -> Result<Self, SelectorError> {
         format!("{kind}:{value}").parse()
