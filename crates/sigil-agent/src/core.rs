@@ -24,8 +24,10 @@ use tokio_util::sync::CancellationToken;
 use crate::AgentError;
 use crate::config::AgentConfig;
 use crate::demand::Demand;
-use crate::persist::{AgentIdentity, CacheWriter, CachedState, Persist, WorkloadSvid};
-use crate::schedule::Timeline;
+use crate::persist::{
+    AgentIdentity, CacheWriter, CachedState, DerChain, Persist, SvidExtras, Touched, WorkloadSvid,
+};
+use crate::schedule::{Deadlines, Timeline};
 use crate::selector_index::{AgeKey, SelectorIndex};
 use crate::server_api::{ServerClient, SyncStream};
 use crate::time::Clock;
@@ -176,14 +178,16 @@ pub(crate) struct Core<S> {
     pub(crate) svids: HashMap<EntryId, Arc<WorkloadSvid>>,
     /// When each SVID in `svids` is to be renewed.
     pub(crate) renew_at: Timeline<EntryId>,
-    /// When each SVID in `svids` that has not expired yet expires; taken
-    /// out as it expires (which changes what is served).
-    pub(crate) expires: Timeline<EntryId>,
+    /// The SVIDs in `svids` that have not expired yet, by when they
+    /// expire (each one's `not_after`, read from `svids` to take it out);
+    /// taken out as they expire (which changes what is served).
+    pub(crate) expires: Deadlines<EntryId>,
     /// Entries that need an SVID whatever the time: new, changed so that
     /// their SVID no longer fits, or refused by the server so far.
     pub(crate) unsigned: BTreeSet<EntryId>,
-    /// Entries whose entry or SVID changed since the cache was last saved.
-    pub(crate) touched: BTreeSet<EntryId>,
+    /// Entries whose entry or SVID changed since the cache was last saved
+    /// (what the next save writes), and those taken in again unchanged.
+    pub(crate) touched: Touched,
     /// The entries the next snapshot holds, kept up to date per change.
     pub(crate) served_entries: Entries,
     /// The SVIDs the next snapshot holds: those that fit their entry and
@@ -412,9 +416,9 @@ impl<S: ServerClient> Core<S> {
     /// to what the update carries; only a snapshot (sent when the agent
     /// connects without a usable revision) looks at every entry held.
     fn apply(&mut self, m: pb::SyncMessage) {
-        let held_before: Option<Vec<EntryId>> = m.snapshot.then(|| {
+        let held_before: Option<HashMap<EntryId, Arc<Entry>>> = m.snapshot.then(|| {
             self.served_entries = Entries::default();
-            std::mem::take(&mut self.entries).into_keys().collect()
+            std::mem::take(&mut self.entries)
         });
         for e in &m.upserted {
             let Ok(id) = e.id.parse::<EntryId>() else {
@@ -424,14 +428,16 @@ impl<S: ServerClient> Core<S> {
             match entry_with_id_from_proto(e, id) {
                 Ok(mut entry) => {
                     self.share_parent(&mut entry);
-                    self.upsert(Arc::new(entry))
+                    let before = held_before.as_ref().and_then(|h| h.get(&entry.id)).cloned();
+                    self.upsert(Arc::new(entry), before.as_deref())
                 }
                 Err(err) => tracing::warn!(error = %err, "ignoring an entry the server sent"),
             }
         }
-        for id in held_before.into_iter().flatten() {
+        for id in held_before.into_iter().flat_map(HashMap::into_keys) {
             if !self.entries.contains_key(&id) {
                 // Not in the snapshot's entries, which start empty.
+                self.touched.entry(&id);
                 self.forget(&id, None);
             }
         }
@@ -481,15 +487,22 @@ impl<S: ServerClient> Core<S> {
     }
 
     /// Holds `entry` (new or changed); it needs a new SVID when the one it
-    /// has no longer fits it.
-    fn upsert(&mut self, entry: Arc<Entry>) {
+    /// has no longer fits it. `before` is the entry as held before a
+    /// snapshot emptied `entries`, to tell the cache whether it changed.
+    fn upsert(&mut self, entry: Arc<Entry>, before: Option<&Entry>) {
         let id = entry.id.clone();
+        let held = self.entries.get(&id).map(|e| &**e).or(before);
+        if held.is_none_or(|old| *old != *entry) {
+            self.touched.entry(&id);
+        } else {
+            self.touched.seen(&id);
+        }
         match self.svids.get(&id) {
             Some(s) if s.fits(&entry) => {
                 // Changed back to what its SVID was signed for, or in
                 // what the SVID does not hold (selectors, say).
                 self.unsigned.remove(&id);
-                if self.expires.get(&id).is_some() {
+                if self.expires.contains(s.not_after, id.clone()) {
                     self.served_svids.insert(id.clone(), s.clone());
                 }
             }
@@ -503,7 +516,6 @@ impl<S: ServerClient> Core<S> {
                 self.served_svids.remove(&id);
             }
         }
-        self.touched.insert(id.clone());
         if let Some(old) = self.entries.insert(id, entry.clone()) {
             self.served_entries.remove(&old);
         }
@@ -511,20 +523,23 @@ impl<S: ServerClient> Core<S> {
     }
 
     /// Drops the SVID and every schedule of an entry no longer held
-    /// (already removed from `entries`; `old` is what it was).
+    /// (already removed from `entries`; `old` is what it was, if the
+    /// caller still has it).
     fn forget(&mut self, id: &EntryId, old: Option<&Entry>) {
         if let Some(old) = old {
             self.served_entries.remove(old);
+            self.touched.entry(id);
         }
         self.served_svids.remove(id);
-        self.svids.remove(id);
+        if let Some(old) = self.svids.remove(id) {
+            self.expires.remove(old.not_after, id.clone());
+            self.touched.svid(id);
+        }
         self.renew_at.remove(id);
-        self.expires.remove(id);
         self.unsigned.remove(id);
         self.wanted.remove(id);
         let asked = self.asked_at.remove(id).unwrap_or(0);
         self.by_asked.remove(&(asked, id.clone()));
-        self.touched.insert(id.clone());
     }
 
     /// The entry's key in [`Core::by_asked`].
@@ -603,12 +618,13 @@ impl<S: ServerClient> Core<S> {
         for key in evict {
             let id = &key.1;
             self.by_asked.remove(&key);
-            self.svids.remove(id);
+            if let Some(old) = self.svids.remove(id) {
+                self.expires.remove(old.not_after, id.clone());
+            }
             self.served_svids.remove(id);
             self.renew_at.remove(id);
-            self.expires.remove(id);
             self.unsigned.insert(id.clone());
-            self.touched.insert(id.clone());
+            self.touched.svid(id);
         }
         self.dirty = true;
     }
@@ -619,8 +635,11 @@ impl<S: ServerClient> Core<S> {
         let id = svid.entry_id.clone();
         let svid = Arc::new(svid);
         self.renew_at.set(id.clone(), renew);
-        self.expires.set(id.clone(), svid.not_after);
-        self.touched.insert(id.clone());
+        if let Some(old) = self.svids.get(&id) {
+            self.expires.remove(old.not_after, id.clone());
+        }
+        self.expires.insert(svid.not_after, id.clone());
+        self.touched.svid(&id);
         if self.has_bound() {
             self.by_asked.insert(self.asked_key(&id));
         }
@@ -671,7 +690,7 @@ impl<S: ServerClient> Core<S> {
             self.renew_at
                 .set(id.clone(), renewal_time(s.not_before, s.not_after));
             if s.not_after > now {
-                self.expires.set(id.clone(), s.not_after);
+                self.expires.insert(s.not_after, id.clone());
             }
         }
         for (id, e) in &self.entries {
@@ -728,7 +747,7 @@ impl<S: ServerClient> Core<S> {
         let tainted = |chain: &[Vec<u8>]| sigil_svid::x509::verify_svid(chain, &roots, now).is_ok();
         let mut renew = 0;
         for (id, svid) in &self.svids {
-            if tainted(&svid.chain) {
+            if tainted(&svid.chain.to_vecs()) {
                 self.renew_at.set(id.clone(), now);
                 renew += 1;
             }
@@ -1037,9 +1056,11 @@ impl<S: ServerClient> Core<S> {
                     continue;
                 }
             };
-            // Without the spare capacity decoding left.
-            let mut chain = r.cert_chain;
-            chain.shrink_to_fit();
+            // One block, without the spare capacity decoding left.
+            let Some(chain) = DerChain::new(&r.cert_chain) else {
+                tracing::warn!(entry = %id, "server returned a chain that is not plain DER");
+                continue;
+            };
             let svid = WorkloadSvid {
                 // The entry's own ID text, shared by every map keyed by it.
                 entry_id: entry.id.clone(),
@@ -1048,9 +1069,8 @@ impl<S: ServerClient> Core<S> {
                 key: CompactKey::from(&key),
                 not_before: info.not_before,
                 not_after: info.not_after,
-                dns_names: entry.dns_names.clone(),
+                extras: SvidExtras::of(&entry.dns_names, &entry.attributes),
                 ttl: entry.x509_svid_ttl,
-                attributes: entry.attributes.clone(),
             };
             let renew = renewal_after_receipt(now, svid.not_before, svid.not_after);
             self.hold_svid(svid, renew);
@@ -1706,13 +1726,12 @@ mod tests {
                                 WorkloadSvid {
                                     entry_id: e.id.clone(),
                                     spiffe_id: e.spiffe_id.clone(),
-                                    chain: vec![leaf],
+                                    chain: DerChain::new(&[leaf]).unwrap(),
                                     key: CompactKey::from(&key),
                                     not_before: info.not_before,
                                     not_after: info.not_after,
-                                    dns_names: e.dns_names.clone(),
+                                    extras: SvidExtras::of(&e.dns_names, &e.attributes),
                                     ttl: e.x509_svid_ttl,
-                                    attributes: e.attributes.clone(),
                                 },
                                 at,
                             );
@@ -1733,13 +1752,13 @@ mod tests {
                                 .svids
                                 .values()
                                 .filter(|s| s.not_after > SystemTime::now())
-                                .map(|s| (s.entry_id.clone(), s.chain[0].clone()))
+                                .map(|s| (s.entry_id.clone(), s.chain.leaf().to_vec()))
                                 .collect();
                             svids.sort();
                             let mut loaded_svids: Vec<(EntryId, Vec<u8>)> = loaded
                                 .svids
                                 .iter()
-                                .map(|s| (s.entry_id.clone(), s.chain[0].clone()))
+                                .map(|s| (s.entry_id.clone(), s.chain.leaf().to_vec()))
                                 .collect();
                             loaded_svids.sort();
                             prop_assert_eq!(loaded_svids, svids);
@@ -2051,7 +2070,7 @@ mod tests {
             fn served(&self, k: u8) -> Option<Vec<u8>> {
                 let id: EntryId = format!("w{k}").parse().unwrap();
                 let snap = self.snapshots.borrow();
-                snap.svids.get(&id).map(|s| s.chain[0].clone())
+                snap.svids.get(&id).map(|s| s.chain.leaf().to_vec())
             }
         }
 

@@ -16,7 +16,7 @@
 //! rewritten (compacted), so the bytes written stay within a small multiple
 //! of the cache's size however it grew.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -78,6 +78,93 @@ impl AgentIdentity {
     }
 }
 
+/// A certificate chain, leaf first, held as its certificates' DER one
+/// after another in one block: the form the Workload API sends, and one
+/// allocation per SVID instead of one per certificate and one for the
+/// list (docs/benchmarks.md, "Agent memory per cached SVID"). Each
+/// certificate's end is found again from its DER header.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DerChain(Box<[u8]>);
+
+/// The length of the DER element (tag, length, contents) at the start of
+/// `der`, if its header is whole and in definite form.
+fn der_element_len(der: &[u8]) -> Option<usize> {
+    let (&first, rest) = der.get(1..).and_then(|r| r.split_first())?;
+    if first < 0x80 {
+        return Some(2 + usize::from(first));
+    }
+    let n = usize::from(first & 0x7f);
+    if n == 0 || n > 4 {
+        return None;
+    }
+    let len = rest
+        .get(..n)?
+        .iter()
+        .fold(0usize, |l, b| (l << 8) | usize::from(*b));
+    (2 + n).checked_add(len)
+}
+
+impl DerChain {
+    /// The chain of `certs`, leaf first; `None` if it is empty or a
+    /// certificate is not one whole DER element (its end could not be
+    /// found again).
+    pub fn new<C: AsRef<[u8]>>(certs: &[C]) -> Option<Self> {
+        if certs.is_empty()
+            || certs
+                .iter()
+                .any(|c| der_element_len(c.as_ref()) != Some(c.as_ref().len()))
+        {
+            return None;
+        }
+        let der: Vec<u8> = certs
+            .iter()
+            .flat_map(|c| c.as_ref().iter().copied())
+            .collect();
+        Some(Self(der.into_boxed_slice()))
+    }
+
+    /// The certificates' DER one after another, leaf first.
+    pub fn der(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The certificates, leaf first.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut rest: &[u8] = &self.0;
+        std::iter::from_fn(move || {
+            let len = der_element_len(rest)?.min(rest.len());
+            let (cert, tail) = rest.split_at(len);
+            rest = tail;
+            Some(cert)
+        })
+    }
+
+    /// The leaf certificate.
+    pub fn leaf(&self) -> &[u8] {
+        self.iter().next().unwrap_or_default()
+    }
+
+    /// A chain of nothing, which holds no memory (for the memory test).
+    #[cfg(test)]
+    pub(crate) fn empty() -> Self {
+        Self(Box::default())
+    }
+
+    /// The certificates, each in its own `Vec`.
+    pub fn to_vecs(&self) -> Vec<Vec<u8>> {
+        self.iter().map(<[u8]>::to_vec).collect()
+    }
+}
+
+impl std::fmt::Debug for DerChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DerChain")
+            .field("certs", &self.iter().count())
+            .field("bytes", &self.0.len())
+            .finish()
+    }
+}
+
 /// One cached workload SVID.
 #[derive(Clone)]
 pub struct WorkloadSvid {
@@ -86,7 +173,7 @@ pub struct WorkloadSvid {
     /// Its SPIFFE ID.
     pub spiffe_id: SpiffeId,
     /// DER chain, leaf first.
-    pub chain: Vec<Vec<u8>>,
+    pub chain: DerChain,
     /// Its private key (generated on this node; never leaves it), as DER
     /// only: the agent hands it out and never signs with it.
     pub key: CompactKey,
@@ -94,12 +181,37 @@ pub struct WorkloadSvid {
     pub not_before: SystemTime,
     /// Validity end.
     pub not_after: SystemTime,
-    /// DNS names it carries.
-    pub dns_names: Vec<String>,
+    /// The DNS names and attributes it carries; `None` when it carries
+    /// neither, as most do (see [`SvidExtras::of`]).
+    pub extras: Option<Box<SvidExtras>>,
     /// The entry's X.509 TTL when signed, to notice TTL changes.
     pub ttl: u64,
-    /// The attributes the entry asked for when signed, to notice changes.
+}
+
+/// What an SVID carries beyond its SPIFFE ID, as its entry asked when it
+/// was signed (to notice changes). Held apart from [`WorkloadSvid`], and
+/// only when not empty: most entries ask for neither, and two empty `Vec`s
+/// in every SVID held cost 40 more bytes than one empty `Option<Box<_>>`
+/// (docs/benchmarks.md, "Agent memory per cached SVID").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SvidExtras {
+    /// DNS names.
+    pub dns_names: Vec<String>,
+    /// Attributes.
     pub attributes: Vec<Attribute>,
+}
+
+impl SvidExtras {
+    /// The extras of an SVID that carries `dns_names` and `attributes`:
+    /// `None` when both are empty.
+    pub fn of(dns_names: &[String], attributes: &[Attribute]) -> Option<Box<Self>> {
+        (!dns_names.is_empty() || !attributes.is_empty()).then(|| {
+            Box::new(Self {
+                dns_names: dns_names.to_vec(),
+                attributes: attributes.to_vec(),
+            })
+        })
+    }
 }
 
 impl std::fmt::Debug for WorkloadSvid {
@@ -116,9 +228,19 @@ impl WorkloadSvid {
     /// Whether the SVID still matches what the entry asks for.
     pub fn fits(&self, e: &Entry) -> bool {
         self.spiffe_id == e.spiffe_id
-            && self.dns_names == e.dns_names
+            && *self.dns_names() == *e.dns_names
             && self.ttl == e.x509_svid_ttl
-            && self.attributes == e.attributes
+            && *self.attributes() == *e.attributes
+    }
+
+    /// The DNS names it carries.
+    pub fn dns_names(&self) -> &[String] {
+        self.extras.as_ref().map_or(&[], |x| &x.dns_names)
+    }
+
+    /// The attributes it carries.
+    pub fn attributes(&self) -> &[Attribute] {
+        self.extras.as_ref().map_or(&[], |x| &x.attributes)
     }
 }
 
@@ -167,11 +289,11 @@ impl SvidFile {
     fn of(s: &WorkloadSvid) -> Self {
         Self {
             entry_id: s.entry_id.clone(),
-            chain: s.chain.iter().map(|c| b64(c)).collect(),
+            chain: s.chain.iter().map(b64).collect(),
             key: b64(s.key.pkcs8_der()),
-            dns_names: s.dns_names.clone(),
+            dns_names: s.dns_names().to_vec(),
             ttl: s.ttl,
-            attributes: s.attributes.clone(),
+            attributes: s.attributes().to_vec(),
         }
     }
 }
@@ -579,6 +701,10 @@ impl Persist {
             if info.not_after <= now {
                 continue;
             }
+            let Some(chain) = DerChain::new(&chain) else {
+                tracing::warn!(entry = %s.entry_id, "ignoring a cached SVID whose chain is not plain DER");
+                continue;
+            };
             svids.push(WorkloadSvid {
                 entry_id: s.entry_id,
                 spiffe_id,
@@ -587,9 +713,8 @@ impl Persist {
                 key: CompactKey::from(&key),
                 not_before: info.not_before,
                 not_after: info.not_after,
-                dns_names: s.dns_names,
+                extras: SvidExtras::of(&s.dns_names, &s.attributes),
                 ttl: s.ttl,
-                attributes: s.attributes,
             });
         }
         Ok(CachedState {
@@ -600,7 +725,7 @@ impl Persist {
     }
 }
 
-/// What a [`CacheWriter::save`] wrote.
+/// What a [`CacheWriter::save_touched`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Saved {
     /// Nothing changed since the last save; nothing was written.
@@ -612,13 +737,66 @@ pub enum Saved {
     Compacted,
 }
 
+/// What changed since the cache was last saved, by entry: its entry, its
+/// SVID, or nothing (an entry the server sent again as it was, which counts
+/// towards the churn a save reports to [`crate::trim`] but is not written).
+/// The agent names every change here as it makes it, so that a save writes
+/// the change without a copy of what was saved before to compare with
+/// (docs/benchmarks.md, "Agent memory per cached SVID").
+#[derive(Debug, Default, Clone)]
+pub struct Touched(BTreeMap<EntryId, u8>);
+
+const ENTRY_CHANGED: u8 = 1;
+const SVID_CHANGED: u8 = 2;
+
+impl Touched {
+    fn mark(&mut self, id: &EntryId, what: u8) {
+        match self.0.get_mut(id) {
+            Some(w) => *w |= what,
+            None => {
+                self.0.insert(id.clone(), what);
+            }
+        }
+    }
+
+    /// `id`'s entry was added, changed or removed.
+    pub fn entry(&mut self, id: &EntryId) {
+        self.mark(id, ENTRY_CHANGED);
+    }
+
+    /// `id`'s SVID was added, replaced or removed.
+    pub fn svid(&mut self, id: &EntryId) {
+        self.mark(id, SVID_CHANGED);
+    }
+
+    /// `id`'s entry was taken in again as it was: nothing to write.
+    pub fn seen(&mut self, id: &EntryId) {
+        self.mark(id, 0);
+    }
+
+    /// How many entries are named.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Takes `id` out, as if it had not changed.
+    #[cfg(test)]
+    pub(crate) fn unmark(&mut self, id: &EntryId) {
+        self.0.remove(id);
+    }
+}
+
 /// Saves the agent's entries and workload SVIDs as a base file and a
-/// journal of changes. It remembers what it last saved (by pointer, shared
-/// with the agent's own maps) so that a save writes only what changed.
+/// journal of changes. What a save appends is what the caller names as
+/// changed ([`Touched`]), read from the caller's maps; the writer keeps no
+/// copy of what it saved.
 #[derive(Default)]
 pub struct CacheWriter {
-    entries: HashMap<EntryId, Arc<Entry>>,
-    svids: HashMap<EntryId, Arc<WorkloadSvid>>,
     revision: u64,
     /// Open for appending once a compaction has made base and journal agree.
     journal: Option<std::fs::File>,
@@ -629,8 +807,6 @@ pub struct CacheWriter {
 impl std::fmt::Debug for CacheWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CacheWriter")
-            .field("entries", &self.entries.len())
-            .field("svids", &self.svids.len())
             .field("revision", &self.revision)
             .field("journal_bytes", &self.journal_bytes)
             .field("base_bytes", &self.base_bytes)
@@ -646,38 +822,20 @@ impl CacheWriter {
     }
 
     /// Saves the agent's state at `revision`: appends one fsynced journal
-    /// record with what changed since the last save, or compacts when the
-    /// journal has grown past the base (or this is the first save). Compares
-    /// everything held; see [`CacheWriter::save_touched`].
-    pub fn save(
-        &mut self,
-        persist: &Persist,
-        revision: u64,
-        entries: &HashMap<EntryId, Arc<Entry>>,
-        svids: &HashMap<EntryId, Arc<WorkloadSvid>>,
-    ) -> Result<Saved, AgentError> {
-        let all: BTreeSet<EntryId> = entries
-            .keys()
-            .chain(svids.keys())
-            .chain(self.entries.keys())
-            .chain(self.svids.keys())
-            .cloned()
-            .collect();
-        self.save_touched(persist, revision, entries, svids, &all)
-    }
-
-    /// As [`CacheWriter::save`], but looking only at the entries named in
-    /// `touched`, which must name every entry whose entry or SVID was
-    /// added, changed or removed since the last save: a save then costs in
-    /// proportion to the change, not to the cache. (A compaction still
-    /// writes everything.)
+    /// record with the entries and SVIDs `touched` names as changed since
+    /// the last save (as they are in `entries` and `svids` now; one no
+    /// longer there as removed), or compacts when the journal has grown
+    /// past the base (or this is the first save, or an earlier one failed).
+    /// `touched` must name every change since the last save: a save then
+    /// costs in proportion to the change, not to the cache. (A compaction
+    /// still writes everything.)
     pub fn save_touched(
         &mut self,
         persist: &Persist,
         revision: u64,
         entries: &HashMap<EntryId, Arc<Entry>>,
         svids: &HashMap<EntryId, Arc<WorkloadSvid>>,
-        touched: &BTreeSet<EntryId>,
+        touched: &Touched,
     ) -> Result<Saved, AgentError> {
         if self.journal.is_none() {
             return self.compact(persist, revision, entries, svids);
@@ -686,24 +844,18 @@ impl CacheWriter {
             revision,
             ..JournalRecord::default()
         };
-        for id in touched {
-            match (entries.get(id), self.entries.get(id)) {
-                (Some(e), old) => {
-                    if old.is_none_or(|old| !Arc::ptr_eq(old, e) && **old != **e) {
-                        rec.entries.push((**e).clone());
-                    }
+        for (id, what) in &touched.0 {
+            if what & ENTRY_CHANGED != 0 {
+                match entries.get(id) {
+                    Some(e) => rec.entries.push((**e).clone()),
+                    None => rec.deleted.push(id.clone()),
                 }
-                (None, Some(_)) => rec.deleted.push(id.clone()),
-                (None, None) => {}
             }
-            match (svids.get(id), self.svids.get(id)) {
-                (Some(s), old) => {
-                    if old.is_none_or(|old| !Arc::ptr_eq(old, s)) {
-                        rec.svids.push(SvidFile::of(s));
-                    }
+            if what & SVID_CHANGED != 0 {
+                match svids.get(id) {
+                    Some(s) => rec.svids.push(SvidFile::of(s)),
+                    None => rec.svids_deleted.push(id.clone()),
                 }
-                (None, Some(_)) => rec.svids_deleted.push(id.clone()),
-                (None, None) => {}
             }
         }
         if rec.is_empty() && revision == self.revision {
@@ -724,22 +876,6 @@ impl CacheWriter {
             return Err(e.into());
         }
         self.journal_bytes += framed.len() as u64;
-        for id in &rec.deleted {
-            self.entries.remove(id);
-        }
-        for id in &rec.svids_deleted {
-            self.svids.remove(id);
-        }
-        for e in &rec.entries {
-            if let Some(current) = entries.get(&e.id) {
-                self.entries.insert(e.id.clone(), current.clone());
-            }
-        }
-        for s in &rec.svids {
-            if let Some(current) = svids.get(&s.entry_id) {
-                self.svids.insert(s.entry_id.clone(), current.clone());
-            }
-        }
         self.revision = revision;
         Ok(Saved::Appended)
     }
@@ -777,8 +913,6 @@ impl CacheWriter {
         self.base_bytes = json.len() as u64;
         self.journal_bytes = header.len() as u64;
         self.journal = Some(f);
-        self.entries = entries.clone();
-        self.svids = svids.clone();
         self.revision = revision;
         Ok(Saved::Compacted)
     }
@@ -828,6 +962,42 @@ mod tests {
         b.sequence = 3;
         b.refresh_hint = Some(300);
         b
+    }
+
+    #[test]
+    fn a_chain_in_one_block_gives_back_each_certificate() {
+        let now = SystemTime::now();
+        let root = X509Authority::generate(&td("example.org"), DAY, now).unwrap();
+        let id: SpiffeId = "spiffe://example.org/w".parse().unwrap();
+        let (_, leaf) = signed(&root, &id, now);
+        let certs = vec![leaf.clone(), root.cert_der().to_vec()];
+        let chain = DerChain::new(&certs).unwrap();
+        assert_eq!(chain.to_vecs(), certs);
+        assert_eq!(chain.leaf(), leaf.as_slice());
+        assert_eq!(chain.der(), certs.concat().as_slice());
+        assert_eq!(DerChain::new(&certs[..1]).unwrap().to_vecs(), &certs[..1]);
+        // A certificate whose DER header does not say where it ends (or
+        // says it ends elsewhere) would not come back as it was: refused.
+        let mut longer = leaf.clone();
+        longer.push(0);
+        for bad in [
+            vec![],
+            leaf[..leaf.len() - 1].to_vec(),
+            longer,
+            vec![0x30],
+            vec![0x30, 0x80, 0, 0],
+        ] {
+            assert!(
+                DerChain::new(&[leaf.clone(), bad.clone()]).is_none(),
+                "{bad:?}"
+            );
+        }
+        assert!(DerChain::new::<Vec<u8>>(&[]).is_none());
+        // Short and long length forms.
+        let short = vec![0x04, 0x02, 1, 2];
+        let long = [vec![0x04, 0x81, 0x80], vec![7; 0x80]].concat();
+        let c = DerChain::new(&[short.clone(), long.clone()]).unwrap();
+        assert_eq!(c.to_vecs(), vec![short, long]);
     }
 
     #[test]
@@ -1096,7 +1266,7 @@ mod tests {
         entries: HashMap<EntryId, Arc<Entry>>,
         svids: HashMap<EntryId, Arc<WorkloadSvid>>,
         /// What changed since the last save, as `Core` tracks it.
-        touched: BTreeSet<EntryId>,
+        touched: Touched,
     }
 
     impl State {
@@ -1117,17 +1287,33 @@ mod tests {
                 Arc::new(WorkloadSvid {
                     entry_id: e.id.clone(),
                     spiffe_id,
-                    chain: vec![leaf],
+                    chain: DerChain::new(&[leaf]).unwrap(),
                     key: CompactKey::from(&key),
                     not_before: info.not_before,
                     not_after: info.not_after,
-                    dns_names: vec![],
+                    extras: None,
                     ttl: 0,
-                    attributes: vec![],
                 }),
             );
-            self.touched.insert(e.id.clone());
+            self.touched.entry(&e.id);
+            self.touched.svid(&e.id);
             self.entries.insert(e.id.clone(), Arc::new(e));
+            self.revision = revision;
+        }
+
+        /// Replaces `id`'s SVID alone, as a renewal does.
+        fn renew(&mut self, ca: &X509Authority, id: &str, revision: u64) {
+            let id: EntryId = id.parse().unwrap();
+            let old = self.svids[&id].clone();
+            let (key, leaf) = signed(ca, &old.spiffe_id, SystemTime::now());
+            let info = sigil_svid::x509::cert_info(&leaf).unwrap();
+            let mut new = (*old).clone();
+            new.chain = DerChain::new(&[leaf]).unwrap();
+            new.key = CompactKey::from(&key);
+            new.not_before = info.not_before;
+            new.not_after = info.not_after;
+            self.svids.insert(id.clone(), Arc::new(new));
+            self.touched.svid(&id);
             self.revision = revision;
         }
 
@@ -1135,7 +1321,8 @@ mod tests {
             let id: EntryId = id.parse().unwrap();
             self.entries.remove(&id);
             self.svids.remove(&id);
-            self.touched.insert(id);
+            self.touched.entry(&id);
+            self.touched.svid(&id);
             self.revision = revision;
         }
 
@@ -1143,13 +1330,6 @@ mod tests {
         fn save(&mut self, w: &mut CacheWriter, p: &Persist) -> Saved {
             let touched = std::mem::take(&mut self.touched);
             w.save_touched(p, self.revision, &self.entries, &self.svids, &touched)
-                .unwrap()
-        }
-
-        /// Saves after comparing everything.
-        fn save_all(&mut self, w: &mut CacheWriter, p: &Persist) -> Saved {
-            self.touched.clear();
-            w.save(p, self.revision, &self.entries, &self.svids)
                 .unwrap()
         }
 
@@ -1162,7 +1342,7 @@ mod tests {
                 .map(|s| {
                     (
                         s.entry_id.clone(),
-                        s.chain[0].clone(),
+                        s.chain.leaf().to_vec(),
                         s.key.pkcs8_der().to_vec(),
                     )
                 })
@@ -1182,7 +1362,7 @@ mod tests {
             .map(|s| {
                 (
                     s.entry_id.clone(),
-                    s.chain[0].clone(),
+                    s.chain.leaf().to_vec(),
                     s.key.pkcs8_der().to_vec(),
                 )
             })
@@ -1207,7 +1387,10 @@ mod tests {
         let start = journal_len();
         // Nothing changed: nothing written.
         assert_eq!(st.save(&mut w, &p), Saved::Nothing);
-        assert_eq!(st.save_all(&mut w, &p), Saved::Nothing);
+        // Entries taken in again as they were: nothing written either.
+        st.touched.seen(&"e1".parse().unwrap());
+        st.touched.seen(&"e2".parse().unwrap());
+        assert_eq!(st.save(&mut w, &p), Saved::Nothing);
         assert_eq!(journal_len(), start);
         // One entry added and one removed: one small record, the base as it was.
         st.put(&ca, "new", 11);
@@ -1239,10 +1422,22 @@ mod tests {
         st.put(&ca, "e5", 13);
         assert_eq!(st.save(&mut w, &p), Saved::Appended);
         assert_eq!(loaded(&p), st.summary());
-        // A full comparison finds the same change as the touched set.
-        st.put(&ca, "e6", 14);
-        st.remove("e7", 14);
-        assert_eq!(st.save_all(&mut w, &p), Saved::Appended);
+        // An SVID replaced alone: its record holds the SVID, not the
+        // entry, and loads back.
+        let before = journal_len();
+        st.renew(&ca, "e6", 14);
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
+        assert_eq!(loaded(&p), st.summary());
+        let svid_only = journal_len() - before;
+        st.put(&ca, "e6", 15);
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
+        let both = journal_len() - before - svid_only;
+        assert!(
+            svid_only < both,
+            "{svid_only} bytes for the SVID alone, {both} with its entry"
+        );
+        st.remove("e7", 16);
+        assert_eq!(st.save(&mut w, &p), Saved::Appended);
         assert_eq!(loaded(&p), st.summary());
     }
 
@@ -1261,7 +1456,7 @@ mod tests {
         // which is how the agent's saves cost in proportion to the change.
         st.put(&ca, "named", 2);
         st.put(&ca, "unnamed", 2);
-        st.touched.remove(&"unnamed".parse::<EntryId>().unwrap());
+        st.touched.unmark(&"unnamed".parse::<EntryId>().unwrap());
         assert_eq!(st.save(&mut w, &p), Saved::Appended);
         let (_, entries, _) = loaded(&p);
         let ids: Vec<String> = entries.iter().map(|e| e.id.to_string()).collect();

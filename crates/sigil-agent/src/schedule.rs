@@ -5,13 +5,29 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+/// A time as nanoseconds since the Unix epoch: 8 bytes where a
+/// `SystemTime` takes 16, in every key of the sets and maps below (tens of
+/// thousands for an agent with as many SVIDs). Exact from 1970 to 2554;
+/// earlier times count as 1970 and later ones as 2554 (no certificate the
+/// agent holds has either).
+type Nanos = u64;
+
+fn nanos(t: SystemTime) -> Nanos {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| Nanos::try_from(d.as_nanos()).unwrap_or(Nanos::MAX))
+}
+
+fn time(n: Nanos) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(n)
+}
 
 /// One time per key, ordered by time.
 #[derive(Debug)]
 pub(crate) struct Timeline<K> {
-    by_time: BTreeSet<(SystemTime, K)>,
-    at: HashMap<K, SystemTime>,
+    by_time: BTreeSet<(Nanos, K)>,
+    at: HashMap<K, Nanos>,
 }
 
 impl<K> Default for Timeline<K> {
@@ -26,6 +42,7 @@ impl<K> Default for Timeline<K> {
 impl<K: Ord + Hash + Clone> Timeline<K> {
     /// Sets `key`'s time, replacing the one it had.
     pub(crate) fn set(&mut self, key: K, t: SystemTime) {
+        let t = nanos(t);
         if let Some(old) = self.at.insert(key.clone(), t) {
             self.by_time.remove(&(old, key.clone()));
         }
@@ -40,17 +57,19 @@ impl<K: Ord + Hash + Clone> Timeline<K> {
     }
 
     /// `key`'s time, if it has one.
+    #[cfg(test)]
     pub(crate) fn get(&self, key: &K) -> Option<SystemTime> {
-        self.at.get(key).copied()
+        self.at.get(key).copied().map(time)
     }
 
     /// The earliest time held.
     pub(crate) fn first(&self) -> Option<SystemTime> {
-        self.by_time.first().map(|(t, _)| *t)
+        self.by_time.first().map(|(t, _)| time(*t))
     }
 
     /// The keys whose time is at or before `now`, earliest first.
     pub(crate) fn due(&self, now: SystemTime) -> impl Iterator<Item = &K> {
+        let now = nanos(now);
         self.by_time
             .iter()
             .take_while(move |(t, _)| *t <= now)
@@ -58,7 +77,9 @@ impl<K: Ord + Hash + Clone> Timeline<K> {
     }
 
     /// Removes and returns the keys whose time is at or before `now`.
+    #[cfg(test)]
     pub(crate) fn take_due(&mut self, now: SystemTime) -> Vec<K> {
+        let now = nanos(now);
         let mut taken = Vec::new();
         while let Some((t, _)) = self.by_time.first() {
             if *t > now {
@@ -85,6 +106,68 @@ impl<K: Ord + Hash + Clone> Timeline<K> {
     }
 }
 
+/// Keys ordered by a time that the caller keeps beside each key (an SVID's
+/// `notAfter`, say) and names again to take a key out: a [`Timeline`]
+/// without its map from key to time, which for 10,000 SVIDs is some 50
+/// bytes each (docs/benchmarks.md, "Agent memory per cached SVID").
+#[derive(Debug)]
+pub(crate) struct Deadlines<K> {
+    by_time: BTreeSet<(Nanos, K)>,
+}
+
+impl<K> Default for Deadlines<K> {
+    fn default() -> Self {
+        Self {
+            by_time: BTreeSet::new(),
+        }
+    }
+}
+
+impl<K: Ord> Deadlines<K> {
+    /// Holds `key` at `t`.
+    pub(crate) fn insert(&mut self, t: SystemTime, key: K) {
+        self.by_time.insert((nanos(t), key));
+    }
+
+    /// Forgets `key` held at `t`; true if it was.
+    pub(crate) fn remove(&mut self, t: SystemTime, key: K) -> bool {
+        self.by_time.remove(&(nanos(t), key))
+    }
+
+    /// Whether `key` is held at `t`.
+    pub(crate) fn contains(&self, t: SystemTime, key: K) -> bool {
+        self.by_time.contains(&(nanos(t), key))
+    }
+
+    /// The earliest time held.
+    pub(crate) fn first(&self) -> Option<SystemTime> {
+        self.by_time.first().map(|(t, _)| time(*t))
+    }
+
+    /// Removes and returns the keys whose time is at or before `now`,
+    /// earliest first.
+    pub(crate) fn take_due(&mut self, now: SystemTime) -> Vec<K> {
+        let now = nanos(now);
+        let mut taken = Vec::new();
+        while self.by_time.first().is_some_and(|(t, _)| *t <= now) {
+            if let Some((_, k)) = self.by_time.pop_first() {
+                taken.push(k);
+            }
+        }
+        taken
+    }
+
+    /// Forgets every key.
+    pub(crate) fn clear(&mut self) {
+        self.by_time.clear();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.by_time.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -107,6 +190,19 @@ mod tests {
             (0u8..32).prop_map(Op::Remove),
             (0u16..1000).prop_map(Op::TakeDue),
         ]
+    }
+
+    #[test]
+    fn times_keep_their_value_and_order_as_nanoseconds() {
+        let now = SystemTime::now();
+        for t in [now, now + Duration::from_nanos(1), SystemTime::UNIX_EPOCH] {
+            assert_eq!(time(nanos(t)), t);
+        }
+        assert!(nanos(now) < nanos(now + Duration::from_nanos(1)));
+        // Out of range: clamped, never wrapped.
+        assert_eq!(nanos(SystemTime::UNIX_EPOCH - Duration::from_secs(1)), 0);
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(600 * 365 * 86_400);
+        assert_eq!(nanos(far), Nanos::MAX);
     }
 
     proptest! {
@@ -148,6 +244,48 @@ mod tests {
                 let expected: Vec<u8> =
                     plain.iter().filter(|(_, v)| **v <= probe).map(|(k, _)| *k).collect();
                 prop_assert_eq!(due, expected);
+            }
+        }
+
+        /// With the caller keeping each key's time, deadlines answer as a
+        /// timeline does.
+        #[test]
+        fn deadlines_answer_as_a_timeline(ops in proptest::collection::vec(op(), 0..200)) {
+            let base = SystemTime::UNIX_EPOCH;
+            let at = |t: u16| base + Duration::from_secs(u64::from(t));
+            let mut tl = Timeline::default();
+            let mut dl = Deadlines::default();
+            // The caller's own record of each key's time.
+            let mut kept: BTreeMap<u8, SystemTime> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Set(k, t) => {
+                        tl.set(k, at(t));
+                        if let Some(old) = kept.insert(k, at(t)) {
+                            prop_assert!(dl.remove(old, k));
+                        }
+                        dl.insert(at(t), k);
+                    }
+                    Op::Remove(k) => {
+                        tl.remove(&k);
+                        if let Some(old) = kept.remove(&k) {
+                            prop_assert!(dl.remove(old, k));
+                        }
+                    }
+                    Op::TakeDue(t) => {
+                        let taken = dl.take_due(at(t));
+                        for k in &taken {
+                            kept.remove(k);
+                        }
+                        prop_assert_eq!(taken, tl.take_due(at(t)));
+                    }
+                }
+                prop_assert_eq!(dl.len(), tl.len());
+                prop_assert_eq!(dl.first(), tl.first());
+                for (k, t) in &kept {
+                    prop_assert!(dl.contains(*t, *k));
+                    prop_assert_eq!(tl.get(k), Some(*t));
+                }
             }
         }
     }

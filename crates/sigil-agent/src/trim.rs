@@ -26,6 +26,13 @@
 /// Most malloc arenas in an agent process.
 const ARENAS: i32 = 2;
 
+/// Blocks of this size and larger are mapped for themselves and unmapped
+/// when freed (glibc's default is 128 KiB, raised as large blocks are
+/// freed; see [`limit_arenas`]). 64 KiB also maps the early, smaller
+/// signing answers of a round; with 128 KiB one run in five still kept
+/// 0.35 KB per SVID more.
+const MMAP_THRESHOLD: i32 = 64 * 1024;
+
 /// Entries and SVIDs saved (added, changed or dropped) after which a save
 /// gives memory back.
 const TRIM_AFTER: usize = 1000;
@@ -44,7 +51,15 @@ pub(crate) fn due(churn: &mut usize, settled: bool) -> bool {
     due
 }
 
-/// Allows at most [`ARENAS`] malloc arenas in this process, from now on.
+/// Allows at most [`ARENAS`] malloc arenas in this process, from now on,
+/// and keeps the size from which glibc maps a block for itself at
+/// [`MMAP_THRESHOLD`]. Left to itself, glibc raises that size to the
+/// largest mapped block freed so far (up to 32 MiB): after the first
+/// decoded sync page or signing answer is freed, the next ones come from
+/// the heap, between the entries and SVIDs that stay, and what is left
+/// there after they are freed varied from 0.1 to 1.7 KB per cached SVID
+/// from run to run (docs/benchmarks.md, "Agent memory per cached SVID").
+/// Held fixed, large buffers are mapped and unmapped whole.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[expect(unsafe_code, reason = "mallopt has no safe wrapper in libc or std")]
 pub(crate) fn limit_arenas() {
@@ -52,6 +67,7 @@ pub(crate) fn limit_arenas() {
     // reads under its own locks.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
     }
 }
 

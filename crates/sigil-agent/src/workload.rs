@@ -203,7 +203,7 @@ fn x509_response(snap: &Snapshot, matched: &[Arc<Entry>]) -> Option<pb::X509svid
 fn svid_message(s: &WorkloadSvid, hint: &str, bundle: &[u8]) -> pb::X509svid {
     pb::X509svid {
         spiffe_id: s.spiffe_id.to_string(),
-        x509_svid: s.chain.concat(),
+        x509_svid: s.chain.der().to_vec(),
         x509_svid_key: s.key.pkcs8_der().to_vec(),
         bundle: bundle.to_vec(),
         hint: hint.to_owned(),
@@ -691,13 +691,12 @@ pub(crate) mod tests {
         Arc::new(WorkloadSvid {
             entry_id: e.id.clone(),
             spiffe_id: e.spiffe_id.clone(),
-            chain: vec![leaf],
+            chain: crate::persist::DerChain::new(&[leaf]).unwrap(),
             key: sigil_svid::keys::CompactKey::from(&key),
             not_before: now,
             not_after: now + HOUR,
-            dns_names: vec![],
+            extras: None,
             ttl: 0,
-            attributes: vec![],
         })
     }
 

@@ -386,7 +386,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         let bytes: usize = s
             .svids
             .values()
-            .map(|v| v.chain.iter().map(Vec::len).sum::<usize>() + v.key.pkcs8_der().len())
+            .map(|v| v.chain.der().len() + v.key.pkcs8_der().len())
             .sum();
         json!({
             "agent_id": agent.agent_id.to_string(),

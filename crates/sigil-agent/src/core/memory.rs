@@ -20,12 +20,13 @@ use super::*;
 
 /// Most heap bytes (malloc blocks) the agent may hold per cached SVID, as a
 /// multiple of the SVID's payload (DER chain + PKCS#8 key), before CI fails.
-/// It holds 3.09x (2,001 B per SVID of 647 B); it held 3.57x (2,309 B)
-/// before the changes of #15 item 5 (docs/benchmarks.md, "Agent memory per
-/// cached SVID"): 13% headroom, less than one more copy of each entry or
-/// SVID chain, or two more maps of them. A ratio of two counts of one
-/// run, not a time.
-const MAX_BYTES_PER_PAYLOAD_BYTE: f64 = 3.5;
+/// It holds 2.70x (1,744 B per SVID of 647 B); it held 3.09x (2,001 B)
+/// before the second round of #15 item 5 and 3.57x (2,309 B) before the
+/// first (docs/benchmarks.md, "Agent memory per cached SVID"): 4% headroom
+/// (71 B per SVID), less than one more hash map keyed by entry (about
+/// 41 B each at this size) and a copy of the entry ID text (64 B), or a
+/// second block per SVID. A ratio of two counts of one run, not a time.
+const MAX_BYTES_PER_PAYLOAD_BYTE: f64 = 2.8;
 
 /// An entry as the load generator registers them for its agent-memory
 /// agent (sigil-bench, `sample_entry`): a UUID entry ID, one selector of its
@@ -167,7 +168,7 @@ fn measure(n: usize) -> Breakdown {
     let payload = core
         .svids
         .values()
-        .map(|s| s.chain.iter().map(Vec::len).sum::<usize>() + s.key.pkcs8_der().len())
+        .map(|s| s.chain.der().len() + s.key.pkcs8_der().len())
         .sum();
 
     // Each structure dropped in turn: what it alone holds. What is shared
@@ -185,14 +186,14 @@ fn measure(n: usize) -> Breakdown {
     drop(snapshots);
     m.freed("published snapshot (beyond the core's served maps)");
     core.cache = CacheWriter::new();
-    m.freed("cache writer's record of what it saved");
+    m.freed("cache writer");
     core.renew_at = Timeline::default();
-    core.expires = Timeline::default();
-    m.freed("renewal and expiry timelines");
+    core.expires = Deadlines::default();
+    m.freed("renewal timeline (BTreeSet + HashMap), expiry deadlines (BTreeSet)");
     core.by_asked = BTreeSet::new();
     core.asked_at = HashMap::new();
     core.unsigned = BTreeSet::new();
-    core.touched = BTreeSet::new();
+    core.touched = Touched::default();
     core.wanted = BTreeSet::new();
     m.freed("by_asked, asked_at, unsigned, touched, wanted");
     core.served_svids = Svids::default();
@@ -202,7 +203,7 @@ fn measure(n: usize) -> Breakdown {
     let (mut svids, vec_bytes) =
         take_values(&mut m, &mut core.svids, "core's SVIDs by entry (HashMap)");
     for s in &mut svids {
-        Arc::get_mut(s).unwrap().chain = Vec::new();
+        Arc::get_mut(s).unwrap().chain = DerChain::empty();
     }
     m.freed("SVID chains (DER)");
     // A key is one block of its PKCS#8 bytes.
