@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil_svid::jwt::JwtClaims;
-use sigil_svid::x509::{SvidRequest, X509Authority, csr_public_key};
+use sigil_svid::x509::{CheckedCsr, SvidRequest, X509Authority};
 use sigil_types::{AgentRecord, Entry, EntryId};
 
 use crate::error::{InternalError, ServerError, SignError};
@@ -153,20 +153,22 @@ impl ServerState {
         for (entry_id, csr) in params {
             let result = (|| {
                 let entry = self.authorized_entry(agent, &entry_id)?;
-                // Only the public key is taken from the CSR: its subject,
-                // SANs and extensions are ignored.
-                let spki = csr_public_key(&csr).map_err(SignError::InvalidCsr)?;
+                // The CSR is parsed once, here: its proof of possession is
+                // checked and its key is what the leaf is built from. Only
+                // the key is taken: its subject, SANs and extensions are
+                // ignored.
+                let csr = CheckedCsr::check(&csr).map_err(SignError::InvalidCsr)?;
                 let ttl = svid_ttl(entry.x509_svid_ttl, self.config.default_x509_svid_ttl);
                 let attributes = svid_attributes(agent, &entry);
                 let leaf = signer
-                    .sign_svid(
+                    .sign_csr(
                         &SvidRequest {
                             spiffe_id: &entry.spiffe_id,
                             dns_names: &entry.dns_names,
                             ttl,
                             attributes: &attributes,
                         },
-                        &spki,
+                        &csr,
                         now,
                     )
                     .map_err(SignError::Failed)?;
@@ -408,18 +410,100 @@ mod tests {
         server.shutdown().await;
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_spread_batch_keeps_the_request_order_and_every_check() {
-        let dir = tempfile::tempdir().unwrap();
-        let server = crate::start(crate::ServerConfig::for_test(dir.path()))
+    /// A server with its data under `dir`, and the record of a join-token
+    /// agent without node selectors.
+    async fn server_and_join_token_agent(
+        dir: &std::path::Path,
+    ) -> (crate::ServerHandle, AgentRecord) {
+        let server = crate::start(crate::ServerConfig::for_test(dir))
             .await
             .unwrap();
-        let state = server.state().clone();
         let agent = agent_record(
             "spiffe://example.org/sigil/agent/join_token/a",
             "join_token",
             Selectors::default(),
         );
+        (server, agent)
+    }
+
+    /// A CSR that carries `victim`'s public key but a signature made by
+    /// another key over another request: well-formed, and every field a
+    /// signer that skipped the proof of possession would need is there.
+    fn csr_for_someone_elses_key(victim: &sigil_svid::keys::PrivateKey) -> Vec<u8> {
+        use x509_parser::prelude::FromDer;
+        let genuine = sigil_svid::x509::make_csr(victim).unwrap();
+        let attacker =
+            sigil_svid::x509::make_csr(&sigil_svid::keys::PrivateKey::generate_p256().unwrap())
+                .unwrap();
+        let info_of = |der: &[u8]| {
+            let (_, req) =
+                x509_parser::certification_request::X509CertificationRequest::from_der(der)
+                    .unwrap();
+            req.certification_request_info.raw.to_vec()
+        };
+        let (victim_info, attacker_info) = (info_of(&genuine), info_of(&attacker));
+        // The attacker's signature algorithm and signature, after its request info.
+        let at = attacker
+            .windows(attacker_info.len())
+            .position(|w| w == attacker_info.as_slice())
+            .unwrap();
+        let body = [&victim_info[..], &attacker[at + attacker_info.len()..]].concat();
+        let mut csr = vec![0x30];
+        match u8::try_from(body.len()).unwrap() {
+            n @ 0..=0x7f => csr.push(n),
+            n => csr.extend([0x81, n]),
+        }
+        csr.extend(body);
+        csr
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_csr_whose_signature_does_not_verify_is_never_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, agent) = server_and_join_token_agent(dir.path()).await;
+        let state = server.state().clone();
+        let entry = state
+            .create_entry(Entry::new(
+                new_entry_id().unwrap(),
+                "spiffe://example.org/w".parse().unwrap(),
+                agent.spiffe_id.clone(),
+                Selectors::parse_all(["unix:uid:1"]).unwrap(),
+            ))
+            .await
+            .unwrap();
+        let victim = sigil_svid::keys::PrivateKey::generate_p256().unwrap();
+        let forged = csr_for_someone_elses_key(&victim);
+        let genuine = sigil_svid::x509::make_csr(&victim).unwrap();
+        let id = entry.id.to_string();
+        // Both public signing paths, in one batch beside the genuine CSR.
+        let batch = vec![(id.clone(), forged.clone()), (id.clone(), genuine)];
+        let on_this_thread = state.sign_x509_svids(&agent, batch.clone()).unwrap();
+        let spread = state
+            .sign_x509_svids_spread(agent.clone(), batch)
+            .await
+            .unwrap();
+        for signed in [on_this_thread, spread] {
+            assert!(
+                matches!(
+                    signed[0].1,
+                    Err(SignError::InvalidCsr(sigil_svid::SvidError::CsrSignature))
+                ),
+                "{:?}",
+                signed[0].1
+            );
+            // The genuine CSR for the same key is signed, with that key.
+            let leaf = &signed[1].1.as_ref().unwrap()[0];
+            let cert = x509_parser::parse_x509_certificate(leaf).unwrap().1;
+            assert_eq!(cert.public_key().raw, victim.public_key_spki_der());
+        }
+        server.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spread_batch_keeps_the_request_order_and_every_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let (server, agent) = server_and_join_token_agent(dir.path()).await;
+        let state = server.state().clone();
         let selectors = Selectors::parse_all(["unix:uid:1"]).unwrap();
         let mut entries = Vec::new();
         for i in 0..40 {

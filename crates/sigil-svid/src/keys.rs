@@ -211,7 +211,7 @@ impl PrivateKey {
     }
 
     /// The P-256 key pair, or [`SvidError::WrongKeyAlgorithm`] naming `operation`.
-    fn ec_pair(&self, operation: &'static str) -> Result<&EcdsaKeyPair, SvidError> {
+    pub(crate) fn ec_pair(&self, operation: &'static str) -> Result<&EcdsaKeyPair, SvidError> {
         match &self.pair {
             Pair::Ec(pair) => Ok(pair),
             Pair::Rsa(_) => Err(SvidError::WrongKeyAlgorithm {

@@ -43,6 +43,7 @@ mod hex;
 pub mod jwks;
 pub mod jwt;
 pub mod keys;
+mod leaf;
 pub mod pem;
 pub mod tls;
 pub mod x509;

@@ -2,16 +2,19 @@
 //! CSRs, the leaf rules and full SVID verification (§2.3), and the optional
 //! identity-attributes extension ([`ATTRIBUTES_OID`]).
 //!
-//! Certificates are minted with rcgen, read with x509-parser and path-validated
-//! with rustls-webpki on the aws-lc-rs algorithms; every certificate time is
-//! converted in this module (`asn1_to_system_time`, `to_offset`).
+//! CA certificates and CSRs are minted with rcgen; leaves are encoded
+//! directly (`leaf.rs`, held byte for byte to what rcgen wrote), from a CSR
+//! parsed once ([`CheckedCsr`]). Certificates are read with x509-parser and
+//! path-validated with rustls-webpki on the aws-lc-rs algorithms; every
+//! certificate time is converted in this module (`asn1_to_system_time`,
+//! `to_offset`).
 
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyUsagePurpose, SanType,
+    SerialNumber,
 };
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls_pki_types::{CertificateDer, SubjectPublicKeyInfoDer, TrustAnchor, UnixTime};
@@ -19,13 +22,13 @@ use sigil_types::{SpiffeId, TrustDomain};
 use time::OffsetDateTime;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
-use x509_parser::prelude::FromDer;
 use x509_parser::time::ASN1Time;
 
 use crate::SvidError;
-use crate::der::{self, TAG_BIT_STRING, TAG_SEQUENCE, TAG_UTF8_STRING};
+use crate::der::{self, TAG_CONTEXT_0, TAG_INTEGER, TAG_SEQUENCE, TAG_SET, TAG_UTF8_STRING};
 use crate::hex;
 use crate::keys::{PrivateKey, RcgenKey};
+use crate::leaf::{LeafParts, LeafTemplate, key_identifier};
 
 /// How far `notBefore` is backdated, to tolerate clock skew between hosts (as SPIRE does).
 pub const BACKDATE: Duration = Duration::from_secs(10);
@@ -57,7 +60,7 @@ pub const ATTRIBUTES_OID_STR: &str =
     "1.2.840.113556.1.8000.2554.61878.20756.20805.18453.43350.6082049.10450543";
 
 /// The organization written into every subject sigil mints.
-const SUBJECT_ORG: &str = "sigil";
+pub(crate) const SUBJECT_ORG: &str = "sigil";
 
 /// The signature algorithms of the aws-lc-rs rustls provider, used for every
 /// chain and CSR check so there is one list of what sigil accepts.
@@ -233,26 +236,147 @@ impl X509Authority {
     }
 
     /// A signer of leaves for this authority that reads the CA certificate
-    /// (issuer name, SKI) once: for signing many leaves in a row.
+    /// (issuer name, SKI) once and encodes what every leaf shares once: for
+    /// signing many leaves in a row.
     pub fn leaf_signer(&self) -> Result<LeafSigner<'_>, SvidError> {
-        let ca_der = CertificateDer::from(self.cert_der.as_slice());
-        // The issuer's name and SKI are read back from the CA certificate, so
-        // the leaf's issuer and AKI match it byte for byte.
-        let signer = RcgenKey::new(&self.key, "an X.509 authority")?;
-        let issuer = Issuer::from_ca_cert_der(&ca_der, signer)
-            .map_err(|e| SvidError::Mint(format!("authority certificate: {e}")))?;
+        let cert = parse_cert(&self.cert_der)?;
+        // The leaf's issuer is the CA's subject byte for byte, and its AKI
+        // the CA's SKI (or, without one, the key identifier rcgen would
+        // have derived from the CA's key).
+        let authority_key_id = match &self.info.subject_key_id {
+            Some(ski) => ski.clone(),
+            None => key_identifier(cert.public_key().raw).to_vec(),
+        };
+        let template =
+            LeafTemplate::new(cert.subject().as_raw(), &authority_key_id, ATTRIBUTES_OID);
         Ok(LeafSigner {
             authority: self,
-            issuer,
+            key: self.key.ec_pair("an X.509 authority")?,
+            template,
         })
     }
 }
 
+/// A workload's public key of a type sigil accepts: a well-formed
+/// SubjectPublicKeyInfo whose algorithm one of the signature algorithms of
+/// [`SUPPORTED_ALGS`] uses (ECDSA P-256, P-384, P-521, RSA, Ed25519). The
+/// key type check, written once: every leaf is built from one of these.
+#[derive(Debug, Clone, Copy)]
+pub struct SubjectKey<'a> {
+    spki: &'a [u8],
+}
+
+impl<'a> SubjectKey<'a> {
+    /// Checks `spki_der` (SubjectPublicKeyInfo DER, nothing after it) is a
+    /// key of an accepted type. [`SvidError::PublicKey`] otherwise.
+    pub fn from_spki_der(spki_der: &'a [u8]) -> Result<Self, SvidError> {
+        let bad = |e: SvidError| SvidError::PublicKey(e.to_string());
+        let spki = der::expect_all(spki_der, TAG_SEQUENCE, "SubjectPublicKeyInfo").map_err(bad)?;
+        let (alg, _key) =
+            der::algorithm_and_bits(spki.contents, "subjectPublicKey").map_err(bad)?;
+        if !SUPPORTED_ALGS
+            .all
+            .iter()
+            .any(|a| a.public_key_alg_id().as_ref() == alg.contents)
+        {
+            return Err(SvidError::PublicKey(
+                "unsupported public key algorithm".to_owned(),
+            ));
+        }
+        Ok(Self { spki: spki_der })
+    }
+
+    /// The SubjectPublicKeyInfo, DER.
+    pub fn spki_der(&self) -> &'a [u8] {
+        self.spki
+    }
+}
+
+/// A PKCS#10 CSR whose self-signature verified with the key it carries
+/// (proof that the requester holds the private key), parsed once: the key
+/// checked here is the key a leaf is built from
+/// ([`LeafSigner::sign_csr`]). Only the key is taken from a CSR; its
+/// subject and attributes (SANs, extensions) are never read.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedCsr<'a> {
+    key: SubjectKey<'a>,
+}
+
+impl<'a> CheckedCsr<'a> {
+    /// Parses `csr_der` (one CertificationRequest, nothing after it),
+    /// checks its key type ([`SubjectKey`]) and verifies its signature with
+    /// that key. [`SvidError::Csr`] for a malformed CSR or an unknown
+    /// signature algorithm, [`SvidError::PublicKey`] for a key of another
+    /// type or one that does not fit the algorithm, [`SvidError::CsrSignature`]
+    /// when the signature does not verify.
+    pub fn check(csr_der: &'a [u8]) -> Result<Self, SvidError> {
+        let bad = |e: SvidError| SvidError::Csr(e.to_string());
+        let outer = der::expect_all(csr_der, TAG_SEQUENCE, "CertificationRequest").map_err(bad)?;
+        let (info, after_info) =
+            der::expect(outer.contents, TAG_SEQUENCE, "CertificationRequestInfo").map_err(bad)?;
+        let (alg, signature) = der::algorithm_and_bits(after_info, "signature").map_err(bad)?;
+        // CertificationRequestInfo ::= SEQUENCE { version INTEGER (0),
+        //   subject Name, subjectPKInfo, attributes [0] SET OF Attribute }
+        let (version, rest) = der::expect(info.contents, TAG_INTEGER, "version").map_err(bad)?;
+        if version.contents != [0] {
+            return Err(SvidError::Csr("CSR version is not 1 (0)".to_owned()));
+        }
+        let (subject, rest) = der::expect(rest, TAG_SEQUENCE, "subject").map_err(bad)?;
+        every_element(subject.contents, TAG_SET, "RelativeDistinguishedName").map_err(bad)?;
+        let (spki, rest) = der::expect(rest, TAG_SEQUENCE, "subjectPKInfo").map_err(bad)?;
+        let attributes = der::expect_all(rest, TAG_CONTEXT_0, "attributes").map_err(bad)?;
+        every_element(attributes.contents, TAG_SEQUENCE, "Attribute").map_err(bad)?;
+        let key = SubjectKey::from_spki_der(spki.whole)?;
+
+        let spki_der = SubjectPublicKeyInfoDer::from(key.spki_der());
+        let public_key = webpki::RawPublicKeyEntity::try_from(&spki_der)
+            .map_err(|e| SvidError::PublicKey(format!("{e:?}")))?;
+        let mut known_algorithm = false;
+        for candidate in SUPPORTED_ALGS
+            .all
+            .iter()
+            .filter(|a| a.signature_alg_id().as_ref() == alg.contents)
+        {
+            known_algorithm = true;
+            match public_key.verify_signature(*candidate, info.whole, signature) {
+                Ok(()) => return Ok(Self { key }),
+                // Several algorithms share one signature OID (ECDSA-SHA256 on P-256
+                // and on P-384); only the one fitting the key can succeed.
+                Err(webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)) => {}
+                Err(_) => return Err(SvidError::CsrSignature),
+            }
+        }
+        if known_algorithm {
+            Err(SvidError::PublicKey(
+                "the CSR's key does not fit its signature algorithm".to_owned(),
+            ))
+        } else {
+            Err(SvidError::Csr("unsupported signature algorithm".to_owned()))
+        }
+    }
+
+    /// The requester's key, checked and proven.
+    pub fn key(&self) -> SubjectKey<'a> {
+        self.key
+    }
+}
+
+/// Checks `contents` is a run of whole elements, each tagged `tag`.
+fn every_element(contents: &[u8], tag: u8, what: &str) -> Result<(), SvidError> {
+    let mut rest = contents;
+    while !rest.is_empty() {
+        rest = der::expect(rest, tag, what)?.1;
+    }
+    Ok(())
+}
+
 /// Signs leaf X509-SVIDs with one [`X509Authority`], its certificate read
-/// once ([`X509Authority::leaf_signer`]).
+/// once and what every leaf shares encoded once
+/// ([`X509Authority::leaf_signer`]).
 pub struct LeafSigner<'a> {
     authority: &'a X509Authority,
-    issuer: Issuer<'static, RcgenKey<'a>>,
+    key: &'a aws_lc_rs::signature::EcdsaKeyPair,
+    template: LeafTemplate,
 }
 
 impl std::fmt::Debug for LeafSigner<'_> {
@@ -264,6 +388,29 @@ impl std::fmt::Debug for LeafSigner<'_> {
 }
 
 impl LeafSigner<'_> {
+    /// Leaf X509-SVID per spiffe.md §2.1 for the key of a checked CSR; see
+    /// [`Self::sign_key`].
+    pub fn sign_csr(
+        &self,
+        req: &SvidRequest<'_>,
+        csr: &CheckedCsr<'_>,
+        now: SystemTime,
+    ) -> Result<Vec<u8>, SvidError> {
+        self.sign_key(req, csr.key(), now)
+    }
+
+    /// Leaf X509-SVID per spiffe.md §2.1 for `subject_spki_der` (the
+    /// workload's SubjectPublicKeyInfo DER), checked to be a
+    /// [`SubjectKey`]; see [`Self::sign_key`].
+    pub fn sign_svid(
+        &self,
+        req: &SvidRequest<'_>,
+        subject_spki_der: &[u8],
+        now: SystemTime,
+    ) -> Result<Vec<u8>, SvidError> {
+        self.sign_key(req, SubjectKey::from_spki_der(subject_spki_der)?, now)
+    }
+
     /// Leaf X509-SVID per spiffe.md §2.1: exactly one URI SAN (the SPIFFE ID)
     /// plus DNS SANs from dns_names; basicConstraints cA=false (present,
     /// critical); keyUsage critical digitalSignature, keyEncipherment and
@@ -272,12 +419,10 @@ impl LeafSigner<'_> {
     /// CA notAfter); AKI = CA SKI, SKI set; subject O=sigil (+ CN = first DNS
     /// name if any); the non-critical [`ATTRIBUTES_OID`] extension when
     /// `req.attributes` is not empty. Signed with the CA key.
-    /// `subject_spki_der` is the workload's public key (SubjectPublicKeyInfo
-    /// DER, from a CSR).
-    pub fn sign_svid(
+    pub fn sign_key(
         &self,
         req: &SvidRequest<'_>,
-        subject_spki_der: &[u8],
+        subject: SubjectKey<'_>,
         now: SystemTime,
     ) -> Result<Vec<u8>, SvidError> {
         if req.spiffe_id.is_root() {
@@ -299,53 +444,52 @@ impl LeafSigner<'_> {
                 "the signing authority has expired".to_owned(),
             ));
         }
-        let subject_key = rcgen::SubjectPublicKeyInfo::from_der(subject_spki_der)
-            .map_err(|e| SvidError::PublicKey(e.to_string()))?;
+        let not_before = to_offset(checked_sub(now, BACKDATE)?)?;
+        let not_after = to_offset(checked_add(now, req.ttl)?.min(self.authority.info.not_after))?;
+        let uri = req.spiffe_id.as_str();
+        if !uri.is_ascii() {
+            return Err(SvidError::Mint(format!("URI SAN {uri:?} is not ASCII")));
+        }
+        if let Some(name) = req.dns_names.iter().find(|n| !n.is_ascii()) {
+            return Err(SvidError::Mint(format!("DNS name {name:?} is not ASCII")));
+        }
+        let attributes = if req.attributes.is_empty() {
+            None
+        } else {
+            Some(encode_attributes(req.attributes)?)
+        };
+        self.encode(
+            &random_serial()?,
+            not_before,
+            not_after,
+            subject,
+            req,
+            attributes.as_deref(),
+        )
+    }
 
-        let mut params = CertificateParams::default();
-        params.not_before = to_offset(checked_sub(now, BACKDATE)?)?;
-        params.not_after =
-            to_offset(checked_add(now, req.ttl)?.min(self.authority.info.not_after))?;
-        params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
-        let mut sans = vec![uri_san(req.spiffe_id.as_str())?];
-        for name in req.dns_names {
-            let ia5 = name
-                .as_str()
-                .try_into()
-                .map_err(|e: rcgen::Error| SvidError::Mint(format!("DNS name {name:?}: {e}")))?;
-            sans.push(SanType::DnsName(ia5));
-        }
-        params.subject_alt_names = sans;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::OrganizationName, SUBJECT_ORG);
-        if let Some(first) = req.dns_names.first() {
-            dn.push(DnType::CommonName, first.as_str());
-        }
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-            KeyUsagePurpose::KeyAgreement,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        if !req.attributes.is_empty() {
-            let mut ext = CustomExtension::from_oid_content(
-                ATTRIBUTES_OID,
-                encode_attributes(req.attributes)?,
-            );
-            ext.set_criticality(false);
-            params.custom_extensions.push(ext);
-        }
-
-        let cert = params
-            .signed_by(&subject_key, &self.issuer)
-            .map_err(|e| SvidError::Mint(e.to_string()))?;
-        Ok(cert.der().to_vec())
+    /// The leaf of [`Self::sign_key`] once its parts are checked.
+    fn encode(
+        &self,
+        serial: &[u8],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        subject: SubjectKey<'_>,
+        req: &SvidRequest<'_>,
+        attributes: Option<&[u8]>,
+    ) -> Result<Vec<u8>, SvidError> {
+        self.template.sign(
+            &LeafParts {
+                serial,
+                not_before,
+                not_after,
+                spki: subject.spki_der(),
+                uri: req.spiffe_id.as_str(),
+                dns_names: req.dns_names,
+                attributes,
+            },
+            self.key,
+        )
     }
 }
 
@@ -363,61 +507,9 @@ pub fn make_csr(key: &PrivateKey) -> Result<Vec<u8>, SvidError> {
 }
 
 /// Parses a CSR, verifies its self-signature (proof that the requester holds
-/// the private key) and returns its SubjectPublicKeyInfo DER.
+/// the private key) and returns its SubjectPublicKeyInfo DER: [`CheckedCsr::check`].
 pub fn csr_public_key(csr_der: &[u8]) -> Result<Vec<u8>, SvidError> {
-    let (rest, req) =
-        x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
-            .map_err(|e| SvidError::Csr(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(SvidError::Csr("trailing bytes after the CSR".to_owned()));
-    }
-    let spki = req.certification_request_info.subject_pki.raw;
-
-    // x509-parser does not keep the signed bytes or the raw algorithm
-    // identifier, so take the outer structure apart here.
-    let (outer, _) = der::expect(csr_der, TAG_SEQUENCE, "CertificationRequest")?;
-    let (info, after_info) = der::expect(outer.contents, TAG_SEQUENCE, "CertificationRequestInfo")?;
-    let (alg, after_alg) = der::expect(after_info, TAG_SEQUENCE, "signatureAlgorithm")?;
-    let (sig, trailing) = der::expect(after_alg, TAG_BIT_STRING, "signature")?;
-    if !trailing.is_empty() {
-        return Err(SvidError::Csr(
-            "trailing data in CertificationRequest".to_owned(),
-        ));
-    }
-    let signature = match sig.contents.split_first() {
-        Some((0, bits)) => bits,
-        _ => {
-            return Err(SvidError::Csr(
-                "signature BIT STRING has unused bits".to_owned(),
-            ));
-        }
-    };
-
-    let spki_der = SubjectPublicKeyInfoDer::from(spki);
-    let public_key = webpki::RawPublicKeyEntity::try_from(&spki_der)
-        .map_err(|e| SvidError::PublicKey(format!("{e:?}")))?;
-    let mut known_algorithm = false;
-    for candidate in SUPPORTED_ALGS
-        .all
-        .iter()
-        .filter(|a| a.signature_alg_id().as_ref() == alg.contents)
-    {
-        known_algorithm = true;
-        match public_key.verify_signature(*candidate, info.whole, signature) {
-            Ok(()) => return Ok(spki.to_vec()),
-            // Several algorithms share one signature OID (ECDSA-SHA256 on P-256
-            // and on P-384); only the one fitting the key can succeed.
-            Err(webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)) => {}
-            Err(_) => return Err(SvidError::CsrSignature),
-        }
-    }
-    if known_algorithm {
-        Err(SvidError::PublicKey(
-            "the CSR's key does not fit its signature algorithm".to_owned(),
-        ))
-    } else {
-        Err(SvidError::Csr("unsupported signature algorithm".to_owned()))
-    }
+    CheckedCsr::check(csr_der).map(|csr| csr.key().spki_der().to_vec())
 }
 
 /// Checks the X509-SVID leaf rules (spiffe.md §2.3 rules 2 and 3, §2.1): not a
@@ -800,6 +892,8 @@ impl webpki::ExtendedKeyUsageValidator for SvidEku {
 
 #[cfg(test)]
 mod tests {
+    use rcgen::{CustomExtension, ExtendedKeyUsagePurpose, Issuer};
+
     use super::*;
 
     fn td() -> TrustDomain {
@@ -1304,6 +1398,192 @@ mod tests {
             verify_svid(&[leaf, other_leaf], &roots, now()).unwrap_err(),
             SvidError::IntermediateNotCa(1)
         );
+    }
+
+    /// The leaf rcgen built for the same parameters, as `sign_svid` did
+    /// before `leaf.rs`: the reference the direct encoding is held to.
+    fn rcgen_leaf(
+        ca: &X509Authority,
+        req: &SvidRequest<'_>,
+        spki: &[u8],
+        serial: &[u8],
+        now: SystemTime,
+    ) -> Vec<u8> {
+        let subject_key = rcgen::SubjectPublicKeyInfo::from_der(spki).unwrap();
+        let mut params = CertificateParams::default();
+        params.not_before = to_offset(now - BACKDATE).unwrap();
+        params.not_after = to_offset((now + req.ttl).min(ca.info().not_after)).unwrap();
+        params.serial_number = Some(SerialNumber::from_slice(serial));
+        let mut sans = vec![uri_san(req.spiffe_id.as_str()).unwrap()];
+        for name in req.dns_names {
+            sans.push(SanType::DnsName(name.as_str().try_into().unwrap()));
+        }
+        params.subject_alt_names = sans;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, SUBJECT_ORG);
+        if let Some(first) = req.dns_names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+            KeyUsagePurpose::KeyAgreement,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        if !req.attributes.is_empty() {
+            let mut ext = CustomExtension::from_oid_content(
+                ATTRIBUTES_OID,
+                encode_attributes(req.attributes).unwrap(),
+            );
+            ext.set_criticality(false);
+            params.custom_extensions.push(ext);
+        }
+        let issuer = Issuer::from_ca_cert_der(
+            &CertificateDer::from(ca.cert_der()),
+            RcgenKey::new(ca.key(), "test").unwrap(),
+        )
+        .unwrap();
+        params
+            .signed_by(&subject_key, &issuer)
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn leaf_encoding_matches_rcgen() {
+        // Valid past 2050, so notAfter can be a GeneralizedTime.
+        let ca = X509Authority::generate(&td(), 40 * 365 * DAY, now()).unwrap();
+        let signer = ca.leaf_signer().unwrap();
+        let wid = id("spiffe://example.org/ns/web");
+        let dns = vec!["web.example.org".to_owned(), "web".to_owned()];
+        let attributes = vec![
+            ("b".to_owned(), "2".to_owned()),
+            ("a".to_owned(), "x".repeat(300)),
+        ];
+        let ec = PrivateKey::generate_p256().unwrap().public_key_spki_der();
+        let rsa = PrivateKey::generate_rsa2048()
+            .unwrap()
+            .public_key_spki_der();
+        let mut high = [0x85; 16];
+        high[..2].copy_from_slice(&[0, 0]);
+        /// DNS names, attributes, TTL, subject SPKI, serial.
+        type Case<'a> = (
+            &'a [String],
+            &'a [(String, String)],
+            Duration,
+            &'a [u8],
+            &'a [u8],
+        );
+        let cases: [Case<'_>; 5] = [
+            (&[], &[], HOUR, &ec, &[0x01; 16]),
+            (&dns, &[], HOUR, &ec, &high),
+            (&dns[1..], &attributes, DAY, &rsa, &[0x7f; 16]),
+            (&[], &attributes, 30 * 365 * DAY, &ec, &[0, 0, 0, 1]),
+            (&dns, &attributes, 100 * 365 * DAY, &rsa, &[0x40; 16]),
+        ];
+        for (i, (dns_names, attributes, ttl, spki, serial)) in cases.into_iter().enumerate() {
+            let req = SvidRequest {
+                spiffe_id: &wid,
+                dns_names,
+                ttl,
+                attributes,
+            };
+            let ours = signer
+                .encode(
+                    serial,
+                    to_offset(now() - BACKDATE).unwrap(),
+                    to_offset((now() + ttl).min(ca.info().not_after)).unwrap(),
+                    SubjectKey::from_spki_der(spki).unwrap(),
+                    &req,
+                    (!attributes.is_empty())
+                        .then(|| encode_attributes(attributes).unwrap())
+                        .as_deref(),
+                )
+                .unwrap();
+            let reference = rcgen_leaf(&ca, &req, spki, serial, now());
+            let (a, b) = (parse(&ours), parse(&reference));
+            assert_eq!(
+                a.tbs_certificate.as_ref(),
+                b.tbs_certificate.as_ref(),
+                "case {i}"
+            );
+            assert_eq!(
+                a.signature_algorithm.algorithm, b.signature_algorithm.algorithm,
+                "case {i}"
+            );
+            let roots = [ca.cert_der().to_vec()];
+            assert_eq!(
+                verify_svid(&[ours], &roots, now()).unwrap(),
+                wid,
+                "case {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn subject_keys_of_other_types_are_refused() {
+        let ec = PrivateKey::generate_p256().unwrap().public_key_spki_der();
+        assert!(SubjectKey::from_spki_der(&ec).is_ok());
+        let rsa = PrivateKey::generate_rsa2048().unwrap();
+        assert!(SubjectKey::from_spki_der(&rsa.public_key_spki_der()).is_ok());
+        // An SPKI with an algorithm no verifier knows (1.2.3.4).
+        let mut unknown = Vec::new();
+        der::write_tlv(TAG_SEQUENCE, &[0x06, 0x03, 0x2a, 0x03, 0x04], &mut unknown);
+        der::write_tlv(der::TAG_BIT_STRING, &[0, 4, 1, 2], &mut unknown);
+        let mut spki = Vec::new();
+        der::write_tlv(TAG_SEQUENCE, &unknown, &mut spki);
+        assert!(matches!(
+            SubjectKey::from_spki_der(&spki),
+            Err(SvidError::PublicKey(_))
+        ));
+        let mut trailing = ec.clone();
+        trailing.push(0);
+        for bad in [&trailing[..], &ec[..ec.len() - 1], b"", b"garbage"] {
+            assert!(matches!(
+                SubjectKey::from_spki_der(bad),
+                Err(SvidError::PublicKey(_))
+            ));
+        }
+        let ca = ca();
+        let wid = id("spiffe://example.org/w");
+        let req = SvidRequest::new(&wid, HOUR);
+        assert!(matches!(
+            ca.sign_svid(&req, &spki, now()),
+            Err(SvidError::PublicKey(_))
+        ));
+    }
+
+    #[test]
+    fn a_checked_csr_carries_the_key_it_proved() {
+        let key = PrivateKey::generate_p256().unwrap();
+        let csr = make_csr(&key).unwrap();
+        let checked = CheckedCsr::check(&csr).unwrap();
+        assert_eq!(checked.key().spki_der(), key.public_key_spki_der());
+        let ca = ca();
+        let wid = id("spiffe://example.org/w");
+        let leaf = ca
+            .leaf_signer()
+            .unwrap()
+            .sign_csr(&SvidRequest::new(&wid, HOUR), &checked, now())
+            .unwrap();
+        let cert = parse(&leaf);
+        assert_eq!(cert.public_key().raw, key.public_key_spki_der());
+        // A CSR whose version is not v1 (0) is refused, signed or not: the
+        // version is the first element of the signed part.
+        let pos = csr
+            .windows(3)
+            .position(|w| w == [0x02, 0x01, 0x00])
+            .unwrap();
+        let mut v2 = csr.clone();
+        v2[pos + 2] = 1;
+        assert!(matches!(CheckedCsr::check(&v2), Err(SvidError::Csr(_))));
     }
 
     #[test]
