@@ -43,6 +43,10 @@ pub(crate) struct BulkSizes {
     pub(crate) entries: usize,
     /// Entries per BatchCreateEntry call.
     pub(crate) batch: usize,
+    /// Entries the load phase creates, updates and deletes.
+    pub(crate) load_entries: usize,
+    /// Batch calls the load phase keeps in flight.
+    pub(crate) in_flight: usize,
 }
 
 /// Creates `n` entries parented to `parent` in one BatchCreateEntry call
@@ -110,67 +114,131 @@ fn entries_of(
 type Cost = (f64, f64);
 
 /// What the load phase measured: creating, updating, then deleting the
-/// same entries, each in batches one call after the other.
+/// same entries, each in batches.
 struct LoadCosts {
     create: Cost,
     update: Cost,
     delete: Cost,
 }
 
-/// Registers `s.entries` entries in batches of `s.batch`, one call after
-/// the other, for an agent that never connects (the bulk load a
+/// Runs `calls` in their order with up to `in_flight` of them at once, each
+/// on a task of its own: a call builds its batch while the ones before it
+/// are being written, as a registration pipeline does. Their outputs, in
+/// the order of `calls`; the first failure ends the run.
+async fn pipelined<T, F>(
+    in_flight: usize,
+    calls: impl IntoIterator<Item = F>,
+) -> anyhow::Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let mut running = std::collections::VecDeque::new();
+    let mut out = Vec::new();
+    for call in calls {
+        if running.len() >= in_flight.max(1)
+            && let Some(first) = running.pop_front()
+        {
+            out.push(joined(first).await?);
+        }
+        running.push_back(tokio::spawn(call));
+    }
+    while let Some(next) = running.pop_front() {
+        out.push(joined(next).await?);
+    }
+    Ok(out)
+}
+
+/// The output of a call [`pipelined`] spawned.
+async fn joined<T>(call: tokio::task::JoinHandle<anyhow::Result<T>>) -> anyhow::Result<T> {
+    call.await.context("a batch call's task")?
+}
+
+/// Registers `s.load_entries` entries in batches of `s.batch`, `s.in_flight`
+/// calls at a time, for an agent that never connects (the bulk load a
 /// registration pipeline does), then changes each of them (a new hint) in
-/// BatchUpdateEntry calls and deletes them in BatchDeleteEntry calls.
+/// BatchUpdateEntry calls and deletes them in BatchDeleteEntry calls, the
+/// same way.
 async fn load_phase(
     admin: &mut Admin,
     server: &crate::child::ChildProc,
     s: &BulkSizes,
 ) -> anyhow::Result<LoadCosts> {
     let (_, parent) = join_token(admin).await?;
-    let mut entries = Vec::with_capacity(s.entries);
     let cpu0 = server.cpu_seconds()?;
     let t0 = Instant::now();
-    let mut offset = 0;
-    while offset < s.entries {
-        let n = s.batch.min(s.entries - offset);
-        entries.extend(create_batch(admin, &parent, "load", offset, n).await?.1);
-        offset += n;
-    }
+    let created = pipelined(
+        s.in_flight,
+        (0..s.load_entries).step_by(s.batch).map(|offset| {
+            let (mut admin, parent) = (admin.clone(), parent.clone());
+            let n = s.batch.min(s.load_entries - offset);
+            async move {
+                Ok(create_batch(&mut admin, &parent, "load", offset, n)
+                    .await?
+                    .1)
+            }
+        }),
+    )
+    .await?;
     let create = (t0.elapsed().as_secs_f64(), server.cpu_seconds()? - cpu0);
 
-    for e in &mut entries {
-        e.hint = "updated".into();
-    }
+    // The batches as created, with a new hint (made before the clock starts).
+    let updates: Vec<Vec<pb::Entry>> = created
+        .into_iter()
+        .map(|mut batch| {
+            for e in &mut batch {
+                e.hint = "updated".into();
+            }
+            batch
+        })
+        .collect();
+    let ids: Vec<Vec<String>> = updates
+        .iter()
+        .map(|batch| batch.iter().map(|e| e.id.clone()).collect())
+        .collect();
     let cpu0 = server.cpu_seconds()?;
     let t0 = Instant::now();
-    for chunk in entries.chunks(s.batch) {
-        let resp = admin
-            .api()
-            .batch_update_entry(pb::BatchUpdateEntryRequest {
-                entries: chunk.to_vec(),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("BatchUpdateEntry: {}", s.message()))?
-            .into_inner();
-        for e in entries_of("updating", resp, chunk.len())? {
-            ensure!(e.hint == "updated", "an update that did not take");
-        }
-    }
+    pipelined(
+        s.in_flight,
+        updates.into_iter().map(|entries| {
+            let mut admin = admin.clone();
+            async move {
+                let n = entries.len();
+                let resp = admin
+                    .api()
+                    .batch_update_entry(pb::BatchUpdateEntryRequest { entries })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("BatchUpdateEntry: {}", s.message()))?
+                    .into_inner();
+                for e in entries_of("updating", resp, n)? {
+                    ensure!(e.hint == "updated", "an update that did not take");
+                }
+                Ok(())
+            }
+        }),
+    )
+    .await?;
     let update = (t0.elapsed().as_secs_f64(), server.cpu_seconds()? - cpu0);
 
     let cpu0 = server.cpu_seconds()?;
     let t0 = Instant::now();
-    for chunk in entries.chunks(s.batch) {
-        let resp = admin
-            .api()
-            .batch_delete_entry(pb::BatchDeleteEntryRequest {
-                ids: chunk.iter().map(|e| e.id.clone()).collect(),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("BatchDeleteEntry: {}", s.message()))?
-            .into_inner();
-        entries_of("deleting", resp, chunk.len())?;
-    }
+    pipelined(
+        s.in_flight,
+        ids.into_iter().map(|ids| {
+            let mut admin = admin.clone();
+            async move {
+                let n = ids.len();
+                let resp = admin
+                    .api()
+                    .batch_delete_entry(pb::BatchDeleteEntryRequest { ids })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("BatchDeleteEntry: {}", s.message()))?
+                    .into_inner();
+                entries_of("deleting", resp, n).map(drop)
+            }
+        }),
+    )
+    .await?;
     let delete = (t0.elapsed().as_secs_f64(), server.cpu_seconds()? - cpu0);
     Ok(LoadCosts {
         create,
@@ -184,7 +252,7 @@ async fn load_phase(
 async fn load_floor(dir: &Path, s: &BulkSizes) -> anyhow::Result<(f64, f64)> {
     let td = td()?;
     let parent = td.id_with_path("/sigil/agent/bench/floor")?;
-    let rows = (0..s.entries)
+    let rows = (0..s.load_entries)
         .map(|i| sample_entry(&td, &parent, "load", i))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let cpu0 = crate::child::self_cpu();
@@ -198,9 +266,10 @@ pub(crate) async fn bulk_registration(
     work: &Path,
 ) -> anyhow::Result<()> {
     ensure!(
-        (1..=500).contains(&s.batch) && s.entries >= s.batch,
-        "--bulk-batch must be 1..=500 and --bulk-entries at least one batch"
+        (1..=500).contains(&s.batch) && s.entries >= s.batch && s.load_entries >= s.batch,
+        "--bulk-batch must be 1..=500, and --bulk-entries and --bulk-load-entries at least one batch"
     );
+    ensure!(s.in_flight >= 1, "--bulk-in-flight must be at least 1");
     // On disk, not tmpfs: the agent's writes are read from the block layer.
     let dir = tempfile::Builder::new()
         .prefix("sigil-bench-bulk-")
@@ -408,14 +477,14 @@ pub(crate) async fn bulk_registration(
 
     let (load_wall, load_cpu) = load.create;
     let (floor_wall, floor_cpu) = floor;
-    let entries = s.entries as f64;
+    let entries = s.load_entries as f64;
     report.baseline(
         "baseline.sqlite_batch_insert_rate",
         entries / floor_wall,
         "rows/s",
         &format!(
             "{} plain SQLite inserts of the same rows through sqlx, {} to a transaction, the store's pragmas (WAL, synchronous=FULL), in the load generator",
-            s.entries, s.batch
+            s.load_entries, s.batch
         ),
     );
     report.baseline(
@@ -431,8 +500,8 @@ pub(crate) async fn bulk_registration(
         "baseline.sqlite_batch_insert_rate",
         Some(Budget::Min(BULK_LOAD_TARGET)),
         &format!(
-            "{} more entries in BatchCreateEntry calls of {}, one after the other, for an agent that never connects (registry of {} already), each call acknowledged once the index holds it",
-            s.entries, s.batch, s.entries + BASELINE_BATCHES * s.batch
+            "{} more entries in BatchCreateEntry calls of {}, {} in flight, for an agent that never connects (registry of {} already), each call acknowledged once the index holds it",
+            s.load_entries, s.batch, s.in_flight, s.entries + BASELINE_BATCHES * s.batch
         ),
     );
     report.figure(
@@ -454,8 +523,8 @@ pub(crate) async fn bulk_registration(
             "baseline.sqlite_batch_insert_rate",
             None,
             &format!(
-                "the same {} entries again, in {call} calls of {}, one after the other, each call acknowledged once the index holds it",
-                s.entries, s.batch
+                "the same {} entries again, in {call} calls of {}, {} in flight, each call acknowledged once the index holds it",
+                s.load_entries, s.batch, s.in_flight
             ),
         );
         report.figure(

@@ -76,6 +76,15 @@ struct Opts {
     /// bulk-registration: entries per BatchCreateEntry call [500; quick 500].
     #[arg(long)]
     bulk_batch: Option<usize>,
+    /// bulk-registration: entries created, updated and deleted by the load
+    /// phase, for an agent that never connects [--bulk-entries].
+    #[arg(long)]
+    bulk_load_entries: Option<usize>,
+    /// bulk-registration: batch calls the load phase keeps in flight, each
+    /// batch built while the calls before it are written; 1 sends one call
+    /// after the other [2].
+    #[arg(long, default_value_t = 2)]
+    bulk_in_flight: usize,
     /// Tiny sizes: the whole run takes seconds (for tests and a first look).
     #[arg(long)]
     quick: bool,
@@ -276,11 +285,14 @@ fn finish(mut report: Report, json: bool) -> anyhow::Result<()> {
 }
 
 async fn run_bulk(o: &Opts) -> anyhow::Result<()> {
+    let entries = o
+        .bulk_entries
+        .unwrap_or(if o.quick { 4000 } else { 100_000 });
     let sizes = bulk::BulkSizes {
-        entries: o
-            .bulk_entries
-            .unwrap_or(if o.quick { 4000 } else { 100_000 }),
+        entries,
         batch: o.bulk_batch.unwrap_or(500),
+        load_entries: o.bulk_load_entries.unwrap_or(entries),
+        in_flight: o.bulk_in_flight,
     };
     let mode = if o.quick {
         "bulk-registration quick"

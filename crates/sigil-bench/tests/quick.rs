@@ -229,6 +229,27 @@ fn bulk_registration_quick_run_reports_its_figures() {
     }
 }
 
+/// A pipeline of no calls is refused before anything starts, not run as one.
+#[test]
+fn bulk_registration_refuses_zero_calls_in_flight() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sigil-bench"))
+        .args([
+            "--scenario",
+            "bulk-registration",
+            "--quick",
+            "--bulk-in-flight",
+            "0",
+        ])
+        .output()
+        .expect("run sigil-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {stderr}");
+    assert!(
+        stderr.contains("--bulk-in-flight must be at least 1"),
+        "{stderr}"
+    );
+}
+
 /// How many times the server's CPU per entry written with idle sync streams
 /// open may exceed the same writes with none, in one run, before CI fails.
 /// Far above the noise (1.06-1.10x in three release runs at this size;

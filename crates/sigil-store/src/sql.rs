@@ -299,9 +299,11 @@ where
     /// `entries`: the unique indexes decide, in the insert itself (`ON
     /// CONFLICT DO NOTHING`, which, unlike a failed statement, leaves a
     /// PostgreSQL transaction usable for the rest of a batch), `ENTRY_ROWS`
-    /// rows a statement. Each entry's `revision` must be distinct: it is
-    /// what the statement returns of the rows it inserted, and what comes
-    /// back is the set of them.
+    /// rows a statement. Each entry's `revision` must be distinct and
+    /// reserved by this write: what comes back is the set of the revisions
+    /// inserted. A statement that inserted all its rows says so in its
+    /// count; only one that skipped some is asked which it wrote (rows
+    /// streamed back one by one cost the common case more than the query).
     async fn insert_entries(
         &mut self,
         entries: &[(Entry, EntryColumns)],
@@ -312,18 +314,48 @@ where
                 concat!("INSERT INTO entries (", entry_cols!(), ") VALUES "),
                 15,
                 chunk.len(),
-                " ON CONFLICT DO NOTHING RETURNING revision",
+                " ON CONFLICT DO NOTHING",
             );
             // Only placeholders are spliced in: the values are bound.
             let mut query = sqlx::query(AssertSqlSafe(sql));
+            let mut revisions = Vec::with_capacity(chunk.len());
             for (entry, cols) in chunk {
                 query = Self::bind_entry(query, entry, cols)?;
+                revisions.push(codec::to_i64("revision", entry.revision)?);
             }
-            for row in query.fetch_all(self.conn()).await? {
-                inserted.insert(row.int("revision")?);
+            let done = query.execute(self.conn()).await?;
+            if B::rows_affected(&done) == chunk.len() as u64 {
+                inserted.extend(revisions);
+            } else {
+                inserted.extend(self.revisions_written(chunk, &revisions).await?);
             }
         }
         Ok(inserted)
+    }
+
+    /// Which of `revisions`, those of the rows `chunk` tried to insert, are
+    /// stored: a stored row with one of them was inserted by this write
+    /// (they were reserved by it), and each row it inserted has the id of
+    /// an entry of `chunk`.
+    async fn revisions_written(
+        &mut self,
+        chunk: &[(Entry, EntryColumns)],
+        revisions: &[i64],
+    ) -> Result<Vec<i64>, StoreError> {
+        let mut written = Vec::with_capacity(chunk.len());
+        for (entry, _) in chunk {
+            let row = sqlx::query("SELECT revision FROM entries WHERE id = $1")
+                .bind(entry.id.as_str())
+                .fetch_optional(self.conn())
+                .await?;
+            if let Some(row) = row {
+                let revision = row.int("revision")?;
+                if revisions.contains(&revision) {
+                    written.push(revision);
+                }
+            }
+        }
+        Ok(written)
     }
 
     /// Why the insert of `entry` (revision `before`) did nothing, worded as

@@ -54,6 +54,7 @@ macro_rules! conformance_suite {
             concurrent_duplicate_creates,
             batch_create_refuses_each_entry_on_its_own,
             batch_create_all_refused_writes_nothing,
+            batch_create_refusals_in_later_statements,
             concurrent_batches_commit_revisions_in_order,
             batch_update_refuses_each_entry_on_its_own,
             batch_delete_refuses_each_id_on_its_own,
@@ -1088,6 +1089,48 @@ pub(crate) async fn batch_create_refuses_each_entry_on_its_own(store: Arc<dyn St
     // The revisions reserved for the refused entries were given back.
     let c = store.create_entry(simple_entry("c")).await.unwrap();
     assert_eq!(c.revision, base + 4);
+}
+
+/// A batch longer than one insert statement, with refusals in its later
+/// statements (a duplicate of an entry of an earlier statement, an id taken
+/// by a stored entry) and in a statement of its own: each refused entry,
+/// and only it, is refused; the others get contiguous revisions in batch
+/// order, as they would in a batch of one statement.
+pub(crate) async fn batch_create_refusals_in_later_statements(store: Arc<dyn Store>) {
+    store.create_entry(simple_entry("stored")).await.unwrap();
+    let base = store.revision().await.unwrap();
+    let mut batch: Vec<Entry> = (0..200).map(|i| simple_entry(&format!("e{i}"))).collect();
+    // Index 100: the triple of e3 (an earlier statement); 150: the id of
+    // the stored entry; 199, alone in the last statement of 64: e198's triple.
+    batch[100].spiffe_id = sid("spiffe://example.org/w/e3");
+    batch[150] = Entry {
+        spiffe_id: sid("spiffe://example.org/w/other"),
+        ..simple_entry("stored")
+    };
+    batch[199].spiffe_id = sid("spiffe://example.org/w/e198");
+    let results = store.create_entries(batch).await.unwrap();
+    assert_eq!(results.len(), 200);
+    let mut next = base;
+    for (i, result) in results.iter().enumerate() {
+        match i {
+            100 => assert!(refusal(result).starts_with("entry e3 already has parent_id")),
+            150 => assert_eq!(refusal(result), "entry stored already exists"),
+            199 => assert!(refusal(result).starts_with("entry e198 already has parent_id")),
+            _ => {
+                next += 1;
+                let e = result.as_ref().unwrap();
+                assert_eq!(
+                    (e.id.as_str(), e.revision),
+                    (format!("e{i}").as_str(), next)
+                );
+            }
+        }
+    }
+    assert_eq!(next, base + 197);
+    assert_eq!(store.revision().await.unwrap(), next);
+    let feed = store.changes_since(base, 1000).await.unwrap();
+    assert_eq!(revisions(&feed), (base + 1..=next).collect::<Vec<_>>());
+    assert_eq!(store.list_entries().await.unwrap().entries.len(), 198);
 }
 
 /// A batch whose every entry is refused writes nothing and spends no revision.
