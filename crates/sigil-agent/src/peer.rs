@@ -376,8 +376,7 @@ fn parse_stat(text: &str) -> Option<ProcStat> {
 
 fn read_stat(pid: i32) -> Result<ProcStat, PeerError> {
     let path = format!("/proc/{pid}/stat");
-    let text = read_proc(pid, &path)?;
-    parse_stat(&text).ok_or_else(|| {
+    read_proc(pid, &path, parse_stat)?.ok_or_else(|| {
         PeerError::Proc(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{path}: unexpected format"),
@@ -396,39 +395,46 @@ pub(crate) struct ProcStatus {
     pub(crate) groups: Vec<u32>,
 }
 
+/// Parses `/proc/<pid>/status`: the second column of `Uid:` and `Gid:`, and
+/// `Groups:`. Each key is looked up where a line starts, without splitting
+/// the other 50-odd lines: every Workload API call parses this file. The
+/// last such line counts, so that even a newline in the process-controlled
+/// `Name:`, the first line (the kernel escapes it), could not stand in for
+/// the kernel's own lines after it.
 fn parse_status(text: &str) -> Option<ProcStatus> {
-    let mut uid = None;
-    let mut gid = None;
-    let mut groups = None;
-    for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else {
-            continue;
-        };
-        match key {
-            "Uid" => uid = value.split_ascii_whitespace().nth(1)?.parse().ok(),
-            "Gid" => gid = value.split_ascii_whitespace().nth(1)?.parse().ok(),
-            "Groups" => {
-                groups = value
-                    .split_ascii_whitespace()
-                    .map(str::parse)
-                    .collect::<Result<Vec<u32>, _>>()
-                    .ok();
-            }
-            _ => {}
-        }
-    }
+    let id = |key| {
+        status_line(text, key)?
+            .split_ascii_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let groups = status_line(text, "\nGroups:")?
+        .split_ascii_whitespace()
+        .map(str::parse)
+        .collect::<Result<Vec<u32>, _>>()
+        .ok()?;
     Some(ProcStatus {
-        uid: uid?,
-        gid: gid?,
-        groups: groups?,
+        uid: id("\nUid:")?,
+        gid: id("\nGid:")?,
+        groups,
     })
+}
+
+/// The rest of the last line of `text` that starts with `key` (given with
+/// its leading newline), after the key.
+fn status_line<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let rest = match text.rfind(key) {
+        Some(at) => text.get(at + key.len()..)?,
+        None => text.strip_prefix(key.strip_prefix('\n')?)?,
+    };
+    Some(rest.split_once('\n').map_or(rest, |(line, _)| line))
 }
 
 /// Reads the caller's effective ids and supplementary groups.
 pub(crate) fn read_status(pid: i32) -> Result<ProcStatus, PeerError> {
     let path = format!("/proc/{pid}/status");
-    let text = read_proc(pid, &path)?;
-    parse_status(&text).ok_or_else(|| {
+    read_proc(pid, &path, parse_status)?.ok_or_else(|| {
         PeerError::Proc(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("{path}: unexpected format"),
@@ -436,23 +442,46 @@ pub(crate) fn read_status(pid: i32) -> Result<ProcStatus, PeerError> {
     })
 }
 
-/// What a `/proc/<pid>/status` or `stat` read starts with room for (status
-/// is about 1.5 KiB); a longer file grows the buffer.
+/// What a `/proc/<pid>/status` or `stat` read is read into, on the stack
+/// (status is about 1.5 KiB); a longer file continues on the heap.
 const PROC_READ_START: usize = 4096;
 
-/// Reads a `/proc/<pid>/…` file; a missing entry means the process is gone.
+/// Reads a `/proc/<pid>/…` file and gives its text to `parse`; a missing
+/// entry means the process is gone.
 ///
-/// Every Workload API call reads these files. Read through `take`, so
-/// that std's generic loop reads into a buffer made for the file's usual
-/// size: `File`'s own `read_to_string` would first `statx` and `lseek` it
-/// for a size, which procfs reports as 0.
-fn read_proc(pid: i32, path: &str) -> Result<String, PeerError> {
+/// Every Workload API call reads these files: the usual size is read into
+/// a buffer on the stack, with no allocation (a 4 KiB one is not in the
+/// allocator's per-thread cache, and during a burst it contended on the
+/// arena lock). `File`'s own `read_to_string` would also first `statx` and
+/// `lseek` it for a size, which procfs reports as 0.
+fn read_proc<R>(pid: i32, path: &str, parse: impl FnOnce(&str) -> R) -> Result<R, PeerError> {
     use std::io::Read;
     let err = |e| proc_error(pid, path, e);
-    let file = fs::File::open(path).map_err(err)?;
-    let mut text = String::with_capacity(PROC_READ_START);
-    file.take(u64::MAX).read_to_string(&mut text).map_err(err)?;
-    Ok(text)
+    let mut file = fs::File::open(path).map_err(err)?;
+    let mut buf = [0u8; PROC_READ_START];
+    let mut len = 0;
+    while let Some(room) = buf.get_mut(len..).filter(|r| !r.is_empty()) {
+        match file.read(room) {
+            Ok(0) => {
+                let text = buf.get(..len).unwrap_or_default();
+                return Ok(parse(
+                    std::str::from_utf8(text).map_err(invalid).map_err(err)?,
+                ));
+            }
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(err(e)),
+        }
+    }
+    // Longer than the stack buffer: the rest on the heap.
+    let mut text = buf.to_vec();
+    file.read_to_end(&mut text).map_err(err)?;
+    let text = String::from_utf8(text).map_err(invalid).map_err(err)?;
+    Ok(parse(&text))
+}
+
+fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 /// Maps an I/O error on `/proc/<pid>/…`: ENOENT (reaped) and ESRCH (exited
@@ -845,8 +874,15 @@ mod tests {
             .map(|i| char::from(b'a' + (i % 26) as u8))
             .collect();
         std::fs::write(&path, &text).unwrap();
-        assert_eq!(read_proc(1, path.to_str().unwrap()).unwrap(), text);
-        let err = read_proc(1, dir.path().join("gone").to_str().unwrap()).unwrap_err();
+        let read = |p: &std::path::Path| read_proc(1, p.to_str().unwrap(), str::to_owned);
+        assert_eq!(read(&path).unwrap(), text);
+        let short = dir.path().join("short");
+        std::fs::write(&short, "Uid:\t1\n").unwrap();
+        assert_eq!(read(&short).unwrap(), "Uid:\t1\n");
+        std::fs::write(&short, [b'a', 0xff]).unwrap();
+        let err = read(&short).unwrap_err();
+        assert!(matches!(err, PeerError::Proc(_)), "{err:?}");
+        let err = read(&dir.path().join("gone")).unwrap_err();
         assert!(matches!(err, PeerError::ProcessGone { pid: 1 }), "{err:?}");
     }
 

@@ -212,9 +212,15 @@ fn svid_message(s: &WorkloadSvid, hint: &str, bundle: &[u8]) -> pb::X509svid {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Runs a Workload API stream: `build` turns a snapshot into the response
-/// (or an error that ends the stream); a response equal to the last one sent
-/// is suppressed.
+/// Runs a Workload API stream: `first` is its first response, then `build`
+/// turns each new snapshot into the response (or an error that ends the
+/// stream); a response equal to the last one sent is suppressed.
+///
+/// `first` is the stream's first item as it is returned, not sent through
+/// the task: hyper then finds the response's message ready with its headers
+/// and writes both at once, and the first answer waits for no task switch
+/// (docs/benchmarks.md, "Workload API burst: the first answer without a
+/// task hop").
 fn spawn_stream<T, F>(
     slot: StreamSlot,
     mut rx: watch::Receiver<Arc<Snapshot>>,
@@ -228,37 +234,37 @@ where
     F: Fn(&Snapshot) -> Result<Option<T>, Status> + Send + 'static,
 {
     let (tx, out) = mpsc::channel(4);
+    let first_sent = first.clone();
+    // Counted before the first answer can reach the caller.
+    metrics.workload_streams.inc();
     tokio::spawn(async move {
         // The uid's open-stream slot, given back when the stream ends.
         let _slot = slot;
-        metrics.workload_streams.inc();
-        let mut last = first.clone();
-        if tx.send(Ok(first)).await.is_ok() {
-            loop {
-                tokio::select! {
-                    _ = tx.closed() => break,
-                    _ = cancel.cancelled() => {
+        let mut last = first;
+        loop {
+            tokio::select! {
+                _ = tx.closed() => break,
+                _ = cancel.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("agent is shutting down"))).await;
+                    break;
+                }
+                changed = rx.changed() => {
+                    if changed.is_err() {
                         let _ = tx.send(Err(Status::unavailable("agent is shutting down"))).await;
                         break;
                     }
-                    changed = rx.changed() => {
-                        if changed.is_err() {
-                            let _ = tx.send(Err(Status::unavailable("agent is shutting down"))).await;
-                            break;
-                        }
-                        let snap = rx.borrow_and_update().clone();
-                        match build(&snap) {
-                            Ok(Some(resp)) if resp != last => {
-                                last = resp.clone();
-                                if tx.send(Ok(resp)).await.is_err() {
-                                    break;
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(status) => {
-                                let _ = tx.send(Err(status)).await;
+                    let snap = rx.borrow_and_update().clone();
+                    match build(&snap) {
+                        Ok(Some(resp)) if resp != last => {
+                            last = resp.clone();
+                            if tx.send(Ok(resp)).await.is_err() {
                                 break;
                             }
+                        }
+                        Ok(_) => {}
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            break;
                         }
                     }
                 }
@@ -266,7 +272,10 @@ where
         }
         metrics.workload_streams.dec();
     });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+    Box::pin(tokio_stream::StreamExt::chain(
+        tokio_stream::once(Ok(first_sent)),
+        tokio_stream::wrappers::ReceiverStream::new(out),
+    ))
 }
 
 /// The own bundle plus the federated ones the caller is entitled to, keyed

@@ -91,7 +91,14 @@ type Held = (WorkloadClient, Streaming<wpb::X509svidResponse>);
 /// Connects and waits for the first X509-SVID response.
 async fn first_response(path: PathBuf) -> anyhow::Result<(Duration, Held)> {
     let t0 = Instant::now();
-    let mut client = wl_connect(&path).await?;
+    let (held, first) = fetch_first(&path).await?;
+    ensure!(!first.svids.is_empty(), "first response without SVIDs");
+    Ok((t0.elapsed(), held))
+}
+
+/// Connects, opens an X509-SVID stream and reads its first response.
+async fn fetch_first(path: &Path) -> anyhow::Result<(Held, wpb::X509svidResponse)> {
+    let mut client = wl_connect(path).await?;
     let mut stream = client
         .fetch_x509svid()
         .await
@@ -100,8 +107,7 @@ async fn first_response(path: PathBuf) -> anyhow::Result<(Duration, Held)> {
         .message()
         .await?
         .context("the stream ended before its first response")?;
-    ensure!(!first.svids.is_empty(), "first response without SVIDs");
-    Ok((t0.elapsed(), (client, stream)))
+    Ok(((client, stream), first))
 }
 
 /// `n` clients connecting at once; returns their first-response latencies
@@ -580,6 +586,30 @@ async fn workload_first_response(
     report: &mut Report,
     [(plain, plain_socket), (agent, socket)]: [(&ChildProc, &PathBuf); 2],
 ) -> anyhow::Result<()> {
+    // The comparison is fair only if both answer alike: the same message
+    // shape (SVIDs, their chain and bundle certificates) and about the same
+    // encoded size.
+    let plain_shape = response_shape(plain_socket).await?;
+    let agent_shape = response_shape(socket).await?;
+    eprintln!("first response: plain {plain_shape:?}, agent {agent_shape:?}");
+    report.baseline(
+        "baseline.plain_grpc_first_response_bytes",
+        plain_shape.bytes as f64,
+        "B",
+        "encoded size of the plain server's X509-SVID response",
+    );
+    report.figure(
+        "workload.first_response_bytes",
+        agent_shape.bytes as f64,
+        "B",
+        "baseline.plain_grpc_first_response_bytes",
+        None,
+        "encoded size of the agent's first X509-SVID response",
+    );
+    ensure!(
+        plain_shape.same_shape(&agent_shape),
+        "the plain baseline answers unlike the agent: plain {plain_shape:?}, agent {agent_shape:?}"
+    );
     let mut plains = Vec::with_capacity(s.burst_pairs);
     let mut agents = Vec::with_capacity(s.burst_pairs);
     for pair in 0..s.burst_pairs {
@@ -732,6 +762,53 @@ async fn workload_first_response(
         &format!("agent with {} Workload API streams open", s.clients),
     );
     Ok(())
+}
+
+/// What a first X509-SVID response holds, to compare the baseline's with
+/// the agent's.
+#[derive(Debug, PartialEq, Eq)]
+struct ResponseShape {
+    /// Encoded message size.
+    bytes: usize,
+    /// Per SVID: certificates in the chain and in the bundle, key size.
+    svids: Vec<(usize, usize, usize)>,
+    federated_bundles: usize,
+}
+
+impl ResponseShape {
+    fn of(r: &wpb::X509svidResponse) -> anyhow::Result<Self> {
+        use prost::Message as _;
+        let certs = |der: &[u8]| sigil_svid::x509::split_der_certs(der).map(|v| v.len());
+        let svids = r
+            .svids
+            .iter()
+            .map(|s| {
+                Ok((
+                    certs(&s.x509_svid)?,
+                    certs(&s.bundle)?,
+                    s.x509_svid_key.len(),
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            bytes: r.encoded_len(),
+            svids,
+            federated_bundles: r.federated_bundles.len(),
+        })
+    }
+
+    /// The same SVIDs, certificates and keys, sizes within 10%.
+    fn same_shape(&self, other: &Self) -> bool {
+        self.svids == other.svids
+            && self.federated_bundles == other.federated_bundles
+            && self.bytes.abs_diff(other.bytes) * 10 <= self.bytes.max(other.bytes)
+    }
+}
+
+/// The shape of the first X509-SVID response of the server at `path`.
+async fn response_shape(path: &Path) -> anyhow::Result<ResponseShape> {
+    let (_held, first) = fetch_first(path).await?;
+    ResponseShape::of(&first)
 }
 
 /// Issue #15 item 7: a burst's p99 at most this multiple of plain tonic's
