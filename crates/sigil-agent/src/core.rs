@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use sigil_proto::convert::entry_with_id_from_proto;
 use sigil_proto::server::v1 as pb;
 use sigil_svid::bundle::Bundle;
-use sigil_svid::keys::{CompactKey, PrivateKey};
+use sigil_svid::keys::PrivateKey;
 use sigil_svid::tls::RotatingCert;
 use sigil_types::{Entry, EntryId, Selectors, SpiffeId, TrustDomain};
 use tokio::sync::watch;
@@ -25,10 +25,11 @@ use crate::AgentError;
 use crate::config::AgentConfig;
 use crate::demand::Demand;
 use crate::persist::{
-    AgentIdentity, CacheWriter, CachedState, DerChain, Persist, SvidExtras, Touched, WorkloadSvid,
+    AgentIdentity, CacheWriter, CachedState, CachedSvid, EntryMap, Persist, SvidDer, SvidExtras,
+    Touched, WorkloadSvid,
 };
-use crate::schedule::{Deadlines, Timeline};
-use crate::selector_index::{AgeKey, SelectorIndex};
+use crate::schedule::{Deadlines, Timed, Timeline};
+use crate::selector_index::SelectorIndex;
 use crate::server_api::{ServerClient, SyncStream};
 use crate::time::Clock;
 
@@ -59,33 +60,36 @@ pub struct Tainted {
     pub jwt_kids: BTreeSet<String>,
 }
 
-/// The entries of a [`Snapshot`], oldest first (by creation time, then
-/// ID): the order in which the Workload API lists a caller's identities, the
-/// first being its default. A persistent map, as is [`Svids`]: a new
-/// snapshot shares everything that did not change with the one before, so
-/// that publishing one costs in proportion to the change, not to the
-/// entries held. It keeps an index by selector beside it, as persistent,
-/// through which [`Entries::matching`] finds a caller's entries.
+/// The entries of a [`Snapshot`]. A persistent map, as is [`Svids`]: a
+/// new snapshot shares everything that did not change with the one before,
+/// so that publishing one costs in proportion to the change, not to the
+/// entries held. The entries are held only in an index by selector, as
+/// persistent, through which [`Entries::matching`] finds a caller's
+/// entries oldest first (by creation time, then ID): the order in which the
+/// Workload API lists a caller's identities, the first being its default.
+/// No second map orders every entry by age: only a caller's few are ever
+/// listed in that order (docs/benchmarks.md, "Agent memory per cached
+/// SVID").
 #[derive(Debug, Clone, Default)]
 pub struct Entries {
-    by_age: imbl::OrdMap<AgeKey, Arc<Entry>>,
     index: SelectorIndex,
+    len: usize,
 }
 
 impl Entries {
-    /// The entries, oldest first.
+    /// The entries, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> + '_ {
-        self.by_age.values()
+        self.index.iter()
     }
 
     /// How many entries there are.
     pub fn len(&self) -> usize {
-        self.by_age.len()
+        self.len
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.by_age.is_empty()
+        self.len == 0
     }
 
     /// The entries whose selectors the caller's `selectors` satisfy (every
@@ -99,26 +103,28 @@ impl Entries {
     /// The same answer as [`Entries::matching`] by a pass over every entry:
     /// the reference the index is tested and benchmarked against.
     pub fn matching_by_scan(&self, selectors: &Selectors) -> Vec<Arc<Entry>> {
-        self.iter()
+        let mut found: Vec<Arc<Entry>> = self
+            .iter()
             .filter(|e| e.selectors.is_subset_of(selectors))
             .cloned()
-            .collect()
+            .collect();
+        found.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        found
     }
 
-    /// Holds `e`, in place of an entry with the same creation time and ID.
+    /// Holds `e`, which must not be held already: an entry that changed
+    /// is [`Entries::remove`]d first, as it was held.
     pub(crate) fn insert(&mut self, e: Arc<Entry>) {
         let key = (e.created_at, e.id.clone());
-        if let Some(old) = self.by_age.insert(key.clone(), e.clone()) {
-            self.index.remove(&key, &old.selectors);
-        }
         self.index.insert(key, e);
+        self.len += 1;
     }
 
-    /// Drops the entry held with `e`'s creation time and ID.
+    /// Drops `e`, as held (its creation time, ID and selectors).
     pub(crate) fn remove(&mut self, e: &Entry) {
         let key = (e.created_at, e.id.clone());
-        if let Some(old) = self.by_age.remove(&key) {
-            self.index.remove(&key, &old.selectors);
+        if self.index.remove(&key, &e.selectors) {
+            self.len -= 1;
         }
     }
 
@@ -173,11 +179,10 @@ pub(crate) struct Core<S> {
     pub(crate) cert: Arc<RotatingCert>,
     /// The server, behind the trait the core asks it through.
     pub(crate) server: S,
-    pub(crate) entries: HashMap<EntryId, Arc<Entry>>,
+    pub(crate) entries: EntryMap,
     pub(crate) revision: u64,
-    pub(crate) svids: HashMap<EntryId, Arc<WorkloadSvid>>,
-    /// When each SVID in `svids` is to be renewed.
-    pub(crate) renew_at: Timeline<EntryId>,
+    /// The SVIDs held, each with when it is to be renewed.
+    pub(crate) svids: Timeline<EntryId, Arc<WorkloadSvid>>,
     /// The SVIDs in `svids` that have not expired yet, by when they
     /// expire (each one's `not_after`, read from `svids` to take it out);
     /// taken out as they expire (which changes what is served).
@@ -224,6 +229,14 @@ pub(crate) struct Core<S> {
     pub(crate) churn: usize,
 }
 
+/// An SVID as the core holds it, beside its renewal time: what the cache
+/// writer saves.
+impl AsRef<WorkloadSvid> for Timed<Arc<WorkloadSvid>> {
+    fn as_ref(&self) -> &WorkloadSvid {
+        &self.value
+    }
+}
+
 /// What a [`Core`] starts from: its configuration, its data directory, the
 /// agent SVID and the trust it holds, and the handles it shares with the
 /// rest of the agent.
@@ -260,10 +273,9 @@ impl<S: ServerClient> Core<S> {
             identity_renew_at: renewal_time(parts.identity.not_before, parts.identity.not_after),
             cert: parts.cert,
             server: parts.server,
-            entries: HashMap::new(),
+            entries: EntryMap::default(),
             revision: 0,
-            svids: HashMap::new(),
-            renew_at: Default::default(),
+            svids: Timeline::default(),
             expires: Default::default(),
             unsigned: Default::default(),
             touched: Default::default(),
@@ -303,17 +315,26 @@ impl<S: ServerClient> Core<S> {
     /// contacted.
     pub(crate) fn restore(&mut self, cached: CachedState) {
         self.revision = cached.revision;
-        let mut entries = HashMap::with_capacity(cached.entries.len());
+        let mut entries = EntryMap::with_capacity(cached.entries.len());
         for mut e in cached.entries {
             self.share_parent(&mut e);
-            entries.insert(e.id.clone(), Arc::new(e));
+            entries.insert(Arc::new(e));
         }
         self.entries = entries;
-        for mut s in cached.svids {
-            if let Some((id, _)) = self.entries.get_key_value(&s.entry_id) {
-                // The entry's own ID text, shared by every map keyed by it.
-                s.entry_id = id.clone();
-                self.svids.insert(id.clone(), Arc::new(s));
+        for CachedSvid {
+            entry_id,
+            svid: mut s,
+        } in cached.svids
+        {
+            if let Some((id, e)) = self.entries.get_key_value(&entry_id) {
+                // The entry's own ID text, shared by every map keyed by it,
+                // and its SPIFFE ID's when they are the same.
+                if s.spiffe_id == e.spiffe_id {
+                    s.spiffe_id = e.spiffe_id.clone();
+                }
+                // Scheduled by `reschedule_all` below.
+                self.svids
+                    .insert(id.clone(), Arc::new(s), SystemTime::UNIX_EPOCH);
             }
         }
         self.reschedule_all();
@@ -380,7 +401,7 @@ impl<S: ServerClient> Core<S> {
             &self.persist,
             self.revision,
             &self.entries,
-            &self.svids,
+            self.svids.map(),
             &touched,
         );
         if let Err(e) = r {
@@ -416,7 +437,7 @@ impl<S: ServerClient> Core<S> {
     /// to what the update carries; only a snapshot (sent when the agent
     /// connects without a usable revision) looks at every entry held.
     fn apply(&mut self, m: pb::SyncMessage) {
-        let held_before: Option<HashMap<EntryId, Arc<Entry>>> = m.snapshot.then(|| {
+        let held_before: Option<EntryMap> = m.snapshot.then(|| {
             self.served_entries = Entries::default();
             std::mem::take(&mut self.entries)
         });
@@ -434,7 +455,7 @@ impl<S: ServerClient> Core<S> {
                 Err(err) => tracing::warn!(error = %err, "ignoring an entry the server sent"),
             }
         }
-        for id in held_before.into_iter().flat_map(HashMap::into_keys) {
+        for id in held_before.into_iter().flat_map(EntryMap::into_keys) {
             if !self.entries.contains_key(&id) {
                 // Not in the snapshot's entries, which start empty.
                 self.touched.entry(&id);
@@ -502,7 +523,7 @@ impl<S: ServerClient> Core<S> {
                 // Changed back to what its SVID was signed for, or in
                 // what the SVID does not hold (selectors, say).
                 self.unsigned.remove(&id);
-                if self.expires.contains(s.not_after, id.clone()) {
+                if self.expires.contains(s.not_after(), id.clone()) {
                     self.served_svids.insert(id.clone(), s.clone());
                 }
             }
@@ -516,7 +537,7 @@ impl<S: ServerClient> Core<S> {
                 self.served_svids.remove(&id);
             }
         }
-        if let Some(old) = self.entries.insert(id, entry.clone()) {
+        if let Some(old) = self.entries.insert(entry.clone()) {
             self.served_entries.remove(&old);
         }
         self.served_entries.insert(entry);
@@ -532,10 +553,9 @@ impl<S: ServerClient> Core<S> {
         }
         self.served_svids.remove(id);
         if let Some(old) = self.svids.remove(id) {
-            self.expires.remove(old.not_after, id.clone());
+            self.expires.remove(old.not_after(), id.clone());
             self.touched.svid(id);
         }
-        self.renew_at.remove(id);
         self.unsigned.remove(id);
         self.wanted.remove(id);
         let asked = self.asked_at.remove(id).unwrap_or(0);
@@ -619,26 +639,23 @@ impl<S: ServerClient> Core<S> {
             let id = &key.1;
             self.by_asked.remove(&key);
             if let Some(old) = self.svids.remove(id) {
-                self.expires.remove(old.not_after, id.clone());
+                self.expires.remove(old.not_after(), id.clone());
             }
             self.served_svids.remove(id);
-            self.renew_at.remove(id);
             self.unsigned.insert(id.clone());
             self.touched.svid(id);
         }
         self.dirty = true;
     }
 
-    /// Holds `svid` as the SVID of its entry, due for renewal at `renew`,
+    /// Holds `svid` as the SVID of entry `id`, due for renewal at `renew`,
     /// and serves it if it fits the entry.
-    fn hold_svid(&mut self, svid: WorkloadSvid, renew: SystemTime) {
-        let id = svid.entry_id.clone();
+    fn hold_svid(&mut self, id: EntryId, svid: WorkloadSvid, renew: SystemTime) {
         let svid = Arc::new(svid);
-        self.renew_at.set(id.clone(), renew);
         if let Some(old) = self.svids.get(&id) {
-            self.expires.remove(old.not_after, id.clone());
+            self.expires.remove(old.not_after(), id.clone());
         }
-        self.expires.insert(svid.not_after, id.clone());
+        self.expires.insert(svid.not_after(), id.clone());
         self.touched.svid(&id);
         if self.has_bound() {
             self.by_asked.insert(self.asked_key(&id));
@@ -659,7 +676,7 @@ impl<S: ServerClient> Core<S> {
                 self.served_svids.remove(&id);
             }
         }
-        self.svids.insert(id, svid);
+        self.svids.insert(id, svid, renew);
     }
 
     /// Stops serving the SVIDs that expired by `now`; true if any did.
@@ -676,7 +693,8 @@ impl<S: ServerClient> Core<S> {
     pub(crate) fn reschedule_all(&mut self) {
         let now = self.clock.wall();
         self.svids.retain(|id, _| self.entries.contains_key(id));
-        self.renew_at.clear();
+        self.svids
+            .reschedule(|_, s| renewal_time(s.not_before(), s.not_after()));
         self.expires.clear();
         self.unsigned.clear();
         self.served_svids = Svids::default();
@@ -686,17 +704,16 @@ impl<S: ServerClient> Core<S> {
         } else {
             BTreeSet::new()
         };
-        for (id, s) in &self.svids {
-            self.renew_at
-                .set(id.clone(), renewal_time(s.not_before, s.not_after));
-            if s.not_after > now {
-                self.expires.insert(s.not_after, id.clone());
+        for (id, s) in self.svids.iter() {
+            if s.not_after() > now {
+                self.expires.insert(s.not_after(), id.clone());
             }
         }
-        for (id, e) in &self.entries {
+        for e in self.entries.values() {
+            let id = &e.id;
             match self.svids.get(id) {
                 Some(s) if s.fits(e) => {
-                    if s.not_after > now {
+                    if s.not_after() > now {
                         self.served_svids.insert(id.clone(), s.clone());
                     }
                 }
@@ -745,12 +762,15 @@ impl<S: ServerClient> Core<S> {
             return;
         }
         let tainted = |chain: &[Vec<u8>]| sigil_svid::x509::verify_svid(chain, &roots, now).is_ok();
-        let mut renew = 0;
-        for (id, svid) in &self.svids {
-            if tainted(&svid.chain.to_vecs()) {
-                self.renew_at.set(id.clone(), now);
-                renew += 1;
-            }
+        let due: Vec<EntryId> = self
+            .svids
+            .iter()
+            .filter(|(_, svid)| tainted(&svid.chain().to_vecs()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut renew = due.len();
+        for id in &due {
+            self.svids.set_time(id, now);
         }
         if tainted(&self.identity.chain) {
             self.identity_renew_at = now;
@@ -872,9 +892,9 @@ impl<S: ServerClient> Core<S> {
             .filter(|id| !self.served_svids.contains_key(*id));
         let mut seen = std::collections::HashSet::new();
         wanted
-            .chain(self.renew_at.due(now))
+            .chain(self.svids.due(now))
             .chain(unsigned)
-            .filter(|id| self.entries.contains_key(*id) && seen.insert(*id))
+            .filter(|id| self.entries.contains_key(id) && seen.insert(*id))
             .cloned()
             .collect()
     }
@@ -1056,24 +1076,22 @@ impl<S: ServerClient> Core<S> {
                     continue;
                 }
             };
-            // One block, without the spare capacity decoding left.
-            let Some(chain) = DerChain::new(&r.cert_chain) else {
+            // One block with the key, without the spare capacity decoding
+            // left.
+            let Some(der) = SvidDer::new(&r.cert_chain, &key) else {
                 tracing::warn!(entry = %id, "server returned a chain that is not plain DER");
                 continue;
             };
-            let svid = WorkloadSvid {
-                // The entry's own ID text, shared by every map keyed by it.
-                entry_id: entry.id.clone(),
-                spiffe_id: entry.spiffe_id.clone(),
-                chain,
-                key: CompactKey::from(&key),
-                not_before: info.not_before,
-                not_after: info.not_after,
-                extras: SvidExtras::of(&entry.dns_names, &entry.attributes),
-                ttl: entry.x509_svid_ttl,
-            };
-            let renew = renewal_after_receipt(now, svid.not_before, svid.not_after);
-            self.hold_svid(svid, renew);
+            let svid = WorkloadSvid::new(
+                entry.spiffe_id.clone(),
+                der,
+                (info.not_before, info.not_after),
+                SvidExtras::of(&entry.dns_names, &entry.attributes),
+                entry.x509_svid_ttl,
+            );
+            let renew = renewal_after_receipt(now, info.not_before, info.not_after);
+            // The entry's own ID text, shared by every map keyed by it.
+            self.hold_svid(entry.id.clone(), svid, renew);
             self.metrics.svids_signed.inc();
             self.dirty = true;
         }
@@ -1085,7 +1103,7 @@ impl<S: ServerClient> Core<S> {
     /// signing is in flight, renewals wait for it (its end wakes the core).
     fn next_wake(&self, signing: bool) -> tokio::time::Instant {
         let mut t = self.identity_renew_at;
-        if let Some(r) = self.renew_at.first().filter(|_| !signing) {
+        if let Some(r) = self.svids.first().filter(|_| !signing) {
             t = t.min(r);
         }
         // Expiry of a served SVID changes what is served.
@@ -1723,16 +1741,14 @@ mod tests {
                             let info = sigil_svid::x509::cert_info(&leaf).unwrap();
                             let at = now + Duration::from_secs(r.into());
                             core.hold_svid(
-                                WorkloadSvid {
-                                    entry_id: e.id.clone(),
-                                    spiffe_id: e.spiffe_id.clone(),
-                                    chain: DerChain::new(&[leaf]).unwrap(),
-                                    key: CompactKey::from(&key),
-                                    not_before: info.not_before,
-                                    not_after: info.not_after,
-                                    extras: SvidExtras::of(&e.dns_names, &e.attributes),
-                                    ttl: e.x509_svid_ttl,
-                                },
+                                e.id.clone(),
+                                WorkloadSvid::new(
+                                    e.spiffe_id.clone(),
+                                    SvidDer::new(&[leaf], &key).unwrap(),
+                                    (info.not_before, info.not_after),
+                                    SvidExtras::of(&e.dns_names, &e.attributes),
+                                    e.x509_svid_ttl,
+                                ),
                                 at,
                             );
                             renew.insert(e.id.clone(), at);
@@ -1750,15 +1766,15 @@ mod tests {
                             prop_assert_eq!(loaded_entries, held);
                             let mut svids: Vec<(EntryId, Vec<u8>)> = core
                                 .svids
-                                .values()
-                                .filter(|s| s.not_after > SystemTime::now())
-                                .map(|s| (s.entry_id.clone(), s.chain.leaf().to_vec()))
+                                .iter()
+                                .filter(|(_, s)| s.not_after() > SystemTime::now())
+                                .map(|(id, s)| (id.clone(), s.chain().leaf().to_vec()))
                                 .collect();
                             svids.sort();
                             let mut loaded_svids: Vec<(EntryId, Vec<u8>)> = loaded
                                 .svids
                                 .iter()
-                                .map(|s| (s.entry_id.clone(), s.chain.leaf().to_vec()))
+                                .map(|s| (s.entry_id.clone(), s.svid.chain().leaf().to_vec()))
                                 .collect();
                             loaded_svids.sort();
                             prop_assert_eq!(loaded_svids, svids);
@@ -1780,14 +1796,20 @@ mod tests {
                     full.sort();
                     prop_assert_eq!(due, full);
                     prop_assert!(core.svids.keys().all(|id| core.entries.contains_key(id)));
-                    let next_expiry = core.svids.values().map(|s| s.not_after).filter(|t| *t > now).min();
+                    let next_expiry = core.svids.values().map(|s| s.not_after()).filter(|t| *t > now).min();
                     prop_assert_eq!(core.expires.first(), next_expiry);
-                    prop_assert_eq!(core.renew_at.first(), renew.values().min().copied());
-                    // What is served: every entry, oldest first; and each
-                    // SVID that fits its entry and has not expired.
+                    prop_assert_eq!(core.svids.first(), renew.values().min().copied());
+                    for (id, t) in &renew {
+                        prop_assert_eq!(core.svids.time(id), Some(*t));
+                    }
+                    // What is served: every entry; and each SVID that
+                    // fits its entry and has not expired.
+                    let by_age = |a: &&Arc<Entry>, b: &&Arc<Entry>| (a.created_at, &a.id).cmp(&(b.created_at, &b.id));
                     let mut ordered: Vec<&Arc<Entry>> = core.entries.values().collect();
-                    ordered.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
-                    let served: Vec<&Arc<Entry>> = core.served_entries.iter().collect();
+                    ordered.sort_by(by_age);
+                    let mut served: Vec<&Arc<Entry>> = core.served_entries.iter().collect();
+                    served.sort_by(by_age);
+                    prop_assert_eq!(core.served_entries.len(), served.len());
                     prop_assert_eq!(served, ordered);
                     let mut served: Vec<&EntryId> = core.served_svids.keys().collect();
                     served.sort();
@@ -1795,7 +1817,7 @@ mod tests {
                         .svids
                         .iter()
                         .filter(|(id, s)| {
-                            s.not_after > now && core.entries.get(*id).is_some_and(|e| s.fits(e))
+                            s.not_after() > now && core.entries.get(id).is_some_and(|e| s.fits(e))
                         })
                         .map(|(id, _)| id)
                         .collect();
@@ -2070,7 +2092,7 @@ mod tests {
             fn served(&self, k: u8) -> Option<Vec<u8>> {
                 let id: EntryId = format!("w{k}").parse().unwrap();
                 let snap = self.snapshots.borrow();
-                snap.svids.get(&id).map(|s| s.chain.leaf().to_vec())
+                snap.svids.get(&id).map(|s| s.chain().leaf().to_vec())
             }
         }
 

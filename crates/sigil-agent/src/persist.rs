@@ -27,7 +27,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use sigil_svid::bundle::Bundle;
-use sigil_svid::keys::{CompactKey, PrivateKey, read_private_file, write_private_file};
+use sigil_svid::keys::{PrivateKey, read_private_file, write_private_file};
 use sigil_types::{Attribute, Entry, EntryId, SpiffeId, TrustDomain};
 
 use crate::AgentError;
@@ -78,14 +78,6 @@ impl AgentIdentity {
     }
 }
 
-/// A certificate chain, leaf first, held as its certificates' DER one
-/// after another in one block: the form the Workload API sends, and one
-/// allocation per SVID instead of one per certificate and one for the
-/// list (docs/benchmarks.md, "Agent memory per cached SVID"). Each
-/// certificate's end is found again from its DER header.
-#[derive(Clone, PartialEq, Eq)]
-pub struct DerChain(Box<[u8]>);
-
 /// The length of the DER element (tag, length, contents) at the start of
 /// `der`, if its header is whole and in definite form.
 fn der_element_len(der: &[u8]) -> Option<usize> {
@@ -104,59 +96,134 @@ fn der_element_len(der: &[u8]) -> Option<usize> {
     (2 + n).checked_add(len)
 }
 
-impl DerChain {
-    /// The chain of `certs`, leaf first; `None` if it is empty or a
-    /// certificate is not one whole DER element (its end could not be
-    /// found again).
-    pub fn new<C: AsRef<[u8]>>(certs: &[C]) -> Option<Self> {
+/// Whether `der` is one whole DER element whose header says where it ends.
+fn is_one_element(der: &[u8]) -> bool {
+    der_element_len(der) == Some(der.len())
+}
+
+/// The DER elements of `der` one after another.
+fn elements(der: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
+    let mut rest = der;
+    std::iter::from_fn(move || {
+        let len = der_element_len(rest)?.min(rest.len());
+        let (element, tail) = rest.split_at(len);
+        rest = tail;
+        Some(element)
+    })
+}
+
+/// An SVID's certificate chain, leaf first, and its private key (PKCS#8),
+/// held as their DER one after another in one block, zeroized when
+/// dropped: one allocation per SVID instead of one for the chain and one
+/// for the key (docs/benchmarks.md, "Agent memory per cached SVID").
+/// Each element's end is found again from its DER header; the last one is
+/// the key.
+#[derive(Clone)]
+pub struct SvidDer(zeroize::Zeroizing<Box<[u8]>>);
+
+impl SvidDer {
+    /// The chain of `certs`, leaf first, with `key`; `None` if there is no
+    /// certificate or one is not one whole DER element (its end could not
+    /// be found again). `key` is a checked key: whether it is the leaf's
+    /// is the caller's to check.
+    pub fn new<C: AsRef<[u8]>>(certs: &[C], key: &PrivateKey) -> Option<Self> {
+        let key = key.pkcs8_der();
         if certs.is_empty()
-            || certs
-                .iter()
-                .any(|c| der_element_len(c.as_ref()) != Some(c.as_ref().len()))
+            || !certs.iter().all(|c| is_one_element(c.as_ref()))
+            || !is_one_element(key)
         {
             return None;
         }
-        let der: Vec<u8> = certs
-            .iter()
-            .flat_map(|c| c.as_ref().iter().copied())
-            .collect();
-        Some(Self(der.into_boxed_slice()))
+        let len = certs.iter().map(|c| c.as_ref().len()).sum::<usize>() + key.len();
+        // Sized once, so that no reallocation leaves a copy of the key.
+        let mut der = Vec::with_capacity(len);
+        for c in certs {
+            der.extend_from_slice(c.as_ref());
+        }
+        der.extend_from_slice(key);
+        Some(Self(zeroize::Zeroizing::new(der.into_boxed_slice())))
     }
 
+    /// Where the key starts: after the last certificate.
+    fn key_start(&self) -> usize {
+        let mut at = 0;
+        let mut last = 0;
+        for e in elements(&self.0) {
+            last = at;
+            at += e.len();
+        }
+        last
+    }
+
+    /// The certificate chain.
+    pub fn chain(&self) -> DerChain<'_> {
+        DerChain(&self.0[..self.key_start()])
+    }
+
+    /// The private key's PKCS#8 DER (secret).
+    pub fn key_der(&self) -> &[u8] {
+        &self.0[self.key_start()..]
+    }
+
+    /// The private key as a `PRIVATE KEY` PEM block (secret).
+    pub fn key_pem(&self) -> zeroize::Zeroizing<String> {
+        sigil_svid::keys::pkcs8_pem(self.key_der())
+    }
+
+    /// The chain's and the key's bytes together.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it holds nothing (only [`SvidDer::empty`] does).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Nothing, which holds no memory (for the memory test).
+    #[cfg(test)]
+    pub(crate) fn empty() -> Self {
+        Self(zeroize::Zeroizing::new(Box::default()))
+    }
+}
+
+impl std::fmt::Debug for SvidDer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SvidDer")
+            .field("chain", &self.chain())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A certificate chain, leaf first, as its certificates' DER one after
+/// another: the form the Workload API sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct DerChain<'a>(&'a [u8]);
+
+impl<'a> DerChain<'a> {
     /// The certificates' DER one after another, leaf first.
-    pub fn der(&self) -> &[u8] {
-        &self.0
+    pub fn der(self) -> &'a [u8] {
+        self.0
     }
 
     /// The certificates, leaf first.
-    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
-        let mut rest: &[u8] = &self.0;
-        std::iter::from_fn(move || {
-            let len = der_element_len(rest)?.min(rest.len());
-            let (cert, tail) = rest.split_at(len);
-            rest = tail;
-            Some(cert)
-        })
+    pub fn iter(self) -> impl Iterator<Item = &'a [u8]> {
+        elements(self.0)
     }
 
     /// The leaf certificate.
-    pub fn leaf(&self) -> &[u8] {
+    pub fn leaf(self) -> &'a [u8] {
         self.iter().next().unwrap_or_default()
     }
 
-    /// A chain of nothing, which holds no memory (for the memory test).
-    #[cfg(test)]
-    pub(crate) fn empty() -> Self {
-        Self(Box::default())
-    }
-
     /// The certificates, each in its own `Vec`.
-    pub fn to_vecs(&self) -> Vec<Vec<u8>> {
+    pub fn to_vecs(self) -> Vec<Vec<u8>> {
         self.iter().map(<[u8]>::to_vec).collect()
     }
 }
 
-impl std::fmt::Debug for DerChain {
+impl std::fmt::Debug for DerChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DerChain")
             .field("certs", &self.iter().count())
@@ -165,22 +232,127 @@ impl std::fmt::Debug for DerChain {
     }
 }
 
-/// One cached workload SVID.
+/// A certificate time as whole seconds since 1970: 8 bytes where a
+/// `SystemTime` takes 16. Exact for every certificate time (X.509 times
+/// are whole seconds; RFC 5280 §4.1.2.5), before 1970 too.
+fn unix_secs(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_secs()).map_or(i64::MIN, |s| -s),
+    }
+}
+
+fn from_unix_secs(s: i64) -> SystemTime {
+    let magnitude = std::time::Duration::from_secs(s.unsigned_abs());
+    if s >= 0 {
+        SystemTime::UNIX_EPOCH + magnitude
+    } else {
+        SystemTime::UNIX_EPOCH - magnitude
+    }
+}
+
+/// Entries by ID, each held once: a set of the entries themselves, looked
+/// up by the ID each holds, so that no copy of the ID (16 bytes) sits
+/// beside each entry: a slot is 8 bytes instead of 24 (docs/benchmarks.md,
+/// "Agent memory per cached SVID").
+#[derive(Debug, Clone, Default)]
+pub struct EntryMap(std::collections::HashSet<ById>);
+
+/// An entry as a member of an [`EntryMap`]: equal, and hashed, as its ID.
+#[derive(Debug, Clone)]
+struct ById(Arc<Entry>);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
+impl std::hash::Hash for ById {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As the ID alone hashes, for look-ups by ID (`Borrow`).
+        self.0.id.hash(state);
+    }
+}
+
+impl std::borrow::Borrow<EntryId> for ById {
+    fn borrow(&self) -> &EntryId {
+        &self.0.id
+    }
+}
+
+impl EntryMap {
+    /// An empty map with room for `n` entries.
+    pub fn with_capacity(n: usize) -> Self {
+        Self(std::collections::HashSet::with_capacity(n))
+    }
+
+    /// The entry with ID `id`.
+    pub fn get(&self, id: &EntryId) -> Option<&Arc<Entry>> {
+        self.0.get(id).map(|e| &e.0)
+    }
+
+    /// The entry with ID `id`, and that ID as the entry holds it.
+    pub fn get_key_value(&self, id: &EntryId) -> Option<(&EntryId, &Arc<Entry>)> {
+        self.0.get(id).map(|e| (&e.0.id, &e.0))
+    }
+
+    /// Whether an entry with ID `id` is held.
+    pub fn contains_key(&self, id: &EntryId) -> bool {
+        self.0.contains(id)
+    }
+
+    /// Holds `e` in place of the entry with its ID; returns that one.
+    pub fn insert(&mut self, e: Arc<Entry>) -> Option<Arc<Entry>> {
+        self.0.replace(ById(e)).map(|old| old.0)
+    }
+
+    /// Drops the entry with ID `id`; returns it.
+    pub fn remove(&mut self, id: &EntryId) -> Option<Arc<Entry>> {
+        self.0.take(id).map(|e| e.0)
+    }
+
+    /// How many entries are held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The entries, in no order.
+    pub fn values(&self) -> impl Iterator<Item = &Arc<Entry>> + '_ {
+        self.0.iter().map(|e| &e.0)
+    }
+
+    /// The IDs, in no order.
+    pub fn keys(&self) -> impl Iterator<Item = &EntryId> + '_ {
+        self.0.iter().map(|e| &e.0.id)
+    }
+
+    /// The IDs, in no order, giving the map up.
+    pub fn into_keys(self) -> impl Iterator<Item = EntryId> {
+        self.0.into_iter().map(|e| e.0.id.clone())
+    }
+}
+
+/// One cached workload SVID. The entry it was signed for is the key it is
+/// held under, not a field: 16 bytes less in every SVID held.
 #[derive(Clone)]
 pub struct WorkloadSvid {
-    /// The entry it was signed for.
-    pub entry_id: EntryId,
     /// Its SPIFFE ID.
     pub spiffe_id: SpiffeId,
-    /// DER chain, leaf first.
-    pub chain: DerChain,
-    /// Its private key (generated on this node; never leaves it), as DER
-    /// only: the agent hands it out and never signs with it.
-    pub key: CompactKey,
-    /// Validity start.
-    pub not_before: SystemTime,
-    /// Validity end.
-    pub not_after: SystemTime,
+    /// Its DER chain, leaf first, and its private key (generated on this
+    /// node; never leaves it), as DER only: the agent hands it out and
+    /// never signs with it.
+    pub der: SvidDer,
+    /// Validity start and end, in seconds since 1970.
+    not_before: i64,
+    not_after: i64,
     /// The DNS names and attributes it carries; `None` when it carries
     /// neither, as most do (see [`SvidExtras::of`]).
     pub extras: Option<Box<SvidExtras>>,
@@ -217,20 +389,59 @@ impl SvidExtras {
 impl std::fmt::Debug for WorkloadSvid {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkloadSvid")
-            .field("entry_id", &self.entry_id)
             .field("spiffe_id", &self.spiffe_id)
-            .field("not_after", &self.not_after)
+            .field("not_after", &self.not_after())
             .finish_non_exhaustive()
     }
 }
 
 impl WorkloadSvid {
+    /// An SVID: its SPIFFE ID, chain and key, validity (`not_before`,
+    /// `not_after`, as read from its leaf), and what its entry asked for
+    /// when it was signed.
+    pub fn new(
+        spiffe_id: SpiffeId,
+        der: SvidDer,
+        (not_before, not_after): (SystemTime, SystemTime),
+        extras: Option<Box<SvidExtras>>,
+        ttl: u64,
+    ) -> Self {
+        Self {
+            spiffe_id,
+            der,
+            not_before: unix_secs(not_before),
+            not_after: unix_secs(not_after),
+            extras,
+            ttl,
+        }
+    }
+
     /// Whether the SVID still matches what the entry asks for.
     pub fn fits(&self, e: &Entry) -> bool {
         self.spiffe_id == e.spiffe_id
             && *self.dns_names() == *e.dns_names
             && self.ttl == e.x509_svid_ttl
             && *self.attributes() == *e.attributes
+    }
+
+    /// Its certificate chain, leaf first.
+    pub fn chain(&self) -> DerChain<'_> {
+        self.der.chain()
+    }
+
+    /// Its private key's PKCS#8 DER (secret).
+    pub fn key_der(&self) -> &[u8] {
+        self.der.key_der()
+    }
+
+    /// Validity start.
+    pub fn not_before(&self) -> SystemTime {
+        from_unix_secs(self.not_before)
+    }
+
+    /// Validity end.
+    pub fn not_after(&self) -> SystemTime {
+        from_unix_secs(self.not_after)
     }
 
     /// The DNS names it carries.
@@ -286,11 +497,11 @@ struct SvidFile {
 }
 
 impl SvidFile {
-    fn of(s: &WorkloadSvid) -> Self {
+    fn of(entry_id: &EntryId, s: &WorkloadSvid) -> Self {
         Self {
-            entry_id: s.entry_id.clone(),
-            chain: s.chain.iter().map(b64).collect(),
-            key: b64(s.key.pkcs8_der()),
+            entry_id: entry_id.clone(),
+            chain: s.chain().iter().map(b64).collect(),
+            key: b64(s.key_der()),
             dns_names: s.dns_names().to_vec(),
             ttl: s.ttl,
             attributes: s.attributes().to_vec(),
@@ -416,7 +627,16 @@ pub struct CachedState {
     /// The entries.
     pub entries: Vec<Entry>,
     /// The SVIDs that are still valid.
-    pub svids: Vec<WorkloadSvid>,
+    pub svids: Vec<CachedSvid>,
+}
+
+/// A workload SVID loaded from the cache, with the entry it was signed for.
+#[derive(Debug)]
+pub struct CachedSvid {
+    /// The entry.
+    pub entry_id: EntryId,
+    /// The SVID.
+    pub svid: WorkloadSvid,
 }
 
 /// The agent's data directory.
@@ -701,20 +921,20 @@ impl Persist {
             if info.not_after <= now {
                 continue;
             }
-            let Some(chain) = DerChain::new(&chain) else {
+            let Some(der) = SvidDer::new(&chain, &key) else {
                 tracing::warn!(entry = %s.entry_id, "ignoring a cached SVID whose chain is not plain DER");
                 continue;
             };
-            svids.push(WorkloadSvid {
+            svids.push(CachedSvid {
+                svid: WorkloadSvid::new(
+                    spiffe_id,
+                    // Checked against the chain above; kept as DER only.
+                    der,
+                    (info.not_before, info.not_after),
+                    SvidExtras::of(&s.dns_names, &s.attributes),
+                    s.ttl,
+                ),
                 entry_id: s.entry_id,
-                spiffe_id,
-                chain,
-                // Checked against the chain above; kept as DER only.
-                key: CompactKey::from(&key),
-                not_before: info.not_before,
-                not_after: info.not_after,
-                extras: SvidExtras::of(&s.dns_names, &s.attributes),
-                ttl: s.ttl,
             });
         }
         Ok(CachedState {
@@ -829,12 +1049,12 @@ impl CacheWriter {
     /// `touched` must name every change since the last save: a save then
     /// costs in proportion to the change, not to the cache. (A compaction
     /// still writes everything.)
-    pub fn save_touched(
+    pub fn save_touched<V: AsRef<WorkloadSvid>>(
         &mut self,
         persist: &Persist,
         revision: u64,
-        entries: &HashMap<EntryId, Arc<Entry>>,
-        svids: &HashMap<EntryId, Arc<WorkloadSvid>>,
+        entries: &EntryMap,
+        svids: &HashMap<EntryId, V>,
         touched: &Touched,
     ) -> Result<Saved, AgentError> {
         if self.journal.is_none() {
@@ -853,7 +1073,7 @@ impl CacheWriter {
             }
             if what & SVID_CHANGED != 0 {
                 match svids.get(id) {
-                    Some(s) => rec.svids.push(SvidFile::of(s)),
+                    Some(s) => rec.svids.push(SvidFile::of(id, s.as_ref())),
                     None => rec.svids_deleted.push(id.clone()),
                 }
             }
@@ -883,12 +1103,12 @@ impl CacheWriter {
     /// Writes the whole state as a new base naming a new journal, then
     /// that journal, empty. A crash between the two renames leaves the new
     /// base with the old journal, which names the old base and is ignored.
-    fn compact(
+    fn compact<V: AsRef<WorkloadSvid>>(
         &mut self,
         persist: &Persist,
         revision: u64,
-        entries: &HashMap<EntryId, Arc<Entry>>,
-        svids: &HashMap<EntryId, Arc<WorkloadSvid>>,
+        entries: &EntryMap,
+        svids: &HashMap<EntryId, V>,
     ) -> Result<Saved, AgentError> {
         self.journal = None;
         let mut id = [0u8; 8];
@@ -899,7 +1119,10 @@ impl CacheWriter {
         let file = CacheFile {
             revision,
             entries: entries.values().map(|e| (**e).clone()).collect(),
-            svids: svids.values().map(|s| SvidFile::of(s)).collect(),
+            svids: svids
+                .iter()
+                .map(|(id, s)| SvidFile::of(id, s.as_ref()))
+                .collect(),
             journal,
         };
         let json = zeroize::Zeroizing::new(serde_json::to_vec(&file)?);
@@ -965,17 +1188,25 @@ mod tests {
     }
 
     #[test]
-    fn a_chain_in_one_block_gives_back_each_certificate() {
+    fn a_chain_and_key_in_one_block_give_back_each_certificate_and_the_key() {
         let now = SystemTime::now();
         let root = X509Authority::generate(&td("example.org"), DAY, now).unwrap();
         let id: SpiffeId = "spiffe://example.org/w".parse().unwrap();
-        let (_, leaf) = signed(&root, &id, now);
+        let (key, leaf) = signed(&root, &id, now);
         let certs = vec![leaf.clone(), root.cert_der().to_vec()];
-        let chain = DerChain::new(&certs).unwrap();
+        let der = SvidDer::new(&certs, &key).unwrap();
+        let chain = der.chain();
         assert_eq!(chain.to_vecs(), certs);
         assert_eq!(chain.leaf(), leaf.as_slice());
         assert_eq!(chain.der(), certs.concat().as_slice());
-        assert_eq!(DerChain::new(&certs[..1]).unwrap().to_vecs(), &certs[..1]);
+        assert_eq!(der.key_der(), key.pkcs8_der());
+        assert_eq!(der.key_pem().as_str(), key.to_pem().as_str());
+        assert_eq!(der.len(), certs.concat().len() + key.pkcs8_der().len());
+        let one = SvidDer::new(&certs[..1], &key).unwrap();
+        assert_eq!(one.chain().to_vecs(), &certs[..1]);
+        assert_eq!(one.key_der(), key.pkcs8_der());
+        // The key's bytes are not in the chain's Debug.
+        assert!(!format!("{der:?}").contains(&format!("{:?}", &key.pkcs8_der()[..8])));
         // A certificate whose DER header does not say where it ends (or
         // says it ends elsewhere) would not come back as it was: refused.
         let mut longer = leaf.clone();
@@ -988,16 +1219,48 @@ mod tests {
             vec![0x30, 0x80, 0, 0],
         ] {
             assert!(
-                DerChain::new(&[leaf.clone(), bad.clone()]).is_none(),
+                SvidDer::new(&[leaf.clone(), bad.clone()], &key).is_none(),
                 "{bad:?}"
             );
         }
-        assert!(DerChain::new::<Vec<u8>>(&[]).is_none());
+        assert!(SvidDer::new::<Vec<u8>>(&[], &key).is_none());
         // Short and long length forms.
         let short = vec![0x04, 0x02, 1, 2];
         let long = [vec![0x04, 0x81, 0x80], vec![7; 0x80]].concat();
-        let c = DerChain::new(&[short.clone(), long.clone()]).unwrap();
-        assert_eq!(c.to_vecs(), vec![short, long]);
+        let c = SvidDer::new(&[short.clone(), long.clone()], &key).unwrap();
+        assert_eq!(c.chain().to_vecs(), vec![short, long]);
+        assert_eq!(c.key_der(), key.pkcs8_der());
+    }
+
+    #[test]
+    fn certificate_times_are_held_exactly() {
+        let e = SystemTime::UNIX_EPOCH;
+        for t in [
+            e,
+            e + Duration::from_secs(1_700_000_000),
+            e - Duration::from_secs(86_400),
+            // GeneralizedTime's last second, 9999-12-31T23:59:59Z.
+            e + Duration::from_secs(253_402_300_799),
+        ] {
+            assert_eq!(from_unix_secs(unix_secs(t)), t);
+        }
+        // What a certificate's validity reads as.
+        let now = SystemTime::now();
+        let ca = X509Authority::generate(&td("example.org"), DAY, now).unwrap();
+        let id: SpiffeId = "spiffe://example.org/w".parse().unwrap();
+        let (key, leaf) = signed(&ca, &id, now);
+        let info = sigil_svid::x509::cert_info(&leaf).unwrap();
+        let s = WorkloadSvid::new(
+            id,
+            SvidDer::new(&[leaf], &key).unwrap(),
+            (info.not_before, info.not_after),
+            None,
+            0,
+        );
+        assert_eq!(
+            (s.not_before(), s.not_after()),
+            (info.not_before, info.not_after)
+        );
     }
 
     #[test]
@@ -1076,13 +1339,13 @@ mod tests {
         assert_eq!(cached.revision, 9);
         assert_eq!(cached.entries, vec![entry.clone()]);
         assert_eq!(cached.svids.len(), 1);
-        assert!(cached.svids[0].fits(&entry));
+        assert!(cached.svids[0].svid.fits(&entry));
         assert!(p.load_federated(&td("example.org")).unwrap().is_empty());
 
         // An entry that now asks for attributes needs a new SVID.
         let mut with_attrs = entry;
         with_attrs.attributes = vec![Attribute::Region];
-        assert!(!cached.svids[0].fits(&with_attrs));
+        assert!(!cached.svids[0].svid.fits(&with_attrs));
     }
 
     /// An agent identity signed by `ca`.
@@ -1263,7 +1526,7 @@ mod tests {
     #[derive(Default, Clone)]
     struct State {
         revision: u64,
-        entries: HashMap<EntryId, Arc<Entry>>,
+        entries: EntryMap,
         svids: HashMap<EntryId, Arc<WorkloadSvid>>,
         /// What changed since the last save, as `Core` tracks it.
         touched: Touched,
@@ -1284,20 +1547,17 @@ mod tests {
             let info = sigil_svid::x509::cert_info(&leaf).unwrap();
             self.svids.insert(
                 e.id.clone(),
-                Arc::new(WorkloadSvid {
-                    entry_id: e.id.clone(),
+                Arc::new(WorkloadSvid::new(
                     spiffe_id,
-                    chain: DerChain::new(&[leaf]).unwrap(),
-                    key: CompactKey::from(&key),
-                    not_before: info.not_before,
-                    not_after: info.not_after,
-                    extras: None,
-                    ttl: 0,
-                }),
+                    SvidDer::new(&[leaf], &key).unwrap(),
+                    (info.not_before, info.not_after),
+                    None,
+                    0,
+                )),
             );
             self.touched.entry(&e.id);
             self.touched.svid(&e.id);
-            self.entries.insert(e.id.clone(), Arc::new(e));
+            self.entries.insert(Arc::new(e));
             self.revision = revision;
         }
 
@@ -1307,11 +1567,13 @@ mod tests {
             let old = self.svids[&id].clone();
             let (key, leaf) = signed(ca, &old.spiffe_id, SystemTime::now());
             let info = sigil_svid::x509::cert_info(&leaf).unwrap();
-            let mut new = (*old).clone();
-            new.chain = DerChain::new(&[leaf]).unwrap();
-            new.key = CompactKey::from(&key);
-            new.not_before = info.not_before;
-            new.not_after = info.not_after;
+            let new = WorkloadSvid::new(
+                old.spiffe_id.clone(),
+                SvidDer::new(&[leaf], &key).unwrap(),
+                (info.not_before, info.not_after),
+                old.extras.clone(),
+                old.ttl,
+            );
             self.svids.insert(id.clone(), Arc::new(new));
             self.touched.svid(&id);
             self.revision = revision;
@@ -1338,14 +1600,8 @@ mod tests {
             entries.sort_by(|a, b| a.id.cmp(&b.id));
             let mut svids: Vec<_> = self
                 .svids
-                .values()
-                .map(|s| {
-                    (
-                        s.entry_id.clone(),
-                        s.chain.leaf().to_vec(),
-                        s.key.pkcs8_der().to_vec(),
-                    )
-                })
+                .iter()
+                .map(|(id, s)| (id.clone(), s.chain().leaf().to_vec(), s.key_der().to_vec()))
                 .collect();
             svids.sort();
             (self.revision, entries, svids)
@@ -1362,8 +1618,8 @@ mod tests {
             .map(|s| {
                 (
                     s.entry_id.clone(),
-                    s.chain.leaf().to_vec(),
-                    s.key.pkcs8_der().to_vec(),
+                    s.svid.chain().leaf().to_vec(),
+                    s.svid.key_der().to_vec(),
                 )
             })
             .collect();

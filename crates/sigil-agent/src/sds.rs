@@ -288,8 +288,8 @@ fn pack_secret(secret: &tls_pb::Secret) -> Any {
 
 /// A `tls_certificate` Secret: the chain as PEM, the key as PEM PKCS#8.
 fn tls_certificate(name: &str, svid: &WorkloadSvid) -> Any {
-    let chain = sigil_svid::pem::certs_to_pem(&svid.chain.to_vecs()).into_bytes();
-    let key = svid.key.to_pem().as_bytes().to_vec();
+    let chain = sigil_svid::pem::certs_to_pem(&svid.chain().to_vecs()).into_bytes();
+    let key = svid.der.key_pem().as_bytes().to_vec();
     pack_secret(&tls_pb::Secret {
         name: name.to_owned(),
         r#type: Some(tls_pb::secret::Type::TlsCertificate(
@@ -879,10 +879,10 @@ mod tests {
         // `default` is the first SVID, with its own key.
         let (chain, key) = cert_of(by_name["default"]);
         let web_svid = &snap.svids[&web.id];
-        assert_eq!(chain, web_svid.chain.to_vecs());
-        assert_eq!(key.as_str(), web_svid.key.to_pem().as_str());
+        assert_eq!(chain, web_svid.chain().to_vecs());
+        assert_eq!(key.as_str(), web_svid.der.key_pem().as_str());
         let (chain, _) = cert_of(by_name["spiffe://example.org/api"]);
-        assert_eq!(chain, snap.svids[&api.id].chain.to_vecs());
+        assert_eq!(chain, snap.svids[&api.id].chain().to_vecs());
         assert_eq!(
             spiffe_domains(by_name["ROOTCA"]),
             [("example.org".to_owned(), pem(&own))]

@@ -109,11 +109,10 @@ impl SelectorIndex {
     }
 
     /// Takes out the entry filed under `key`, whose selectors are
-    /// `selectors` (those it was filed with).
-    pub(crate) fn remove(&mut self, key: &AgeKey, selectors: &Selectors) {
+    /// `selectors` (those it was filed with); true if it was filed.
+    pub(crate) fn remove(&mut self, key: &AgeKey, selectors: &Selectors) -> bool {
         if selectors.is_empty() {
-            self.unselected.remove(key);
-            return;
+            return self.unselected.remove(key).is_some();
         }
         for s in selectors {
             let Some(bucket) = self.by_selector.get_mut(s) else {
@@ -126,8 +125,23 @@ impl SelectorIndex {
                 }
                 Some(false) => {}
             }
-            return;
+            return true;
         }
+        false
+    }
+
+    /// Every entry filed, each once, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Entry>> + '_ {
+        self.by_selector
+            .values()
+            .flat_map(|b| {
+                let (one, many) = match b {
+                    Bucket::One(e) => (Some(e), None),
+                    Bucket::Many(m) => (None, Some(m.values())),
+                };
+                one.into_iter().chain(many.into_iter().flatten())
+            })
+            .chain(self.unselected.values())
     }
 
     /// The entries whose selectors are all among `caller`'s, in age order.
@@ -263,6 +277,11 @@ mod tests {
                 snapshots.push((entries.clone(), entries.matching_by_scan(&Selectors::new())));
             }
             prop_assert_eq!(entries.len(), held.len());
+            let mut all: Vec<String> = entries.iter().map(|e| e.id.to_string()).collect();
+            all.sort();
+            let mut expected: Vec<String> = held.values().map(|e| e.id.to_string()).collect();
+            expected.sort();
+            prop_assert_eq!(all, expected);
             for c in &callers {
                 let caller = Selectors::parse_all(c.iter().map(|s| format!("t:{s}"))).unwrap();
                 prop_assert_eq!(

@@ -203,8 +203,8 @@ fn x509_response(snap: &Snapshot, matched: &[Arc<Entry>]) -> Option<pb::X509svid
 fn svid_message(s: &WorkloadSvid, hint: &str, bundle: &[u8]) -> pb::X509svid {
     pb::X509svid {
         spiffe_id: s.spiffe_id.to_string(),
-        x509_svid: s.chain.der().to_vec(),
-        x509_svid_key: s.key.pkcs8_der().to_vec(),
+        x509_svid: s.chain().der().to_vec(),
+        x509_svid_key: s.key_der().to_vec(),
         bundle: bundle.to_vec(),
         hint: hint.to_owned(),
     }
@@ -697,16 +697,14 @@ pub(crate) mod tests {
                 now,
             )
             .unwrap();
-        Arc::new(WorkloadSvid {
-            entry_id: e.id.clone(),
-            spiffe_id: e.spiffe_id.clone(),
-            chain: crate::persist::DerChain::new(&[leaf]).unwrap(),
-            key: sigil_svid::keys::CompactKey::from(&key),
-            not_before: now,
-            not_after: now + HOUR,
-            extras: None,
-            ttl: 0,
-        })
+        let info = sigil_svid::x509::cert_info(&leaf).unwrap();
+        Arc::new(WorkloadSvid::new(
+            e.spiffe_id.clone(),
+            crate::persist::SvidDer::new(&[leaf], &key).unwrap(),
+            (info.not_before, info.not_after),
+            None,
+            0,
+        ))
     }
 
     /// A snapshot with an SVID for every entry.

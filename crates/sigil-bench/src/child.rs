@@ -383,11 +383,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let agent = sigil_agent::start(cfg).await?;
     let mut rx = agent.snapshots.clone();
     let status = |s: &sigil_agent::core::Snapshot| {
-        let bytes: usize = s
-            .svids
-            .values()
-            .map(|v| v.chain.der().len() + v.key.pkcs8_der().len())
-            .sum();
+        let bytes: usize = s.svids.values().map(|v| v.der.len()).sum();
         json!({
             "agent_id": agent.agent_id.to_string(),
             "connected": s.connected,

@@ -348,6 +348,14 @@ impl rcgen::SigningKey for RcgenKey<'_> {
     }
 }
 
+/// A private key's PKCS#8 DER as a `PRIVATE KEY` PEM block (secret),
+/// leaving no unzeroized copy behind: for a holder that keeps the DER of a
+/// key checked by [`PrivateKey`] in a block of its own (the agent keeps an
+/// SVID's chain and key in one).
+pub fn pkcs8_pem(der: &[u8]) -> Zeroizing<String> {
+    pem_encode_secret(PEM_LABEL, der)
+}
+
 /// PEM-encodes secret bytes without leaving unzeroized copies behind.
 fn pem_encode_secret(label: &str, der: &[u8]) -> Zeroizing<String> {
     use base64::Engine as _;

@@ -12,7 +12,7 @@
 
 use prost::Message as _;
 use sigil_svid::x509::{SvidRequest, X509Authority};
-use sigil_testkit::alloc::{Held, Meter, chunk, held};
+use sigil_testkit::alloc::{Held, Meter, held};
 use sigil_types::{Selectors, SpiffeId};
 
 use super::tests::incremental::core_in;
@@ -20,13 +20,14 @@ use super::*;
 
 /// Most heap bytes (malloc blocks) the agent may hold per cached SVID, as a
 /// multiple of the SVID's payload (DER chain + PKCS#8 key), before CI fails.
-/// It holds 2.70x (1,744 B per SVID of 647 B); it held 3.09x (2,001 B)
-/// before the second round of #15 item 5 and 3.57x (2,309 B) before the
-/// first (docs/benchmarks.md, "Agent memory per cached SVID"): 4% headroom
-/// (71 B per SVID), less than one more hash map keyed by entry (about
-/// 41 B each at this size) and a copy of the entry ID text (64 B), or a
-/// second block per SVID. A ratio of two counts of one run, not a time.
-const MAX_BYTES_PER_PAYLOAD_BYTE: f64 = 2.8;
+/// It holds 2.37x (1,531 B per SVID of 647 B); it held 2.70x (1,744 B)
+/// before the third round of #15 item 5, 3.09x (2,001 B) before the second
+/// and 3.57x (2,309 B) before the first (docs/benchmarks.md, "Agent memory
+/// per cached SVID"): 3% headroom (about 52 B per SVID), less than one more
+/// hash map keyed by entry with its ID (about 41 B) and a copy of the entry
+/// ID text (64 B), or a second block per SVID. A ratio of two counts of one
+/// run, not a time.
+const MAX_BYTES_PER_PAYLOAD_BYTE: f64 = 2.45;
 
 /// An entry as the load generator registers them for its agent-memory
 /// agent (sigil-bench, `sample_entry`): a UUID entry ID, one selector of its
@@ -47,18 +48,18 @@ fn bench_entry(i: usize, parent: &SpiffeId) -> Entry {
     e
 }
 
-/// Takes the values of `map` into a `Vec` and empties it, recording what
-/// that frees as `name`; also returns the `Vec`'s own bytes, which are not
-/// the agent's.
+/// Clones the values of a map into a `Vec`, then empties the map
+/// (`empty`), recording what that frees as `name`; also returns the
+/// `Vec`'s own bytes, which are not the agent's.
 fn take_values<V>(
     m: &mut Meter,
-    map: &mut HashMap<EntryId, Arc<V>>,
+    values: Vec<Arc<V>>,
+    empty: impl FnOnce(),
     name: &'static str,
 ) -> (Vec<Arc<V>>, Held) {
-    let values: Vec<Arc<V>> = map.values().cloned().collect();
     let vec_bytes = held() - m.at;
     m.at = held();
-    *map = HashMap::new();
+    empty();
     m.freed(name);
     (values, vec_bytes)
 }
@@ -140,7 +141,7 @@ fn measure(n: usize) -> Breakdown {
                 cert_chain: vec![leaf],
                 error: String::new(),
             });
-            keys.insert(id.clone(), (key, core.entries[&id].clone()));
+            keys.insert(id.clone(), (key, core.entries.get(&id).unwrap().clone()));
         }
         let wire = pb::BatchNewX509svidResponse { results }.encode_to_vec();
         let resp = pb::BatchNewX509svidResponse::decode(wire.as_slice()).unwrap();
@@ -168,7 +169,7 @@ fn measure(n: usize) -> Breakdown {
     let payload = core
         .svids
         .values()
-        .map(|s| s.chain.der().len() + s.key.pkcs8_der().len())
+        .map(|s| s.chain().der().len() + s.key_der().len())
         .sum();
 
     // Each structure dropped in turn: what it alone holds. What is shared
@@ -187,9 +188,9 @@ fn measure(n: usize) -> Breakdown {
     m.freed("published snapshot (beyond the core's served maps)");
     core.cache = CacheWriter::new();
     m.freed("cache writer");
-    core.renew_at = Timeline::default();
+    core.svids.forget_order();
     core.expires = Deadlines::default();
-    m.freed("renewal timeline (BTreeSet + HashMap), expiry deadlines (BTreeSet)");
+    m.freed("renewal order and expiry deadlines (a BTreeSet each)");
     core.by_asked = BTreeSet::new();
     core.asked_at = HashMap::new();
     core.unsigned = BTreeSet::new();
@@ -199,32 +200,29 @@ fn measure(n: usize) -> Breakdown {
     core.served_svids = Svids::default();
     m.freed("served SVIDs (imbl::HashMap)");
     core.served_entries = Entries::default();
-    m.freed("served entries (imbl::OrdMap by age, selector index)");
-    let (mut svids, vec_bytes) =
-        take_values(&mut m, &mut core.svids, "core's SVIDs by entry (HashMap)");
+    m.freed("served entries (selector index, imbl)");
+    let (mut svids, vec_bytes) = take_values(
+        &mut m,
+        core.svids.values().cloned().collect(),
+        || core.svids = Timeline::default(),
+        "core's SVIDs by entry, with their renewal times (HashMap)",
+    );
     for s in &mut svids {
-        Arc::get_mut(s).unwrap().chain = DerChain::empty();
+        Arc::get_mut(s).unwrap().der = SvidDer::empty();
     }
-    m.freed("SVID chains (DER)");
-    // A key is one block of its PKCS#8 bytes.
-    let keys = svids.iter().fold(Held::default(), |h, s| {
-        let len = s.key.pkcs8_der().len();
-        h + Held {
-            requested: len as i64,
-            chunks: chunk(len),
-        }
-    });
+    m.freed("SVID chains and keys (one DER block each)");
     drop_values(
         &mut m,
         svids,
         vec_bytes,
-        "SVID structs (Arc<WorkloadSvid>, keys, DNS names, attributes)",
+        "SVID structs (Arc<WorkloadSvid>, DNS names, attributes)",
     );
-    let last = m.parts.len() - 1;
-    m.parts[last].1 = m.parts[last].1 - keys;
-    m.parts.push(("SVID keys (PKCS#8 DER)", keys));
-    let (mut entries, vec_bytes) =
-        take_values(&mut m, &mut core.entries, "core's entries by ID (HashMap)");
+    let (mut entries, vec_bytes) = take_values(
+        &mut m,
+        core.entries.values().cloned().collect(),
+        || core.entries = EntryMap::default(),
+        "core's entries by ID (HashMap)",
+    );
     for e in &mut entries {
         Arc::get_mut(e).unwrap().selectors = Selectors::new();
     }

@@ -259,7 +259,7 @@ async fn svids_keep_being_renewed_while_the_database_is_down() {
             .borrow()
             .svids
             .get(&entry.id)
-            .map(|s| s.chain.leaf().to_vec())
+            .map(|s| s.chain().leaf().to_vec())
     };
     let server_before = server.state().server_cert().leaf();
     let mut workload_seen = vec![workload_leaf(&agent).unwrap()];
