@@ -568,3 +568,55 @@ pub(crate) fn tls_configs(ca: &X509Authority) -> anyhow::Result<[TlsPair; 2]> {
         (finish_client(spiffe_client), finish_server(spiffe_server)),
     ])
 }
+
+/// One sign and one verify back to back, as the floor counts them, on
+/// `threads` threads at once for `window`: the ops per second of all the
+/// threads together (wall clock) and each op's thread CPU time in µs
+/// (`RUSAGE_THREAD`, summed over the threads). With every core busy, as
+/// the server's signing keeps them, a core may do less than alone (a
+/// shared physical core, a lower clock); the one-thread floor cannot show
+/// that, this does.
+pub(crate) fn sign_verify_on_threads(
+    threads: usize,
+    window: Duration,
+) -> anyhow::Result<(f64, f64)> {
+    let one = || -> anyhow::Result<(u64, f64)> {
+        let rng = SystemRandom::new();
+        let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+            .map_err(|_| anyhow::anyhow!("keygen"))?;
+        let cpu0 = thread_cpu()?;
+        let t0 = Instant::now();
+        let mut n = 0u64;
+        while t0.elapsed() < window {
+            let sig = pair.sign(&rng, MSG).map_err(|_| anyhow::anyhow!("sign"))?;
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, pair.public_key().as_ref())
+                .verify(black_box(MSG), sig.as_ref())
+                .map_err(|_| anyhow::anyhow!("verify"))?;
+            n += 1;
+        }
+        Ok((n, thread_cpu()? - cpu0))
+    };
+    let t0 = Instant::now();
+    let done = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(one)).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("a floor thread panicked"))?
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    let wall = t0.elapsed().as_secs_f64();
+    let ops: u64 = done.iter().map(|(n, _)| n).sum();
+    let cpu: f64 = done.iter().map(|(_, c)| c).sum();
+    Ok((ops as f64 / wall, cpu / ops.max(1) as f64 * 1e6))
+}
+
+/// This thread's user + system CPU time, in seconds.
+fn thread_cpu() -> anyhow::Result<f64> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_THREAD)?;
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    Ok(secs(u.user_time()) + secs(u.system_time()))
+}

@@ -464,23 +464,60 @@ pub(crate) async fn latency_phase(
                 csr: sigil_svid::x509::make_csr(&key)?,
             });
         }
-        let params = Arc::new(params);
-        // Let the server settle after the entry writes.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Every request of the window built before it: the clock measures
+        // the server signing them, the transport and the responses read,
+        // not this process copying the batch.
+        let senders: Vec<Vec<pb::BatchNewX509svidRequest>> = (0..s.sign_concurrency)
+            .map(|_| {
+                (0..s.sign_rounds)
+                    .map(|_| pb::BatchNewX509svidRequest {
+                        params: params.clone(),
+                    })
+                    .collect()
+            })
+            .collect();
+        // The floor again, just before the run: on one thread, then on as
+        // many threads as there are cores, as the server signs (and the
+        // pause lets the server settle after the entry writes).
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let (_, one_cpu) = tokio::task::spawn_blocking(|| {
+            crate::inproc::sign_verify_on_threads(1, Duration::from_millis(400))
+        })
+        .await??;
+        let (all_rate, all_cpu) = tokio::task::spawn_blocking(move || {
+            crate::inproc::sign_verify_on_threads(cores, Duration::from_millis(400))
+        })
+        .await??;
+        report.baseline(
+            "baseline.p256_sign_plus_verify_cpu_one_thread",
+            one_cpu,
+            "µs",
+            "thread CPU time of one sign + verify on one thread, measured just before the signing run (the mean of a 0.4 s window, not the best)",
+        );
+        report.baseline(
+            "baseline.p256_sign_plus_verify_cpu_all_cores",
+            all_cpu,
+            "µs",
+            &format!("the same with {cores} threads at once, one per core, as the server signs"),
+        );
+        report.baseline(
+            "baseline.p256_sign_plus_verify_all_cores",
+            all_rate,
+            "/s",
+            &format!("sign + verify per second of those {cores} threads together (wall clock): what the cores give with no server, no TLS, no gRPC"),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let cpu0 = server.cpu_seconds()?;
+        let (self0, machine0) = (crate::child::self_cpu(), machine_cpu()?);
         let t0 = Instant::now();
         let mut set = JoinSet::new();
-        for _ in 0..s.sign_concurrency {
+        for requests in senders {
             let mut c = client.clone();
-            let params = params.clone();
-            let rounds = s.sign_rounds;
             set.spawn(async move {
                 let mut n = 0usize;
-                for _ in 0..rounds {
+                for request in requests {
                     let resp = c
-                        .batch_new_x509svid(pb::BatchNewX509svidRequest {
-                            params: params.as_ref().clone(),
-                        })
+                        .batch_new_x509svid(request)
                         .await
                         .map_err(|s| anyhow::anyhow!("BatchNewX509SVID: {}", s.message()))?
                         .into_inner();
@@ -498,8 +535,10 @@ pub(crate) async fn latency_phase(
         }
         let wall = t0.elapsed().as_secs_f64();
         let cpu = server.cpu_seconds()? - cpu0;
+        let client_cpu = crate::child::self_cpu() - self0;
+        let machine = machine_cpu()?.since(machine0);
         let note = format!(
-            "{total} CSRs in batches of {} on {} concurrent requests over one mTLS connection; key generation excluded",
+            "{total} CSRs in batches of {} on {} concurrent requests over one mTLS connection; keys, CSRs and requests made before the clock starts",
             s.sign_batch, s.sign_concurrency
         );
         report.figure(
@@ -518,12 +557,94 @@ pub(crate) async fn latency_phase(
             None,
             "the same run, divided by the server process's CPU time (all cores)",
         );
+        report.figure(
+            "api.signing_server_cpu_per_csr",
+            per_csr_us(cpu, total),
+            "µs",
+            "baseline.p256_sign_plus_verify_cpu_all_cores",
+            None,
+            "the server's CPU time per CSR in the same run, against the sign + verify done with every core busy",
+        );
+        // Where the two cores went while signing: the server, this process
+        // (sending the requests, reading the answers), other processes, idle.
+        report.baseline(
+            "api.signing_server_cores",
+            cpu / wall,
+            "cores",
+            "the server's CPU time during the signing run divided by its wall time",
+        );
+        report.baseline(
+            "api.signing_client_cpu_per_csr",
+            per_csr_us(client_cpu, total),
+            "µs",
+            "this process's CPU time during the signing run (the load generator's side: encoding, TLS, decoding the answers), per CSR",
+        );
+        report.baseline(
+            "api.signing_machine_idle_cores",
+            machine.idle / wall,
+            "cores",
+            "CPU time the machine left idle during the signing run (/proc/stat), divided by its wall time",
+        );
+        report.baseline(
+            "api.signing_other_cores",
+            (machine.busy - cpu - client_cpu).max(0.0) / wall,
+            "cores",
+            "CPU time of every other process during the signing run (the machine's busy time less the server's and this process's), divided by its wall time",
+        );
     }
 
     agent.stop().await;
     plain.stop().await;
     server.stop().await;
     Ok(())
+}
+
+/// `cpu` seconds over `n` CSRs, in µs each.
+fn per_csr_us(cpu: f64, n: usize) -> f64 {
+    cpu / n.max(1) as f64 * 1e6
+}
+
+/// The machine's CPU time so far (`/proc/stat`, all CPUs), in seconds.
+#[derive(Debug, Clone, Copy)]
+struct MachineCpu {
+    /// user, nice, system, irq, softirq and steal.
+    busy: f64,
+    /// idle and iowait.
+    idle: f64,
+}
+
+impl MachineCpu {
+    /// The time spent between `earlier` and this reading.
+    fn since(self, earlier: Self) -> Self {
+        Self {
+            busy: self.busy - earlier.busy,
+            idle: self.idle - earlier.idle,
+        }
+    }
+}
+
+/// Reads [`MachineCpu`] from the first line of `/proc/stat`.
+fn machine_cpu() -> anyhow::Result<MachineCpu> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let field = |i: usize| fields.get(i).copied().unwrap_or(0.0) / hz;
+    // user nice system idle iowait irq softirq steal (guest time is
+    // already counted in user).
+    Ok(MachineCpu {
+        busy: field(0) + field(1) + field(2) + field(5) + field(6) + field(7),
+        idle: field(3) + field(4),
+    })
 }
 
 /// One burst-and-loaded round against one server process.

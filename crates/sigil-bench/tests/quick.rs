@@ -96,6 +96,10 @@ fn quick_run_reports_every_figure() {
         "agent.rss_streams",
         "api.signing_throughput",
         "api.signing_per_server_cpu_second",
+        "baseline.p256_sign_plus_verify_cpu_one_thread",
+        "baseline.p256_sign_plus_verify_cpu_all_cores",
+        "baseline.p256_sign_plus_verify_all_cores",
+        "api.signing_client_cpu_per_csr",
         "baseline.entry_write_cpu_no_streams",
         "sync.first_sync_50_entries_p50",
         "server.rss",
@@ -114,6 +118,17 @@ fn quick_run_reports_every_figure() {
     // Memory per SVID is a difference of two RSS readings; it is finite but
     // may be anything at this size.
     assert!(value("agent.rss_per_cached_svid").is_finite());
+    // Where the cores went while signing, from clock ticks: at this size
+    // any of them may round to nothing.
+    for name in [
+        "api.signing_server_cpu_per_csr",
+        "api.signing_server_cores",
+        "api.signing_machine_idle_cores",
+        "api.signing_other_cores",
+    ] {
+        let v = value(name);
+        assert!(v.is_finite() && v >= 0.0, "{name} = {v}");
+    }
 
     for prefix in ["latency.entry_to_svid", "sync.first_sync_50_entries"] {
         let (p50, p99, max) = (

@@ -541,6 +541,7 @@ mod tests {
         forged[last] ^= 1;
         params[38].1 = forged;
         let expected: Vec<String> = params.iter().map(|(id, _)| id.clone()).collect();
+        let counted_before = state.metrics.x509_svids_signed.get();
 
         let signed = state
             .sign_x509_svids_spread(agent.clone(), params)
@@ -576,6 +577,8 @@ mod tests {
                 }
             }
         }
+        // The metric counts the leaves signed, not the CSRs refused.
+        assert_eq!(state.metrics.x509_svids_signed.get(), counted_before + 36);
         // Every slot is back.
         assert_eq!(
             state.signing_slots.slots.available_permits(),
