@@ -154,6 +154,40 @@ async fn joined<T>(call: tokio::task::JoinHandle<anyhow::Result<T>>) -> anyhow::
     call.await.context("a batch call's task")?
 }
 
+/// Sends each of `batches` with `call` (a batch write call on a client of
+/// its own), `in_flight` at a time; the entries of all the answers, each
+/// batch's every item written.
+async fn write_batches<I, F, Fut>(
+    in_flight: usize,
+    admin: &Admin,
+    what: &'static str,
+    batches: Vec<Vec<I>>,
+    call: F,
+) -> anyhow::Result<Vec<pb::Entry>>
+where
+    F: Fn(Admin, Vec<I>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<pb::BatchEntryResponse>, tonic::Status>>
+        + Send
+        + 'static,
+{
+    let answers = pipelined(
+        in_flight,
+        batches.into_iter().map(|items| {
+            let n = items.len();
+            let sent = call(admin.clone(), items);
+            async move {
+                let resp = sent
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{what} a batch: {}", s.message()))?
+                    .into_inner();
+                entries_of(what, resp, n)
+            }
+        }),
+    )
+    .await?;
+    Ok(answers.into_iter().flatten().collect())
+}
+
 /// Registers `s.load_entries` entries in batches of `s.batch`, `s.in_flight`
 /// calls at a time, for an agent that never connects (the bulk load a
 /// registration pipeline does), then changes each of them (a new hint) in
@@ -198,45 +232,36 @@ async fn load_phase(
         .collect();
     let cpu0 = server.cpu_seconds()?;
     let t0 = Instant::now();
-    pipelined(
+    let updated = write_batches(
         s.in_flight,
-        updates.into_iter().map(|entries| {
-            let mut admin = admin.clone();
-            async move {
-                let n = entries.len();
-                let resp = admin
-                    .api()
-                    .batch_update_entry(pb::BatchUpdateEntryRequest { entries })
-                    .await
-                    .map_err(|s| anyhow::anyhow!("BatchUpdateEntry: {}", s.message()))?
-                    .into_inner();
-                for e in entries_of("updating", resp, n)? {
-                    ensure!(e.hint == "updated", "an update that did not take");
-                }
-                Ok(())
-            }
-        }),
+        admin,
+        "updating",
+        updates,
+        |mut a, entries| async move {
+            a.api()
+                .batch_update_entry(pb::BatchUpdateEntryRequest { entries })
+                .await
+        },
     )
     .await?;
     let update = (t0.elapsed().as_secs_f64(), server.cpu_seconds()? - cpu0);
+    ensure!(
+        updated.iter().all(|e| e.hint == "updated"),
+        "an update that did not take"
+    );
 
     let cpu0 = server.cpu_seconds()?;
     let t0 = Instant::now();
-    pipelined(
+    write_batches(
         s.in_flight,
-        ids.into_iter().map(|ids| {
-            let mut admin = admin.clone();
-            async move {
-                let n = ids.len();
-                let resp = admin
-                    .api()
-                    .batch_delete_entry(pb::BatchDeleteEntryRequest { ids })
-                    .await
-                    .map_err(|s| anyhow::anyhow!("BatchDeleteEntry: {}", s.message()))?
-                    .into_inner();
-                entries_of("deleting", resp, n).map(drop)
-            }
-        }),
+        admin,
+        "deleting",
+        ids,
+        |mut a, ids| async move {
+            a.api()
+                .batch_delete_entry(pb::BatchDeleteEntryRequest { ids })
+                .await
+        },
     )
     .await?;
     let delete = (t0.elapsed().as_secs_f64(), server.cpu_seconds()? - cpu0);
