@@ -826,8 +826,17 @@ mod tests {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
+        // The child (a test binary) has threads besides its leader: the
+        // leader shows as a zombie while they may still be exiting, and
+        // the process has exited (its pidfd readable) once they are gone,
+        // its `task` directory holding the leader alone.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !read_stat(peer.pid).unwrap().is_dead() {
+        let threads = || {
+            std::fs::read_dir(format!("/proc/{}/task", peer.pid))
+                .unwrap()
+                .count()
+        };
+        while !read_stat(peer.pid).unwrap().is_dead() || threads() > 1 {
             assert!(std::time::Instant::now() < deadline, "child did not die");
             std::thread::sleep(Duration::from_millis(10));
         }
