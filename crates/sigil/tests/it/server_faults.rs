@@ -762,7 +762,10 @@ async fn svid_lifetimes_are_clamped_to_the_signing_authority() {
 /// The wrapper that runs an agent with its clock moved by `offset`
 /// (libfaketime: `+5m`, `-5s`), or `None` (after saying why) without
 /// `faketime`. Only the wall clock moves: the monotonic clock, which the
-/// agent's timers run on, is left alone.
+/// agent's timers run on, is left alone. The library is preloaded through
+/// `env`, which execs the agent in its own place: the `faketime` command
+/// forks it instead and waits, so killing the test's child (the wrapper)
+/// left the agent running after the test.
 fn skewed(test: &str, offset: &str) -> Option<Vec<String>> {
     let has = std::process::Command::new("faketime")
         .arg("--version")
@@ -777,16 +780,13 @@ fn skewed(test: &str, offset: &str) -> Option<Vec<String>> {
     }
     Some(
         [
-            "env",
-            "FAKETIME_DONT_FAKE_MONOTONIC=1",
-            "faketime",
-            "-m",
-            "-f",
-            offset,
+            "env".to_owned(),
+            "FAKETIME_DONT_FAKE_MONOTONIC=1".to_owned(),
+            format!("FAKETIME={offset}"),
+            // `$LIB` is the loader's own (lib/x86_64-linux-gnu and the like).
+            "LD_PRELOAD=/usr/$LIB/faketime/libfaketimeMT.so.1".to_owned(),
         ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect(),
+        .into(),
     )
 }
 
