@@ -306,6 +306,11 @@ fn bind_public_socket(path: &Path) -> Result<UnixListener, AgentError> {
     Ok(listener)
 }
 
+/// How long connections of the agent's socket get to finish once the agent
+/// stops (calls in flight complete; streams end at once): after it, those
+/// still open are closed.
+pub const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The first wait between attestation attempts of [`start_when_attested`].
 pub const ATTEST_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
 /// The longest wait between attestation attempts: a server that comes back
@@ -478,6 +483,10 @@ async fn start_once(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         // credentials were taken and its slots counted, so that clients of
         // every gRPC stack (C-core, Java) reach the services. The idle
         // watch sits below the shim, on the bytes as the client sent them.
+        // On stop, connections get SHUTDOWN_DRAIN to finish; then `hard_stop`
+        // ends those still open, so that a client that never sent a byte, or
+        // stopped reading, cannot hold the agent's shutdown.
+        let hard_stop = CancellationToken::new();
         let incoming = sigil_uds::incoming(idle::incoming(
             crate::limits::incoming(
                 peer::incoming(listener),
@@ -485,14 +494,29 @@ async fn start_once(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
                 limits.max_connections_per_uid,
             ),
             limits.idle_timeout,
+            hard_stop.clone(),
         ));
-        let result = tonic::transport::Server::builder()
+        let serve = tonic::transport::Server::builder()
             .max_concurrent_streams(limits.max_streams_per_connection)
             .timeout(limits.request_timeout)
             .add_service(svc)
             .add_service(sds_svc)
-            .serve_with_incoming_shutdown(incoming, c.cancelled_owned())
-            .await;
+            .serve_with_incoming_shutdown(incoming, c.clone().cancelled_owned());
+        let mut serve = std::pin::pin!(serve);
+        let result = tokio::select! {
+            result = &mut serve => result,
+            () = async {
+                c.cancelled().await;
+                tokio::time::sleep(SHUTDOWN_DRAIN).await;
+            } => {
+                tracing::info!(
+                    drain = ?SHUTDOWN_DRAIN,
+                    "closing Workload API connections still open after the drain time"
+                );
+                hard_stop.cancel();
+                serve.await
+            }
+        };
         if let Err(e) = result {
             tracing::error!(error = %e, "Workload API stopped");
         }

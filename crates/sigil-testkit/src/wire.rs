@@ -80,3 +80,18 @@ pub async fn closed_by_peer<C: AsyncRead + Unpin>(conn: &mut C, within: Duration
         Ok(Ok(0) | Err(_))
     )
 }
+
+/// Whether the other end closed `conn` (end of stream or reset) within
+/// `within`, whatever it sent before: bytes received are read and dropped.
+pub async fn closed_after_reading<C: AsyncRead + Unpin>(conn: &mut C, within: Duration) -> bool {
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, drain).await.is_ok()
+}

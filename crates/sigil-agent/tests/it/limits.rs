@@ -64,17 +64,32 @@ pub(crate) fn req<T>(msg: T) -> Request<T> {
     r
 }
 
-/// Opens FetchX509SVID on `client` and returns the first response's SVID count.
+/// Opens FetchX509SVID on `client` and returns the first response's SVID
+/// count; no answer within [`PROMPT`] is `DeadlineExceeded`.
 async fn fetch_x509(client: &mut SpiffeWorkloadApiClient<Channel>) -> Result<usize, tonic::Status> {
-    let mut stream = client
-        .fetch_x509svid(req(pb::X509svidRequest {}))
-        .await?
-        .into_inner();
-    let first = tokio::time::timeout(PROMPT, stream.message())
+    let call = async {
+        let mut stream = client
+            .fetch_x509svid(req(pb::X509svidRequest {}))
+            .await?
+            .into_inner();
+        let first = stream.message().await?.expect("a response");
+        Ok(first.svids.len())
+    };
+    tokio::time::timeout(PROMPT, call)
         .await
-        .expect("first response in time")?
-        .expect("a response");
-    Ok(first.svids.len())
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in time")))
+}
+
+/// A new client on `path` and its first X509-SVID response's SVID count;
+/// any failure, or no answer within [`PROMPT`], is an error.
+async fn connect_and_fetch(path: &std::path::Path) -> Result<usize, String> {
+    let ch = tokio::time::timeout(PROMPT, channel(path.to_owned()))
+        .await
+        .map_err(|_| "no connection in time".to_owned())?
+        .map_err(|e| e.to_string())?;
+    fetch_x509(&mut SpiffeWorkloadApiClient::new(ch))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn validate(svid: &str) -> Request<pb::ValidateJwtsvidRequest> {
@@ -198,33 +213,30 @@ async fn a_connection_flood_is_capped_and_open_connections_keep_working() {
         );
     }
     // A new client over the cap is refused; the open one is still served.
-    let refused = match channel(path.clone()).await {
-        Err(_) => true,
-        Ok(ch) => fetch_x509(&mut SpiffeWorkloadApiClient::new(ch))
-            .await
-            .is_err(),
-    };
-    assert!(refused, "a connection over the cap was served");
+    let over = connect_and_fetch(&path).await;
+    assert!(
+        over.is_err(),
+        "a connection over the cap was served: {over:?}"
+    );
     assert_eq!(fetch_x509(&mut client).await.unwrap(), 1);
 
     // Once the flood is gone, new clients are served again.
     drop(held);
     let deadline = tokio::time::Instant::now() + PROMPT;
     loop {
-        if let Ok(ch) = channel(path.clone()).await
-            && fetch_x509(&mut SpiffeWorkloadApiClient::new(ch))
-                .await
-                .is_ok()
-        {
+        let attempt = connect_and_fetch(&path).await;
+        if attempt.is_ok() {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "slots never freed after the flood closed"
+            "slots never freed after the flood closed: {attempt:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    cluster.shutdown().await;
+    tokio::time::timeout(PROMPT, cluster.shutdown())
+        .await
+        .expect("the agent stopped in time");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,4 +430,42 @@ async fn connections_of_exited_callers_count_against_their_uid() {
     drop(holder.stdin.take());
     holder.wait().unwrap();
     cluster.shutdown().await;
+}
+
+/// A client that connected and never sent a byte, one that sent half its
+/// preface, and one with an open stream that stopped reading, all still
+/// connected: the agent stops anyway, within its drain time, and each of
+/// them sees its connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_up_by_clients_that_keep_their_connections() {
+    use tokio::io::AsyncWriteExt;
+    let cluster = cluster(AgentLimits::default()).await;
+    let path = cluster.agent_config.socket_path.clone();
+    let mut silent = UnixStream::connect(&path).await.unwrap();
+    let mut half = UnixStream::connect(&path).await.unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut client = SpiffeWorkloadApiClient::new(channel(path.clone()).await.unwrap());
+    let stream = tokio::time::timeout(PROMPT, client.fetch_x509svid(req(pb::X509svidRequest {})))
+        .await
+        .expect("answered in time")
+        .unwrap()
+        .into_inner();
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(PROMPT, cluster.shutdown())
+        .await
+        .expect("the agent stopped with connections still open");
+    assert!(
+        started.elapsed() < sigil_agent::SHUTDOWN_DRAIN + Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        wire::closed_after_reading(&mut silent, PROMPT).await,
+        "silent client still connected"
+    );
+    assert!(
+        wire::closed_after_reading(&mut half, PROMPT).await,
+        "half-preface client still connected"
+    );
+    drop(stream);
 }
