@@ -13,6 +13,8 @@
 //! | [`convert`] | conversions between [`server::v1`] messages and [`sigil_types`] |
 //! | `proto/envoy/**`, `proto/google/rpc/status.proto` | the subset of Envoy's xDS API that the agent's Secret Discovery Service needs, one file per protobuf package |
 //! | `src/gen/envoy.*.rs`, `src/gen/google.rpc.rs` | their generated code, exposed as [`envoy`] and [`google::rpc`] (nested like the packages, because the generated code refers to other packages by relative paths) |
+//! | `proto/csi/v1/csi.proto` | package `csi.v1`: the subset of the Container Storage Interface that the CSI node plugin (`sigil csi`) serves |
+//! | `src/gen/csi.v1.rs` | its generated code, exposed as [`csi::v1`] |
 //!
 //! Each generated module holds the prost messages, a `<service>_server`
 //! module with the service trait and its tonic server wrapper, and a
@@ -29,7 +31,11 @@
 //!   [`server::v1::admin_api_client::AdminApiClient`];
 //! - [`envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService`],
 //!   [`envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer`],
-//!   [`envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient`].
+//!   [`envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient`];
+//! - [`csi::v1::identity_server::Identity`], [`csi::v1::identity_server::IdentityServer`],
+//!   [`csi::v1::identity_client::IdentityClient`], and
+//!   [`csi::v1::node_server::Node`], [`csi::v1::node_server::NodeServer`],
+//!   [`csi::v1::node_client::NodeClient`].
 //!
 //! The Envoy protos are written from the wire facts of Envoy's API (package,
 //! message and field names and numbers), not copied; messages hold only the
@@ -165,6 +171,21 @@ pub mod google {
     #[allow(missing_docs, unreachable_pub, clippy::all)]
     pub mod rpc {
         include!("gen/google.rpc.rs");
+    }
+}
+
+/// The Container Storage Interface (`proto/csi/`).
+pub mod csi {
+    /// Package `csi.v1`: the `Identity` service
+    /// ([`identity_server`](v1::identity_server),
+    /// [`identity_client`](v1::identity_client)) and the `Node` RPCs of an
+    /// ephemeral-volume node plugin ([`node_server`](v1::node_server),
+    /// [`node_client`](v1::node_client)). Names and numbers are the CSI
+    /// specification's; the messages hold only the fields sigil uses.
+    #[rustfmt::skip]
+    #[allow(missing_docs, unreachable_pub, clippy::all)]
+    pub mod v1 {
+        include!("gen/csi.v1.rs");
     }
 }
 

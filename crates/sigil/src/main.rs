@@ -5,6 +5,7 @@
 mod admin;
 mod authority;
 mod bundle;
+mod csi;
 mod dev;
 mod federation;
 mod health;
@@ -105,6 +106,8 @@ enum Command {
         #[command(subcommand)]
         command: proxy::PolicyCommand,
     },
+    /// Serve the CSI node plugin that mounts the Workload API socket into pods (Kubernetes).
+    Csi(csi::CsiArgs),
     /// Kubernetes tools: explain what a pod's process is attested as, run the entry and federation controller.
     #[cfg(feature = "k8s")]
     K8s {
@@ -197,6 +200,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Healthcheck(args) => admin::healthcheck(args).await,
         Command::Proxy { command } => proxy::proxy(command).await,
         Command::Policy { command } => proxy::policy(command),
+        Command::Csi(args) => csi::run(args).await,
         #[cfg(feature = "k8s")]
         Command::K8s { command } => k8s::run(command).await,
     }

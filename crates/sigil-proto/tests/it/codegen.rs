@@ -18,6 +18,8 @@ const PROTOS: &[&str] = &[
     "envoy/service/discovery/v3/discovery.proto",
     "envoy/extensions/transport_sockets/tls/v3/secret.proto",
     "envoy/service/secret/v3/sds.proto",
+    // The CSI node plugin (`sigil csi`).
+    "csi/v1/csi.proto",
 ];
 
 fn crate_dir() -> PathBuf {
