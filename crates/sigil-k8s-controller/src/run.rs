@@ -26,6 +26,7 @@ use super::ControllerError;
 use super::admin::{AdminClient, ApplyReport};
 use super::crd::{ClusterFederatedTrustDomain, ClusterSPIFFEID, ClusterStaticEntry};
 use super::federation;
+use super::publish::{self, PublishConfig};
 use super::reconcile::{self, DEFAULT_IGNORED_NAMESPACES, Settings, Snapshot};
 
 /// How the controller runs.
@@ -50,11 +51,15 @@ pub struct ControllerConfig {
     /// `ClusterFederatedTrustDomain` resources (and deletes relationships no
     /// resource declares, except those from the server's config file).
     pub manage_federation: bool,
+    /// Whether and how the trust bundle is published to Kubernetes
+    /// (`ClusterTrustBundle`s and ConfigMaps, see [`crate::publish`]).
+    pub publish: Option<PublishConfig>,
 }
 
 impl ControllerConfig {
     /// The defaults: `cluster.local`, [`DEFAULT_IGNORED_NAMESPACES`], 500 ms
-    /// debounce, 30 s resync, 5 s retry, federation managed.
+    /// debounce, 30 s resync, 5 s retry, federation managed, the bundle
+    /// published with [`PublishConfig::default`].
     pub fn new(admin_socket: PathBuf, cluster_name: &str) -> Self {
         Self {
             admin_socket,
@@ -68,6 +73,7 @@ impl ControllerConfig {
             resync: Duration::from_secs(30),
             retry: Duration::from_secs(5),
             manage_federation: true,
+            publish: Some(PublishConfig::default()),
         }
     }
 }
@@ -195,6 +201,9 @@ async fn run_until_cancelled(
     shutdown: CancellationToken,
 ) -> Result<(), ControllerError> {
     reconcile::check_cluster_name(&config.cluster_name)?;
+    if let Some(p) = &config.publish {
+        p.validate()?;
+    }
     let mut admin = AdminClient::connect(&config.admin_socket).await?;
     let trust_domain = admin.trust_domain().await?;
     let mut settings = Settings::new(trust_domain, &config.cluster_name)?;
@@ -218,6 +227,14 @@ async fn run_until_cancelled(
         trim_meta,
     );
     let (nodes, s5) = reflect(Api::<Node>::all(client.clone()), "Node", trim_node);
+    let _publisher = config.publish.clone().map(|p| {
+        AbortOnDrop(tokio::spawn(publish::run_publisher(
+            client.clone(),
+            config.admin_socket.clone(),
+            p,
+            shutdown.child_token(),
+        )))
+    });
     let mut streams = vec![s1, s2, s3, s4, s5];
     let federated = if config.manage_federation {
         let (store, s6) = reflect(

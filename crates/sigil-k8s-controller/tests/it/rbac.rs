@@ -79,6 +79,19 @@ const CONTROLLER_API_CALLS: &[Grant] = &[
         "clusterfederatedtrustdomains/status",
         "patch",
     ),
+    // `publish.rs`: the trust bundle publisher. Its own namespace watcher
+    // (list, watch on namespaces, above); the objects it owns, found by
+    // label (`list`, cluster-wide), created, replaced with their resource
+    // version (`update`) and deleted with a precondition; never `get`,
+    // `watch` or `patch`.
+    ("", "configmaps", "list"),
+    ("", "configmaps", "create"),
+    ("", "configmaps", "update"),
+    ("", "configmaps", "delete"),
+    ("certificates.k8s.io", "clustertrustbundles", "list"),
+    ("certificates.k8s.io", "clustertrustbundles", "create"),
+    ("certificates.k8s.io", "clustertrustbundles", "update"),
+    ("certificates.k8s.io", "clustertrustbundles", "delete"),
 ];
 
 /// The entry controller's sources: everything under its crate's `src/`.
@@ -182,6 +195,8 @@ fn resource_of(ty: &str) -> (&'static str, &'static str) {
         "ConfigMap" => ("", "configmaps"),
         "Secret" => ("", "secrets"),
         "CertificateSigningRequest" => ("certificates.k8s.io", "certificatesigningrequests"),
+        "ClusterTrustBundle" => ("certificates.k8s.io", "clustertrustbundles"),
+        "Lease" => ("coordination.k8s.io", "leases"),
         other => panic!(
             "the code uses Api<{other}>: add its group and resource to resource_of, the call to \
              the component's list here, and the grant to its ClusterRole in deploy/"
@@ -400,7 +415,7 @@ fn the_scanner_sees_new_calls_and_refuses_what_it_cannot_follow() {
         "fn f(api: Api<Pod>) { api.list(&lp); }",
         "fn f(c: Client) { reflect(Api::<Pod>::all(c)); }",
         "fn f(c: Client) { let x: Api<Pod> = Api::all(c.clone()); let y = Api::all(c); }",
-        "fn f(c: Client) { let x: Api<Lease> = Api::all(c); }",
+        "fn f(c: Client) { let x: Api<CronJob> = Api::all(c); }",
         "fn f(c: Client) { c.request::<Pod>(req); }",
     ] {
         let code = code_of(unfollowable);
@@ -1513,7 +1528,7 @@ fn the_controller_scanner_follows_values_and_refuses_what_it_cannot() {
         "fn f(c: Client) { unknown(Api::<Pod>::all(c)); }",
         "fn f(c: Client) { g(Api::all(c)); } fn g<K>(a: Api<K>) { a.list(&lp); }",
         "fn f(c: Client) { let x = Api::all(c); x.list(&lp); }",
-        "fn f(c: Client) { let x: Api<Lease> = Api::all(c); x.list(&lp); }",
+        "fn f(c: Client) { let x: Api<CronJob> = Api::all(c); x.list(&lp); }",
         "fn f(c: Client) { let x = Api::<Pod>::all_with(c, &ar); }",
         // Structs it cannot see through.
         "struct S { a: Api<Pod> } impl S { fn g(&self) { self.a.delete(\"p\"); } } \
@@ -2194,6 +2209,42 @@ fn plain_manifests_wire_the_controller_to_the_server() {
     assert!(
         flag_values(&args, "--ignore-namespace").contains(&namespace),
         "the controller ignores the namespace {namespace}"
+    );
+
+    // The agents' bootstrap bundle: the ConfigMap the controller publishes
+    // into the agents' namespace, mounted where agent.toml looks.
+    let daemonset = find(&docs, "DaemonSet");
+    let agent_ns = str_at(daemonset, &["metadata", "namespace"]);
+    assert!(
+        flag_values(&args, "--bundle-namespace").contains(&agent_ns),
+        "the controller publishes the bundle into the agents' namespace {agent_ns}"
+    );
+    assert!(
+        !args.iter().any(|a| a == "--publish-bundle=false"),
+        "the controller publishes the bundle"
+    );
+    let configmap = match flag_values(&args, "--bundle-configmap").as_slice() {
+        [] => sigil_k8s_controller::publish::DEFAULT_CONFIGMAP_NAME,
+        [one] => one,
+        more => panic!("--bundle-configmap given {} times", more.len()),
+    };
+    let agent_pod = &daemonset["spec"]["template"]["spec"];
+    let mounted = agent_pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| {
+            v["projected"]["sources"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .any(|s| s["configMap"]["name"] == configmap);
+    assert!(mounted, "the agents mount the ConfigMap {configmap}");
+    let bundle_path = agent["trust_bundle_path"].as_str().unwrap();
+    assert!(
+        bundle_path.ends_with(&format!("/{}", sigil_k8s_controller::publish::KEY_PEM)),
+        "agent.toml's trust_bundle_path {bundle_path} is the ConfigMap's key"
     );
 }
 
