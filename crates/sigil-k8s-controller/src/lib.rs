@@ -9,6 +9,7 @@
 //! | [`reconcile`] | the pure core: objects → desired entries and statuses → create/update/delete |
 //! | [`federation`] | `ClusterFederatedTrustDomain` resources → the server's federation relationships |
 //! | [`admin`] | the server's admin API over its Unix socket: list entries, apply a plan in batches |
+//! | [`leader`] | leader election on a Lease: of several controllers (one per server replica) one acts |
 //! | [`publish`] | the trust bundle in `ClusterTrustBundle`s and in a ConfigMap per opted-in namespace |
 //! | [`run`] | the running controller: watchers, debounced full reconciles, status updates |
 //!
@@ -49,6 +50,7 @@
 pub mod admin;
 pub mod crd;
 pub mod federation;
+pub mod leader;
 pub mod publish;
 pub mod reconcile;
 pub mod run;
@@ -77,6 +79,9 @@ pub enum ControllerError {
         "invalid cluster name {0:?}: use 1 to 63 letters, digits, '.', '-' or '_' (the server's PSAT cluster profile name)"
     )]
     InvalidClusterName(String),
+    /// Leader election is misconfigured.
+    #[error("leader election: {0}")]
+    Leader(String),
     /// A setting of the bundle publisher is invalid.
     #[error(transparent)]
     Publish(#[from] publish::PublishConfigError),

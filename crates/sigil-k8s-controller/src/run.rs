@@ -26,6 +26,7 @@ use super::ControllerError;
 use super::admin::{AdminClient, ApplyReport};
 use super::crd::{ClusterFederatedTrustDomain, ClusterSPIFFEID, ClusterStaticEntry};
 use super::federation;
+use super::leader::{self, LeaderConfig};
 use super::publish::{self, PublishConfig};
 use super::reconcile::{self, DEFAULT_IGNORED_NAMESPACES, Settings, Snapshot};
 
@@ -54,6 +55,9 @@ pub struct ControllerConfig {
     /// Whether and how the trust bundle is published to Kubernetes
     /// (`ClusterTrustBundle`s and ConfigMaps, see [`crate::publish`]).
     pub publish: Option<PublishConfig>,
+    /// Leader election, when several controllers run (one per server
+    /// replica): only the leader reconciles and publishes.
+    pub leader: Option<LeaderConfig>,
 }
 
 impl ControllerConfig {
@@ -74,6 +78,7 @@ impl ControllerConfig {
             retry: Duration::from_secs(5),
             manage_federation: true,
             publish: Some(PublishConfig::default()),
+            leader: None,
         }
     }
 }
@@ -192,7 +197,18 @@ pub fn run(
     config: ControllerConfig,
     shutdown: CancellationToken,
 ) -> BoxFuture<'static, Result<(), ControllerError>> {
-    Box::pin(run_until_cancelled(client, config, shutdown))
+    Box::pin(async move {
+        match config.leader.clone() {
+            None => run_until_cancelled(client, config, shutdown).await,
+            Some(election) => {
+                let worker = client.clone();
+                leader::while_leading(client, election, shutdown, move |term| {
+                    run_until_cancelled(worker.clone(), config.clone(), term)
+                })
+                .await
+            }
+        }
+    })
 }
 
 async fn run_until_cancelled(
@@ -426,7 +442,10 @@ async fn apply(
     desired: &mut reconcile::Desired,
     client: &mut AdminClient,
 ) -> Result<ApplyReport, ControllerError> {
-    let existing = client.list_entries(|id| settings.is_owned(id)).await?;
+    // The server filters by the ID prefix: only the controller's own entries travel.
+    let existing = client
+        .list_entries_with_prefix(&settings.id_prefix(), |id| settings.is_owned(id))
+        .await?;
     let plan = reconcile::plan(settings, desired, &existing);
     if plan.is_empty() {
         return Ok(ApplyReport::default());

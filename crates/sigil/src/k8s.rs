@@ -49,6 +49,15 @@ pub(crate) struct ControllerArgs {
     /// A namespace that gets the bundle ConfigMap without the label, e.g. the agents' (repeatable).
     #[arg(long = "bundle-namespace")]
     bundle_namespaces: Vec<String>,
+    /// Run leader election on a Lease (sigil-controller-<cluster name>), so that of several controllers (one per server replica) only one acts: 15 s lease, renewed every 2 s, given up after 10 s without a renewal.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    leader_elect: bool,
+    /// The Lease's namespace (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// This controller's name in the Lease (a random suffix is added), e.g. its pod's name.
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
     /// Print the CustomResourceDefinitions as YAML (for `kubectl apply -f -`) and exit.
     #[arg(long)]
     print_crds: bool,
@@ -103,6 +112,22 @@ async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    if a.leader_elect {
+        let (Some(namespace), Some(identity)) =
+            (a.leader_election_namespace, a.leader_election_identity)
+        else {
+            anyhow::bail!(
+                "--leader-elect needs --leader-election-namespace (or POD_NAMESPACE) and --leader-election-identity (or POD_NAME)"
+            );
+        };
+        let election = sigil_k8s_controller::leader::LeaderConfig::new(
+            &namespace,
+            &cluster_name,
+            &sigil_k8s_controller::leader::identity(&identity),
+        );
+        election.validate()?;
+        config.leader = Some(election);
+    }
     let client = kube_client(a.kubeconfig.as_deref()).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();

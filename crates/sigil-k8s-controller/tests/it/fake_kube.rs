@@ -231,6 +231,16 @@ impl FakeKube {
             .collect()
     }
 
+    /// The (method, path) of every request made with this bearer token.
+    pub(crate) fn requests_by(&self, token: &str) -> Vec<(String, String)> {
+        let d = self.shared.data.lock().unwrap();
+        d.log
+            .iter()
+            .filter(|(_, _, t)| t == token)
+            .map(|(m, p, _)| (m.clone(), p.clone()))
+            .collect()
+    }
+
     /// A kubeconfig for this server, written into `dir`.
     pub(crate) fn kubeconfig(&self, dir: &std::path::Path) -> std::path::PathBuf {
         self.kubeconfig_for(dir, "fake")

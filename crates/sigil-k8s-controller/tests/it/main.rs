@@ -13,5 +13,6 @@
 mod controller;
 mod fake_kube;
 mod federation;
+mod leader;
 mod publish;
 mod rbac;

@@ -94,6 +94,24 @@ const CONTROLLER_API_CALLS: &[Grant] = &[
     ("certificates.k8s.io", "clustertrustbundles", "delete"),
 ];
 
+/// The controller's leader election (`leader.rs`): read the Lease, create
+/// it when absent, replace it (take over, renew, release) with the resource
+/// version read. Granted by a Role of the controller's own namespace,
+/// `sigil-controller-leader`, never cluster-wide (other components' leases,
+/// kube-controller-manager's among them, are none of its business).
+const CONTROLLER_LEASE_CALLS: &[Grant] = &[
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "update"),
+];
+
+/// Everything the controller's service account needs.
+fn controller_all_calls() -> GrantSet {
+    let mut all = set(CONTROLLER_API_CALLS);
+    all.extend(set(CONTROLLER_LEASE_CALLS));
+    all
+}
+
 /// The entry controller's sources: everything under its crate's `src/`.
 const CONTROLLER_SOURCES: &str = "crates/sigil-k8s-controller/src/";
 
@@ -1405,7 +1423,7 @@ fn the_controller_call_list_matches_the_controller_code() {
     let found = controller_calls(&controller_sources());
     assert_eq!(
         found,
-        set(CONTROLLER_API_CALLS),
+        controller_all_calls(),
         "the Kubernetes API calls of the controller crate (left) differ from CONTROLLER_API_CALLS \
          (right): update the list and the ClusterRole sigil-controller in deploy/kubernetes and \
          the Helm chart"
@@ -1702,7 +1720,7 @@ fn expected_for(args: &[String]) -> GrantSet {
         .as_slice()
     {
         ["server", "run", ..] => set(SERVER_API_CALLS),
-        ["k8s", "controller", ..] => set(CONTROLLER_API_CALLS),
+        ["k8s", "controller", ..] => controller_all_calls(),
         ["agent", "run", ..] => set(AGENT_KUBELET_CALLS),
         other => panic!(
             "a container runs `sigil {}`: tell tests/it/rbac.rs which Kubernetes calls it makes",
@@ -1767,6 +1785,10 @@ fn plain_manifests_grant_exactly_the_api_calls() {
         (cluster_role("sigil-agent"), set(AGENT_KUBELET_CALLS)),
         (cluster_role("sigil-controller"), set(CONTROLLER_API_CALLS)),
         (cluster_role("sigil-server"), set(SERVER_API_CALLS)),
+        (
+            ("Role".to_owned(), "sigil-controller-leader".to_owned()),
+            set(CONTROLLER_LEASE_CALLS),
+        ),
     ]);
     assert!(
         roles == expected,
@@ -1883,6 +1905,10 @@ fn helm_chart_grants_exactly_the_api_calls() {
         ]);
         if controller {
             expected.insert("sigil-controller".to_owned(), set(CONTROLLER_API_CALLS));
+            expected.insert(
+                "sigil-controller-leader".to_owned(),
+                set(CONTROLLER_LEASE_CALLS),
+            );
         }
         assert!(
             roles == expected,
@@ -1926,6 +1952,10 @@ fn helm_chart_grants_exactly_the_api_calls() {
             expected.insert(
                 "sigil-controller",
                 ("sigil-controller", vec!["sigil-server".to_owned()]),
+            );
+            expected.insert(
+                "sigil-controller-leader",
+                ("sigil-controller-leader", vec!["sigil-server".to_owned()]),
             );
         }
         assert_eq!(bindings, expected);
