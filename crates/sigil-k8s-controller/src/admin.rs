@@ -77,9 +77,21 @@ impl AdminClient {
         &mut self,
         keep: impl Fn(&EntryId) -> bool,
     ) -> Result<Vec<Entry>, ControllerError> {
+        self.list_entries_with_prefix("", keep).await
+    }
+
+    /// Every entry on the server whose ID starts with `id_prefix` (the
+    /// server filters: it reads only that range of its ID-ordered entries)
+    /// and satisfies `keep`, all pages.
+    pub async fn list_entries_with_prefix(
+        &mut self,
+        id_prefix: &str,
+        keep: impl Fn(&EntryId) -> bool,
+    ) -> Result<Vec<Entry>, ControllerError> {
         let mut out = Vec::new();
         let mut pages = self.inner.entry_pages(pb::ListEntriesRequest {
             page_size: PAGE_SIZE,
+            id_prefix: id_prefix.to_owned(),
             ..Default::default()
         });
         while let Some(page) = pages.next_page().await? {

@@ -9,6 +9,8 @@
 //! | [`reconcile`] | the pure core: objects → desired entries and statuses → create/update/delete |
 //! | [`federation`] | `ClusterFederatedTrustDomain` resources → the server's federation relationships |
 //! | [`admin`] | the server's admin API over its Unix socket: list entries, apply a plan in batches |
+//! | [`leader`] | leader election on a Lease: of several controllers (one per server replica) one acts |
+//! | [`publish`] | the trust bundle in `ClusterTrustBundle`s and in a ConfigMap per opted-in namespace |
 //! | [`run`] | the running controller: watchers, debounced full reconciles, status updates |
 //!
 //! # Which entries
@@ -42,11 +44,14 @@
 //! Kubernetes identity allowed to `list` and `watch` pods, namespaces,
 //! nodes, `clusterspiffeids`, `clusterstaticentries` and
 //! `clusterfederatedtrustdomains`, and to `patch` the `status` subresource
-//! of the last three.
+//! of the last three; for the trust bundle ([`publish`]), to `list`,
+//! `create`, `update` and `delete` ConfigMaps and `ClusterTrustBundle`s.
 
 pub mod admin;
 pub mod crd;
 pub mod federation;
+pub mod leader;
+pub mod publish;
 pub mod reconcile;
 pub mod run;
 pub mod template;
@@ -74,6 +79,12 @@ pub enum ControllerError {
         "invalid cluster name {0:?}: use 1 to 63 letters, digits, '.', '-' or '_' (the server's PSAT cluster profile name)"
     )]
     InvalidClusterName(String),
+    /// Leader election is misconfigured.
+    #[error("leader election: {0}")]
+    Leader(String),
+    /// A setting of the bundle publisher is invalid.
+    #[error(transparent)]
+    Publish(#[from] publish::PublishConfigError),
     /// The server's admin socket could not be reached.
     #[error("cannot connect to the admin socket {path}: {reason}")]
     Connect {

@@ -61,7 +61,8 @@ impl Settings {
         })
     }
 
-    fn id_prefix(&self) -> String {
+    /// The prefix of every ID the controller gives: `k8s-<cluster>-`.
+    pub fn id_prefix(&self) -> String {
         format!("k8s-{}-", self.cluster_name)
     }
 

@@ -26,6 +26,8 @@ use super::ControllerError;
 use super::admin::{AdminClient, ApplyReport};
 use super::crd::{ClusterFederatedTrustDomain, ClusterSPIFFEID, ClusterStaticEntry};
 use super::federation;
+use super::leader::{self, LeaderConfig};
+use super::publish::{self, PublishConfig};
 use super::reconcile::{self, DEFAULT_IGNORED_NAMESPACES, Settings, Snapshot};
 
 /// How the controller runs.
@@ -50,11 +52,18 @@ pub struct ControllerConfig {
     /// `ClusterFederatedTrustDomain` resources (and deletes relationships no
     /// resource declares, except those from the server's config file).
     pub manage_federation: bool,
+    /// Whether and how the trust bundle is published to Kubernetes
+    /// (`ClusterTrustBundle`s and ConfigMaps, see [`crate::publish`]).
+    pub publish: Option<PublishConfig>,
+    /// Leader election, when several controllers run (one per server
+    /// replica): only the leader reconciles and publishes.
+    pub leader: Option<LeaderConfig>,
 }
 
 impl ControllerConfig {
     /// The defaults: `cluster.local`, [`DEFAULT_IGNORED_NAMESPACES`], 500 ms
-    /// debounce, 30 s resync, 5 s retry, federation managed.
+    /// debounce, 30 s resync, 5 s retry, federation managed, the bundle
+    /// published with [`PublishConfig::default`].
     pub fn new(admin_socket: PathBuf, cluster_name: &str) -> Self {
         Self {
             admin_socket,
@@ -68,6 +77,8 @@ impl ControllerConfig {
             resync: Duration::from_secs(30),
             retry: Duration::from_secs(5),
             manage_federation: true,
+            publish: Some(PublishConfig::default()),
+            leader: None,
         }
     }
 }
@@ -186,7 +197,18 @@ pub fn run(
     config: ControllerConfig,
     shutdown: CancellationToken,
 ) -> BoxFuture<'static, Result<(), ControllerError>> {
-    Box::pin(run_until_cancelled(client, config, shutdown))
+    Box::pin(async move {
+        match config.leader.clone() {
+            None => run_until_cancelled(client, config, shutdown).await,
+            Some(election) => {
+                let worker = client.clone();
+                leader::while_leading(client, election, shutdown, move |term| {
+                    run_until_cancelled(worker.clone(), config.clone(), term)
+                })
+                .await
+            }
+        }
+    })
 }
 
 async fn run_until_cancelled(
@@ -195,6 +217,9 @@ async fn run_until_cancelled(
     shutdown: CancellationToken,
 ) -> Result<(), ControllerError> {
     reconcile::check_cluster_name(&config.cluster_name)?;
+    if let Some(p) = &config.publish {
+        p.validate()?;
+    }
     let mut admin = AdminClient::connect(&config.admin_socket).await?;
     let trust_domain = admin.trust_domain().await?;
     let mut settings = Settings::new(trust_domain, &config.cluster_name)?;
@@ -218,6 +243,14 @@ async fn run_until_cancelled(
         trim_meta,
     );
     let (nodes, s5) = reflect(Api::<Node>::all(client.clone()), "Node", trim_node);
+    let _publisher = config.publish.clone().map(|p| {
+        AbortOnDrop(tokio::spawn(publish::run_publisher(
+            client.clone(),
+            config.admin_socket.clone(),
+            p,
+            shutdown.child_token(),
+        )))
+    });
     let mut streams = vec![s1, s2, s3, s4, s5];
     let federated = if config.manage_federation {
         let (store, s6) = reflect(
@@ -409,7 +442,10 @@ async fn apply(
     desired: &mut reconcile::Desired,
     client: &mut AdminClient,
 ) -> Result<ApplyReport, ControllerError> {
-    let existing = client.list_entries(|id| settings.is_owned(id)).await?;
+    // The server filters by the ID prefix: only the controller's own entries travel.
+    let existing = client
+        .list_entries_with_prefix(&settings.id_prefix(), |id| settings.is_owned(id))
+        .await?;
     let plan = reconcile::plan(settings, desired, &existing);
     if plan.is_empty() {
         return Ok(ApplyReport::default());

@@ -203,6 +203,13 @@ impl AdminApi for AdminService {
         check_caller(&req)?;
         let r = req.into_inner();
         let mut filter = EntryFilter::default();
+        if !r.id_prefix.is_empty() {
+            filter.id_prefix = Some(
+                r.id_prefix
+                    .parse()
+                    .map_err(|e| ServerError::from(EntryRefusal::BadId(e)))?,
+            );
+        }
         if !r.spiffe_id.is_empty() {
             filter.spiffe_id = Some(parse_id(&r.spiffe_id, "spiffe_id")?);
         }

@@ -564,10 +564,20 @@ pub struct EntryFilter {
     pub parent_id: Option<SpiffeId>,
     /// Selectors and how to match them.
     pub selectors: Option<(Selectors, SelectorMatch)>,
+    /// IDs that start with this (a controller's own entries). The listing
+    /// then reads only that range of the ID-ordered entries.
+    pub id_prefix: Option<EntryId>,
 }
 
 impl EntryFilter {
     fn matches(&self, e: &Entry) -> bool {
+        if self
+            .id_prefix
+            .as_ref()
+            .is_some_and(|p| !e.id.as_str().starts_with(p.as_str()))
+        {
+            return false;
+        }
         if self.spiffe_id.as_ref().is_some_and(|id| *id != e.spiffe_id) {
             return false;
         }
@@ -884,15 +894,22 @@ impl EntryIndex {
         limit: usize,
     ) -> (Vec<Arc<Entry>>, Option<EntryId>) {
         let state = self.read();
-        let range = match after {
-            Some(id) => state.entries.range((
-                std::ops::Bound::Excluded(id.clone()),
-                std::ops::Bound::Unbounded,
-            )),
-            None => state.entries.range(..),
+        // With an ID prefix, start at the prefix (IDs sharing it are
+        // contiguous in ID order) unless the page token is past it.
+        let start = match (after, &filter.id_prefix) {
+            (Some(id), Some(p)) if p > id => std::ops::Bound::Included(p.clone()),
+            (Some(id), _) => std::ops::Bound::Excluded(id.clone()),
+            (None, Some(p)) => std::ops::Bound::Included(p.clone()),
+            (None, None) => std::ops::Bound::Unbounded,
         };
+        let range = state.entries.range((start, std::ops::Bound::Unbounded));
         let mut page = Vec::new();
-        for (_, e) in range {
+        for (id, e) in range {
+            if let Some(p) = &filter.id_prefix
+                && !id.as_str().starts_with(p.as_str())
+            {
+                break;
+            }
             if !filter.matches(e) {
                 continue;
             }

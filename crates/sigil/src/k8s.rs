@@ -37,6 +37,27 @@ pub(crate) struct ControllerArgs {
     /// Manage federation relationships from ClusterFederatedTrustDomain resources. The controller then owns every relationship not from the server's config file and deletes those no resource declares; set to false to manage them with `sigil federation` instead.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     manage_federation: bool,
+    /// Publish the server's trust bundle: a ClusterTrustBundle for the own trust domain (linked to --bundle-signer-name), one per federated trust domain, and the ConfigMap --bundle-configmap in every namespace labelled sigil.dev/bundle=true and in each --bundle-namespace. Kept current (the server is asked every 5 s).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    publish_bundle: bool,
+    /// The signer name the own trust domain's ClusterTrustBundle is linked to (its name is this with '/' replaced by ':', then ':' and the trust domain).
+    #[arg(long, default_value = sigil_k8s_controller::publish::DEFAULT_SIGNER_NAME)]
+    bundle_signer_name: String,
+    /// The name of the bundle ConfigMap (keys bundle.pem, bundle.spiffe.json, trust-domain).
+    #[arg(long, default_value = sigil_k8s_controller::publish::DEFAULT_CONFIGMAP_NAME)]
+    bundle_configmap: String,
+    /// A namespace that gets the bundle ConfigMap without the label, e.g. the agents' (repeatable).
+    #[arg(long = "bundle-namespace")]
+    bundle_namespaces: Vec<String>,
+    /// Run leader election on a Lease (sigil-controller-<cluster name>), so that of several controllers (one per server replica) only one acts: 15 s lease, renewed every 2 s, given up after 10 s without a renewal.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    leader_elect: bool,
+    /// The Lease's namespace (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// This controller's name in the Lease (a random suffix is added), e.g. its pod's name.
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
     /// Print the CustomResourceDefinitions as YAML (for `kubectl apply -f -`) and exit.
     #[arg(long)]
     print_crds: bool,
@@ -79,6 +100,34 @@ async fn controller(a: ControllerArgs) -> anyhow::Result<()> {
     config.cluster_domain = a.cluster_domain;
     config.ignore_namespaces = a.ignore_namespaces.into_iter().collect();
     config.manage_federation = a.manage_federation;
+    config.publish = if a.publish_bundle {
+        let publish = sigil_k8s_controller::publish::PublishConfig {
+            signer_name: a.bundle_signer_name,
+            configmap_name: a.bundle_configmap,
+            namespaces: a.bundle_namespaces.into_iter().collect(),
+            ..Default::default()
+        };
+        publish.validate()?;
+        Some(publish)
+    } else {
+        None
+    };
+    if a.leader_elect {
+        let (Some(namespace), Some(identity)) =
+            (a.leader_election_namespace, a.leader_election_identity)
+        else {
+            anyhow::bail!(
+                "--leader-elect needs --leader-election-namespace (or POD_NAMESPACE) and --leader-election-identity (or POD_NAME)"
+            );
+        };
+        let election = sigil_k8s_controller::leader::LeaderConfig::new(
+            &namespace,
+            &cluster_name,
+            &sigil_k8s_controller::leader::identity(&identity),
+        );
+        election.validate()?;
+        config.leader = Some(election);
+    }
     let client = kube_client(a.kubeconfig.as_deref()).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();

@@ -1,6 +1,6 @@
 //! sigil-k8s-controller integration tests: the entry controller against a
 //! fake kube-apiserver serving recorded objects and a real sigil server,
-//! federation resources, and the shipped RBAC against the requests the code
+//! federation resources, the trust bundle publisher, and the shipped RBAC against the requests the code
 //! makes.
 
 #![allow(
@@ -11,5 +11,8 @@
 )]
 
 mod controller;
+mod fake_kube;
 mod federation;
+mod leader;
+mod publish;
 mod rbac;

@@ -79,7 +79,38 @@ const CONTROLLER_API_CALLS: &[Grant] = &[
         "clusterfederatedtrustdomains/status",
         "patch",
     ),
+    // `publish.rs`: the trust bundle publisher. Its own namespace watcher
+    // (list, watch on namespaces, above); the objects it owns, found by
+    // label (`list`, cluster-wide), created, replaced with their resource
+    // version (`update`) and deleted with a precondition; never `get`,
+    // `watch` or `patch`.
+    ("", "configmaps", "list"),
+    ("", "configmaps", "create"),
+    ("", "configmaps", "update"),
+    ("", "configmaps", "delete"),
+    ("certificates.k8s.io", "clustertrustbundles", "list"),
+    ("certificates.k8s.io", "clustertrustbundles", "create"),
+    ("certificates.k8s.io", "clustertrustbundles", "update"),
+    ("certificates.k8s.io", "clustertrustbundles", "delete"),
 ];
+
+/// The controller's leader election (`leader.rs`): read the Lease, create
+/// it when absent, replace it (take over, renew, release) with the resource
+/// version read. Granted by a Role of the controller's own namespace,
+/// `sigil-controller-leader`, never cluster-wide (other components' leases,
+/// kube-controller-manager's among them, are none of its business).
+const CONTROLLER_LEASE_CALLS: &[Grant] = &[
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "update"),
+];
+
+/// Everything the controller's service account needs.
+fn controller_all_calls() -> GrantSet {
+    let mut all = set(CONTROLLER_API_CALLS);
+    all.extend(set(CONTROLLER_LEASE_CALLS));
+    all
+}
 
 /// The entry controller's sources: everything under its crate's `src/`.
 const CONTROLLER_SOURCES: &str = "crates/sigil-k8s-controller/src/";
@@ -182,6 +213,8 @@ fn resource_of(ty: &str) -> (&'static str, &'static str) {
         "ConfigMap" => ("", "configmaps"),
         "Secret" => ("", "secrets"),
         "CertificateSigningRequest" => ("certificates.k8s.io", "certificatesigningrequests"),
+        "ClusterTrustBundle" => ("certificates.k8s.io", "clustertrustbundles"),
+        "Lease" => ("coordination.k8s.io", "leases"),
         other => panic!(
             "the code uses Api<{other}>: add its group and resource to resource_of, the call to \
              the component's list here, and the grant to its ClusterRole in deploy/"
@@ -400,7 +433,7 @@ fn the_scanner_sees_new_calls_and_refuses_what_it_cannot_follow() {
         "fn f(api: Api<Pod>) { api.list(&lp); }",
         "fn f(c: Client) { reflect(Api::<Pod>::all(c)); }",
         "fn f(c: Client) { let x: Api<Pod> = Api::all(c.clone()); let y = Api::all(c); }",
-        "fn f(c: Client) { let x: Api<Lease> = Api::all(c); }",
+        "fn f(c: Client) { let x: Api<CronJob> = Api::all(c); }",
         "fn f(c: Client) { c.request::<Pod>(req); }",
     ] {
         let code = code_of(unfollowable);
@@ -1390,7 +1423,7 @@ fn the_controller_call_list_matches_the_controller_code() {
     let found = controller_calls(&controller_sources());
     assert_eq!(
         found,
-        set(CONTROLLER_API_CALLS),
+        controller_all_calls(),
         "the Kubernetes API calls of the controller crate (left) differ from CONTROLLER_API_CALLS \
          (right): update the list and the ClusterRole sigil-controller in deploy/kubernetes and \
          the Helm chart"
@@ -1513,7 +1546,7 @@ fn the_controller_scanner_follows_values_and_refuses_what_it_cannot() {
         "fn f(c: Client) { unknown(Api::<Pod>::all(c)); }",
         "fn f(c: Client) { g(Api::all(c)); } fn g<K>(a: Api<K>) { a.list(&lp); }",
         "fn f(c: Client) { let x = Api::all(c); x.list(&lp); }",
-        "fn f(c: Client) { let x: Api<Lease> = Api::all(c); x.list(&lp); }",
+        "fn f(c: Client) { let x: Api<CronJob> = Api::all(c); x.list(&lp); }",
         "fn f(c: Client) { let x = Api::<Pod>::all_with(c, &ar); }",
         // Structs it cannot see through.
         "struct S { a: Api<Pod> } impl S { fn g(&self) { self.a.delete(\"p\"); } } \
@@ -1687,7 +1720,7 @@ fn expected_for(args: &[String]) -> GrantSet {
         .as_slice()
     {
         ["server", "run", ..] => set(SERVER_API_CALLS),
-        ["k8s", "controller", ..] => set(CONTROLLER_API_CALLS),
+        ["k8s", "controller", ..] => controller_all_calls(),
         ["agent", "run", ..] => set(AGENT_KUBELET_CALLS),
         // The CSI driver (crates/sigil-csi) talks to the kubelet over its
         // own socket and calls no Kubernetes API.
@@ -1755,6 +1788,10 @@ fn plain_manifests_grant_exactly_the_api_calls() {
         (cluster_role("sigil-agent"), set(AGENT_KUBELET_CALLS)),
         (cluster_role("sigil-controller"), set(CONTROLLER_API_CALLS)),
         (cluster_role("sigil-server"), set(SERVER_API_CALLS)),
+        (
+            ("Role".to_owned(), "sigil-controller-leader".to_owned()),
+            set(CONTROLLER_LEASE_CALLS),
+        ),
     ]);
     assert!(
         roles == expected,
@@ -1876,6 +1913,10 @@ fn helm_chart_grants_exactly_the_api_calls() {
         ]);
         if controller {
             expected.insert("sigil-controller".to_owned(), set(CONTROLLER_API_CALLS));
+            expected.insert(
+                "sigil-controller-leader".to_owned(),
+                set(CONTROLLER_LEASE_CALLS),
+            );
         }
         assert!(
             roles == expected,
@@ -1919,6 +1960,10 @@ fn helm_chart_grants_exactly_the_api_calls() {
             expected.insert(
                 "sigil-controller",
                 ("sigil-controller", vec!["sigil-server".to_owned()]),
+            );
+            expected.insert(
+                "sigil-controller-leader",
+                ("sigil-controller-leader", vec!["sigil-server".to_owned()]),
             );
         }
         assert_eq!(bindings, expected);
@@ -2202,6 +2247,42 @@ fn plain_manifests_wire_the_controller_to_the_server() {
     assert!(
         flag_values(&args, "--ignore-namespace").contains(&namespace),
         "the controller ignores the namespace {namespace}"
+    );
+
+    // The agents' bootstrap bundle: the ConfigMap the controller publishes
+    // into the agents' namespace, mounted where agent.toml looks.
+    let daemonset = find(&docs, "DaemonSet");
+    let agent_ns = str_at(daemonset, &["metadata", "namespace"]);
+    assert!(
+        flag_values(&args, "--bundle-namespace").contains(&agent_ns),
+        "the controller publishes the bundle into the agents' namespace {agent_ns}"
+    );
+    assert!(
+        !args.iter().any(|a| a == "--publish-bundle=false"),
+        "the controller publishes the bundle"
+    );
+    let configmap = match flag_values(&args, "--bundle-configmap").as_slice() {
+        [] => sigil_k8s_controller::publish::DEFAULT_CONFIGMAP_NAME,
+        [one] => one,
+        more => panic!("--bundle-configmap given {} times", more.len()),
+    };
+    let agent_pod = &daemonset["spec"]["template"]["spec"];
+    let mounted = agent_pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| {
+            v["projected"]["sources"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .any(|s| s["configMap"]["name"] == configmap);
+    assert!(mounted, "the agents mount the ConfigMap {configmap}");
+    let bundle_path = agent["trust_bundle_path"].as_str().unwrap();
+    assert!(
+        bundle_path.ends_with(&format!("/{}", sigil_k8s_controller::publish::KEY_PEM)),
+        "agent.toml's trust_bundle_path {bundle_path} is the ConfigMap's key"
     );
 }
 

@@ -336,6 +336,10 @@ pub struct ListEntriesRequest {
     pub page_size: u32,
     #[prost(string, tag = "6")]
     pub page_token: ::prost::alloc::string::String,
+    /// Only entries whose ID starts with this (an entry ID's characters; the
+    /// Kubernetes controller lists its own entries, `k8s-<cluster>-…`, so).
+    #[prost(string, tag = "7")]
+    pub id_prefix: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListEntriesResponse {

@@ -4,3 +4,4 @@
 mod batch;
 mod hostile;
 mod limits;
+mod list_prefix;
