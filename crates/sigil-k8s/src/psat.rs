@@ -654,7 +654,7 @@ impl PsatVerifier {
     ) -> Result<TokenIdentity, PsatError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
+                token: token.to_owned(),
                 audiences: Some(vec![self.cluster.audience.clone()]),
             },
             ..TokenReview::default()
