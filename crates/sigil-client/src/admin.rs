@@ -44,6 +44,20 @@ impl AdminError {
     }
 }
 
+/// The metadata key of the reason the server gives for refusing a pod
+/// certificate (`SignPodCertificate`).
+pub const REFUSAL_KEY: &str = "sigil-refusal";
+
+/// The machine-readable reason of a refused pod certificate
+/// (`UnsupportedKeyType`, `NoRegistration`, ...), if `status` carries one.
+pub fn refusal_reason(status: &Status) -> Option<&str> {
+    status
+        .metadata()
+        .get(REFUSAL_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|r| !r.is_empty() && r.len() <= 64 && r.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
 fn call_err(call: &'static str) -> impl FnOnce(Status) -> AdminError {
     move |status| AdminError::Call { call, status }
 }
@@ -373,6 +387,17 @@ impl AdminClient {
         let request = pb::BatchDeleteEntryRequest { ids };
         let sent = self.inner.batch_delete_entry(request);
         Ok(answer("BatchDeleteEntry", sent).await?.results)
+    }
+
+    /// Signs the X509-SVID of a Kubernetes PodCertificateRequest. A
+    /// refusal is an [`AdminError::Call`] whose status carries the reason
+    /// ([`refusal_reason`]).
+    pub async fn sign_pod_certificate(
+        &mut self,
+        request: pb::SignPodCertificateRequest,
+    ) -> Result<pb::SignPodCertificateResponse, AdminError> {
+        let sent = self.inner.sign_pod_certificate(request);
+        answer("SignPodCertificate", sent).await
     }
 
     async fn write<B: BatchWrite>(

@@ -15,7 +15,6 @@
 //! since no registration could mean it. Label selectors keep empty values
 //! (`k8s:pod-label:key:` is a real label).
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
@@ -35,15 +34,16 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use sigil_svid::tls::WebPkiVerifier;
-use sigil_types::{Selector, Selectors};
+use sigil_types::Selectors;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::cgroup::{self, ContainerInfo, Verdict};
+use crate::selectors::{node_name, pod_uid, selectors_of, statuses};
 
 /// The selector type of everything this module emits.
-pub const SELECTOR_TYPE: &str = "k8s";
+pub use crate::selectors::SELECTOR_TYPE;
 /// The kubelet's secure port on the node itself (needs `hostNetwork`).
 pub const DEFAULT_SECURE_URL: &str = "https://127.0.0.1:10250";
 /// The kubelet's deprecated unauthenticated read-only port.
@@ -390,26 +390,6 @@ fn is_pod_uid(uid: &str) -> bool {
     !uid.is_empty() && uid.len() <= 64 && uid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
-fn pod_uid(pod: &Pod) -> &str {
-    pod.metadata.uid.as_deref().unwrap_or_default()
-}
-
-fn node_name(pod: &Pod) -> Option<&str> {
-    pod.spec.as_ref().and_then(|s| s.node_name.as_deref())
-}
-
-fn statuses(pod: &Pod) -> (&[ContainerStatus], &[ContainerStatus]) {
-    let status = pod.status.as_ref();
-    (
-        status
-            .and_then(|s| s.container_statuses.as_deref())
-            .unwrap_or_default(),
-        status
-            .and_then(|s| s.init_container_statuses.as_deref())
-            .unwrap_or_default(),
-    )
-}
-
 /// The status whose `containerID` (`<runtime>://<id>`) names this container.
 /// Ephemeral (debug) containers are not consulted, as in SPIRE.
 fn find_container<'a>(pod: &'a Pod, container_id: &str) -> Option<&'a ContainerStatus> {
@@ -420,63 +400,6 @@ fn find_container<'a>(pod: &'a Pod, container_id: &str) -> Option<&'a ContainerS
             .and_then(|id| id.split_once("://"))
             .is_some_and(|(_, id)| id.trim_end_matches('/').eq_ignore_ascii_case(container_id))
     })
-}
-
-fn selectors_of(pod: &Pod, container: Option<&ContainerStatus>) -> Selectors {
-    let mut values: Vec<String> = Vec::new();
-    let mut push = |name: &str, value: &str| {
-        if !value.is_empty() {
-            values.push(format!("{name}:{value}"));
-        }
-    };
-    let meta = &pod.metadata;
-    let spec = pod.spec.as_ref();
-    push(
-        "sa",
-        spec.and_then(|s| s.service_account_name.as_deref())
-            .unwrap_or_default(),
-    );
-    push("ns", meta.namespace.as_deref().unwrap_or_default());
-    push("node-name", node_name(pod).unwrap_or_default());
-    push("pod-uid", pod_uid(pod));
-    push("pod-name", meta.name.as_deref().unwrap_or_default());
-    let (containers, inits) = statuses(pod);
-    push("pod-image-count", &containers.len().to_string());
-    push("pod-init-image-count", &inits.len().to_string());
-    // Both the tag and the digest form (spiffe/spire#2026); the set dedups.
-    for s in containers {
-        push("pod-image", &s.image);
-        push("pod-image", &s.image_id);
-    }
-    for s in inits {
-        push("pod-init-image", &s.image);
-        push("pod-init-image", &s.image_id);
-    }
-    for owner in meta.owner_references.iter().flatten() {
-        push("pod-owner", &format!("{}:{}", owner.kind, owner.name));
-        push("pod-owner-uid", &format!("{}:{}", owner.kind, owner.uid));
-    }
-    if let Some(s) = container {
-        push("container-name", &s.name);
-        push("container-image", &s.image);
-        push("container-image", &s.image_id);
-    }
-    for (k, v) in meta.labels.iter().flatten() {
-        values.push(format!("pod-label:{k}:{v}"));
-    }
-
-    let mut out = Selectors::new();
-    for value in values.into_iter().collect::<BTreeSet<_>>() {
-        match Selector::new(SELECTOR_TYPE, &value) {
-            Ok(s) => out.insert(s),
-            // Over-long or control characters: leaving a selector out can
-            // only make fewer registrations match.
-            Err(e) => {
-                tracing::warn!(error = %e, "skipping a k8s selector the selector rules reject")
-            }
-        }
-    }
-    out
 }
 
 /// Explains in words why a process gets the `k8s:` selectors it gets, or why

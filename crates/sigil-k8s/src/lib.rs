@@ -5,6 +5,7 @@
 //! | [`api`] | the Kubernetes API client, from a kubeconfig file or inferred |
 //! | [`cgroup`] | `/proc/<pid>/cgroup` → pod UID and container ID, only under the kubelet's cgroup root |
 //! | [`kubelet`] | the kubelet pod list: client, shared cache, pod lookup, `k8s:` selectors |
+//! | [`selectors`] | the `k8s:` selectors of a pod (agent and controller alike) |
 //! | [`psat`] | projected service-account token node attestation (agent and server sides) |
 //!
 //! The entry controller is the crate `sigil-k8s-controller`, so that the agent
@@ -17,3 +18,4 @@ pub mod cgroup;
 pub mod kubelet;
 #[cfg(feature = "psat")]
 pub mod psat;
+pub mod selectors;

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ServerState;
 use crate::ca::AuthorityView;
-use crate::error::{EntryRefusal, RequestError, ServerError};
+use crate::error::{EntryRefusal, PodCertRefusal, RequestError, ServerError};
 use crate::federation::RefreshStatus;
 use crate::index::{EntryFilter, SelectorMatch};
 use crate::registry::{MAX_BATCH, new_entry_id};
@@ -554,6 +554,58 @@ impl AdminApi for AdminService {
         let (kind, id) = kind_and_id(&req)?;
         let r = self.state.ca.revoke(kind, id, SystemTime::now()).await?;
         Ok(Response::new(own_authority_pb(r)))
+    }
+
+    async fn sign_pod_certificate(
+        &self,
+        req: Request<pb::SignPodCertificateRequest>,
+    ) -> Result<Response<pb::SignPodCertificateResponse>, Status> {
+        use crate::pod_certificate::{PodCertificateRequest, max_expiration, parse_pod_selectors};
+        use sigil_svid::pod_certificate::PodKeyProof;
+        check_caller(&req)?;
+        let r = req.get_ref();
+        let bad = |field: &str, value: &str, e: sigil_types::SpiffeIdError| -> ServerError {
+            PodCertRefusal::BadRequest(format!("{field} {value:?} is not a SPIFFE ID: {e}")).into()
+        };
+        let proof = PodKeyProof::from_fields(
+            &r.pkix_public_key,
+            &r.proof_of_possession,
+            &r.stub_pkcs10_request,
+        )
+        .map_err(PodCertRefusal::from_key_error)
+        .map_err(ServerError::from)?;
+        let agent_id: SpiffeId = r
+            .agent_id
+            .parse()
+            .map_err(|e| bad("agent_id", &r.agent_id, e))?;
+        let requested: Option<SpiffeId> = match r.requested_spiffe_id.as_str() {
+            "" => None,
+            s => Some(s.parse().map_err(|e| bad("requested_spiffe_id", s, e))?),
+        };
+        let selectors = parse_pod_selectors(&r.pod_selectors, &r.pod_uid)?;
+        let pod = format!("{}/{}", r.pod_namespace, r.pod_name);
+        let signed = self
+            .state
+            .sign_pod_certificate(&PodCertificateRequest {
+                proof,
+                pod_uid: &r.pod_uid,
+                agent_id: &agent_id,
+                pod_selectors: &selectors,
+                max_expiration: max_expiration(r.max_expiration_seconds)?,
+                requested: requested.as_ref(),
+                pod: &pod,
+            })
+            .await
+            .inspect_err(|e| {
+                tracing::info!(pod, pod_uid = r.pod_uid, agent = %agent_id, error = %e, "refused a pod certificate");
+            })?;
+        Ok(Response::new(pb::SignPodCertificateResponse {
+            spiffe_id: signed.spiffe_id.to_string(),
+            entry_id: signed.entry_id,
+            cert_chain: signed.chain,
+            not_before: crate::ca::unix(signed.not_before),
+            not_after: crate::ca::unix(signed.not_after),
+        }))
     }
 }
 

@@ -45,6 +45,9 @@ pub enum ServerError {
     /// An operation on a signing authority was refused.
     #[error(transparent)]
     Authority(#[from] AuthorityRefusal),
+    /// A pod certificate was refused.
+    #[error(transparent)]
+    PodCert(#[from] PodCertRefusal),
     /// An admin request was malformed or its caller is not allowed.
     #[error(transparent)]
     Request(#[from] RequestError),
@@ -289,6 +292,89 @@ pub enum SignError {
     Audience(String),
 }
 
+/// Why a pod certificate (`SignPodCertificate`) is refused. Each variant
+/// has a machine-readable reason ([`PodCertRefusal::reason`]), sent in the
+/// [`REFUSAL_KEY`] metadata of the status, which the entry controller writes
+/// as the reason of the request's `Denied` condition.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PodCertRefusal {
+    /// The key is malformed or of a type pod certificates do not allow.
+    #[error("unsupported key: {0}")]
+    UnsupportedKeyType(sigil_svid::SvidError),
+    /// The proof of possession (or the stub CSR's signature) does not verify.
+    #[error("invalid proof of possession: {0}")]
+    InvalidProof(sigil_svid::SvidError),
+    /// The node's agent has not attested (or its attestation expired).
+    #[error("the node's agent {0} is not attested")]
+    NodeNotAttested(SpiffeId),
+    /// The node's agent is banned.
+    #[error("the node's agent {0} is banned")]
+    NodeBanned(SpiffeId),
+    /// No entry the node's agent is authorized for matches the pod.
+    #[error("no registration entry of the node's agent matches the pod's selectors")]
+    NoRegistration,
+    /// The pod's entries grant several SPIFFE IDs and the pod named none.
+    #[error(
+        "the pod's entries grant several SPIFFE IDs ({}); choose one with the sigil.dev/spiffe-id annotation",
+        .0.join(", ")
+    )]
+    Ambiguous(Vec<String>),
+    /// The pod asked for a SPIFFE ID its entries do not grant.
+    #[error("the pod asked for {requested}, which its entries do not grant (they grant {})", .granted.join(", "))]
+    NotGranted {
+        /// What the pod asked for.
+        requested: SpiffeId,
+        /// What its entries grant.
+        granted: Vec<String>,
+    },
+    /// The certificate would live less than the hour Kubernetes requires.
+    #[error(
+        "the certificate would be valid for {seconds} s, less than the 3600 s Kubernetes requires \
+         (entry X.509 TTL {entry_ttl} s, 0 = the server default; or the CA expires sooner)"
+    )]
+    LifetimeTooShort {
+        /// The lifetime it would have.
+        seconds: u64,
+        /// The entry's X.509-SVID TTL (0 = the server default).
+        entry_ttl: u64,
+    },
+    /// The request itself is malformed (selectors, maxExpirationSeconds, IDs).
+    #[error("invalid pod certificate request: {0}")]
+    BadRequest(String),
+}
+
+/// The metadata key of a pod certificate refusal's reason.
+pub const REFUSAL_KEY: &str = "sigil-refusal";
+
+impl PodCertRefusal {
+    /// The refusal of a key or its proof, by what [`sigil_svid`] found.
+    pub fn from_key_error(e: sigil_svid::SvidError) -> Self {
+        use sigil_svid::SvidError as S;
+        match e {
+            S::ProofOfPossession | S::CsrSignature => Self::InvalidProof(e),
+            S::PodKeyRequest(_) => Self::BadRequest(e.to_string()),
+            other => Self::UnsupportedKeyType(other),
+        }
+    }
+
+    /// The machine-readable reason: the `reason` of the `Denied` condition
+    /// the controller writes.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnsupportedKeyType(_) => "UnsupportedKeyType",
+            Self::InvalidProof(_) => "InvalidProofOfPossession",
+            Self::NodeNotAttested(_) => "NodeNotAttested",
+            Self::NodeBanned(_) => "NodeBanned",
+            Self::NoRegistration => "NoRegistration",
+            Self::Ambiguous(_) => "AmbiguousIdentity",
+            Self::NotGranted { .. } => "IdentityNotGranted",
+            Self::LifetimeTooShort { .. } => "LifetimeTooShort",
+            Self::BadRequest(_) => "InvalidRequest",
+        }
+    }
+}
+
 /// Why an operation on an authority (prepare, activate, taint, revoke) is refused.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -468,6 +554,24 @@ impl ServerError {
             ServerError::Entry(_) => Status::invalid_argument(message),
             ServerError::Sign(SignError::NotAuthorized(_)) => Status::permission_denied(message),
             ServerError::Sign(_) => Status::invalid_argument(message),
+            ServerError::PodCert(r) => {
+                let mut status = match r {
+                    PodCertRefusal::UnsupportedKeyType(_)
+                    | PodCertRefusal::InvalidProof(_)
+                    | PodCertRefusal::BadRequest(_) => Status::invalid_argument(message),
+                    PodCertRefusal::NodeNotAttested(_) | PodCertRefusal::NodeBanned(_) => {
+                        Status::permission_denied(message)
+                    }
+                    PodCertRefusal::NoRegistration => Status::not_found(message),
+                    PodCertRefusal::Ambiguous(_) => Status::failed_precondition(message),
+                    PodCertRefusal::NotGranted { .. } => Status::permission_denied(message),
+                    PodCertRefusal::LifetimeTooShort { .. } => Status::out_of_range(message),
+                };
+                if let Ok(v) = r.reason().parse() {
+                    status.metadata_mut().insert(REFUSAL_KEY, v);
+                }
+                status
+            }
             ServerError::Authority(AuthorityRefusal::Unknown { .. }) => Status::not_found(message),
             ServerError::Authority(_) => Status::invalid_argument(message),
             ServerError::Request(
@@ -610,5 +714,82 @@ mod tests {
             status.message(),
             "selector match \"most\" must be one of exact, subset, superset, any"
         );
+    }
+
+    #[test]
+    fn each_pod_certificate_refusal_has_its_reason_and_code() {
+        let agent: SpiffeId = "spiffe://example.org/sigil/agent/k8s_psat/c/n"
+            .parse()
+            .unwrap();
+        let refusals = [
+            (
+                PodCertRefusal::UnsupportedKeyType(sigil_svid::SvidError::PodKeyType("x".into())),
+                Code::InvalidArgument,
+            ),
+            (
+                PodCertRefusal::InvalidProof(sigil_svid::SvidError::ProofOfPossession),
+                Code::InvalidArgument,
+            ),
+            (
+                PodCertRefusal::NodeNotAttested(agent.clone()),
+                Code::PermissionDenied,
+            ),
+            (
+                PodCertRefusal::NodeBanned(agent.clone()),
+                Code::PermissionDenied,
+            ),
+            (PodCertRefusal::NoRegistration, Code::NotFound),
+            (
+                PodCertRefusal::Ambiguous(vec!["spiffe://example.org/a".into()]),
+                Code::FailedPrecondition,
+            ),
+            (
+                PodCertRefusal::NotGranted {
+                    requested: agent,
+                    granted: vec![],
+                },
+                Code::PermissionDenied,
+            ),
+            (
+                PodCertRefusal::LifetimeTooShort {
+                    seconds: 1810,
+                    entry_ttl: 1800,
+                },
+                Code::OutOfRange,
+            ),
+            (
+                PodCertRefusal::BadRequest("x".into()),
+                Code::InvalidArgument,
+            ),
+        ];
+        let mut reasons = std::collections::BTreeSet::new();
+        for (refusal, code) in refusals {
+            let reason = refusal.reason();
+            let status = ServerError::from(refusal).to_status();
+            assert_eq!(status.code(), code, "{reason}");
+            assert_eq!(status.metadata().get(REFUSAL_KEY).unwrap(), reason);
+            assert!(reasons.insert(reason), "{reason} twice");
+        }
+        // Key errors from sigil-svid land on the right refusal.
+        use sigil_svid::SvidError as S;
+        assert_eq!(
+            PodCertRefusal::from_key_error(S::CsrSignature).reason(),
+            "InvalidProofOfPossession"
+        );
+        assert_eq!(
+            PodCertRefusal::from_key_error(S::PublicKey("x".into())).reason(),
+            "UnsupportedKeyType"
+        );
+        assert_eq!(
+            PodCertRefusal::from_key_error(S::Csr("x".into())).reason(),
+            "UnsupportedKeyType"
+        );
+        assert_eq!(
+            PodCertRefusal::from_key_error(S::PodKeyRequest("x")).reason(),
+            "InvalidRequest"
+        );
+        // Other refusals carry no reason.
+        let other = ServerError::from(SignError::Audience("x".into())).to_status();
+        assert!(other.metadata().get(REFUSAL_KEY).is_none());
     }
 }

@@ -21,6 +21,7 @@
 //! | [`attestation`] | join tokens, agent SVIDs, agent authentication, renewal, bans |
 //! | [`psat`] | Kubernetes PSAT node attestation (cargo feature `k8s`) |
 //! | [`signing`] | X.509-SVIDs and JWT-SVIDs for authorized entries |
+//! | [`pod_certificate`] | X509-SVIDs of Kubernetes PodCertificateRequests, for the entry controller |
 //! | [`agent_api`] | what agents call, over mutual TLS |
 //! | [`sync_pages`] | one sync update split into bounded pages |
 //! | [`admin_api`] | what operators call, over the admin socket |
@@ -45,6 +46,7 @@ pub mod index;
 pub mod limits;
 pub mod metrics;
 pub mod oidc;
+pub mod pod_certificate;
 pub mod psat;
 pub mod readiness;
 pub mod registry;

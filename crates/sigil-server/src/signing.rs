@@ -22,7 +22,7 @@ pub type SignResult = (String, Result<Vec<Vec<u8>>, SignError>);
 
 /// An SVID's lifetime: the entry's own TTL in seconds, or the server's
 /// default when the entry sets none (0). X.509 and JWT alike.
-fn svid_ttl(entry_seconds: u64, default: Duration) -> Duration {
+pub(crate) fn svid_ttl(entry_seconds: u64, default: Duration) -> Duration {
     match entry_seconds {
         0 => default,
         s => Duration::from_secs(s),

@@ -212,6 +212,21 @@ pub enum SvidError {
     #[error("unknown JWT key type {0:?}; expected \"ec-p256\" or \"rsa-2048\"")]
     JwtKeyType(String),
 
+    // --- Kubernetes pod certificates ---------------------------------------
+    /// A PodCertificateRequest's key is well formed but of a type Kubernetes
+    /// pod certificates do not allow (ECDSA P-256, P-384, P-521, Ed25519,
+    /// RSA 3072 and 4096 are allowed).
+    #[error("unsupported pod certificate key type: {0}")]
+    PodKeyType(String),
+    /// A PodCertificateRequest's proofOfPossession is not a valid signature
+    /// of the pod UID by its key.
+    #[error("the proof of possession is not a signature of the pod UID by the requested key")]
+    ProofOfPossession,
+    /// A PodCertificateRequest carries neither or both of its key forms
+    /// (pkixPublicKey with proofOfPossession, stubPKCS10Request).
+    #[error("invalid pod certificate request: {0}")]
+    PodKeyRequest(&'static str),
+
     // --- SVID attributes extension ------------------------------------------
     /// Identity attributes to put into an X509-SVID are invalid (an empty or
     /// duplicate name), or the extension in a certificate is malformed.

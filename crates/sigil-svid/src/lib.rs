@@ -12,6 +12,7 @@
 //! | [`jwt`] | minting (ES256 or RS256) and validating JWT-SVIDs (spiffe.md §3) |
 //! | [`bundle`] | SPIFFE bundles in JSON, DER and JWKS form (spiffe.md §4) |
 //! | [`pem`] | PEM encoding of certificate chains |
+//! | [`pod_certificate`] | the key and proof of possession of a Kubernetes PodCertificateRequest |
 //! | [`tls`] | the rustls verifiers: SPIFFE (server and client, authorizing by SPIFFE ID), Web PKI, and `danger`; a rotating certificate resolver |
 //!
 //! ```no_run
@@ -45,6 +46,7 @@ pub mod jwt;
 pub mod keys;
 mod leaf;
 pub mod pem;
+pub mod pod_certificate;
 pub mod tls;
 pub mod x509;
 

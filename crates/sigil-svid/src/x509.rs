@@ -270,14 +270,11 @@ impl<'a> SubjectKey<'a> {
     /// Checks `spki_der` (SubjectPublicKeyInfo DER, nothing after it) is a
     /// key of an accepted type. [`SvidError::PublicKey`] otherwise.
     pub fn from_spki_der(spki_der: &'a [u8]) -> Result<Self, SvidError> {
-        let bad = |e: SvidError| SvidError::PublicKey(e.to_string());
-        let spki = der::expect_all(spki_der, TAG_SEQUENCE, "SubjectPublicKeyInfo").map_err(bad)?;
-        let (alg, _key) =
-            der::algorithm_and_bits(spki.contents, "subjectPublicKey").map_err(bad)?;
+        let (alg, _key) = spki_parts(spki_der)?;
         if !SUPPORTED_ALGS
             .all
             .iter()
-            .any(|a| a.public_key_alg_id().as_ref() == alg.contents)
+            .any(|a| a.public_key_alg_id().as_ref() == alg)
         {
             return Err(SvidError::PublicKey(
                 "unsupported public key algorithm".to_owned(),
@@ -290,6 +287,22 @@ impl<'a> SubjectKey<'a> {
     pub fn spki_der(&self) -> &'a [u8] {
         self.spki
     }
+
+    /// The key's AlgorithmIdentifier (its contents, as the constants of
+    /// `rustls_pki_types::alg_id` hold them) and the subjectPublicKey bits.
+    pub(crate) fn algorithm_and_key(&self) -> Result<(&'a [u8], &'a [u8]), SvidError> {
+        spki_parts(self.spki)
+    }
+}
+
+/// Splits a SubjectPublicKeyInfo (DER, nothing after it) into the contents
+/// of its AlgorithmIdentifier and its key bits. [`SvidError::PublicKey`]
+/// when it is malformed.
+fn spki_parts(spki_der: &[u8]) -> Result<(&[u8], &[u8]), SvidError> {
+    let bad = |e: SvidError| SvidError::PublicKey(e.to_string());
+    let spki = der::expect_all(spki_der, TAG_SEQUENCE, "SubjectPublicKeyInfo").map_err(bad)?;
+    let (alg, key) = der::algorithm_and_bits(spki.contents, "subjectPublicKey").map_err(bad)?;
+    Ok((alg.contents, key))
 }
 
 /// A PKCS#10 CSR whose self-signature verified with the key it carries

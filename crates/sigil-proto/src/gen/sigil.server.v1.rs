@@ -180,6 +180,57 @@ pub struct NewJwtsvidResponse {
     pub token: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SignPodCertificateRequest {
+    /// Kubernetes 1.35: spec.pkixPublicKey (SubjectPublicKeyInfo DER) and
+    /// spec.proofOfPossession (the pod UID signed by that key).
+    #[prost(bytes = "vec", tag = "1")]
+    pub pkix_public_key: ::prost::alloc::vec::Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub proof_of_possession: ::prost::alloc::vec::Vec<u8>,
+    /// Kubernetes 1.36: spec.stubPKCS10Request (a PKCS#10 CSR, DER). Exactly
+    /// one of the two forms is set.
+    #[prost(bytes = "vec", tag = "3")]
+    pub stub_pkcs10_request: ::prost::alloc::vec::Vec<u8>,
+    /// spec.podUID, checked against the pod by the controller.
+    #[prost(string, tag = "4")]
+    pub pod_uid: ::prost::alloc::string::String,
+    /// The PSAT agent ID of the pod's node, as the controller parents PerPod
+    /// entries: the agent must be attested and not banned.
+    #[prost(string, tag = "5")]
+    pub agent_id: ::prost::alloc::string::String,
+    /// The pod's pod-level k8s: selectors (no container-\* selectors).
+    #[prost(string, repeated, tag = "6")]
+    pub pod_selectors: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// spec.maxExpirationSeconds (3600 to 7862400).
+    #[prost(int64, tag = "7")]
+    pub max_expiration_seconds: i64,
+    /// Optional: the SPIFFE ID the pod asks for (an unverified annotation); it
+    /// can only choose among the IDs the pod's entries grant.
+    #[prost(string, tag = "8")]
+    pub requested_spiffe_id: ::prost::alloc::string::String,
+    /// For the audit log only: the pod's namespace and name.
+    #[prost(string, tag = "9")]
+    pub pod_namespace: ::prost::alloc::string::String,
+    #[prost(string, tag = "10")]
+    pub pod_name: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SignPodCertificateResponse {
+    #[prost(string, tag = "1")]
+    pub spiffe_id: ::prost::alloc::string::String,
+    /// The entry the SVID was issued for.
+    #[prost(string, tag = "2")]
+    pub entry_id: ::prost::alloc::string::String,
+    /// DER certificates, leaf first (as served to workloads).
+    #[prost(bytes = "vec", repeated, tag = "3")]
+    pub cert_chain: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
+    /// The leaf's notBefore and notAfter, Unix seconds.
+    #[prost(int64, tag = "4")]
+    pub not_before: i64,
+    #[prost(int64, tag = "5")]
+    pub not_after: i64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Authority {
     /// "x509-<serial hex>" or "jwt-<key ID>".
     #[prost(string, tag = "1")]
@@ -1898,6 +1949,35 @@ pub mod admin_api_client {
                 .insert(GrpcMethod::new("sigil.server.v1.AdminApi", "RevokeAuthority"));
             self.inner.unary(req, path, codec).await
         }
+        /// Signs the X509-SVID of a Kubernetes PodCertificateRequest (the entry
+        /// controller is the signer; the server decides the identity). A refusal
+        /// carries its machine-readable reason in the `sigil-refusal` metadata.
+        pub async fn sign_pod_certificate(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SignPodCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SignPodCertificateResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = tonic_prost::ProstCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/sigil.server.v1.AdminApi/SignPodCertificate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(
+                    GrpcMethod::new("sigil.server.v1.AdminApi", "SignPodCertificate"),
+                );
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -2068,6 +2148,16 @@ pub mod admin_api_server {
             &self,
             request: tonic::Request<super::AuthorityRequest>,
         ) -> std::result::Result<tonic::Response<super::Authority>, tonic::Status>;
+        /// Signs the X509-SVID of a Kubernetes PodCertificateRequest (the entry
+        /// controller is the signer; the server decides the identity). A refusal
+        /// carries its machine-readable reason in the `sigil-refusal` metadata.
+        async fn sign_pod_certificate(
+            &self,
+            request: tonic::Request<super::SignPodCertificateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SignPodCertificateResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct AdminApiServer<T> {
@@ -3315,6 +3405,51 @@ pub mod admin_api_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = RevokeAuthoritySvc(inner);
+                        let codec = tonic_prost::ProstCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/sigil.server.v1.AdminApi/SignPodCertificate" => {
+                    #[allow(non_camel_case_types)]
+                    struct SignPodCertificateSvc<T: AdminApi>(pub Arc<T>);
+                    impl<
+                        T: AdminApi,
+                    > tonic::server::UnaryService<super::SignPodCertificateRequest>
+                    for SignPodCertificateSvc<T> {
+                        type Response = super::SignPodCertificateResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SignPodCertificateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as AdminApi>::sign_pod_certificate(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SignPodCertificateSvc(inner);
                         let codec = tonic_prost::ProstCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
