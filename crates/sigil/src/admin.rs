@@ -454,6 +454,7 @@ pub(crate) async fn entry(cmd: EntryCommand) -> anyhow::Result<()> {
                     selector_match: a.selector_match.clone(),
                     page_size: 1000,
                     page_token: String::new(),
+                    id_prefix: String::new(),
                 })
                 .await
                 .map_err(admin_err)?;

@@ -1,6 +1,13 @@
 //! ListEntries with an ID prefix over the admin socket: the Kubernetes
 //! controller lists only its own entries (`k8s-<cluster>-…`).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests: a failure is reported by the panic"
+)]
+
 use hyper_util::rt::TokioIo;
 use sigil_proto::server::v1 as pb;
 use sigil_proto::server::v1::admin_api_client::AdminApiClient;
