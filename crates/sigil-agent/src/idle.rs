@@ -13,12 +13,6 @@
 //! Only streams count as activity. PINGs, SETTINGS or WINDOW_UPDATEs do not,
 //! or a caller could keep a socket forever by sending them. A stream is
 //! never cut for being quiet: FetchX509SVID may push nothing for hours.
-//!
-//! The same wrapper ends every connection when the agent stops and its
-//! drain time is over (the `stop` token of [`incoming`]): hyper's graceful
-//! shutdown waits for each connection to finish, and a client that connected
-//! and never sent its preface, or one that stopped reading, would otherwise
-//! hold the agent's shutdown for ever.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -30,7 +24,6 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_stream::{Stream, StreamExt};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
 /// The client connection preface (RFC 9113 §3.4), which precedes its frames.
@@ -44,21 +37,12 @@ const RST_STREAM: u8 = 0x3;
 const END_STREAM: u8 = 0x1;
 
 /// Wraps every connection of an accept stream in an [`Idle`] closing it after
-/// `timeout` without an open stream, or once `stop` is cancelled.
-pub fn incoming<S, C>(
-    accepted: S,
-    timeout: Duration,
-    stop: CancellationToken,
-) -> impl Stream<Item = io::Result<Idle<C>>>
+/// `timeout` without an open stream.
+pub fn incoming<S, C>(accepted: S, timeout: Duration) -> impl Stream<Item = io::Result<Idle<C>>>
 where
     S: Stream<Item = io::Result<C>>,
 {
-    accepted.map(move |conn| conn.map(|c| Idle::new(c, timeout).with_stop(stop.clone())))
-}
-
-/// What a write to a connection the agent ended gets.
-fn stopped() -> io::Error {
-    io::Error::new(io::ErrorKind::BrokenPipe, "the agent is stopping")
+    accepted.map(move |conn| conn.map(|c| Idle::new(c, timeout)))
 }
 
 /// The type, flags and stream of one frame.
@@ -171,10 +155,6 @@ pub struct Idle<C> {
     streams: Streams,
     /// Set once the input was ended for idleness: it stays ended.
     closed: bool,
-    /// Cancelled when the agent ends every connection ([`incoming`]).
-    stop: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
-    /// Set once `stop` fired: reads end, writes fail.
-    stopped: bool,
 }
 
 impl<C> Idle<C> {
@@ -188,28 +168,7 @@ impl<C> Idle<C> {
             from_agent: FrameScanner::new(0),
             streams: Streams::default(),
             closed: false,
-            stop: None,
-            stopped: false,
         }
-    }
-
-    /// Also ends the connection once `stop` is cancelled.
-    pub fn with_stop(mut self, stop: CancellationToken) -> Self {
-        self.stop = Some(Box::pin(stop.cancelled_owned()));
-        self
-    }
-
-    /// Whether the agent has ended this connection; registers the task to
-    /// be woken when it does.
-    fn stop_fired(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.stopped
-            && let Some(stop) = &mut self.stop
-            && stop.as_mut().poll(cx).is_ready()
-        {
-            tracing::debug!("closing a connection still open when the agent stopped");
-            self.stopped = true;
-        }
-        self.stopped
     }
 
     /// Restarts the idle time when the last open stream has just ended, and
@@ -239,7 +198,7 @@ impl<C: AsyncRead + Unpin> AsyncRead for Idle<C> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.closed || this.stop_fired(cx) {
+        if this.closed {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
@@ -273,9 +232,6 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Idle<C> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.stop_fired(cx) {
-            return Poll::Ready(Err(stopped()));
-        }
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
         this.agent_wrote(buf.get(..n).unwrap_or_default(), cx);
         Poll::Ready(Ok(n))
@@ -287,9 +243,6 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Idle<C> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.stop_fired(cx) {
-            return Poll::Ready(Err(stopped()));
-        }
         let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
         let mut left = n;
         for b in bufs {
@@ -398,40 +351,6 @@ mod tests {
         s.client_sent(head(HEADERS, 0, 3));
         s.client_sent(head(HEADERS, 0, 5));
         assert!(s.open.is_empty() && !s.emptied);
-    }
-
-    /// The stop token ends a connection with an open stream at once: a
-    /// pending read is woken and ends, and writes fail.
-    #[tokio::test]
-    async fn stop_ends_a_busy_connection_and_wakes_its_reader() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let stop = CancellationToken::new();
-        let (mut client, agent) = tokio::io::duplex(1 << 16);
-        let mut conn = Idle::new(agent, Duration::from_secs(3600)).with_stop(stop.clone());
-        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-        hello.extend(frame(HEADERS, 0, 1, 4));
-        client.write_all(&hello).await.unwrap();
-        let mut buf = [0u8; 256];
-        assert_eq!(conn.read(&mut buf).await.unwrap(), hello.len());
-        assert_eq!(conn.streams.open.len(), 1);
-        // A read waiting on the client is ended by the stop.
-        let reader = tokio::spawn(async move {
-            let n = conn.read(&mut [0u8; 16]).await.unwrap();
-            (n, conn)
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!reader.is_finished());
-        stop.cancel();
-        let (n, mut conn) = tokio::time::timeout(Duration::from_secs(10), reader)
-            .await
-            .expect("the stop woke the reader")
-            .unwrap();
-        assert_eq!(n, 0);
-        let err = conn.write(b"late").await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
-        // The client sees nothing more.
-        drop(conn);
-        assert_eq!(client.read(&mut buf).await.unwrap(), 0);
     }
 
     /// On real time (the workspace's tokio has no test clock), with only

@@ -487,13 +487,15 @@ async fn start_once(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
         // ends those still open, so that a client that never sent a byte, or
         // stopped reading, cannot hold the agent's shutdown.
         let hard_stop = CancellationToken::new();
-        let incoming = sigil_uds::incoming(idle::incoming(
-            crate::limits::incoming(
-                peer::incoming(listener),
-                limits.max_connections,
-                limits.max_connections_per_uid,
+        let incoming = sigil_uds::incoming(sigil_uds::stop::stoppable(
+            idle::incoming(
+                crate::limits::incoming(
+                    peer::incoming(listener),
+                    limits.max_connections,
+                    limits.max_connections_per_uid,
+                ),
+                limits.idle_timeout,
             ),
-            limits.idle_timeout,
             hard_stop.clone(),
         ));
         let serve = tonic::transport::Server::builder()
@@ -502,21 +504,9 @@ async fn start_once(mut cfg: AgentConfig) -> Result<AgentHandle, AgentError> {
             .add_service(svc)
             .add_service(sds_svc)
             .serve_with_incoming_shutdown(incoming, c.clone().cancelled_owned());
-        let mut serve = std::pin::pin!(serve);
-        let result = tokio::select! {
-            result = &mut serve => result,
-            () = async {
-                c.cancelled().await;
-                tokio::time::sleep(SHUTDOWN_DRAIN).await;
-            } => {
-                tracing::info!(
-                    drain = ?SHUTDOWN_DRAIN,
-                    "closing Workload API connections still open after the drain time"
-                );
-                hard_stop.cancel();
-                serve.await
-            }
-        };
+        let result =
+            sigil_uds::stop::serve_draining(serve, c, hard_stop, SHUTDOWN_DRAIN, "Workload API")
+                .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "Workload API stopped");
         }

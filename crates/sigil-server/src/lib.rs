@@ -67,3 +67,8 @@ pub use state::ServerState;
 /// Largest gRPC message the server accepts by default (a batch of CSRs or
 /// entries); `[server.limits]` sets the actual caps.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long connections of the agent and admin APIs get to finish once the
+/// server stops (calls in flight complete; sync streams end at once): after
+/// it, those still open are closed.
+pub const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);

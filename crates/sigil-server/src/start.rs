@@ -299,18 +299,30 @@ async fn serve_agent_api(
     let limits = state.config.limits.clone();
     let incoming = tls::incoming(listener, tls_config, cancel.clone(), &limits);
     let service = agent_api::service(state.clone(), cancel.clone());
-    let stop = cancel.clone().cancelled_owned();
+    let stopping = cancel.clone();
     tracker.spawn(async move {
         // The request timeout ends a call that has not answered; a stream
-        // (Sync) runs on after its first answer.
-        let result = tonic::transport::Server::builder()
+        // (Sync) runs on after its first answer. Connections still open
+        // SHUTDOWN_DRAIN after the server began to stop are ended.
+        let hard_stop = CancellationToken::new();
+        let serve = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(crate::limits::KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(crate::limits::KEEPALIVE_TIMEOUT))
             .max_concurrent_streams(limits.max_streams_per_connection)
             .timeout(limits.request_timeout)
             .add_service(service)
-            .serve_with_incoming_shutdown(incoming, stop)
-            .await;
+            .serve_with_incoming_shutdown(
+                sigil_uds::stop::stoppable(incoming, hard_stop.clone()),
+                stopping.clone().cancelled_owned(),
+            );
+        let result = sigil_uds::stop::serve_draining(
+            serve,
+            stopping,
+            hard_stop,
+            crate::SHUTDOWN_DRAIN,
+            "agent API",
+        )
+        .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "agent API stopped");
         }
@@ -327,16 +339,27 @@ fn serve_admin_api(
     let socket = state.config.admin_socket.clone();
     let listener = bind_private_socket(&socket)?;
     let service = admin_api::service(state.clone());
-    let stop = cancel.clone().cancelled_owned();
+    let stopping = cancel.clone();
     tracker.spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let hard_stop = CancellationToken::new();
+        let serve = tonic::transport::Server::builder()
             .add_service(service)
             .serve_with_incoming_shutdown(
                 // Clients of every gRPC stack, whatever :authority they send.
-                sigil_uds::incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
-                stop,
-            )
-            .await;
+                sigil_uds::incoming(sigil_uds::stop::stoppable(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    hard_stop.clone(),
+                )),
+                stopping.clone().cancelled_owned(),
+            );
+        let result = sigil_uds::stop::serve_draining(
+            serve,
+            stopping,
+            hard_stop,
+            crate::SHUTDOWN_DRAIN,
+            "admin API",
+        )
+        .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "admin API stopped");
         }

@@ -19,10 +19,14 @@
 //!
 //! `:authority` carries nothing sigil relies on: callers are identified by
 //! the kernel's peer credentials, never by what they send.
+//!
+//! [`stop`] bounds the shutdown of sigil's gRPC servers (Unix socket or
+//! TLS): no client can hold it by keeping a connection open.
 
 mod frame;
 mod huffman;
 mod io;
+pub mod stop;
 
 pub use frame::{DEFAULT_MAX_HEADER_LIST_SIZE, Rewriter, ShimError};
 pub use io::AuthorityShim;

@@ -203,7 +203,14 @@ mod tests {
         };
         stopping.cancel();
         let started = tokio::time::Instant::now();
-        serve_draining(quick, stopping, stop.clone(), Duration::from_secs(30), "test").await;
+        serve_draining(
+            quick,
+            stopping,
+            stop.clone(),
+            Duration::from_secs(30),
+            "test",
+        )
+        .await;
         assert!(started.elapsed() < Duration::from_secs(10));
         assert!(!stop.is_cancelled());
 
@@ -215,7 +222,13 @@ mod tests {
         stopping.cancel();
         tokio::time::timeout(
             Duration::from_secs(10),
-            serve_draining(stuck, stopping, stop.clone(), Duration::from_millis(100), "test"),
+            serve_draining(
+                stuck,
+                stopping,
+                stop.clone(),
+                Duration::from_millis(100),
+                "test",
+            ),
         )
         .await
         .expect("the stop token ended the serve");

@@ -728,3 +728,49 @@ async fn attestations_over_the_rate_limit_are_refused_before_attestation() {
     );
     server.shutdown().await;
 }
+
+/// Clients that keep connections open without sending their HTTP/2 preface
+/// (after the TLS handshake on the agent API; at once on the admin socket)
+/// do not hold the server's shutdown: it ends within its drain time and
+/// their connections are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_up_by_clients_that_keep_their_connections() {
+    use rustls::pki_types::ServerName;
+    let dir = tempfile::tempdir().unwrap();
+    let server = server(&dir, ServerLimits::default()).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for der in &server.state().ca().bundle().x509_authorities {
+        roots.add(der.clone().into()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(sigil_svid::tls::WebPkiVerifier::chain_only(
+            Arc::new(roots),
+        )))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(server.agent_api_addr()).await.unwrap();
+    let mut silent_tls = tokio::time::timeout(
+        PROMPT,
+        tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp),
+    )
+    .await
+    .expect("TLS handshake in time")
+    .unwrap();
+    let admin = dir.path().join("admin.sock");
+    let mut silent_admin = tokio::net::UnixStream::connect(&admin).await.unwrap();
+    // Both connections were accepted and handed to the HTTP/2 server.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(PROMPT * 2, server.shutdown())
+        .await
+        .expect("the server stopped with connections still open");
+    assert!(
+        started.elapsed() < sigil_server::SHUTDOWN_DRAIN + Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert!(wire::closed_after_reading(&mut silent_tls, PROMPT).await);
+    assert!(wire::closed_after_reading(&mut silent_admin, PROMPT).await);
+}
