@@ -824,7 +824,14 @@ async fn an_upstream_that_is_the_listener_itself_is_refused_not_looped() {
     let proxy = start_proxy(dir.path(), &api, &cfg).await;
     let mut app_conn = TcpStream::connect(proxy.outbound[0]).await.unwrap();
     assert!(read_until_closed(&mut app_conn).await.is_empty());
-    let text = wait_for_metric(&proxy.metrics, "outcome=\"upstream_unreachable\"} 1").await;
+    wait_for_metric(&proxy.metrics, "outcome=\"upstream_unreachable\"} 1").await;
+    // The refused connection is counted before its gauge drops: wait for
+    // both. A loop would keep connections open, and this wait would fail.
+    let text = wait_for_metric(
+        &proxy.metrics,
+        "sigil_proxy_active_connections{direction=\"outbound\"} 0",
+    )
+    .await;
     // Give a loop time to show itself: still one connection in all.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let text_after = proxy.metrics.encode();

@@ -435,3 +435,110 @@ fn connection_caps_fit_the_open_files_limit_and_one_uid_cannot_exhaust_it() {
     drop(held);
     assert!(child.stop().success());
 }
+
+/// `sigil csi` as the DaemonSet runs it: flags from the command line, the
+/// CSI socket, SIGTERM ends it and removes the socket. (The mounts are
+/// tested in crates/sigil-csi, inside a private mount namespace.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigil_csi_serves_its_flags_and_stops_on_sigterm() {
+    use sigil_proto::csi::v1 as csi;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_dir = dir.path().join("run-sigil-agent");
+    let pods = dir.path().join("kubelet/pods");
+    std::fs::create_dir_all(&socket_dir).unwrap();
+    std::fs::create_dir_all(&pods).unwrap();
+    let sock = dir.path().join("plugins/csi.sock");
+
+    // Refusals name the flag.
+    let out = Command::new(bin())
+        .args(["csi", "--node-id", "node-a", "--workload-api-socket-dir"])
+        .arg(dir.path().join("missing"))
+        .arg("--csi-socket")
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--workload-api-socket-dir"),
+        "{stderr}"
+    );
+    let out = Command::new(bin())
+        .args(["csi", "--driver-name", "bad/name", "--node-id", "n"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("invalid driver name"),
+        "{stderr}"
+    );
+    let out = Command::new(bin())
+        .args(["csi"])
+        .env_remove("SIGIL_CSI_NODE_ID")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node-id"));
+
+    let mut child = Guard(
+        Command::new(bin())
+            .args([
+                "csi",
+                "--node-id",
+                "node-a",
+                "--driver-name",
+                "csi.spiffe.io",
+            ])
+            .arg("--csi-socket")
+            .arg(&sock)
+            .arg("--workload-api-socket-dir")
+            .arg(&socket_dir)
+            .arg("--kubelet-pods-dir")
+            .arg(&pods)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_path(&sock);
+    let path = sock.clone();
+    let channel = tokio::time::timeout(
+        Duration::from_secs(20),
+        tonic::transport::Endpoint::from_static("http://localhost").connect_with_connector(
+            tower::service_fn(move |_| {
+                let p = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(p).await?,
+                    ))
+                }
+            }),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let info = tokio::time::timeout(
+        Duration::from_secs(20),
+        csi::identity_client::IdentityClient::new(channel.clone())
+            .get_plugin_info(csi::GetPluginInfoRequest {}),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .into_inner();
+    assert_eq!(info.name, "csi.spiffe.io");
+    let node = tokio::time::timeout(
+        Duration::from_secs(20),
+        csi::node_client::NodeClient::new(channel).node_get_info(csi::NodeGetInfoRequest {}),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .into_inner();
+    assert_eq!(node.node_id, "node-a");
+    let status = tokio::task::spawn_blocking(move || child.stop())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!sock.exists(), "the socket is removed on SIGTERM");
+}
