@@ -7,7 +7,9 @@
 //! ever. [`serve_draining`] gives connections a drain time once the service
 //! begins to stop, then cancels a second token; every connection wrapped by
 //! [`stoppable`] sees that token and ends: its reads end and its writes fail,
-//! so hyper drops it, whatever state it is in.
+//! so hyper drops it, whatever state it is in. A connection looks at the
+//! token only when it would wait for its client, so reads and writes that
+//! are ready cost nothing more.
 
 use std::future::Future;
 use std::io;
@@ -82,7 +84,7 @@ impl<C> Stoppable<C> {
     }
 
     /// Whether the connection was ended; registers the task to be woken
-    /// when it is.
+    /// when it is. Called only when the connection would wait.
     fn stopped(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.stopped && self.stop.as_mut().poll(cx).is_ready() {
             tracing::debug!("ending a connection still open after the drain time");
@@ -103,10 +105,15 @@ impl<C: AsyncRead + Unpin> AsyncRead for Stoppable<C> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.stopped(cx) {
+        if this.stopped {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
+        // The token is looked at only when the connection would wait: a
+        // ready read costs nothing more.
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending if this.stopped(cx) => Poll::Ready(Ok(())),
+            other => other,
+        }
     }
 }
 
@@ -117,10 +124,13 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Stoppable<C> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.stopped(cx) {
+        if this.stopped {
             return Poll::Ready(Err(ended()));
         }
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending if this.stopped(cx) => Poll::Ready(Err(ended())),
+            other => other,
+        }
     }
 
     fn poll_write_vectored(
@@ -129,10 +139,13 @@ impl<C: AsyncWrite + Unpin> AsyncWrite for Stoppable<C> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.stopped(cx) {
+        if this.stopped {
             return Poll::Ready(Err(ended()));
         }
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending if this.stopped(cx) => Poll::Ready(Err(ended())),
+            other => other,
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
